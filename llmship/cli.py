@@ -1,0 +1,100 @@
+"""`llmship`: what people do outside the Prefect UI.
+
+    llmship up                 start the local stack (idempotent) and register deployments
+    llmship down               stop everything `up` and the rollouts started
+    llmship status             what runs where, and what each model serves
+    llmship versions MODEL     published versions, their gate verdicts, which is live
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import httpx
+
+from llmship import stack
+from llmship.errors import LlmshipError
+from llmship.settings import get_settings
+from llmship.store import ArtifactStore
+
+
+def cmd_up(args) -> None:
+    stack.up(get_settings())
+    print("stack is up")
+
+
+def cmd_down(args) -> None:
+    stack.down(get_settings())
+    print("stack is down")
+
+
+def cmd_status(args) -> None:
+    settings = get_settings()
+    rows = stack.status(settings)
+    if not rows:
+        print(f"nothing is running (state: {settings.state_dir})")
+        return
+    for name, pid, alive, port in rows:
+        where = f"{settings.host}:{port}" if port else "-"
+        print(f"{name:32s} pid {pid:<8d} {'running' if alive else 'DEAD':8s} {where}")
+    try:
+        models = httpx.get(f"{settings.gateway_url}/v1/models", timeout=3).json()["data"]
+    except httpx.HTTPError:
+        models = []
+    print()
+    print(f"Prefect UI   http://{settings.host}:{settings.prefect_port}")
+    print(f"S3           {settings.s3_url}  (bucket {settings.artifacts_bucket}; keys in "
+          f"{settings.credentials_file})")
+    print(f"gateway      {settings.gateway_url}")
+    for m in models:
+        print(f"  serving    {m['id']} version {m['version']}")
+    if models:
+        name = models[0]["id"]
+        print("\ntry:\n  curl -s " + settings.gateway_url + "/v1/completions -H "
+              "'content-type: application/json' -d '{\"model\": \"" + name + "\", \"prompt\": "
+              "\"Clause: The Vendor shall pay the Buyer $12,500 no later than March 3, 2027."
+              "\\nQuestion: What amount does the clause state?\\nAnswer:\", \"max_tokens\": 16, "
+              "\"temperature\": 0}'")
+
+
+def cmd_versions(args) -> None:
+    from tasks.publish import list_versions
+
+    settings = get_settings()
+    store = ArtifactStore(settings)
+    live = store.read_alias(args.model, "live")
+    previous = store.read_alias(args.model, "previous")
+    manifests = list_versions(args.model)
+    if not manifests:
+        print(f"{args.model} has no published versions")
+        return
+    print(f"{'version':14s} {'created (UTC)':20s} {'scheme':12s} {'gate':6s} {'MB':>8s}  alias")
+    for m in manifests:
+        alias = "live" if m.key == live else ("previous" if m.key == previous else "")
+        print(f"{m.key:14s} {m.created_at[:19]:20s} {m.details.get('scheme', '?'):12s} "
+              f"{'pass' if m.details.get('gate_passed') else 'FAIL':6s} "
+              f"{m.total_bytes / 1e6:8.1f}  {alias}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llmship", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", help="start the local stack").set_defaults(fn=cmd_up)
+    sub.add_parser("down", help="stop the local stack").set_defaults(fn=cmd_down)
+    sub.add_parser("status", help="what runs where").set_defaults(fn=cmd_status)
+    versions = sub.add_parser("versions", help="published versions of a model")
+    versions.add_argument("model")
+    versions.set_defaults(fn=cmd_versions)
+    args = parser.parse_args(argv)
+    try:
+        args.fn(args)
+    except LlmshipError as exc:
+        print(f"llmship: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

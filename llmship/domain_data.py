@@ -1,0 +1,102 @@
+"""The team's domain data in calibration_data/<dataset>/: read, checked, digested.
+
+    calibration.jsonl   {"text": "..."} per line: what calibration runs through the model
+    eval.jsonl          {"id", "task", "prompt", "answer"} per line: held-out gate items
+
+Every problem is reported with the file and the line, so it can be fixed where it is.
+See calibration_data/README.md for the format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, ValidationError
+
+from llmship.errors import CalibrationDataError
+from llmship.settings import REPO_ROOT
+
+DATA_ROOT = REPO_ROOT / "calibration_data"
+MAX_LINE_BYTES = 1_000_000
+
+
+class EvalItem(BaseModel, extra="forbid"):
+    id: str
+    task: str
+    prompt: str
+    answer: str
+
+
+def dataset_dir(name: str) -> Path:
+    path = (DATA_ROOT / name).resolve()
+    if DATA_ROOT.resolve() not in path.parents or not path.is_dir():
+        known = sorted(p.name for p in DATA_ROOT.iterdir() if p.is_dir())
+        raise CalibrationDataError(
+            f"no dataset {name!r} under {DATA_ROOT}: choose one of {known}"
+        )
+    return path
+
+
+def _json_lines(path: Path):
+    """(line number, object) for each non-blank line; any problem names file and line."""
+    if not path.is_file():
+        raise CalibrationDataError(f"{path} does not exist: see calibration_data/README.md")
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if len(raw) > MAX_LINE_BYTES:
+                raise CalibrationDataError(
+                    f"{path}:{number}: line is {len(raw)} bytes, over {MAX_LINE_BYTES}: split it")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise CalibrationDataError(
+                    f"{path}:{number}: not UTF-8 (byte {exc.start}): re-encode the file as UTF-8"
+                ) from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CalibrationDataError(
+                    f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})"
+                ) from None
+            if not isinstance(obj, dict):
+                raise CalibrationDataError(f"{path}:{number}: expected a JSON object per line")
+            yield number, obj
+
+
+def load_calibration_texts(path: Path) -> list[str]:
+    texts = []
+    for number, obj in _json_lines(path):
+        text = obj.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise CalibrationDataError(
+                f'{path}:{number}: expected {{"text": "<non-empty string>"}}, got keys {sorted(obj)}'
+            )
+        texts.append(text)
+    if not texts:
+        raise CalibrationDataError(f"{path} has no calibration samples")
+    return texts
+
+
+def load_eval_items(path: Path) -> list[EvalItem]:
+    items, seen = [], set()
+    for number, obj in _json_lines(path):
+        try:
+            item = EvalItem.model_validate(obj)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise CalibrationDataError(f"{path}:{number}: {problems}") from None
+        if item.id in seen:
+            raise CalibrationDataError(f"{path}:{number}: duplicate id {item.id!r}")
+        seen.add(item.id)
+        items.append(item)
+    if not items:
+        raise CalibrationDataError(f"{path} has no evaluation items")
+    return items
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()

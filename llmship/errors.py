@@ -1,0 +1,46 @@
+"""Specific errors, each with a message that says what to do.
+
+`PermanentError`s are deterministic (bad input, a failed gate): retrying cannot help, so the
+stage tasks' retry condition lets them through at once. Anything else (a dropped connection, a
+5xx from S3) is worth a retry.
+"""
+
+
+class LlmshipError(Exception):
+    """Base of llmship's own errors."""
+
+
+class PermanentError(LlmshipError):
+    """Retrying will not help: the input or the situation has to change first."""
+
+
+class SourceNotFound(PermanentError):
+    """The model source (repository, revision, bucket, prefix or path) does not exist."""
+
+
+class CalibrationDataError(PermanentError):
+    """A calibration or evaluation file is missing or malformed; the message names file and line."""
+
+
+class GateFailed(PermanentError):
+    """The candidate lost more accuracy than the gate allows; nothing was published."""
+
+
+class IntegrityError(PermanentError):
+    """A file does not match the sha256 its manifest records."""
+
+
+class VersionConflict(PermanentError):
+    """A published version or alias was changed by someone else (a conditional write failed)."""
+
+
+class StageFailed(LlmshipError):
+    """A stage subprocess failed for a reason it did not classify; its log tail is attached."""
+
+
+class ServingError(LlmshipError):
+    """A model server did not start, or did not become healthy, in time."""
+
+
+class StackError(PermanentError):
+    """The local stack is not running, or could not be started."""

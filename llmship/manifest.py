@@ -1,0 +1,87 @@
+"""Manifests: what a stage made, from what, with which tools, and the sha256 of every file.
+
+A manifest is written last. Whoever finds one knows the files it lists are complete; whoever
+finds files without one knows nothing and treats them as absent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from llmship.errors import IntegrityError
+
+CHUNK = 8 * 1024 * 1024
+
+
+class FileEntry(BaseModel):
+    path: str  # relative, with forward slashes
+    size: int
+    sha256: str
+
+
+class Manifest(BaseModel):
+    kind: str  # the stage ("download", "calibrate", ...) or "version"
+    key: str  # the content address: a digest of the inputs
+    created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+    inputs: dict[str, Any] = Field(default_factory=dict)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    tool_versions: dict[str, str] = Field(default_factory=dict)
+    timings_s: dict[str, float] = Field(default_factory=dict)
+    details: dict[str, Any] = Field(default_factory=dict)
+    files: list[FileEntry] = Field(default_factory=list)
+
+    @property
+    def digest(self) -> str:
+        """The digest of the content: the same files give the same digest, whatever made them."""
+        return files_digest(self.files)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def hash_dir(root: Path) -> list[FileEntry]:
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    return [
+        FileEntry(path=p.relative_to(root).as_posix(), size=p.stat().st_size, sha256=sha256_file(p))
+        for p in files
+    ]
+
+
+def files_digest(files: list[FileEntry]) -> str:
+    lines = "".join(f"{f.sha256}  {f.path}\n" for f in sorted(files, key=lambda f: f.path))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def verify_dir(root: Path, files: list[FileEntry]) -> None:
+    """Raise IntegrityError naming the first file whose size or sha256 differs from the manifest."""
+    for entry in files:
+        path = root / entry.path
+        if not path.is_file():
+            raise IntegrityError(f"{path} is missing: the manifest lists it ({entry.size} bytes)")
+        actual = sha256_file(path)
+        if actual != entry.sha256:
+            raise IntegrityError(
+                f"{path} has sha256 {actual}, the manifest says {entry.sha256}: the file was "
+                "changed or corrupted; delete it and fetch it again"
+            )
+
+
+def digest_of(obj: Any) -> str:
+    """A stable digest of JSON-able data: the content address of a stage's inputs."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()

@@ -1,0 +1,159 @@
+"""The one place llmship's configuration lives.
+
+`Settings` describes the machine-level stack (where state lives, ports, S3, the stage
+environments) and reads `LLMSHIP_*` environment variables. What a deployment builds (model,
+precision, gate, serving options) is a `PipelineConfig`: a flow parameter, set per deployment in
+prefect.yaml and editable in the Prefect UI's run form.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from enum import Enum
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LLMSHIP_", extra="ignore")
+
+    state_dir: Path = Field(REPO_ROOT / ".llmship", description="PIDs, logs, data, caches")
+    host: str = Field("127.0.0.1", description="every local server binds here")
+    prefect_port: int = 4200
+    s3_port: int = 8333
+    gateway_port: int = 8000
+    # vLLM servers take ports from here upwards, one per served version.
+    model_server_base_port: int = 8100
+
+    # S3: the local SeaweedFS by default; point these at AWS S3 in production.
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    s3_access_key: str | None = None
+    s3_secret_key: str | None = None
+    artifacts_bucket: str = "llmship-artifacts"
+    mirror_bucket: str = "llmship-mirror"
+
+    # Stage environments (DESIGN.md: vLLM and the quantizers cannot share one).
+    quantize_python: Path = REPO_ROOT / ".venv" / "quantize" / "bin" / "python"
+    serve_python: Path = REPO_ROOT / ".venv" / "serve" / "bin" / "python"
+    device: str = Field("cpu", description="cpu or cuda: where calibration and evaluation run")
+
+    work_pool: str = "local-process"
+    gpu_work_pool: str = "gpu"
+    gateway_admin_token: str | None = None
+    server_start_timeout_s: float = 240.0
+
+    @property
+    def prefect_api_url(self) -> str:
+        return f"http://{self.host}:{self.prefect_port}/api"
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://{self.host}:{self.gateway_port}"
+
+    @property
+    def s3_url(self) -> str:
+        return self.s3_endpoint_url or f"http://{self.host}:{self.s3_port}"
+
+    @property
+    def credentials_file(self) -> Path:
+        return self.state_dir / "credentials.json"
+
+    @property
+    def cache_dir(self) -> Path:
+        """Local copies of stage outputs, keyed like their S3 prefixes."""
+        return self.state_dir / "cache"
+
+    @model_validator(mode="after")
+    def _credentials_from_setup(self) -> "Settings":
+        # `llmship up` generates the local store's credentials; processes it starts find them
+        # here without having them in their environment or command line.
+        if self.credentials_file.exists():
+            creds = json.loads(self.credentials_file.read_text())
+            self.s3_access_key = self.s3_access_key or creds.get("s3_access_key")
+            self.s3_secret_key = self.s3_secret_key or creds.get("s3_secret_key")
+            self.gateway_admin_token = self.gateway_admin_token or creds.get("gateway_admin_token")
+        return self
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
+
+
+def stage_env(settings: Settings) -> dict[str, str]:
+    """Environment for stage subprocesses: offline, and pointing at this stack."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "LLMSHIP_STATE_DIR": str(settings.state_dir),
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])),
+        }
+    )
+    return env
+
+
+# ---------------------------------------------------------------- pipeline parameters
+
+
+class Scheme(str, Enum):
+    """Quantization schemes, as llmcompressor's preset names."""
+
+    FP8 = "FP8"  # static per-tensor activation scales from calibration: GPU (Ada/Hopper)
+    FP8_DYNAMIC = "FP8_DYNAMIC"  # per-token dynamic activations: serves on vLLM's CPU build
+    W8A8 = "W8A8"  # INT8 weights by GPTQ on the domain data, dynamic INT8 activations
+    W4A16 = "W4A16"  # INT4 weight-only by GPTQ
+
+
+class Target(str, Enum):
+    VLLM = "vllm"
+
+
+class CalibrationConfig(BaseModel):
+    scheme: Scheme = Scheme.W8A8
+    dataset: str = Field("contracts", description="folder under calibration_data/")
+    num_samples: int = Field(256, ge=1)
+    max_seq_length: int = Field(256, ge=16)
+
+
+class GateConfig(BaseModel):
+    dataset: str = Field("contracts", description="folder under calibration_data/ with eval.jsonl")
+    rtol: float = Field(0.05, ge=0.0, le=1.0, description="candidate >= baseline * (1 - rtol)")
+    limit: int | None = Field(None, ge=1, description="items per task (default: all)")
+
+
+class ServingConfig(BaseModel):
+    dtype: str = "bfloat16"
+    max_model_len: int = Field(512, ge=16)
+    extra_args: list[str] = Field(default_factory=list)
+
+
+class PipelineConfig(BaseModel):
+    """What one build-and-serve run makes: a flow parameter, set per deployment."""
+
+    name: str = Field(..., pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", description="served model name")
+    source: str = Field(..., description="hf://org/name@revision, s3://bucket/prefix, or a path")
+    target: Target = Target.VLLM
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
+    serving: ServingConfig = Field(default_factory=ServingConfig)
+
+    @field_validator("source")
+    @classmethod
+    def _source_has_a_revision(cls, v: str) -> str:
+        if v.startswith("hf://") and "@" not in v:
+            raise ValueError(
+                f"{v!r} has no revision: pin one, e.g. hf://org/name@<commit sha or tag>"
+            )
+        return v

@@ -1,0 +1,225 @@
+"""The embedded local stack: SeaweedFS (S3), Prefect server, a process worker, the gateway.
+
+All on loopback, state under one folder (settings.state_dir), each process started and stopped
+by PID (llmship.processes). `up` is idempotent: what runs already is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from llmship import processes
+from llmship.errors import StackError
+from llmship.processes import http_ok, wait_until
+from llmship.settings import REPO_ROOT, Settings
+from llmship.store import ArtifactStore
+
+BIN = Path(sys.executable).parent
+DEMO_MODEL_DIR = REPO_ROOT / "demo" / "tiny-llama"
+DEMO_MIRROR_PREFIX = "tiny-llama"
+
+
+def child_env(settings: Settings) -> dict[str, str]:
+    """The environment every stack process gets: the same settings, Prefect pointed at this stack."""
+    env = dict(os.environ)
+    env.update({
+        "LLMSHIP_STATE_DIR": str(settings.state_dir),
+        "LLMSHIP_HOST": settings.host,
+        "LLMSHIP_PREFECT_PORT": str(settings.prefect_port),
+        "LLMSHIP_S3_PORT": str(settings.s3_port),
+        "LLMSHIP_GATEWAY_PORT": str(settings.gateway_port),
+        "LLMSHIP_MODEL_SERVER_BASE_PORT": str(settings.model_server_base_port),
+        "LLMSHIP_REPO_ROOT": str(REPO_ROOT),
+        "PREFECT_HOME": str(settings.state_dir / "prefect"),
+        "PREFECT_API_URL": settings.prefect_api_url,
+        "PREFECT_SERVER_API_HOST": settings.host,
+        "PREFECT_SERVER_API_PORT": str(settings.prefect_port),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOCAL_STORAGE_PATH": str(settings.state_dir / "prefect" / "results"),
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_LOGGING_LOG_PRINTS": "true",
+        "DO_NOT_TRACK": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+    })
+    return env
+
+
+def ensure_credentials(settings: Settings) -> dict[str, str]:
+    """Generate the local S3 keys and the gateway admin token once; keep them private to root."""
+    path = settings.credentials_file
+    if path.exists():
+        return json.loads(path.read_text())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    creds = {
+        "s3_access_key": "llmship" + secrets.token_hex(6),
+        "s3_secret_key": secrets.token_urlsafe(32),
+        "gateway_admin_token": secrets.token_urlsafe(32),
+    }
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(creds, f, indent=2)
+    return creds
+
+
+def _weed_argv(settings: Settings, creds: dict[str, str]) -> list[str]:
+    data = settings.state_dir / "seaweedfs"
+    data.mkdir(parents=True, exist_ok=True)
+    identities = settings.state_dir / "s3-identities.json"
+    fd = os.open(identities, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"identities": [{
+            "name": "llmship",
+            "credentials": [{"accessKey": creds["s3_access_key"],
+                             "secretKey": creds["s3_secret_key"]}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        }]}, f)
+    p = settings.s3_port
+    # weed mini opens a master, a volume server and a filer besides S3; pin all their ports
+    # next to the S3 port so two stacks (the demo and the tests) never collide.
+    return [
+        str(BIN / "weed"), "mini", f"-dir={data}", f"-ip={settings.host}",
+        f"-ip.bind={settings.host}", "-master.telemetry=false", f"-s3.config={identities}",
+        "-webdav=false", "-admin.ui=false", f"-s3.port={p}", "-s3.port.iceberg=0",
+        "-s3.port.lance=0", f"-s3.port.grpc={p + 1}", f"-master.port={p + 2}",
+        f"-master.port.grpc={p + 3}", f"-volume.port={p + 4}", f"-volume.port.grpc={p + 5}",
+        f"-filer.port={p + 6}", f"-filer.port.grpc={p + 7}", f"-admin.port={p + 8}",
+        f"-admin.port.grpc={p + 9}", "-master.volumeSizeLimitMB=1024",
+    ]
+
+
+def _require_free(settings: Settings, name: str, port: int) -> None:
+    if not processes.port_is_free(settings.host, port):
+        raise StackError(
+            f"port {settings.host}:{port} for {name} is taken by another program; stop it, or "
+            f"choose other ports (LLMSHIP_*_PORT) and state (LLMSHIP_STATE_DIR)"
+        )
+
+
+def start_s3(settings: Settings, creds: dict[str, str], env: dict[str, str]) -> None:
+    if processes.find(settings, "seaweedfs"):
+        return
+    _require_free(settings, "SeaweedFS S3", settings.s3_port)
+    rec = processes.start(settings, "seaweedfs", _weed_argv(settings, creds), env=env,
+                          port=settings.s3_port)
+    # Unsigned requests are refused (403) once authentication is on: any HTTP answer means up.
+    wait_until(lambda: httpx.get(settings.s3_url, timeout=2).status_code in (200, 403), rec,
+               60, "serving S3", StackError)
+    store = ArtifactStore(settings)
+    wait_until(lambda: store.client.list_buckets() is not None, rec, 60, "accepting S3 calls",
+               StackError)
+
+
+def start_prefect(settings: Settings, env: dict[str, str]) -> None:
+    if processes.find(settings, "prefect-server"):
+        return
+    _require_free(settings, "the Prefect server", settings.prefect_port)
+    rec = processes.start(
+        settings, "prefect-server",
+        [str(BIN / "prefect"), "server", "start", "--host", settings.host,
+         "--port", str(settings.prefect_port)],
+        env=env, port=settings.prefect_port,
+    )
+    wait_until(http_ok(f"{settings.prefect_api_url}/health"), rec, 120, "healthy", StackError)
+
+
+def prefect_cli(env: dict[str, str], *args: str) -> str:
+    proc = subprocess.run([str(BIN / "prefect"), *args], env=env, cwd=REPO_ROOT,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise StackError(f"`prefect {' '.join(args)}` failed:\n{proc.stdout[-2000:]}"
+                         f"{proc.stderr[-2000:]}")
+    return proc.stdout
+
+
+def register_deployments(settings: Settings, env: dict[str, str]) -> None:
+    # The GPU pool gets no local worker: llama3-70b runs wait there for a GPU host's worker
+    # (README: "The GPU path").
+    for pool in (settings.work_pool, settings.gpu_work_pool):
+        try:
+            prefect_cli(env, "work-pool", "inspect", pool)
+        except StackError:
+            prefect_cli(env, "work-pool", "create", pool, "--type", "process")
+    prefect_cli(env, "deploy", "--all", "--no-prompt")
+
+
+def start_worker(settings: Settings, env: dict[str, str]) -> None:
+    if processes.find(settings, "prefect-worker"):
+        return
+    # The worker ignores one SIGTERM; SIGINT stops it (FACTS.md).
+    processes.start(settings, "prefect-worker",
+                    [str(BIN / "prefect"), "worker", "start", "--pool", settings.work_pool,
+                     "--type", "process"],
+                    env=env, stop_signal=signal.SIGINT, cwd=REPO_ROOT)
+
+
+def start_gateway(settings: Settings, env: dict[str, str]) -> None:
+    if processes.find(settings, "gateway"):
+        return
+    _require_free(settings, "the gateway", settings.gateway_port)
+    rec = processes.start(
+        settings, "gateway",
+        [str(BIN / "python"), "-m", "uvicorn", "serving.gateway:app", "--host", settings.host,
+         "--port", str(settings.gateway_port), "--no-access-log"],
+        env=env, port=settings.gateway_port, cwd=REPO_ROOT,
+    )
+    wait_until(http_ok(f"{settings.gateway_url}/health"), rec, 60, "healthy", StackError)
+
+
+def mirror_demo_model(settings: Settings) -> str:
+    """Put the committed demo model into the local mirror bucket, once."""
+    store = ArtifactStore(settings)
+    store.ensure_bucket(settings.mirror_bucket)
+    if not store.list_keys(DEMO_MIRROR_PREFIX + "/", bucket=settings.mirror_bucket):
+        store.upload_mirror(DEMO_MODEL_DIR, settings.mirror_bucket, DEMO_MIRROR_PREFIX)
+    return f"s3://{settings.mirror_bucket}/{DEMO_MIRROR_PREFIX}"
+
+
+def up(settings: Settings, *, deployments: bool = True, say=print) -> None:
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    creds = ensure_credentials(settings)
+    settings = settings.model_copy(update={
+        "s3_access_key": settings.s3_access_key or creds["s3_access_key"],
+        "s3_secret_key": settings.s3_secret_key or creds["s3_secret_key"],
+    })
+    env = child_env(settings)
+    say(f"S3 (SeaweedFS)   http://{settings.host}:{settings.s3_port}")
+    start_s3(settings, creds, env)
+    ArtifactStore(settings).ensure_bucket()
+    say(f"demo model       {mirror_demo_model(settings)}")
+    say(f"Prefect          http://{settings.host}:{settings.prefect_port}")
+    start_prefect(settings, env)
+    if deployments:
+        say(f"deployments      registered from prefect.yaml, pool {settings.work_pool}")
+        register_deployments(settings, env)
+        start_worker(settings, env)
+    say(f"gateway          {settings.gateway_url}")
+    start_gateway(settings, env)
+
+
+def down(settings: Settings, *, say=print) -> None:
+    # Model servers first, the store last: everything else may still be writing to it.
+    order = {"gateway": 1, "prefect-worker": 2, "prefect-server": 3, "seaweedfs": 4}
+    for rec in sorted(processes.records(settings), key=lambda r: order.get(r.name, 0)):
+        if processes.is_alive(rec.pid):
+            say(f"stopping {rec.name} (pid {rec.pid})")
+        processes.stop(settings, rec)
+
+
+def status(settings: Settings) -> list[tuple[str, int, bool, int | None]]:
+    return [(r.name, r.pid, processes.is_alive(r.pid), r.port) for r in processes.records(settings)]
+
+
+def wipe(settings: Settings) -> None:
+    down(settings)
+    shutil.rmtree(settings.state_dir, ignore_errors=True)

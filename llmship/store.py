@@ -1,0 +1,255 @@
+"""The artifact store: S3 (SeaweedFS locally, AWS S3 in production) through boto3.
+
+Layout in the artifacts bucket:
+    stages/<stage>/<key>/files/...          a stage's output, content-addressed by its inputs
+    stages/<stage>/<key>/manifest.json      written last: present means complete
+    versions/<model>/<version>/files/...    a published version
+    versions/<model>/<version>/gate-report.json
+    versions/<model>/<version>/manifest.json  written last, with If-None-Match: immutable
+    aliases/<model>/<alias>.json            "live", "previous": moved with If-Match
+
+Files go through boto3's transfer manager (multipart, parallel) with an S3-side SHA256
+checksum; every download is checked against the manifest before it is used.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import datetime, timezone
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+from llmship.errors import SourceNotFound, StackError, VersionConflict
+from llmship.manifest import Manifest, hash_dir, verify_dir
+from llmship.settings import Settings
+
+MANIFEST = "manifest.json"
+TRANSFER = TransferConfig(multipart_threshold=64 * 1024**2, multipart_chunksize=64 * 1024**2,
+                          max_concurrency=8)
+
+
+def _status(err: ClientError) -> int:
+    return int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+
+
+def _code(err: ClientError) -> str:
+    return str(err.response.get("Error", {}).get("Code", ""))
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    return bucket, prefix.strip("/")
+
+
+class ArtifactStore:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.bucket = settings.artifacts_bucket
+
+    @cached_property
+    def client(self):
+        s = self.settings
+        if not (s.s3_access_key and s.s3_secret_key):
+            raise StackError(
+                "no S3 credentials: run `make up` (it generates them into "
+                f"{s.credentials_file}) or set LLMSHIP_S3_ACCESS_KEY and LLMSHIP_S3_SECRET_KEY"
+            )
+        return boto3.client(
+            "s3",
+            endpoint_url=s.s3_url,
+            region_name=s.s3_region,
+            aws_access_key_id=s.s3_access_key,
+            aws_secret_access_key=s.s3_secret_key,
+            config=Config(
+                retries={"max_attempts": 5, "mode": "standard"},
+                s3={"addressing_style": "path"},
+                connect_timeout=5,
+                read_timeout=60,
+            ),
+        )
+
+    # ------------------------------------------------------------------ buckets, objects
+
+    def ensure_bucket(self, bucket: str | None = None) -> None:
+        bucket = bucket or self.bucket
+        try:
+            self.client.head_bucket(Bucket=bucket)
+        except ClientError as err:
+            if _status(err) != 404:
+                raise
+            self.client.create_bucket(Bucket=bucket)
+
+    def get_json(self, key: str, bucket: str | None = None) -> tuple[Any, str] | None:
+        """(object, ETag), or None where the key does not exist."""
+        try:
+            obj = self.client.get_object(Bucket=bucket or self.bucket, Key=key)
+        except ClientError as err:
+            if _code(err) in ("NoSuchKey", "404") or _status(err) == 404:
+                return None
+            raise
+        return json.loads(obj["Body"].read()), obj["ETag"]
+
+    def put_json(self, key: str, obj: Any, *, if_none_match: bool = False,
+                 if_match: str | None = None) -> str:
+        """Write JSON; with if_none_match, only if the key is new; with if_match, only if unchanged."""
+        extra: dict[str, str] = {}
+        if if_none_match:
+            extra["IfNoneMatch"] = "*"
+        if if_match:
+            extra["IfMatch"] = if_match
+        try:
+            resp = self.client.put_object(
+                Bucket=self.bucket, Key=key, Body=json.dumps(obj, indent=2).encode(),
+                ContentType="application/json", ChecksumAlgorithm="SHA256", **extra,
+            )
+        except ClientError as err:
+            if _status(err) in (409, 412):
+                raise VersionConflict(
+                    f"s3://{self.bucket}/{key} was written by someone else meanwhile "
+                    f"({_code(err)}); read it again and retry"
+                ) from err
+            raise
+        return resp["ETag"]
+
+    def list_keys(self, prefix: str, bucket: str | None = None) -> list[str]:
+        keys: list[str] = []
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket or self.bucket, Prefix=prefix):
+            keys.extend(obj["Key"] for obj in page.get("Contents", []))
+        return keys
+
+    # ------------------------------------------------------------------ directories
+
+    def read_manifest(self, prefix: str) -> Manifest | None:
+        found = self.get_json(f"{prefix}/{MANIFEST}")
+        return Manifest.model_validate(found[0]) if found else None
+
+    def upload_dir(self, local_dir: Path, prefix: str, manifest: Manifest) -> Manifest:
+        """Upload every file under local_dir, then the manifest, last and only if new.
+
+        If a complete copy with the same content is there already (a rerun, or a crash after
+        the manifest was written) that copy is kept and its manifest returned.
+        """
+        existing = self.read_manifest(prefix)
+        files = hash_dir(local_dir)
+        manifest = manifest.model_copy(update={"files": files})
+        if existing:
+            return self._same_content(prefix, existing, manifest)
+        for entry in files:
+            self.client.upload_file(
+                str(local_dir / entry.path), self.bucket, f"{prefix}/files/{entry.path}",
+                ExtraArgs={"ChecksumAlgorithm": "SHA256"}, Config=TRANSFER,
+            )
+        return self.commit_manifest(prefix, manifest)
+
+    def commit_manifest(self, prefix: str, manifest: Manifest) -> Manifest:
+        """Write the manifest that makes prefix complete; it is never overwritten."""
+        try:
+            self.put_json(f"{prefix}/{MANIFEST}", manifest.model_dump(mode="json"),
+                          if_none_match=True)
+        except VersionConflict:
+            return self._same_content(prefix, self.read_manifest(prefix), manifest)
+        return manifest
+
+    def _same_content(self, prefix: str, existing: Manifest, new: Manifest) -> Manifest:
+        if existing.digest != new.digest:
+            raise VersionConflict(
+                f"s3://{self.bucket}/{prefix} already holds different content "
+                f"(digest {existing.digest[:12]}, this upload {new.digest[:12]}); published "
+                "content is immutable: publish under a new version"
+            )
+        return existing
+
+    def download_dir(self, prefix: str, dest: Path) -> Manifest:
+        """Fetch a complete directory and check every file against its manifest."""
+        manifest = self.read_manifest(prefix)
+        if manifest is None:
+            raise SourceNotFound(
+                f"s3://{self.bucket}/{prefix} has no {MANIFEST}: it does not exist, or was never "
+                "completely written"
+            )
+        tmp = dest.with_name(dest.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        for entry in manifest.files:
+            target = tmp / entry.path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.client.download_file(self.bucket, f"{prefix}/files/{entry.path}", str(target),
+                                      Config=TRANSFER)
+        verify_dir(tmp, manifest.files)
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+        return manifest
+
+    def local_path(self, prefix: str) -> Path:
+        """Where the local copy of a stored directory lives (stages write their output here)."""
+        return self.settings.cache_dir / prefix
+
+    def mark_cached(self, prefix: str, manifest: Manifest) -> None:
+        """Record that local_path(prefix) holds exactly what the manifest lists."""
+        dest = self.local_path(prefix)
+        dest.with_name(dest.name + ".manifest.json").write_text(manifest.model_dump_json())
+
+    def materialize(self, prefix: str) -> Path:
+        """A verified local copy of a stored directory, fetched only if the cache lacks it."""
+        dest = self.local_path(prefix)
+        if dest.is_dir() and dest.with_name(dest.name + ".manifest.json").is_file():
+            return dest
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        self.mark_cached(prefix, self.download_dir(prefix, dest))
+        return dest
+
+    def store_output(self, local_dir: Path, prefix: str, manifest: Manifest) -> Manifest:
+        """Upload a stage's output from its local path, and keep that copy as the cache."""
+        manifest = self.upload_dir(local_dir, prefix, manifest)
+        if local_dir.resolve() == self.local_path(prefix).resolve():
+            self.mark_cached(prefix, manifest)
+        return manifest
+
+    # ------------------------------------------------------------------ aliases
+
+    def read_alias(self, model: str, alias: str) -> str | None:
+        found = self.get_json(f"aliases/{model}/{alias}.json")
+        return found[0]["version"] if found else None
+
+    def move_alias(self, model: str, alias: str, version: str) -> None:
+        """Point an alias at a version: compare-and-swap, so two rollouts cannot interleave."""
+        key = f"aliases/{model}/{alias}.json"
+        found = self.get_json(key)
+        body = {"model": model, "alias": alias, "version": version,
+                "previous": found[0]["version"] if found else None,
+                "updated_at": datetime.now(timezone.utc).isoformat()}
+        if found:
+            self.put_json(key, body, if_match=found[1])
+        else:
+            self.put_json(key, body, if_none_match=True)
+
+    def download_mirror(self, bucket: str, prefix: str, dest: Path) -> list[str]:
+        """Copy every object under s3://bucket/prefix to dest (a hub mirror has no manifest)."""
+        try:
+            keys = [k for k in self.list_keys(prefix + "/", bucket=bucket) if not k.endswith("/")]
+        except ClientError as err:
+            if _code(err) == "NoSuchBucket":
+                raise SourceNotFound(f"bucket s3://{bucket} does not exist") from err
+            raise
+        if not keys:
+            raise SourceNotFound(f"s3://{bucket}/{prefix}/ holds no files: check the prefix")
+        for key in keys:
+            target = dest / key[len(prefix) + 1 :]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.client.download_file(bucket, key, str(target), Config=TRANSFER)
+        return keys
+
+    def upload_mirror(self, local_dir: Path, bucket: str, prefix: str) -> None:
+        """Put a model directory into a mirror bucket, as a team mirroring hub models would."""
+        self.ensure_bucket(bucket)
+        for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+            self.client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(local_dir).as_posix()}",
+                                    ExtraArgs={"ChecksumAlgorithm": "SHA256"}, Config=TRANSFER)
+

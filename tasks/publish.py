@@ -1,0 +1,111 @@
+"""Stage 5, publish: the gated build becomes an immutable version in S3.
+
+    versions/<model>/<version>/files/...        server-side copies of the build's files
+    versions/<model>/<version>/gate-report.json
+    versions/<model>/<version>/manifest.json    last, with If-None-Match: "*"
+
+The version id is the build's content digest: the same build is the same version, and
+publishing it again finds it already there. Until the manifest exists, the version does not:
+a publish that dies halfway leaves files nobody lists or serves.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prefect import get_run_logger, task
+from pydantic import BaseModel
+
+from llmship.errors import GateFailed
+from llmship.manifest import Manifest
+from llmship.settings import get_settings
+from llmship.store import MANIFEST, ArtifactStore
+from tasks.common import (
+    RETRIES, RETRY_DELAYS, StageOutput, record_stage_artifact, retry_unless_permanent,
+)
+from tasks.gate import GateReport
+
+
+class PublishedVersion(BaseModel):
+    model: str
+    version: str
+    prefix: str
+    digest: str
+    files: int
+    bytes: int
+    gate_passed: bool
+    scheme: str
+    created_at: str
+
+
+def version_id(build: StageOutput) -> str:
+    return build.digest[:12]
+
+
+def version_prefix(model: str, version: str) -> str:
+    return f"versions/{model}/{version}"
+
+
+def publish(model: str, build: StageOutput, report: GateReport) -> PublishedVersion:
+    if not report.passed:
+        raise GateFailed(f"refusing to publish {build.prefix}: its gate report did not pass")
+    store = ArtifactStore(get_settings())
+    version = version_id(build)
+    prefix = version_prefix(model, version)
+    started = time.monotonic()
+    manifest = store.read_manifest(prefix)
+    if manifest is None:
+        source = store.read_manifest(build.prefix)
+        for entry in source.files:
+            store.client.copy_object(
+                Bucket=store.bucket, Key=f"{prefix}/files/{entry.path}",
+                CopySource={"Bucket": store.bucket, "Key": f"{build.prefix}/files/{entry.path}"},
+            )
+        store.put_json(f"{prefix}/gate-report.json", report.model_dump(mode="json"))
+        manifest = Manifest(
+            kind="version", key=version,
+            inputs={"build": build.prefix, "build_digest": build.digest,
+                    "gate_report": f"{prefix}/gate-report.json"},
+            details={"model": model, "version": version, "gate_passed": report.passed,
+                     "scheme": build.details.get("scheme", "none"),
+                     "precision": build.details.get("precision"),
+                     "engine_args": build.details.get("engine_args", []),
+                     "gate": {t.task: {"baseline": t.baseline, "candidate": t.candidate,
+                                       "threshold": t.threshold} for t in report.tasks}},
+            timings_s={"publish": round(time.monotonic() - started, 3)},
+            files=source.files,
+        )
+        manifest = store.commit_manifest(prefix, manifest)
+    return PublishedVersion(
+        model=model, version=version, prefix=prefix, digest=manifest.digest,
+        files=len(manifest.files), bytes=manifest.total_bytes,
+        gate_passed=bool(manifest.details.get("gate_passed")),
+        scheme=str(manifest.details.get("scheme")), created_at=manifest.created_at,
+    )
+
+
+def list_versions(model: str) -> list[Manifest]:
+    """Published versions of a model, oldest first: those whose manifest exists."""
+    store = ArtifactStore(get_settings())
+    manifests = []
+    for key in store.list_keys(f"versions/{model}/"):
+        if key.endswith(f"/{MANIFEST}") and key.count("/") == 3:
+            found = store.read_manifest(key.rsplit("/", 1)[0])
+            if found:
+                manifests.append(found)
+    return sorted(manifests, key=lambda m: m.created_at)
+
+
+@task(name="publish", retries=RETRIES, retry_delay_seconds=RETRY_DELAYS,
+      retry_condition_fn=retry_unless_permanent, persist_result=True,
+      cache_key_fn=lambda ctx, p: f"publish-{p['model']}-{version_id(p['build'])}")
+def publish_task(model: str, build: StageOutput, report: GateReport) -> PublishedVersion:
+    published = publish(model, build, report)
+    get_run_logger().info("published %s version %s: s3://%s/%s", model, published.version,
+                          get_settings().artifacts_bucket, published.prefix)
+    record_stage_artifact(model, StageOutput(
+        stage="publish", key=published.version, prefix=published.prefix,
+        digest=published.digest, files=published.files, bytes=published.bytes,
+    ), {"version": published.version, "scheme": published.scheme, "gate": "passed"},
+        f"{model} version {published.version}, immutable")
+    return published
