@@ -16,9 +16,8 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 
 from llmship.errors import CalibrationDataError
-from llmship.settings import REPO_ROOT
+from llmship.settings import get_settings
 
-DATA_ROOT = REPO_ROOT / "calibration_data"
 MAX_LINE_BYTES = 1_000_000
 
 
@@ -30,12 +29,11 @@ class EvalItem(BaseModel, extra="forbid"):
 
 
 def dataset_dir(name: str) -> Path:
-    path = (DATA_ROOT / name).resolve()
-    if DATA_ROOT.resolve() not in path.parents or not path.is_dir():
-        known = sorted(p.name for p in DATA_ROOT.iterdir() if p.is_dir())
-        raise CalibrationDataError(
-            f"no dataset {name!r} under {DATA_ROOT}: choose one of {known}"
-        )
+    root = get_settings().calibration_data_dir.resolve()
+    path = (root / name).resolve()
+    if root not in path.parents or not path.is_dir():
+        known = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        raise CalibrationDataError(f"no dataset {name!r} under {root}: choose one of {known}")
     return path
 
 

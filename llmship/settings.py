@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     serve_python: Path = REPO_ROOT / ".venv" / "serve" / "bin" / "python"
     device: str = Field("cpu", description="cpu or cuda: where calibration and evaluation run")
 
+    calibration_data_dir: Path = Field(REPO_ROOT / "calibration_data",
+                                       description="domain datasets, one folder each")
     work_pool: str = "local-process"
     gpu_work_pool: str = "gpu"
     gateway_admin_token: str | None = None

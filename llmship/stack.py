@@ -31,13 +31,13 @@ DEMO_MIRROR_PREFIX = "tiny-llama"
 def child_env(settings: Settings) -> dict[str, str]:
     """The environment every stack process gets: the same settings, Prefect pointed at this stack."""
     env = dict(os.environ)
+    # Every setting travels to the processes the stack starts, except the secrets: those
+    # they read from the credentials file, so they never show in a process listing.
+    secret = {"s3_access_key", "s3_secret_key", "gateway_admin_token"}
+    env.update({f"LLMSHIP_{name.upper()}": str(value)
+                for name, value in settings.model_dump().items()
+                if name not in secret and value is not None})
     env.update({
-        "LLMSHIP_STATE_DIR": str(settings.state_dir),
-        "LLMSHIP_HOST": settings.host,
-        "LLMSHIP_PREFECT_PORT": str(settings.prefect_port),
-        "LLMSHIP_S3_PORT": str(settings.s3_port),
-        "LLMSHIP_GATEWAY_PORT": str(settings.gateway_port),
-        "LLMSHIP_MODEL_SERVER_BASE_PORT": str(settings.model_server_base_port),
         "LLMSHIP_REPO_ROOT": str(REPO_ROOT),
         "PREFECT_HOME": str(settings.state_dir / "prefect"),
         "PREFECT_API_URL": settings.prefect_api_url,
@@ -48,10 +48,12 @@ def child_env(settings: Settings) -> dict[str, str]:
         "PREFECT_WORKER_QUERY_SECONDS": "1",
         "PREFECT_LOGGING_LOG_PRINTS": "true",
         "DO_NOT_TRACK": "1",
-        "HF_HUB_OFFLINE": "1",
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
     })
+    # This stack runs where nothing but package registries is reachable; a GPU host with hub
+    # access sets HF_HUB_OFFLINE=0 (and HF_TOKEN) in its worker's environment.
+    env.setdefault("HF_HUB_OFFLINE", "1")
     return env
 
 

@@ -127,7 +127,7 @@ def calibrate_task(snapshot: StageOutput, config: CalibrationConfig, model: str)
     manifest = store.store_output(out_dir, prefix, Manifest(
         kind="calibrate", key=key,
         inputs={"snapshot": snapshot.prefix, "snapshot_digest": snapshot.digest,
-                "calibration_data": str(data.relative_to(data.parents[2])),
+                "calibration_data": f"{config.dataset}/{data.name}",
                 "calibration_data_sha256": file_digest(data)},
         parameters=config.model_dump(mode="json") | {"device": settings.device},
         tool_versions=tool_versions(settings.quantize_python, TOOLS),

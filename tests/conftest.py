@@ -1,0 +1,72 @@
+"""Test fixtures. The suite starts its own real stack (SeaweedFS, Prefect server, worker,
+gateway) on ports and state of its own, so a running `make demo` is never disturbed.
+
+The environment is set here, before anything reads settings: the worker and every flow run
+inherit it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+STATE = Path(tempfile.mkdtemp(prefix="llmship-test-state-"))
+DATA = STATE / "calibration_data"
+shutil.copytree(REPO / "calibration_data", DATA)
+
+TEST_ENV = {
+    "LLMSHIP_STATE_DIR": str(STATE),
+    "LLMSHIP_PREFECT_PORT": "14200",
+    "LLMSHIP_S3_PORT": "18333",  # SeaweedFS also takes the next 9 ports
+    "LLMSHIP_GATEWAY_PORT": "18000",
+    "LLMSHIP_MODEL_SERVER_BASE_PORT": "18100",
+    "LLMSHIP_CALIBRATION_DATA_DIR": str(DATA),
+    "PREFECT_API_URL": "http://127.0.0.1:14200/api",
+    "PREFECT_HOME": str(STATE / "prefect"),
+    "PREFECT_LOCAL_STORAGE_PATH": str(STATE / "prefect" / "results"),
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "HF_HUB_OFFLINE": "1",
+    "DO_NOT_TRACK": "1",
+}
+os.environ.update(TEST_ENV)
+
+
+@pytest.fixture(scope="session")
+def settings():
+    from llmship.settings import get_settings
+
+    return get_settings()
+
+
+@pytest.fixture(scope="session")
+def stack(settings):
+    """The real local stack, started once for the session and stopped (with its model servers)
+    at the end."""
+    from llmship import stack as local_stack
+    from llmship.settings import get_settings
+
+    local_stack.up(settings)
+    # Credentials exist only once the stack is up: read settings again.
+    get_settings.cache_clear()
+    yield get_settings()
+    local_stack.down(get_settings(), say=lambda _: None)
+    shutil.rmtree(STATE, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def store(stack):
+    from llmship.store import ArtifactStore
+
+    return ArtifactStore(stack)
+
+
+@pytest.fixture(scope="session")
+def prefect_client(stack):
+    from prefect.client.orchestration import get_client
+
+    return get_client(sync_client=True)
