@@ -19,7 +19,7 @@ from tasks.publish import publish_task
 from tasks.rollout import RolloutResult, rollout_task
 
 
-@flow(name="build-and-serve", log_prints=True)
+@flow(name="build-and-serve", log_prints=True, persist_result=True)
 def build_and_serve(config: PipelineConfig) -> RolloutResult:
     snapshot = download_task(config.source, config.name)
     calibrated = calibrate_task(snapshot, config.calibration, config.name)

@@ -31,7 +31,7 @@ def live_calibration_digest(model: str) -> str | None:
     return calibrated.inputs.get("calibration_data_sha256") if calibrated else None
 
 
-@flow(name="recalibrate", log_prints=True)
+@flow(name="recalibrate", log_prints=True, persist_result=True)
 def recalibrate(config: PipelineConfig) -> RolloutResult | None:
     data = dataset_dir(config.calibration.dataset) / "calibration.jsonl"
     if file_digest(data) == live_calibration_digest(config.name):

@@ -17,7 +17,7 @@ from tasks.publish import PublishedVersion, version_prefix
 from tasks.rollout import RolloutResult, rollout_task
 
 
-@flow(name="rollback", log_prints=True)
+@flow(name="rollback", log_prints=True, persist_result=True)
 def rollback(model: str, reason: str, target_version: str | None = None) -> RolloutResult:
     store = ArtifactStore(get_settings())
     target = target_version or store.read_alias(model, "previous")

@@ -230,16 +230,25 @@ class ArtifactStore:
         else:
             self.put_json(key, body, if_none_match=True)
 
-    def download_mirror(self, bucket: str, prefix: str, dest: Path) -> list[str]:
-        """Copy every object under s3://bucket/prefix to dest (a hub mirror has no manifest)."""
+    def list_mirror(self, bucket: str, prefix: str) -> list[tuple[str, str]]:
+        """(key, ETag) of every object under s3://bucket/prefix/; a hub mirror has no manifest."""
+        objects = []
         try:
-            keys = [k for k in self.list_keys(prefix + "/", bucket=bucket) if not k.endswith("/")]
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                    Bucket=bucket, Prefix=prefix + "/"):
+                objects += [(o["Key"], o["ETag"]) for o in page.get("Contents", [])
+                            if not o["Key"].endswith("/")]
         except ClientError as err:
             if _code(err) == "NoSuchBucket":
                 raise SourceNotFound(f"bucket s3://{bucket} does not exist") from err
             raise
-        if not keys:
+        if not objects:
             raise SourceNotFound(f"s3://{bucket}/{prefix}/ holds no files: check the prefix")
+        return sorted(objects)
+
+    def download_mirror(self, bucket: str, prefix: str, dest: Path) -> list[str]:
+        """Copy every object under s3://bucket/prefix/ to dest."""
+        keys = [key for key, _ in self.list_mirror(bucket, prefix)]
         for key in keys:
             target = dest / key[len(prefix) + 1 :]
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -47,12 +47,11 @@ def source_fingerprint(source: str) -> dict:
         return {"source": source}
     if source.startswith("s3://"):
         bucket, prefix = parse_s3_uri(source)
-        store = ArtifactStore(get_settings())
-        objects = []
-        for page in store.client.get_paginator("list_objects_v2").paginate(
-                Bucket=bucket, Prefix=prefix + "/"):
-            objects += [(o["Key"], o["ETag"]) for o in page.get("Contents", [])]
-        return {"source": source, "objects": sorted(objects)}
+        objects = ArtifactStore(get_settings()).list_mirror(bucket, prefix)
+        return {"source": source, "objects": objects}
+    if not Path(source).is_dir():
+        raise SourceNotFound(f"{source} is not a directory: give a model directory, "
+                             "hf://org/name@revision or s3://bucket/prefix")
     root = Path(source)
     return {"source": str(root.resolve()), "files": sorted(
         (p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
@@ -71,7 +70,9 @@ def fetch_hf(source: str, dest: Path) -> dict:
 
     repo, revision = split_hf(source)
     try:
-        path = snapshot_download(repo_id=repo, revision=revision, local_dir=dest,
+        # Through the hub cache (HF_HUB_CACHE): a worker fetches each revision once, and an
+        # offline worker can use what a team pre-seeded there.
+        path = snapshot_download(repo_id=repo, revision=revision,
                                  allow_patterns=ALLOW_PATTERNS, ignore_patterns=IGNORE_PATTERNS)
     except RevisionNotFoundError as exc:
         raise SourceNotFound(
@@ -92,8 +93,9 @@ def fetch_hf(source: str, dest: Path) -> dict:
                 "HF_HUB_OFFLINE is set: pin a cached revision, or unset HF_HUB_OFFLINE"
             ) from exc
         raise  # a network failure: worth a retry
-    # huggingface_hub keeps its own bookkeeping beside the files; it is not part of the model.
-    shutil.rmtree(Path(path) / ".cache", ignore_errors=True)
+    # The cache holds symlinks into its blob store; the snapshot gets the files themselves.
+    shutil.copytree(path, dest, symlinks=False, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns(".cache"))
     return {"repo": repo, "revision": revision}
 
 

@@ -31,6 +31,7 @@ TEST_ENV = {
     "PREFECT_LOCAL_STORAGE_PATH": str(STATE / "prefect" / "results"),
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "HF_HUB_OFFLINE": "1",
+    "HF_HUB_CACHE": str(STATE / "hf-cache"),
     "DO_NOT_TRACK": "1",
 }
 os.environ.update(TEST_ENV)

@@ -1,0 +1,76 @@
+"""The download stage against real sources: the local S3 mirror, a local path, and the
+Hugging Face hub client reading a local hub cache (no network here: HF_HUB_OFFLINE=1)."""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from llmship.errors import SourceNotFound
+from llmship.manifest import sha256_file
+from tasks.download import download
+
+pytestmark = pytest.mark.stack
+DEMO = Path(__file__).resolve().parents[1] / "demo" / "tiny-llama"
+SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+def test_mirror_download_hashes_every_file(stack, store):
+    out = download(f"s3://{stack.mirror_bucket}/tiny-llama")
+    manifest = store.read_manifest(out.prefix)
+    local = {p.name: sha256_file(p) for p in DEMO.iterdir()}
+    assert {f.path: f.sha256 for f in manifest.files} == local
+    assert out.digest == manifest.digest and out.files == len(local)
+
+
+def test_same_source_same_key(stack):
+    a = download(str(DEMO))
+    b = download(str(DEMO))
+    assert (a.key, a.digest) == (b.key, b.digest)
+
+
+def test_missing_mirror_prefix_and_bucket(stack):
+    with pytest.raises(SourceNotFound, match="holds no files"):
+        download(f"s3://{stack.mirror_bucket}/no-such-model")
+    with pytest.raises(SourceNotFound, match="does not exist"):
+        download("s3://no-such-bucket/tiny-llama")
+
+
+def test_path_that_is_not_a_model(tmp_path, stack):
+    with pytest.raises(SourceNotFound, match="not a directory"):
+        download(str(tmp_path / "nothing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceNotFound, match="no config.json"):
+        download(str(tmp_path / "empty"))
+
+
+@pytest.fixture()
+def hub_cache():
+    """A hub cache holding llmship/tiny-llama at one commit, laid out as huggingface_hub does."""
+    repo = Path(os.environ["HF_HUB_CACHE"]) / "models--llmship--tiny-llama"
+    shutil.copytree(DEMO, repo / "snapshots" / SHA, dirs_exist_ok=True)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(SHA)
+    return repo
+
+
+def test_hub_revision_pinned(hub_cache, stack, store):
+    out = download(f"hf://llmship/tiny-llama@{SHA}")
+    names = {f.path for f in store.read_manifest(out.prefix).files}
+    assert "model.safetensors" in names and "config.json" in names
+    assert out.details["origin"] == {"repo": "llmship/tiny-llama", "revision": SHA}
+
+
+def test_wrong_hub_revision_names_the_revision(hub_cache, stack):
+    with pytest.raises(SourceNotFound, match=r"revision 'deadbeef' of llmship/tiny-llama"):
+        download("hf://llmship/tiny-llama@deadbeef")
+
+
+def test_source_without_revision_is_refused():
+    from pydantic import ValidationError
+
+    from llmship.settings import PipelineConfig
+
+    with pytest.raises(ValidationError, match="has no revision"):
+        PipelineConfig(name="m", source="hf://org/model")

@@ -1,0 +1,77 @@
+"""The gateway's own answers, before any model server is involved: OpenAI-style errors for
+bad requests, and an admin API that refuses callers without the token."""
+
+import pytest
+from fastapi.testclient import TestClient
+
+
+@pytest.fixture()
+def client(monkeypatch, tmp_path):
+    from llmship.settings import get_settings
+
+    monkeypatch.setenv("LLMSHIP_STATE_DIR", str(tmp_path))
+    monkeypatch.setenv("LLMSHIP_GATEWAY_ADMIN_TOKEN", "right-token")
+    get_settings.cache_clear()
+    from serving.gateway import app
+
+    with TestClient(app) as c:
+        yield c
+    get_settings.cache_clear()
+
+
+def assert_openai_error(resp, status, param=None):
+    assert resp.status_code == status
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["message"]
+    if param:
+        assert err["param"] == param
+    return err
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"model": "m", "prompt": "x", "max_tokens": -1}, "max_tokens"),
+    ({"model": "m", "prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"model": "m", "prompt": "x", "temperature": -0.5}, "temperature"),
+    ({"model": "m", "prompt": "x", "top_p": 0}, "top_p"),
+    ({"model": "m"}, "prompt"),
+    ({"prompt": "x"}, "model"),
+    ({"model": "m", "prompt": "x", "n": 0}, "n"),
+])
+def test_bad_completion_fields_are_400(client, body, param):
+    err = assert_openai_error(client.post("/v1/completions", json=body), 400, param)
+    assert err["type"] == "invalid_request_error"
+
+
+def test_bad_chat_requests_are_400(client):
+    assert_openai_error(client.post("/v1/chat/completions", json={"model": "m", "messages": []}),
+                        400, "messages")
+    assert_openai_error(client.post("/v1/chat/completions", content=b"{not json",
+                                    headers={"content-type": "application/json"}), 400)
+    assert_openai_error(client.post("/v1/chat/completions", json=[1, 2]), 400)
+
+
+def test_unknown_model_is_404_and_lists_nothing_served(client):
+    err = assert_openai_error(client.post("/v1/completions", json={"model": "nope", "prompt": "x"}),
+                              404, "model")
+    assert err["code"] == "model_not_found"
+    assert client.get("/v1/models").json() == {"object": "list", "data": []}
+
+
+def test_admin_needs_the_token(client):
+    assert_openai_error(client.get("/admin/routes"), 401)
+    assert_openai_error(client.get("/admin/routes", headers={"authorization": "Bearer wrong"}),
+                        403)
+    ok = client.get("/admin/routes", headers={"authorization": "Bearer right-token"})
+    assert ok.status_code == 200 and ok.json() == {}
+
+
+def test_route_to_an_unhealthy_server_is_refused(client):
+    resp = client.put("/admin/routes/m", headers={"authorization": "Bearer right-token"},
+                      json={"version": "v1", "upstream": "http://127.0.0.1:9"})
+    assert_openai_error(resp, 409)
+    assert client.get("/v1/models").json()["data"] == []
+
+
+def test_unknown_path_is_an_openai_404(client):
+    assert_openai_error(client.get("/v1/nothing"), 404)

@@ -1,0 +1,162 @@
+"""build-and-serve end to end, on the real stack, through the deployment a user runs:
+the tiny model goes from the S3 mirror to a calibrated, gated, published version that the
+gateway serves; a rerun is all cache hits; bad data and a failing gate publish nothing."""
+
+import json
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter
+from prefect.deployments import run_deployment
+
+from tasks.publish import list_versions
+
+pytestmark = [pytest.mark.stack, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[1]
+DEPLOYMENT = "build-and-serve/tiny-llama"
+STAGES = {"download", "calibrate", "build", "gate", "publish"}
+
+
+def default_config(prefect_client) -> dict:
+    deployment = prefect_client.read_deployment_by_name(DEPLOYMENT)
+    return json.loads(json.dumps(deployment.parameters["config"]))
+
+
+def run(parameters=None, timeout=1200):
+    return run_deployment(DEPLOYMENT, parameters=parameters, timeout=timeout)
+
+
+def task_states(prefect_client, flow_run) -> dict[str, list[str]]:
+    runs = prefect_client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [flow_run.id]}))
+    states: dict[str, list[str]] = {}
+    for tr in runs:
+        states.setdefault(tr.name.rsplit("-", 1)[0], []).append(tr.state.name)
+    return states
+
+
+def held_out(task: str, n: int) -> list[dict]:
+    items = [json.loads(line) for line in
+             (REPO / "calibration_data" / "contracts" / "eval.jsonl").read_text().splitlines()]
+    return [it for it in items if it["task"] == task][:n]
+
+
+@pytest.fixture(scope="module")
+def first_run(stack):
+    flow_run = run()
+    assert flow_run.state.is_completed(), flow_run.state.message
+    return flow_run
+
+
+def test_build_and_serve_serves_the_calibrated_version(first_run, stack, store, prefect_client):
+    live = store.read_alias("tiny-llama", "live")
+    versions = list_versions("tiny-llama")
+    assert [v.key for v in versions] == [live]
+    assert versions[0].details["scheme"] == "W8A8" and versions[0].details["gate_passed"]
+
+    models = httpx.get(f"{stack.gateway_url}/v1/models").json()["data"]
+    assert [(m["id"], m["version"]) for m in models] == [("tiny-llama", live)]
+
+    # The served model answers held-out questions it never saw in training or calibration.
+    items = held_out("clause_type", 6)
+    correct = 0
+    for item in items:
+        resp = httpx.post(f"{stack.gateway_url}/v1/completions", timeout=60, json={
+            "model": "tiny-llama", "prompt": item["prompt"], "max_tokens": 12,
+            "temperature": 0})
+        assert resp.status_code == 200, resp.text
+        assert resp.headers["x-llmship-version"] == live
+        correct += resp.json()["choices"][0]["text"].strip() == item["answer"]
+    assert correct >= 5, f"{correct}/6 held-out clause types right"
+
+    chat = httpx.post(f"{stack.gateway_url}/v1/chat/completions", timeout=60, json={
+        "model": "tiny-llama", "max_tokens": 12, "temperature": 0,
+        "messages": [{"role": "user", "content": items[0]["prompt"]}]})
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["choices"][0]["message"]["content"].strip() == items[0]["answer"]
+
+    bad = httpx.post(f"{stack.gateway_url}/v1/completions",
+                     json={"model": "tiny-llama", "prompt": "x", "max_tokens": -5})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"
+
+
+def test_published_version_is_complete_in_s3(first_run, store):
+    version = store.read_alias("tiny-llama", "live")
+    prefix = f"versions/tiny-llama/{version}"
+    manifest = store.read_manifest(prefix)
+    keys = set(store.list_keys(prefix + "/"))
+    assert {f"{prefix}/files/{f.path}" for f in manifest.files} <= keys
+    assert {"config.json", "model.safetensors", "llmship-build.json"} <= {
+        f.path for f in manifest.files}
+    for f in manifest.files:
+        head = store.client.head_object(Bucket=store.bucket, Key=f"{prefix}/files/{f.path}")
+        assert head["ContentLength"] == f.size
+    report = store.get_json(f"{prefix}/gate-report.json")[0]
+    assert report["passed"] and report["rule"] == "candidate >= baseline * (1 - rtol)"
+    assert {t["task"] for t in report["tasks"]} == {
+        "llmship_contracts_clause_type", "llmship_contracts_extract_amount",
+        "llmship_contracts_extract_date"}
+
+
+def test_every_stage_leaves_a_keyed_artifact(first_run, prefect_client):
+    artifacts = prefect_client.read_artifacts(
+        artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_="tiny-llama-")))
+    keys = {a.key for a in artifacts}
+    assert {"tiny-llama-download", "tiny-llama-calibrate", "tiny-llama-build-candidate",
+            "tiny-llama-build-baseline", "tiny-llama-gate", "tiny-llama-publish",
+            "tiny-llama-rollout"} <= keys
+
+
+def test_rerun_reuses_every_stage(first_run, prefect_client, store):
+    live_before = store.read_alias("tiny-llama", "live")
+    second = run()
+    assert second.state.is_completed(), second.state.message
+    states = task_states(prefect_client, second)
+    for stage in STAGES:
+        assert set(states[stage]) == {"Cached"}, (stage, states)
+    assert states["rollout"] == ["Completed"]
+    result = second.state.result()
+    assert result.changed is False and result.version == live_before
+    assert len(list_versions("tiny-llama")) == 1
+
+
+def test_malformed_calibration_line_fails_fast_and_names_it(first_run, prefect_client, stack):
+    broken = stack.calibration_data_dir / "broken"
+    broken.mkdir(exist_ok=True)
+    lines = (stack.calibration_data_dir / "contracts" / "calibration.jsonl").read_text().splitlines()
+    lines[6] = lines[6][:-2]  # line 7 loses its closing quote and brace
+    (broken / "calibration.jsonl").write_text("\n".join(lines) + "\n")
+    config = default_config(prefect_client)
+    config["calibration"]["dataset"] = "broken"
+    flow_run = run({"config": config})
+    assert flow_run.state.is_failed()
+    assert "broken/calibration.jsonl:7: not valid JSON" in flow_run.state.message
+    states = task_states(prefect_client, flow_run)
+    assert states["calibrate"] == ["Failed"]  # one attempt: bad input is not retried
+    assert "publish" not in states
+
+
+@pytest.fixture(scope="module")
+def outlier_model(stack) -> Path:
+    dest = stack.state_dir / "outlier-model"
+    subprocess.run([str(stack.quantize_python), str(REPO / "demo" / "inject_outliers.py"),
+                    str(REPO / "demo" / "tiny-llama"), str(dest)], check=True)
+    return dest
+
+
+def test_gate_failure_publishes_nothing(first_run, outlier_model, prefect_client, stack, store):
+    config = default_config(prefect_client)
+    config.update(name="outlier-llama", source=str(outlier_model))
+    config["calibration"]["scheme"] = "W4A16"
+    flow_run = run({"config": config})
+    assert flow_run.state.is_failed()
+    assert "accuracy gate failed for outlier-llama" in flow_run.state.message
+    assert "llmship_contracts_clause_type" in flow_run.state.message
+    states = task_states(prefect_client, flow_run)
+    assert states["gate"] == ["Failed"] and "publish" not in states
+    assert list_versions("outlier-llama") == []
+    assert store.list_keys("versions/outlier-llama/") == []
+    assert store.read_alias("outlier-llama", "live") is None
+    served = {m["id"] for m in httpx.get(f"{stack.gateway_url}/v1/models").json()["data"]}
+    assert served == {"tiny-llama"}

@@ -1,0 +1,74 @@
+"""The artifact store on the real SeaweedFS: complete-or-absent directories, immutability,
+integrity checks and compare-and-swap aliases."""
+
+from pathlib import Path
+
+import pytest
+
+from llmship.errors import IntegrityError, SourceNotFound, VersionConflict
+from llmship.manifest import Manifest
+
+pytestmark = pytest.mark.stack
+
+
+def make_dir(root: Path, files: dict[str, bytes]) -> Path:
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return root
+
+
+def test_round_trip_checks_every_file(store, tmp_path):
+    src = make_dir(tmp_path / "src", {"a.bin": b"x" * 1000, "sub/b.txt": b"hello"})
+    manifest = store.upload_dir(src, "test/round-trip", Manifest(kind="test", key="k1"))
+    assert {f.path for f in manifest.files} == {"a.bin", "sub/b.txt"}
+    got = store.download_dir("test/round-trip", tmp_path / "dest")
+    assert got.digest == manifest.digest
+    assert (tmp_path / "dest" / "sub" / "b.txt").read_bytes() == b"hello"
+
+
+def test_no_manifest_means_absent(store, tmp_path):
+    src = make_dir(tmp_path / "src", {"a.bin": b"data"})
+    store.client.upload_file(str(src / "a.bin"), store.bucket, "test/half/files/a.bin")
+    with pytest.raises(SourceNotFound, match="never completely written"):
+        store.download_dir("test/half", tmp_path / "dest")
+
+
+def test_tampered_file_is_refused_and_not_left_behind(store, tmp_path):
+    src = make_dir(tmp_path / "src", {"weights.bin": b"\x01" * 4096})
+    store.upload_dir(src, "test/tamper", Manifest(kind="test", key="k2"))
+    store.client.put_object(Bucket=store.bucket, Key="test/tamper/files/weights.bin",
+                            Body=b"\x02" * 4096)
+    with pytest.raises(IntegrityError, match="weights.bin has sha256"):
+        store.download_dir("test/tamper", tmp_path / "dest")
+    assert not (tmp_path / "dest").exists()
+
+
+def test_published_content_cannot_be_replaced(store, tmp_path):
+    first = make_dir(tmp_path / "one", {"a": b"1"})
+    second = make_dir(tmp_path / "two", {"a": b"2"})
+    m1 = store.upload_dir(first, "test/immutable", Manifest(kind="test", key="v"))
+    # The same content again is a no-op that returns the original manifest.
+    again = store.upload_dir(first, "test/immutable", Manifest(kind="test", key="v"))
+    assert again.created_at == m1.created_at
+    with pytest.raises(VersionConflict, match="immutable"):
+        store.upload_dir(second, "test/immutable", Manifest(kind="test", key="v"))
+    assert store.read_manifest("test/immutable").digest == m1.digest
+
+
+def test_alias_compare_and_swap(store):
+    store.move_alias("cas-model", "live", "v1")
+    store.move_alias("cas-model", "live", "v2")
+    assert store.read_alias("cas-model", "live") == "v2"
+    _, etag = store.get_json("aliases/cas-model/live.json")
+    store.move_alias("cas-model", "live", "v3")
+    with pytest.raises(VersionConflict):
+        store.put_json("aliases/cas-model/live.json", {"version": "stale"}, if_match=etag)
+    assert store.read_alias("cas-model", "live") == "v3"
+
+
+def test_unsigned_requests_are_refused(stack):
+    import httpx
+
+    resp = httpx.get(f"{stack.s3_url}/{stack.artifacts_bucket}?list-type=2")
+    assert resp.status_code == 403
