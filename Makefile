@@ -19,7 +19,9 @@ help:
 	@echo "make down   stop everything make demo started"
 	@echo "make clean  make down, then delete the stack's state (.llmship/)"
 
-setup: $(VENV)/orchestrator/.ready $(VENV)/quantize/.ready $(VENV)/serve/.ready
+# The three installs are mostly waiting on the registry: run them side by side.
+setup:
+	@$(MAKE) --no-print-directory -j3 $(VENV)/orchestrator/.ready $(VENV)/quantize/.ready $(VENV)/serve/.ready
 
 # Three environments (README, "What runs where"). Each installs from its envs/*.txt with the
 # versions pinned in envs/*.lock; torch first, alone, so pip takes the CPU build.

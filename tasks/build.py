@@ -23,7 +23,7 @@ from llmship.settings import ServingConfig, Target, get_settings
 from llmship.store import ArtifactStore
 from llmship.subprocess_stage import run_stage, stage_main, tool_versions
 from tasks.common import (
-    RETRIES, RETRY_DELAYS, StageOutput, fresh_dir, record_stage_artifact,
+    RETRIES, RETRY_DELAYS, StageOutput, cache_key, fresh_dir, record_stage_artifact,
     retry_unless_permanent,
 )
 
@@ -98,7 +98,7 @@ def build_key(checkpoint: StageOutput, target: Target, serving: ServingConfig) -
 
 @task(name="build", retries=RETRIES, retry_delay_seconds=RETRY_DELAYS,
       retry_condition_fn=retry_unless_permanent, persist_result=True,
-      cache_key_fn=lambda ctx, p: build_key(p["checkpoint"], p["target"], p["serving"]))
+      cache_key_fn=cache_key(lambda p: build_key(p["checkpoint"], p["target"], p["serving"])))
 def build_task(checkpoint: StageOutput, target: Target, serving: ServingConfig, model: str,
                role: str) -> StageOutput:
     """role: "candidate" or "baseline": which side of the gate this build is for."""

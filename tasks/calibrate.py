@@ -25,7 +25,7 @@ from llmship.settings import CalibrationConfig, Scheme, get_settings
 from llmship.store import ArtifactStore
 from llmship.subprocess_stage import run_stage, stage_main, tool_versions
 from tasks.common import (
-    RETRIES, RETRY_DELAYS, StageOutput, fresh_dir, record_stage_artifact,
+    RETRIES, RETRY_DELAYS, StageOutput, cache_key, fresh_dir, record_stage_artifact,
     retry_unless_permanent,
 )
 
@@ -107,7 +107,7 @@ def calibrate_key(snapshot: StageOutput, config: CalibrationConfig) -> str:
 
 @task(name="calibrate", retries=RETRIES, retry_delay_seconds=RETRY_DELAYS,
       retry_condition_fn=retry_unless_permanent, persist_result=True,
-      cache_key_fn=lambda ctx, p: calibrate_key(p["snapshot"], p["config"]))
+      cache_key_fn=cache_key(lambda p: calibrate_key(p["snapshot"], p["config"])))
 def calibrate_task(snapshot: StageOutput, config: CalibrationConfig, model: str) -> StageOutput:
     settings = get_settings()
     logger = get_run_logger()

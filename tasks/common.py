@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from prefect.states import State
 from prefect.tasks import exponential_backoff
 from pydantic import BaseModel
 
-from llmship.errors import PermanentError
+from llmship.errors import LlmshipError, PermanentError
 from llmship.manifest import Manifest
 
 # Transient failures (network, S3 5xx, a killed subprocess) are retried with growing delays.
@@ -31,6 +32,20 @@ def retry_unless_permanent(task: Task, task_run: TaskRun, state: State) -> bool:
     except Exception:  # noqa: BLE001 - anything else may be transient
         return True
     return True
+
+
+def cache_key(key_of: Callable[[dict[str, Any]], str]) -> Callable[..., str | None]:
+    """A Prefect cache_key_fn from a function of the task's parameters.
+
+    Bad input makes no key (rather than a logged traceback): the task then runs and reports
+    the problem itself, once, with its own message.
+    """
+    def key_fn(context, parameters: dict[str, Any]) -> str | None:
+        try:
+            return key_of(parameters)
+        except LlmshipError:
+            return None
+    return key_fn
 
 
 class StageOutput(BaseModel):

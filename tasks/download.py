@@ -21,7 +21,7 @@ from llmship.manifest import Manifest, digest_of
 from llmship.settings import get_settings
 from llmship.store import ArtifactStore, parse_s3_uri
 from tasks.common import (
-    RETRIES, RETRY_DELAYS, StageOutput, fresh_dir, record_stage_artifact,
+    RETRIES, RETRY_DELAYS, StageOutput, cache_key, fresh_dir, record_stage_artifact,
     retry_unless_permanent,
 )
 
@@ -138,7 +138,7 @@ def download(source: str) -> StageOutput:
 
 @task(name="download", retries=RETRIES, retry_delay_seconds=RETRY_DELAYS,
       retry_condition_fn=retry_unless_permanent,
-      cache_key_fn=lambda ctx, params: download_key(params["source"]), persist_result=True)
+      cache_key_fn=cache_key(lambda p: download_key(p["source"])), persist_result=True)
 def download_task(source: str, model: str) -> StageOutput:
     out = download(source)
     get_run_logger().info("snapshot of %s: %d files, %.1f MB, sha256 %s", source, out.files,

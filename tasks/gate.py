@@ -25,7 +25,7 @@ from llmship.settings import GateConfig, get_settings
 from llmship.store import ArtifactStore
 from llmship.subprocess_stage import run_stage, stage_main, tool_versions
 from tasks.common import (
-    RETRIES, RETRY_DELAYS, StageOutput, record_markdown, retry_unless_permanent,
+    RETRIES, RETRY_DELAYS, StageOutput, cache_key, record_markdown, retry_unless_permanent,
 )
 
 TOOLS = ("lm-eval", "transformers", "compressed-tensors", "torch")
@@ -176,7 +176,7 @@ def evaluation_key(build: StageOutput, config: GateConfig) -> str:
 
 @task(name="evaluate", retries=RETRIES, retry_delay_seconds=RETRY_DELAYS,
       retry_condition_fn=retry_unless_permanent, persist_result=True,
-      cache_key_fn=lambda ctx, p: evaluation_key(p["build"], p["config"]))
+      cache_key_fn=cache_key(lambda p: evaluation_key(p["build"], p["config"])))
 def evaluate_task(build: StageOutput, config: GateConfig) -> Evaluation:
     settings = get_settings()
     data = dataset_dir(config.dataset) / "eval.jsonl"
@@ -187,9 +187,9 @@ def evaluate_task(build: StageOutput, config: GateConfig) -> Evaluation:
 
 
 @task(name="gate", persist_result=True,
-      cache_key_fn=lambda ctx, p: digest_of({
+      cache_key_fn=cache_key(lambda p: digest_of({
           "stage": "gate", "candidate": evaluation_key(p["candidate"], p["config"]),
-          "baseline": evaluation_key(p["baseline"], p["config"]), "rtol": p["config"].rtol}))
+          "baseline": evaluation_key(p["baseline"], p["config"]), "rtol": p["config"].rtol})))
 def gate_task(candidate: StageOutput, baseline: StageOutput, config: GateConfig,
               model: str) -> GateReport:
     """Evaluate both builds (each evaluation cached on its own) and apply the rule."""

@@ -21,7 +21,8 @@ from llmship.manifest import Manifest
 from llmship.settings import get_settings
 from llmship.store import MANIFEST, ArtifactStore
 from tasks.common import (
-    RETRIES, RETRY_DELAYS, StageOutput, record_stage_artifact, retry_unless_permanent,
+    RETRIES, RETRY_DELAYS, StageOutput, cache_key, record_stage_artifact,
+    retry_unless_permanent,
 )
 from tasks.gate import GateReport
 
@@ -98,7 +99,7 @@ def list_versions(model: str) -> list[Manifest]:
 
 @task(name="publish", retries=RETRIES, retry_delay_seconds=RETRY_DELAYS,
       retry_condition_fn=retry_unless_permanent, persist_result=True,
-      cache_key_fn=lambda ctx, p: f"publish-{p['model']}-{version_id(p['build'])}")
+      cache_key_fn=cache_key(lambda p: f"publish-{p['model']}-{version_id(p['build'])}"))
 def publish_task(model: str, build: StageOutput, report: GateReport) -> PublishedVersion:
     published = publish(model, build, report)
     get_run_logger().info("published %s version %s: s3://%s/%s", model, published.version,

@@ -19,7 +19,7 @@ from llmship.errors import PermanentError, ServingError
 from llmship.settings import Settings, get_settings
 from llmship.store import ArtifactStore
 from serving import model_server
-from tasks.common import record_stage_artifact, StageOutput
+from tasks.common import StageOutput, record_stage_artifact
 from tasks.publish import PublishedVersion
 
 SMOKE_PROMPT = "Hello"
