@@ -100,6 +100,8 @@ def stage_env(settings: Settings) -> dict[str, str]:
             "TRANSFORMERS_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",
             "PYTHONUNBUFFERED": "1",
+            # Progress bars in the flow-run log: one line every 10 s, not one per refresh.
+            "TQDM_MININTERVAL": "10",
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])),
         }
     )

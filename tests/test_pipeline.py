@@ -160,3 +160,21 @@ def test_gate_failure_publishes_nothing(first_run, outlier_model, prefect_client
     assert store.read_alias("outlier-llama", "live") is None
     served = {m["id"] for m in httpx.get(f"{stack.gateway_url}/v1/models").json()["data"]}
     assert served == {"tiny-llama"}
+
+
+def test_version_that_cannot_serve_leaves_live_untouched(first_run, prefect_client, stack, store):
+    from serving import model_server
+
+    live = store.read_alias("tiny-llama", "live")
+    config = default_config(prefect_client)
+    # Longer than the model's 512 positions: vLLM refuses to start with it.
+    config["serving"]["max_model_len"] = 4096
+    flow_run = run({"config": config})
+    assert flow_run.state.is_failed()
+    assert "vllm-tiny-llama-" in flow_run.state.message  # names the server and its log
+    assert store.read_alias("tiny-llama", "live") == live
+    assert [s.version for s in model_server.running(stack, "tiny-llama")] == [live]
+    item = held_out("clause_type", 1)[0]
+    resp = httpx.post(f"{stack.gateway_url}/v1/completions", timeout=60, json={
+        "model": "tiny-llama", "prompt": item["prompt"], "max_tokens": 12, "temperature": 0})
+    assert resp.status_code == 200 and resp.headers["x-llmship-version"] == live
