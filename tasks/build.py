@@ -84,7 +84,9 @@ def build(req: BuildRequest) -> BuildResult:
     result = BuildResult(target=req.target, precision=precision, quantization_format=fmt,
                          engine_args=engine_args, smoke_output=smoke,
                          seconds=round(time.monotonic() - started, 3))
-    (out / BUILD_FILE).write_text(result.model_dump_json(indent=2))
+    # Timings stay out of the artifact: the same inputs must give the same bytes, and so the
+    # same content digest and version id (the manifest records the timings instead).
+    (out / BUILD_FILE).write_text(result.model_dump_json(indent=2, exclude={"seconds"}))
     return result
 
 
