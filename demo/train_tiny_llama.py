@@ -115,7 +115,8 @@ def train(args) -> None:
     )
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384,
-        num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=2,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
         max_position_embeddings=512, tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -157,6 +158,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--vocab-size", type=int, default=1024)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=2)
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--evaluate", action="store_true", help="only score the saved model")

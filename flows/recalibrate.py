@@ -1,7 +1,9 @@
 """recalibrate: re-enter build-and-serve at calibrate when the domain data has changed.
 
 Scheduled (cron in prefect.yaml). It compares the digest of calibration_data/<dataset>/ with
-the one the live version was calibrated on, and does nothing when they match.
+the one the live version was calibrated on, and does nothing when they match. Otherwise it
+runs build-and-serve as a subflow: the download is a cache hit, so the work starts at
+calibrate.
 """
 
 from __future__ import annotations
@@ -11,12 +13,9 @@ from prefect import flow, get_run_logger
 from llmship.domain_data import dataset_dir, file_digest
 from llmship.settings import PipelineConfig, get_settings
 from llmship.store import ArtifactStore
-from tasks.build import build_task
-from tasks.calibrate import calibrate_task
-from tasks.download import download_task
-from tasks.gate import gate_task
-from tasks.publish import publish_task, version_prefix
-from tasks.rollout import RolloutResult, rollout_task
+from flows.build_and_serve import build_and_serve
+from tasks.publish import version_prefix
+from tasks.rollout import RolloutResult
 
 
 def live_calibration_digest(model: str) -> str | None:
@@ -37,10 +36,4 @@ def recalibrate(config: PipelineConfig) -> RolloutResult | None:
     if file_digest(data) == live_calibration_digest(config.name):
         get_run_logger().info("calibration data unchanged since the live version: nothing to do")
         return None
-    snapshot = download_task(config.source, config.name)
-    calibrated = calibrate_task(snapshot, config.calibration, config.name)
-    candidate = build_task(calibrated, config.target, config.serving, config.name, "candidate")
-    baseline = build_task(snapshot, config.target, config.serving, config.name, "baseline")
-    report = gate_task(candidate, baseline, config.gate, config.name)
-    version = publish_task(config.name, candidate, report)
-    return rollout_task(version)
+    return build_and_serve(config)

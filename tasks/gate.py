@@ -20,12 +20,13 @@ from pydantic import BaseModel
 
 from llmship.domain_data import dataset_dir, file_digest, load_eval_items
 from llmship.errors import GateFailed
-from llmship.manifest import digest_of
+from llmship.manifest import Manifest, digest_of
 from llmship.settings import GateConfig, get_settings
 from llmship.store import ArtifactStore
 from llmship.subprocess_stage import run_stage, stage_main, tool_versions
 from tasks.common import (
-    RETRIES, RETRY_DELAYS, StageOutput, cache_key, record_markdown, retry_unless_permanent,
+    RETRIES, RETRY_DELAYS, StageOutput, cache_key, fresh_dir, record_markdown,
+    retry_unless_permanent,
 )
 
 TOOLS = ("lm-eval", "transformers", "compressed-tensors", "torch")
@@ -186,10 +187,28 @@ def evaluate_task(build: StageOutput, config: GateConfig) -> Evaluation:
     ), Evaluation, get_run_logger())
 
 
+def gate_key(candidate: StageOutput, baseline: StageOutput, config: GateConfig) -> str:
+    return digest_of({"stage": "gate", "candidate": evaluation_key(candidate, config),
+                      "baseline": evaluation_key(baseline, config), "rtol": config.rtol})[:24]
+
+
+def store_report(key: str, model: str, report: GateReport) -> str:
+    """Keep every gate report in the store, failing ones too: they are what people read."""
+    store = ArtifactStore(get_settings())
+    prefix = f"stages/gate/{key}"
+    out = fresh_dir(store.local_path(prefix))
+    (out / "gate-report.json").write_text(report.model_dump_json(indent=2))
+    (out / "gate-report.md").write_text(render_markdown(model, report))
+    store.store_output(out, prefix, Manifest(
+        kind="gate", key=key, inputs={"candidate": report.candidate, "baseline": report.baseline},
+        parameters={"rtol": report.rtol, "dataset": report.dataset}, tool_versions=report.harness,
+        timings_s=report.seconds, details={"passed": report.passed, "model": model},
+    ))
+    return prefix
+
+
 @task(name="gate", persist_result=True,
-      cache_key_fn=cache_key(lambda p: digest_of({
-          "stage": "gate", "candidate": evaluation_key(p["candidate"], p["config"]),
-          "baseline": evaluation_key(p["baseline"], p["config"]), "rtol": p["config"].rtol})))
+      cache_key_fn=cache_key(lambda p: gate_key(p["candidate"], p["baseline"], p["config"])))
 def gate_task(candidate: StageOutput, baseline: StageOutput, config: GateConfig,
               model: str) -> GateReport:
     """Evaluate both builds (each evaluation cached on its own) and apply the rule."""
@@ -206,12 +225,14 @@ def gate_task(candidate: StageOutput, baseline: StageOutput, config: GateConfig,
         harness=tool_versions(settings.quantize_python, TOOLS),
         seconds={"baseline": base_eval.seconds, "candidate": cand_eval.seconds},
     )
-    record_markdown(model, "gate", render_markdown(model, report),
+    stored = store_report(gate_key(candidate, baseline, config), model, report)
+    record_markdown(model, "gate", render_markdown(model, report) + f"\n\nStored: `{stored}`",
                     f"gate {'passed' if report.passed else 'FAILED'}")
     if not report.passed:
         failing = ", ".join(f"{t.task} {t.candidate:.3f} < {t.threshold:.3f} "
                             f"(baseline {t.baseline:.3f})" for t in report.failing)
-        raise GateFailed(f"accuracy gate failed for {model}: {failing}; nothing was published")
+        raise GateFailed(f"accuracy gate failed for {model}: {failing}; nothing was published "
+                         f"(report: s3://{settings.artifacts_bucket}/{stored}/)")
     get_run_logger().info("gate passed: %s", ", ".join(
         f"{t.task} {t.candidate:.3f} vs {t.baseline:.3f}" for t in report.tasks))
     return report

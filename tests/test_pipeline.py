@@ -160,6 +160,12 @@ def test_gate_failure_publishes_nothing(first_run, outlier_model, prefect_client
     assert store.read_alias("outlier-llama", "live") is None
     served = {m["id"] for m in httpx.get(f"{stack.gateway_url}/v1/models").json()["data"]}
     assert served == {"tiny-llama"}
+    # The failing report is kept in the store, where the failure message points.
+    prefix = flow_run.state.message.split("report: s3://")[1].split("/", 1)[1].rstrip("/)")
+    report = store.get_json(f"{prefix}/files/gate-report.json")[0]
+    assert report["passed"] is False
+    clause = next(t for t in report["tasks"] if t["task"] == "llmship_contracts_clause_type")
+    assert clause["baseline"] >= 0.9 and clause["candidate"] < clause["threshold"]
 
 
 def test_version_that_cannot_serve_leaves_live_untouched(first_run, prefect_client, stack, store):
@@ -178,3 +184,17 @@ def test_version_that_cannot_serve_leaves_live_untouched(first_run, prefect_clie
     resp = httpx.post(f"{stack.gateway_url}/v1/completions", timeout=60, json={
         "model": "tiny-llama", "prompt": item["prompt"], "max_tokens": 12, "temperature": 0})
     assert resp.status_code == 200 and resp.headers["x-llmship-version"] == live
+
+
+def test_recalibrate_does_nothing_when_the_data_is_unchanged(first_run, prefect_client):
+    flow_run = run_deployment("recalibrate/tiny-llama", timeout=600)
+    assert flow_run.state.is_completed(), flow_run.state.message
+    assert flow_run.state.result() is None
+    assert task_states(prefect_client, flow_run) == {}
+
+
+def test_rollback_without_a_previous_version_says_so(first_run, store):
+    assert store.read_alias("tiny-llama", "previous") is None
+    flow_run = run_deployment("rollback/tiny-llama", parameters={"reason": "test"}, timeout=600)
+    assert flow_run.state.is_failed()
+    assert "tiny-llama has no previous version to roll back to" in flow_run.state.message
