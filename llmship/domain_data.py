@@ -98,3 +98,16 @@ def load_eval_items(path: Path) -> list[EvalItem]:
 
 def file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def check_disjoint(calibration_file: Path, eval_file: Path) -> None:
+    """Refuse evaluation items that calibration has seen: a gate on seen items measures nothing."""
+    texts = load_calibration_texts(calibration_file)
+    for item in load_eval_items(eval_file):
+        prompt = item.prompt.strip()
+        seen = next((n for n, text in enumerate(texts, start=1) if prompt in text), None)
+        if seen is not None:
+            raise CalibrationDataError(
+                f"evaluation item {item.id!r} of {eval_file} also appears in {calibration_file} "
+                f"(sample {seen}): keep the evaluation set apart from the calibration set"
+            )

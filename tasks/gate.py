@@ -18,7 +18,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from pydantic import BaseModel
 
-from llmship.domain_data import dataset_dir, file_digest, load_eval_items
+from llmship.domain_data import check_disjoint, dataset_dir, file_digest, load_eval_items
 from llmship.errors import GateFailed
 from llmship.manifest import Manifest, digest_of
 from llmship.settings import GateConfig, get_settings
@@ -187,6 +187,15 @@ def evaluate_task(build: StageOutput, config: GateConfig) -> Evaluation:
     ), Evaluation, get_run_logger())
 
 
+def calibration_file_of(candidate: StageOutput) -> Path:
+    """The calibration data a candidate was made with: build -> calibrated checkpoint."""
+    store = ArtifactStore(get_settings())
+    build = store.read_manifest(candidate.prefix)
+    calibrated = store.read_manifest(build.inputs["checkpoint"])
+    dataset, name = calibrated.inputs["calibration_data"].split("/")
+    return dataset_dir(dataset) / name
+
+
 def gate_key(candidate: StageOutput, baseline: StageOutput, config: GateConfig) -> str:
     return digest_of({"stage": "gate", "candidate": evaluation_key(candidate, config),
                       "baseline": evaluation_key(baseline, config), "rtol": config.rtol})[:24]
@@ -214,7 +223,8 @@ def gate_task(candidate: StageOutput, baseline: StageOutput, config: GateConfig,
     """Evaluate both builds (each evaluation cached on its own) and apply the rule."""
     settings = get_settings()
     data = dataset_dir(config.dataset) / "eval.jsonl"
-    load_eval_items(data)  # a malformed item fails here, naming file and line
+    # A malformed item fails here, naming file and line; so does one that calibration saw.
+    check_disjoint(calibration_file_of(candidate), data)
     base_eval = evaluate_task(baseline, config)
     cand_eval = evaluate_task(candidate, config)
     verdicts = judge(base_eval, cand_eval, config.rtol)

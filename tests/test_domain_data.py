@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from llmship.domain_data import dataset_dir, load_calibration_texts, load_eval_items
+from llmship.domain_data import (
+    check_disjoint, dataset_dir, load_calibration_texts, load_eval_items,
+)
 from llmship.errors import CalibrationDataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,3 +88,16 @@ def test_committed_sets_are_disjoint_and_reproducible(tmp_path):
     for name in ("eval.jsonl", "calibration.jsonl"):
         assert (tmp_path / name).read_bytes() == (data / name).read_bytes()
     assert json.loads((data / "eval.jsonl").read_text().splitlines()[0])["id"] == "s1001-0"
+
+
+def test_evaluation_items_seen_in_calibration_are_refused(tmp_path):
+    data = REPO / "calibration_data" / "contracts"
+    check_disjoint(data / "calibration.jsonl", data / "eval.jsonl")  # the committed sets pass
+    item = json.loads((data / "eval.jsonl").read_text().splitlines()[4])
+    leaky = tmp_path / "calibration.jsonl"
+    leaky.write_text((data / "calibration.jsonl").read_text()
+                     + json.dumps({"text": f"{item['prompt']} {item['answer']}"}) + "\n")
+    with pytest.raises(CalibrationDataError,
+                       match=rf"item '{item['id']}' .* also appears in .*calibration.jsonl "
+                             r"\(sample 513\)"):
+        check_disjoint(leaky, data / "eval.jsonl")
