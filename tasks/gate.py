@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from prefect import get_run_logger, task
+from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel
 
 from llmship.domain_data import check_disjoint, dataset_dir, file_digest, load_eval_items
@@ -25,7 +26,7 @@ from llmship.settings import GateConfig, get_settings
 from llmship.store import ArtifactStore
 from llmship.subprocess_stage import run_stage, stage_main, tool_versions
 from tasks.common import (
-    RETRIES, RETRY_DELAYS, StageOutput, cache_key, fresh_dir, record_markdown,
+    RETRIES, RETRY_DELAYS, StageOutput, artifact_key, cache_key, fresh_dir, record_markdown,
     retry_unless_permanent,
 )
 
@@ -236,8 +237,15 @@ def gate_task(candidate: StageOutput, baseline: StageOutput, config: GateConfig,
         seconds={"baseline": base_eval.seconds, "candidate": cand_eval.seconds},
     )
     stored = store_report(gate_key(candidate, baseline, config), model, report)
+    verdict = "passed" if report.passed else "FAILED"
     record_markdown(model, "gate", render_markdown(model, report) + f"\n\nStored: `{stored}`",
-                    f"gate {'passed' if report.passed else 'FAILED'}")
+                    f"gate {verdict}")
+    create_table_artifact(
+        key=artifact_key(model, "gate-table"), description=f"gate {verdict}: {report.rule}",
+        table=[{"task": t.task, "metric": t.metric, "n": t.n, "baseline": round(t.baseline, 4),
+                "candidate": round(t.candidate, 4), "delta": round(t.delta, 4),
+                "threshold": round(t.threshold, 4), "verdict": "pass" if t.passed else "FAIL"}
+               for t in report.tasks])
     if not report.passed:
         failing = ", ".join(f"{t.task} {t.candidate:.3f} < {t.threshold:.3f} "
                             f"(baseline {t.baseline:.3f})" for t in report.failing)

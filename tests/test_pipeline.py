@@ -104,7 +104,8 @@ def test_every_stage_leaves_a_keyed_artifact(first_run, prefect_client):
         artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_="tiny-llama-")))
     keys = {a.key for a in artifacts}
     assert {"tiny-llama-download", "tiny-llama-calibrate", "tiny-llama-build-candidate",
-            "tiny-llama-build-baseline", "tiny-llama-gate", "tiny-llama-publish",
+            "tiny-llama-build-baseline", "tiny-llama-gate", "tiny-llama-gate-table",
+            "tiny-llama-publish",
             "tiny-llama-rollout"} <= keys
 
 
