@@ -17,6 +17,7 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
+from prefect.events import emit_event
 from pydantic import BaseModel
 
 from llmship.domain_data import check_disjoint, dataset_dir, file_digest, load_eval_items
@@ -247,6 +248,12 @@ def gate_task(candidate: StageOutput, baseline: StageOutput, config: GateConfig,
                 "threshold": round(t.threshold, 4), "verdict": "pass" if t.passed else "FAIL"}
                for t in report.tasks])
     if not report.passed:
+        # For automations: an alert on this event reaches the team within seconds (issue 3).
+        emit_event(event="llmship.gate.failed",
+                   resource={"prefect.resource.id": f"llmship.model.{model}",
+                             "llmship.model": model},
+                   payload={"model": model, "candidate": candidate.prefix,
+                            "report": stored, "failing": [t.model_dump() for t in report.failing]})
         failing = ", ".join(f"{t.task} {t.candidate:.3f} < {t.threshold:.3f} "
                             f"(baseline {t.baseline:.3f})" for t in report.failing)
         raise GateFailed(f"accuracy gate failed for {model}: {failing}; nothing was published "

@@ -161,6 +161,12 @@ def test_gate_failure_publishes_nothing(first_run, outlier_model, prefect_client
     assert store.read_alias("outlier-llama", "live") is None
     served = {m["id"] for m in httpx.get(f"{stack.gateway_url}/v1/models").json()["data"]}
     assert served == {"tiny-llama"}
+    # An event for automations to alert on, naming the model and the failing tasks.
+    events = httpx.post(f"{stack.prefect_api_url}/events/filter", json={
+        "filter": {"event": {"name": ["llmship.gate.failed"]}}, "limit": 10}).json()["events"]
+    payloads = [e["payload"] for e in events if e["resource"]["llmship.model"] == "outlier-llama"]
+    assert payloads and "llmship_contracts_clause_type" in {
+        t["task"] for t in payloads[0]["failing"]}
     # The failing report is kept in the store, where the failure message points.
     prefix = flow_run.state.message.split("report: s3://")[1].split("/", 1)[1].rstrip("/)")
     report = store.get_json(f"{prefix}/files/gate-report.json")[0]
