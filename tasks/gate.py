@@ -33,6 +33,7 @@ from tasks.common import (
 
 TOOLS = ("lm-eval", "transformers", "compressed-tensors", "torch")
 METRIC = "exact_match"
+RULE = "candidate >= baseline * (1 - rtol) - atol"
 
 
 class EvaluateRequest(BaseModel):
@@ -69,6 +70,7 @@ class GateReport(BaseModel):
     passed: bool
     rule: str
     rtol: float
+    atol: float = 0.0
     dataset: str
     eval_data_sha256: str
     candidate: str  # build prefix
@@ -138,11 +140,13 @@ def evaluate(req: EvaluateRequest) -> Evaluation:
     return Evaluation(scores=scores, seconds=round(time.monotonic() - started, 3))
 
 
-def judge(baseline: Evaluation, candidate: Evaluation, rtol: float) -> list[TaskVerdict]:
+def judge(baseline: Evaluation, candidate: Evaluation, rtol: float,
+          atol: float = 0.0) -> list[TaskVerdict]:
+    """vLLM's CI rule per task, with an absolute slack: candidate >= baseline * (1 - rtol) - atol."""
     verdicts = []
     for name, base in sorted(baseline.scores.items()):
         cand = candidate.scores[name]
-        threshold = base.score * (1 - rtol)
+        threshold = max(0.0, base.score * (1 - rtol) - atol)
         verdicts.append(TaskVerdict(
             task=name, metric=METRIC, n=cand.n, baseline=base.score, candidate=cand.score,
             delta=cand.score - base.score, threshold=threshold,
@@ -155,7 +159,8 @@ def render_markdown(model: str, report: GateReport) -> str:
     verdict = "PASSED" if report.passed else "FAILED"
     lines = [
         f"# Accuracy gate {verdict}: {model}", "",
-        f"Rule: `{report.rule}` with rtol = {report.rtol}, on `{report.dataset}` "
+        f"Rule: `{report.rule}` with rtol = {report.rtol}, atol = {report.atol}, on "
+        f"`{report.dataset}` "
         f"(eval data sha256 `{report.eval_data_sha256[:16]}`).", "",
         "| task | n | baseline | candidate | delta | threshold | verdict |",
         "|---|---:|---:|---:|---:|---:|---|",
@@ -200,7 +205,8 @@ def calibration_file_of(candidate: StageOutput) -> Path:
 
 def gate_key(candidate: StageOutput, baseline: StageOutput, config: GateConfig) -> str:
     return digest_of({"stage": "gate", "candidate": evaluation_key(candidate, config),
-                      "baseline": evaluation_key(baseline, config), "rtol": config.rtol})[:24]
+                      "baseline": evaluation_key(baseline, config), "rtol": config.rtol,
+                      "atol": config.atol})[:24]
 
 
 def store_report(key: str, model: str, report: GateReport) -> str:
@@ -212,7 +218,7 @@ def store_report(key: str, model: str, report: GateReport) -> str:
     (out / "gate-report.md").write_text(render_markdown(model, report))
     store.store_output(out, prefix, Manifest(
         kind="gate", key=key, inputs={"candidate": report.candidate, "baseline": report.baseline},
-        parameters={"rtol": report.rtol, "dataset": report.dataset}, tool_versions=report.harness,
+        parameters={"rtol": report.rtol, "atol": report.atol, "dataset": report.dataset}, tool_versions=report.harness,
         timings_s=report.seconds, details={"passed": report.passed, "model": model},
     ))
     return prefix
@@ -229,10 +235,9 @@ def gate_task(candidate: StageOutput, baseline: StageOutput, config: GateConfig,
     check_disjoint(calibration_file_of(candidate), data)
     base_eval = evaluate_task(baseline, config)
     cand_eval = evaluate_task(candidate, config)
-    verdicts = judge(base_eval, cand_eval, config.rtol)
+    verdicts = judge(base_eval, cand_eval, config.rtol, config.atol)
     report = GateReport(
-        passed=all(v.passed for v in verdicts), rule="candidate >= baseline * (1 - rtol)",
-        rtol=config.rtol, dataset=config.dataset, eval_data_sha256=file_digest(data),
+        passed=all(v.passed for v in verdicts), rule=RULE, rtol=config.rtol, atol=config.atol, dataset=config.dataset, eval_data_sha256=file_digest(data),
         candidate=candidate.prefix, baseline=baseline.prefix, tasks=verdicts,
         harness=tool_versions(settings.quantize_python, TOOLS),
         seconds={"baseline": base_eval.seconds, "candidate": cand_eval.seconds},

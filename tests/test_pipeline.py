@@ -93,7 +93,8 @@ def test_published_version_is_complete_in_s3(first_run, store):
         head = store.client.head_object(Bucket=store.bucket, Key=f"{prefix}/files/{f.path}")
         assert head["ContentLength"] == f.size
     report = store.get_json(f"{prefix}/gate-report.json")[0]
-    assert report["passed"] and report["rule"] == "candidate >= baseline * (1 - rtol)"
+    assert report["passed"] and report["rule"] == "candidate >= baseline * (1 - rtol) - atol"
+    assert (report["rtol"], report["atol"]) == (0.05, 0.02)
     assert {t["task"] for t in report["tasks"]} == {
         "llmship_contracts_clause_type", "llmship_contracts_extract_amount",
         "llmship_contracts_extract_date"}
