@@ -218,7 +218,8 @@ def store_report(key: str, model: str, report: GateReport) -> str:
     (out / "gate-report.md").write_text(render_markdown(model, report))
     store.store_output(out, prefix, Manifest(
         kind="gate", key=key, inputs={"candidate": report.candidate, "baseline": report.baseline},
-        parameters={"rtol": report.rtol, "atol": report.atol, "dataset": report.dataset}, tool_versions=report.harness,
+        parameters={"rtol": report.rtol, "atol": report.atol, "dataset": report.dataset},
+        tool_versions=report.harness,
         timings_s=report.seconds, details={"passed": report.passed, "model": model},
     ))
     return prefix
@@ -237,7 +238,8 @@ def gate_task(candidate: StageOutput, baseline: StageOutput, config: GateConfig,
     cand_eval = evaluate_task(candidate, config)
     verdicts = judge(base_eval, cand_eval, config.rtol, config.atol)
     report = GateReport(
-        passed=all(v.passed for v in verdicts), rule=RULE, rtol=config.rtol, atol=config.atol, dataset=config.dataset, eval_data_sha256=file_digest(data),
+        passed=all(v.passed for v in verdicts), rule=RULE, rtol=config.rtol, atol=config.atol,
+        dataset=config.dataset, eval_data_sha256=file_digest(data),
         candidate=candidate.prefix, baseline=baseline.prefix, tasks=verdicts,
         harness=tool_versions(settings.quantize_python, TOOLS),
         seconds={"baseline": base_eval.seconds, "candidate": cand_eval.seconds},
