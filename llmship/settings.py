@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     work_pool: str = "local-process"
     gpu_work_pool: str = "gpu"
     gateway_admin_token: str | None = None
+    # Where gate-failure alerts go (llmship/alerts.py): a Slack incoming webhook, or any URL
+    # that takes a JSON POST. Unset: no alert automation is created.
+    alert_webhook_url: str | None = None
     server_start_timeout_s: float = 240.0
 
     @property

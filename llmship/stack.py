@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 
 from llmship import processes
+from llmship.alerts import GATE_FAILED, ensure_gate_alerts
 from llmship.errors import StackError
 from llmship.processes import http_ok, wait_until
 from llmship.settings import REPO_ROOT, Settings
@@ -204,6 +205,8 @@ def up(settings: Settings, *, deployments: bool = True, say=print) -> None:
     if deployments:
         say(f"deployments      registered from prefect.yaml, pool {settings.work_pool}")
         register_deployments(settings, env)
+        if ensure_gate_alerts(settings):
+            say(f"gate alerts      automation {GATE_FAILED} -> {settings.alert_webhook_url}")
         start_worker(settings, env)
     say(f"gateway          {settings.gateway_url}")
     start_gateway(settings, env)

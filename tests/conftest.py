@@ -26,6 +26,7 @@ TEST_ENV = {
     "LLMSHIP_GATEWAY_PORT": "18000",
     "LLMSHIP_MODEL_SERVER_BASE_PORT": "18100",
     "LLMSHIP_CALIBRATION_DATA_DIR": str(DATA),
+    "LLMSHIP_ALERT_WEBHOOK_URL": "http://127.0.0.1:18900/alerts",
     "PREFECT_API_URL": "http://127.0.0.1:14200/api",
     "PREFECT_HOME": str(STATE / "prefect"),
     "PREFECT_LOCAL_STORAGE_PATH": str(STATE / "prefect" / "results"),
@@ -71,3 +72,28 @@ def prefect_client(stack):
     from prefect.client.orchestration import get_client
 
     return get_client(sync_client=True)
+
+
+@pytest.fixture(scope="session")
+def alert_receiver():
+    """A local HTTP endpoint standing in for the team's Slack webhook: it keeps what it gets."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    received: list[dict] = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers.get("content-length", 0)))
+            received.append(json.loads(body or b"{}"))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 18900), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield received
+    server.shutdown()

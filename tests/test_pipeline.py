@@ -4,6 +4,7 @@ gateway serves; a rerun is all cache hits; bad data and a failing gate publish n
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -147,7 +148,8 @@ def outlier_model(stack) -> Path:
     return dest
 
 
-def test_gate_failure_publishes_nothing(first_run, outlier_model, prefect_client, stack, store):
+def test_gate_failure_publishes_nothing(first_run, outlier_model, alert_receiver, prefect_client,
+                                        stack, store):
     config = default_config(prefect_client)
     config.update(name="outlier-llama", source=str(outlier_model))
     config["calibration"]["scheme"] = "W4A16"
@@ -168,6 +170,14 @@ def test_gate_failure_publishes_nothing(first_run, outlier_model, prefect_client
     payloads = [e["payload"] for e in events if e["resource"]["llmship.model"] == "outlier-llama"]
     assert payloads and "llmship_contracts_clause_type" in {
         t["task"] for t in payloads[0]["failing"]}
+    # The automation created by `llmship up` delivers the alert to the team's webhook.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not alert_receiver:
+        time.sleep(0.5)
+    assert alert_receiver, "no alert within 30 s"
+    alert = alert_receiver[-1]
+    assert alert["subject"] == "llmship: accuracy gate failed for outlier-llama"
+    assert "llmship_contracts_clause_type 0.000 <" in alert["body"]
     # The failing report is kept in the store, where the failure message points.
     prefix = flow_run.state.message.split("report: s3://")[1].split("/", 1)[1].rstrip("/)")
     report = store.get_json(f"{prefix}/files/gate-report.json")[0]
