@@ -32,8 +32,4 @@ def rollback(model: str, reason: str, target_version: str | None = None) -> Roll
         key=artifact_key(model, "rollback"),
         markdown=f"# Rollback of {model} to {target}\n\nReason: {reason}\n",
         description=f"rollback to {target}")
-    return rollout_task(PublishedVersion(
-        model=model, version=target, prefix=version_prefix(model, target),
-        digest=manifest.digest, files=len(manifest.files), bytes=manifest.total_bytes,
-        gate_passed=bool(manifest.details.get("gate_passed")),
-        scheme=str(manifest.details.get("scheme")), created_at=manifest.created_at))
+    return rollout_task(PublishedVersion.from_manifest(model, manifest))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
@@ -224,7 +223,3 @@ def down(settings: Settings, *, say=print) -> None:
 def status(settings: Settings) -> list[tuple[str, int, bool, int | None]]:
     return [(r.name, r.pid, processes.is_alive(r.pid), r.port) for r in processes.records(settings)]
 
-
-def wipe(settings: Settings) -> None:
-    down(settings)
-    shutil.rmtree(settings.state_dir, ignore_errors=True)

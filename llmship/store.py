@@ -118,12 +118,16 @@ class ArtifactStore:
             raise
         return resp["ETag"]
 
-    def list_keys(self, prefix: str, bucket: str | None = None) -> list[str]:
-        keys: list[str] = []
+    def list_objects(self, prefix: str, bucket: str | None = None) -> list[dict]:
+        """Every object under prefix (all pages): Key, ETag, Size, ..."""
+        objects: list[dict] = []
         paginator = self.client.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=bucket or self.bucket, Prefix=prefix):
-            keys.extend(obj["Key"] for obj in page.get("Contents", []))
-        return keys
+            objects.extend(page.get("Contents", []))
+        return objects
+
+    def list_keys(self, prefix: str, bucket: str | None = None) -> list[str]:
+        return [obj["Key"] for obj in self.list_objects(prefix, bucket)]
 
     # ------------------------------------------------------------------ directories
 
@@ -232,12 +236,9 @@ class ArtifactStore:
 
     def list_mirror(self, bucket: str, prefix: str) -> list[tuple[str, str]]:
         """(key, ETag) of every object under s3://bucket/prefix/; a hub mirror has no manifest."""
-        objects = []
         try:
-            for page in self.client.get_paginator("list_objects_v2").paginate(
-                    Bucket=bucket, Prefix=prefix + "/"):
-                objects += [(o["Key"], o["ETag"]) for o in page.get("Contents", [])
-                            if not o["Key"].endswith("/")]
+            objects = [(o["Key"], o["ETag"]) for o in self.list_objects(prefix + "/", bucket)
+                       if not o["Key"].endswith("/")]
         except ClientError as err:
             if _code(err) == "NoSuchBucket":
                 raise SourceNotFound(f"bucket s3://{bucket} does not exist") from err

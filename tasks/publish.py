@@ -38,6 +38,15 @@ class PublishedVersion(BaseModel):
     scheme: str
     created_at: str
 
+    @classmethod
+    def from_manifest(cls, model: str, manifest: Manifest) -> "PublishedVersion":
+        """A published version as its manifest in the store describes it."""
+        return cls(model=model, version=manifest.key, prefix=version_prefix(model, manifest.key),
+                   digest=manifest.digest, files=len(manifest.files),
+                   bytes=manifest.total_bytes,
+                   gate_passed=bool(manifest.details.get("gate_passed")),
+                   scheme=str(manifest.details.get("scheme")), created_at=manifest.created_at)
+
 
 def version_id(build: StageOutput) -> str:
     return build.digest[:12]
@@ -77,12 +86,7 @@ def publish(model: str, build: StageOutput, report: GateReport) -> PublishedVers
             files=source.files,
         )
         manifest = store.commit_manifest(prefix, manifest)
-    return PublishedVersion(
-        model=model, version=version, prefix=prefix, digest=manifest.digest,
-        files=len(manifest.files), bytes=manifest.total_bytes,
-        gate_passed=bool(manifest.details.get("gate_passed")),
-        scheme=str(manifest.details.get("scheme")), created_at=manifest.created_at,
-    )
+    return PublishedVersion.from_manifest(model, manifest)
 
 
 def list_versions(model: str) -> list[Manifest]:
