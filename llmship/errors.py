@@ -26,6 +26,10 @@ class GateFailed(PermanentError):
     """The candidate lost more accuracy than the gate allows; nothing was published."""
 
 
+class GateConfigError(PermanentError):
+    """The gate's policy names a task, metric or threshold that cannot be used as given."""
+
+
 class IntegrityError(PermanentError):
     """A file does not match the sha256 its manifest records."""
 
@@ -40,6 +44,10 @@ class StageFailed(LlmshipError):
 
 class ServingError(LlmshipError):
     """A model server did not start, or did not become healthy, in time."""
+
+
+class ServerExited(ServingError, PermanentError):
+    """A model server exited while starting: its configuration or its weights need a fix."""
 
 
 class StackError(PermanentError):

@@ -127,12 +127,15 @@ def log_tail(rec: ProcessRecord, lines: int = 30) -> str:
 
 
 def wait_until(check: Callable[[], bool], rec: ProcessRecord, timeout_s: float,
-               what: str, error: type[Exception]) -> None:
-    """Poll check() until it holds; fail early, with the log tail, if the process dies."""
+               what: str, error: type[Exception],
+               exited_error: type[Exception] | None = None) -> None:
+    """Poll check() until it holds; fail early, with the log tail, if the process dies
+    (raising exited_error, when given: a process that exits is often a different problem
+    from one that is slow)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if not is_alive(rec.pid):
-            raise error(f"{rec.name} exited before {what}; last log lines "
+            raise (exited_error or error)(f"{rec.name} exited before {what}; last log lines "
                         f"({rec.log}):\n{log_tail(rec)}")
         try:
             if check():

@@ -49,8 +49,10 @@ class Settings(BaseSettings):
     work_pool: str = "local-process"
     gpu_work_pool: str = "gpu"
     gateway_admin_token: str | None = None
-    # Where gate-failure alerts go (llmship/alerts.py): a Slack incoming webhook, or any URL
-    # that takes a JSON POST. Unset: no alert automation is created.
+    # Where alerts go (llmship/alerts.py): a failed gate, and any failed run of llmship's
+    # deployments. A Slack incoming webhook (a SlackWebhook block) for teams on Slack, or any
+    # URL that takes a JSON POST (a CustomWebhook block). Neither set: no alerts are set up.
+    alert_slack_webhook_url: str | None = Field(None, description="https://hooks.slack.com/...")
     alert_webhook_url: str | None = None
     server_start_timeout_s: float = 240.0
 
@@ -134,12 +136,44 @@ class CalibrationConfig(BaseModel):
     max_seq_length: int = Field(256, ge=16)
 
 
-class GateConfig(BaseModel):
+class EvalBackend(str, Enum):
+    """How the gate runs the models it compares."""
+
+    VLLM = "vllm"  # lm-eval's local-completions against a vLLM server: what users get
+    HF = "hf"  # lm-eval's hf backend: transformers in the quantize environment
+
+
+class TaskPolicy(BaseModel, extra="forbid"):
+    """One task's own thresholds; what is left unset falls back to the gate's defaults."""
+
+    rtol: float | None = Field(None, ge=0.0, le=1.0)
+    atol: float | None = Field(None, ge=0.0, le=1.0)
+    floor: float | None = Field(None, ge=0.0, le=1.0,
+                                description="the candidate must score at least this, always")
+    metric: str | None = Field(None, description="lm-eval metric key, e.g. 'acc,none'")
+
+
+class GateConfig(BaseModel, extra="forbid"):
+    """The accuracy gate's policy: which tasks, which thresholds, which rule."""
+
     dataset: str = Field("contracts", description="folder under calibration_data/ with eval.jsonl")
+    domain_tasks: list[str] | None = Field(
+        None, description="task kinds of eval.jsonl to gate on (default: every kind in it)")
+    standard_tasks: list[str] = Field(
+        default_factory=list,
+        description="lm-eval tasks such as mmlu or gsm8k; their data must be in the local "
+                    "Hugging Face datasets cache (README: 'Standard tasks')")
     rtol: float = Field(0.05, ge=0.0, le=1.0, description="candidate >= baseline * (1 - rtol) - atol")
     # On a small set one item is a large fraction, and a task the baseline nearly never gets
     # right has a threshold a single item can cross: atol absorbs that much noise.
     atol: float = Field(0.0, ge=0.0, le=1.0, description="absolute slack, in score units")
+    per_task: dict[str, TaskPolicy] = Field(
+        default_factory=dict,
+        description="per-task rtol, atol, floor or metric, by task kind or lm-eval task name")
+    strict: bool = Field(False, description="judge the candidate by the one-sided Wilson lower "
+                                            "bound of its score over the n items")
+    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="for strict mode")
+    backend: EvalBackend = EvalBackend.VLLM
     limit: int | None = Field(None, ge=1, description="items per task (default: all)")
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 
 from llmship import processes
-from llmship.alerts import GATE_FAILED, ensure_gate_alerts
+from llmship.alerts import GATE_FAILED, RUN_FAILED, ensure_alerts
 from llmship.errors import StackError
 from llmship.processes import http_ok, wait_until
 from llmship.settings import REPO_ROOT, Settings
@@ -33,7 +33,8 @@ def child_env(settings: Settings) -> dict[str, str]:
     env = dict(os.environ)
     # Every setting travels to the processes the stack starts, except the secrets: those
     # they read from the credentials file, so they never show in a process listing.
-    secret = {"s3_access_key", "s3_secret_key", "gateway_admin_token"}
+    secret = {"s3_access_key", "s3_secret_key", "gateway_admin_token",
+              "alert_slack_webhook_url"}
     env.update({f"LLMSHIP_{name.upper()}": str(value)
                 for name, value in settings.model_dump().items()
                 if name not in secret and value is not None})
@@ -204,8 +205,10 @@ def up(settings: Settings, *, deployments: bool = True, say=print) -> None:
     if deployments:
         say(f"deployments      registered from prefect.yaml, pool {settings.work_pool}")
         register_deployments(settings, env)
-        if ensure_gate_alerts(settings):
-            say(f"gate alerts      automation {GATE_FAILED} -> {settings.alert_webhook_url}")
+        if ensure_alerts(settings):
+            # The Slack URL is a secret: say where alerts go without printing it.
+            target = "Slack" if settings.alert_slack_webhook_url else settings.alert_webhook_url
+            say(f"alerts           automations {GATE_FAILED}, {RUN_FAILED} -> {target}")
         start_worker(settings, env)
     say(f"gateway          {settings.gateway_url}")
     start_gateway(settings, env)

@@ -118,6 +118,10 @@ class ArtifactStore:
             raise
         return resp["ETag"]
 
+    def put_text(self, key: str, text: str, content_type: str = "text/markdown") -> None:
+        self.client.put_object(Bucket=self.bucket, Key=key, Body=text.encode(),
+                               ContentType=content_type, ChecksumAlgorithm="SHA256")
+
     def list_objects(self, prefix: str, bucket: str | None = None) -> list[dict]:
         """Every object under prefix (all pages): Key, ETag, Size, ..."""
         objects: list[dict] = []

@@ -13,12 +13,13 @@ import httpx
 from pydantic import BaseModel
 
 from llmship import processes
-from llmship.errors import ServingError
+from llmship.errors import ServerExited, ServingError
 from llmship.processes import ProcessRecord, http_ok, wait_until
 from llmship.settings import Settings, stage_env
 
 
 class ModelServer(BaseModel):
+    name: str  # of its process record
     model: str
     version: str
     url: str  # http://host:port
@@ -57,7 +58,7 @@ def free_port(settings: Settings) -> int:
 
 
 def _as_server(rec: ProcessRecord) -> ModelServer:
-    return ModelServer(model=rec.info["model"], version=rec.info["version"],
+    return ModelServer(name=rec.name, model=rec.info["model"], version=rec.info["version"],
                        url=f"http://{rec.info['host']}:{rec.port}", pid=rec.pid)
 
 
@@ -73,16 +74,23 @@ def find(settings: Settings, model: str, version: str) -> ModelServer | None:
 
 
 def start(settings: Settings, model: str, version: str, model_dir: Path,
-          engine_args: list[str]) -> ModelServer:
-    """Start (or find running) the server for a version and wait until it is healthy."""
-    existing = find(settings, model, version)
+          engine_args: list[str], name: str | None = None) -> ModelServer:
+    """Start (or find running) the server for a version and wait until it is healthy.
+
+    name: the process record's name; the default, vllm-<model>-<version>, marks a server
+    that serves traffic. The gate's evaluation servers take another name, so nothing
+    mistakes them for one.
+    """
+    name = name or server_name(model, version)
+    rec = processes.find(settings, name)
+    existing = _as_server(rec) if rec else None
     if existing and is_healthy(existing):
         return existing
     if existing:
-        stop(settings, existing)
+        processes.stop(settings, rec)
     port = free_port(settings)
     rec = processes.start(
-        settings, server_name(model, version),
+        settings, name,
         vllm_command(settings, model_dir, model, port, engine_args),
         env=vllm_env(settings), port=port,
         info={"model": model, "version": version, "host": settings.host,
@@ -90,7 +98,7 @@ def start(settings: Settings, model: str, version: str, model_dir: Path,
     )
     try:
         wait_until(http_ok(f"http://{settings.host}:{port}/health"), rec,
-                   settings.server_start_timeout_s, "healthy", ServingError)
+                   settings.server_start_timeout_s, "healthy", ServingError, ServerExited)
     except ServingError:
         processes.stop(settings, rec)
         raise
@@ -118,6 +126,6 @@ def smoke_test(server: ModelServer, prompt: str) -> str:
 
 
 def stop(settings: Settings, server: ModelServer) -> None:
-    rec = processes.find(settings, server_name(server.model, server.version))
+    rec = processes.find(settings, server.name)
     if rec:
         processes.stop(settings, rec)

@@ -66,6 +66,12 @@ class StageOutput(BaseModel):
                    details=manifest.details)
 
 
+def version_id(build: StageOutput) -> str:
+    """The id a build is published under: its content digest, so the same bytes are the same
+    version wherever and whenever they were built."""
+    return build.digest[:12]
+
+
 def fresh_dir(path: Path) -> Path:
     """An empty directory at path: what a crashed earlier attempt left there is discarded."""
     shutil.rmtree(path, ignore_errors=True)

@@ -1,9 +1,18 @@
-"""Stage 4, gate: lm-evaluation-harness on held-out domain items, candidate against baseline.
+"""Stage 4, gate: lm-evaluation-harness on held-out tasks, candidate against the baseline.
 
-Each task in calibration_data/<dataset>/eval.jsonl becomes a local lm-eval task (greedy
-generation, exact match on the answer). Both builds are evaluated with lm-eval's `hf` backend;
-the rule is vLLM's own CI rule: for every task, candidate >= baseline x (1 - rtol).
-A failing gate raises GateFailed: the flow run fails and nothing is published.
+The tasks are the domain tasks of calibration_data/<dataset>/eval.jsonl (each item kind becomes
+a local lm-eval task: greedy generation, exact match on the answer) and, optionally, standard
+lm-eval tasks (mmlu, gsm8k, ...) whose data is in the local datasets cache. By default each
+build is evaluated through the engine that serves it: a vLLM server started for the build, and
+lm-eval's `local-completions` client; the `hf` backend is the alternative.
+
+The rule, per task, is vLLM's own CI rule with an absolute slack and an optional floor:
+
+    candidate >= max(baseline * (1 - rtol) - atol, floor)
+
+and in strict mode the candidate's side is the one-sided Wilson lower bound of its score over
+the task's n items. A failing gate raises GateFailed: the flow run fails, nothing is published,
+and the event `llmship.gate.failed` is what the alert automation listens for.
 
     python -m tasks.gate --request R.json --result S.json   # in the quantize environment
 """
@@ -11,9 +20,11 @@ A failing gate raises GateFailed: the flow run fails and nothing is published.
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 import time
 from pathlib import Path
+from statistics import NormalDist
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
@@ -21,36 +32,65 @@ from prefect.events import emit_event
 from pydantic import BaseModel
 
 from llmship.domain_data import check_disjoint, dataset_dir, file_digest, load_eval_items
-from llmship.errors import GateFailed
+from llmship.errors import GateConfigError, GateFailed
 from llmship.manifest import Manifest, digest_of
-from llmship.settings import GateConfig, get_settings
+from llmship.settings import EvalBackend, GateConfig, TaskPolicy, get_settings
 from llmship.store import ArtifactStore
 from llmship.subprocess_stage import run_stage, stage_main, tool_versions
 from tasks.common import (
     RETRIES, RETRY_DELAYS, StageOutput, artifact_key, cache_key, fresh_dir, record_markdown,
-    retry_unless_permanent,
+    retry_unless_permanent, version_id,
 )
 
 TOOLS = ("lm-eval", "transformers", "compressed-tensors", "torch")
-METRIC = "exact_match"
-RULE = "candidate >= baseline * (1 - rtol) - atol"
+SERVE_TOOLS = ("vllm", "torch")
+DOMAIN_METRIC = "exact_match,strip"
+# The metric a standard task is judged on when its policy names none: the first one it reports.
+STANDARD_METRICS = ("acc,none", "exact_match,strict-match", "exact_match,flexible-extract",
+                    "exact_match,none", "acc_norm,none")
+RULE = "candidate >= max(baseline * (1 - rtol) - atol, floor)"
+STRICT_RULE = "wilson_lower(candidate, n, {confidence:.0%}) >= max(baseline * (1 - rtol) - atol, floor)"
+
+
+class TaskSet(BaseModel):
+    """What the gate evaluates: lm-eval task names, domain ones built from eval.jsonl."""
+
+    dataset: str
+    eval_file: str
+    eval_data_sha256: str
+    domain: list[str]  # item kinds of eval.jsonl
+    standard: list[str]  # lm-eval task names
+
+    def domain_task(self, kind: str) -> str:
+        return f"llmship_{self.dataset}_{kind}"
+
+    @property
+    def names(self) -> list[str]:
+        return [self.domain_task(k) for k in self.domain] + self.standard
+
+    def kind_of(self, name: str) -> str:
+        prefix = f"llmship_{self.dataset}_"
+        return name.removeprefix(prefix) if name.startswith(prefix) else name
 
 
 class EvaluateRequest(BaseModel):
     model_dir: str
-    eval_file: str
-    dataset: str
+    tasks: TaskSet
+    backend: EvalBackend
+    served_name: str  # the model name the evaluation server answers to
+    server_name: str  # its process record
+    engine_args: list[str] = []
     limit: int | None = None
     device: str = "cpu"
 
 
 class TaskScore(BaseModel):
-    score: float
-    stderr: float | None
+    metrics: dict[str, float]  # every numeric metric lm-eval reported, e.g. "exact_match,strip"
     n: int
 
 
 class Evaluation(BaseModel):
+    backend: EvalBackend
     scores: dict[str, TaskScore]
     seconds: float
 
@@ -62,18 +102,28 @@ class TaskVerdict(BaseModel):
     baseline: float
     candidate: float
     delta: float
+    rtol: float
+    atol: float
+    floor: float | None
     threshold: float
+    # What the threshold is compared with: the candidate's score, or in strict mode the
+    # Wilson lower bound of it.
+    measured: float
     passed: bool
 
 
 class GateReport(BaseModel):
     passed: bool
     rule: str
+    strict: bool = False
+    confidence: float | None = None
+    backend: EvalBackend = EvalBackend.HF
     rtol: float
     atol: float = 0.0
     dataset: str
     eval_data_sha256: str
     candidate: str  # build prefix
+    candidate_version: str = ""
     baseline: str
     tasks: list[TaskVerdict]
     harness: dict[str, str]
@@ -84,16 +134,98 @@ class GateReport(BaseModel):
         return [t for t in self.tasks if not t.passed]
 
 
-def write_lm_eval_tasks(items_file: Path, dataset: str, out: Path) -> list[str]:
+# ------------------------------------------------------------------ policy (orchestrator side)
+
+
+def resolve_tasks(config: GateConfig) -> TaskSet:
+    """The gate's task set, with every name in the policy checked against it."""
+    eval_file = dataset_dir(config.dataset) / "eval.jsonl"
+    kinds = sorted({item.task for item in load_eval_items(eval_file)})
+    domain = kinds if config.domain_tasks is None else config.domain_tasks
+    unknown = sorted(set(domain) - set(kinds))
+    if unknown:
+        raise GateConfigError(f"gate.domain_tasks names {unknown}, which {eval_file} does not "
+                              f"have: its task kinds are {kinds}")
+    if not domain and not config.standard_tasks:
+        raise GateConfigError("the gate has no tasks: set gate.domain_tasks to some of "
+                              f"{kinds}, or gate.standard_tasks")
+    tasks = TaskSet(dataset=config.dataset, eval_file=str(eval_file),
+                    eval_data_sha256=file_digest(eval_file), domain=list(domain),
+                    standard=list(config.standard_tasks))
+    known = set(tasks.names) | set(tasks.domain)
+    stray = sorted(set(config.per_task) - known)
+    if stray:
+        raise GateConfigError(f"gate.per_task names {stray}, which the gate does not run: "
+                              f"use one of {sorted(known)}")
+    return tasks
+
+
+def policy_for(config: GateConfig, tasks: TaskSet, name: str) -> TaskPolicy:
+    own = config.per_task.get(name) or config.per_task.get(tasks.kind_of(name)) or TaskPolicy()
+    return TaskPolicy(rtol=config.rtol if own.rtol is None else own.rtol,
+                      atol=config.atol if own.atol is None else own.atol,
+                      floor=own.floor, metric=own.metric)
+
+
+def wilson_lower(p: float, n: int, confidence: float) -> float:
+    """One-sided Wilson score lower bound of a proportion p observed over n items."""
+    if n <= 0:
+        return 0.0
+    z = NormalDist().inv_cdf(confidence)
+    centre = p + z * z / (2 * n)
+    spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, (centre - spread) / (1 + z * z / n))
+
+
+def pick_metric(score: TaskScore, wanted: str | None, task_name: str) -> str:
+    if wanted:
+        if wanted not in score.metrics:
+            raise GateConfigError(f"task {task_name} reports no metric {wanted!r}: it reports "
+                                  f"{sorted(score.metrics)}")
+        return wanted
+    for name in (DOMAIN_METRIC, *STANDARD_METRICS):
+        if name in score.metrics:
+            return name
+    if not score.metrics:
+        raise GateConfigError(f"task {task_name} reported no metric to judge")
+    return sorted(score.metrics)[0]
+
+
+def judge(baseline: Evaluation, candidate: Evaluation, config: GateConfig,
+          tasks: TaskSet) -> list[TaskVerdict]:
+    """Apply the rule to every task; the verdicts carry every number the rule used."""
+    verdicts = []
+    for name in tasks.names:
+        policy = policy_for(config, tasks, name)
+        base, cand = baseline.scores[name], candidate.scores[name]
+        metric = pick_metric(base, policy.metric, name)
+        b, c = base.metrics[metric], cand.metrics[metric]
+        threshold = max(0.0, b * (1 - policy.rtol) - policy.atol, policy.floor or 0.0)
+        measured = wilson_lower(c, cand.n, config.confidence) if config.strict else c
+        verdicts.append(TaskVerdict(
+            task=name, metric=metric, n=cand.n, baseline=b, candidate=c, delta=c - b,
+            rtol=policy.rtol, atol=policy.atol, floor=policy.floor, threshold=threshold,
+            measured=measured, passed=measured >= threshold - 1e-12,
+        ))
+    return verdicts
+
+
+def rule_of(config: GateConfig) -> str:
+    return STRICT_RULE.format(confidence=config.confidence) if config.strict else RULE
+
+
+# ------------------------------------------------------------------ evaluation (stage side)
+
+
+def write_domain_tasks(tasks: TaskSet, out: Path) -> None:
     """One lm-eval task YAML per item kind, reading its own JSONL split of the items."""
-    by_task: dict[str, list[dict]] = {}
-    for item in load_eval_items(items_file):
-        by_task.setdefault(item.task, []).append(item.model_dump())
-    names = []
-    for kind, rows in sorted(by_task.items()):
-        name = f"llmship_{dataset}_{kind}"
+    by_kind: dict[str, list[dict]] = {}
+    for item in load_eval_items(Path(tasks.eval_file)):
+        by_kind.setdefault(item.task, []).append(item.model_dump())
+    for kind in tasks.domain:
+        name = tasks.domain_task(kind)
         data = out / f"{name}.jsonl"
-        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        data.write_text("".join(json.dumps(r) + "\n" for r in by_kind[kind]))
         # JSON is valid YAML: no template engine between us and the harness' config parser.
         (out / f"{name}.yaml").write_text(json.dumps({
             "task": name,
@@ -106,91 +238,131 @@ def write_lm_eval_tasks(items_file: Path, dataset: str, out: Path) -> list[str]:
             "generation_kwargs": {"until": ["\n"], "do_sample": False, "max_gen_toks": 24},
             "filter_list": [{"name": "strip", "filter": [
                 {"function": "remove_whitespace"}, {"function": "take_first"}]}],
-            "metric_list": [{"metric": METRIC, "aggregation": "mean", "higher_is_better": True}],
+            "metric_list": [{"metric": "exact_match", "aggregation": "mean",
+                             "higher_is_better": True}],
             "metadata": {"version": 1.0},
         }, indent=2))
-        names.append(name)
-    return names
+
+
+def load_task_manager(tasks: TaskSet, include_path: Path):
+    """lm-eval's task index, with each standard task's data checked to be here, offline."""
+    from lm_eval.tasks import TaskManager
+
+    # Indexing the harness' own ~15k task configs takes ~15 s: only when they are asked for.
+    manager = TaskManager(include_path=str(include_path), include_defaults=bool(tasks.standard))
+    for name in tasks.standard:
+        if name not in manager.all_tasks:
+            raise GateConfigError(f"lm-eval {_harness_version()} has no task {name!r} "
+                                  "(gate.standard_tasks): see `lm_eval --tasks list`")
+        try:
+            manager.load_task_or_group([name])
+        except (ConnectionError, OSError, FileNotFoundError) as exc:
+            from datasets import config as datasets_config
+
+            cache = datasets_config.HF_DATASETS_CACHE
+            raise GateConfigError(
+                f"the data of lm-eval task {name!r} is not in the local datasets cache "
+                f"({cache}) and this machine is offline: {exc}. Load it once where the hub is "
+                f"reachable (README, 'Standard tasks'), or drop {name!r} from "
+                "gate.standard_tasks") from None
+    return manager
+
+
+def _harness_version() -> str:
+    from importlib.metadata import version
+
+    return version("lm-eval")
+
+
+def _model_args(req: EvaluateRequest, base_url: str | None) -> tuple[str, str]:
+    if req.backend is EvalBackend.HF:
+        return "hf", f"pretrained={req.model_dir},dtype=float32,device={req.device}"
+    # add_bos_token: without it the completions client sends prompts without BOS and scores
+    # collapse (FACTS.md: 0.96 -> 0.24); vLLM itself adds it when it tokenizes text.
+    return "local-completions", (f"base_url={base_url}/v1/completions,model={req.served_name},"
+                                 f"tokenizer={req.model_dir},tokenizer_backend=huggingface,"
+                                 "add_bos_token=True,num_concurrent=8,max_retries=3")
 
 
 def evaluate(req: EvaluateRequest) -> Evaluation:
-    """Score one model directory on the domain tasks with lm-eval's hf backend."""
+    """Score one build on the gate's tasks, through the backend the request names."""
     import lm_eval
-    from lm_eval.tasks import TaskManager
+
+    from llmship.settings import get_settings as settings_here
+    from serving import model_server
 
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="llmship-lm-eval-") as tmp:
-        names = write_lm_eval_tasks(Path(req.eval_file), req.dataset, Path(tmp))
-        print(f"lm-eval: {', '.join(names)} on {req.model_dir}", flush=True)
-        results = lm_eval.simple_evaluate(
-            model="hf",
-            model_args=f"pretrained={req.model_dir},dtype=float32,device={req.device}",
-            tasks=names, task_manager=TaskManager(include_path=tmp), batch_size=32,
-            limit=req.limit, log_samples=False,
-        )
+        write_domain_tasks(req.tasks, Path(tmp))
+        manager = load_task_manager(req.tasks, Path(tmp))
+        server = None
+        if req.backend is EvalBackend.VLLM:
+            print(f"starting a vLLM server for {req.model_dir} to evaluate through", flush=True)
+            server = model_server.start(settings_here(), req.served_name, req.server_name,
+                                        Path(req.model_dir), req.engine_args,
+                                        name=req.server_name)
+        try:
+            model, model_args = _model_args(req, server.url if server else None)
+            print(f"lm-eval ({model}): {', '.join(req.tasks.names)} on {req.model_dir}",
+                  flush=True)
+            results = lm_eval.simple_evaluate(
+                model=model, model_args=model_args, tasks=req.tasks.names,
+                task_manager=manager, batch_size=32 if model == "hf" else 1,
+                limit=req.limit, log_samples=False,
+            )
+        finally:
+            if server:
+                model_server.stop(settings_here(), server)
     scores = {}
-    for name in names:
+    for name in req.tasks.names:
         row = results["results"][name]
-        key = f"{METRIC},strip"
-        stderr = row.get(f"{METRIC}_stderr,strip")
-        scores[name] = TaskScore(score=float(row[key]),
-                                 stderr=float(stderr) if isinstance(stderr, (int, float)) else None,
-                                 n=int(results["n-samples"][name]["effective"]))
-        print(f"  {name}: {scores[name].score:.3f} (n={scores[name].n})", flush=True)
-    return Evaluation(scores=scores, seconds=round(time.monotonic() - started, 3))
+        metrics = {k: float(v) for k, v in row.items()
+                   if isinstance(v, (int, float)) and "_stderr" not in k and "," in k}
+        scores[name] = TaskScore(metrics=metrics, n=_items_of(results, name))
+        print(f"  {name}: {metrics} (n={scores[name].n})", flush=True)
+    return Evaluation(backend=req.backend, scores=scores,
+                      seconds=round(time.monotonic() - started, 3))
 
 
-def judge(baseline: Evaluation, candidate: Evaluation, rtol: float,
-          atol: float = 0.0) -> list[TaskVerdict]:
-    """vLLM's CI rule per task, with an absolute slack: candidate >= baseline * (1 - rtol) - atol."""
-    verdicts = []
-    for name, base in sorted(baseline.scores.items()):
-        cand = candidate.scores[name]
-        threshold = max(0.0, base.score * (1 - rtol) - atol)
-        verdicts.append(TaskVerdict(
-            task=name, metric=METRIC, n=cand.n, baseline=base.score, candidate=cand.score,
-            delta=cand.score - base.score, threshold=threshold,
-            passed=cand.score >= threshold - 1e-12,
-        ))
-    return verdicts
+def _items_of(results: dict, name: str) -> int:
+    """Items a task (or a group, such as mmlu: the sum of its subtasks) was scored on."""
+    samples = results.get("n-samples", {})
+    if name in samples:
+        return int(samples[name]["effective"])
+    subtasks = results.get("group_subtasks", {}).get(name, [])
+    return sum(_items_of(results, sub) for sub in subtasks)
 
 
-def render_markdown(model: str, report: GateReport) -> str:
-    verdict = "PASSED" if report.passed else "FAILED"
-    lines = [
-        f"# Accuracy gate {verdict}: {model}", "",
-        f"Rule: `{report.rule}` with rtol = {report.rtol}, atol = {report.atol}, on "
-        f"`{report.dataset}` "
-        f"(eval data sha256 `{report.eval_data_sha256[:16]}`).", "",
-        "| task | n | baseline | candidate | delta | threshold | verdict |",
-        "|---|---:|---:|---:|---:|---:|---|",
-    ]
-    for t in report.tasks:
-        lines.append(f"| {t.task} | {t.n} | {t.baseline:.3f} | {t.candidate:.3f} | "
-                     f"{t.delta:+.3f} | {t.threshold:.3f} | {'pass' if t.passed else '**FAIL**'} |")
-    lines += ["", f"Candidate: `{report.candidate}`", f"Baseline: `{report.baseline}`"]
-    return "\n".join(lines)
+# ------------------------------------------------------------------ the Prefect tasks
 
 
-def evaluation_key(build: StageOutput, config: GateConfig) -> str:
+def evaluation_key(build: StageOutput, tasks: TaskSet, config: GateConfig) -> str:
+    """Once per (build, task set, harness and engine versions): the baseline, a BF16 build of
+    the pinned snapshot, is evaluated once however many candidates are gated against it."""
     settings = get_settings()
-    data = dataset_dir(config.dataset) / "eval.jsonl"
+    engine = (tool_versions(settings.serve_python, SERVE_TOOLS)
+              if config.backend is EvalBackend.VLLM else {})
     return digest_of({
-        "stage": "evaluate", "build": build.digest, "data": file_digest(data),
-        "limit": config.limit, "device": settings.device,
-        "tools": tool_versions(settings.quantize_python, TOOLS),
+        "stage": "evaluate", "build": build.digest, "data": tasks.eval_data_sha256,
+        "domain": tasks.domain, "standard": tasks.standard, "limit": config.limit,
+        "backend": config.backend.value, "device": settings.device,
+        "tools": tool_versions(settings.quantize_python, TOOLS), "engine": engine,
     })[:24]
 
 
 @task(name="evaluate", retries=RETRIES, retry_delay_seconds=RETRY_DELAYS,
       retry_condition_fn=retry_unless_permanent, persist_result=True,
-      cache_key_fn=cache_key(lambda p: evaluation_key(p["build"], p["config"])))
-def evaluate_task(build: StageOutput, config: GateConfig) -> Evaluation:
+      cache_key_fn=cache_key(lambda p: evaluation_key(p["build"], p["tasks"], p["config"])))
+def evaluate_task(build: StageOutput, tasks: TaskSet, config: GateConfig,
+                  model: str) -> Evaluation:
     settings = get_settings()
-    data = dataset_dir(config.dataset) / "eval.jsonl"
+    role = build.details.get("role", "build")
     return run_stage(settings, settings.quantize_python, "tasks.gate", EvaluateRequest(
-        model_dir=str(ArtifactStore(settings).materialize(build.prefix)), eval_file=str(data),
-        dataset=config.dataset, limit=config.limit, device=settings.device,
+        model_dir=str(ArtifactStore(settings).materialize(build.prefix)), tasks=tasks,
+        backend=config.backend, served_name=model,
+        server_name=f"eval-{model}-{role}-{build.key[:12]}",
+        engine_args=build.details.get("engine_args", []), limit=config.limit,
+        device=settings.device,
     ), Evaluation, get_run_logger())
 
 
@@ -204,9 +376,46 @@ def calibration_file_of(candidate: StageOutput) -> Path:
 
 
 def gate_key(candidate: StageOutput, baseline: StageOutput, config: GateConfig) -> str:
-    return digest_of({"stage": "gate", "candidate": evaluation_key(candidate, config),
-                      "baseline": evaluation_key(baseline, config), "rtol": config.rtol,
-                      "atol": config.atol})[:24]
+    tasks = resolve_tasks(config)
+    return digest_of({"stage": "gate", "candidate": evaluation_key(candidate, tasks, config),
+                      "baseline": evaluation_key(baseline, tasks, config),
+                      "policy": config.model_dump(mode="json")})[:24]
+
+
+def render_markdown(model: str, report: GateReport) -> str:
+    verdict = "PASSED" if report.passed else "FAILED"
+    lines = [
+        f"# Accuracy gate {verdict}: {model}", "",
+        f"Rule, per task: `{report.rule}`; defaults rtol = {report.rtol}, atol = {report.atol}"
+        f"; evaluated with the `{report.backend.value}` backend on `{report.dataset}` "
+        f"(eval data sha256 `{report.eval_data_sha256[:16]}`).", "",
+        "| task | metric | n | baseline | candidate | delta | rtol | atol | floor | threshold "
+        "| measured | verdict |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for t in report.tasks:
+        floor = "-" if t.floor is None else f"{t.floor:.3f}"
+        lines.append(f"| {t.task} | {t.metric} | {t.n} | {t.baseline:.3f} | {t.candidate:.3f} "
+                     f"| {t.delta:+.3f} | {t.rtol} | {t.atol} | {floor} | {t.threshold:.3f} "
+                     f"| {t.measured:.3f} | {'pass' if t.passed else '**FAIL**'} |")
+    lines += ["", "```", *score_chart(report), "```", "",
+              f"Candidate: `{report.candidate}` (version `{report.candidate_version}`)",
+              f"Baseline: `{report.baseline}`"]
+    return "\n".join(lines)
+
+
+def score_chart(report: GateReport, width: int = 40) -> list[str]:
+    """Bars of baseline and candidate per task, the threshold marked with '|'."""
+    label = max(len(t.task) for t in report.tasks)
+    rows = []
+    for t in report.tasks:
+        mark = min(width - 1, round(t.threshold * width))
+        for side, value in (("baseline ", t.baseline), ("candidate", t.candidate)):
+            bar = list("#" * round(value * width) + " " * (width - round(value * width)))
+            bar[mark] = "|"
+            name = t.task if side == "baseline " else ""
+            rows.append(f"{name:<{label}}  {side} {''.join(bar)} {value:.3f}")
+    return rows
 
 
 def store_report(key: str, model: str, report: GateReport) -> str:
@@ -218,11 +427,24 @@ def store_report(key: str, model: str, report: GateReport) -> str:
     (out / "gate-report.md").write_text(render_markdown(model, report))
     store.store_output(out, prefix, Manifest(
         kind="gate", key=key, inputs={"candidate": report.candidate, "baseline": report.baseline},
-        parameters={"rtol": report.rtol, "atol": report.atol, "dataset": report.dataset},
+        parameters={"rule": report.rule, "rtol": report.rtol, "atol": report.atol,
+                    "dataset": report.dataset, "backend": report.backend.value},
         tool_versions=report.harness,
         timings_s=report.seconds, details={"passed": report.passed, "model": model},
     ))
     return prefix
+
+
+def record_report(model: str, report: GateReport, stored: str) -> None:
+    verdict = "passed" if report.passed else "FAILED"
+    record_markdown(model, "gate", render_markdown(model, report) + f"\n\nStored: `{stored}`",
+                    f"gate {verdict}")
+    create_table_artifact(
+        key=artifact_key(model, "gate-table"), description=f"gate {verdict}: {report.rule}",
+        table=[{"task": t.task, "metric": t.metric, "n": t.n, "baseline": round(t.baseline, 4),
+                "candidate": round(t.candidate, 4), "delta": round(t.delta, 4),
+                "threshold": round(t.threshold, 4), "measured": round(t.measured, 4),
+                "verdict": "pass" if t.passed else "FAIL"} for t in report.tasks])
 
 
 @task(name="gate", persist_result=True,
@@ -231,41 +453,38 @@ def gate_task(candidate: StageOutput, baseline: StageOutput, config: GateConfig,
               model: str) -> GateReport:
     """Evaluate both builds (each evaluation cached on its own) and apply the rule."""
     settings = get_settings()
-    data = dataset_dir(config.dataset) / "eval.jsonl"
+    tasks = resolve_tasks(config)  # a policy naming unknown tasks fails here, before any work
     # A malformed item fails here, naming file and line; so does one that calibration saw.
-    check_disjoint(calibration_file_of(candidate), data)
-    base_eval = evaluate_task(baseline, config)
-    cand_eval = evaluate_task(candidate, config)
-    verdicts = judge(base_eval, cand_eval, config.rtol, config.atol)
+    check_disjoint(calibration_file_of(candidate), Path(tasks.eval_file))
+    base_eval = evaluate_task(baseline, tasks, config, model)
+    cand_eval = evaluate_task(candidate, tasks, config, model)
+    verdicts = judge(base_eval, cand_eval, config, tasks)
     report = GateReport(
-        passed=all(v.passed for v in verdicts), rule=RULE, rtol=config.rtol, atol=config.atol,
-        dataset=config.dataset, eval_data_sha256=file_digest(data),
-        candidate=candidate.prefix, baseline=baseline.prefix, tasks=verdicts,
+        passed=all(v.passed for v in verdicts), rule=rule_of(config), strict=config.strict,
+        confidence=config.confidence if config.strict else None, backend=config.backend,
+        rtol=config.rtol, atol=config.atol, dataset=config.dataset,
+        eval_data_sha256=tasks.eval_data_sha256, candidate=candidate.prefix,
+        candidate_version=version_id(candidate), baseline=baseline.prefix, tasks=verdicts,
         harness=tool_versions(settings.quantize_python, TOOLS),
         seconds={"baseline": base_eval.seconds, "candidate": cand_eval.seconds},
     )
     stored = store_report(gate_key(candidate, baseline, config), model, report)
-    verdict = "passed" if report.passed else "FAILED"
-    record_markdown(model, "gate", render_markdown(model, report) + f"\n\nStored: `{stored}`",
-                    f"gate {verdict}")
-    create_table_artifact(
-        key=artifact_key(model, "gate-table"), description=f"gate {verdict}: {report.rule}",
-        table=[{"task": t.task, "metric": t.metric, "n": t.n, "baseline": round(t.baseline, 4),
-                "candidate": round(t.candidate, 4), "delta": round(t.delta, 4),
-                "threshold": round(t.threshold, 4), "verdict": "pass" if t.passed else "FAIL"}
-               for t in report.tasks])
+    record_report(model, report, stored)
     if not report.passed:
-        # For automations: an alert on this event reaches the team within seconds (issue 3).
+        # The alert automation (llmship/alerts.py) sends this to the team within seconds.
         emit_event(event="llmship.gate.failed",
                    resource={"prefect.resource.id": f"llmship.model.{model}",
                              "llmship.model": model},
                    payload={"model": model, "candidate": candidate.prefix,
-                            "report": stored, "failing": [t.model_dump() for t in report.failing]})
-        failing = ", ".join(f"{t.task} {t.candidate:.3f} < {t.threshold:.3f} "
+                            "candidate_version": report.candidate_version, "report": stored,
+                            "rule": report.rule,
+                            "failing": [t.model_dump() for t in report.failing]})
+        failing = ", ".join(f"{t.task} {t.measured:.3f} < {t.threshold:.3f} "
                             f"(baseline {t.baseline:.3f})" for t in report.failing)
-        raise GateFailed(f"accuracy gate failed for {model}: {failing}; nothing was published "
+        raise GateFailed(f"accuracy gate failed for {model} candidate "
+                         f"{report.candidate_version}: {failing}; nothing was published "
                          f"(report: s3://{settings.artifacts_bucket}/{stored}/)")
-    get_run_logger().info("gate passed: %s", ", ".join(
+    get_run_logger().info("gate passed (%s): %s", report.rule, ", ".join(
         f"{t.task} {t.candidate:.3f} vs {t.baseline:.3f}" for t in report.tasks))
     return report
 

@@ -1,7 +1,7 @@
 """Stage 5, publish: the gated build becomes an immutable version in S3.
 
     versions/<model>/<version>/files/...        server-side copies of the build's files
-    versions/<model>/<version>/gate-report.json
+    versions/<model>/<version>/gate-report.json  the gate's numbers, and gate-report.md to read
     versions/<model>/<version>/manifest.json    last, with If-None-Match: "*"
 
 The version id is the build's content digest: the same build is the same version, and
@@ -22,9 +22,9 @@ from llmship.settings import get_settings
 from llmship.store import MANIFEST, ArtifactStore
 from tasks.common import (
     RETRIES, RETRY_DELAYS, StageOutput, cache_key, record_stage_artifact,
-    retry_unless_permanent,
+    retry_unless_permanent, version_id,
 )
-from tasks.gate import GateReport
+from tasks.gate import GateReport, render_markdown
 
 
 class PublishedVersion(BaseModel):
@@ -48,10 +48,6 @@ class PublishedVersion(BaseModel):
                    scheme=str(manifest.details.get("scheme")), created_at=manifest.created_at)
 
 
-def version_id(build: StageOutput) -> str:
-    return build.digest[:12]
-
-
 def version_prefix(model: str, version: str) -> str:
     return f"versions/{model}/{version}"
 
@@ -72,6 +68,7 @@ def publish(model: str, build: StageOutput, report: GateReport) -> PublishedVers
                 CopySource={"Bucket": store.bucket, "Key": f"{build.prefix}/files/{entry.path}"},
             )
         store.put_json(f"{prefix}/gate-report.json", report.model_dump(mode="json"))
+        store.put_text(f"{prefix}/gate-report.md", render_markdown(model, report))
         manifest = Manifest(
             kind="version", key=version,
             inputs={"build": build.prefix, "build_digest": build.digest,
