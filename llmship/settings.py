@@ -163,7 +163,8 @@ class GateConfig(BaseModel, extra="forbid"):
         default_factory=list,
         description="lm-eval tasks such as mmlu or gsm8k; their data must be in the local "
                     "Hugging Face datasets cache (README: 'Standard tasks')")
-    rtol: float = Field(0.05, ge=0.0, le=1.0, description="candidate >= baseline * (1 - rtol) - atol")
+    rtol: float = Field(0.05, ge=0.0, le=1.0,
+                        description="candidate >= baseline * (1 - rtol) - atol, per task")
     # On a small set one item is a large fraction, and a task the baseline nearly never gets
     # right has a threshold a single item can cross: atol absorbs that much noise.
     atol: float = Field(0.0, ge=0.0, le=1.0, description="absolute slack, in score units")

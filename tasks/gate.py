@@ -23,6 +23,7 @@ import json
 import math
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from statistics import NormalDist
 
@@ -49,7 +50,8 @@ DOMAIN_METRIC = "exact_match,strip"
 STANDARD_METRICS = ("acc,none", "exact_match,strict-match", "exact_match,flexible-extract",
                     "exact_match,none", "acc_norm,none")
 RULE = "candidate >= max(baseline * (1 - rtol) - atol, floor)"
-STRICT_RULE = "wilson_lower(candidate, n, {confidence:.0%}) >= max(baseline * (1 - rtol) - atol, floor)"
+STRICT_RULE = ("wilson_lower(candidate, n, {confidence:.0%}) "
+               ">= max(baseline * (1 - rtol) - atol, floor)")
 
 
 class TaskSet(BaseModel):
@@ -286,22 +288,28 @@ def _model_args(req: EvaluateRequest, base_url: str | None) -> tuple[str, str]:
 
 def evaluate(req: EvaluateRequest) -> Evaluation:
     """Score one build on the gate's tasks, through the backend the request names."""
-    import lm_eval
-
     from llmship.settings import get_settings as settings_here
     from serving import model_server
 
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="llmship-lm-eval-") as tmp:
+    starting = None
+    with ThreadPoolExecutor(max_workers=1) as pool, \
+            tempfile.TemporaryDirectory(prefix="llmship-lm-eval-") as tmp:
         write_domain_tasks(req.tasks, Path(tmp))
-        manager = load_task_manager(req.tasks, Path(tmp))
-        server = None
+        # Standard tasks' data is checked before a server starts: a missing dataset is then
+        # reported in seconds. Domain-only task sets load while the server starts.
+        manager = load_task_manager(req.tasks, Path(tmp)) if req.tasks.standard else None
         if req.backend is EvalBackend.VLLM:
+            # The server starts (~50 s on CPU, mostly imports) while lm-eval loads the tasks.
             print(f"starting a vLLM server for {req.model_dir} to evaluate through", flush=True)
-            server = model_server.start(settings_here(), req.served_name, req.server_name,
-                                        Path(req.model_dir), req.engine_args,
-                                        name=req.server_name)
+            starting = pool.submit(model_server.start, settings_here(), req.served_name,
+                                   req.server_name, Path(req.model_dir), req.engine_args,
+                                   name=req.server_name)
         try:
+            import lm_eval
+
+            manager = manager or load_task_manager(req.tasks, Path(tmp))
+            server = starting.result() if starting else None
             model, model_args = _model_args(req, server.url if server else None)
             print(f"lm-eval ({model}): {', '.join(req.tasks.names)} on {req.model_dir}",
                   flush=True)
@@ -311,8 +319,11 @@ def evaluate(req: EvaluateRequest) -> Evaluation:
                 limit=req.limit, log_samples=False,
             )
         finally:
-            if server:
-                model_server.stop(settings_here(), server)
+            if starting:
+                # Stopped whether evaluation worked or not; a server that never came up has
+                # already been stopped by start().
+                if starting.exception() is None:
+                    model_server.stop(settings_here(), starting.result())
     scores = {}
     for name in req.tasks.names:
         row = results["results"][name]

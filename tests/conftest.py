@@ -33,6 +33,7 @@ TEST_ENV = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "HF_HUB_OFFLINE": "1",
     "HF_HUB_CACHE": str(STATE / "hf-cache"),
+    "HF_DATASETS_CACHE": str(STATE / "datasets-cache"),
     "DO_NOT_TRACK": "1",
 }
 os.environ.update(TEST_ENV)
@@ -79,6 +80,7 @@ def alert_receiver():
     """A local HTTP endpoint standing in for the team's Slack webhook: it keeps what it gets."""
     import json
     import threading
+    import time
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     received: list[dict] = []
@@ -86,7 +88,7 @@ def alert_receiver():
     class Receiver(BaseHTTPRequestHandler):
         def do_POST(self):
             body = self.rfile.read(int(self.headers.get("content-length", 0)))
-            received.append(json.loads(body or b"{}"))
+            received.append(json.loads(body or b"{}") | {"received_at": time.time()})
             self.send_response(200)
             self.end_headers()
 

@@ -3,6 +3,7 @@ the tiny model goes from the S3 mirror to a calibrated, gated, published version
 gateway serves; a rerun is all cache hits; bad data and a failing gate publish nothing."""
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter
 from prefect.deployments import run_deployment
 
+from tasks.gate import RULE, wilson_lower
 from tasks.publish import list_versions
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
@@ -94,11 +96,19 @@ def test_published_version_is_complete_in_s3(first_run, store):
         head = store.client.head_object(Bucket=store.bucket, Key=f"{prefix}/files/{f.path}")
         assert head["ContentLength"] == f.size
     report = store.get_json(f"{prefix}/gate-report.json")[0]
-    assert report["passed"] and report["rule"] == "candidate >= baseline * (1 - rtol) - atol"
+    assert report["passed"] and report["rule"] == RULE
+    # Both builds were evaluated through vLLM servers, as users will be served.
+    assert report["backend"] == "vllm" and report["candidate_version"] == version
     assert (report["rtol"], report["atol"]) == (0.05, 0.02)
-    assert {t["task"] for t in report["tasks"]} == {
-        "llmship_contracts_clause_type", "llmship_contracts_extract_amount",
-        "llmship_contracts_extract_date"}
+    tasks = {t["task"]: t for t in report["tasks"]}
+    assert set(tasks) == {"llmship_contracts_clause_type", "llmship_contracts_extract_amount",
+                          "llmship_contracts_extract_date"}
+    clause = tasks["llmship_contracts_clause_type"]
+    assert clause["floor"] == 0.9 and clause["threshold"] >= 0.9 and clause["n"] == 100
+    assert clause["candidate"] >= clause["threshold"]
+    readable = store.client.get_object(Bucket=store.bucket, Key=f"{prefix}/gate-report.md")
+    markdown = readable["Body"].read().decode()
+    assert "# Accuracy gate PASSED: tiny-llama" in markdown and RULE in markdown
 
 
 def test_every_stage_leaves_a_keyed_artifact(first_run, prefect_client):
@@ -170,14 +180,18 @@ def test_gate_failure_publishes_nothing(first_run, outlier_model, alert_receiver
     payloads = [e["payload"] for e in events if e["resource"]["llmship.model"] == "outlier-llama"]
     assert payloads and "llmship_contracts_clause_type" in {
         t["task"] for t in payloads[0]["failing"]}
-    # The automation created by `llmship up` delivers the alert to the team's webhook.
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not alert_receiver:
-        time.sleep(0.5)
-    assert alert_receiver, "no alert within 30 s"
-    alert = alert_receiver[-1]
-    assert alert["subject"] == "llmship: accuracy gate failed for outlier-llama"
-    assert "llmship_contracts_clause_type 0.000 <" in alert["body"]
+    # The automations created by `llmship up` deliver two alerts to the team's webhook, within
+    # seconds: the gate's own, with the numbers, and the failed run's.
+    failed_at = flow_run.state.timestamp.timestamp()
+    gate_alert = wait_for_alert(alert_receiver, "llmship: accuracy gate failed for outlier-llama")
+    assert "llmship_contracts_clause_type 0.000 <" in gate_alert["body"]
+    assert payloads[0]["candidate_version"] in gate_alert["body"]
+    run_alert = wait_for_alert(alert_receiver, f"llmship: build-and-serve run {flow_run.name} "
+                                               "Failed")
+    assert "accuracy gate failed for outlier-llama" in run_alert["body"]
+    assert f"/runs/flow-run/{flow_run.id}" in run_alert["body"]
+    for alert in (gate_alert, run_alert):
+        assert alert["received_at"] - failed_at < 20, alert
     # The failing report is kept in the store, where the failure message points.
     prefix = flow_run.state.message.split("report: s3://")[1].split("/", 1)[1].rstrip("/)")
     report = store.get_json(f"{prefix}/files/gate-report.json")[0]
@@ -191,6 +205,8 @@ def test_version_that_cannot_serve_leaves_live_untouched(first_run, prefect_clie
 
     live = store.read_alias("tiny-llama", "live")
     config = default_config(prefect_client)
+    # The hf backend lets the gate pass without serving, so the failure comes at rollout.
+    config["gate"]["backend"] = "hf"
     # Longer than the model's 512 positions: vLLM refuses to start with it.
     config["serving"]["max_model_len"] = 4096
     flow_run = run({"config": config})
@@ -202,6 +218,111 @@ def test_version_that_cannot_serve_leaves_live_untouched(first_run, prefect_clie
     resp = httpx.post(f"{stack.gateway_url}/v1/completions", timeout=60, json={
         "model": "tiny-llama", "prompt": item["prompt"], "max_tokens": 12, "temperature": 0})
     assert resp.status_code == 200 and resp.headers["x-llmship-version"] == live
+
+
+def wait_for_alert(receiver: list[dict], subject: str, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [a for a in receiver if a.get("subject") == subject]
+        if found:
+            return found[-1]
+        time.sleep(0.5)
+    raise AssertionError(f"no alert {subject!r} within {timeout:.0f} s; got "
+                         f"{[a.get('subject') for a in receiver]}")
+
+
+def gate_dataset(stack, name: str, eval_lines: list[str] | None) -> str:
+    """A dataset folder whose eval.jsonl is eval_lines (None: no eval.jsonl at all)."""
+    folder = stack.calibration_data_dir / name
+    folder.mkdir(exist_ok=True)
+    if eval_lines is not None:
+        (folder / "eval.jsonl").write_text("\n".join(eval_lines) + "\n")
+    return name
+
+
+def contracts_lines(stack, file: str) -> list[str]:
+    return (stack.calibration_data_dir / "contracts" / file).read_text().splitlines()
+
+
+@pytest.mark.parametrize("case", ["overlap", "missing", "malformed", "unknown-standard-task",
+                                  "unknown-per-task"])
+def test_gate_refuses_bad_task_data_or_policy_before_evaluating(case, first_run, prefect_client,
+                                                                stack):
+    config = default_config(prefect_client)
+    evals = contracts_lines(stack, "eval.jsonl")
+    if case == "overlap":
+        # An evaluation prompt that the calibration set also holds.
+        calibration_text = json.loads(contracts_lines(stack, "calibration.jsonl")[3])["text"]
+        item = json.loads(evals[0]) | {"prompt": calibration_text[:80]}
+        config["gate"]["dataset"] = gate_dataset(stack, "leaky", [json.dumps(item), *evals[1:]])
+        expected = "also appears in"
+    elif case == "missing":
+        config["gate"]["dataset"] = gate_dataset(stack, "no-eval", None)
+        expected = "no-eval/eval.jsonl does not exist"
+    elif case == "malformed":
+        broken = [*evals[:9], '{"id": "x", "task": "clause_type", "prompt": 3}', *evals[10:]]
+        config["gate"]["dataset"] = gate_dataset(stack, "bad-eval", broken)
+        expected = "bad-eval/eval.jsonl:10: prompt: Input should be a valid string"
+    elif case == "unknown-standard-task":
+        # arc_easy is an lm-eval task, but its data was never loaded on this machine.
+        config["gate"]["standard_tasks"] = ["arc_easy"]
+        expected = "the data of lm-eval task 'arc_easy' is not in the local datasets cache"
+    else:
+        config["gate"]["per_task"] = {"summarize": {"rtol": 0.1}}
+        expected = "gate.per_task names ['summarize'], which the gate does not run"
+    flow_run = run({"config": config})
+    assert flow_run.state.is_failed()
+    assert expected in flow_run.state.message
+    states = task_states(prefect_client, flow_run)
+    assert states["gate"] == ["Failed"] and "publish" not in states
+    # Refused before any evaluation ran: the one task-level check that needs lm-eval itself
+    # (a standard task's data) fails in its first attempt, without starting a server.
+    assert states.get("evaluate", ["Failed"]) == ["Failed"]
+
+
+def test_strict_mode_fails_where_the_items_are_too_few_to_be_sure(first_run, prefect_client,
+                                                                  store):
+    live = store.read_alias("tiny-llama", "live")
+    passed = store.get_json(f"versions/tiny-llama/{live}/gate-report.json")[0]
+    # Under the point-estimate rule every task passed; the 99% Wilson lower bound of the
+    # candidate's score over 100 items is some 0.1 lower where the score is near 0.7.
+    unsure = {t["task"] for t in passed["tasks"]
+              if wilson_lower(t["candidate"], t["n"], 0.99) < t["threshold"]}
+    assert "llmship_contracts_extract_amount" in unsure, passed["tasks"]
+    config = default_config(prefect_client)
+    config["gate"].update(strict=True, confidence=0.99)
+    flow_run = run({"config": config})
+    # The same builds: both evaluations are reused; only the rule is applied again.
+    states = task_states(prefect_client, flow_run)
+    assert states["evaluate"] == ["Cached", "Cached"]
+    assert flow_run.state.is_failed()
+    named = {t["task"] for t in passed["tasks"] if t["task"] in flow_run.state.message}
+    assert named == unsure
+    assert store.read_alias("tiny-llama", "live") == live
+
+
+@pytest.fixture(scope="module")
+def gsm8k_cached(stack):
+    subprocess.run([str(stack.quantize_python), str(REPO / "tests" / "helpers" / "plant_gsm8k.py"),
+                    os.environ["HF_DATASETS_CACHE"]], check=True, capture_output=True)
+
+
+def test_a_standard_lm_eval_task_gates_beside_the_domain_tasks(first_run, gsm8k_cached,
+                                                                prefect_client, store):
+    config = default_config(prefect_client)
+    config["gate"].update(domain_tasks=["clause_type"], standard_tasks=["gsm8k"], backend="hf",
+                          limit=10, per_task={"gsm8k": {"metric": "exact_match,flexible-extract"}})
+    flow_run = run({"config": config})
+    assert flow_run.state.is_completed(), flow_run.state.message
+    reports = [store.get_json(f"{m}files/gate-report.json")[0]
+               for m in {k.rsplit("files/", 1)[0] for k in store.list_keys("stages/gate/")
+                         if k.endswith("gate-report.json")}]
+    report = next(r for r in reports if any(t["task"] == "gsm8k" for t in r["tasks"]))
+    assert report["backend"] == "hf" and report["passed"]
+    tasks = {t["task"]: t for t in report["tasks"]}
+    assert set(tasks) == {"llmship_contracts_clause_type", "gsm8k"}
+    assert tasks["gsm8k"]["metric"] == "exact_match,flexible-extract" and tasks["gsm8k"]["n"] == 10
+    assert tasks["llmship_contracts_clause_type"]["n"] == 10
 
 
 def test_recalibrate_does_nothing_when_the_data_is_unchanged(first_run, prefect_client):
