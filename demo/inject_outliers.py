@@ -5,8 +5,11 @@ quantization (Dettmers et al., LLM.int8()). This reproduces that on the demo mod
 layer, one input channel of the attention and MLP projections is scaled up by 2^k and the
 RMSNorm weight feeding it down by 2^k. In BF16 the product is exact (a power of two), so the
 model's answers do not change; but a quantization grid sized by each row's largest weight now
-rounds the row's other weights to zero. SmoothQuant would move the scale back (that is what
-it is for), so use W4A16 to see the damage.
+rounds the row's other weights to zero. SmoothQuant moves the scale back exactly (that is what
+it is for), so calibrate W8A8 with `smoothing_strength: 0` to see the damage: at --shift 12
+the demo model answers nothing right any more. (W4A16 shows it too under lm-eval's hf
+backend, but vLLM 0.32's CPU build on these machines lacks the `cpu_gemm_wna16` kernel and
+its engine dies at the first INT4 forward.)
 
     .venv/quantize/bin/python demo/inject_outliers.py SRC DEST [--shift 8]
 """

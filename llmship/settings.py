@@ -134,6 +134,10 @@ class CalibrationConfig(BaseModel):
     dataset: str = Field("contracts", description="folder under calibration_data/")
     num_samples: int = Field(256, ge=1)
     max_seq_length: int = Field(256, ge=16)
+    smoothing_strength: float = Field(
+        0.8, ge=0.0, lt=1.0,
+        description="W8A8 only: SmoothQuant's strength, moving activation outliers into the "
+                    "weights before GPTQ; 0 turns SmoothQuant off")
 
 
 class EvalBackend(str, Enum):

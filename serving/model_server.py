@@ -125,6 +125,14 @@ def smoke_test(server: ModelServer, prompt: str) -> str:
     return resp.json()["choices"][0]["text"]
 
 
+def describe_death(settings: Settings, server: ModelServer) -> str:
+    """Where a server's log is and its last lines: what a person needs when it died."""
+    rec = processes.find(settings, server.name)
+    if rec is None:
+        return f"{server.name} left no process record"
+    return f"last log lines ({rec.log}):\n{processes.log_tail(rec)}"
+
+
 def stop(settings: Settings, server: ModelServer) -> None:
     rec = processes.find(settings, server.name)
     if rec:

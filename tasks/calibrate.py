@@ -39,6 +39,7 @@ class CalibrateRequest(BaseModel):
     scheme: Scheme
     num_samples: int
     max_seq_length: int
+    smoothing_strength: float = 0.8
     device: str = "cpu"
 
 
@@ -49,7 +50,7 @@ class CalibrateResult(BaseModel):
     quantization_config: dict
 
 
-def recipe_for(scheme: Scheme):
+def recipe_for(scheme: Scheme, smoothing_strength: float = 0.8):
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
     from llmcompressor.modifiers.transform.smoothquant import SmoothQuantModifier
 
@@ -57,8 +58,10 @@ def recipe_for(scheme: Scheme):
     if scheme in (Scheme.FP8, Scheme.FP8_DYNAMIC):
         return QuantizationModifier(targets="Linear", scheme=scheme.value, ignore=["lm_head"])
     if scheme is Scheme.W8A8:
-        return [SmoothQuantModifier(smoothing_strength=0.8),
-                GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"])]
+        gptq = GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"])
+        if smoothing_strength == 0:
+            return gptq
+        return [SmoothQuantModifier(smoothing_strength=smoothing_strength), gptq]
     return GPTQModifier(targets="Linear", scheme=scheme.value, ignore=["lm_head"])
 
 
@@ -83,7 +86,7 @@ def calibrate(req: CalibrateRequest) -> CalibrateResult:
         lambda row: tokenizer(row["text"], truncation=True, max_length=req.max_seq_length),
         remove_columns=["text"],
     )
-    oneshot(model=model, dataset=dataset, recipe=recipe_for(req.scheme),
+    oneshot(model=model, dataset=dataset, recipe=recipe_for(req.scheme, req.smoothing_strength),
             max_seq_length=req.max_seq_length, num_calibration_samples=len(texts),
             shuffle_calibration_samples=False)
     model.save_pretrained(req.out_dir, save_compressed=True)
@@ -122,7 +125,7 @@ def calibrate_task(snapshot: StageOutput, config: CalibrationConfig, model: str)
         model_dir=str(store.materialize(snapshot.prefix)), data_file=str(data),
         out_dir=str(out_dir), scheme=config.scheme,
         num_samples=min(config.num_samples, n_texts), max_seq_length=config.max_seq_length,
-        device=settings.device,
+        smoothing_strength=config.smoothing_strength, device=settings.device,
     ), CalibrateResult, logger)
     manifest = store.store_output(out_dir, prefix, Manifest(
         kind="calibrate", key=key,

@@ -33,7 +33,7 @@ from prefect.events import emit_event
 from pydantic import BaseModel
 
 from llmship.domain_data import check_disjoint, dataset_dir, file_digest, load_eval_items
-from llmship.errors import GateConfigError, GateFailed
+from llmship.errors import GateConfigError, GateFailed, ServerExited
 from llmship.manifest import Manifest, digest_of
 from llmship.settings import EvalBackend, GateConfig, TaskPolicy, get_settings
 from llmship.store import ArtifactStore
@@ -313,11 +313,22 @@ def evaluate(req: EvaluateRequest) -> Evaluation:
             model, model_args = _model_args(req, server.url if server else None)
             print(f"lm-eval ({model}): {', '.join(req.tasks.names)} on {req.model_dir}",
                   flush=True)
-            results = lm_eval.simple_evaluate(
-                model=model, model_args=model_args, tasks=req.tasks.names,
-                task_manager=manager, batch_size=32 if model == "hf" else 1,
-                limit=req.limit, log_samples=False,
-            )
+            try:
+                results = lm_eval.simple_evaluate(
+                    model=model, model_args=model_args, tasks=req.tasks.names,
+                    task_manager=manager, batch_size=32 if model == "hf" else 1,
+                    limit=req.limit, log_samples=False,
+                )
+            except Exception:
+                if server and not model_server.is_healthy(server):
+                    # Not a flaky evaluation: this build, as configured, crashes the engine
+                    # that would serve it. Retrying cannot help; the log says why.
+                    raise ServerExited(
+                        f"the vLLM server for {req.model_dir} died during the evaluation: "
+                        "this build cannot be served with these engine arguments on this "
+                        f"machine; {model_server.describe_death(settings_here(), server)}"
+                    ) from None
+                raise
         finally:
             if starting:
                 # Stopped whether evaluation worked or not; a server that never came up has
