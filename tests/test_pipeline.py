@@ -176,10 +176,8 @@ def test_gate_failure_publishes_nothing(first_run, outlier_model, alert_receiver
     served = {m["id"] for m in httpx.get(f"{stack.gateway_url}/v1/models").json()["data"]}
     assert served == {"tiny-llama"}
     # An event for automations to alert on, naming the model and the failing tasks.
-    events = httpx.post(f"{stack.prefect_api_url}/events/filter", json={
-        "filter": {"event": {"name": ["llmship.gate.failed"]}}, "limit": 10}).json()["events"]
-    payloads = [e["payload"] for e in events if e["resource"]["llmship.model"] == "outlier-llama"]
-    assert payloads and "llmship_contracts_clause_type" in {
+    payloads = gate_failed_events(stack, "outlier-llama")
+    assert "llmship_contracts_clause_type" in {
         t["task"] for t in payloads[0]["failing"]}
     # The automations created by `llmship up` deliver two alerts to the team's webhook, within
     # seconds: the gate's own, with the numbers, and the failed run's.
@@ -219,6 +217,19 @@ def test_version_that_cannot_serve_leaves_live_untouched(first_run, prefect_clie
     resp = httpx.post(f"{stack.gateway_url}/v1/completions", timeout=60, json={
         "model": "tiny-llama", "prompt": item["prompt"], "max_tokens": 12, "temperature": 0})
     assert resp.status_code == 200 and resp.headers["x-llmship-version"] == live
+
+
+def gate_failed_events(stack, model: str, timeout: float = 30) -> list[dict]:
+    """Payloads of llmship.gate.failed events for model; the server stores events in batches,
+    a few seconds after automations have already acted on them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        events = httpx.post(f"{stack.prefect_api_url}/events/filter", json={
+            "filter": {"event": {"name": ["llmship.gate.failed"]}}, "limit": 50}).json()["events"]
+        found = [e["payload"] for e in events if e["resource"]["llmship.model"] == model]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(1)
 
 
 def wait_for_alert(receiver: list[dict], subject: str, timeout: float = 30) -> dict:
