@@ -67,7 +67,7 @@ demo: up
 	$(ORCH)/llmship status
 
 test: setup
-	$(ORCH)/python -m pytest tests
+	$(ORCH)/python -m pytest tests --durations=15
 
 down:
 	@if [ -x $(ORCH)/llmship ]; then $(ORCH)/llmship down; else echo "nothing to stop"; fi

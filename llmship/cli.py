@@ -4,6 +4,8 @@
     llmship down               stop everything `up` and the rollouts started
     llmship status             what runs where, and what each model serves
     llmship versions MODEL     published versions, their gate verdicts, which is live
+    llmship rollback MODEL [--to VERSION] [--reason TEXT]
+                               run the rollback/MODEL deployment and wait for it
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import sys
 import httpx
 
 from llmship import stack
-from llmship.errors import LlmshipError
+from llmship.errors import LlmshipError, RollbackFailed, StackError
 from llmship.settings import get_settings
 from llmship.store import ArtifactStore
 
@@ -77,6 +79,35 @@ def cmd_versions(args) -> None:
               f"{m.total_bytes / 1e6:8.1f}  {alias}")
 
 
+def cmd_rollback(args) -> None:
+    """Through the rollback deployment, not around it: the run, its reason and its outcome are
+    in the Prefect UI beside the rollbacks started there."""
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    settings = get_settings()
+    name = f"rollback/{args.model}"
+    parameters = {"model": args.model, "reason": args.reason, "target_version": args.to}
+    with temporary_settings(updates={PREFECT_API_URL: settings.prefect_api_url}):
+        try:
+            flow_run = run_deployment(name, parameters=parameters, timeout=args.timeout)
+        except ObjectNotFound:
+            raise StackError(f"there is no deployment {name}: add one to prefect.yaml "
+                             "(see rollback/tiny-llama) and run `llmship up`") from None
+        state = flow_run.state
+        if state.is_completed():
+            result = state.result()
+            was = f" (was {result.previous})" if result.previous else ""
+            print(f"{args.model}: {result.version} is live{was}; flow run {flow_run.name}")
+            return
+    if not state.is_final():
+        raise RollbackFailed(f"flow run {flow_run.name} of {name} is still {state.name} after "
+                             f"{args.timeout:.0f} s; follow it in the Prefect UI")
+    raise RollbackFailed(f"flow run {flow_run.name} of {name} ended {state.name}: "
+                         f"{state.message}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llmship", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -87,6 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     versions = sub.add_parser("versions", help="published versions of a model")
     versions.add_argument("model")
     versions.set_defaults(fn=cmd_versions)
+    rollback = sub.add_parser("rollback", help="move a model's traffic to an earlier version")
+    rollback.add_argument("model")
+    rollback.add_argument("--to", metavar="VERSION", default=None,
+                          help="a published version (default: the previous one)")
+    rollback.add_argument("--reason", default="rolled back with `llmship rollback`")
+    rollback.add_argument("--timeout", type=float, default=600.0, help="seconds to wait")
+    rollback.set_defaults(fn=cmd_rollback)
     args = parser.parse_args(argv)
     try:
         args.fn(args)

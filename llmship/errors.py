@@ -52,3 +52,7 @@ class ServerExited(ServingError, PermanentError):
 
 class StackError(PermanentError):
     """The local stack is not running, or could not be started."""
+
+
+class RollbackFailed(LlmshipError):
+    """A rollback run did not complete; traffic stays where it was."""

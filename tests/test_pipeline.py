@@ -164,6 +164,9 @@ def test_gate_failure_publishes_nothing(first_run, outlier_model, alert_receiver
     config.update(name="outlier-llama", source=str(outlier_model))
     # INT8 without SmoothQuant: the outlier channels crush every other weight of their rows.
     config["calibration"].update(scheme="W8A8", smoothing_strength=0.0)
+    # Through lm-eval's hf backend here: the vLLM path is what the first run exercises, and
+    # two more vLLM server starts would add some 100 s to the suite on 2 cores.
+    config["gate"]["backend"] = "hf"
     flow_run = run({"config": config})
     assert flow_run.state.is_failed()
     assert "accuracy gate failed for outlier-llama" in flow_run.state.message
@@ -349,3 +352,17 @@ def test_rollback_without_a_previous_version_says_so(first_run, store):
     flow_run = run_deployment("rollback/tiny-llama", parameters={"reason": "test"}, timeout=600)
     assert flow_run.state.is_failed()
     assert "tiny-llama has no previous version to roll back to" in flow_run.state.message
+
+
+def test_llmship_rollback_runs_the_deployment_and_reports_its_outcome(first_run, store):
+    assert store.read_alias("tiny-llama", "previous") is None
+    cli = subprocess.run([str(REPO / ".venv" / "orchestrator" / "bin" / "llmship"), "rollback",
+                          "tiny-llama", "--reason", "cli test"],
+                         capture_output=True, text=True, timeout=600)
+    assert cli.returncode == 2
+    assert "of rollback/tiny-llama ended Failed" in cli.stderr
+    assert "tiny-llama has no previous version to roll back to" in cli.stderr
+    missing = subprocess.run([str(REPO / ".venv" / "orchestrator" / "bin" / "llmship"),
+                              "rollback", "no-such-model"], capture_output=True, text=True)
+    assert missing.returncode == 2
+    assert "there is no deployment rollback/no-such-model" in missing.stderr
