@@ -222,6 +222,12 @@ class ArtifactStore:
 
     # ------------------------------------------------------------------ aliases
 
+    def live_aliases(self) -> dict[str, str]:
+        """Every model's live version: {model: version}."""
+        models = {key.split("/")[1] for key in self.list_keys("aliases/")
+                  if key.endswith("/live.json")}
+        return {m: v for m in sorted(models) if (v := self.read_alias(m, "live"))}
+
     def read_alias(self, model: str, alias: str) -> str | None:
         found = self.get_json(f"aliases/{model}/{alias}.json")
         return found[0]["version"] if found else None

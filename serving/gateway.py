@@ -3,11 +3,14 @@
     POST /v1/completions, /v1/chat/completions   proxied to the live version (streams unbuffered)
     GET  /v1/models                              the models served, with their live version
     GET  /health                                 the gateway itself
+    GET  /ready                                  200 when every live version has a healthy server
     GET  /metrics                                Prometheus
     GET  /admin/routes, PUT /admin/routes/{model}  bearer token: what the rollout task drives
 
 Requests are checked here, so a bad one gets an OpenAI-style 400 without reaching a model
-server. Routes are kept in <state>/gateway/routes.json and restored at start.
+server. At start the routing is restored from the S3 `live` aliases (the source of truth that
+rollouts move) and the running model servers of those versions; <state>/gateway/routes.json,
+written on every change, is the fallback when S3 cannot be read.
 
     uvicorn serving.gateway:app --host 127.0.0.1 --port 8000
 """
@@ -15,6 +18,7 @@ server. Routes are kept in <state>/gateway/routes.json and restored at start.
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import time
 from contextlib import asynccontextmanager
@@ -29,6 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llmship.processes import write_json
 from llmship.settings import get_settings
+
+log = logging.getLogger("llmship.gateway")
 
 
 # ------------------------------------------------------------------ request schemas
@@ -79,23 +85,58 @@ class GatewayState:
         settings = get_settings()
         self.routes_file = settings.state_dir / "gateway" / "routes.json"
         self.admin_token = settings.gateway_admin_token
-        self.routes: dict[str, Route] = {}
+        saved: dict[str, Route] = {}
         if self.routes_file.exists():
             raw = json.loads(self.routes_file.read_text())
-            self.routes = {m: Route.model_validate(r) for m, r in raw.items()}
+            saved = {m: Route.model_validate(r) for m, r in raw.items()}
+        self.routes, self.unserved = restore_routes(settings, saved)
         self.registry = CollectorRegistry()
         self.requests = Counter("llmship_gateway_requests", "Requests by outcome",
                                 ["model", "version", "endpoint", "status"],
                                 registry=self.registry)
+        buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
         self.latency = Histogram("llmship_gateway_request_seconds", "Request latency",
                                  ["model", "version", "endpoint"], registry=self.registry,
-                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
-                                          10, 30, 60))
+                                 buckets=buckets)
+        self.first_token = Histogram(
+            "llmship_gateway_time_to_first_token_seconds",
+            "Streaming requests: from the request to the first chunk relayed",
+            ["model", "version", "endpoint"], registry=self.registry, buckets=buckets)
+        self.errors = Counter("llmship_gateway_errors", "Requests answered 5xx or not at all",
+                              ["model", "version", "endpoint"], registry=self.registry)
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(300.0, connect=5.0),
                                         limits=httpx.Limits(max_connections=512))
 
     def save(self) -> None:
         write_json(self.routes_file, {m: r.model_dump() for m, r in self.routes.items()})
+
+
+def restore_routes(settings, saved: dict[str, Route]) -> tuple[dict[str, Route], dict[str, str]]:
+    """(routes, unserved): each live alias routed to its version's running server; the live
+    versions with no running server are 'unserved' (answered 503, and /ready says so)."""
+    from llmship.store import ArtifactStore
+    from serving import model_server
+
+    if not (settings.s3_access_key and settings.s3_secret_key):
+        return saved, {}
+    try:
+        live = ArtifactStore(settings).live_aliases()
+    except Exception as exc:  # noqa: BLE001 - S3 down: keep serving what was routed before
+        log.warning("cannot read the live aliases from S3 (%s: %s): keeping the last saved "
+                    "routes", type(exc).__name__, exc)
+        return saved, {}
+    routes, unserved = {}, {}
+    for model, version in live.items():
+        server = model_server.find(settings, model, version)
+        if server and model_server.is_healthy(server):
+            since = saved[model].since if model in saved and saved[model].version == version \
+                else datetime.now(timezone.utc).isoformat()
+            routes[model] = Route(version=version, upstream=server.url, since=since)
+        else:
+            unserved[model] = version
+            log.warning("%s's live version %s has no running server: answering 503", model,
+                        version)
+    return routes, unserved
 
 
 @asynccontextmanager
@@ -127,6 +168,26 @@ async def health(request: Request) -> dict:
     return {"status": "ok", "models": sorted(_gw(request).routes)}
 
 
+@app.get("/ready")
+async def ready(request: Request) -> JSONResponse:
+    """Ready when every routed version answers its health check and no live version lacks a
+    server: what a load balancer in front of the gateway should probe."""
+    gw = _gw(request)
+    unhealthy = dict(gw.unserved)
+    for model, route in gw.routes.items():
+        try:
+            ok = (await gw.client.get(f"{route.upstream}/health", timeout=2.0)).status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        if not ok:
+            unhealthy[model] = route.version
+    if unhealthy:
+        return openai_error(503, f"not ready: no healthy server for {unhealthy}",
+                            type_="server_error", code="not_ready")
+    return JSONResponse({"status": "ready",
+                         "models": {m: r.version for m, r in sorted(gw.routes.items())}})
+
+
 @app.get("/metrics")
 async def metrics(request: Request) -> Response:
     return Response(generate_latest(_gw(request).registry), media_type=CONTENT_TYPE_LATEST)
@@ -156,6 +217,11 @@ async def _proxy(request: Request, endpoint: str, schema: type[_OpenAIRequest]) 
         param = ".".join(str(p) for p in first["loc"])
         return openai_error(400, f"{param}: {first['msg']}", param=param)
     route = gw.routes.get(parsed.model)
+    if route is None and parsed.model in gw.unserved:
+        gw.errors.labels(parsed.model, gw.unserved[parsed.model], endpoint).inc()
+        return openai_error(503, f"{parsed.model}'s live version {gw.unserved[parsed.model]} "
+                                 "has no running model server; roll out or roll back to serve "
+                                 "it again", type_="server_error", code="model_unavailable")
     if route is None:
         gw.requests.labels(parsed.model, "", endpoint, "404").inc()
         return openai_error(404, f"the model {parsed.model!r} does not exist; "
@@ -168,6 +234,7 @@ async def _proxy(request: Request, endpoint: str, schema: type[_OpenAIRequest]) 
         resp = await gw.client.send(upstream, stream=True)
     except httpx.HTTPError as exc:
         gw.requests.labels(parsed.model, route.version, endpoint, "503").inc()
+        gw.errors.labels(parsed.model, route.version, endpoint).inc()
         return openai_error(503, f"model server for {parsed.model} {route.version} is "
                                  f"unavailable: {type(exc).__name__}", type_="server_error",
                             code="upstream_unavailable")
@@ -176,12 +243,19 @@ async def _proxy(request: Request, endpoint: str, schema: type[_OpenAIRequest]) 
         gw.requests.labels(parsed.model, route.version, endpoint, str(resp.status_code)).inc()
         gw.latency.labels(parsed.model, route.version, endpoint).observe(
             time.perf_counter() - started)
+        if resp.status_code >= 500:
+            gw.errors.labels(parsed.model, route.version, endpoint).inc()
 
     headers = {"x-llmship-version": route.version}
     if parsed.stream and resp.status_code == 200:
         async def relay():
+            first = True
             try:
                 async for chunk in resp.aiter_raw():
+                    if first:
+                        gw.first_token.labels(parsed.model, route.version, endpoint).observe(
+                            time.perf_counter() - started)
+                        first = False
                     yield chunk
             finally:
                 await resp.aclose()
@@ -242,5 +316,6 @@ async def set_route(model: str, request: Request, authorization: str | None = He
         return openai_error(409, f"{route.upstream} is not healthy: traffic not moved",
                             code="upstream_unhealthy")
     gw.routes[model] = route
+    gw.unserved.pop(model, None)
     gw.save()
     return route.model_dump()

@@ -75,3 +75,31 @@ def test_route_to_an_unhealthy_server_is_refused(client):
 
 def test_unknown_path_is_an_openai_404(client):
     assert_openai_error(client.get("/v1/nothing"), 404)
+
+
+def test_ready_is_503_while_a_routed_server_does_not_answer(monkeypatch, tmp_path):
+    """A route saved before a restart whose server has died since: the gateway is up
+    (/health) but not ready, and says which model and version lack a server."""
+    from llmship.processes import write_json
+    from llmship.settings import get_settings
+
+    monkeypatch.setenv("LLMSHIP_STATE_DIR", str(tmp_path))
+    write_json(tmp_path / "gateway" / "routes.json",
+               {"m": {"version": "v1", "upstream": "http://127.0.0.1:9"}})
+    get_settings.cache_clear()
+    from serving.gateway import app
+
+    with TestClient(app) as c:
+        assert c.get("/health").status_code == 200
+        err = assert_openai_error(c.get("/ready"), 503)
+        assert err["code"] == "not_ready" and "'m': 'v1'" in err["message"]
+        down = c.post("/v1/completions", json={"model": "m", "prompt": "x"})
+        assert_openai_error(down, 503)
+        assert down.json()["error"]["code"] == "upstream_unavailable"
+        assert 'llmship_gateway_errors_total{endpoint="/v1/completions",model="m",' \
+               'version="v1"} 1.0' in c.get("/metrics").text
+    get_settings.cache_clear()
+
+
+def test_ready_when_nothing_is_routed(client):
+    assert client.get("/ready").json() == {"status": "ready", "models": {}}

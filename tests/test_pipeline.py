@@ -366,3 +366,26 @@ def test_llmship_rollback_runs_the_deployment_and_reports_its_outcome(first_run,
                               "rollback", "no-such-model"], capture_output=True, text=True)
     assert missing.returncode == 2
     assert "there is no deployment rollback/no-such-model" in missing.stderr
+
+
+def test_gateway_restart_restores_the_routing_from_the_s3_aliases(first_run, stack, store):
+    from llmship import processes
+    from llmship.stack import child_env, start_gateway
+
+    live = store.read_alias("tiny-llama", "live")
+    assert httpx.get(f"{stack.gateway_url}/ready").json()["models"] == {"tiny-llama": live}
+    processes.stop(stack, processes.find(stack, "gateway"))
+    # The gateway's own file is gone too: the aliases and the running servers are the truth.
+    (stack.state_dir / "gateway" / "routes.json").unlink()
+    start_gateway(stack, child_env(stack))
+    models = httpx.get(f"{stack.gateway_url}/v1/models").json()["data"]
+    assert [(m["id"], m["version"]) for m in models] == [("tiny-llama", live)]
+    item = held_out("clause_type", 1)[0]
+    resp = httpx.post(f"{stack.gateway_url}/v1/completions", timeout=60, json={
+        "model": "tiny-llama", "prompt": item["prompt"], "max_tokens": 12, "temperature": 0,
+        "stream": True})
+    assert resp.status_code == 200 and resp.headers["x-llmship-version"] == live
+    assert httpx.get(f"{stack.gateway_url}/ready").status_code == 200
+    metrics = httpx.get(f"{stack.gateway_url}/metrics").text
+    assert f'llmship_gateway_time_to_first_token_seconds_count{{endpoint="/v1/completions",' \
+           f'model="tiny-llama",version="{live}"}} 1.0' in metrics
