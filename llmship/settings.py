@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     work_pool: str = "local-process"
     gpu_work_pool: str = "gpu"
     gateway_admin_token: str | None = None
+    # Past this many requests in flight the gateway answers 429 at once rather than queueing
+    # without bound: memory stays bounded and clients back off (Retry-After).
+    gateway_max_in_flight: int = Field(256, ge=1)
     # Where alerts go (llmship/alerts.py): a failed gate, and any failed run of llmship's
     # deployments. A Slack incoming webhook (a SlackWebhook block) for teams on Slack, or any
     # URL that takes a JSON POST (a CustomWebhook block). Neither set: no alerts are set up.

@@ -28,7 +28,9 @@ from typing import Any
 import httpx
 from fastapi import FastAPI, Header, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest,
+)
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llmship.processes import write_json
@@ -85,6 +87,8 @@ class GatewayState:
         settings = get_settings()
         self.routes_file = settings.state_dir / "gateway" / "routes.json"
         self.admin_token = settings.gateway_admin_token
+        self.max_in_flight = settings.gateway_max_in_flight
+        self.in_flight = 0  # one event loop: a plain counter is safe
         saved: dict[str, Route] = {}
         if self.routes_file.exists():
             raw = json.loads(self.routes_file.read_text())
@@ -102,6 +106,11 @@ class GatewayState:
             "llmship_gateway_time_to_first_token_seconds",
             "Streaming requests: from the request to the first chunk relayed",
             ["model", "version", "endpoint"], registry=self.registry, buckets=buckets)
+        self.shed = Counter("llmship_gateway_shed", "Requests refused with 429: too many in "
+                            "flight", ["endpoint"], registry=self.registry)
+        self.in_flight_gauge = Gauge("llmship_gateway_in_flight", "Requests being served",
+                                     registry=self.registry)
+        self.in_flight_gauge.set_function(lambda: self.in_flight)
         self.errors = Counter("llmship_gateway_errors", "Requests answered 5xx or not at all",
                               ["model", "version", "endpoint"], registry=self.registry)
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(300.0, connect=5.0),
@@ -203,6 +212,26 @@ async def list_models(request: Request) -> dict:
 
 async def _proxy(request: Request, endpoint: str, schema: type[_OpenAIRequest]) -> Response:
     gw = _gw(request)
+    if gw.in_flight >= gw.max_in_flight:
+        gw.shed.labels(endpoint).inc()
+        resp = openai_error(429, f"the gateway has {gw.in_flight} requests in flight, its "
+                                 f"limit: retry shortly", type_="rate_limit_error",
+                            code="overloaded")
+        resp.headers["retry-after"] = "1"
+        return resp
+    gw.in_flight += 1
+    streaming = False
+    try:
+        response = await _forward(gw, request, endpoint, schema)
+        streaming = isinstance(response, StreamingResponse)
+        return response
+    finally:
+        if not streaming:  # a stream gives its slot back when its relay ends
+            gw.in_flight -= 1
+
+
+async def _forward(gw: GatewayState, request: Request, endpoint: str,
+                   schema: type[_OpenAIRequest]) -> Response:
     body = await request.body()
     try:
         payload = json.loads(body)
@@ -259,6 +288,7 @@ async def _proxy(request: Request, endpoint: str, schema: type[_OpenAIRequest]) 
                     yield chunk
             finally:
                 await resp.aclose()
+                gw.in_flight -= 1
                 record()
         return StreamingResponse(relay(), status_code=resp.status_code, headers=headers,
                                  media_type=resp.headers.get("content-type", "text/event-stream"))

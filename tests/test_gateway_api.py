@@ -103,3 +103,66 @@ def test_ready_is_503_while_a_routed_server_does_not_answer(monkeypatch, tmp_pat
 
 def test_ready_when_nothing_is_routed(client):
     assert client.get("/ready").json() == {"status": "ready", "models": {}}
+
+
+@pytest.fixture()
+def slow_upstream():
+    """A model server that takes a second per completion: enough to fill the gateway."""
+    import json
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Slow(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            time.sleep(1.0)
+            body = json.dumps({"choices": [{"text": "ok"}]}).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_past_its_in_flight_limit_the_gateway_sheds_with_429(monkeypatch, tmp_path,
+                                                             slow_upstream):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from llmship.processes import write_json
+    from llmship.settings import get_settings
+
+    monkeypatch.setenv("LLMSHIP_STATE_DIR", str(tmp_path))
+    monkeypatch.setenv("LLMSHIP_GATEWAY_MAX_IN_FLIGHT", "2")
+    write_json(tmp_path / "gateway" / "routes.json",
+               {"m": {"version": "v1", "upstream": slow_upstream}})
+    get_settings.cache_clear()
+    from serving.gateway import app
+
+    with TestClient(app) as c:
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: c.post("/v1/completions",
+                                                     json={"model": "m", "prompt": "x"}),
+                                    range(8)))
+        statuses = sorted(a.status_code for a in answers)
+        assert set(statuses) == {200, 429} and statuses.count(200) >= 2, statuses
+        shed = [a for a in answers if a.status_code == 429]
+        assert all(a.headers["retry-after"] == "1" for a in shed)
+        assert assert_openai_error(shed[0], 429)["code"] == "overloaded"
+        metrics = c.get("/metrics").text
+        assert f'llmship_gateway_shed_total{{endpoint="/v1/completions"}} {len(shed)}.0' \
+            in metrics
+        assert "llmship_gateway_in_flight 0.0" in metrics  # every slot given back
+    get_settings.cache_clear()
