@@ -34,7 +34,7 @@ from prometheus_client import (
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llmship.processes import write_json
-from llmship.settings import get_settings
+from llmship.settings import Settings, get_settings
 
 log = logging.getLogger("llmship.gateway")
 
@@ -120,7 +120,7 @@ class GatewayState:
         write_json(self.routes_file, {m: r.model_dump() for m, r in self.routes.items()})
 
 
-def restore_routes(settings, saved: dict[str, Route]) -> tuple[dict[str, Route], dict[str, str]]:
+def restore_routes(settings: Settings, saved: dict[str, Route]) -> tuple[dict[str, Route], dict[str, str]]:
     """(routes, unserved): each live alias routed to its version's running server; the live
     versions with no running server are 'unserved' (answered 503, and /ready says so)."""
     from llmship.store import ArtifactStore
@@ -247,8 +247,11 @@ async def _forward(gw: GatewayState, request: Request, endpoint: str,
         return openai_error(400, f"{param}: {first['msg']}", param=param)
     route = gw.routes.get(parsed.model)
     if route is None and parsed.model in gw.unserved:
-        gw.errors.labels(parsed.model, gw.unserved[parsed.model], endpoint).inc()
-        return openai_error(503, f"{parsed.model}'s live version {gw.unserved[parsed.model]} "
+        version = gw.unserved[parsed.model]
+        # Counted like any other request, so the error rate stays errors / requests.
+        gw.requests.labels(parsed.model, version, endpoint, "503").inc()
+        gw.errors.labels(parsed.model, version, endpoint).inc()
+        return openai_error(503, f"{parsed.model}'s live version {version} "
                                  "has no running model server; roll out or roll back to serve "
                                  "it again", type_="server_error", code="model_unavailable")
     if route is None:

@@ -288,7 +288,6 @@ def _model_args(req: EvaluateRequest, base_url: str | None) -> tuple[str, str]:
 
 def evaluate(req: EvaluateRequest) -> Evaluation:
     """Score one build on the gate's tasks, through the backend the request names."""
-    from llmship.settings import get_settings as settings_here
     from serving import model_server
 
     started = time.monotonic()
@@ -302,7 +301,7 @@ def evaluate(req: EvaluateRequest) -> Evaluation:
         if req.backend is EvalBackend.VLLM:
             # The server starts (~50 s on CPU, mostly imports) while lm-eval loads the tasks.
             print(f"starting a vLLM server for {req.model_dir} to evaluate through", flush=True)
-            starting = pool.submit(model_server.start, settings_here(), req.served_name,
+            starting = pool.submit(model_server.start, get_settings(), req.served_name,
                                    req.server_name, Path(req.model_dir), req.engine_args,
                                    name=req.server_name)
         try:
@@ -326,7 +325,7 @@ def evaluate(req: EvaluateRequest) -> Evaluation:
                     raise ServerExited(
                         f"the vLLM server for {req.model_dir} died during the evaluation: "
                         "this build cannot be served with these engine arguments on this "
-                        f"machine; {model_server.describe_death(settings_here(), server)}"
+                        f"machine; {model_server.describe_death(get_settings(), server)}"
                     ) from None
                 raise
         finally:
@@ -334,7 +333,7 @@ def evaluate(req: EvaluateRequest) -> Evaluation:
                 # Stopped whether evaluation worked or not; a server that never came up has
                 # already been stopped by start().
                 if starting.exception() is None:
-                    model_server.stop(settings_here(), starting.result())
+                    model_server.stop(get_settings(), starting.result())
     scores = {}
     for name in req.tasks.names:
         row = results["results"][name]
@@ -397,8 +396,8 @@ def calibration_file_of(candidate: StageOutput) -> Path:
     return dataset_dir(dataset) / name
 
 
-def gate_key(candidate: StageOutput, baseline: StageOutput, config: GateConfig) -> str:
-    tasks = resolve_tasks(config)
+def gate_key(candidate: StageOutput, baseline: StageOutput, config: GateConfig,
+             tasks: TaskSet) -> str:
     return digest_of({"stage": "gate", "candidate": evaluation_key(candidate, tasks, config),
                       "baseline": evaluation_key(baseline, tasks, config),
                       "policy": config.model_dump(mode="json")})[:24]
@@ -470,7 +469,8 @@ def record_report(model: str, report: GateReport, stored: str) -> None:
 
 
 @task(name="gate", persist_result=True,
-      cache_key_fn=cache_key(lambda p: gate_key(p["candidate"], p["baseline"], p["config"])))
+      cache_key_fn=cache_key(lambda p: gate_key(p["candidate"], p["baseline"], p["config"],
+                                                resolve_tasks(p["config"]))))
 def gate_task(candidate: StageOutput, baseline: StageOutput, config: GateConfig,
               model: str) -> GateReport:
     """Evaluate both builds (each evaluation cached on its own) and apply the rule."""
@@ -490,7 +490,7 @@ def gate_task(candidate: StageOutput, baseline: StageOutput, config: GateConfig,
         harness=tool_versions(settings.quantize_python, TOOLS),
         seconds={"baseline": base_eval.seconds, "candidate": cand_eval.seconds},
     )
-    stored = store_report(gate_key(candidate, baseline, config), model, report)
+    stored = store_report(gate_key(candidate, baseline, config, tasks), model, report)
     record_report(model, report, stored)
     if not report.passed:
         # The alert automation (llmship/alerts.py) sends this to the team within seconds.
