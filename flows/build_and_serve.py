@@ -1,6 +1,7 @@
 """build-and-serve: a model from its source to live traffic, one task per stage (DESIGN.md).
 
-    download -> calibrate -> build (candidate, and the BF16 baseline) -> gate -> publish -> rollout
+    download -> calibrate -> build (candidate, and the BF16 baseline) -> gate -> publish
+             -> [approval, when config.rollout asks for it] -> rollout (canary steps, switch)
 
 Every stage's output is content-addressed: a rerun with the same inputs finds each stage's
 output in the store (the task runs show as Cached) and only checks that the version is live.
@@ -16,15 +17,17 @@ from tasks.calibrate import calibrate_task
 from tasks.download import download_task
 from tasks.gate import gate_task
 from tasks.publish import publish_task
-from tasks.rollout import RolloutResult, rollout_task
+from tasks.rollout import RolloutResult, approve_rollout, rollout_task
 
 
 @flow(name="build-and-serve", log_prints=True, persist_result=True)
-def build_and_serve(config: PipelineConfig) -> RolloutResult:
+def build_and_serve(config: PipelineConfig) -> RolloutResult | None:
     snapshot = download_task(config.source, config.name)
     calibrated = calibrate_task(snapshot, config.calibration, config.name)
     candidate = build_task(calibrated, config.target, config.serving, config.name, "candidate")
     baseline = build_task(snapshot, config.target, config.serving, config.name, "baseline")
     report = gate_task(candidate, baseline, config.gate, config.name)
     version = publish_task(config.name, candidate, report)
-    return rollout_task(version)
+    if not approve_rollout(version, config.rollout):
+        return None  # declined: published, not served
+    return rollout_task(version, config.rollout)

@@ -1,24 +1,24 @@
 """rollback: move a model's live traffic back to an earlier published version.
 
-Meant to be run from the Prefect UI's form: `target_version` (empty: the `previous` alias)
-and a `reason`, recorded in an artifact.
+Meant to be run from the Prefect UI's form: `target_version` (empty: the `previous` alias), a
+`reason` (kept in an artifact and in the alias's history), and `allow_ungated`, the override
+for a version that never passed the gate. All traffic moves at once: a warm version (kept by
+the last rollout) takes it within a second; a cold one after its server starts.
 """
 
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
 
 from llmship.errors import PermanentError
-from llmship.settings import get_settings
+from llmship.settings import RolloutConfig, get_settings
 from llmship.store import ArtifactStore
-from tasks.common import artifact_key
+from tasks.common import record_markdown
 from tasks.publish import PublishedVersion, version_prefix
 from tasks.rollout import RolloutResult, rollout_task
 
 
-@flow(name="rollback", log_prints=True, persist_result=True)
-def rollback(model: str, reason: str, target_version: str | None = None) -> RolloutResult:
+def rollback_target(model: str, target_version: str | None) -> PublishedVersion:
     store = ArtifactStore(get_settings())
     target = target_version or store.read_alias(model, "previous")
     if not target:
@@ -26,10 +26,23 @@ def rollback(model: str, reason: str, target_version: str | None = None) -> Roll
                              "name a target_version")
     manifest = store.read_manifest(version_prefix(model, target))
     if manifest is None:
-        raise PermanentError(f"{model} has no published version {target!r}")
-    get_run_logger().info("rolling %s back to %s: %s", model, target, reason)
-    create_markdown_artifact(
-        key=artifact_key(model, "rollback"),
-        markdown=f"# Rollback of {model} to {target}\n\nReason: {reason}\n",
-        description=f"rollback to {target}")
-    return rollout_task(PublishedVersion.from_manifest(model, manifest))
+        raise PermanentError(f"{model} has no published version {target!r}; "
+                             f"`llmship versions {model}` lists them")
+    return PublishedVersion.from_manifest(model, manifest)
+
+
+@flow(name="rollback", log_prints=True, persist_result=True)
+def rollback(model: str, reason: str, target_version: str | None = None,
+             allow_ungated: bool = False) -> RolloutResult:
+    target = rollback_target(model, target_version)
+    live = ArtifactStore(get_settings()).read_alias(model, "live")
+    override = allow_ungated and not target.gate_passed
+    get_run_logger().info("rolling %s back from %s to %s%s: %s", model, live, target.version,
+                          " (no passing gate record: overridden)" if override else "", reason)
+    record_markdown(model, "rollback", (
+        f"# Rollback of {model} to {target.version}\n\n"
+        f"| | |\n|---|---|\n| from | {live or '-'} |\n| to | {target.version} |\n"
+        f"| reason | {reason} |\n| gate | {'passed' if target.gate_passed else 'NOT PASSED'}"
+        f"{' (allow_ungated override)' if override else ''} |\n"), f"rollback to {target.version}")
+    return rollout_task(target, RolloutConfig(), allow_ungated=allow_ungated,
+                        reason=f"rollback: {reason}")

@@ -56,3 +56,11 @@ class StackError(PermanentError):
 
 class RollbackFailed(LlmshipError):
     """A rollback run did not complete; traffic stays where it was."""
+
+
+class CanaryFailed(PermanentError):
+    """A canary step breached its limits; traffic went back to the version serving before."""
+
+
+class UngatedVersion(PermanentError):
+    """A version with no passing gate record was asked to take traffic without an override."""

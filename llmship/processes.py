@@ -109,6 +109,11 @@ def stop(settings: Settings, rec: ProcessRecord, timeout_s: float = 15.0) -> Non
     (_pid_dir(settings) / f"{rec.name}.json").unlink(missing_ok=True)
 
 
+def forget(settings: Settings, name: str) -> None:
+    """Drop a record whose process has ended (a helper that exits when its work is done)."""
+    (_pid_dir(settings) / f"{name}.json").unlink(missing_ok=True)
+
+
 def port_is_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -52,6 +52,13 @@ class Settings(BaseSettings):
     # Past this many requests in flight the gateway answers 429 at once rather than queueing
     # without bound: memory stays bounded and clients back off (Retry-After).
     gateway_max_in_flight: int = Field(256, ge=1)
+    # A request body past this is refused with 413 before it is read into memory. A long
+    # context (128k tokens) of text is some 0.5 MB: this leaves room for that and no more.
+    gateway_max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    # How often a canary step reads the gateway's metrics while it bakes.
+    rollout_check_interval_s: float = Field(2.0, gt=0)
+    # How often a run paused for approval asks the server whether it was resumed.
+    approval_poll_interval_s: int = Field(5, ge=1)
     # Where alerts go (llmship/alerts.py): a failed gate, and any failed run of llmship's
     # deployments. A Slack incoming webhook (a SlackWebhook block) for teams on Slack, or any
     # URL that takes a JSON POST (a CustomWebhook block). Neither set: no alerts are set up.
@@ -191,6 +198,40 @@ class ServingConfig(BaseModel):
     extra_args: list[str] = Field(default_factory=list)
 
 
+class RolloutConfig(BaseModel, extra="forbid"):
+    """How traffic moves to a new version, and what makes it go back."""
+
+    canary_steps: list[float] = Field(
+        default_factory=list,
+        description="percent of the traffic sent to the new version, step by step, before all "
+                    "of it, e.g. [10, 50]; empty: all at once (blue/green)")
+    bake_seconds: float = Field(60.0, ge=0, description="how long each canary step is watched")
+    max_error_rate: float = Field(
+        0.01, ge=0.0, le=1.0,
+        description="the new version's 5xx and unanswered requests / its requests, per step")
+    max_p99_seconds: float | None = Field(
+        None, gt=0, description="the new version's p99 request latency at the gateway, per step")
+    min_requests: int = Field(
+        0, ge=0, description="a step that saw fewer requests to the new version is a breach: "
+                             "too little evidence to move on")
+    keep_previous_warm_seconds: float = Field(
+        900.0, ge=0,
+        description="the version traffic left keeps its server this long: a rollback within "
+                    "it takes a second, not a cold start")
+    require_approval: bool = Field(
+        False, description="pause the run before traffic moves, until someone approves it in "
+                           "the Prefect UI")
+    approval_timeout_seconds: int = Field(86400, ge=1)
+
+    @field_validator("canary_steps")
+    @classmethod
+    def _steps_rise_below_100(cls, v: list[float]) -> list[float]:
+        if any(not 0 < p < 100 for p in v) or v != sorted(set(v)):
+            raise ValueError(f"canary_steps {v} must rise strictly, each above 0 and below 100 "
+                             "(the last step, 100, is the switch itself)")
+        return v
+
+
 class PipelineConfig(BaseModel):
     """What one build-and-serve run makes: a flow parameter, set per deployment."""
 
@@ -200,6 +241,7 @@ class PipelineConfig(BaseModel):
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
     serving: ServingConfig = Field(default_factory=ServingConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
 
     @field_validator("source")
     @classmethod

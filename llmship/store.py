@@ -232,13 +232,13 @@ class ArtifactStore:
         found = self.get_json(f"aliases/{model}/{alias}.json")
         return found[0]["version"] if found else None
 
-    def move_alias(self, model: str, alias: str, version: str) -> None:
+    def move_alias(self, model: str, alias: str, version: str, reason: str = "") -> None:
         """Point an alias at a version: compare-and-swap, so two rollouts cannot interleave."""
         key = f"aliases/{model}/{alias}.json"
         found = self.get_json(key)
         body = {"model": model, "alias": alias, "version": version,
                 "previous": found[0]["version"] if found else None,
-                "updated_at": datetime.now(timezone.utc).isoformat()}
+                "updated_at": datetime.now(timezone.utc).isoformat(), "reason": reason}
         if found:
             self.put_json(key, body, if_match=found[1])
         else:

@@ -7,6 +7,11 @@
     GET  /metrics                                Prometheus
     GET  /admin/routes, PUT /admin/routes/{model}  bearer token: what the rollout task drives
 
+A route sends a model's requests to its live version's server, or, during a canary step,
+a percentage of them to the new version's. A server that refuses the connection is counted
+as an error of its version and the request goes to the route's other server, if it has one:
+a canary that dies costs its clients nothing, and its error rate rolls it back.
+
 Requests are checked here, so a bad one gets an OpenAI-style 400 without reaching a model
 server. At start the routing is restored from the S3 `live` aliases (the source of truth that
 rollouts move) and the running model servers of those versions; <state>/gateway/routes.json,
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import secrets
 import time
 from contextlib import asynccontextmanager
@@ -68,10 +74,19 @@ class ChatCompletionRequest(_OpenAIRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
 
 
+class Canary(BaseModel):
+    """A new version taking a share of a model's traffic while a rollout watches it."""
+
+    version: str
+    upstream: str
+    percent: float = Field(gt=0, lt=100)
+
+
 class Route(BaseModel):
     version: str
     upstream: str  # http://host:port of the model server
     since: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+    canary: Canary | None = None
 
 
 def openai_error(status: int, message: str, *, type_: str = "invalid_request_error",
@@ -88,6 +103,7 @@ class GatewayState:
         self.routes_file = settings.state_dir / "gateway" / "routes.json"
         self.admin_token = settings.gateway_admin_token
         self.max_in_flight = settings.gateway_max_in_flight
+        self.max_request_bytes = settings.gateway_max_request_bytes
         self.in_flight = 0  # one event loop: a plain counter is safe
         saved: dict[str, Route] = {}
         if self.routes_file.exists():
@@ -206,7 +222,9 @@ async def metrics(request: Request) -> Response:
 async def list_models(request: Request) -> dict:
     return {"object": "list", "data": [
         {"id": model, "object": "model", "owned_by": "llmship", "version": route.version,
-         "created": int(datetime.fromisoformat(route.since).timestamp())}
+         "created": int(datetime.fromisoformat(route.since).timestamp()),
+         **({"canary": {"version": route.canary.version, "percent": route.canary.percent}}
+            if route.canary else {})}
         for model, route in sorted(_gw(request).routes.items())]}
 
 
@@ -223,16 +241,48 @@ async def _proxy(request: Request, endpoint: str, schema: type[_OpenAIRequest]) 
     streaming = False
     try:
         response = await _forward(gw, request, endpoint, schema)
-        streaming = isinstance(response, StreamingResponse)
+        streaming = isinstance(response, _RelayResponse)
         return response
     finally:
-        if not streaming:  # a stream gives its slot back when its relay ends
+        if not streaming:  # a relayed stream gives its slot back when it closes
             gw.in_flight -= 1
+
+
+class _RelayResponse(StreamingResponse):
+    """A stream relayed from a model server. Its clean-up (close the upstream response, give
+    the in-flight slot back, count the request) runs however the relay ends: also when the
+    client leaves before the first chunk, where the generator never starts and so would run
+    no `finally` of its own."""
+
+    def __init__(self, *args, on_close, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._on_close()
+
+
+def _backends(route: Route) -> list[tuple[str, str]]:
+    """(version, upstream) to try, in order: the one this request is sent to, then the other
+    as a fallback for a server that refuses the connection."""
+    main = (route.version, route.upstream)
+    if route.canary is None:
+        return [main]
+    canary = (route.canary.version, route.canary.upstream)
+    return [canary, main] if random.random() * 100 < route.canary.percent else [main, canary]
 
 
 async def _forward(gw: GatewayState, request: Request, endpoint: str,
                    schema: type[_OpenAIRequest]) -> Response:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > gw.max_request_bytes:
+        return _too_large(gw, int(declared))
     body = await request.body()
+    if len(body) > gw.max_request_bytes:
+        return _too_large(gw, len(body))
     try:
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -245,61 +295,93 @@ async def _forward(gw: GatewayState, request: Request, endpoint: str,
         first = exc.errors()[0]
         param = ".".join(str(p) for p in first["loc"])
         return openai_error(400, f"{param}: {first['msg']}", param=param)
-    route = gw.routes.get(parsed.model)
-    if route is None and parsed.model in gw.unserved:
-        version = gw.unserved[parsed.model]
+    model = parsed.model
+    route = gw.routes.get(model)
+    if route is None and model in gw.unserved:
+        version = gw.unserved[model]
         # Counted like any other request, so the error rate stays errors / requests.
-        gw.requests.labels(parsed.model, version, endpoint, "503").inc()
-        gw.errors.labels(parsed.model, version, endpoint).inc()
-        return openai_error(503, f"{parsed.model}'s live version {version} "
+        gw.requests.labels(model, version, endpoint, "503").inc()
+        gw.errors.labels(model, version, endpoint).inc()
+        return openai_error(503, f"{model}'s live version {version} "
                                  "has no running model server; roll out or roll back to serve "
                                  "it again", type_="server_error", code="model_unavailable")
     if route is None:
-        gw.requests.labels(parsed.model, "", endpoint, "404").inc()
-        return openai_error(404, f"the model {parsed.model!r} does not exist; "
+        gw.requests.labels(model, "", endpoint, "404").inc()
+        return openai_error(404, f"the model {model!r} does not exist; "
                                  f"served: {sorted(gw.routes)}", code="model_not_found",
                             param="model")
     started = time.perf_counter()
-    upstream = gw.client.build_request("POST", f"{route.upstream}{endpoint}", content=body,
-                                       headers={"content-type": "application/json"})
-    try:
-        resp = await gw.client.send(upstream, stream=True)
-    except httpx.HTTPError as exc:
-        gw.requests.labels(parsed.model, route.version, endpoint, "503").inc()
-        gw.errors.labels(parsed.model, route.version, endpoint).inc()
-        return openai_error(503, f"model server for {parsed.model} {route.version} is "
-                                 f"unavailable: {type(exc).__name__}", type_="server_error",
-                            code="upstream_unavailable")
+    failed: list[str] = []
+    resp = None
+    for version, upstream in _backends(route):
+        try:
+            resp = await gw.client.send(gw.client.build_request(
+                "POST", f"{upstream}{endpoint}", content=body,
+                headers={"content-type": "application/json"}), stream=True)
+            break
+        except httpx.HTTPError as exc:
+            # Counted against the version that failed: what a canary step is judged on.
+            gw.requests.labels(model, version, endpoint, "503").inc()
+            gw.errors.labels(model, version, endpoint).inc()
+            failed.append(f"{version}: {type(exc).__name__}")
+            if not isinstance(exc, httpx.ConnectError):
+                break  # the request may have reached the server: not safe to send twice
+    if resp is None:
+        return openai_error(503, f"no model server of {model} answered ({'; '.join(failed)})",
+                            type_="server_error", code="upstream_unavailable")
 
-    def record() -> None:
-        gw.requests.labels(parsed.model, route.version, endpoint, str(resp.status_code)).inc()
-        gw.latency.labels(parsed.model, route.version, endpoint).observe(
-            time.perf_counter() - started)
-        if resp.status_code >= 500:
-            gw.errors.labels(parsed.model, route.version, endpoint).inc()
+    def record(status: str) -> None:
+        gw.requests.labels(model, version, endpoint, status).inc()
+        gw.latency.labels(model, version, endpoint).observe(time.perf_counter() - started)
+        if not status.isdigit() or int(status) >= 500:
+            gw.errors.labels(model, version, endpoint).inc()
 
-    headers = {"x-llmship-version": route.version}
+    headers = {"x-llmship-version": version}
     if parsed.stream and resp.status_code == 200:
+        outcome = {"status": "200", "closed": False}
+
         async def relay():
             first = True
             try:
                 async for chunk in resp.aiter_raw():
                     if first:
-                        gw.first_token.labels(parsed.model, route.version, endpoint).observe(
+                        gw.first_token.labels(model, version, endpoint).observe(
                             time.perf_counter() - started)
                         first = False
                     yield chunk
-            finally:
-                await resp.aclose()
-                gw.in_flight -= 1
-                record()
-        return StreamingResponse(relay(), status_code=resp.status_code, headers=headers,
-                                 media_type=resp.headers.get("content-type", "text/event-stream"))
-    content = await resp.aread()
-    await resp.aclose()
-    record()
+            except httpx.HTTPError:
+                # The server went away mid-stream: the client sees the stream cut short.
+                outcome["status"] = "broken"
+                raise
+
+        async def close() -> None:
+            if outcome["closed"]:
+                return
+            outcome["closed"] = True
+            await resp.aclose()
+            gw.in_flight -= 1
+            record(outcome["status"])
+
+        return _RelayResponse(relay(), on_close=close, status_code=200, headers=headers,
+                              media_type=resp.headers.get("content-type", "text/event-stream"))
+    try:
+        content = await resp.aread()
+    except httpx.HTTPError as exc:
+        record("broken")
+        return openai_error(503, f"model server for {model} {version} failed mid-answer: "
+                                 f"{type(exc).__name__}", type_="server_error",
+                            code="upstream_unavailable")
+    finally:
+        await resp.aclose()
+    record(str(resp.status_code))
     return Response(content, status_code=resp.status_code, headers=headers,
                     media_type=resp.headers.get("content-type", "application/json"))
+
+
+def _too_large(gw: GatewayState, size: int) -> JSONResponse:
+    return openai_error(413, f"the request body is {size} bytes; this gateway takes at most "
+                             f"{gw.max_request_bytes} (LLMSHIP_GATEWAY_MAX_REQUEST_BYTES)",
+                        code="request_too_large")
 
 
 @app.post("/v1/completions")
@@ -341,13 +423,15 @@ async def set_route(model: str, request: Request, authorization: str | None = He
         route = Route.model_validate(await request.json())
     except (ValidationError, json.JSONDecodeError) as exc:
         return openai_error(400, f"expected {{'version': ..., 'upstream': ...}}: {exc}")
-    try:
-        healthy = (await gw.client.get(f"{route.upstream}/health", timeout=5.0)).status_code == 200
-    except httpx.HTTPError:
-        healthy = False
-    if not healthy:
-        return openai_error(409, f"{route.upstream} is not healthy: traffic not moved",
-                            code="upstream_unhealthy")
+    upstreams = [route.upstream] + ([route.canary.upstream] if route.canary else [])
+    for upstream in upstreams:
+        try:
+            healthy = (await gw.client.get(f"{upstream}/health", timeout=5.0)).status_code == 200
+        except httpx.HTTPError:
+            healthy = False
+        if not healthy:
+            return openai_error(409, f"{upstream} is not healthy: traffic not moved",
+                                code="upstream_unhealthy")
     gw.routes[model] = route
     gw.unserved.pop(model, None)
     gw.save()

@@ -7,6 +7,8 @@ that started it may exit while it keeps serving.
 
 from __future__ import annotations
 
+import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -69,7 +71,11 @@ def running(settings: Settings, model: str | None = None) -> list[ModelServer]:
 
 
 def find(settings: Settings, model: str, version: str) -> ModelServer | None:
-    rec = processes.find(settings, server_name(model, version))
+    return find_by_name(settings, server_name(model, version))
+
+
+def find_by_name(settings: Settings, name: str) -> ModelServer | None:
+    rec = processes.find(settings, name)
     return _as_server(rec) if rec else None
 
 
@@ -82,12 +88,11 @@ def start(settings: Settings, model: str, version: str, model_dir: Path,
     mistakes them for one.
     """
     name = name or server_name(model, version)
-    rec = processes.find(settings, name)
-    existing = _as_server(rec) if rec else None
+    existing = find_by_name(settings, name)
     if existing and is_healthy(existing):
         return existing
     if existing:
-        processes.stop(settings, rec)
+        stop(settings, existing)
     port = free_port(settings)
     rec = processes.start(
         settings, name,
@@ -134,6 +139,42 @@ def describe_death(settings: Settings, server: ModelServer) -> str:
 
 
 def stop(settings: Settings, server: ModelServer) -> None:
+    cancel_retirement(settings, server)
     rec = processes.find(settings, server.name)
+    if rec:
+        processes.stop(settings, rec)
+
+
+# A server that traffic has left stays up for a while, so that a rollback to it takes a
+# second. A small detached process (serving/retire.py) stops it when the time is up, unless
+# traffic has come back to it by then; it outlives the flow run that started it.
+
+def retirement_name(server: ModelServer) -> str:
+    return f"retire-{server.name}"
+
+
+def retire_after(settings: Settings, server: ModelServer, seconds: float) -> float | None:
+    """Stop server in seconds (at once for 0); returns the deadline (unix time)."""
+    cancel_retirement(settings, server)
+    if seconds <= 0:
+        stop(settings, server)
+        return None
+    deadline = time.time() + seconds
+    processes.start(settings, retirement_name(server),
+                    [sys.executable, "-m", "serving.retire", server.name, f"{deadline:.3f}"],
+                    env=stage_env(settings),
+                    info={"server": server.name, "model": server.model,
+                          "version": server.version, "deadline": deadline})
+    return deadline
+
+
+def retirement_deadline(settings: Settings, server: ModelServer) -> float | None:
+    rec = processes.find(settings, retirement_name(server))
+    return rec.info.get("deadline") if rec else None
+
+
+def cancel_retirement(settings: Settings, server: ModelServer) -> None:
+    """Traffic is back on server (or it is stopping anyway): keep it up."""
+    rec = processes.find(settings, retirement_name(server))
     if rec:
         processes.stop(settings, rec)

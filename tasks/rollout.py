@@ -1,28 +1,49 @@
 """Stage 6, rollout: serve a published version and move the gateway's traffic to it.
 
-Start (or find) a vLLM server for the version from a verified local copy, wait until healthy,
-smoke-test one completion, point the gateway at it, move the `live` alias in S3 (the old live
-becomes `previous`), then stop the servers of older versions. A version already live and
-healthy is left alone. If any step fails before traffic moves, the new server is stopped and
-the old version keeps serving.
+    start (or reuse the warm) server -> smoke test -> canary steps, each baked and judged on
+    the gateway's own metrics -> switch -> `live`/`previous` aliases (compare-and-swap) ->
+    the old version kept warm for a while, older ones stopped
+
+A canary step that breaches its limits (error rate, p99 latency, a server that stops
+answering) sends all traffic back to the version that served before, stops the new server and
+fails with the numbers: a bad version goes back by itself. Any other failure before the switch
+does the same. A version already live and healthy is left alone.
 """
 
 from __future__ import annotations
 
 import time
+from datetime import datetime, timezone
 
 import httpx
-from prefect import get_run_logger, task
-from pydantic import BaseModel
+from prefect import get_run_logger, pause_flow_run, task
+from prefect.events import emit_event
+from prefect.input import RunInput
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import BaseModel, Field
 
-from llmship.errors import PermanentError, ServingError
-from llmship.settings import Settings, get_settings
+from llmship.errors import CanaryFailed, ServingError, UngatedVersion
+from llmship.manifest import Manifest
+from llmship.settings import RolloutConfig, Settings, get_settings
 from llmship.store import ArtifactStore
 from serving import model_server
-from tasks.common import StageOutput, record_stage_artifact
+from tasks.common import (
+    StageOutput, record_markdown, record_stage_artifact, retry_unless_permanent,
+)
 from tasks.publish import PublishedVersion
 
 SMOKE_PROMPT = "Hello"
+
+
+class StepResult(BaseModel):
+    """One canary step: the new version's traffic at the gateway over its bake."""
+
+    percent: float
+    seconds: float
+    requests: int
+    errors: int
+    p99_seconds: float | None
+    breach: str | None = None
 
 
 class RolloutResult(BaseModel):
@@ -32,9 +53,24 @@ class RolloutResult(BaseModel):
     upstream: str
     gateway: str
     changed: bool
+    started_server: bool = False  # False: a running (warm) server took the traffic
+    steps: list[StepResult] = []
+    # From the decision to switch to the gateway routing to the new server: what a
+    # rollback to a warm version costs.
+    switch_seconds: float = 0.0
+    previous_warm_until: str | None = None
     smoke_output: str = ""
     seconds: float
 
+
+class RolloutApproval(RunInput):
+    """The form the Prefect UI shows on a run paused before its traffic moves."""
+
+    approve: bool = Field(description="move traffic to the new version")
+    note: str = Field("", description="why; kept in the run's logs")
+
+
+# ------------------------------------------------------------------ the gateway's admin API
 
 def gateway_routes(settings: Settings) -> dict:
     resp = httpx.get(f"{settings.gateway_url}/admin/routes", timeout=10.0,
@@ -43,66 +79,264 @@ def gateway_routes(settings: Settings) -> dict:
     return resp.json()
 
 
-def point_gateway(settings: Settings, model: str, version: str, upstream: str) -> None:
+def route_traffic(settings: Settings, model: str, version: str, upstream: str,
+                  canary: dict | None = None) -> None:
+    """All of model's traffic to (version, upstream), or canary['percent'] of it to the
+    canary's server."""
     resp = httpx.put(f"{settings.gateway_url}/admin/routes/{model}", timeout=10.0,
                      headers={"authorization": f"Bearer {settings.gateway_admin_token}"},
-                     json={"version": version, "upstream": upstream})
+                     json={"version": version, "upstream": upstream, "canary": canary})
     if resp.status_code != 200:
         raise ServingError(f"the gateway refused the route to {model} {version}: "
                            f"{resp.status_code} {resp.text[:300]}")
 
 
-def rollout(version: PublishedVersion) -> RolloutResult:
+# ------------------------------------------------------------------ judging a canary step
+
+class Traffic(BaseModel):
+    """A version's requests at the gateway, as counters: subtract two to get a window."""
+
+    requests: float = 0.0
+    errors: float = 0.0
+    buckets: dict[float, float] = {}  # latency histogram: upper bound -> cumulative count
+
+    def minus(self, before: "Traffic") -> "Traffic":
+        return Traffic(requests=self.requests - before.requests,
+                       errors=self.errors - before.errors,
+                       buckets={le: n - before.buckets.get(le, 0.0)
+                                for le, n in self.buckets.items()})
+
+
+def parse_traffic(metrics_text: str, model: str, version: str) -> Traffic:
+    """The version's totals over every endpoint, from the gateway's /metrics."""
+    traffic = Traffic()
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            labels = sample.labels
+            if labels.get("model") != model or labels.get("version") != version:
+                continue
+            if sample.name == "llmship_gateway_requests_total":
+                traffic.requests += sample.value
+            elif sample.name == "llmship_gateway_errors_total":
+                traffic.errors += sample.value
+            elif sample.name == "llmship_gateway_request_seconds_bucket":
+                le = float(labels["le"])
+                traffic.buckets[le] = traffic.buckets.get(le, 0.0) + sample.value
+    return traffic
+
+
+def quantile(q: float, buckets: dict[float, float]) -> float | None:
+    """Prometheus's histogram_quantile: linear within the bucket the rank falls in; the
+    largest finite bound when it falls in +Inf."""
+    bounds = sorted(buckets)
+    total = buckets.get(float("inf"), 0.0)
+    if total <= 0:
+        return None
+    rank, lower, below = q * total, 0.0, 0.0
+    for le in bounds:
+        count = buckets[le]
+        if count >= rank:
+            if le == float("inf"):
+                return lower
+            return lower + (le - lower) * (rank - below) / max(count - below, 1e-12)
+        lower, below = le, count
+    return lower
+
+
+def judge(window: Traffic, cfg: RolloutConfig, *, finished: bool) -> str | None:
+    """Why a step breaches its limits, or None. Error rate and latency are judged as soon as
+    there is traffic (a failing canary stops early); too little traffic only at the end."""
+    n = int(window.requests)
+    if n and window.errors / n > cfg.max_error_rate:
+        return (f"error rate {window.errors / n:.1%} ({int(window.errors)} of {n} requests) > "
+                f"{cfg.max_error_rate:.1%}")
+    p99 = quantile(0.99, window.buckets)
+    if cfg.max_p99_seconds is not None and p99 is not None and p99 > cfg.max_p99_seconds:
+        return f"p99 latency {p99:.2f} s > {cfg.max_p99_seconds:.2f} s over {n} requests"
+    if finished and n < cfg.min_requests:
+        return f"only {n} requests in {cfg.bake_seconds:.0f} s, fewer than min_requests " \
+               f"{cfg.min_requests}: too little evidence to go on"
+    return None
+
+
+def read_traffic(settings: Settings, model: str, version: str) -> Traffic:
+    resp = httpx.get(f"{settings.gateway_url}/metrics", timeout=10.0)
+    resp.raise_for_status()
+    return parse_traffic(resp.text, model, version)
+
+
+def bake(settings: Settings, server: model_server.ModelServer, percent: float,
+         cfg: RolloutConfig, log) -> StepResult:
+    """Watch the new version's share of traffic for cfg.bake_seconds, stopping at the first
+    breach."""
+    before = read_traffic(settings, server.model, server.version)
+    started = time.monotonic()
+    while True:
+        time.sleep(min(settings.rollout_check_interval_s,
+                       max(0.0, cfg.bake_seconds - (time.monotonic() - started))))
+        elapsed = time.monotonic() - started
+        window = read_traffic(settings, server.model, server.version).minus(before)
+        finished = elapsed >= cfg.bake_seconds
+        breach = judge(window, cfg, finished=finished)
+        if breach is None and not model_server.is_healthy(server):
+            breach = f"{server.name} stopped answering its health check"
+        step = StepResult(percent=percent, seconds=round(elapsed, 1),
+                          requests=int(window.requests), errors=int(window.errors),
+                          p99_seconds=quantile(0.99, window.buckets), breach=breach)
+        if breach or finished:
+            return step
+        log.info("canary %s%%: %d requests, %d errors after %.0f s", percent, step.requests,
+                 step.errors, elapsed)
+
+
+# ------------------------------------------------------------------ the rollout
+
+def check_gated(manifest: Manifest | None, version: PublishedVersion,
+                allow_ungated: bool) -> Manifest:
+    if manifest is None:
+        raise UngatedVersion(f"{version.prefix} is not a published version")
+    if not manifest.details.get("gate_passed") and not allow_ungated:
+        raise UngatedVersion(
+            f"{version.model} {version.version} has no passing gate record: nothing reaches "
+            "traffic without one. Pass allow_ungated=true (the rollback form's override) to "
+            "serve it anyway")
+    return manifest
+
+
+def rollout(version: PublishedVersion, cfg: RolloutConfig, *, allow_ungated: bool = False,
+            reason: str = "", log=None) -> RolloutResult:
+    log = log or get_run_logger()
     settings = get_settings()
     store = ArtifactStore(settings)
     started = time.monotonic()
-    manifest = store.read_manifest(version.prefix)
-    if manifest is None or not manifest.details.get("gate_passed"):
-        raise PermanentError(f"{version.prefix} is not a published version that passed the "
-                             "gate: nothing reaches traffic without a passing gate record")
-    current = gateway_routes(settings).get(version.model)
-    live = model_server.find(settings, version.model, version.version)
-    if current and current["version"] == version.version and live and \
-            model_server.is_healthy(live):
-        return RolloutResult(model=version.model, version=version.version,
-                             previous=None, upstream=live.url, gateway=settings.gateway_url,
-                             changed=False, seconds=round(time.monotonic() - started, 3))
-    model_dir = store.materialize(version.prefix)  # every file checked against the manifest
-    server = model_server.start(settings, version.model, version.version, model_dir,
-                                manifest.details.get("engine_args", []))
+    manifest = check_gated(store.read_manifest(version.prefix), version, allow_ungated)
+    model = version.model
+    current = gateway_routes(settings).get(model)
+    server = model_server.find(settings, model, version.version)
+    if current and current["version"] == version.version and not current.get("canary") \
+            and server and model_server.is_healthy(server):
+        return RolloutResult(model=model, version=version.version, previous=None,
+                             upstream=server.url, gateway=settings.gateway_url, changed=False,
+                             seconds=round(time.monotonic() - started, 3))
+    warm = server is not None and model_server.is_healthy(server)
+    if warm:
+        model_server.cancel_retirement(settings, server)
+        log.info("%s %s is warm at %s: no start needed", model, version.version, server.url)
+    else:
+        log.info("starting a server for %s %s", model, version.version)
+        model_dir = store.materialize(version.prefix)  # every file checked against the manifest
+        server = model_server.start(settings, model, version.version, model_dir,
+                                    manifest.details.get("engine_args", []))
+    # A live version with no running server is not routed, but traffic still leaves it.
+    was_live = current["version"] if current else store.read_alias(model, "live")
+    previous = was_live if was_live != version.version else None
+    steps: list[StepResult] = []
     try:
         smoke = model_server.smoke_test(server, SMOKE_PROMPT)
-        point_gateway(settings, version.model, version.version, server.url)
-    except Exception:
+        # A canary needs a version to compare with and to fall back on.
+        for percent in (cfg.canary_steps if current and previous else []):
+            route_traffic(settings, model, current["version"], current["upstream"],
+                          canary={"version": version.version, "upstream": server.url,
+                                  "percent": percent})
+            log.info("canary: %s%% of %s's traffic to %s for %.0f s", percent, model,
+                     version.version, cfg.bake_seconds)
+            step = bake(settings, server, percent, cfg, log)
+            steps.append(step)
+            if step.breach:
+                raise CanaryFailed(f"canary of {model} {version.version} at {percent:g}% "
+                                   f"breached after {step.seconds:.0f} s: {step.breach}; "
+                                   f"traffic is back on {previous}")
+            log.info("canary %s%% passed: %d requests, %d errors, p99 %s", percent,
+                     step.requests, step.errors, _seconds(step.p99_seconds))
+        switch_started = time.monotonic()
+        route_traffic(settings, model, version.version, server.url)
+        switch_seconds = time.monotonic() - switch_started
+    except Exception as exc:
+        if current:  # all traffic back where it was, before anything else
+            route_traffic(settings, model, current["version"], current["upstream"])
         model_server.stop(settings, server)
+        if isinstance(exc, CanaryFailed):
+            emit_event(event="llmship.rollout.rolled-back",
+                       resource={"prefect.resource.id": f"llmship.model.{model}",
+                                 "llmship.model": model},
+                       payload={"model": model, "version": version.version,
+                                "back_on": previous, "reason": str(exc),
+                                "steps": [s.model_dump() for s in steps]})
         raise
-    previous = current["version"] if current else None
-    store.move_alias(version.model, "live", version.version)
-    if previous and previous != version.version:
-        store.move_alias(version.model, "previous", previous)
-    for other in model_server.running(settings, version.model):
-        if other.version != version.version:
+    store.move_alias(model, "live", version.version, reason=reason)
+    warm_until = None
+    if previous:
+        store.move_alias(model, "previous", previous, reason=reason)
+    for other in model_server.running(settings, model):
+        if other.version == version.version:
+            continue
+        if other.version == previous:
+            deadline = model_server.retire_after(settings, other, cfg.keep_previous_warm_seconds)
+            warm_until = _iso(deadline) if deadline else None
+        else:
             model_server.stop(settings, other)
-    return RolloutResult(model=version.model, version=version.version, previous=previous,
+    return RolloutResult(model=model, version=version.version, previous=previous,
                          upstream=server.url, gateway=settings.gateway_url, changed=True,
-                         smoke_output=smoke, seconds=round(time.monotonic() - started, 3))
+                         started_server=not warm, steps=steps,
+                         switch_seconds=round(switch_seconds, 4),
+                         previous_warm_until=warm_until, smoke_output=smoke,
+                         seconds=round(time.monotonic() - started, 3))
 
 
-@task(name="rollout", retries=1, retry_delay_seconds=5)
-def rollout_task(version: PublishedVersion) -> RolloutResult:
-    result = rollout(version)
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f} s"
+
+
+def _iso(unix: float) -> str:
+    return datetime.fromtimestamp(unix, timezone.utc).isoformat(timespec="seconds")
+
+
+def approve_rollout(version: PublishedVersion, cfg: RolloutConfig) -> bool:
+    """With cfg.require_approval, pause the flow run until someone answers the form the
+    Prefect UI shows on it; True when traffic may move."""
+    if not cfg.require_approval:
+        return True
+    log = get_run_logger()
+    record_markdown(version.model, "approval", (
+        f"# Waiting for approval: {version.model} {version.version}\n\n"
+        f"Published and gated ({version.scheme}, {version.bytes / 1e6:.1f} MB, "
+        f"`{version.prefix}`). Resume this run in the Prefect UI and answer the form to move "
+        f"traffic to it; the run fails if nobody answers within "
+        f"{cfg.approval_timeout_seconds} s.\n"), f"{version.version} awaits approval")
+    log.info("%s %s is published; waiting for approval before traffic moves (resume the run "
+             "in the Prefect UI)", version.model, version.version)
+    answer = pause_flow_run(wait_for_input=RolloutApproval,
+                            timeout=cfg.approval_timeout_seconds,
+                            poll_interval=get_settings().approval_poll_interval_s)
+    log.info("rollout of %s %s %s: %s", version.model, version.version,
+             "approved" if answer.approve else "declined", answer.note or "(no note)")
+    return answer.approve
+
+
+@task(name="rollout", retries=1, retry_delay_seconds=5,
+      retry_condition_fn=retry_unless_permanent)
+def rollout_task(version: PublishedVersion, cfg: RolloutConfig, allow_ungated: bool = False,
+                 reason: str = "") -> RolloutResult:
+    result = rollout(version, cfg, allow_ungated=allow_ungated, reason=reason)
     logger = get_run_logger()
     if result.changed:
-        logger.info("%s %s is live at %s (was %s), served by %s", result.model, result.version,
-                    result.gateway, result.previous or "nothing", result.upstream)
+        logger.info("%s %s is live at %s (was %s), served by %s; switch %.3f s", result.model,
+                    result.version, result.gateway, result.previous or "nothing",
+                    result.upstream, result.switch_seconds)
     else:
         logger.info("%s %s is already live and healthy: nothing to do", result.model,
                     result.version)
+    steps = " -> ".join(f"{s.percent:g}% ({s.requests} req, {s.errors} err)"
+                        for s in result.steps) or "none"
     record_stage_artifact(version.model, StageOutput(
         stage="rollout", key=version.version, prefix=version.prefix, digest=version.digest,
         files=version.files, bytes=version.bytes,
     ), {"live version": result.version, "previous": result.previous or "-",
-        "changed": result.changed, "model server": result.upstream,
+        "changed": result.changed, "server": result.upstream + (
+            "" if result.started_server or not result.changed else " (was warm)"),
+        "canary steps": steps, "switch seconds": result.switch_seconds,
+        "previous kept warm until": result.previous_warm_until or "-",
         "gateway": result.gateway, "seconds": result.seconds},
         f"{result.model} {result.version} live" + ("" if result.changed else " (unchanged)"))
     return result
+

@@ -166,3 +166,99 @@ def test_past_its_in_flight_limit_the_gateway_sheds_with_429(monkeypatch, tmp_pa
             in metrics
         assert "llmship_gateway_in_flight 0.0" in metrics  # every slot given back
     get_settings.cache_clear()
+
+
+def fake_model_server(name: str):
+    """A model server that answers every completion with its own name."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Named(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            body = json.dumps({"choices": [{"text": name}]}).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Named)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+ADMIN = {"authorization": "Bearer right-token"}
+
+
+def test_a_canary_takes_its_share_and_a_dead_one_costs_clients_nothing(client):
+    old, old_url = fake_model_server("old")
+    new, new_url = fake_model_server("new")
+    resp = client.put("/admin/routes/m", headers=ADMIN, json={
+        "version": "v1", "upstream": old_url,
+        "canary": {"version": "v2", "upstream": new_url, "percent": 30}})
+    assert resp.status_code == 200, resp.text
+    assert client.get("/v1/models").json()["data"][0]["canary"] == {"version": "v2",
+                                                                   "percent": 30}
+    served = [client.post("/v1/completions", json={"model": "m", "prompt": "x"})
+              for _ in range(200)]
+    assert all(r.status_code == 200 for r in served)
+    by_version = [r.headers["x-llmship-version"] for r in served]
+    assert all(r.json()["choices"][0]["text"] == {"v1": "old", "v2": "new"}[v]
+               for r, v in zip(served, by_version))
+    share = by_version.count("v2") / len(served)
+    assert 0.18 < share < 0.42, share  # 30 %, give or take four standard deviations
+
+    new.shutdown()
+    new.server_close()  # the canary's server dies: its port refuses connections
+    after = [client.post("/v1/completions", json={"model": "m", "prompt": "x"})
+             for _ in range(60)]
+    assert [r.status_code for r in after] == [200] * 60
+    assert {r.headers["x-llmship-version"] for r in after} == {"v1"}
+    metrics = client.get("/metrics").text
+    # Each refused attempt is an error of the canary's version: what rolls it back.
+    failed = [line for line in metrics.splitlines()
+              if line.startswith('llmship_gateway_errors_total{endpoint="/v1/completions",'
+                                 'model="m",version="v2"}')]
+    assert failed and float(failed[0].split()[-1]) >= 5, failed
+    old.shutdown()
+
+
+def test_canary_route_needs_a_healthy_canary(client):
+    old, old_url = fake_model_server("old")
+    resp = client.put("/admin/routes/m", headers=ADMIN, json={
+        "version": "v1", "upstream": old_url,
+        "canary": {"version": "v2", "upstream": "http://127.0.0.1:9", "percent": 10}})
+    assert_openai_error(resp, 409)
+    assert client.get("/v1/models").json()["data"] == []
+    for percent in (0, 100):
+        bad = client.put("/admin/routes/m", headers=ADMIN, json={
+            "version": "v1", "upstream": old_url,
+            "canary": {"version": "v2", "upstream": old_url, "percent": percent}})
+        assert_openai_error(bad, 400)
+    old.shutdown()
+
+
+def test_a_body_past_the_limit_is_413_before_it_reaches_a_server(monkeypatch, tmp_path):
+    from llmship.settings import get_settings
+
+    monkeypatch.setenv("LLMSHIP_STATE_DIR", str(tmp_path))
+    monkeypatch.setenv("LLMSHIP_GATEWAY_MAX_REQUEST_BYTES", "2048")
+    get_settings.cache_clear()
+    from serving.gateway import app
+
+    with TestClient(app) as c:
+        err = assert_openai_error(c.post("/v1/completions", json={
+            "model": "m", "prompt": "clause " * 500}), 413)
+        assert err["code"] == "request_too_large" and "at most 2048" in err["message"]
+        # Under the limit the same request goes on to routing (no such model here).
+        assert_openai_error(c.post("/v1/completions", json={"model": "m", "prompt": "x"}), 404)
+    get_settings.cache_clear()
