@@ -4,7 +4,7 @@
     llmship down               stop everything `up` and the rollouts started
     llmship status             what runs where, and what each model serves
     llmship versions MODEL     published versions, their gate verdicts, which is live
-    llmship rollback MODEL [--to VERSION] [--reason TEXT]
+    llmship rollback MODEL [--to VERSION] [--reason TEXT] [--allow-ungated]
                                run the rollback/MODEL deployment and wait for it
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 import httpx
 
@@ -19,6 +20,7 @@ from llmship import stack
 from llmship.errors import LlmshipError, RollbackFailed, StackError
 from llmship.settings import get_settings
 from llmship.store import ArtifactStore
+from serving import model_server
 
 
 def cmd_up(args) -> None:
@@ -50,7 +52,14 @@ def cmd_status(args) -> None:
           f"{settings.credentials_file})")
     print(f"gateway      {settings.gateway_url}")
     for m in models:
-        print(f"  serving    {m['id']} version {m['version']}")
+        canary = m.get("canary")
+        print(f"  serving    {m['id']} version {m['version']}" + (
+            f", canary {canary['version']} at {canary['percent']:g}%" if canary else ""))
+    for server in model_server.running(settings):
+        deadline = model_server.retirement_deadline(settings, server)
+        role = (f"kept warm until {time.strftime('%H:%M:%S', time.localtime(deadline))}"
+                if deadline else "serving")
+        print(f"  server     {server.model} {server.version} at {server.url}: {role}")
     if models:
         name = models[0]["id"]
         print("\ntry:\n  curl -s " + settings.gateway_url + "/v1/completions -H "
@@ -88,7 +97,8 @@ def cmd_rollback(args) -> None:
 
     settings = get_settings()
     name = f"rollback/{args.model}"
-    parameters = {"model": args.model, "reason": args.reason, "target_version": args.to}
+    parameters = {"model": args.model, "reason": args.reason, "target_version": args.to,
+                  "allow_ungated": args.allow_ungated}
     with temporary_settings(updates={PREFECT_API_URL: settings.prefect_api_url}):
         try:
             flow_run = run_deployment(name, parameters=parameters, timeout=args.timeout)
@@ -123,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     rollback.add_argument("--to", metavar="VERSION", default=None,
                           help="a published version (default: the previous one)")
     rollback.add_argument("--reason", default="rolled back with `llmship rollback`")
+    rollback.add_argument("--allow-ungated", action="store_true",
+                          help="serve a version without a passing gate record (an override)")
     rollback.add_argument("--timeout", type=float, default=600.0, help="seconds to wait")
     rollback.set_defaults(fn=cmd_rollback)
     args = parser.parse_args(argv)

@@ -327,7 +327,7 @@ async def _forward(gw: GatewayState, request: Request, endpoint: str,
             if not isinstance(exc, httpx.ConnectError):
                 break  # the request may have reached the server: not safe to send twice
     if resp is None:
-        return openai_error(503, f"no model server of {model} answered ({'; '.join(failed)})",
+        return openai_error(503, f"the model server of {model} failed: {'; '.join(failed)}",
                             type_="server_error", code="upstream_unavailable")
 
     def record(status: str) -> None:

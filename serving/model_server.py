@@ -46,6 +46,10 @@ def vllm_env(settings: Settings) -> dict[str, str]:
     if settings.device == "cpu":
         # Without it vLLM's CPU backend sizes its KV cache at 0.9 x RAM.
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        # vLLM pins each CPU server's threads to cores from 0 up: two servers of a rollout
+        # (old and new) would share core 0, and a busy old one starves the new one's start
+        # for minutes. Unpinned, the OS shares the cores between them.
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     env.setdefault("DO_NOT_TRACK", "1")
     return env

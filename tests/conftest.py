@@ -76,6 +76,17 @@ def prefect_client(stack):
 
 
 @pytest.fixture(scope="session")
+def first_run(stack):
+    """The demo deployment's first run: the tiny model calibrated, gated, published and live.
+    The stack tests build on it (and on each other, in file order)."""
+    from prefect.deployments import run_deployment
+
+    flow_run = run_deployment("build-and-serve/tiny-llama", timeout=1200)
+    assert flow_run.state.is_completed(), flow_run.state.message
+    return flow_run
+
+
+@pytest.fixture(scope="session")
 def alert_receiver():
     """A local HTTP endpoint standing in for the team's Slack webhook: it keeps what it gets."""
     import json

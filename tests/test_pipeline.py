@@ -45,13 +45,6 @@ def held_out(task: str, n: int) -> list[dict]:
     return [it for it in items if it["task"] == task][:n]
 
 
-@pytest.fixture(scope="module")
-def first_run(stack):
-    flow_run = run()
-    assert flow_run.state.is_completed(), flow_run.state.message
-    return flow_run
-
-
 def test_build_and_serve_serves_the_calibrated_version(first_run, stack, store, prefect_client):
     live = store.read_alias("tiny-llama", "live")
     versions = list_versions("tiny-llama")

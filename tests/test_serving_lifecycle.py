@@ -1,0 +1,229 @@
+"""Switching versions on the real stack, with clients sending requests all along.
+
+After test_pipeline.py (the first version, A, is live): new domain data makes the nightly
+recalibration build version B, which waits for approval, then takes traffic through a canary
+step without a single failed client request; a rollback through `prefect deployment run`
+returns to the warm A; B, rolled out again, dies during its canary and traffic goes back to A
+by itself. The tests run in file order: each starts where the one before left off.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from prefect.client.schemas.filters import (
+    ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterState,
+    FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import StateType
+from prefect.deployments import run_deployment
+from prefect.flow_runs import resume_flow_run
+
+from tasks.publish import list_versions
+from tests.helpers.load import SteadyLoad
+
+pytestmark = [pytest.mark.stack, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[1]
+BIN = REPO / ".venv" / "orchestrator" / "bin"
+RECALIBRATE = "recalibrate/tiny-llama"
+
+
+def prompts(n: int = 8) -> list[str]:
+    lines = (REPO / "calibration_data" / "contracts" / "eval.jsonl").read_text().splitlines()
+    return [json.loads(line)["prompt"] for line in lines[:n]]
+
+
+def wait_for(what: str, check, timeout: float, every: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if found := check():
+            return found
+        time.sleep(every)
+    raise AssertionError(f"not {what} within {timeout:.0f} s")
+
+
+def recalibrate_config(prefect_client, **rollout) -> dict:
+    config = prefect_client.read_deployment_by_name(RECALIBRATE).parameters["config"]
+    config = json.loads(json.dumps(config))
+    # Shorter than the demo's two 30 s steps; a p99 limit loose enough for 2 busy cores.
+    config["rollout"].update(canary_steps=[50], bake_seconds=8, max_p99_seconds=20, **rollout)
+    return config
+
+
+def finished(prefect_client, flow_run, timeout: float):
+    return wait_for(f"{flow_run.name} finished", lambda: (
+        run if (run := prefect_client.read_flow_run(flow_run.id)).state.is_final() else None),
+        timeout, every=2.0)
+
+
+def server_pid(stack, version: str) -> int | None:
+    from serving import model_server
+
+    server = model_server.find(stack, "tiny-llama", version)
+    return server.pid if server else None
+
+
+@pytest.fixture(scope="module")
+def versions(first_run, stack, store) -> dict:
+    """A (live after the first run), and B once the recalibration has rolled it out."""
+    return {"A": store.read_alias("tiny-llama", "live")}
+
+
+def test_recalibration_waits_for_approval_then_canaries_without_a_failed_request(
+        versions, stack, store, prefect_client):
+    a = versions["A"]
+    # The team's data was refreshed: the first 256 samples, the ones calibrated on, are new.
+    data = stack.calibration_data_dir / "contracts" / "calibration.jsonl"
+    lines = data.read_text().splitlines()
+    data.write_text("\n".join(lines[256:] + lines[:256]) + "\n")
+
+    parent = run_deployment(RECALIBRATE, timeout=0,
+                            parameters={"config": recalibrate_config(prefect_client)})
+    paused_filter = FlowRunFilter(state=FlowRunFilterState(
+        type=FlowRunFilterStateType(any_=[StateType.PAUSED])))
+    paused = wait_for("paused for approval", lambda: prefect_client.read_flow_runs(
+        flow_run_filter=paused_filter), timeout=600, every=3.0)[0]
+    # Published and gated, but nobody has approved: A still takes all the traffic.
+    published = [v.key for v in list_versions("tiny-llama")]
+    assert len(published) == 2 and a in published
+    b = versions["B"] = next(v for v in published if v != a)
+    assert store.read_alias("tiny-llama", "live") == a
+    assert httpx.get(f"{stack.gateway_url}/v1/models").json()["data"][0]["version"] == a
+
+    # Steady, not saturating: on 2 cores a saturating load would starve B's server start.
+    with SteadyLoad(stack.gateway_url, "tiny-llama", prompts(), workers=2, pause_s=0.25) as load:
+        time.sleep(3)
+        resume_flow_run(paused.id, run_input={"approve": True, "note": "looks good"})
+        done = finished(prefect_client, parent, timeout=600)
+        time.sleep(3)
+    assert done.state.is_completed(), done.state.message
+    result = done.state.result()
+    assert (result.version, result.previous, result.started_server) == (b, a, True)
+    [step] = result.steps
+    assert step.percent == 50 and step.breach is None and step.requests > 0
+
+    # Not one client request failed while B started, took half the traffic, then all of it.
+    assert load.failures() == [], load.failures()[:5]
+    seen = [o.version for o in load.outcomes]
+    assert len(seen) > 30 and {a, b} <= set(seen)
+    tail = [o.version for o in load.outcomes if o.started > done.state.timestamp.timestamp()]
+    assert tail and set(tail) == {b}
+    assert (store.read_alias("tiny-llama", "live"),
+            store.read_alias("tiny-llama", "previous")) == (b, a)
+    # A stays warm: its server keeps running, with a retirement scheduled 15 minutes out.
+    from llmship import processes
+
+    retire = processes.find(stack, f"retire-vllm-tiny-llama-{a}")
+    assert server_pid(stack, a) and retire
+    assert 800 < retire.info["deadline"] - time.time() <= 900
+
+    listing = subprocess.run([str(BIN / "llmship"), "versions", "tiny-llama"],
+                             capture_output=True, text=True, check=True).stdout
+    rows = {line.split()[0]: line for line in listing.splitlines()[1:]}
+    assert rows[b].rstrip().endswith("live") and rows[a].rstrip().endswith("previous")
+    assert " pass " in rows[a] and " pass " in rows[b]
+
+
+def test_rollback_through_prefect_deployment_run_takes_the_warm_version(
+        versions, stack, store, prefect_client):
+    a, b = versions["A"], versions["B"]
+    a_pid = server_pid(stack, a)
+    run = subprocess.run(
+        [str(BIN / "prefect"), "deployment", "run", "rollback/tiny-llama",
+         "--param", "reason=B answers dates worse on the new contracts", "--watch",
+         "--watch-timeout", "300"], capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert (store.read_alias("tiny-llama", "live"),
+            store.read_alias("tiny-llama", "previous")) == (a, b)
+    alias = store.get_json("aliases/tiny-llama/live.json")[0]
+    assert alias["reason"] == "rollback: B answers dates worse on the new contracts"
+    # The kept-warm server took the traffic: no start, the same process.
+    assert server_pid(stack, a) == a_pid
+    models = httpx.get(f"{stack.gateway_url}/v1/models").json()["data"]
+    assert [(m["id"], m["version"]) for m in models] == [("tiny-llama", a)]
+    artifact = prefect_client.read_artifacts(artifact_filter=ArtifactFilter(
+        key=ArtifactFilterKey(any_=["tiny-llama-rollback"])))[0]
+    assert "B answers dates worse" in artifact.data and f"| from | {b} |" in artifact.data
+
+
+def test_a_canary_that_dies_is_rolled_back_by_itself(versions, stack, store, prefect_client):
+    from llmship import processes
+
+    a, b = versions["A"], versions["B"]
+    assert server_pid(stack, b), "B was kept warm by the rollback"
+    # The data still differs from A's: the recalibration rolls B out again, this time with
+    # no approval, a long canary step, and B's server about to die in the middle of it.
+    config = recalibrate_config(prefect_client, bake_seconds=300, require_approval=False)
+    killed = {}
+
+    def kill_b_once_it_has_traffic():
+        def has_canary():
+            routes = httpx.get(f"{stack.gateway_url}/v1/models").json()["data"]
+            return bool(routes and routes[0].get("canary"))
+        wait_for("a canary route", has_canary, timeout=300, every=0.5)
+        time.sleep(3)
+        killed["at"] = time.time()
+        os.killpg(processes.find(stack, f"vllm-tiny-llama-{b}").pid, signal.SIGKILL)
+
+    with SteadyLoad(stack.gateway_url, "tiny-llama", prompts(), workers=2, pause_s=0.25) as load:
+        killer = threading.Thread(target=kill_b_once_it_has_traffic)
+        killer.start()
+        flow_run = run_deployment(RECALIBRATE, parameters={"config": config}, timeout=600)
+        killer.join()
+        time.sleep(3)
+    assert flow_run.state.is_failed()
+    done_at = flow_run.state.timestamp.timestamp()
+    # Judged on the gateway's metrics within seconds, not at the end of the 300 s bake.
+    assert done_at - killed["at"] < 60
+    assert f"CanaryFailed: canary of tiny-llama {b} at 50% breached after" in \
+        flow_run.state.message
+    assert "error rate" in flow_run.state.message
+    assert f"traffic is back on {a}" in flow_run.state.message
+    assert store.read_alias("tiny-llama", "live") == a
+    models = httpx.get(f"{stack.gateway_url}/v1/models").json()["data"]
+    assert [(m["id"], m["version"], m.get("canary")) for m in models] == [
+        ("tiny-llama", a, None)]
+    assert server_pid(stack, b) is None  # its record is cleaned up
+    # Clients: only requests B had in hand when it died can fail; all after went to A.
+    failures = load.failures()
+    assert all(abs(f.started - killed["at"]) < 5 for f in failures), failures
+    assert len(failures) <= load.workers
+    after = [o for o in load.outcomes if o.started > killed["at"] + 5]
+    assert after and all(o.ok and o.version == a for o in after)
+    def rolled_back_event():
+        events = httpx.post(f"{stack.prefect_api_url}/events/filter", json={
+            "filter": {"event": {"name": ["llmship.rollout.rolled-back"]}}, "limit": 5}).json()
+        return [e["payload"] for e in events["events"] if e["payload"]["version"] == b]
+    [payload] = wait_for("a rolled-back event", rolled_back_event, timeout=30)
+    assert payload["back_on"] == a and payload["steps"][0]["errors"] >= 1
+
+
+def test_rollback_refuses_a_version_without_a_passing_gate_unless_overridden(
+        versions, stack, store, prefect_client):
+    a = versions["A"]
+    # A version that reached the store some other way, without a passing gate record.
+    manifest = store.get_json(f"versions/tiny-llama/{a}/manifest.json")[0]
+    manifest["details"]["gate_passed"] = False
+    manifest["key"] = "ungated000001"
+    store.put_json("versions/tiny-llama/ungated000001/manifest.json", manifest)
+    flow_run = run_deployment("rollback/tiny-llama", timeout=300, parameters={
+        "reason": "try the imported build", "target_version": "ungated000001"})
+    assert flow_run.state.is_failed()
+    assert "tiny-llama ungated000001 has no passing gate record" in flow_run.state.message
+    assert "allow_ungated" in flow_run.state.message
+    assert store.read_alias("tiny-llama", "live") == a
+
+
+def test_a_prompt_past_the_context_is_an_openai_400(versions, stack):
+    resp = httpx.post(f"{stack.gateway_url}/v1/completions", timeout=60, json={
+        "model": "tiny-llama", "prompt": "clause " * 2000, "max_tokens": 8})
+    assert resp.status_code == 400, resp.text
+    err = resp.json()["error"]
+    assert "context length" in err["message"] or "maximum" in err["message"], err
+    assert {"message", "type"} <= set(err)
