@@ -136,7 +136,8 @@ class GatewayState:
         write_json(self.routes_file, {m: r.model_dump() for m, r in self.routes.items()})
 
 
-def restore_routes(settings: Settings, saved: dict[str, Route]) -> tuple[dict[str, Route], dict[str, str]]:
+def restore_routes(settings: Settings,
+                   saved: dict[str, Route]) -> tuple[dict[str, Route], dict[str, str]]:
     """(routes, unserved): each live alias routed to its version's running server; the live
     versions with no running server are 'unserved' (answered 503, and /ready says so)."""
     from llmship.store import ArtifactStore

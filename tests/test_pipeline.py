@@ -195,26 +195,6 @@ def test_gate_failure_publishes_nothing(first_run, outlier_model, alert_receiver
     assert clause["baseline"] >= 0.9 and clause["candidate"] < clause["threshold"]
 
 
-def test_version_that_cannot_serve_leaves_live_untouched(first_run, prefect_client, stack, store):
-    from serving import model_server
-
-    live = store.read_alias("tiny-llama", "live")
-    config = default_config(prefect_client)
-    # The hf backend lets the gate pass without serving, so the failure comes at rollout.
-    config["gate"]["backend"] = "hf"
-    # Longer than the model's 512 positions: vLLM refuses to start with it.
-    config["serving"]["max_model_len"] = 4096
-    flow_run = run({"config": config})
-    assert flow_run.state.is_failed()
-    assert "vllm-tiny-llama-" in flow_run.state.message  # names the server and its log
-    assert store.read_alias("tiny-llama", "live") == live
-    assert [s.version for s in model_server.running(stack, "tiny-llama")] == [live]
-    item = held_out("clause_type", 1)[0]
-    resp = httpx.post(f"{stack.gateway_url}/v1/completions", timeout=60, json={
-        "model": "tiny-llama", "prompt": item["prompt"], "max_tokens": 12, "temperature": 0})
-    assert resp.status_code == 200 and resp.headers["x-llmship-version"] == live
-
-
 def gate_failed_events(stack, model: str, timeout: float = 30) -> list[dict]:
     """Payloads of llmship.gate.failed events for model; the server stores events in batches,
     a few seconds after automations have already acted on them."""

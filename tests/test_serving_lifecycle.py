@@ -4,7 +4,9 @@ After test_pipeline.py (the first version, A, is live): new domain data makes th
 recalibration build version B, which waits for approval, then takes traffic through a canary
 step without a single failed client request; a rollback through `prefect deployment run`
 returns to the warm A; B, rolled out again, dies during its canary and traffic goes back to A
-by itself. The tests run in file order: each starts where the one before left off.
+by itself; a build without a passing gate record needs the override, and one whose server
+cannot start leaves A serving. The tests run in file order: each starts where the one before
+left off.
 """
 
 import json
@@ -52,7 +54,8 @@ def recalibrate_config(prefect_client, **rollout) -> dict:
     config = prefect_client.read_deployment_by_name(RECALIBRATE).parameters["config"]
     config = json.loads(json.dumps(config))
     # Shorter than the demo's two 30 s steps; a p99 limit loose enough for 2 busy cores.
-    config["rollout"].update(canary_steps=[50], bake_seconds=8, max_p99_seconds=20, **rollout)
+    config["rollout"].update({"canary_steps": [50], "bake_seconds": 8, "max_p99_seconds": 20,
+                              **rollout})
     return config
 
 
@@ -204,20 +207,41 @@ def test_a_canary_that_dies_is_rolled_back_by_itself(versions, stack, store, pre
     assert payload["back_on"] == a and payload["steps"][0]["errors"] >= 1
 
 
-def test_rollback_refuses_a_version_without_a_passing_gate_unless_overridden(
-        versions, stack, store, prefect_client):
+def test_an_ungated_version_needs_the_override_and_one_that_cannot_start_changes_nothing(
+        versions, stack, store):
+    from serving import model_server
+
     a = versions["A"]
-    # A version that reached the store some other way, without a passing gate record.
+    # A build that reached the store some other way: no passing gate record, and engine
+    # arguments its model cannot take (a context past its 512 positions).
+    ungated = "ungated000001"
     manifest = store.get_json(f"versions/tiny-llama/{a}/manifest.json")[0]
+    args = manifest["details"]["engine_args"]
+    args[args.index("--max-model-len") + 1] = "4096"
     manifest["details"]["gate_passed"] = False
-    manifest["key"] = "ungated000001"
-    store.put_json("versions/tiny-llama/ungated000001/manifest.json", manifest)
-    flow_run = run_deployment("rollback/tiny-llama", timeout=300, parameters={
-        "reason": "try the imported build", "target_version": "ungated000001"})
-    assert flow_run.state.is_failed()
-    assert "tiny-llama ungated000001 has no passing gate record" in flow_run.state.message
-    assert "allow_ungated" in flow_run.state.message
+    manifest["key"] = ungated
+    for f in manifest["files"]:
+        source = {"Bucket": store.bucket, "Key": f"versions/tiny-llama/{a}/files/{f['path']}"}
+        store.client.copy_object(Bucket=store.bucket, CopySource=source,
+                                 Key=f"versions/tiny-llama/{ungated}/files/{f['path']}")
+    store.put_json(f"versions/tiny-llama/{ungated}/manifest.json", manifest)
+
+    refused = run_deployment("rollback/tiny-llama", timeout=300, parameters={
+        "reason": "try the imported build", "target_version": ungated})
+    assert refused.state.is_failed()
+    assert f"tiny-llama {ungated} has no passing gate record" in refused.state.message
+    assert "allow_ungated" in refused.state.message
+
+    overridden = run_deployment("rollback/tiny-llama", timeout=600, parameters={
+        "reason": "try the imported build", "target_version": ungated, "allow_ungated": True})
+    assert overridden.state.is_failed()
+    # vLLM refused to start it: the message names the server and its log; nothing moved.
+    assert f"vllm-tiny-llama-{ungated} exited before healthy" in overridden.state.message
     assert store.read_alias("tiny-llama", "live") == a
+    assert [s.version for s in model_server.running(stack, "tiny-llama")] == [a]
+    resp = httpx.post(f"{stack.gateway_url}/v1/completions", timeout=60, json={
+        "model": "tiny-llama", "prompt": prompts(1)[0], "max_tokens": 8, "temperature": 0})
+    assert resp.status_code == 200 and resp.headers["x-llmship-version"] == a
 
 
 def test_a_prompt_past_the_context_is_an_openai_400(versions, stack):
