@@ -105,23 +105,22 @@ def test_ready_when_nothing_is_routed(client):
     assert client.get("/ready").json() == {"status": "ready", "models": {}}
 
 
-@pytest.fixture()
-def slow_upstream():
-    """A model server that takes a second per completion: enough to fill the gateway."""
+def fake_model_server(name: str, delay_s: float = 0.0):
+    """A model server that answers every completion with its own name, after delay_s."""
     import json
     import threading
     import time
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    class Slow(BaseHTTPRequestHandler):
+    class Named(BaseHTTPRequestHandler):
         def do_GET(self):
             self.send_response(200)
             self.end_headers()
 
         def do_POST(self):
             self.rfile.read(int(self.headers.get("content-length", 0)))
-            time.sleep(1.0)
-            body = json.dumps({"choices": [{"text": "ok"}]}).encode()
+            time.sleep(delay_s)
+            body = json.dumps({"choices": [{"text": name}]}).encode()
             self.send_response(200)
             self.send_header("content-type", "application/json")
             self.send_header("content-length", str(len(body)))
@@ -131,9 +130,16 @@ def slow_upstream():
         def log_message(self, *args):
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Named)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+@pytest.fixture()
+def slow_upstream():
+    """A model server that takes a second per completion: enough to fill the gateway."""
+    server, url = fake_model_server("ok", delay_s=1.0)
+    yield url
     server.shutdown()
 
 
@@ -166,34 +172,6 @@ def test_past_its_in_flight_limit_the_gateway_sheds_with_429(monkeypatch, tmp_pa
             in metrics
         assert "llmship_gateway_in_flight 0.0" in metrics  # every slot given back
     get_settings.cache_clear()
-
-
-def fake_model_server(name: str):
-    """A model server that answers every completion with its own name."""
-    import json
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    class Named(BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.end_headers()
-
-        def do_POST(self):
-            self.rfile.read(int(self.headers.get("content-length", 0)))
-            body = json.dumps({"choices": [{"text": name}]}).encode()
-            self.send_response(200)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Named)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_address[1]}"
 
 
 ADMIN = {"authorization": "Bearer right-token"}
