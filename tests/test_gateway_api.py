@@ -240,3 +240,20 @@ def test_a_body_past_the_limit_is_413_before_it_reaches_a_server(monkeypatch, tm
         # Under the limit the same request goes on to routing (no such model here).
         assert_openai_error(c.post("/v1/completions", json={"model": "m", "prompt": "x"}), 404)
     get_settings.cache_clear()
+
+
+def test_a_relayed_stream_gives_its_slot_back_and_is_counted(client):
+    server, url = fake_model_server("streamed")
+    assert client.put("/admin/routes/m", headers=ADMIN,
+                      json={"version": "v1", "upstream": url}).status_code == 200
+    for _ in range(3):
+        with client.stream("POST", "/v1/completions",
+                           json={"model": "m", "prompt": "x", "stream": True}) as resp:
+            assert resp.status_code == 200 and b"streamed" in resp.read()
+    metrics = client.get("/metrics").text
+    assert "llmship_gateway_in_flight 0.0" in metrics
+    assert 'llmship_gateway_requests_total{endpoint="/v1/completions",model="m",' \
+           'status="200",version="v1"} 3.0' in metrics
+    assert 'llmship_gateway_time_to_first_token_seconds_count{endpoint="/v1/completions",' \
+           'model="m",version="v1"} 3.0' in metrics
+    server.shutdown()
