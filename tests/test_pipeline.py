@@ -31,8 +31,17 @@ def run(parameters=None, timeout=1200):
     return run_deployment(DEPLOYMENT, parameters=parameters, timeout=timeout)
 
 
-def task_states(prefect_client, flow_run) -> dict[str, list[str]]:
-    runs = prefect_client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [flow_run.id]}))
+def task_states(prefect_client, flow_run, timeout: float = 30) -> dict[str, list[str]]:
+    """Final state names of the run's tasks by stage. Prefect 3 reports task-run states
+    through its event stream, which can reach the server after the flow run's own final
+    state: wait until none is left Running or Pending."""
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = prefect_client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id={"any_": [flow_run.id]}))
+        if all(tr.state.is_final() for tr in runs) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
     states: dict[str, list[str]] = {}
     for tr in runs:
         states.setdefault(tr.name.rsplit("-", 1)[0], []).append(tr.state.name)
