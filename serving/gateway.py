@@ -132,6 +132,12 @@ class GatewayState:
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(300.0, connect=5.0),
                                         limits=httpx.Limits(max_connections=512))
 
+    def count_unanswered(self, model: str, version: str, endpoint: str) -> None:
+        """A request the gateway answered 503 for version: a request and an error, so the
+        error rate (errors / requests) stays a rate."""
+        self.requests.labels(model, version, endpoint, "503").inc()
+        self.errors.labels(model, version, endpoint).inc()
+
     def save(self) -> None:
         write_json(self.routes_file, {m: r.model_dump() for m, r in self.routes.items()})
 
@@ -201,17 +207,20 @@ async def ready(request: Request) -> JSONResponse:
     gw = _gw(request)
     unhealthy = dict(gw.unserved)
     for model, route in gw.routes.items():
-        try:
-            ok = (await gw.client.get(f"{route.upstream}/health", timeout=2.0)).status_code == 200
-        except httpx.HTTPError:
-            ok = False
-        if not ok:
+        if not await _answers_health(gw, route.upstream, timeout_s=2.0):
             unhealthy[model] = route.version
     if unhealthy:
         return openai_error(503, f"not ready: no healthy server for {unhealthy}",
                             type_="server_error", code="not_ready")
     return JSONResponse({"status": "ready",
                          "models": {m: r.version for m, r in sorted(gw.routes.items())}})
+
+
+async def _answers_health(gw: GatewayState, upstream: str, timeout_s: float) -> bool:
+    try:
+        return (await gw.client.get(f"{upstream}/health", timeout=timeout_s)).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 @app.get("/metrics")
@@ -300,9 +309,7 @@ async def _forward(gw: GatewayState, request: Request, endpoint: str,
     route = gw.routes.get(model)
     if route is None and model in gw.unserved:
         version = gw.unserved[model]
-        # Counted like any other request, so the error rate stays errors / requests.
-        gw.requests.labels(model, version, endpoint, "503").inc()
-        gw.errors.labels(model, version, endpoint).inc()
+        gw.count_unanswered(model, version, endpoint)
         return openai_error(503, f"{model}'s live version {version} "
                                  "has no running model server; roll out or roll back to serve "
                                  "it again", type_="server_error", code="model_unavailable")
@@ -322,8 +329,7 @@ async def _forward(gw: GatewayState, request: Request, endpoint: str,
             break
         except httpx.HTTPError as exc:
             # Counted against the version that failed: what a canary step is judged on.
-            gw.requests.labels(model, version, endpoint, "503").inc()
-            gw.errors.labels(model, version, endpoint).inc()
+            gw.count_unanswered(model, version, endpoint)
             failed.append(f"{version}: {type(exc).__name__}")
             if not isinstance(exc, httpx.ConnectError):
                 break  # the request may have reached the server: not safe to send twice
@@ -339,7 +345,7 @@ async def _forward(gw: GatewayState, request: Request, endpoint: str,
 
     headers = {"x-llmship-version": version}
     if parsed.stream and resp.status_code == 200:
-        outcome = {"status": "200", "closed": False}
+        outcome = {"status": "200"}
 
         async def relay():
             first = True
@@ -356,9 +362,6 @@ async def _forward(gw: GatewayState, request: Request, endpoint: str,
                 raise
 
         async def close() -> None:
-            if outcome["closed"]:
-                return
-            outcome["closed"] = True
             await resp.aclose()
             gw.in_flight -= 1
             record(outcome["status"])
@@ -426,11 +429,7 @@ async def set_route(model: str, request: Request, authorization: str | None = He
         return openai_error(400, f"expected {{'version': ..., 'upstream': ...}}: {exc}")
     upstreams = [route.upstream] + ([route.canary.upstream] if route.canary else [])
     for upstream in upstreams:
-        try:
-            healthy = (await gw.client.get(f"{upstream}/health", timeout=5.0)).status_code == 200
-        except httpx.HTTPError:
-            healthy = False
-        if not healthy:
+        if not await _answers_health(gw, upstream, timeout_s=5.0):
             return openai_error(409, f"{upstream} is not healthy: traffic not moved",
                                 code="upstream_unhealthy")
     gw.routes[model] = route

@@ -20,6 +20,7 @@ import httpx
 from llmship import processes
 from llmship.settings import Settings, get_settings
 from serving import model_server
+from serving.gateway_admin import gateway_routes
 
 log = logging.getLogger("llmship.retire")
 
@@ -28,10 +29,7 @@ def serves_traffic(settings: Settings, server: model_server.ModelServer) -> bool
     """Whether the gateway (or, failing that, the live alias) sends traffic to server's
     version; None when neither can be asked."""
     try:
-        resp = httpx.get(f"{settings.gateway_url}/admin/routes", timeout=5.0,
-                         headers={"authorization": f"Bearer {settings.gateway_admin_token}"})
-        resp.raise_for_status()
-        route = resp.json().get(server.model) or {}
+        route = gateway_routes(settings).get(server.model) or {}
         canary = route.get("canary") or {}
         return server.version in (route.get("version"), canary.get("version"))
     except httpx.HTTPError as exc:

@@ -22,11 +22,12 @@ from prefect.input import RunInput
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, Field
 
-from llmship.errors import CanaryFailed, ServingError, UngatedVersion
+from llmship.errors import CanaryFailed, UngatedVersion
 from llmship.manifest import Manifest
 from llmship.settings import RolloutConfig, Settings, get_settings
 from llmship.store import ArtifactStore
 from serving import model_server
+from serving.gateway_admin import gateway_routes, route_traffic
 from tasks.common import (
     StageOutput, record_markdown, record_stage_artifact, retry_unless_permanent,
 )
@@ -68,27 +69,6 @@ class RolloutApproval(RunInput):
 
     approve: bool = Field(description="move traffic to the new version")
     note: str = Field("", description="why; kept in the run's logs")
-
-
-# ------------------------------------------------------------------ the gateway's admin API
-
-def gateway_routes(settings: Settings) -> dict:
-    resp = httpx.get(f"{settings.gateway_url}/admin/routes", timeout=10.0,
-                     headers={"authorization": f"Bearer {settings.gateway_admin_token}"})
-    resp.raise_for_status()
-    return resp.json()
-
-
-def route_traffic(settings: Settings, model: str, version: str, upstream: str,
-                  canary: dict | None = None) -> None:
-    """All of model's traffic to (version, upstream), or canary['percent'] of it to the
-    canary's server."""
-    resp = httpx.put(f"{settings.gateway_url}/admin/routes/{model}", timeout=10.0,
-                     headers={"authorization": f"Bearer {settings.gateway_admin_token}"},
-                     json={"version": version, "upstream": upstream, "canary": canary})
-    if resp.status_code != 200:
-        raise ServingError(f"the gateway refused the route to {model} {version}: "
-                           f"{resp.status_code} {resp.text[:300]}")
 
 
 # ------------------------------------------------------------------ judging a canary step
