@@ -1,7 +1,7 @@
 """build-and-serve: a model from its source to live traffic, one task per stage (DESIGN.md).
 
-    download -> calibrate -> build (candidate, and the BF16 baseline) -> gate -> publish
-             -> [approval, when config.rollout asks for it] -> rollout (canary steps, switch)
+    preflight -> download -> calibrate -> build (candidate, and the BF16 baseline) -> gate
+              -> publish -> [approval, when config.rollout asks for it] -> rollout
 
 Every stage's output is content-addressed: a rerun with the same inputs finds each stage's
 output in the store (the task runs show as Cached) and only checks that the version is live.
@@ -16,14 +16,17 @@ from tasks.build import build_task
 from tasks.calibrate import calibrate_task
 from tasks.download import download_task
 from tasks.gate import gate_task
+from tasks.preflight import preflight_task
 from tasks.publish import publish_task
 from tasks.rollout import RolloutResult, approve_rollout, rollout_task
 
 
 @flow(name="build-and-serve", log_prints=True, persist_result=True)
 def build_and_serve(config: PipelineConfig) -> RolloutResult | None:
+    preflight_task(config)  # refuses before any download or GPU time is spent
     snapshot = download_task(config.source, config.name)
-    calibrated = calibrate_task(snapshot, config.calibration, config.name)
+    calibrated = calibrate_task(snapshot, config.calibration, config.target, config.serving,
+                                config.name)
     candidate = build_task(calibrated, config.target, config.serving, config.name, "candidate")
     baseline = build_task(snapshot, config.target, config.serving, config.name, "baseline")
     report = gate_task(candidate, baseline, config.gate, config.name)

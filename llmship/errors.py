@@ -64,3 +64,12 @@ class CanaryFailed(PermanentError):
 
 class UngatedVersion(PermanentError):
     """A version with no passing gate record was asked to take traffic without an override."""
+
+
+class UnsupportedConfiguration(PermanentError):
+    """The configuration asks for what the chosen engine, quantizer or GPU cannot do."""
+
+
+class PreflightFailed(PermanentError):
+    """The machine cannot run this deployment (GPUs, disk, token, store, environments);
+    nothing was downloaded or computed. The message lists every refusal."""

@@ -42,7 +42,14 @@ class Settings(BaseSettings):
     # Stage environments (DESIGN.md: vLLM and the quantizers cannot share one).
     quantize_python: Path = REPO_ROOT / ".venv" / "quantize" / "bin" / "python"
     serve_python: Path = REPO_ROOT / ".venv" / "serve" / "bin" / "python"
+    # TensorRT-LLM is a third environment (CUDA only; an NGC image on a cluster). trtllm-serve
+    # and trtllm-build are its console scripts: in trtllm_bin_dir, else beside trtllm_python.
+    trtllm_python: Path = REPO_ROOT / ".venv" / "trtllm" / "bin" / "python"
+    trtllm_bin_dir: Path | None = None
     device: str = Field("cpu", description="cpu or cuda: where calibration and evaluation run")
+    # Preflight: the free disk a run needs is the estimate times this (downloads resume,
+    # stage outputs are written beside their inputs, the local cache keeps both).
+    disk_headroom: float = Field(1.2, ge=1.0)
 
     calibration_data_dir: Path = Field(REPO_ROOT / "calibration_data",
                                        description="domain datasets, one folder each")
@@ -127,16 +134,35 @@ def stage_env(settings: Settings) -> dict[str, str]:
 
 
 class Scheme(str, Enum):
-    """Quantization schemes, as llmcompressor's preset names."""
+    """Quantization schemes (llmcompressor's preset names where it has one)."""
 
     FP8 = "FP8"  # static per-tensor activation scales from calibration: GPU (Ada/Hopper)
     FP8_DYNAMIC = "FP8_DYNAMIC"  # per-token dynamic activations: serves on vLLM's CPU build
+    FP8_WEIGHT_ONLY = "FP8_WEIGHT_ONLY"  # FP8 weights, 16-bit activations: Ampere (A100) too
     W8A8 = "W8A8"  # INT8 weights by GPTQ on the domain data, dynamic INT8 activations
     W4A16 = "W4A16"  # INT4 weight-only by GPTQ
+    UNQUANTIZED = "UNQUANTIZED"  # the checkpoint's own 16-bit weights: the FP16/BF16 build
+
+    @property
+    def needs_fp8_tensor_cores(self) -> bool:
+        """FP8 activations: FP8 matrix multiplies, compute capability 8.9 (Ada) and up."""
+        return self in (Scheme.FP8, Scheme.FP8_DYNAMIC)
+
+
+# FP8 W8A8 kernels need FP8 tensor cores: Ada (8.9) and Hopper (9.0) and later.
+FP8_MIN_COMPUTE_CAPABILITY = (8, 9)
 
 
 class Target(str, Enum):
-    VLLM = "vllm"
+    """The engine a build is for; it decides the quantizer and the server."""
+
+    VLLM = "vllm"  # llmcompressor -> compressed-tensors checkpoint -> vllm serve
+    TRTLLM = "trtllm"  # ModelOpt -> unified HF checkpoint (or TRT engine) -> trtllm-serve
+
+
+class TrtllmBackend(str, Enum):
+    PYTORCH = "pytorch"  # TensorRT-LLM 1.x default: serves the checkpoint directly
+    TENSORRT = "tensorrt"  # a prebuilt TensorRT engine (trtllm-build): legacy, opt-in
 
 
 class CalibrationConfig(BaseModel):
@@ -148,13 +174,23 @@ class CalibrationConfig(BaseModel):
         0.8, ge=0.0, lt=1.0,
         description="W8A8 only: SmoothQuant's strength, moving activation outliers into the "
                     "weights before GPTQ; 0 turns SmoothQuant off")
+    kv_cache_fp8: bool = Field(
+        False, description="also calibrate FP8 scales for the KV cache (halves its memory); "
+                           "the server then keeps its KV cache in FP8")
 
 
 class EvalBackend(str, Enum):
     """How the gate runs the models it compares."""
 
-    VLLM = "vllm"  # lm-eval's local-completions against a vLLM server: what users get
+    # lm-eval's local-completions against the build's own server: vLLM, or trtllm-serve for
+    # target trtllm. What users get.
+    SERVED = "served"
     HF = "hf"  # lm-eval's hf backend: transformers in the quantize environment
+
+    @classmethod
+    def _missing_(cls, value):
+        # "vllm" was this option's name while vLLM was the only engine.
+        return cls.SERVED if value == "vllm" else None
 
 
 class TaskPolicy(BaseModel, extra="forbid"):
@@ -188,13 +224,33 @@ class GateConfig(BaseModel, extra="forbid"):
     strict: bool = Field(False, description="judge the candidate by the one-sided Wilson lower "
                                             "bound of its score over the n items")
     confidence: float = Field(0.95, gt=0.5, lt=1.0, description="for strict mode")
-    backend: EvalBackend = EvalBackend.VLLM
+    backend: EvalBackend = EvalBackend.SERVED
     limit: int | None = Field(None, ge=1, description="items per task (default: all)")
+
+
+class TrtllmConfig(BaseModel, extra="forbid"):
+    """TensorRT-LLM's own options (target: trtllm)."""
+
+    backend: TrtllmBackend = Field(
+        TrtllmBackend.PYTORCH,
+        description="pytorch serves the ModelOpt checkpoint as it is; tensorrt builds a "
+                    "TensorRT engine with trtllm-build first (legacy, opt-in)")
+    max_batch_size: int = Field(256, ge=1)
+    max_num_tokens: int = Field(8192, ge=1)
+    kv_cache_free_gpu_memory_fraction: float = Field(0.9, gt=0, le=1)
+    use_fp8_context_fmha: bool = Field(
+        True, description="engine build: FP8 attention in the context phase (NVIDIA's FP8 "
+                          "Llama recipe turns it on)")
 
 
 class ServingConfig(BaseModel):
     dtype: str = "bfloat16"
     max_model_len: int = Field(512, ge=16)
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one server spans")
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="vLLM: share of each GPU's memory it may take")
+    max_num_seqs: int | None = Field(None, ge=1, description="vLLM: sequences in one batch")
+    trtllm: TrtllmConfig = Field(default_factory=TrtllmConfig)
     extra_args: list[str] = Field(default_factory=list)
 
 
@@ -242,6 +298,22 @@ class PipelineConfig(BaseModel):
     gate: GateConfig = Field(default_factory=GateConfig)
     serving: ServingConfig = Field(default_factory=ServingConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+
+    @model_validator(mode="after")
+    def _target_can_serve_the_scheme(self) -> "PipelineConfig":
+        scheme = self.calibration.scheme
+        if self.target is Target.TRTLLM and scheme not in (Scheme.FP8, Scheme.UNQUANTIZED):
+            raise ValueError(
+                f"target trtllm takes calibration.scheme FP8 (ModelOpt) or UNQUANTIZED, not "
+                f"{scheme.value}; for {scheme.value} use target vllm")
+        if self.calibration.kv_cache_fp8 and scheme is Scheme.UNQUANTIZED:
+            raise ValueError("calibration.kv_cache_fp8 needs a calibrated scheme (FP8, ...): "
+                             "an UNQUANTIZED build has no calibration to take KV scales from")
+        if self.target is Target.VLLM and \
+                self.serving.trtllm.backend is TrtllmBackend.TENSORRT:
+            raise ValueError("serving.trtllm.backend tensorrt builds a TensorRT engine, which "
+                             "vLLM cannot load: set target trtllm, or leave the backend pytorch")
+        return self
 
     @field_validator("source")
     @classmethod

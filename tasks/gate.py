@@ -35,16 +35,18 @@ from pydantic import BaseModel
 from llmship.domain_data import check_disjoint, dataset_dir, file_digest, load_eval_items
 from llmship.errors import GateConfigError, GateFailed, ServerExited
 from llmship.manifest import Manifest, digest_of
-from llmship.settings import EvalBackend, GateConfig, TaskPolicy, get_settings
+from llmship.settings import EvalBackend, GateConfig, TaskPolicy, Target, get_settings
 from llmship.store import ArtifactStore
 from llmship.subprocess_stage import run_stage, stage_main, tool_versions
+from serving.engines import python_for
 from tasks.common import (
     RETRIES, RETRY_DELAYS, StageOutput, artifact_key, cache_key, fresh_dir, record_markdown,
     retry_unless_permanent, version_id,
 )
 
 TOOLS = ("lm-eval", "transformers", "compressed-tensors", "torch")
-SERVE_TOOLS = ("vllm", "torch")
+# What an evaluation through a served build depends on, per engine.
+SERVE_TOOLS = {Target.VLLM: ("vllm", "torch"), Target.TRTLLM: ("tensorrt-llm", "torch")}
 DOMAIN_METRIC = "exact_match,strip"
 # The metric a standard task is judged on when its policy names none: the first one it reports.
 STANDARD_METRICS = ("acc,none", "exact_match,strict-match", "exact_match,flexible-extract",
@@ -82,6 +84,8 @@ class EvaluateRequest(BaseModel):
     served_name: str  # the model name the evaluation server answers to
     server_name: str  # its process record
     engine_args: list[str] = []
+    target: Target = Target.VLLM
+    serve_subdir: str | None = None
     limit: int | None = None
     device: str = "cpu"
 
@@ -278,7 +282,11 @@ def _harness_version() -> str:
 
 def _model_args(req: EvaluateRequest, base_url: str | None) -> tuple[str, str]:
     if req.backend is EvalBackend.HF:
-        return "hf", f"pretrained={req.model_dir},dtype=float32,device={req.device}"
+        # float32 on CPU (its bf16 matmuls are slow here); on GPUs the checkpoint's own dtype,
+        # spread over every GPU (parallelize) as a 70B model needs.
+        if req.device == "cpu":
+            return "hf", f"pretrained={req.model_dir},dtype=float32,device=cpu"
+        return "hf", f"pretrained={req.model_dir},dtype=auto,parallelize=True"
     # add_bos_token: without it the completions client sends prompts without BOS and scores
     # collapse (FACTS.md: 0.96 -> 0.24); vLLM itself adds it when it tokenizes text.
     return "local-completions", (f"base_url={base_url}/v1/completions,model={req.served_name},"
@@ -298,12 +306,14 @@ def evaluate(req: EvaluateRequest) -> Evaluation:
         # Standard tasks' data is checked before a server starts: a missing dataset is then
         # reported in seconds. Domain-only task sets load while the server starts.
         manager = load_task_manager(req.tasks, Path(tmp)) if req.tasks.standard else None
-        if req.backend is EvalBackend.VLLM:
+        if req.backend is EvalBackend.SERVED:
             # The server starts (~50 s on CPU, mostly imports) while lm-eval loads the tasks.
-            print(f"starting a vLLM server for {req.model_dir} to evaluate through", flush=True)
+            print(f"starting a {req.target.value} server for {req.model_dir} to evaluate "
+                  "through", flush=True)
             starting = pool.submit(model_server.start, get_settings(), req.served_name,
                                    req.server_name, Path(req.model_dir), req.engine_args,
-                                   name=req.server_name)
+                                   name=req.server_name, target=req.target,
+                                   serve_subdir=req.serve_subdir)
         try:
             import lm_eval
 
@@ -361,8 +371,9 @@ def evaluation_key(build: StageOutput, tasks: TaskSet, config: GateConfig) -> st
     """Once per (build, task set, harness and engine versions): the baseline, a BF16 build of
     the pinned snapshot, is evaluated once however many candidates are gated against it."""
     settings = get_settings()
-    engine = (tool_versions(settings.serve_python, SERVE_TOOLS)
-              if config.backend is EvalBackend.VLLM else {})
+    target = Target(build.details.get("target", Target.VLLM.value))
+    engine = (tool_versions(python_for(settings, target), SERVE_TOOLS[target])
+              if config.backend is EvalBackend.SERVED else {})
     return digest_of({
         "stage": "evaluate", "build": build.digest, "data": tasks.eval_data_sha256,
         "domain": tasks.domain, "standard": tasks.standard, "limit": config.limit,
@@ -382,16 +393,21 @@ def evaluate_task(build: StageOutput, tasks: TaskSet, config: GateConfig,
         model_dir=str(ArtifactStore(settings).materialize(build.prefix)), tasks=tasks,
         backend=config.backend, served_name=model,
         server_name=f"eval-{model}-{role}-{build.key[:12]}",
-        engine_args=build.details.get("engine_args", []), limit=config.limit,
+        engine_args=build.details.get("engine_args", []),
+        target=Target(build.details.get("target", Target.VLLM.value)),
+        serve_subdir=build.details.get("serve_subdir"), limit=config.limit,
         device=settings.device,
     ), Evaluation, get_run_logger())
 
 
-def calibration_file_of(candidate: StageOutput) -> Path:
-    """The calibration data a candidate was made with: build -> calibrated checkpoint."""
+def calibration_file_of(candidate: StageOutput) -> Path | None:
+    """The calibration data a candidate was made with: build -> calibrated checkpoint. None
+    for an UNQUANTIZED candidate, which saw no calibration data."""
     store = ArtifactStore(get_settings())
     build = store.read_manifest(candidate.prefix)
     calibrated = store.read_manifest(build.inputs["checkpoint"])
+    if "calibration_data" not in calibrated.inputs:
+        return None
     dataset, name = calibrated.inputs["calibration_data"].split("/")
     return dataset_dir(dataset) / name
 
@@ -477,7 +493,9 @@ def gate_task(candidate: StageOutput, baseline: StageOutput, config: GateConfig,
     settings = get_settings()
     tasks = resolve_tasks(config)  # a policy naming unknown tasks fails here, before any work
     # A malformed item fails here, naming file and line; so does one that calibration saw.
-    check_disjoint(calibration_file_of(candidate), Path(tasks.eval_file))
+    calibration_file = calibration_file_of(candidate)
+    if calibration_file is not None:
+        check_disjoint(calibration_file, Path(tasks.eval_file))
     base_eval = evaluate_task(baseline, tasks, config, model)
     cand_eval = evaluate_task(candidate, tasks, config, model)
     verdicts = judge(base_eval, cand_eval, config, tasks)

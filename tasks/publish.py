@@ -77,6 +77,8 @@ def publish(model: str, build: StageOutput, report: GateReport) -> PublishedVers
                      "scheme": build.details.get("scheme", "none"),
                      "precision": build.details.get("precision"),
                      "engine_args": build.details.get("engine_args", []),
+                     "target": build.details.get("target", "vllm"),
+                     "serve_subdir": build.details.get("serve_subdir"),
                      "gate": {t.task: {"baseline": t.baseline, "candidate": t.candidate,
                                        "threshold": t.threshold} for t in report.tasks}},
             timings_s={"publish": round(time.monotonic() - started, 3)},
