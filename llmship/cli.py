@@ -6,6 +6,9 @@
     llmship versions MODEL     published versions, their gate verdicts, which is live
     llmship rollback MODEL [--to VERSION] [--reason TEXT] [--allow-ungated]
                                run the rollback/MODEL deployment and wait for it
+    llmship plan FLOW/DEPLOYMENT [--gpus N --gpu-memory-gib G --compute-capability X.Y]
+                               the stages with estimated GPU memory, disk and time, and every
+                               preflight check; exit 2 if the deployment would be refused
 """
 
 from __future__ import annotations
@@ -118,6 +121,51 @@ def cmd_rollback(args) -> None:
                          f"{state.message}")
 
 
+def deployment_config(name: str):
+    """The PipelineConfig a deployment in prefect.yaml runs with, by FLOW/DEPLOYMENT name."""
+    import importlib
+
+    import yaml
+
+    from llmship.settings import REPO_ROOT, PipelineConfig
+
+    flow_name, _, deployment = name.partition("/")
+    spec = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())
+    known = []
+    for d in spec.get("deployments", []):
+        module, _, fn = d["entrypoint"].partition(":")
+        flow = getattr(importlib.import_module(module.removesuffix(".py").replace("/", ".")), fn)
+        known.append(f"{flow.name}/{d['name']}")
+        if known[-1] == name:
+            if "config" not in d.get("parameters", {}):
+                raise StackError(f"{name} takes no pipeline config: plan is for build-and-serve "
+                                 "and recalibrate deployments")
+            return PipelineConfig.model_validate(d["parameters"]["config"])
+    raise StackError(f"there is no deployment {name!r} in prefect.yaml; there are: "
+                     f"{', '.join(known)}")
+
+
+def cmd_plan(args) -> None:
+    from tasks.preflight import Gpu, plan, render
+
+    settings = get_settings()
+    config = deployment_config(args.deployment)
+    gpus = None
+    if args.gpus is not None:
+        major, _, minor = args.compute_capability.partition(".")
+        gpus = [Gpu(index=i, name="planned GPU", memory_gib=args.gpu_memory_gib,
+                    compute_capability=(int(major), int(minor or 0)))
+                for i in range(args.gpus)]
+        settings = settings.model_copy(update={"device": "cuda" if args.gpus else "cpu"})
+    result = plan(config, settings, gpus=gpus, free_disk_gib=args.free_disk_gib,
+                  check_services=not args.offline)
+    print(f"plan for {args.deployment}")
+    print(render(result, config))
+    if result.refusals:
+        raise StackError(f"{args.deployment} would be refused here: {len(result.refusals)} "
+                         f"check(s) failed ({', '.join(c.name for c in result.refusals)})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llmship", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -137,6 +185,17 @@ def main(argv: list[str] | None = None) -> int:
                           help="serve a version without a passing gate record (an override)")
     rollback.add_argument("--timeout", type=float, default=600.0, help="seconds to wait")
     rollback.set_defaults(fn=cmd_rollback)
+    plan = sub.add_parser("plan", help="estimate and check a deployment before running it")
+    plan.add_argument("deployment", help="FLOW/DEPLOYMENT, e.g. build-and-serve/llama3-70b")
+    plan.add_argument("--gpus", type=int, default=None,
+                      help="plan for this many GPUs rather than this machine's")
+    plan.add_argument("--gpu-memory-gib", type=float, default=80.0)
+    plan.add_argument("--compute-capability", default="9.0")
+    plan.add_argument("--free-disk-gib", type=float, default=None,
+                      help="plan for this much free disk rather than this machine's")
+    plan.add_argument("--offline", action="store_true",
+                      help="skip the S3, hub and environment checks")
+    plan.set_defaults(fn=cmd_plan)
     args = parser.parse_args(argv)
     try:
         args.fn(args)

@@ -101,5 +101,13 @@ def trtllm_build_command(settings: Settings, checkpoint_dir: Path, engine_dir: P
     return cmd
 
 
+def tensor_parallel_size(args: list[str]) -> int:
+    """GPUs a server started with these engine arguments spans."""
+    for flag in ("--tensor-parallel-size", "--tp_size", "--tensor_parallel_size"):
+        if flag in args:
+            return int(args[args.index(flag) + 1])
+    return 1
+
+
 def builds_engine(target: Target, serving: ServingConfig) -> bool:
     return target is Target.TRTLLM and serving.trtllm.backend is TrtllmBackend.TENSORRT

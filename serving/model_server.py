@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 from pydantic import BaseModel
 
-from llmship import processes
+from llmship import gpus, processes
 from llmship.errors import ServerExited, ServingError
 from llmship.processes import ProcessRecord, http_ok, wait_until
 from llmship.settings import Settings, Target, stage_env
@@ -105,6 +105,12 @@ def start(settings: Settings, model: str, version: str, model_dir: Path,
     if existing:
         stop(settings, existing)
     port = free_port(settings)
+    env, info = server_env(settings, target), {}
+    if settings.device == "cuda":
+        count = engines.tensor_parallel_size(engine_args)
+        info["gpus"] = gpus.choose_gpus(len(gpus.detect_gpus()), gpus.held_gpus(settings),
+                                        count, name)
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, info["gpus"]))
     if target is Target.TRTLLM:
         command = engines.server_command(
             settings, target, trtllm_model_path(settings, name, model, model_dir, serve_subdir),
@@ -112,9 +118,9 @@ def start(settings: Settings, model: str, version: str, model_dir: Path,
     else:
         command = engines.server_command(settings, target, model_dir, model, port, engine_args)
     rec = processes.start(
-        settings, name, command, env=server_env(settings, target), port=port,
+        settings, name, command, env=env, port=port,
         info={"model": model, "version": version, "host": settings.host,
-              "model_dir": str(model_dir), "target": target.value},
+              "model_dir": str(model_dir), "target": target.value, **info},
     )
     try:
         wait_until(http_ok(f"http://{settings.host}:{port}/health"), rec,

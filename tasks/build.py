@@ -16,6 +16,7 @@ arguments the gate and the rollout serve it with.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -72,6 +73,13 @@ def describe_quantization(config: dict) -> tuple[str, str | None]:
     w = f"{weights.get('type', '?')}{weights.get('num_bits', '?')}"
     a = f"{acts.get('type', '?')}{acts.get('num_bits', '?')}" if acts else "16"
     return f"w:{w} a:{a}", quant.get("format")
+
+
+def link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def smoke_generate(model_dir: Path, device: str) -> str:
@@ -135,7 +143,9 @@ def build_engine(req: BuildRequest, out: Path) -> None:
 def build(req: BuildRequest) -> BuildResult:
     started = time.monotonic()
     out = Path(req.out_dir)
-    shutil.copytree(req.checkpoint_dir, out, dirs_exist_ok=True)
+    # Hard links where the filesystem allows: a 70B baseline is 131 GiB that need not be
+    # copied. Nothing here writes into a linked file (llmship-build.json is a new one).
+    shutil.copytree(req.checkpoint_dir, out, dirs_exist_ok=True, copy_function=link_or_copy)
     config = json.loads((out / "config.json").read_text())
     serving, subdir = req.serving, None
     if req.target is Target.TRTLLM and (out / "hf_quant_config.json").exists():
