@@ -100,7 +100,7 @@ def test_published_version_is_complete_in_s3(first_run, store):
     report = store.get_json(f"{prefix}/gate-report.json")[0]
     assert report["passed"] and report["rule"] == RULE
     # Both builds were evaluated through vLLM servers, as users will be served.
-    assert report["backend"] == "vllm" and report["candidate_version"] == version
+    assert report["backend"] == "served" and report["candidate_version"] == version
     assert (report["rtol"], report["atol"]) == (0.05, 0.02)
     tasks = {t["task"]: t for t in report["tasks"]}
     assert set(tasks) == {"llmship_contracts_clause_type", "llmship_contracts_extract_amount",
@@ -117,7 +117,7 @@ def test_every_stage_leaves_a_keyed_artifact(first_run, prefect_client):
     artifacts = prefect_client.read_artifacts(
         artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_="tiny-llama-")))
     keys = {a.key for a in artifacts}
-    assert {"tiny-llama-download", "tiny-llama-calibrate", "tiny-llama-build-candidate",
+    assert {"tiny-llama-preflight", "tiny-llama-download", "tiny-llama-calibrate", "tiny-llama-build-candidate",
             "tiny-llama-build-baseline", "tiny-llama-gate", "tiny-llama-gate-table",
             "tiny-llama-publish",
             "tiny-llama-rollout"} <= keys
@@ -130,7 +130,8 @@ def test_rerun_reuses_every_stage(first_run, prefect_client, store):
     states = task_states(prefect_client, second)
     for stage in STAGES:
         assert set(states[stage]) == {"Cached"}, (stage, states)
-    assert states["rollout"] == ["Completed"]
+    # The machine is checked on every run: it may have changed since the last.
+    assert states["rollout"] == ["Completed"] and states["preflight"] == ["Completed"]
     result = second.state.result()
     assert result.changed is False and result.version == live_before
     assert len(list_versions("tiny-llama")) == 1
@@ -150,6 +151,19 @@ def test_malformed_calibration_line_fails_fast_and_names_it(first_run, prefect_c
     states = task_states(prefect_client, flow_run)
     assert states["calibrate"] == ["Failed"]  # one attempt: bad input is not retried
     assert "publish" not in states
+
+
+def test_a_worker_that_cannot_run_the_config_refuses_before_any_download(first_run,
+                                                                        prefect_client):
+    """Static FP8 cannot run on this CPU worker: the preflight says so, with what to do,
+    and no stage after it starts."""
+    config = default_config(prefect_client)
+    config["calibration"]["scheme"] = "FP8"
+    flow_run = run({"config": config})
+    assert flow_run.state.is_failed()
+    assert "cannot run on this worker; nothing was downloaded" in flow_run.state.message
+    assert "LLMSHIP_DEVICE=cuda" in flow_run.state.message
+    assert task_states(prefect_client, flow_run) == {"preflight": ["Failed"]}
 
 
 @pytest.fixture(scope="module")
