@@ -114,7 +114,6 @@ def make_model(shape: str, device: str, out: Path, tokenizer_from: Path) -> dict
 def dequant_check(bf16_dir: Path, fp8_dir: Path) -> dict:
     """Dequantize ModelOpt's FP8 weights (weight * weight_scale) and compare with the BF16
     weights they came from: the relative error of FP8 E4M3 rounding is a few percent."""
-    import torch
     from safetensors import safe_open
 
     def tensors(d: Path) -> dict:
