@@ -337,15 +337,26 @@ def check_store(settings: Settings) -> Check:
     from llmship.store import ArtifactStore
 
     key = f"preflight/{uuid.uuid4().hex}"
+    where = f"s3://{settings.artifacts_bucket} at {settings.s3_url}"
     try:
         store = ArtifactStore(settings)
+        # Asked first, without side effects: some stores (SeaweedFS) create a bucket on the
+        # first write to it, which would hide a misspelt bucket name.
+        store.client.head_bucket(Bucket=store.bucket)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket"):
+            return Check(name="S3", ok=False, detail=f"cannot write to {where}: NoSuchBucket: "
+                         "create it, or set LLMSHIP_ARTIFACTS_BUCKET to the bucket to use")
+    except (LlmshipError, BotoCoreError) as exc:
+        return Check(name="S3", ok=False,
+                     detail=f"cannot write to {where}: {type(exc).__name__}: {exc}")
+    try:
         store.client.put_object(Bucket=store.bucket, Key=key, Body=b"preflight")
         store.client.delete_object(Bucket=store.bucket, Key=key)
     except (LlmshipError, BotoCoreError, ClientError) as exc:
-        return Check(name="S3", ok=False, detail=f"cannot write to s3://{settings.artifacts_bucket}"
-                     f" at {settings.s3_url}: {type(exc).__name__}: {exc}")
-    return Check(name="S3", ok=True, detail=f"s3://{settings.artifacts_bucket} at "
-                 f"{settings.s3_url} takes writes")
+        return Check(name="S3", ok=False,
+                     detail=f"cannot write to {where}: {type(exc).__name__}: {exc}")
+    return Check(name="S3", ok=True, detail=f"{where} takes writes")
 
 
 def importable(python: Path, modules: list[str]) -> list[str] | None:

@@ -72,3 +72,42 @@ def test_unsigned_requests_are_refused(stack):
 
     resp = httpx.get(f"{stack.s3_url}/{stack.artifacts_bucket}?list-type=2")
     assert resp.status_code == 403
+
+
+def test_no_secret_reaches_a_log_an_artifact_a_command_line_or_an_object(first_run, stack,
+                                                                         store, prefect_client):
+    """After a build-and-serve run and whatever else the suite ran on this stack (this module
+    runs last): the S3 keys and the
+    gateway's admin token appear in no log file, no flow-run log, no Prefect artifact, no
+    process's command line and no text object in the artifacts bucket."""
+    import json
+    from pathlib import Path
+
+    from prefect.client.schemas.sorting import LogSort
+
+    creds = json.loads(stack.credentials_file.read_text())
+    secrets = {k: v for k, v in creds.items() if k in ("s3_secret_key", "gateway_admin_token")}
+    assert all(len(v) >= 16 for v in secrets.values())
+    places: dict[str, str] = {}
+    for path in (stack.state_dir / "logs").rglob("*"):
+        if path.is_file():
+            places[str(path)] = path.read_text(errors="replace")
+    offset = 0
+    while logs := prefect_client.read_logs(limit=200, offset=offset, sort=LogSort.TIMESTAMP_ASC):
+        places.update({f"flow-run log {log.id}": log.message for log in logs})
+        offset += len(logs)
+    for artifact in prefect_client.read_artifacts():
+        places[f"artifact {artifact.key}"] = json.dumps(artifact.data, default=str)
+    for pid in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            places[str(pid)] = pid.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            pass  # a process that ended meanwhile
+    for key in store.list_keys(""):
+        if key.endswith((".json", ".md", ".txt", ".yaml")):
+            body = store.client.get_object(Bucket=store.bucket, Key=key)["Body"].read()
+            places[f"s3://{store.bucket}/{key}"] = body.decode(errors="replace")
+    assert offset > 100 and len(places) > 50, "too little was read to prove anything"
+    leaks = [(name, where) for where, text in places.items()
+             for name, secret in secrets.items() if secret in text]
+    assert leaks == []
