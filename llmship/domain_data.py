@@ -65,18 +65,36 @@ def _json_lines(path: Path):
             yield number, obj
 
 
-def load_calibration_texts(path: Path) -> list[str]:
-    texts = []
+def calibration_texts(path: Path):
+    """Each sample's text, line by line, every line checked; any problem names file and line."""
     for number, obj in _json_lines(path):
         text = obj.get("text")
         if not isinstance(text, str) or not text.strip():
             raise CalibrationDataError(
                 f'{path}:{number}: expected {{"text": "<non-empty string>"}}, got keys {sorted(obj)}'
             )
-        texts.append(text)
-    if not texts:
+        yield text
+
+
+def load_calibration_texts(path: Path, limit: int | None = None) -> list[str]:
+    """Every line is checked; at most limit texts are kept (a large file costs time to read,
+    not memory)."""
+    texts, count = [], 0
+    for text in calibration_texts(path):
+        count += 1
+        if limit is None or len(texts) < limit:
+            texts.append(text)
+    if not count:
         raise CalibrationDataError(f"{path} has no calibration samples")
     return texts
+
+
+def count_calibration_texts(path: Path) -> int:
+    """How many samples the file holds, every line checked, none kept in memory."""
+    count = sum(1 for _ in calibration_texts(path))
+    if not count:
+        raise CalibrationDataError(f"{path} has no calibration samples")
+    return count
 
 
 def load_eval_items(path: Path) -> list[EvalItem]:
@@ -97,7 +115,8 @@ def load_eval_items(path: Path) -> list[EvalItem]:
 
 
 def file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def check_disjoint(calibration_file: Path, eval_file: Path) -> None:

@@ -30,7 +30,9 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from pydantic import BaseModel
 
-from llmship.domain_data import dataset_dir, file_digest, load_calibration_texts
+from llmship.domain_data import (
+    count_calibration_texts, dataset_dir, file_digest, load_calibration_texts,
+)
 from llmship.errors import UnsupportedConfiguration
 from llmship.manifest import Manifest, digest_of
 from llmship.settings import CalibrationConfig, Scheme, ServingConfig, Target, get_settings
@@ -182,7 +184,7 @@ def calibrate(req: CalibrateRequest) -> CalibrateResult:
     """Quantize the snapshot on the domain texts with the target's quantizer."""
     import torch
 
-    texts = load_calibration_texts(Path(req.data_file))[: req.num_samples]
+    texts = load_calibration_texts(Path(req.data_file), limit=req.num_samples)
     quantizer = "modelopt" if req.target is Target.TRTLLM else "llmcompressor"
     print(f"calibrating {req.scheme.value} with {quantizer} on {len(texts)} samples from "
           f"{req.data_file} ({req.device})", flush=True)
@@ -240,7 +242,7 @@ def calibrate_task(snapshot: StageOutput, config: CalibrationConfig, target: Tar
         return snapshot
     data = dataset_dir(config.dataset) / "calibration.jsonl"
     # Check the data here first: a bad line fails in a second, before any model is loaded.
-    n_texts = len(load_calibration_texts(data))
+    n_texts = count_calibration_texts(data)
     key = calibrate_key(snapshot, config, target, serving)
     prefix = f"stages/calibrate/{key}"
     store = ArtifactStore(settings)

@@ -101,3 +101,25 @@ def test_evaluation_items_seen_in_calibration_are_refused(tmp_path):
                        match=rf"item '{item['id']}' .* also appears in .*calibration.jsonl "
                              r"\(sample 513\)"):
         check_disjoint(leaky, data / "eval.jsonl")
+
+
+def test_a_line_past_the_size_limit_names_file_and_line(tmp_path):
+    path = tmp_path / "calibration.jsonl"
+    path.write_text('{"text": "fine"}\n' + json.dumps({"text": "x" * 1_200_000}) + "\n")
+    with pytest.raises(CalibrationDataError, match=r"calibration.jsonl:2: line is 1200\d+ bytes"):
+        load_calibration_texts(path)
+
+
+def test_a_large_file_is_checked_whole_but_only_the_samples_used_are_kept(tmp_path):
+    """200k lines: every one is checked (a bad last line is found), and a limit keeps the
+    texts in memory to what calibration takes."""
+    from llmship.domain_data import count_calibration_texts
+
+    path = tmp_path / "calibration.jsonl"
+    path.write_text("".join(json.dumps({"text": f"clause {i}"}) + "\n" for i in range(200_000)))
+    assert count_calibration_texts(path) == 200_000
+    assert load_calibration_texts(path, limit=512) == [f"clause {i}" for i in range(512)]
+    with path.open("a") as f:
+        f.write('{"txt": "a typo"}\n')
+    with pytest.raises(CalibrationDataError, match=r"calibration.jsonl:200001: expected"):
+        load_calibration_texts(path, limit=512)
