@@ -111,3 +111,45 @@ def test_no_secret_reaches_a_log_an_artifact_a_command_line_or_an_object(first_r
     leaks = [(name, where) for where, text in places.items()
              for name, secret in secrets.items() if secret in text]
     assert leaks == []
+
+
+def test_every_server_of_the_stack_listens_on_loopback_only(first_run, stack):
+    """SeaweedFS, the Prefect server, the gateway, the model servers and every process they
+    started: each listening socket is on 127.0.0.1 (or ::1), none on all interfaces."""
+    from pathlib import Path
+
+    from llmship import processes
+
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    pids, todo = set(), [r.pid for r in processes.records(stack) if processes.is_alive(r.pid)]
+    while todo:
+        pid = todo.pop()
+        if pid not in pids:
+            pids.add(pid)
+            todo += children.get(pid, [])
+    inodes: dict[str, int] = {}
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").glob("*"):
+            try:
+                target = fd.readlink().as_posix()
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes[target[8:-1]] = pid
+    loopback = {"0100007F", "00000000000000000000000001000000"}
+    listening = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] == "0A" and cols[9] in inodes:  # LISTEN, one of the stack's
+                addr, port = cols[1].split(":")
+                listening.append((inodes[cols[9]], addr, int(port, 16)))
+    ports = {port for _, _, port in listening}
+    assert {stack.s3_port, stack.prefect_port, stack.gateway_port} <= ports, listening
+    assert [(pid, port) for pid, addr, port in listening if addr not in loopback] == []
