@@ -23,6 +23,12 @@ ENGINE_SUBDIR = "engine"
 TRTLLM_CHECKPOINT_SUBDIR = "trtllm-checkpoint"
 
 
+def target_of(details: dict) -> Target:
+    """The target a build or published version was made for (builds from before the
+    TensorRT-LLM target record none: vLLM)."""
+    return Target(details.get("target", Target.VLLM.value))
+
+
 def python_for(settings: Settings, target: Target) -> Path:
     """The environment that serves a target (DESIGN.md: one environment per job)."""
     return settings.trtllm_python if target is Target.TRTLLM else settings.serve_python
@@ -36,7 +42,6 @@ def trtllm_script(settings: Settings, name: str) -> Path:
 def engine_args(target: Target, serving: ServingConfig, kv_cache_fp8: bool = False) -> list[str]:
     """The engine's own arguments for a build. kv_cache_fp8: the checkpoint carries calibrated
     FP8 scales for the KV cache (calibration.kv_cache_fp8)."""
-    kv_fp8 = kv_cache_fp8
     if target is Target.VLLM:
         args = ["--dtype", serving.dtype, "--max-model-len", str(serving.max_model_len)]
         if serving.tensor_parallel_size > 1:
@@ -45,7 +50,7 @@ def engine_args(target: Target, serving: ServingConfig, kv_cache_fp8: bool = Fal
             args += ["--gpu-memory-utilization", str(serving.gpu_memory_utilization)]
         if serving.max_num_seqs is not None:
             args += ["--max-num-seqs", str(serving.max_num_seqs)]
-        if kv_fp8:
+        if kv_cache_fp8:
             # The checkpoint carries the calibrated k/v scales; vLLM uses them with this.
             args += ["--kv-cache-dtype", "fp8"]
         return args + list(serving.extra_args)

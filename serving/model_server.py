@@ -111,12 +111,11 @@ def start(settings: Settings, model: str, version: str, model_dir: Path,
         info["gpus"] = gpus.choose_gpus(len(gpus.detect_gpus()), gpus.held_gpus(settings),
                                         count, name)
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, info["gpus"]))
-    if target is Target.TRTLLM:
-        command = engines.server_command(
-            settings, target, trtllm_model_path(settings, name, model, model_dir, serve_subdir),
-            model, port, engine_args, tokenizer_dir=model_dir if serve_subdir else None)
-    else:
-        command = engines.server_command(settings, target, model_dir, model, port, engine_args)
+    # trtllm-serve is given a link named after the model (engines.server_command says why).
+    load_path = (trtllm_model_path(settings, name, model, model_dir, serve_subdir)
+                 if target is Target.TRTLLM else model_dir)
+    command = engines.server_command(settings, target, load_path, model, port, engine_args,
+                                     tokenizer_dir=model_dir if serve_subdir else None)
     rec = processes.start(
         settings, name, command, env=env, port=port,
         info={"model": model, "version": version, "host": settings.host,

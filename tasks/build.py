@@ -27,9 +27,9 @@ from pydantic import BaseModel
 from llmship.errors import StageFailed
 from llmship.manifest import Manifest, digest_of
 from llmship.settings import ServingConfig, Target, TrtllmBackend, get_settings
-from serving import engines
 from llmship.store import ArtifactStore
 from llmship.subprocess_stage import run_stage, stage_main, tool_versions
+from serving import engines
 from tasks.common import (
     RETRIES, RETRY_DELAYS, StageOutput, cache_key, fresh_dir, record_stage_artifact,
     retry_unless_permanent,
@@ -47,9 +47,6 @@ class BuildRequest(BaseModel):
     serving: ServingConfig
     kv_cache_fp8: bool = False
     device: str = "cpu"
-    # Settings of the GPU worker, for trtllm-build (the stage runs in the quantize env).
-    trtllm_python: str | None = None
-    trtllm_bin_dir: str | None = None
 
 
 class BuildResult(BaseModel):
@@ -128,10 +125,8 @@ def build_engine(req: BuildRequest, out: Path) -> None:
     """trtllm-build from ModelOpt's TensorRT-LLM checkpoint into out/engine."""
     import subprocess
 
-    from llmship.settings import Settings
-
-    settings = Settings(trtllm_python=req.trtllm_python, trtllm_bin_dir=req.trtllm_bin_dir)
-    cmd = engines.trtllm_build_command(settings, out / engines.TRTLLM_CHECKPOINT_SUBDIR,
+    # The stage inherits the worker's environment, LLMSHIP_TRTLLM_* included.
+    cmd = engines.trtllm_build_command(get_settings(), out / engines.TRTLLM_CHECKPOINT_SUBDIR,
                                        out / engines.ENGINE_SUBDIR, req.serving)
     print("building the TensorRT engine: " + " ".join(cmd), flush=True)
     try:
@@ -198,8 +193,6 @@ def build_task(checkpoint: StageOutput, target: Target, serving: ServingConfig, 
         checkpoint_dir=str(store.materialize(checkpoint.prefix)), out_dir=str(out_dir),
         target=target, serving=serving,
         kv_cache_fp8=bool(checkpoint.details.get("kv_cache_fp8")), device=settings.device,
-        trtllm_python=str(settings.trtllm_python),
-        trtllm_bin_dir=str(settings.trtllm_bin_dir) if settings.trtllm_bin_dir else None,
     ), BuildResult, get_run_logger())
     manifest = store.store_output(out_dir, prefix, Manifest(
         kind="build", key=key,

@@ -38,7 +38,7 @@ from llmship.manifest import Manifest, digest_of
 from llmship.settings import EvalBackend, GateConfig, TaskPolicy, Target, get_settings
 from llmship.store import ArtifactStore
 from llmship.subprocess_stage import run_stage, stage_main, tool_versions
-from serving.engines import python_for
+from serving.engines import python_for, target_of
 from tasks.common import (
     RETRIES, RETRY_DELAYS, StageOutput, artifact_key, cache_key, fresh_dir, record_markdown,
     retry_unless_permanent, version_id,
@@ -371,7 +371,7 @@ def evaluation_key(build: StageOutput, tasks: TaskSet, config: GateConfig) -> st
     """Once per (build, task set, harness and engine versions): the baseline, a BF16 build of
     the pinned snapshot, is evaluated once however many candidates are gated against it."""
     settings = get_settings()
-    target = Target(build.details.get("target", Target.VLLM.value))
+    target = target_of(build.details)
     engine = (tool_versions(python_for(settings, target), SERVE_TOOLS[target])
               if config.backend is EvalBackend.SERVED else {})
     return digest_of({
@@ -394,7 +394,7 @@ def evaluate_task(build: StageOutput, tasks: TaskSet, config: GateConfig,
         backend=config.backend, served_name=model,
         server_name=f"eval-{model}-{role}-{build.key[:12]}",
         engine_args=build.details.get("engine_args", []),
-        target=Target(build.details.get("target", Target.VLLM.value)),
+        target=target_of(build.details),
         serve_subdir=build.details.get("serve_subdir"), limit=config.limit,
         device=settings.device,
     ), Evaluation, get_run_logger())

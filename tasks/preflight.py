@@ -272,7 +272,7 @@ def check_resources(config: PipelineConfig, shape: ModelShape, gpus: list[Gpu], 
                f"{per_gpu:.0f}" + (f": room for {seqs} full-length sequences"
                                    if need_per_gpu <= room else
                                    ": raise tensor_parallel_size or lower max_model_len")))
-    usable = [g for g in gpus][tp if live else 0:]
+    usable = gpus[tp if live else 0:]
     calib = calibration_peak_gib(config, shape, a)
     total = sum(g.memory_gib for g in usable)
     checks.append(Check(

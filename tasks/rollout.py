@@ -24,9 +24,10 @@ from pydantic import BaseModel, Field
 
 from llmship.errors import CanaryFailed, UngatedVersion
 from llmship.manifest import Manifest
-from llmship.settings import RolloutConfig, Settings, Target, get_settings
+from llmship.settings import RolloutConfig, Settings, get_settings
 from llmship.store import ArtifactStore
 from serving import model_server
+from serving.engines import target_of
 from serving.gateway_admin import gateway_routes, route_traffic
 from tasks.common import (
     StageOutput, record_markdown, record_stage_artifact, retry_unless_permanent,
@@ -207,7 +208,7 @@ def rollout(version: PublishedVersion, cfg: RolloutConfig, *, allow_ungated: boo
         model_dir = store.materialize(version.prefix)  # every file checked against the manifest
         server = model_server.start(settings, model, version.version, model_dir,
                                     manifest.details.get("engine_args", []),
-                                    target=Target(manifest.details.get("target", "vllm")),
+                                    target=target_of(manifest.details),
                                     serve_subdir=manifest.details.get("serve_subdir"))
     # A live version with no running server is not routed, but traffic still leaves it.
     was_live = current["version"] if current else store.read_alias(model, "live")

@@ -17,6 +17,7 @@ from prefect.utilities.callables import parameter_schema
 from prefect.utilities.schema_tools import validate
 from pydantic import ValidationError
 
+from llmship.cli import deployment_config
 from llmship.errors import ServingError, SourceNotFound, UnsupportedConfiguration
 from llmship.gpus import Gpu, choose_gpus, parse_nvidia_smi
 from llmship.settings import PipelineConfig, Scheme, ServingConfig, Settings, Target
@@ -45,7 +46,7 @@ def deployment(flow: str, name: str) -> dict:
 
 
 def config_of(flow: str, name: str) -> PipelineConfig:
-    return PipelineConfig.model_validate(deployment(flow, name)["parameters"]["config"])
+    return deployment_config(f"{flow}/{name}")  # as `llmship plan` reads it
 
 
 def gpus(n: int, memory_gib: float = 80.0, cc: tuple[int, int] = (9, 0)) -> list[Gpu]:
