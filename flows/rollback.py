@@ -4,6 +4,10 @@ Meant to be run from the Prefect UI's form: `target_version` (empty: the `previo
 `reason` (kept in an artifact and in the alias's history), and `allow_ungated`, the override
 for a version that never passed the gate. All traffic moves at once: a warm version (kept by
 the last rollout) takes it within a second; a cold one after its server starts.
+
+The automation llmship-restore-<model> runs it when the gateway declares the live version's
+server down, with `only_if_live` set to that version: an alarm that arrives after someone
+else has already moved the traffic changes nothing.
 """
 
 from __future__ import annotations
@@ -33,9 +37,13 @@ def rollback_target(model: str, target_version: str | None) -> PublishedVersion:
 
 @flow(name="rollback", log_prints=True, persist_result=True)
 def rollback(model: str, reason: str, target_version: str | None = None,
-             allow_ungated: bool = False) -> RolloutResult:
-    target = rollback_target(model, target_version)
+             allow_ungated: bool = False, only_if_live: str | None = None) -> RolloutResult | None:
     live = ArtifactStore(get_settings()).read_alias(model, "live")
+    if only_if_live and live != only_if_live:
+        get_run_logger().info("%s's live version is %s, not %s: nothing to roll back", model,
+                              live, only_if_live)
+        return None
+    target = rollback_target(model, target_version)
     override = allow_ungated and not target.gate_passed
     get_run_logger().info("rolling %s back from %s to %s%s: %s", model, live, target.version,
                           " (no passing gate record: overridden)" if override else "", reason)

@@ -1,11 +1,18 @@
-"""Alerts: the team hears within seconds when a gate fails or a run of llmship fails.
+"""Alerts, and the automations that act on events: created (or replaced) by `llmship up`.
 
-Two Prefect automations, created (or replaced) by `llmship up`, send through one notification
-block:
+Alerts, through one notification block; the team hears within seconds:
 - `llmship-gate-failed`, on the gate's event `llmship.gate.failed` (model, candidate version,
   failing tasks with their numbers, where the report is);
 - `llmship-run-failed`, on any flow run of build-and-serve, recalibrate or rollback that ends
   Failed, Crashed or TimedOut.
+
+Acting, with or without an alert URL:
+- `llmship-crashed-runs`: a flow run whose heartbeats stop (its worker, pod or host died) is
+  marked Crashed after three missed beats, Prefect's recipe for zombie runs; the run-failed
+  alert then fires. Rerun it: every stage that finished is reused.
+- `llmship-restore-<model>`, one per rollback deployment: on the gateway's
+  `llmship.serving.down` for that model, run `rollback/<model>` with `only_if_live` set to the
+  version that went down (and alert, where alerts are set up).
 
 The block is configured in one place, Settings: a Slack incoming webhook
 (LLMSHIP_ALERT_SLACK_WEBHOOK_URL, a SlackWebhook block) for teams on Slack, or any URL that
@@ -15,11 +22,16 @@ local receiver).
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from prefect.automations import Automation
 from prefect.blocks.notifications import (
     CustomWebhookNotificationBlock, NotificationBlock, SlackWebhook,
 )
-from prefect.events.actions import SendNotification
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+from prefect.client.schemas.objects import StateType
+from prefect.events.actions import ChangeFlowRunState, RunDeployment, SendNotification
 from prefect.events.schemas.automations import EventTrigger, Posture
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -28,6 +40,9 @@ from llmship.settings import Settings
 BLOCK_NAME = "llmship-alerts"
 GATE_FAILED = "llmship-gate-failed"
 RUN_FAILED = "llmship-run-failed"
+CRASHED_RUNS = "llmship-crashed-runs"
+RESTORE = "llmship-restore-{model}"
+SERVING_DOWN = "llmship.serving.down"
 FLOWS = ["build-and-serve", "recalibrate", "rollback"]
 RUN_END_STATES = {"prefect.flow-run.Failed", "prefect.flow-run.Crashed",
                   "prefect.flow-run.TimedOut"}
@@ -81,17 +96,77 @@ def alert_automations(block_id) -> list[Automation]:
     ]
 
 
-def ensure_alerts(settings: Settings) -> bool:
-    """Create (or replace) the block and the automations; False if no alert URL is set."""
+def crashed_runs_automation(heartbeat_s: int) -> Automation:
+    silent_s = 3 * heartbeat_s
+    return Automation(
+        name=CRASHED_RUNS,
+        description="Mark a flow run Crashed when its heartbeats stop: its worker or host died",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed",
+                    "prefect.flow-run.Failed", "prefect.flow-run.Cancelled",
+                    "prefect.flow-run.Crashed"},
+            match={"prefect.resource.id": "prefect.flow-run.*"},
+            for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
+            within=timedelta(seconds=silent_s)),
+        actions=[ChangeFlowRunState(
+            state=StateType.CRASHED,
+            message=f"no heartbeat for {silent_s} s: the worker or host running it died. Run "
+                    "the deployment again: every stage that finished is reused")],
+    )
+
+
+def restore_automation(model: str, rollback_deployment_id, block_id) -> Automation:
+    actions = [RunDeployment(
+        source="selected", deployment_id=rollback_deployment_id,
+        parameters={"model": model, "allow_ungated": False,
+                    "only_if_live": "{{ event.payload.version }}",
+                    "reason": "the gateway declared the live server of "
+                              "{{ event.payload.version }} down after "
+                              "{{ event.payload.seconds }} s without an answer"})]
+    if block_id:
+        actions.append(SendNotification(
+            block_document_id=block_id,
+            subject="llmship: {{ event.payload.model }}'s live server is down; rolling back",
+            body="The server of {{ event.payload.model }} {{ event.payload.version }} "
+                 "({{ event.payload.upstream }}) has not answered the gateway for "
+                 "{{ event.payload.seconds }} s. Clients get 503s until "
+                 f"rollback/{model} has moved the traffic to the previous version."))
+    return Automation(
+        name=RESTORE.format(model=model),
+        description=f"When {model}'s live server goes down, roll back to the previous version",
+        trigger=EventTrigger(expect={SERVING_DOWN}, posture=Posture.Reactive, threshold=1,
+                             match={"prefect.resource.id": f"llmship.model.{model}"}),
+        actions=actions,
+    )
+
+
+def rollback_deployments() -> dict[str, object]:
+    """{model: deployment id} of every deployment of the rollback flow."""
+    with get_client(sync_client=True) as client:
+        deployments = client.read_deployments(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["rollback"])))
+    return {d.parameters["model"]: d.id for d in deployments if d.parameters.get("model")}
+
+
+def _replace(automation: Automation) -> None:
+    try:
+        Automation.read(name=automation.name).delete()
+    except ValueError:
+        pass
+    automation.create()
+
+
+def ensure_automations(settings: Settings) -> list[str]:
+    """Create (or replace) the block and every automation; the names of those created."""
     block = notification_block(settings)
-    if block is None:
-        return False
+    automations = [crashed_runs_automation(settings.run_heartbeat_s)]
     with temporary_settings(updates={PREFECT_API_URL: settings.prefect_api_url}):
-        block_id = block.save(BLOCK_NAME, overwrite=True)
-        for automation in alert_automations(block_id):
-            try:
-                Automation.read(name=automation.name).delete()
-            except ValueError:
-                pass
-            automation.create()
-    return True
+        block_id = block.save(BLOCK_NAME, overwrite=True) if block else None
+        if block_id:
+            automations += alert_automations(block_id)
+        automations += [restore_automation(model, deployment_id, block_id)
+                        for model, deployment_id in sorted(rollback_deployments().items())]
+        for automation in automations:
+            _replace(automation)
+    return [a.name for a in automations]

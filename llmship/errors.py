@@ -34,6 +34,14 @@ class IntegrityError(PermanentError):
     """A file does not match the sha256 its manifest records."""
 
 
+class UnsafeKey(PermanentError, ValueError):
+    """A name or file path would put an object or a file outside its prefix or directory."""
+
+
+class DiskFull(PermanentError):
+    """A stage ran out of disk; what it had written is removed. Free space or move the cache."""
+
+
 class VersionConflict(PermanentError):
     """A published version or alias was changed by someone else (a conditional write failed)."""
 

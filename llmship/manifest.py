@@ -12,17 +12,36 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
-from llmship.errors import IntegrityError
+from llmship.errors import IntegrityError, UnsafeKey
 
 CHUNK = 8 * 1024 * 1024
 
 
+def inside_path(path: str, what: str = "file path") -> str:
+    """path, if it names something inside a directory: relative, forward slashes, no '..'.
+
+    Manifests and mirror listings come from the store, which anyone with write access can
+    change: a path such as '../../.ssh/authorized_keys' must not reach the local disk.
+    """
+    parts = path.split("/")
+    if (not path or path.startswith("/") or "\\" in path or "\x00" in path
+            or any(part in ("", ".", "..") for part in parts)):
+        raise UnsafeKey(f"{what} {path!r} would leave its directory: a stored file's path must "
+                        "be relative, with '/' between names and no '.' or '..' parts")
+    return path
+
+
 class FileEntry(BaseModel):
     path: str  # relative, with forward slashes
-    size: int
-    sha256: str
+    size: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+    @field_validator("path")
+    @classmethod
+    def _inside(cls, v: str) -> str:
+        return inside_path(v)
 
 
 class Manifest(BaseModel):

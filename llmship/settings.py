@@ -62,6 +62,17 @@ class Settings(BaseSettings):
     # A request body past this is refused with 413 before it is read into memory. A long
     # context (128k tokens) of text is some 0.5 MB: this leaves room for that and no more.
     gateway_max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    # The gateway checks every live version's server this often. After gateway_down_after
+    # checks in a row without an answer it declares the server down, once: the event
+    # llmship.serving.down, which the automation llmship-restore-<model> answers by rolling
+    # back to the previous version (llmship/alerts.py). 3 x 5 s: a server restarting in
+    # place or a slow health answer under load does not start a rollback.
+    gateway_health_interval_s: float = Field(5.0, gt=0)
+    gateway_down_after: int = Field(3, ge=1)
+    # Flow runs send a heartbeat this often (Prefect's minimum is 30 s); a run that misses 3
+    # (its worker or host died) is marked Crashed by the automation llmship-crashed-runs,
+    # which makes the run-failed alert fire. Prefect's own default is 180 s.
+    run_heartbeat_s: int = Field(30, ge=30)
     # How often a canary step reads the gateway's metrics while it bakes.
     rollout_check_interval_s: float = Field(2.0, gt=0)
     # How often a run paused for approval asks the server whether it was resumed.

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 
 from llmship import processes
-from llmship.alerts import GATE_FAILED, RUN_FAILED, ensure_alerts
+from llmship.alerts import ensure_automations
 from llmship.errors import StackError
 from llmship.processes import http_ok, wait_until
 from llmship.settings import REPO_ROOT, Settings
@@ -47,6 +47,7 @@ def child_env(settings: Settings) -> dict[str, str]:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_LOCAL_STORAGE_PATH": str(settings.state_dir / "prefect" / "results"),
         "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(settings.run_heartbeat_s),
         "PREFECT_LOGGING_LOG_PRINTS": "true",
         "DO_NOT_TRACK": "1",
         "HF_HUB_DISABLE_TELEMETRY": "1",
@@ -205,10 +206,11 @@ def up(settings: Settings, *, deployments: bool = True, say=print) -> None:
     if deployments:
         say(f"deployments      registered from prefect.yaml, pool {settings.work_pool}")
         register_deployments(settings, env)
-        if ensure_alerts(settings):
-            # The Slack URL is a secret: say where alerts go without printing it.
-            target = "Slack" if settings.alert_slack_webhook_url else settings.alert_webhook_url
-            say(f"alerts           automations {GATE_FAILED}, {RUN_FAILED} -> {target}")
+        names = ensure_automations(settings)
+        # The Slack URL is a secret: say where alerts go without printing it.
+        target = "Slack" if settings.alert_slack_webhook_url else (
+            settings.alert_webhook_url or "no alert URL set")
+        say(f"automations      {', '.join(names)} (alerts -> {target})")
         start_worker(settings, env)
     say(f"gateway          {settings.gateway_url}")
     start_gateway(settings, env)

@@ -15,6 +15,7 @@ checksum; every download is checked against the manifest before it is used.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from datetime import datetime, timezone
 from functools import cached_property
@@ -25,9 +26,12 @@ import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import ClientError
+from pydantic import ValidationError
 
-from llmship.errors import SourceNotFound, StackError, VersionConflict
-from llmship.manifest import Manifest, hash_dir, verify_dir
+from llmship.errors import (
+    IntegrityError, SourceNotFound, StackError, UnsafeKey, VersionConflict,
+)
+from llmship.manifest import Manifest, hash_dir, inside_path, verify_dir
 from llmship.settings import Settings
 
 MANIFEST = "manifest.json"
@@ -41,6 +45,21 @@ def _status(err: ClientError) -> int:
 
 def _code(err: ClientError) -> str:
     return str(err.response.get("Error", {}).get("Code", ""))
+
+
+KEY_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def key_part(value: str, what: str) -> str:
+    """value, if it can be one segment of a store key (a model name, a version, an alias).
+
+    Keys are built from names that reach llmship from flow parameters and the CLI: 'a/../b'
+    or '..' would read or move another model's versions or aliases.
+    """
+    if not isinstance(value, str) or not KEY_PART.fullmatch(value) or ".." in value:
+        raise UnsafeKey(f"{what} {value!r} cannot name anything in the store: use letters, "
+                        "digits, '.', '_' and '-' (no '/' and no '..'), at most 128")
+    return value
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
@@ -137,7 +156,17 @@ class ArtifactStore:
 
     def read_manifest(self, prefix: str) -> Manifest | None:
         found = self.get_json(f"{prefix}/{MANIFEST}")
-        return Manifest.model_validate(found[0]) if found else None
+        if not found:
+            return None
+        try:
+            return Manifest.model_validate(found[0])
+        except ValidationError as err:
+            raise IntegrityError(
+                f"s3://{self.bucket}/{prefix}/{MANIFEST} is not a manifest llmship can trust "
+                f"({err.error_count()} problem(s); first: {err.errors()[0]['msg']}): nothing "
+                "was fetched from it. Whoever can write the bucket changed it; publish the "
+                "version again from its build"
+            ) from err
 
     def upload_dir(self, local_dir: Path, prefix: str, manifest: Manifest) -> Manifest:
         """Upload every file under local_dir, then the manifest, last and only if new.
@@ -228,13 +257,18 @@ class ArtifactStore:
                   if key.endswith("/live.json")}
         return {m: v for m in sorted(models) if (v := self.read_alias(m, "live"))}
 
+    @staticmethod
+    def alias_key(model: str, alias: str) -> str:
+        return f"aliases/{key_part(model, 'model')}/{key_part(alias, 'alias')}.json"
+
     def read_alias(self, model: str, alias: str) -> str | None:
-        found = self.get_json(f"aliases/{model}/{alias}.json")
+        found = self.get_json(self.alias_key(model, alias))
         return found[0]["version"] if found else None
 
     def move_alias(self, model: str, alias: str, version: str, reason: str = "") -> None:
         """Point an alias at a version: compare-and-swap, so two rollouts cannot interleave."""
-        key = f"aliases/{model}/{alias}.json"
+        key = self.alias_key(model, alias)
+        key_part(version, "version")
         found = self.get_json(key)
         body = {"model": model, "alias": alias, "version": version,
                 "previous": found[0]["version"] if found else None,
@@ -261,7 +295,8 @@ class ArtifactStore:
         """Copy every object under s3://bucket/prefix/ to dest."""
         keys = [key for key, _ in self.list_mirror(bucket, prefix)]
         for key in keys:
-            target = dest / key[len(prefix) + 1 :]
+            relative = inside_path(key[len(prefix) + 1 :], f"s3://{bucket}/{key}: the path")
+            target = dest / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             self.client.download_file(bucket, key, str(target), Config=TRANSFER)
         return keys

@@ -12,6 +12,11 @@ a percentage of them to the new version's. A server that refuses the connection 
 as an error of its version and the request goes to the route's other server, if it has one:
 a canary that dies costs its clients nothing, and its error rate rolls it back.
 
+The gateway also watches every live version's server (every LLMSHIP_GATEWAY_HEALTH_INTERVAL_S).
+One that misses LLMSHIP_GATEWAY_DOWN_AFTER checks in a row is declared down, once: its clients
+get OpenAI-style 503s, /ready says which, and the Prefect event `llmship.serving.down` asks the
+automation `llmship-restore-<model>` to roll the model back to its previous version.
+
 Requests are checked here, so a bad one gets an OpenAI-style 400 without reaching a model
 server. At start the routing is restored from the S3 `live` aliases (the source of truth that
 rollouts move) and the running model servers of those versions; <state>/gateway/routes.json,
@@ -22,6 +27,7 @@ written on every change, is the fallback when S3 cannot be read.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import random
@@ -129,6 +135,12 @@ class GatewayState:
         self.in_flight_gauge.set_function(lambda: self.in_flight)
         self.errors = Counter("llmship_gateway_errors", "Requests answered 5xx or not at all",
                               ["model", "version", "endpoint"], registry=self.registry)
+        self.upstream_up = Gauge("llmship_gateway_upstream_up", "1 while a live version's "
+                                 "server answers its health check, 0 once it misses one",
+                                 ["model", "version"], registry=self.registry)
+        self.health_interval_s = settings.gateway_health_interval_s
+        self.down_after = settings.gateway_down_after
+        self.down: dict[str, str] = {}  # model -> its live version, declared down
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(300.0, connect=5.0),
                                         limits=httpx.Limits(max_connections=512))
 
@@ -171,10 +183,56 @@ def restore_routes(settings: Settings,
     return routes, unserved
 
 
+async def watch_live_servers(gw: GatewayState) -> None:
+    """Check each live version's server; declare one down after gw.down_after misses in a
+    row, and up again when it answers. Canaries are not watched here: their rollout judges
+    them on the metrics and takes them out itself."""
+    misses: dict[tuple[str, str], int] = {}
+    while True:
+        await asyncio.sleep(gw.health_interval_s)
+        for model, route in list(gw.routes.items()):
+            key = (model, route.version)
+            healthy = await _answers_health(gw, route.upstream,
+                                            timeout_s=min(gw.health_interval_s, 5.0))
+            gw.upstream_up.labels(model, route.version).set(1 if healthy else 0)
+            if healthy:
+                misses.pop(key, None)
+                if gw.down.get(model) == route.version:
+                    del gw.down[model]
+                    log.warning("%s %s answers again at %s", model, route.version,
+                                route.upstream)
+                continue
+            misses[key] = misses.get(key, 0) + 1
+            if misses[key] == gw.down_after:
+                declare_down(gw, model, route, misses[key])
+
+
+def declare_down(gw: GatewayState, model: str, route: Route, failed_checks: int) -> None:
+    gw.down[model] = route.version
+    seconds = failed_checks * gw.health_interval_s
+    log.error("%s's live version %s at %s has not answered for %.0f s (%d checks): declared "
+              "down; asking for a rollback to its previous version", model, route.version,
+              route.upstream, seconds, failed_checks)
+    try:
+        from prefect.events import emit_event
+
+        emit_event(event="llmship.serving.down",
+                   resource={"prefect.resource.id": f"llmship.model.{model}",
+                             "llmship.model": model, "llmship.version": route.version},
+                   payload={"model": model, "version": route.version,
+                            "upstream": route.upstream, "failed_checks": failed_checks,
+                            "seconds": seconds})
+    except Exception as exc:  # noqa: BLE001 - no Prefect: the log line and /ready remain
+        log.error("could not send llmship.serving.down to Prefect (%s: %s): roll back by "
+                  "hand (`llmship rollback %s`)", type(exc).__name__, exc, model)
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     app.state.gw = GatewayState()
+    watcher = asyncio.create_task(watch_live_servers(app.state.gw))
     yield
+    watcher.cancel()
     await app.state.gw.client.aclose()
 
 
@@ -334,8 +392,13 @@ async def _forward(gw: GatewayState, request: Request, endpoint: str,
             if not isinstance(exc, httpx.ConnectError):
                 break  # the request may have reached the server: not safe to send twice
     if resp is None:
-        return openai_error(503, f"the model server of {model} failed: {'; '.join(failed)}",
-                            type_="server_error", code="upstream_unavailable")
+        restoring = ("; it is down and a rollback to the previous version was asked for"
+                     if gw.down.get(model) == route.version else "")
+        resp503 = openai_error(503, f"the model server of {model} failed: "
+                                    f"{'; '.join(failed)}{restoring}: retry shortly",
+                               type_="server_error", code="upstream_unavailable")
+        resp503.headers["retry-after"] = "5"
+        return resp503
 
     def record(status: str) -> None:
         gw.requests.labels(model, version, endpoint, status).inc()
@@ -434,5 +497,7 @@ async def set_route(model: str, request: Request, authorization: str | None = He
                                 code="upstream_unhealthy")
     gw.routes[model] = route
     gw.unserved.pop(model, None)
+    if gw.down.get(model) != route.version:
+        gw.down.pop(model, None)
     gw.save()
     return route.model_dump()

@@ -9,6 +9,7 @@ The snapshot is stored under stages/download/<key>/ with a manifest holding ever
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from llmship.errors import PermanentError, SourceNotFound
+from llmship.errors import DiskFull, PermanentError, SourceNotFound
 from llmship.manifest import Manifest, digest_of
 from llmship.settings import get_settings
 from llmship.store import ArtifactStore, parse_s3_uri
@@ -114,6 +115,27 @@ def fetch_path(source: str, dest: Path) -> dict:
     return {"path": str(root.resolve())}
 
 
+def _out_of_space(exc: BaseException) -> bool:
+    """ENOSPC or EDQUOT (a full disk or quota) or EFBIG (a file-size limit), however wrapped."""
+    full = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in full:
+            return True
+        if isinstance(e, shutil.Error) and e.args and isinstance(e.args[0], list):
+            # copytree: [(src, dst, "[Errno 28] No space left on device: ..."), ...]
+            if any("[Errno 28]" in str(why) or "[Errno 27]" in str(why)
+                   for *_, why in e.args[0]):
+                return True
+        todo += [e.__cause__, e.__context__]
+    return False
+
+
 def download(source: str) -> StageOutput:
     """Fetch the source, check it is a model, and store it with its manifest."""
     settings = get_settings()
@@ -124,7 +146,18 @@ def download(source: str) -> StageOutput:
     dest = fresh_dir(store.local_path(prefix))
     fetch = fetch_hf if source.startswith("hf://") else (
         fetch_s3 if source.startswith("s3://") else fetch_path)
-    origin = fetch(source, dest)
+    try:
+        origin = fetch(source, dest)
+    except OSError as exc:
+        # copytree gathers its failures into one shutil.Error; s3transfer wraps the OSError.
+        if not _out_of_space(exc):
+            raise
+        shutil.rmtree(dest, ignore_errors=True)
+        free = shutil.disk_usage(dest.parent).free
+        raise DiskFull(
+            f"the disk ran out while downloading {source} into {dest} ({free / 1e6:.0f} MB "
+            f"free now, after removing the partial copy): free space there or point "
+            f"LLMSHIP_STATE_DIR at a larger disk, then run again. Nothing was kept") from exc
     if not (dest / "config.json").is_file():
         raise SourceNotFound(f"{source} holds no config.json: it is not a model directory")
     fetched = time.monotonic() - started

@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from llmship.errors import GateFailed
 from llmship.manifest import Manifest
 from llmship.settings import get_settings
-from llmship.store import MANIFEST, ArtifactStore
+from llmship.store import MANIFEST, TRANSFER, ArtifactStore, key_part
 from tasks.common import (
     RETRIES, RETRY_DELAYS, StageOutput, cache_key, record_stage_artifact,
     retry_unless_permanent, version_id,
@@ -49,7 +49,7 @@ class PublishedVersion(BaseModel):
 
 
 def version_prefix(model: str, version: str) -> str:
-    return f"versions/{model}/{version}"
+    return f"versions/{key_part(model, 'model')}/{key_part(version, 'version')}"
 
 
 def publish(model: str, build: StageOutput, report: GateReport) -> PublishedVersion:
@@ -63,9 +63,10 @@ def publish(model: str, build: StageOutput, report: GateReport) -> PublishedVers
     if manifest is None:
         source = store.read_manifest(build.prefix)
         for entry in source.files:
-            store.client.copy_object(
-                Bucket=store.bucket, Key=f"{prefix}/files/{entry.path}",
-                CopySource={"Bucket": store.bucket, "Key": f"{build.prefix}/files/{entry.path}"},
+            # The managed copy: S3's single CopyObject stops at 5 GiB, a 70B shard can pass it.
+            store.client.copy(
+                {"Bucket": store.bucket, "Key": f"{build.prefix}/files/{entry.path}"},
+                store.bucket, f"{prefix}/files/{entry.path}", Config=TRANSFER,
             )
         store.put_json(f"{prefix}/gate-report.json", report.model_dump(mode="json"))
         store.put_text(f"{prefix}/gate-report.md", render_markdown(model, report))
@@ -92,7 +93,7 @@ def list_versions(model: str) -> list[Manifest]:
     """Published versions of a model, oldest first: those whose manifest exists."""
     store = ArtifactStore(get_settings())
     manifests = []
-    for key in store.list_keys(f"versions/{model}/"):
+    for key in store.list_keys(f"versions/{key_part(model, 'model')}/"):
         if key.endswith(f"/{MANIFEST}") and key.count("/") == 3:
             found = store.read_manifest(key.rsplit("/", 1)[0])
             if found:

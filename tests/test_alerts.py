@@ -43,3 +43,36 @@ def test_automations_cover_failed_gates_and_every_failed_run_of_the_flows():
     assert run.trigger.match_related.root["prefect.resource.name"] == FLOWS
     assert set(FLOWS) == {"build-and-serve", "recalibrate", "rollback"}
     assert "{{ flow_run|ui_url }}" in run.actions[0].body
+
+
+def test_a_restore_rolls_back_only_the_version_that_went_down():
+    from prefect.events.actions import RunDeployment, SendNotification
+
+    from llmship.alerts import SERVING_DOWN, restore_automation
+
+    deployment = uuid.uuid4()
+    quiet = restore_automation("tiny-llama", deployment, block_id=None)
+    assert quiet.name == "llmship-restore-tiny-llama"
+    assert quiet.trigger.expect == {SERVING_DOWN}
+    assert quiet.trigger.match.root["prefect.resource.id"] == "llmship.model.tiny-llama"
+    [run] = quiet.actions  # no alert URL: the rollback still runs
+    assert isinstance(run, RunDeployment) and run.deployment_id == deployment
+    assert run.parameters["only_if_live"] == "{{ event.payload.version }}"
+    assert run.parameters["allow_ungated"] is False
+    loud = restore_automation("tiny-llama", deployment, block_id=uuid.uuid4())
+    assert isinstance(loud.actions[1], SendNotification)
+
+
+def test_a_run_whose_heartbeats_stop_is_marked_crashed_after_three():
+    from datetime import timedelta
+
+    from llmship.alerts import crashed_runs_automation
+
+    automation = crashed_runs_automation(heartbeat_s=30)
+    trigger = automation.trigger
+    assert trigger.posture == "Proactive" and trigger.within == timedelta(seconds=90)
+    assert trigger.after == {"prefect.flow-run.heartbeat"}
+    # A run that ends (any final state) is not a zombie.
+    assert {"prefect.flow-run.Completed", "prefect.flow-run.Failed",
+            "prefect.flow-run.Crashed"} <= trigger.expect
+    assert automation.actions[0].state.value == "CRASHED"

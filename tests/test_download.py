@@ -1,8 +1,11 @@
 """The download stage against real sources: the local S3 mirror, a local path, and the
 Hugging Face hub client reading a local hub cache (no network here: HF_HUB_OFFLINE=1)."""
 
+import contextlib
 import os
+import resource
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -74,3 +77,45 @@ def test_source_without_revision_is_refused():
 
     with pytest.raises(ValidationError, match="has no revision"):
         PipelineConfig(name="m", source="hf://org/model")
+
+
+@contextlib.contextmanager
+def disk_of(folder: Path, size_bytes: int):
+    """folder on a disk that holds size_bytes: a tmpfs mounted there where the machine lets
+    root mount one (the write fails with ENOSPC), else a file-size limit on this process
+    (EFBIG): either way a real write of the stage fails the way a full disk makes it fail."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs",
+                              str(folder)], capture_output=True).returncode == 0
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if not mounted:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size_bytes, limit[1]))
+    try:
+        yield
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(folder)], check=True)
+        else:
+            resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+
+
+def test_a_full_disk_during_download_is_named_and_leaves_nothing(stack, store):
+    from llmship.errors import DiskFull
+    from tasks.download import download_key
+
+    source = f"s3://{stack.mirror_bucket}/tiny-llama"
+    prefix = f"stages/download/{download_key(source)}"
+    downloads = store.local_path(prefix).parent
+    # The model's weights are 1.97 MB; the disk holds 1 MB.
+    with disk_of(downloads, 1024 * 1024):
+        with pytest.raises(DiskFull) as refused:
+            download(source)
+        assert not store.local_path(prefix).exists()  # the partial copy is gone
+    message = str(refused.value)
+    assert f"the disk ran out while downloading {source}" in message
+    assert "free space there or point LLMSHIP_STATE_DIR at a larger disk" in message
+    # Not retried: the task's retry condition lets a permanent error through at once.
+    from llmship.errors import PermanentError
+    assert isinstance(refused.value, PermanentError)
+    # With room again, the same download works.
+    assert download(source).files == len(list(DEMO.iterdir()))

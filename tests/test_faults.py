@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -83,3 +86,67 @@ def test_wrong_credentials_or_a_missing_bucket_are_refused_before_a_run(change, 
     assert f"cannot write to s3://{bucket} at {stack.s3_url}" in check.detail
     assert expected in check.detail, check.detail
     assert stack.s3_secret_key not in check.detail
+
+
+def passing_report(build):
+    from tasks.gate import GateReport
+
+    return GateReport(passed=True, rule="test: a report that passed", rtol=0.05,
+                      dataset="contracts", eval_data_sha256="0" * 64, candidate=build.prefix,
+                      baseline="stages/build/none", tasks=[], harness={}, seconds={})
+
+
+def test_seaweedfs_killed_during_publish_leaves_no_version_or_a_complete_one(stack, store,
+                                                                            tmp_path):
+    from llmship import processes
+    from llmship import stack as local_stack
+    from llmship.errors import SourceNotFound
+    from tasks.common import StageOutput, version_id
+    from tasks.publish import list_versions, publish, version_prefix
+
+    # A build of 300 files: publishing copies them one by one, which leaves time to kill
+    # the store in the middle.
+    build_dir = tmp_path / "build"
+    for i in range(300):
+        (build_dir / f"shard-{i:03d}.bin").parent.mkdir(exist_ok=True)
+        (build_dir / f"shard-{i:03d}.bin").write_bytes(os.urandom(32 * 1024))
+    build_prefix = "stages/build/killed-during-publish"
+    build = StageOutput.from_manifest(build_prefix, store.upload_dir(
+        build_dir, build_prefix, Manifest(kind="build", key="killed-during-publish")))
+    model, version = "store-killed", version_id(build)
+    prefix = version_prefix(model, version)
+
+    outcome: dict = {}
+
+    def publish_in_background():
+        try:
+            outcome["published"] = publish(model, build, passing_report(build))
+        except Exception as exc:  # noqa: BLE001 - what the test looks at
+            outcome["error"] = exc
+
+    publisher = threading.Thread(target=publish_in_background)
+    publisher.start()
+    deadline = time.monotonic() + 60
+    while len(store.list_keys(f"{prefix}/files/")) < 10:
+        assert time.monotonic() < deadline and publisher.is_alive(), outcome
+        time.sleep(0.02)
+    weed = processes.find(stack, "seaweedfs")
+    os.killpg(weed.pid, signal.SIGKILL)
+    publisher.join(timeout=300)
+    assert "error" in outcome, "publish finished before SeaweedFS was killed"
+
+    local_stack.start_s3(stack, local_stack.ensure_credentials(stack),
+                         local_stack.child_env(stack))
+    # Some files were copied, but without its manifest the version does not exist: not
+    # listed, not servable, not fetchable.
+    copied = store.list_keys(f"{prefix}/files/")
+    assert 10 <= len(copied) < 300
+    assert store.read_manifest(prefix) is None
+    assert list_versions(model) == []
+    with pytest.raises(SourceNotFound, match="never completely written"):
+        store.download_dir(prefix, tmp_path / "fetched")
+    # Publishing again (the task's retry, or a rerun) completes the version, whole.
+    published = publish(model, build, passing_report(build))
+    assert (published.version, published.files) == (version, 300)
+    assert [m.key for m in list_versions(model)] == [version]
+    assert store.download_dir(prefix, tmp_path / "fetched").digest == build.digest

@@ -101,6 +101,41 @@ def test_ready_is_503_while_a_routed_server_does_not_answer(monkeypatch, tmp_pat
     get_settings.cache_clear()
 
 
+def test_a_live_server_that_stops_answering_is_declared_down_once(
+        monkeypatch, tmp_path, caplog):
+    """The watcher: after LLMSHIP_GATEWAY_DOWN_AFTER missed checks the live server is
+    declared down (the log says so and asks for the rollback, which the stack tests follow
+    through Prefect); its clients get 503s that say a rollback was asked for."""
+    import time
+
+    from llmship.processes import write_json
+    from llmship.settings import get_settings
+
+    server, url = fake_model_server("m-v1")
+    server.shutdown()
+    server.server_close()  # nothing listens there now
+    monkeypatch.setenv("LLMSHIP_STATE_DIR", str(tmp_path))
+    monkeypatch.setenv("LLMSHIP_GATEWAY_HEALTH_INTERVAL_S", "0.1")
+    monkeypatch.setenv("LLMSHIP_GATEWAY_DOWN_AFTER", "3")
+    write_json(tmp_path / "gateway" / "routes.json", {"wm": {"version": "v1", "upstream": url}})
+    get_settings.cache_clear()
+    from serving.gateway import app
+
+    with caplog.at_level("ERROR", logger="llmship.gateway"), TestClient(app) as c:
+        deadline = time.monotonic() + 10
+        while "declared down" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # a few more misses: still one declaration
+        declared = [r for r in caplog.records if "declared down" in r.getMessage()]
+        assert len(declared) == 1 and "wm's live version v1" in declared[0].getMessage()
+        assert 'llmship_gateway_upstream_up{model="wm",version="v1"} 0.0' in \
+            c.get("/metrics").text
+        err = assert_openai_error(c.post("/v1/completions", json={"model": "wm",
+                                                                  "prompt": "x"}), 503)
+        assert "a rollback to the previous version was asked for" in err["message"]
+    get_settings.cache_clear()
+
+
 def test_ready_when_nothing_is_routed(client):
     assert client.get("/ready").json() == {"status": "ready", "models": {}}
 

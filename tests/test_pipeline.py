@@ -4,6 +4,7 @@ gateway serves; a rerun is all cache hits; bad data and a failing gate publish n
 
 import json
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -174,8 +175,7 @@ def outlier_model(stack) -> Path:
     return dest
 
 
-def test_gate_failure_publishes_nothing(first_run, outlier_model, alert_receiver, prefect_client,
-                                        stack, store):
+def outlier_config(prefect_client, outlier_model: Path) -> dict:
     config = default_config(prefect_client)
     config.update(name="outlier-llama", source=str(outlier_model))
     # INT8 without SmoothQuant: the outlier channels crush every other weight of their rows.
@@ -183,6 +183,107 @@ def test_gate_failure_publishes_nothing(first_run, outlier_model, alert_receiver
     # Through lm-eval's hf backend here: the vLLM path is what the first run exercises, and
     # two more vLLM server starts would add some 100 s to the suite on 2 cores.
     config["gate"]["backend"] = "hf"
+    return config
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def wait_for(what: str, check, timeout: float, every: float = 1.0):
+    """Poll check() until it returns something true; the API may be restarting meanwhile."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if found := check():
+                return found
+        except httpx.HTTPError:
+            pass
+        time.sleep(every)
+    raise AssertionError(f"not {what} within {timeout:.0f} s")
+
+
+def stage_process(stack, stage: str) -> int | None:
+    """The pid of the worker's subprocess running stage's pure function, once it runs."""
+    from llmship import processes
+
+    worker = processes.find(stack, "prefect-worker")
+    return next((pid for pid in descendants(worker.pid) if f"-m tasks.{stage} " in
+                 cmdline(pid)), None) if worker else None
+
+
+def test_a_killed_worker_loses_nothing_and_a_rerun_resumes_through_a_prefect_restart(
+        first_run, outlier_model, alert_receiver, prefect_client, stack):
+    from prefect.client.schemas.objects import StateType
+
+    from llmship import processes
+    from llmship import stack as local_stack
+
+    config = outlier_config(prefect_client, outlier_model)
+    killed = run({"config": config}, timeout=0)
+    wait_for("calibrating", lambda: stage_process(stack, "calibrate"), timeout=300, every=0.5)
+    time.sleep(2)
+    # The host dies: the worker, the flow-run process and the calibration, all at once.
+    worker = processes.find(stack, "prefect-worker")
+    for pid in [worker.pid, *descendants(worker.pid)]:
+        os.kill(pid, signal.SIGKILL)
+    killed_at = time.time()
+    assert list_versions("outlier-llama") == []
+    assert prefect_client.read_flow_run(killed.id).state.is_running()
+
+    local_stack.start_worker(stack, local_stack.child_env(stack))
+    rerun = run({"config": config}, timeout=0)
+    wait_for("calibrating again", lambda: stage_process(stack, "calibrate"), timeout=300,
+             every=0.5)
+    # The Prefect server restarts while the rerun calibrates: the run goes on.
+    server = processes.find(stack, "prefect-server")
+    processes.stop(stack, server)
+    local_stack.start_prefect(stack, local_stack.child_env(stack))
+    done = wait_for("the rerun finished", lambda: (
+        r if (r := prefect_client.read_flow_run(rerun.id)).state.is_final() else None),
+        timeout=900, every=2)
+    # It ends where this model's runs end, at the gate (test_gate_failure_publishes_nothing),
+    # having downloaded nothing again and calibrated from the start.
+    assert done.state.is_failed() and "accuracy gate failed for outlier-llama" in \
+        done.state.message, done.state.message
+    states = task_states(prefect_client, done)
+    assert states["download"] == ["Cached"] and states["calibrate"] == ["Completed"]
+    assert states["gate"] == ["Failed"] and "publish" not in states
+    assert list_versions("outlier-llama") == []
+
+    # The killed run does not stay Running: its heartbeats stopped, and the automation
+    # llmship-crashed-runs marks it Crashed; the run-failed alert goes out.
+    crashed = wait_for("marked Crashed", lambda: (
+        r if (r := prefect_client.read_flow_run(killed.id)).state.type == StateType.CRASHED
+        else None), timeout=240, every=3)
+    assert "no heartbeat for 90 s" in crashed.state.message
+    assert crashed.state.timestamp.timestamp() - killed_at < 90 + 30 + 30
+    wait_for_alert(alert_receiver, f"llmship: build-and-serve run {killed.name} Crashed")
+
+
+def test_gate_failure_publishes_nothing(first_run, outlier_model, alert_receiver, prefect_client,
+                                        stack, store):
+    config = outlier_config(prefect_client, outlier_model)
+    started = time.time()
     flow_run = run({"config": config})
     assert flow_run.state.is_failed()
     assert "accuracy gate failed for outlier-llama" in flow_run.state.message
@@ -201,9 +302,10 @@ def test_gate_failure_publishes_nothing(first_run, outlier_model, alert_receiver
     # The automations created by `llmship up` deliver two alerts to the team's webhook, within
     # seconds: the gate's own, with the numbers, and the failed run's.
     failed_at = flow_run.state.timestamp.timestamp()
-    gate_alert = wait_for_alert(alert_receiver, "llmship: accuracy gate failed for outlier-llama")
+    gate_alert = wait_for_alert(alert_receiver, "llmship: accuracy gate failed for outlier-llama",
+                                since=started)
     assert "llmship_contracts_clause_type 0.000 <" in gate_alert["body"]
-    assert payloads[0]["candidate_version"] in gate_alert["body"]
+    assert any(p["candidate_version"] in gate_alert["body"] for p in payloads)
     run_alert = wait_for_alert(alert_receiver, f"llmship: build-and-serve run {flow_run.name} "
                                                "Failed")
     assert "accuracy gate failed for outlier-llama" in run_alert["body"]
@@ -231,10 +333,12 @@ def gate_failed_events(stack, model: str, timeout: float = 30) -> list[dict]:
         time.sleep(1)
 
 
-def wait_for_alert(receiver: list[dict], subject: str, timeout: float = 30) -> dict:
+def wait_for_alert(receiver: list[dict], subject: str, timeout: float = 30,
+                   since: float = 0) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        found = [a for a in receiver if a.get("subject") == subject]
+        found = [a for a in receiver
+                 if a.get("subject") == subject and a["received_at"] >= since]
         if found:
             return found[-1]
         time.sleep(0.5)

@@ -251,3 +251,54 @@ def test_a_prompt_past_the_context_is_an_openai_400(versions, stack):
     err = resp.json()["error"]
     assert "context length" in err["message"] or "maximum" in err["message"], err
     assert {"message", "type"} <= set(err)
+
+
+def test_a_live_server_that_crashes_is_replaced_by_the_previous_version(
+        versions, stack, store, prefect_client, alert_receiver):
+    from llmship import processes
+
+    a, b = versions["A"], versions["B"]
+    assert (store.read_alias("tiny-llama", "live"),
+            store.read_alias("tiny-llama", "previous")) == (a, b)
+    with SteadyLoad(stack.gateway_url, "tiny-llama", prompts(), workers=2, pause_s=0.25) as load:
+        time.sleep(3)
+        os.killpg(processes.find(stack, f"vllm-tiny-llama-{a}").pid, signal.SIGKILL)
+        killed_at = time.time()
+        # The gateway says so at once to a load balancer, and on its metrics.
+        wait_for("/ready answering 503", lambda: httpx.get(
+            f"{stack.gateway_url}/ready", timeout=10).status_code == 503, timeout=30)
+        assert a in httpx.get(f"{stack.gateway_url}/ready", timeout=10).json()["error"][
+            "message"]
+        # Declared down after 3 missed checks; the automation rolls back to B, with no one
+        # at the keyboard. B's server was stopped when its canary died: it starts again.
+        wait_for("B live again", lambda: store.read_alias("tiny-llama", "live") == b,
+                 timeout=420, every=2.0)
+        restored_at = time.time()
+        wait_for("B serving", lambda: any(o.ok and o.version == b and o.started > restored_at
+                                          for o in load.outcomes), timeout=30, every=0.5)
+    metrics = httpx.get(f"{stack.gateway_url}/metrics").text
+    assert f'llmship_gateway_upstream_up{{model="tiny-llama",version="{a}"}} 0.0' in metrics
+    models = httpx.get(f"{stack.gateway_url}/v1/models").json()["data"]
+    assert [(m["id"], m["version"]) for m in models] == [("tiny-llama", b)]
+    # Clients: clean OpenAI-style 503s while no server answered, nothing hung, and every
+    # request after the switch answered by B.
+    failures = load.failures()
+    assert failures and all(killed_at - 2 < f.started < restored_at + 2 for f in failures)
+    for f in failures:
+        assert f.status == 503, f
+        error = json.loads(f.detail)["error"]
+        assert error["code"] == "upstream_unavailable" and "retry shortly" in error["message"]
+    assert all(f.ended - f.started < 10 for f in failures)
+    after = [o for o in load.outcomes if o.started > restored_at + 2]
+    assert after and all(o.ok and o.version == b for o in after)
+    # What happened is on record: the event, the rollback run with its reason, the alert.
+    alias = store.get_json("aliases/tiny-llama/live.json")[0]
+    assert f"the gateway declared the live server of {a} down" in alias["reason"]
+    events = httpx.post(f"{stack.prefect_api_url}/events/filter", json={
+        "filter": {"event": {"name": ["llmship.serving.down"]}}, "limit": 5}).json()["events"]
+    assert [e["payload"]["version"] for e in events] == [a]
+    alert = next(x for x in alert_receiver
+                 if x.get("subject") == "llmship: tiny-llama's live server is down; rolling back")
+    assert a in alert["body"]
+    print(f"killed -> B live: {restored_at - killed_at:.0f} s; {len(failures)} requests "
+          f"answered 503 meanwhile")

@@ -67,6 +67,46 @@ def test_alias_compare_and_swap(store):
     assert store.read_alias("cas-model", "live") == "v3"
 
 
+def test_a_manifest_whose_paths_leave_the_directory_is_refused(store, tmp_path):
+    src = make_dir(tmp_path / "src", {"config.json": b"{}"})
+    good = store.upload_dir(src, "test/escape", Manifest(kind="test", key="k3"))
+    evil = good.model_dump(mode="json")
+    evil["files"].append({"path": "../../escaped.sh", "size": 3,
+                          "sha256": good.files[0].sha256})
+    store.put_json("test/escape/manifest.json", evil)
+    dest = tmp_path / "deep" / "er" / "dest"
+    with pytest.raises(IntegrityError, match=r"test/escape/manifest.json is not a manifest "
+                                             r"llmship can trust .*'\.\./\.\./escaped.sh' "
+                                             r"would leave its directory"):
+        store.download_dir("test/escape", dest)
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["config.json"]
+
+
+@pytest.mark.parametrize("model, version", [("../stages", "v1"), ("tiny-llama", "../../x"),
+                                            ("a/b", "v1"), ("tiny-llama", ""), ("..", "v1")])
+def test_names_that_would_leave_their_prefix_are_refused(store, model, version):
+    from llmship.errors import UnsafeKey
+    from tasks.publish import version_prefix
+
+    with pytest.raises(UnsafeKey, match="cannot name anything in the store"):
+        version_prefix(model, version)
+    with pytest.raises(UnsafeKey):
+        store.move_alias(model, "live", version or "v1")
+    assert store.list_keys("aliases/..") == [] and store.list_keys("stages/v1") == []
+
+
+def test_mirror_object_paths_that_leave_the_snapshot_are_refused(store, tmp_path):
+    from llmship.errors import UnsafeKey
+
+    store.ensure_bucket("escape-mirror")
+    for key in ("m/config.json", "m/sub/..%2F..%2Fx", "m/./dot"):
+        store.client.put_object(Bucket="escape-mirror", Key=key, Body=b"{}")
+    listed = {k for k, _ in store.list_mirror("escape-mirror", "m")}
+    print(listed)
+    with pytest.raises(UnsafeKey, match="would leave its directory"):
+        store.download_mirror("escape-mirror", "m", tmp_path / "snap")
+
+
 def test_unsigned_requests_are_refused(stack):
     import httpx
 
