@@ -89,11 +89,14 @@ def test_wrong_credentials_or_a_missing_bucket_are_refused_before_a_run(change, 
 
 
 def passing_report(build):
-    from tasks.gate import GateReport
+    from tasks.gate import GateReport, TaskVerdict
 
+    verdict = TaskVerdict(task="clause_type", metric="acc", n=100, baseline=0.9, candidate=0.9,
+                          delta=0.0, rtol=0.05, atol=0.0, floor=None, threshold=0.855,
+                          measured=0.9, passed=True)
     return GateReport(passed=True, rule="test: a report that passed", rtol=0.05,
                       dataset="contracts", eval_data_sha256="0" * 64, candidate=build.prefix,
-                      baseline="stages/build/none", tasks=[], harness={}, seconds={})
+                      baseline="stages/build/none", tasks=[verdict], harness={}, seconds={})
 
 
 def test_seaweedfs_killed_during_publish_leaves_no_version_or_a_complete_one(stack, store,
@@ -133,7 +136,9 @@ def test_seaweedfs_killed_during_publish_leaves_no_version_or_a_complete_one(sta
     weed = processes.find(stack, "seaweedfs")
     os.killpg(weed.pid, signal.SIGKILL)
     publisher.join(timeout=300)
-    assert "error" in outcome, "publish finished before SeaweedFS was killed"
+    # boto3 retried, then gave up: the store is gone, not the request (the task's own
+    # retries come next, minutes apart).
+    assert type(outcome.get("error")).__name__ == "EndpointConnectionError", outcome
 
     local_stack.start_s3(stack, local_stack.ensure_credentials(stack),
                          local_stack.child_env(stack))
