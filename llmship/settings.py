@@ -83,6 +83,10 @@ class Settings(BaseSettings):
     alert_slack_webhook_url: str | None = Field(None, description="https://hooks.slack.com/...")
     alert_webhook_url: str | None = None
     server_start_timeout_s: float = 240.0
+    # The candidate's evaluation server is kept this long after its evaluation, under the
+    # version's serving name: the rollout that follows takes it rather than loading the model
+    # again. 0: stopped at once (the GPUs it holds are needed back before then).
+    keep_evaluated_server_s: float = Field(600.0, ge=0)
 
     @property
     def prefect_api_url(self) -> str:

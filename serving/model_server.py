@@ -130,6 +130,22 @@ def start(settings: Settings, model: str, version: str, model_dir: Path,
     return _as_server(rec)
 
 
+def hand_over(settings: Settings, current_name: str, new_name: str,
+              keep_s: float) -> ModelServer:
+    """Give a running server (the gate's, of a candidate) the record name new_name (a
+    version's serving name), and stop it in keep_s unless traffic reaches it by then."""
+    rec = processes.find(settings, current_name)
+    if rec is None:
+        raise ServingError(f"{current_name} is not running: nothing to hand over")
+    existing = processes.find(settings, new_name)
+    if existing:  # already served under that name: keep the one serving
+        processes.stop(settings, rec)
+        return _as_server(existing)
+    server = _as_server(processes.rename(settings, rec, new_name))
+    retire_after(settings, server, keep_s)
+    return server
+
+
 def is_healthy(server: ModelServer) -> bool:
     try:
         return httpx.get(f"{server.url}/health", timeout=2.0).status_code == 200

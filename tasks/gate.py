@@ -88,6 +88,9 @@ class EvaluateRequest(BaseModel):
     serve_subdir: str | None = None
     limit: int | None = None
     device: str = "cpu"
+    # The candidate's server is left running after a finished evaluation: the orchestrator
+    # hands it to the rollout (evaluate_task).
+    keep_server: bool = False
 
 
 class TaskScore(BaseModel):
@@ -99,6 +102,7 @@ class Evaluation(BaseModel):
     backend: EvalBackend
     scores: dict[str, TaskScore]
     seconds: float
+    kept_server: str | None = None  # the record name of a server left running (keep_server)
 
 
 class TaskVerdict(BaseModel):
@@ -338,12 +342,17 @@ def evaluate(req: EvaluateRequest) -> Evaluation:
                         f"machine; {model_server.describe_death(get_settings(), server)}"
                     ) from None
                 raise
-        finally:
-            if starting:
-                # Stopped whether evaluation worked or not; a server that never came up has
-                # already been stopped by start().
-                if starting.exception() is None:
-                    model_server.stop(get_settings(), starting.result())
+        except BaseException:
+            if starting and starting.exception() is None:
+                model_server.stop(get_settings(), starting.result())
+            raise
+        # A server that never came up has already been stopped by start(); one that evaluated
+        # is stopped, or kept for the rollout when the request asks.
+        kept = None
+        if starting and req.keep_server:
+            kept = starting.result().name
+        elif starting:
+            model_server.stop(get_settings(), starting.result())
     scores = {}
     for name in req.tasks.names:
         row = results["results"][name]
@@ -352,7 +361,7 @@ def evaluate(req: EvaluateRequest) -> Evaluation:
         scores[name] = TaskScore(metrics=metrics, n=_items_of(results, name))
         print(f"  {name}: {metrics} (n={scores[name].n})", flush=True)
     return Evaluation(backend=req.backend, scores=scores,
-                      seconds=round(time.monotonic() - started, 3))
+                      seconds=round(time.monotonic() - started, 3), kept_server=kept)
 
 
 def _items_of(results: dict, name: str) -> int:
@@ -387,17 +396,32 @@ def evaluation_key(build: StageOutput, tasks: TaskSet, config: GateConfig) -> st
       cache_key_fn=cache_key(lambda p: evaluation_key(p["build"], p["tasks"], p["config"])))
 def evaluate_task(build: StageOutput, tasks: TaskSet, config: GateConfig,
                   model: str) -> Evaluation:
+    from serving import model_server
+
     settings = get_settings()
     role = build.details.get("role", "build")
-    return run_stage(settings, settings.quantize_python, "tasks.gate", EvaluateRequest(
+    # The candidate's server, as it will serve, is the one the rollout would start next: it
+    # is kept (settings.keep_evaluated_server_s) under the version's serving name, so a
+    # passing candidate takes traffic without a second load (minutes for 70B on GPUs).
+    keep = (role == "candidate" and config.backend is EvalBackend.SERVED
+            and settings.keep_evaluated_server_s > 0)
+    evaluation = run_stage(settings, settings.quantize_python, "tasks.gate", EvaluateRequest(
         model_dir=str(ArtifactStore(settings).materialize(build.prefix)), tasks=tasks,
         backend=config.backend, served_name=model,
         server_name=f"eval-{model}-{role}-{build.key[:12]}",
         engine_args=build.details.get("engine_args", []),
         target=target_of(build.details),
         serve_subdir=build.details.get("serve_subdir"), limit=config.limit,
-        device=settings.device,
+        device=settings.device, keep_server=keep,
     ), Evaluation, get_run_logger())
+    if evaluation.kept_server:
+        server = model_server.hand_over(settings, evaluation.kept_server,
+                                        model_server.server_name(model, version_id(build)),
+                                        settings.keep_evaluated_server_s)
+        get_run_logger().info("kept %s's evaluation server as %s for the rollout (stopped in "
+                              "%.0f s unless traffic reaches it)", model, server.name,
+                              settings.keep_evaluated_server_s)
+    return evaluation
 
 
 def calibration_file_of(candidate: StageOutput) -> Path | None:
@@ -511,6 +535,12 @@ def gate_task(candidate: StageOutput, baseline: StageOutput, config: GateConfig,
     stored = store_report(gate_key(candidate, baseline, config, tasks), model, report)
     record_report(model, report, stored)
     if not report.passed:
+        from serving import model_server
+        from serving.retire import serves_traffic
+
+        kept = model_server.find(settings, model, version_id(candidate))
+        if cand_eval.kept_server and kept and serves_traffic(settings, kept) is False:
+            model_server.stop(settings, kept)  # no rollout will take it
         # The alert automation (llmship/alerts.py) sends this to the team within seconds.
         emit_event(event="llmship.gate.failed",
                    resource={"prefect.resource.id": f"llmship.model.{model}",

@@ -70,6 +70,12 @@ def test_wrong_hub_revision_names_the_revision(hub_cache, stack):
         download("hf://llmship/tiny-llama@deadbeef")
 
 
+def test_an_unknown_hub_model_names_the_repository(hub_cache, stack):
+    with pytest.raises(SourceNotFound, match=r"of nobody/no-such-model is not in the local hub "
+                                             r"cache and HF_HUB_OFFLINE is set"):
+        download(f"hf://nobody/no-such-model@{SHA}")
+
+
 def test_source_without_revision_is_refused():
     from pydantic import ValidationError
 

@@ -107,7 +107,8 @@ def test_recalibration_waits_for_approval_then_canaries_without_a_failed_request
         time.sleep(3)
     assert done.state.is_completed(), done.state.message
     result = done.state.result()
-    assert (result.version, result.previous, result.started_server) == (b, a, True)
+    # B's server is the one its gate evaluated, kept through the approval: no second start.
+    assert (result.version, result.previous, result.started_server) == (b, a, False)
     [step] = result.steps
     assert step.percent == 50 and step.breach is None and step.requests > 0
 
