@@ -109,9 +109,11 @@ def stop(settings: Settings, rec: ProcessRecord, timeout_s: float = 15.0) -> Non
     (_pid_dir(settings) / f"{rec.name}.json").unlink(missing_ok=True)
 
 
-def rename(settings: Settings, rec: ProcessRecord, new_name: str) -> ProcessRecord:
-    """The same process under another record name (its log stays where it is)."""
-    renamed = rec.model_copy(update={"name": new_name})
+def rename(settings: Settings, rec: ProcessRecord, new_name: str,
+           info: dict | None = None) -> ProcessRecord:
+    """The same process under another record name, its info updated with info (its log
+    stays where it is)."""
+    renamed = rec.model_copy(update={"name": new_name, "info": {**rec.info, **(info or {})}})
     (_pid_dir(settings) / f"{new_name}.json").write_text(renamed.model_dump_json(indent=2))
     (_pid_dir(settings) / f"{rec.name}.json").unlink(missing_ok=True)
     return renamed

@@ -130,18 +130,20 @@ def start(settings: Settings, model: str, version: str, model_dir: Path,
     return _as_server(rec)
 
 
-def hand_over(settings: Settings, current_name: str, new_name: str,
+def hand_over(settings: Settings, current_name: str, model: str, version: str,
               keep_s: float) -> ModelServer:
-    """Give a running server (the gate's, of a candidate) the record name new_name (a
-    version's serving name), and stop it in keep_s unless traffic reaches it by then."""
+    """Make a running server (the gate's, of a candidate) version's serving server: its
+    record takes the serving name and version, and it is stopped in keep_s unless traffic
+    reaches it by then."""
     rec = processes.find(settings, current_name)
     if rec is None:
         raise ServingError(f"{current_name} is not running: nothing to hand over")
-    existing = processes.find(settings, new_name)
+    existing = find(settings, model, version)
     if existing:  # already served under that name: keep the one serving
         processes.stop(settings, rec)
-        return _as_server(existing)
-    server = _as_server(processes.rename(settings, rec, new_name))
+        return existing
+    server = _as_server(processes.rename(settings, rec, server_name(model, version),
+                                         info={"model": model, "version": version}))
     retire_after(settings, server, keep_s)
     return server
 

@@ -415,9 +415,8 @@ def evaluate_task(build: StageOutput, tasks: TaskSet, config: GateConfig,
         device=settings.device, keep_server=keep,
     ), Evaluation, get_run_logger())
     if evaluation.kept_server:
-        server = model_server.hand_over(settings, evaluation.kept_server,
-                                        model_server.server_name(model, version_id(build)),
-                                        settings.keep_evaluated_server_s)
+        server = model_server.hand_over(settings, evaluation.kept_server, model,
+                                        version_id(build), settings.keep_evaluated_server_s)
         get_run_logger().info("kept %s's evaluation server as %s for the rollout (stopped in "
                               "%.0f s unless traffic reaches it)", model, server.name,
                               settings.keep_evaluated_server_s)
