@@ -33,7 +33,7 @@ from prefect.events import emit_event
 from pydantic import BaseModel
 
 from llmship.domain_data import check_disjoint, dataset_dir, file_digest, load_eval_items
-from llmship.errors import GateConfigError, GateFailed, ServerExited
+from llmship.errors import GateConfigError, GateFailed, ServerExited, VersionConflict
 from llmship.manifest import Manifest, digest_of
 from llmship.settings import EvalBackend, GateConfig, TaskPolicy, Target, get_settings
 from llmship.store import ArtifactStore
@@ -485,13 +485,25 @@ def store_report(key: str, model: str, report: GateReport) -> str:
     out = fresh_dir(store.local_path(prefix))
     (out / "gate-report.json").write_text(report.model_dump_json(indent=2))
     (out / "gate-report.md").write_text(render_markdown(model, report))
-    store.store_output(out, prefix, Manifest(
-        kind="gate", key=key, inputs={"candidate": report.candidate, "baseline": report.baseline},
-        parameters={"rule": report.rule, "rtol": report.rtol, "atol": report.atol,
-                    "dataset": report.dataset, "backend": report.backend.value},
-        tool_versions=report.harness,
-        timings_s=report.seconds, details={"passed": report.passed, "model": model},
-    ))
+    try:
+        store.store_output(out, prefix, Manifest(
+            kind="gate", key=key,
+            inputs={"candidate": report.candidate, "baseline": report.baseline},
+            parameters={"rule": report.rule, "rtol": report.rtol, "atol": report.atol,
+                        "dataset": report.dataset, "backend": report.backend.value},
+            tool_versions=report.harness,
+            timings_s=report.seconds, details={"passed": report.passed, "model": model},
+        ))
+    except VersionConflict:
+        # The same builds under the same policy were gated before (a rerun after a failed
+        # gate evaluates again: Prefect rolls back the evaluations of a failed gate task).
+        # The stored report stays; only a different verdict is a problem worth stopping for.
+        earlier = GateReport.model_validate(store.get_json(f"{prefix}/gate-report.json")[0])
+        if (earlier.passed, earlier.tasks) != (report.passed, report.tasks):
+            raise VersionConflict(
+                f"the gate of {model} gave a different verdict on the same builds and policy "
+                f"than the one stored at s3://{store.bucket}/{prefix}/: the evaluation is not "
+                "deterministic here; compare the two reports before trusting either") from None
     return prefix
 
 
