@@ -1,0 +1,92 @@
+"""Publish and fetch throughput: llmship's store against boto3's transfer manager, side by side.
+
+The same files, the same store, one run: boto3's `upload_file`/`download_file` with a tuned
+TransferConfig (what a hand-written script would do, no hashing, no manifest) against
+llmship's `upload_dir` (sha256 of every file, the upload, the manifest last) and
+`download_dir` (the download, every file checked against the manifest, the rename into
+place). Ratio = boto3's time / llmship's: 1.0 means llmship's checks cost nothing.
+
+    .venv/orchestrator/bin/python bench/transfer.py [--files 4 --mib 256 --rounds 3]
+
+Needs the stack's S3 (`make up`, or LLMSHIP_* pointing at another store).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from boto3.s3.transfer import TransferConfig
+
+from llmship.manifest import Manifest
+from llmship.settings import get_settings
+from llmship.store import TRANSFER, ArtifactStore
+
+TUNED = TransferConfig(multipart_threshold=64 * 1024**2, multipart_chunksize=64 * 1024**2,
+                       max_concurrency=16)
+
+
+def timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--files", type=int, default=4)
+    parser.add_argument("--mib", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    store = ArtifactStore(get_settings())
+    client, bucket = store.client, store.bucket
+    work = Path(tempfile.mkdtemp(prefix="llmship-bench-transfer-"))
+    src = work / "src"
+    src.mkdir()
+    for i in range(args.files):
+        with (src / f"model-{i:05d}.safetensors").open("wb") as f:
+            for _ in range(args.mib):
+                f.write(os.urandom(1024 * 1024))
+    total_mib = args.files * args.mib
+    names = sorted(p.name for p in src.iterdir())
+    print(f"{args.files} files, {total_mib} MiB, {args.rounds} rounds; store {store.settings.s3_url}; "
+          f"llmship transfer config: chunk {TRANSFER.multipart_chunksize >> 20} MiB, "
+          f"{TRANSFER.max_concurrency} threads")
+    rows: dict[str, list[float]] = {k: [] for k in
+                                    ("boto3 upload", "llmship upload", "boto3 fetch", "llmship fetch")}
+    try:
+        for r in range(args.rounds):
+            raw, ours = f"bench/transfer/{r}/raw", f"bench/transfer/{r}/llmship"
+            rows["boto3 upload"].append(timed(lambda: [
+                client.upload_file(str(src / n), bucket, f"{raw}/files/{n}", Config=TUNED)
+                for n in names]))
+            rows["llmship upload"].append(timed(lambda: store.upload_dir(
+                src, ours, Manifest(kind="bench", key=f"transfer-{r}"))))
+            dest_raw, dest_ours = work / f"raw-{r}", work / f"ours-{r}"
+            dest_raw.mkdir()
+            rows["boto3 fetch"].append(timed(lambda: [
+                client.download_file(bucket, f"{raw}/files/{n}", str(dest_raw / n), Config=TUNED)
+                for n in names]))
+            rows["llmship fetch"].append(timed(lambda: store.download_dir(ours, dest_ours)))
+            shutil.rmtree(dest_raw)
+            shutil.rmtree(dest_ours)
+    finally:
+        for key in store.list_keys("bench/transfer/"):
+            client.delete_object(Bucket=bucket, Key=key)
+        shutil.rmtree(work, ignore_errors=True)
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    for k, v in med.items():
+        print(f"{k:15s} {v:6.2f} s  {total_mib / v:7.0f} MiB/s  (rounds: "
+              f"{', '.join(f'{x:.2f}' for x in rows[k])})")
+    for what in ("upload", "fetch"):
+        print(f"{what}: llmship / boto3 throughput = {med[f'boto3 {what}'] / med[f'llmship {what}']:.2f}"
+              " (target >= 0.90)")
+
+
+if __name__ == "__main__":
+    main()
