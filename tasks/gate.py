@@ -498,7 +498,8 @@ def store_report(key: str, model: str, report: GateReport) -> str:
         # The same builds under the same policy were gated before (a rerun after a failed
         # gate evaluates again: Prefect rolls back the evaluations of a failed gate task).
         # The stored report stays; only a different verdict is a problem worth stopping for.
-        earlier = GateReport.model_validate(store.get_json(f"{prefix}/gate-report.json")[0])
+        earlier = GateReport.model_validate(
+            store.get_json(f"{prefix}/files/gate-report.json")[0])
         if (earlier.passed, earlier.tasks) != (report.passed, report.tasks):
             raise VersionConflict(
                 f"the gate of {model} gave a different verdict on the same builds and policy "

@@ -108,6 +108,28 @@ def test_stored_paths_that_would_leave_their_directory_are_refused(path):
     assert inside_path("sub/dir/model-00001-of-00030.safetensors")
 
 
+def test_a_gate_report_stored_again_for_the_same_inputs_keeps_the_first(store):
+    """A failing gate run again (a rerun after the alert) evaluates again: the same verdict
+    keeps the stored report; a different one is a conflict worth stopping for."""
+    from tasks.gate import GateReport, TaskVerdict, store_report
+
+    verdict = TaskVerdict(task="clause_type", metric="acc", n=100, baseline=0.9, candidate=0.5,
+                          delta=-0.4, rtol=0.05, atol=0.0, floor=None, threshold=0.855,
+                          measured=0.5, passed=False)
+    report = GateReport(passed=False, rule="rtol 0.05", rtol=0.05, dataset="contracts",
+                        eval_data_sha256="0" * 64, candidate="stages/build/c",
+                        baseline="stages/build/b", tasks=[verdict], harness={},
+                        seconds={"baseline": 1.0, "candidate": 2.0})
+    first = store_report("same-inputs", "m", report)
+    again = store_report("same-inputs", "m", report.model_copy(
+        update={"seconds": {"baseline": 3.0, "candidate": 4.0}}))
+    assert again == first
+    assert store.get_json(f"{first}/files/gate-report.json")[0]["seconds"]["baseline"] == 1.0
+    other = report.model_copy(update={"tasks": [verdict.model_copy(update={"candidate": 0.6})]})
+    with pytest.raises(VersionConflict, match="gave a different verdict on the same builds"):
+        store_report("same-inputs", "m", other)
+
+
 def test_unsigned_requests_are_refused(stack):
     import httpx
 
