@@ -277,6 +277,7 @@ def test_a_live_server_that_crashes_is_replaced_by_the_previous_version(
         restored_at = time.time()
         wait_for("B serving", lambda: any(o.ok and o.version == b and o.started > restored_at
                                           for o in load.outcomes), timeout=30, every=0.5)
+        time.sleep(5)
     metrics = httpx.get(f"{stack.gateway_url}/metrics").text
     assert f'llmship_gateway_upstream_up{{model="tiny-llama",version="{a}"}} 0.0' in metrics
     models = httpx.get(f"{stack.gateway_url}/v1/models").json()["data"]
