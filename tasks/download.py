@@ -129,8 +129,7 @@ def _out_of_space(exc: BaseException) -> bool:
             return True
         if isinstance(e, shutil.Error) and e.args and isinstance(e.args[0], list):
             # copytree: [(src, dst, "[Errno 28] No space left on device: ..."), ...]
-            if any("[Errno 28]" in str(why) or "[Errno 27]" in str(why)
-                   for *_, why in e.args[0]):
+            if any(f"[Errno {code}]" in str(why) for *_, why in e.args[0] for code in full):
                 return True
         todo += [e.__cause__, e.__context__]
     return False

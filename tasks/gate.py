@@ -550,8 +550,9 @@ def gate_task(candidate: StageOutput, baseline: StageOutput, config: GateConfig,
         from serving import model_server
         from serving.retire import serves_traffic
 
-        kept = model_server.find(settings, model, version_id(candidate))
-        if cand_eval.kept_server and kept and serves_traffic(settings, kept) is False:
+        kept = cand_eval.kept_server and model_server.find(settings, model,
+                                                           version_id(candidate))
+        if kept and serves_traffic(settings, kept) is False:
             model_server.stop(settings, kept)  # no rollout will take it
         # The alert automation (llmship/alerts.py) sends this to the team within seconds.
         emit_event(event="llmship.gate.failed",

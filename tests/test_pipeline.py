@@ -16,6 +16,7 @@ from prefect.deployments import run_deployment
 
 from tasks.gate import RULE, wilson_lower
 from tasks.publish import list_versions
+from tests.helpers.waiting import wait_for
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
@@ -219,19 +220,6 @@ def cmdline(pid: int) -> str:
         return ""
 
 
-def wait_for(what: str, check, timeout: float, every: float = 1.0):
-    """Poll check() until it returns something true; the API may be restarting meanwhile."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if found := check():
-                return found
-        except httpx.HTTPError:
-            pass
-        time.sleep(every)
-    raise AssertionError(f"not {what} within {timeout:.0f} s")
-
-
 def stage_process(stack, stage: str) -> int | None:
     """The pid of the worker's subprocess running stage's pure function, once it runs."""
     from llmship import processes
@@ -250,7 +238,8 @@ def test_a_killed_worker_loses_nothing_and_a_rerun_resumes_through_a_prefect_res
 
     config = outlier_config(prefect_client, outlier_model)
     killed = run({"config": config}, timeout=0)
-    wait_for("calibrating", lambda: stage_process(stack, "calibrate"), timeout=300, every=0.5)
+    wait_for("calibrating", lambda: stage_process(stack, "calibrate"), timeout=300, every=0.5,
+             retry_on=(httpx.HTTPError,))
     time.sleep(2)
     # The host dies: the worker, the flow-run process and the calibration, all at once.
     worker = processes.find(stack, "prefect-worker")
@@ -263,14 +252,14 @@ def test_a_killed_worker_loses_nothing_and_a_rerun_resumes_through_a_prefect_res
     local_stack.start_worker(stack, local_stack.child_env(stack))
     rerun = run({"config": config}, timeout=0)
     wait_for("calibrating again", lambda: stage_process(stack, "calibrate"), timeout=300,
-             every=0.5)
+             every=0.5, retry_on=(httpx.HTTPError,))
     # The Prefect server restarts while the rerun calibrates: the run goes on.
     server = processes.find(stack, "prefect-server")
     processes.stop(stack, server)
     local_stack.start_prefect(stack, local_stack.child_env(stack))
     done = wait_for("the rerun finished", lambda: (
         r if (r := prefect_client.read_flow_run(rerun.id)).state.is_final() else None),
-        timeout=900, every=2)
+        timeout=900, every=2, retry_on=(httpx.HTTPError,))
     # It ends where this model's runs end, at the gate (test_gate_failure_publishes_nothing),
     # having downloaded nothing again and calibrated from the start.
     assert done.state.is_failed() and "accuracy gate failed for outlier-llama" in \
@@ -287,7 +276,7 @@ def test_a_killed_worker_loses_nothing_and_a_rerun_resumes_through_a_prefect_res
     # within seconds: test_gate_failure_publishes_nothing.)
     crashed = wait_for("marked Crashed", lambda: (
         r if (r := prefect_client.read_flow_run(killed.id)).state.type == StateType.CRASHED
-        else None), timeout=240, every=3)
+        else None), timeout=240, every=3, retry_on=(httpx.HTTPError,))
     assert "no heartbeat for 90 s" in crashed.state.message
     assert crashed.state.timestamp.timestamp() - killed_at < 90 + 30 + 30
 

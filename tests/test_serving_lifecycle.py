@@ -29,6 +29,7 @@ from prefect.flow_runs import resume_flow_run
 
 from tasks.publish import list_versions
 from tests.helpers.load import SteadyLoad
+from tests.helpers.waiting import wait_for
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
@@ -39,15 +40,6 @@ RECALIBRATE = "recalibrate/tiny-llama"
 def prompts(n: int = 8) -> list[str]:
     lines = (REPO / "calibration_data" / "contracts" / "eval.jsonl").read_text().splitlines()
     return [json.loads(line)["prompt"] for line in lines[:n]]
-
-
-def wait_for(what: str, check, timeout: float, every: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if found := check():
-            return found
-        time.sleep(every)
-    raise AssertionError(f"not {what} within {timeout:.0f} s")
 
 
 def recalibrate_config(prefect_client, **rollout) -> dict:
