@@ -95,10 +95,15 @@ class Route(BaseModel):
     canary: Canary | None = None
 
 
+def openai_error_body(message: str, *, type_: str = "invalid_request_error",
+                      param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
 def openai_error(status: int, message: str, *, type_: str = "invalid_request_error",
                  param: str | None = None, code: str | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status, content={
-        "error": {"message": message, "type": type_, "param": param, "code": code}})
+    return JSONResponse(status_code=status, content=openai_error_body(
+        message, type_=type_, param=param, code=code))
 
 
 # ------------------------------------------------------------------ state and metrics
@@ -419,10 +424,16 @@ async def _forward(gw: GatewayState, request: Request, endpoint: str,
                             time.perf_counter() - started)
                         first = False
                     yield chunk
-            except httpx.HTTPError:
-                # The server went away mid-stream: the client sees the stream cut short.
+            except httpx.HTTPError as exc:
+                # The server went away mid-stream, after the 200 went out: the stream ends
+                # with an error event, as vLLM's own do (OpenAI's client raises it as an
+                # APIError), and no [DONE], so no client takes the answer as whole.
                 outcome["status"] = "broken"
-                raise
+                error = openai_error_body(
+                    f"the model server of {model} {version} failed mid-answer: "
+                    f"{type(exc).__name__}: retry shortly", type_="server_error",
+                    code="upstream_unavailable")
+                yield f"data: {json.dumps(error)}\n\n".encode()
 
         async def close() -> None:
             await resp.aclose()

@@ -1,6 +1,8 @@
 """The gateway's own answers, before any model server is involved: OpenAI-style errors for
 bad requests, and an admin API that refuses callers without the token."""
 
+import json
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -142,7 +144,6 @@ def test_ready_when_nothing_is_routed(client):
 
 def fake_model_server(name: str, delay_s: float = 0.0):
     """A model server that answers every completion with its own name, after delay_s."""
-    import json
     import threading
     import time
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -292,3 +293,52 @@ def test_a_relayed_stream_gives_its_slot_back_and_is_counted(client):
     assert 'llmship_gateway_time_to_first_token_seconds_count{endpoint="/v1/completions",' \
            'model="m",version="v1"} 3.0' in metrics
     server.shutdown()
+
+
+def dying_stream_server():
+    """A model server that starts a stream of chunks, sends one event and then dies: the
+    connection closes before the chunked body ends."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                request = conn.recv(65536)
+                if request.startswith(b"GET"):
+                    conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                    continue
+                event = b'data: {"choices": [{"text": "half"}]}\n\n'
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                             b"transfer-encoding: chunked\r\n\r\n"
+                             + f"{len(event):x}\r\n".encode() + event + b"\r\n")
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener, f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+
+def test_a_stream_its_server_drops_ends_with_an_openai_error_event(client):
+    listener, url = dying_stream_server()
+    assert client.put("/admin/routes/m", headers=ADMIN,
+                      json={"version": "v1", "upstream": url}).status_code == 200
+    with client.stream("POST", "/v1/completions",
+                       json={"model": "m", "prompt": "x", "stream": True}) as resp:
+        events = [line for line in resp.iter_lines() if line]
+    assert resp.status_code == 200
+    # What the server sent arrives, then an error event, and no [DONE]: no client can take
+    # the half answer for a whole one, and none sees a connection reset.
+    assert events[0] == 'data: {"choices": [{"text": "half"}]}'
+    assert events[-1].startswith("data: ") and "[DONE]" not in events
+    error = json.loads(events[-1][len("data: "):])["error"]
+    assert error["code"] == "upstream_unavailable" and error["type"] == "server_error"
+    assert "m v1 failed mid-answer" in error["message"]
+    metrics = client.get("/metrics").text
+    assert 'llmship_gateway_requests_total{endpoint="/v1/completions",model="m",' \
+           'status="broken",version="v1"} 1.0' in metrics
+    listener.close()

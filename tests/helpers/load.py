@@ -67,10 +67,14 @@ class SteadyLoad:
                                "\n".join(lines)[:300])
             if stream:
                 complete = lines[-1] == "data: [DONE]" and len(lines) >= 2
+                # A stream broken after its 200 ends with an OpenAI error event.
+                detail = lines[-1][len("data: "):] if '"error"' in lines[-1] else \
+                    f"cut short: {lines[-2:]}"
             else:
                 complete = bool(json.loads("".join(lines))["choices"])
+                detail = f"cut short: {lines[-2:]}"
             return Outcome(started, time.time(), stream, 200, version, complete,
-                           "" if complete else f"cut short: {lines[-2:]}")
+                           "" if complete else detail)
         except (httpx.HTTPError, ValueError, KeyError, IndexError) as exc:
             return Outcome(started, time.time(), stream, None, None, False,
                            f"{type(exc).__name__}: {exc}")
