@@ -1,10 +1,12 @@
 """Publish and fetch throughput: llmship's store against boto3's transfer manager, side by side.
 
-The same files, the same store, one run: boto3's `upload_file`/`download_file` with a tuned
-TransferConfig (what a hand-written script would do, no hashing, no manifest) against
-llmship's `upload_dir` (sha256 of every file, the upload, the manifest last) and
-`download_dir` (the download, every file checked against the manifest, the rename into
-place). Ratio = boto3's time / llmship's: 1.0 means llmship's checks cost nothing.
+The same files, the same store, one run: boto3's transfer manager with a tuned
+TransferConfig, every file submitted at once (what a hand-written script would do: no
+hashing, no manifest) against llmship's `upload_dir` (the upload, hashing each file as it is read, the manifest last) and
+`download_dir` (the download, hashing each file as it is written, every file checked
+against the manifest, the rename into place). Both sides use the same part size and
+threads (LLMSHIP_S3_PART_MIB, LLMSHIP_S3_MAX_CONCURRENCY). Ratio = boto3's time /
+llmship's: 1.0 means llmship's checks cost nothing.
 
     .venv/orchestrator/bin/python bench/transfer.py [--files 4 --mib 256 --rounds 3]
 
@@ -21,14 +23,20 @@ import tempfile
 import time
 from pathlib import Path
 
-from boto3.s3.transfer import TransferConfig
+from boto3.s3.transfer import create_transfer_manager
 
 from llmship.manifest import Manifest
 from llmship.settings import get_settings
-from llmship.store import TRANSFER, ArtifactStore
+from llmship.store import ArtifactStore
 
-TUNED = TransferConfig(multipart_threshold=64 * 1024**2, multipart_chunksize=64 * 1024**2,
-                       max_concurrency=16)
+
+def all_at_once(client, config, transfers: list[tuple]) -> None:
+    """The tuned baseline: every file through one transfer manager at once, by file name
+    (s3transfer reads and writes the parts of a file in parallel), nothing hashed."""
+    with create_transfer_manager(client, config) as manager:
+        futures = [getattr(manager, op)(*args) for op, *args in transfers]
+        for future in futures:
+            future.result()
 
 
 def timed(fn) -> float:
@@ -44,7 +52,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     store = ArtifactStore(get_settings())
-    client, bucket = store.client, store.bucket
+    client, bucket, tuned = store.client, store.bucket, store.transfer
     work = Path(tempfile.mkdtemp(prefix="llmship-bench-transfer-"))
     src = work / "src"
     src.mkdir()
@@ -55,23 +63,21 @@ def main() -> None:
     total_mib = args.files * args.mib
     names = sorted(p.name for p in src.iterdir())
     print(f"{args.files} files, {total_mib} MiB, {args.rounds} rounds; store {store.settings.s3_url}; "
-          f"llmship transfer config: chunk {TRANSFER.multipart_chunksize >> 20} MiB, "
-          f"{TRANSFER.max_concurrency} threads")
+          f"transfer config (both): part {tuned.multipart_chunksize >> 20} MiB, "
+          f"{tuned.max_concurrency} threads")
     rows: dict[str, list[float]] = {k: [] for k in
                                     ("boto3 upload", "llmship upload", "boto3 fetch", "llmship fetch")}
     try:
         for r in range(args.rounds):
             raw, ours = f"bench/transfer/{r}/raw", f"bench/transfer/{r}/llmship"
-            rows["boto3 upload"].append(timed(lambda: [
-                client.upload_file(str(src / n), bucket, f"{raw}/files/{n}", Config=TUNED)
-                for n in names]))
+            rows["boto3 upload"].append(timed(lambda: all_at_once(client, tuned, [
+                ("upload", str(src / n), bucket, f"{raw}/files/{n}") for n in names])))
             rows["llmship upload"].append(timed(lambda: store.upload_dir(
                 src, ours, Manifest(kind="bench", key=f"transfer-{r}"))))
             dest_raw, dest_ours = work / f"raw-{r}", work / f"ours-{r}"
             dest_raw.mkdir()
-            rows["boto3 fetch"].append(timed(lambda: [
-                client.download_file(bucket, f"{raw}/files/{n}", str(dest_raw / n), Config=TUNED)
-                for n in names]))
+            rows["boto3 fetch"].append(timed(lambda: all_at_once(client, tuned, [
+                ("download", bucket, f"{raw}/files/{n}", str(dest_raw / n)) for n in names])))
             rows["llmship fetch"].append(timed(lambda: store.download_dir(ours, dest_ours)))
             shutil.rmtree(dest_raw)
             shutil.rmtree(dest_ours)

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field, field_validator
 
-from llmship.errors import IntegrityError, UnsafeKey
+from llmship.errors import UnsafeKey
 
 CHUNK = 8 * 1024 * 1024
 
@@ -84,20 +84,6 @@ def hash_dir(root: Path) -> list[FileEntry]:
 def files_digest(files: list[FileEntry]) -> str:
     lines = "".join(f"{f.sha256}  {f.path}\n" for f in sorted(files, key=lambda f: f.path))
     return hashlib.sha256(lines.encode()).hexdigest()
-
-
-def verify_dir(root: Path, files: list[FileEntry]) -> None:
-    """Raise IntegrityError naming the first file whose size or sha256 differs from the manifest."""
-    for entry in files:
-        path = root / entry.path
-        if not path.is_file():
-            raise IntegrityError(f"{path} is missing: the manifest lists it ({entry.size} bytes)")
-        actual = sha256_file(path)
-        if actual != entry.sha256:
-            raise IntegrityError(
-                f"{path} has sha256 {actual}, the manifest says {entry.sha256}: the file was "
-                "changed or corrupted; delete it and fetch it again"
-            )
 
 
 def digest_of(obj: Any) -> str:

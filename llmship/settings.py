@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     s3_secret_key: str | None = None
     artifacts_bucket: str = "llmship-artifacts"
     mirror_bucket: str = "llmship-mirror"
+    # boto3's transfer manager: parts in flight at once (one pooled connection each) and the
+    # part size. 64 MiB parts keep a 5 GB shard at some 80 parts, far under S3's 10,000.
+    s3_max_concurrency: int = Field(16, ge=1)
+    s3_part_mib: int = Field(64, ge=5)
 
     # Stage environments (DESIGN.md: vLLM and the quantizers cannot share one).
     quantize_python: Path = REPO_ROOT / ".venv" / "quantize" / "bin" / "python"

@@ -9,11 +9,14 @@ Layout in the artifacts bucket:
     aliases/<model>/<alias>.json            "live", "previous": moved with If-Match
 
 Files go through boto3's transfer manager (multipart, parallel) with an S3-side SHA256
-checksum; every download is checked against the manifest before it is used.
+checksum; every download is checked against the manifest before it is used. Each byte is
+read once: a file is hashed as the transfer manager reads it for the upload, and as it
+writes it on download (both given as streams, so s3transfer reads and writes them in order).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -23,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
-from boto3.s3.transfer import TransferConfig
+from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config
 from botocore.exceptions import ClientError
 from pydantic import ValidationError
@@ -31,12 +34,71 @@ from pydantic import ValidationError
 from llmship.errors import (
     IntegrityError, SourceNotFound, StackError, UnsafeKey, VersionConflict,
 )
-from llmship.manifest import Manifest, hash_dir, inside_path, verify_dir
+from llmship.manifest import FileEntry, Manifest, hash_dir, inside_path
 from llmship.settings import Settings
 
 MANIFEST = "manifest.json"
-TRANSFER = TransferConfig(multipart_threshold=64 * 1024**2, multipart_chunksize=64 * 1024**2,
-                          max_concurrency=8)
+
+
+class _HashingReader:
+    """A file as a stream that hashes what is read from it. Not seekable, so s3transfer reads
+    it once, front to back, and keeps each part in memory for its retries."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.size, self._sha = path, 0, hashlib.sha256()
+        self._file = None  # opened on the first read: hundreds of files wait in the queue
+
+    def read(self, amount: int = -1) -> bytes:
+        if self._file is None:
+            self._file = self.path.open("rb")
+        data = self._file.read(amount)
+        self._sha.update(data)
+        self.size += len(data)
+        return data
+
+    def seekable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+    def entry(self, relative: str) -> FileEntry:
+        return FileEntry(path=relative, size=self.size, sha256=self._sha.hexdigest())
+
+
+class _HashingWriter:
+    """A file being downloaded, hashing what is written to it. Not seekable, so s3transfer
+    writes the parts in order (it holds early ones in memory, a bounded number)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.size, self._sha = path, 0, hashlib.sha256()
+        self._file = None
+
+    def write(self, data: bytes) -> None:
+        if self._file is None:
+            self._file = self.path.open("wb")
+        self._file.write(data)
+        self._sha.update(data)
+        self.size += len(data)
+
+    def seekable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        if self._file is None:
+            self.path.touch()  # an empty object has no write
+        else:
+            self._file.close()
+
+    def check(self, entry: FileEntry) -> None:
+        actual = self._sha.hexdigest()
+        if self.size != entry.size or actual != entry.sha256:
+            raise IntegrityError(
+                f"{self.path} has sha256 {actual} ({self.size} bytes), the manifest says "
+                f"{entry.sha256} ({entry.size} bytes): the stored file was changed or "
+                "corrupted, and nothing fetched was kept. Publish it again from its source"
+            )
 
 
 def _status(err: ClientError) -> int:
@@ -73,6 +135,12 @@ class ArtifactStore:
         self.bucket = settings.artifacts_bucket
 
     @cached_property
+    def transfer(self) -> TransferConfig:
+        part = self.settings.s3_part_mib * 1024**2
+        return TransferConfig(multipart_threshold=part, multipart_chunksize=part,
+                              max_concurrency=self.settings.s3_max_concurrency)
+
+    @cached_property
     def client(self):
         s = self.settings
         if not (s.s3_access_key and s.s3_secret_key):
@@ -91,6 +159,8 @@ class ArtifactStore:
                 s3={"addressing_style": "path"},
                 connect_timeout=5,
                 read_timeout=60,
+                # One connection per transfer thread: fewer and the threads wait for one.
+                max_pool_connections=s.s3_max_concurrency,
             ),
         )
 
@@ -175,16 +245,24 @@ class ArtifactStore:
         the manifest was written) that copy is kept and its manifest returned.
         """
         existing = self.read_manifest(prefix)
-        files = hash_dir(local_dir)
-        manifest = manifest.model_copy(update={"files": files})
         if existing:
-            return self._same_content(prefix, existing, manifest)
-        for entry in files:
-            self.client.upload_file(
-                str(local_dir / entry.path), self.bucket, f"{prefix}/files/{entry.path}",
-                ExtraArgs={"ChecksumAlgorithm": "SHA256"}, Config=TRANSFER,
-            )
-        return self.commit_manifest(prefix, manifest)
+            return self._same_content(
+                prefix, existing, manifest.model_copy(update={"files": hash_dir(local_dir)}))
+        paths = sorted(p.relative_to(local_dir).as_posix()
+                       for p in local_dir.rglob("*") if p.is_file())
+        readers = {path: _HashingReader(local_dir / path) for path in paths}
+        try:
+            with create_transfer_manager(self.client, self.transfer) as manager:
+                uploads = [manager.upload(reader, self.bucket, f"{prefix}/files/{path}",
+                                          extra_args={"ChecksumAlgorithm": "SHA256"})
+                           for path, reader in readers.items()]
+                for upload in uploads:
+                    upload.result()
+        finally:
+            for reader in readers.values():
+                reader.close()
+        files = [reader.entry(path) for path, reader in readers.items()]
+        return self.commit_manifest(prefix, manifest.model_copy(update={"files": files}))
 
     def commit_manifest(self, prefix: str, manifest: Manifest) -> Manifest:
         """Write the manifest that makes prefix complete; it is never overwritten."""
@@ -214,12 +292,24 @@ class ArtifactStore:
             )
         tmp = dest.with_name(dest.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
+        writers = []
         for entry in manifest.files:
-            target = tmp / entry.path
-            target.parent.mkdir(parents=True, exist_ok=True)
-            self.client.download_file(self.bucket, f"{prefix}/files/{entry.path}", str(target),
-                                      Config=TRANSFER)
-        verify_dir(tmp, manifest.files)
+            (tmp / entry.path).parent.mkdir(parents=True, exist_ok=True)
+            writers.append((entry, _HashingWriter(tmp / entry.path)))
+        try:
+            with create_transfer_manager(self.client, self.transfer) as manager:
+                downloads = [manager.download(self.bucket, f"{prefix}/files/{entry.path}", writer)
+                             for entry, writer in writers]
+                for download in downloads:
+                    download.result()
+            for entry, writer in writers:
+                writer.close()
+                writer.check(entry)
+        except BaseException:
+            for _, writer in writers:
+                writer.close()
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         shutil.rmtree(dest, ignore_errors=True)
         tmp.rename(dest)
         return manifest
@@ -298,7 +388,7 @@ class ArtifactStore:
             relative = inside_path(key[len(prefix) + 1 :], f"s3://{bucket}/{key}: the path")
             target = dest / relative
             target.parent.mkdir(parents=True, exist_ok=True)
-            self.client.download_file(bucket, key, str(target), Config=TRANSFER)
+            self.client.download_file(bucket, key, str(target), Config=self.transfer)
         return keys
 
     def upload_mirror(self, local_dir: Path, bucket: str, prefix: str) -> None:
@@ -306,5 +396,6 @@ class ArtifactStore:
         self.ensure_bucket(bucket)
         for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
             self.client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(local_dir).as_posix()}",
-                                    ExtraArgs={"ChecksumAlgorithm": "SHA256"}, Config=TRANSFER)
+                                    ExtraArgs={"ChecksumAlgorithm": "SHA256"},
+                                    Config=self.transfer)
 

@@ -30,6 +30,7 @@ from statistics import NormalDist
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.events import emit_event
+from prefect.transactions import CommitMode, transaction
 from pydantic import BaseModel
 
 from llmship.domain_data import check_disjoint, dataset_dir, file_digest, load_eval_items
@@ -495,9 +496,9 @@ def store_report(key: str, model: str, report: GateReport) -> str:
             timings_s=report.seconds, details={"passed": report.passed, "model": model},
         ))
     except VersionConflict:
-        # The same builds under the same policy were gated before (a rerun after a failed
-        # gate evaluates again: Prefect rolls back the evaluations of a failed gate task).
-        # The stored report stays; only a different verdict is a problem worth stopping for.
+        # The same builds under the same policy were gated before (a failed gate run again:
+        # its evaluations are reused, the report is made again). The stored report stays;
+        # only a different verdict is a problem worth stopping for.
         earlier = GateReport.model_validate(
             store.get_json(f"{prefix}/files/gate-report.json")[0])
         if (earlier.passed, earlier.tasks) != (report.passed, report.tasks):
@@ -532,8 +533,12 @@ def gate_task(candidate: StageOutput, baseline: StageOutput, config: GateConfig,
     calibration_file = calibration_file_of(candidate)
     if calibration_file is not None:
         check_disjoint(calibration_file, Path(tasks.eval_file))
-    base_eval = evaluate_task(baseline, tasks, config, model)
-    cand_eval = evaluate_task(candidate, tasks, config, model)
+    # Each evaluation's result commits as it ends. Inside the gate's own transaction they
+    # would be rolled back with a failing gate, and the rerun after its alert would evaluate
+    # both builds again: two model loads, minutes for 70B.
+    with transaction(commit_mode=CommitMode.EAGER):
+        base_eval = evaluate_task(baseline, tasks, config, model)
+        cand_eval = evaluate_task(candidate, tasks, config, model)
     verdicts = judge(base_eval, cand_eval, config, tasks)
     report = GateReport(
         passed=all(v.passed for v in verdicts), rule=rule_of(config), strict=config.strict,

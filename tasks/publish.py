@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from llmship.errors import GateFailed
 from llmship.manifest import Manifest
 from llmship.settings import get_settings
-from llmship.store import MANIFEST, TRANSFER, ArtifactStore, key_part
+from llmship.store import MANIFEST, ArtifactStore, key_part
 from tasks.common import (
     RETRIES, RETRY_DELAYS, StageOutput, cache_key, record_stage_artifact,
     retry_unless_permanent, version_id,
@@ -66,7 +66,7 @@ def publish(model: str, build: StageOutput, report: GateReport) -> PublishedVers
             # The managed copy: S3's single CopyObject stops at 5 GiB, a 70B shard can pass it.
             store.client.copy(
                 {"Bucket": store.bucket, "Key": f"{build.prefix}/files/{entry.path}"},
-                store.bucket, f"{prefix}/files/{entry.path}", Config=TRANSFER,
+                store.bucket, f"{prefix}/files/{entry.path}", Config=store.transfer,
             )
         store.put_json(f"{prefix}/gate-report.json", report.model_dump(mode="json"))
         store.put_text(f"{prefix}/gate-report.md", render_markdown(model, report))

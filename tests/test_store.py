@@ -1,6 +1,8 @@
 """The artifact store on the real SeaweedFS: complete-or-absent directories, immutability,
 integrity checks and compare-and-swap aliases."""
 
+import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,25 @@ def test_round_trip_checks_every_file(store, tmp_path):
     got = store.download_dir("test/round-trip", tmp_path / "dest")
     assert got.digest == manifest.digest
     assert (tmp_path / "dest" / "sub" / "b.txt").read_bytes() == b"hello"
+
+
+def test_files_of_many_parts_are_hashed_as_sent_and_checked_as_received(store, tmp_path):
+    from llmship.store import ArtifactStore
+
+    # 5 MiB parts (S3's smallest): a 23 MiB file goes up and comes down in five parts at
+    # once, read and written in order through the hash.
+    small_parts = ArtifactStore(store.settings.model_copy(update={"s3_part_mib": 5}))
+    data = os.urandom(23 * 1024**2 + 17)
+    src = make_dir(tmp_path / "src", {"shard.bin": data, "empty": b""})
+    manifest = small_parts.upload_dir(src, "test/parts", Manifest(kind="test", key="k4"))
+    sizes = {f.path: (f.size, f.sha256) for f in manifest.files}
+    assert sizes == {"shard.bin": (len(data), hashlib.sha256(data).hexdigest()),
+                     "empty": (0, hashlib.sha256(b"").hexdigest())}
+    head = store.client.head_object(Bucket=store.bucket, Key="test/parts/files/shard.bin")
+    assert head["ETag"].endswith('-5"')  # stored as a multipart object of five parts
+    small_parts.download_dir("test/parts", tmp_path / "dest")
+    assert (tmp_path / "dest" / "shard.bin").read_bytes() == data
+    assert (tmp_path / "dest" / "empty").read_bytes() == b""
 
 
 def test_no_manifest_means_absent(store, tmp_path):

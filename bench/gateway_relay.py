@@ -1,0 +1,160 @@
+"""The gateway's own cost, apart from vLLM: a model server that streams at a GPU's pace.
+
+On this 2-core machine vLLM's CPU engine takes every core, so in `gateway_overhead.py` each
+cycle the gateway spends comes out of vLLM's throughput. Here the model server is a stand-in
+that costs almost nothing: it answers every streamed completion with `--tokens` SSE events,
+one every `--token-ms` (20 ms: 50 tokens/s per stream, a 70B decode on H100s), as vLLM
+writes them. The same waves of 1, 8 and 32 concurrent streams go straight to it and through
+a gateway started here (the stack's command, on its own port and state directory), side by
+side; printed per concurrency: throughput ratio (target >= 0.97), p50 added to the first
+token and to the whole answer (target <= 2 ms), and the gateway's CPU time per token relayed.
+
+    .venv/orchestrator/bin/python bench/gateway_relay.py [--tokens 64 --token-ms 20]
+
+Starts and stops everything it uses; needs no stack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gateway_overhead import wave  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TOKEN = "bench-token"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def serve_stand_in(port: int, tokens: int, token_s: float) -> None:
+    """An OpenAI-compatible streaming endpoint that writes what vLLM writes, at its pace."""
+    def event(i: int) -> bytes:
+        body = json.dumps({"id": "cmpl-bench", "object": "text_completion", "created": 0,
+                           "model": "relay", "choices": [{"index": 0, "text": f" t{i}",
+                                                          "logprobs": None,
+                                                          "finish_reason": None}]})
+        data = f"data: {body}\n\n".encode()
+        return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+    events = [event(i) for i in range(tokens)]
+    done = b"data: [DONE]\n\n"
+    tail = f"{len(done):x}\r\n".encode() + done + b"\r\n0\r\n\r\n"
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                await reader.readexactly(length)
+                if head.startswith(b"GET"):
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                    continue
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                             b"transfer-encoding: chunked\r\n\r\n")
+                for chunk in events:
+                    await asyncio.sleep(token_s)
+                    writer.write(chunk)
+                    await writer.drain()
+                writer.write(tail)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", port)
+    async with server:
+        await server.serve_forever()
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--token-ms", type=float, default=20.0)
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--uvicorn-args", default="",
+                        help="extra uvicorn options for the gateway, e.g. '--http h11'")
+    args = parser.parse_args()
+    upstream_port, gateway_port = free_port(), free_port()
+    stand_in = subprocess.Popen([sys.executable, "-c", (
+        "import asyncio, sys; sys.path.insert(0, 'bench'); import gateway_relay as g; "
+        f"asyncio.run(g.serve_stand_in({upstream_port}, {args.tokens}, "
+        f"{args.token_ms / 1000}))")], cwd=REPO)
+    state = tempfile.mkdtemp(prefix="llmship-bench-relay-")
+    env = os.environ | {"LLMSHIP_STATE_DIR": state, "LLMSHIP_GATEWAY_ADMIN_TOKEN": TOKEN,
+                        "LLMSHIP_GATEWAY_PORT": str(gateway_port)}
+    gateway = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "serving.gateway:app", "--host", "127.0.0.1",
+         "--port", str(gateway_port), "--no-access-log", *args.uvicorn_args.split()],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    direct, through = f"http://127.0.0.1:{upstream_port}", f"http://127.0.0.1:{gateway_port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{through}/health").status_code == 200 and \
+                        httpx.get(f"{direct}/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(0.2)
+        resp = httpx.put(f"{through}/admin/routes/relay", json={
+            "version": "v1", "upstream": direct}, headers={"authorization": f"Bearer {TOKEN}"})
+        resp.raise_for_status()
+        print(f"stand-in model server: {args.tokens} tokens per answer, one every "
+              f"{args.token_ms:g} ms; {args.requests} streamed completions per wave, "
+              f"{args.rounds} rounds; gateway uvicorn options: {args.uvicorn_args or '(the stack’s)'}")
+        for url in (direct, through):
+            asyncio.run(wave(url, "relay", 4, 8, args.tokens))
+        for concurrency in (1, 8, 32):
+            per = {"direct": [], "gateway": []}
+            cpu = 0.0
+            for _ in range(args.rounds):
+                per["direct"].append(asyncio.run(
+                    wave(direct, "relay", concurrency, args.requests, args.tokens)))
+                before = cpu_seconds(gateway.pid)
+                per["gateway"].append(asyncio.run(
+                    wave(through, "relay", concurrency, args.requests, args.tokens)))
+                cpu += cpu_seconds(gateway.pid) - before
+            d, g = ({k: statistics.median(r[k] for r in rs) for k in rs[0]}
+                    for rs in (per["direct"], per["gateway"]))
+            per_token_us = cpu / (args.rounds * args.requests * (args.tokens + 1)) * 1e6
+            print(f"c={concurrency:2d}  direct {d['rps']:6.2f} req/s  gateway {g['rps']:6.2f} "
+                  f"req/s  ratio {g['rps'] / d['rps']:.3f} (target >= 0.97)  added p50: first "
+                  f"token {(g['ttft_p50'] - d['ttft_p50']) * 1000:+.2f} ms, whole answer "
+                  f"{(g['total_p50'] - d['total_p50']) * 1000:+.2f} ms (target <= 2 ms)  "
+                  f"gateway CPU {per_token_us:.0f} us per token")
+    finally:
+        gateway.terminate()
+        stand_in.terminate()
+        gateway.wait(10)
+        stand_in.wait(10)
+
+
+if __name__ == "__main__":
+    main()
