@@ -71,8 +71,11 @@ async def serve_stand_in(port: int, tokens: int, token_s: float) -> None:
                     continue
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
                              b"transfer-encoding: chunked\r\n\r\n")
-                for chunk in events:
-                    await asyncio.sleep(token_s)
+                # On a fixed schedule, so that late wake-ups do not add up over an answer.
+                started = asyncio.get_running_loop().time()
+                for i, chunk in enumerate(events, 1):
+                    await asyncio.sleep(max(0.0, started + i * token_s
+                                            - asyncio.get_running_loop().time()))
                     writer.write(chunk)
                     await writer.drain()
                 writer.write(tail)
@@ -97,7 +100,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--uvicorn-args", default="",
-                        help="extra uvicorn options for the gateway, e.g. '--http h11'")
+                        help="uvicorn options for the gateway instead of the stack's "
+                             "('--loop uvloop --http httptools'), e.g. '--loop asyncio --http h11'")
     args = parser.parse_args()
     upstream_port, gateway_port = free_port(), free_port()
     stand_in = subprocess.Popen([sys.executable, "-c", (
@@ -109,7 +113,8 @@ def main() -> None:
                         "LLMSHIP_GATEWAY_PORT": str(gateway_port)}
     gateway = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "serving.gateway:app", "--host", "127.0.0.1",
-         "--port", str(gateway_port), "--no-access-log", *args.uvicorn_args.split()],
+         "--port", str(gateway_port), "--no-access-log",
+         *(args.uvicorn_args or "--loop uvloop --http httptools").split()],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     direct, through = f"http://127.0.0.1:{upstream_port}", f"http://127.0.0.1:{gateway_port}"
     try:
@@ -128,7 +133,7 @@ def main() -> None:
         resp.raise_for_status()
         print(f"stand-in model server: {args.tokens} tokens per answer, one every "
               f"{args.token_ms:g} ms; {args.requests} streamed completions per wave, "
-              f"{args.rounds} rounds; gateway uvicorn options: {args.uvicorn_args or '(the stack’s)'}")
+              f"{args.rounds} rounds; gateway uvicorn options: {args.uvicorn_args or "the stack's"}")
         for url in (direct, through):
             asyncio.run(wave(url, "relay", 4, 8, args.tokens))
         for concurrency in (1, 8, 32):

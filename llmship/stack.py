@@ -174,7 +174,8 @@ def start_gateway(settings: Settings, env: dict[str, str]) -> None:
     rec = processes.start(
         settings, "gateway",
         [str(BIN / "python"), "-m", "uvicorn", "serving.gateway:app", "--host", settings.host,
-         "--port", str(settings.gateway_port), "--no-access-log"],
+         "--port", str(settings.gateway_port), "--no-access-log", "--loop", "uvloop",
+         "--http", "httptools"],
         env=env, port=settings.gateway_port, cwd=REPO_ROOT,
     )
     wait_until(http_ok(f"{settings.gateway_url}/health"), rec, 60, "healthy", StackError)
