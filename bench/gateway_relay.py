@@ -133,7 +133,8 @@ def main() -> None:
         resp.raise_for_status()
         print(f"stand-in model server: {args.tokens} tokens per answer, one every "
               f"{args.token_ms:g} ms; {args.requests} streamed completions per wave, "
-              f"{args.rounds} rounds; gateway uvicorn options: {args.uvicorn_args or "the stack's"}")
+              f"{args.rounds} rounds; gateway uvicorn options: "
+              f"{args.uvicorn_args or 'the stack’s (--loop uvloop --http httptools)'}")
         for url in (direct, through):
             asyncio.run(wave(url, "relay", 4, 8, args.tokens))
         for concurrency in (1, 8, 32):
