@@ -39,9 +39,14 @@ def all_at_once(client, config, transfers: list[tuple]) -> None:
             future.result()
 
 
-def timed(fn) -> float:
-    started = time.perf_counter()
+CPU: dict[str, list[float]] = {}
+
+
+def timed(fn, label: str = "") -> float:
+    """Wall time of fn; its CPU time (every thread of this process) is kept under label."""
+    started, cpu = time.perf_counter(), time.process_time()
     fn()
+    CPU.setdefault(label, []).append(time.process_time() - cpu)
     return time.perf_counter() - started
 
 
@@ -71,14 +76,17 @@ def main() -> None:
         for r in range(args.rounds):
             raw, ours = f"bench/transfer/{r}/raw", f"bench/transfer/{r}/llmship"
             rows["boto3 upload"].append(timed(lambda: all_at_once(client, tuned, [
-                ("upload", str(src / n), bucket, f"{raw}/files/{n}") for n in names])))
+                ("upload", str(src / n), bucket, f"{raw}/files/{n}") for n in names]),
+                "boto3 upload"))
             rows["llmship upload"].append(timed(lambda: store.upload_dir(
-                src, ours, Manifest(kind="bench", key=f"transfer-{r}"))))
+                src, ours, Manifest(kind="bench", key=f"transfer-{r}")), "llmship upload"))
             dest_raw, dest_ours = work / f"raw-{r}", work / f"ours-{r}"
             dest_raw.mkdir()
             rows["boto3 fetch"].append(timed(lambda: all_at_once(client, tuned, [
-                ("download", bucket, f"{raw}/files/{n}", str(dest_raw / n)) for n in names])))
-            rows["llmship fetch"].append(timed(lambda: store.download_dir(ours, dest_ours)))
+                ("download", bucket, f"{raw}/files/{n}", str(dest_raw / n)) for n in names]),
+                "boto3 fetch"))
+            rows["llmship fetch"].append(timed(lambda: store.download_dir(ours, dest_ours),
+                                              "llmship fetch"))
             shutil.rmtree(dest_raw)
             shutil.rmtree(dest_ours)
     finally:
@@ -88,7 +96,8 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in rows.items()}
     for k, v in med.items():
         print(f"{k:15s} {v:6.2f} s  {total_mib / v:7.0f} MiB/s  (rounds: "
-              f"{', '.join(f'{x:.2f}' for x in rows[k])})")
+              f"{', '.join(f'{x:.2f}' for x in rows[k])}); this process's CPU "
+              f"{statistics.median(CPU[k]):.2f} s")
     for what in ("upload", "fetch"):
         print(f"{what}: llmship / boto3 throughput = {med[f'boto3 {what}'] / med[f'llmship {what}']:.2f}"
               " (target >= 0.90)")

@@ -8,8 +8,10 @@ Layout in the artifacts bucket:
     versions/<model>/<version>/manifest.json  written last, with If-None-Match: immutable
     aliases/<model>/<alias>.json            "live", "previous": moved with If-Match
 
-Files go through boto3's transfer manager (multipart, parallel) with an S3-side SHA256
-checksum; every download is checked against the manifest before it is used. Each byte is
+Files go through boto3's transfer manager (multipart, parallel), each part with a CRC32 that
+S3 checks on arrival (the whole file's sha256 is the manifest's: a second SHA256 per part
+would cost a second pass over every byte); every download is checked against the manifest
+before it is used. Each byte is
 read once: a file is hashed as the transfer manager reads it for the upload, and as it
 writes it on download (both given as streams, so s3transfer reads and writes them in order).
 """
@@ -254,7 +256,7 @@ class ArtifactStore:
         try:
             with create_transfer_manager(self.client, self.transfer) as manager:
                 uploads = [manager.upload(reader, self.bucket, f"{prefix}/files/{path}",
-                                          extra_args={"ChecksumAlgorithm": "SHA256"})
+                                          extra_args={"ChecksumAlgorithm": "CRC32"})
                            for path, reader in readers.items()]
                 for upload in uploads:
                     upload.result()
