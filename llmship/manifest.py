@@ -73,12 +73,14 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def relative_files(root: Path) -> list[str]:
+    """Every file under root, as the paths a manifest lists: relative, '/'-separated, sorted."""
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
 def hash_dir(root: Path) -> list[FileEntry]:
-    files = sorted(p for p in root.rglob("*") if p.is_file())
-    return [
-        FileEntry(path=p.relative_to(root).as_posix(), size=p.stat().st_size, sha256=sha256_file(p))
-        for p in files
-    ]
+    return [FileEntry(path=path, size=(root / path).stat().st_size,
+                      sha256=sha256_file(root / path)) for path in relative_files(root)]
 
 
 def files_digest(files: list[FileEntry]) -> str:

@@ -11,9 +11,9 @@ Layout in the artifacts bucket:
 Files go through boto3's transfer manager (multipart, parallel), each part with a CRC32 that
 S3 checks on arrival (the whole file's sha256 is the manifest's: a second SHA256 per part
 would cost a second pass over every byte); every download is checked against the manifest
-before it is used. Each byte is
-read once: a file is hashed as the transfer manager reads it for the upload, and as it
-writes it on download (both given as streams, so s3transfer reads and writes them in order).
+before it is used. Each byte is read once: a file is hashed as the transfer manager reads it
+for the upload, and as it writes it on download (both given as streams, so s3transfer reads
+and writes them in order).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from pydantic import ValidationError
 from llmship.errors import (
     IntegrityError, SourceNotFound, StackError, UnsafeKey, VersionConflict,
 )
-from llmship.manifest import FileEntry, Manifest, hash_dir, inside_path
+from llmship.manifest import FileEntry, Manifest, hash_dir, inside_path, relative_files
 from llmship.settings import Settings
 
 MANIFEST = "manifest.json"
@@ -88,9 +88,15 @@ class _HashingWriter:
         return False
 
     def close(self) -> None:
+        """Finish the file once its download completed: an empty object has no write."""
         if self._file is None:
-            self.path.touch()  # an empty object has no write
+            self.path.touch()
         else:
+            self._file.close()
+
+    def abandon(self) -> None:
+        """Let go of the file of a download that failed (it is deleted with the rest)."""
+        if self._file is not None:
             self._file.close()
 
     def check(self, entry: FileEntry) -> None:
@@ -250,9 +256,7 @@ class ArtifactStore:
         if existing:
             return self._same_content(
                 prefix, existing, manifest.model_copy(update={"files": hash_dir(local_dir)}))
-        paths = sorted(p.relative_to(local_dir).as_posix()
-                       for p in local_dir.rglob("*") if p.is_file())
-        readers = {path: _HashingReader(local_dir / path) for path in paths}
+        readers = {path: _HashingReader(local_dir / path) for path in relative_files(local_dir)}
         try:
             with create_transfer_manager(self.client, self.transfer) as manager:
                 uploads = [manager.upload(reader, self.bucket, f"{prefix}/files/{path}",
@@ -309,7 +313,7 @@ class ArtifactStore:
                 writer.check(entry)
         except BaseException:
             for _, writer in writers:
-                writer.close()
+                writer.abandon()
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         shutil.rmtree(dest, ignore_errors=True)
@@ -396,8 +400,8 @@ class ArtifactStore:
     def upload_mirror(self, local_dir: Path, bucket: str, prefix: str) -> None:
         """Put a model directory into a mirror bucket, as a team mirroring hub models would."""
         self.ensure_bucket(bucket)
-        for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
-            self.client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(local_dir).as_posix()}",
+        for path in relative_files(local_dir):
+            self.client.upload_file(str(local_dir / path), bucket, f"{prefix}/{path}",
                                     ExtraArgs={"ChecksumAlgorithm": "SHA256"},
                                     Config=self.transfer)
 
