@@ -32,6 +32,8 @@ from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config
 from botocore.exceptions import ClientError
 from pydantic import ValidationError
+from s3transfer.subscribers import BaseSubscriber
+from s3transfer.utils import S3_RETRYABLE_DOWNLOAD_ERRORS
 
 from llmship.errors import (
     IntegrityError, SourceNotFound, StackError, UnsafeKey, VersionConflict,
@@ -40,6 +42,7 @@ from llmship.manifest import FileEntry, Manifest, hash_dir, inside_path, relativ
 from llmship.settings import Settings
 
 MANIFEST = "manifest.json"
+BODY_READ_ATTEMPTS = 5  # as boto3 retries the request itself (standard mode)
 
 
 class _HashingReader:
@@ -69,13 +72,31 @@ class _HashingReader:
         return FileEntry(path=relative, size=self.size, sha256=self._sha.hexdigest())
 
 
-class _HashingWriter:
+class _HashingWriter(BaseSubscriber):
     """A file being downloaded, hashing what is written to it. Not seekable, so s3transfer
-    writes the parts in order (it holds early ones in memory, a bounded number)."""
+    writes the parts in order (it holds early ones in memory, a bounded number).
 
-    def __init__(self, path: Path) -> None:
+    A retried GET must not add its bytes after those of the attempt it replaces. For an object
+    fetched in ranged parts s3transfer's own queue drops the bytes a retried part sends again.
+    An object under the multipart threshold is fetched by one GET whose bytes s3transfer
+    writes straight through, and a retry starts that GET again from byte 0: what it tells
+    its subscribers then (negative progress) restarts this file."""
+
+    def __init__(self, path: Path, *, single_get: bool) -> None:
         self.path, self.size, self._sha = path, 0, hashlib.sha256()
         self._file = None
+        self._single_get = single_get
+
+    def on_progress(self, future, bytes_transferred: int, **kwargs) -> None:
+        if bytes_transferred < 0 and self._single_get:
+            self.restart()
+
+    def restart(self) -> None:
+        """Forget what was written: the next write is byte 0 again."""
+        if self._file is not None:
+            self._file.seek(0)
+            self._file.truncate()
+        self.size, self._sha = 0, hashlib.sha256()
 
     def write(self, data: bytes) -> None:
         if self._file is None:
@@ -185,13 +206,19 @@ class ArtifactStore:
 
     def get_json(self, key: str, bucket: str | None = None) -> tuple[Any, str] | None:
         """(object, ETag), or None where the key does not exist."""
-        try:
-            obj = self.client.get_object(Bucket=bucket or self.bucket, Key=key)
-        except ClientError as err:
-            if _code(err) in ("NoSuchKey", "404") or _status(err) == 404:
-                return None
-            raise
-        return json.loads(obj["Body"].read()), obj["ETag"]
+        # botocore retries a failed request, not a body cut off after its headers: read again.
+        for attempt in range(1, BODY_READ_ATTEMPTS + 1):
+            try:
+                obj = self.client.get_object(Bucket=bucket or self.bucket, Key=key)
+                return json.loads(obj["Body"].read()), obj["ETag"]
+            except ClientError as err:
+                if _code(err) in ("NoSuchKey", "404") or _status(err) == 404:
+                    return None
+                raise
+            except S3_RETRYABLE_DOWNLOAD_ERRORS:
+                if attempt == BODY_READ_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")
 
     def put_json(self, key: str, obj: Any, *, if_none_match: bool = False,
                  if_match: str | None = None) -> str:
@@ -301,10 +328,12 @@ class ArtifactStore:
         writers = []
         for entry in manifest.files:
             (tmp / entry.path).parent.mkdir(parents=True, exist_ok=True)
-            writers.append((entry, _HashingWriter(tmp / entry.path)))
+            single_get = entry.size < self.transfer.multipart_threshold
+            writers.append((entry, _HashingWriter(tmp / entry.path, single_get=single_get)))
         try:
             with create_transfer_manager(self.client, self.transfer) as manager:
-                downloads = [manager.download(self.bucket, f"{prefix}/files/{entry.path}", writer)
+                downloads = [manager.download(self.bucket, f"{prefix}/files/{entry.path}", writer,
+                                              subscribers=[writer])
                              for entry, writer in writers]
                 for download in downloads:
                     download.result()

@@ -1,7 +1,9 @@
 """A fault-injecting HTTP proxy on loopback, between the pipeline and SeaweedFS.
 
 Requests pass through unchanged (the Host header too, so SigV4 signatures stay valid) except
-every `every`-th one, which gets the fault of the proxy's mode:
+every `every`-th one, or with `first_get=True` the first GET of each object and byte range
+(its retry passes: deterministic, so a test cannot pass by where the faults happened to
+land), which gets the fault of the proxy's mode:
     "503"       S3's own SlowDown error, as AWS answers under load
     "reset"     the connection closed without an answer
     "truncate"  for a GET: the upstream's status and headers, half the body, then closed
@@ -19,9 +21,11 @@ SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code
 
 
 class FaultProxy:
-    def __init__(self, upstream_port: int, mode: str, every: int = 3):
+    def __init__(self, upstream_port: int, mode: str, every: int = 3, first_get: bool = False):
         self.upstream_port, self.mode, self.every = upstream_port, mode, every
+        self.first_get = first_get
         self.requests = 0
+        self._gets_seen: set[tuple[str, str]] = set()
         self.faults: list[str] = []  # "METHOD path" of each request that got a fault
         self._lock = threading.Lock()
         proxy = self
@@ -36,8 +40,14 @@ class FaultProxy:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 with proxy._lock:
                     proxy.requests += 1
-                    faulty = proxy.requests % proxy.every == 0 and (
-                        proxy.mode != "truncate" or self.command == "GET")
+                    if proxy.first_get:
+                        target = (self.path, self.headers.get("Range", ""))
+                        faulty = self.command == "GET" and target not in proxy._gets_seen
+                        if self.command == "GET":
+                            proxy._gets_seen.add(target)
+                    else:
+                        faulty = proxy.requests % proxy.every == 0 and (
+                            proxy.mode != "truncate" or self.command == "GET")
                     if faulty:
                         proxy.faults.append(f"{self.command} {self.path}")
                 if faulty and proxy.mode == "503":
