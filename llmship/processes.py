@@ -73,7 +73,7 @@ def find(settings: Settings, name: str) -> ProcessRecord | None:
 
 def start(settings: Settings, name: str, argv: list[str], *, env: dict[str, str],
           port: int | None = None, stop_signal: int = signal.SIGTERM, cwd: Path | None = None,
-          info: dict | None = None) -> ProcessRecord:
+          info: dict | None = None, umask: int = -1) -> ProcessRecord:
     logs = settings.state_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     _pid_dir(settings).mkdir(parents=True, exist_ok=True)
@@ -81,7 +81,7 @@ def start(settings: Settings, name: str, argv: list[str], *, env: dict[str, str]
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
             argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=env, cwd=cwd, start_new_session=True,
+            env=env, cwd=cwd, start_new_session=True, umask=umask,
         )
     rec = ProcessRecord(name=name, pid=proc.pid, argv=argv, log=str(log_path), port=port,
                         stop_signal=stop_signal, info=info or {})

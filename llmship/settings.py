@@ -13,6 +13,7 @@ import os
 from enum import Enum
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -36,6 +37,10 @@ class Settings(BaseSettings):
     s3_region: str = "us-east-1"
     s3_access_key: str | None = None
     s3_secret_key: str | None = None
+    # Which of the local store's identities (llmship/stack.py) this process signs with:
+    # "writer" (the pipeline), "reader" (what only serves: the gateway, retirements; it can
+    # read and list, never write or delete), "admin" (`llmship up` creating the buckets).
+    s3_identity: Literal["writer", "reader", "admin"] = "writer"
     artifacts_bucket: str = "llmship-artifacts"
     mirror_bucket: str = "llmship-mirror"
     # boto3's transfer manager: parts in flight at once (one pooled connection each) and the
@@ -119,8 +124,9 @@ class Settings(BaseSettings):
         # here without having them in their environment or command line.
         if self.credentials_file.exists():
             creds = json.loads(self.credentials_file.read_text())
-            self.s3_access_key = self.s3_access_key or creds.get("s3_access_key")
-            self.s3_secret_key = self.s3_secret_key or creds.get("s3_secret_key")
+            prefix = {"writer": "s3", "reader": "s3_read", "admin": "s3_admin"}[self.s3_identity]
+            self.s3_access_key = self.s3_access_key or creds.get(f"{prefix}_access_key")
+            self.s3_secret_key = self.s3_secret_key or creds.get(f"{prefix}_secret_key")
             self.gateway_admin_token = self.gateway_admin_token or creds.get("gateway_admin_token")
         return self
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from llmship import processes
+from llmship import processes, seaweedfs
 from llmship.alerts import ensure_automations
 from llmship.errors import StackError
 from llmship.processes import http_ok, wait_until
@@ -60,46 +60,25 @@ def child_env(settings: Settings) -> dict[str, str]:
 
 
 def ensure_credentials(settings: Settings) -> dict[str, str]:
-    """Generate the local S3 keys and the gateway admin token once; keep them private to root."""
+    """The local store's identities and keys and the gateway's admin token: generated once,
+    kept private to their owner (mode 600). A file from an older llmship gets what it lacks."""
     path = settings.credentials_file
-    if path.exists():
-        return json.loads(path.read_text())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    creds = {
-        "s3_access_key": "llmship" + secrets.token_hex(6),
-        "s3_secret_key": secrets.token_urlsafe(32),
-        "gateway_admin_token": secrets.token_urlsafe(32),
-    }
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(creds, f, indent=2)
+    creds = json.loads(path.read_text()) if path.exists() else {}
+    wanted = {**seaweedfs.new_secrets(), "gateway_admin_token": secrets.token_urlsafe(32)}
+    missing = {k: v for k, v in wanted.items() if k not in creds}
+    if missing or not path.exists():
+        creds.update(missing)
+        seaweedfs.write_private(path, json.dumps(creds, indent=2))
+    os.chmod(path, 0o600)
     return creds
 
 
-def _weed_argv(settings: Settings, creds: dict[str, str]) -> list[str]:
-    data = settings.state_dir / "seaweedfs"
-    data.mkdir(parents=True, exist_ok=True)
-    identities = settings.state_dir / "s3-identities.json"
-    fd = os.open(identities, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump({"identities": [{
-            "name": "llmship",
-            "credentials": [{"accessKey": creds["s3_access_key"],
-                             "secretKey": creds["s3_secret_key"]}],
-            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-        }]}, f)
-    p = settings.s3_port
-    # weed mini opens a master, a volume server and a filer besides S3; pin all their ports
-    # next to the S3 port so two stacks (the demo and the tests) never collide.
-    return [
-        str(BIN / "weed"), "mini", f"-dir={data}", f"-ip={settings.host}",
-        f"-ip.bind={settings.host}", "-master.telemetry=false", f"-s3.config={identities}",
-        "-webdav=false", "-admin.ui=false", f"-s3.port={p}", "-s3.port.iceberg=0",
-        "-s3.port.lance=0", f"-s3.port.grpc={p + 1}", f"-master.port={p + 2}",
-        f"-master.port.grpc={p + 3}", f"-volume.port={p + 4}", f"-volume.port.grpc={p + 5}",
-        f"-filer.port={p + 6}", f"-filer.port.grpc={p + 7}", f"-admin.port={p + 8}",
-        f"-admin.port.grpc={p + 9}", "-master.volumeSizeLimitMB=1024",
-    ]
+def as_identity(settings: Settings, creds: dict[str, str], identity: str) -> Settings:
+    """settings signing with one of the local store's identities (llmship/seaweedfs.py)."""
+    prefix = seaweedfs.IDENTITIES[identity][0]
+    return settings.model_copy(update={"s3_identity": identity,
+                                       "s3_access_key": creds[f"{prefix}_access_key"],
+                                       "s3_secret_key": creds[f"{prefix}_secret_key"]})
 
 
 def _require_free(settings: Settings, name: str, port: int) -> None:
@@ -114,8 +93,9 @@ def start_s3(settings: Settings, creds: dict[str, str], env: dict[str, str]) -> 
     if processes.find(settings, "seaweedfs"):
         return
     _require_free(settings, "SeaweedFS S3", settings.s3_port)
-    rec = processes.start(settings, "seaweedfs", _weed_argv(settings, creds), env=env,
-                          port=settings.s3_port)
+    folder = seaweedfs.write_config(settings, creds)
+    rec = processes.start(settings, "seaweedfs", seaweedfs.argv(settings, BIN / "weed"),
+                          env=env, port=settings.s3_port, cwd=folder, umask=0o077)
     # Unsigned requests are refused (403) once authentication is on: any HTTP answer means up.
     wait_until(lambda: httpx.get(settings.s3_url, timeout=2).status_code in (200, 403), rec,
                60, "serving S3", StackError)
@@ -171,6 +151,8 @@ def start_gateway(settings: Settings, env: dict[str, str]) -> None:
     if processes.find(settings, "gateway"):
         return
     _require_free(settings, "the gateway", settings.gateway_port)
+    # The gateway only reads the store (the live aliases): it signs as the reader.
+    env = {**env, "LLMSHIP_S3_IDENTITY": "reader"}
     rec = processes.start(
         settings, "gateway",
         [str(BIN / "python"), "-m", "uvicorn", "serving.gateway:app", "--host", settings.host,
@@ -200,8 +182,10 @@ def up(settings: Settings, *, deployments: bool = True, say=print) -> None:
     env = child_env(settings)
     say(f"S3 (SeaweedFS)   http://{settings.host}:{settings.s3_port}")
     start_s3(settings, creds, env)
-    ArtifactStore(settings).ensure_bucket()
-    say(f"demo model       {mirror_demo_model(settings)}")
+    # Buckets are made by the admin identity, here only: the pipeline's writer cannot.
+    admin = as_identity(settings, creds, "admin")
+    ArtifactStore(admin).ensure_bucket()
+    say(f"demo model       {mirror_demo_model(admin)}")
     say(f"Prefect          http://{settings.host}:{settings.prefect_port}")
     start_prefect(settings, env)
     if deployments:

@@ -200,7 +200,8 @@ def retire_after(settings: Settings, server: ModelServer, seconds: float) -> flo
     deadline = time.time() + seconds
     processes.start(settings, retirement_name(server),
                     [sys.executable, "-m", "serving.retire", server.name, f"{deadline:.3f}"],
-                    env=stage_env(settings),
+                    # It reads the live alias, nothing more: the store's read-only identity.
+                    env={**stage_env(settings), "LLMSHIP_S3_IDENTITY": "reader"},
                     info={"server": server.name, "model": server.model,
                           "version": server.version, "deadline": deadline})
     return deadline

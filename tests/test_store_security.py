@@ -1,0 +1,175 @@
+"""The local store as someone else on the host sees it: every port the SeaweedFS process
+listens on, tried without credentials, and the least-privilege identities (issue 14;
+docs/RELIABILITY.md, "The store")."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import ssl
+import stat
+import subprocess
+
+import httpx
+import pytest
+from botocore.exceptions import ClientError
+
+from llmship import processes
+from llmship.seaweedfs import security_dir
+from llmship.stack import as_identity
+from llmship.store import ArtifactStore
+
+pytestmark = pytest.mark.stack
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000")
+
+
+def listening_ports(pid: int) -> list[int]:
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    return sorted({int(line.split()[3].rsplit(":", 1)[1]) for line in out.splitlines()
+                   if f"pid={pid}," in line})
+
+
+@pytest.fixture(scope="module")
+def weed(stack):
+    rec = processes.find(stack, "seaweedfs")
+    assert rec, "the stack's SeaweedFS is not running"
+    return rec
+
+
+@pytest.fixture(scope="module")
+def creds(stack) -> dict[str, str]:
+    return json.loads(stack.credentials_file.read_text())
+
+
+def test_no_port_of_the_store_reads_or_writes_a_bucket_without_a_signature(stack, store, weed,
+                                                                           creds):
+    ports = listening_ports(weed.pid)
+    # S3, its gRPC, and the master's, volume server's, filer's and admin's HTTP and gRPC.
+    assert len(ports) >= 10 and stack.s3_port in ports, ports
+    bucket = stack.artifacts_bucket
+    store.put_json("test/security/live.json", {"version": "good"})
+    attempts = [("PUT", f"/buckets/{bucket}/test/security/live.json"),
+                ("POST", f"/buckets/{bucket}/test/security/live.json"),
+                ("PUT", f"/{bucket}/test/security/live.json"),
+                ("DELETE", f"/buckets/{bucket}/test/security/live.json"),
+                ("DELETE", f"/{bucket}/test/security/live.json"),
+                ("GET", f"/buckets/{bucket}/test/security/live.json"),
+                ("GET", f"/{bucket}/test/security/live.json"),
+                ("GET", f"/buckets/{bucket}/?limit=100"),
+                ("GET", "/dir/assign"), ("POST", "/submit"), ("POST", "/3,01637037d6"),
+                ("GET", "/col/delete?collection=" + bucket), ("GET", "/vol/grow?count=1")]
+    answered: dict[int, int] = {}
+    for port in ports:
+        for method, path in attempts:
+            try:
+                resp = httpx.request(method, f"http://{stack.host}:{port}{path}",
+                                     content=b"pwned", timeout=5)
+            except httpx.HTTPError:
+                continue  # a gRPC port: TLS only, checked below
+            answered[port] = answered.get(port, 0) + 1
+            assert resp.status_code >= 300, (port, method, path, resp.status_code,
+                                              resp.text[:200])
+    # Every HTTP port was asked (S3, master, volume, filer, admin), not just refused at once.
+    assert len(answered) >= 5, answered
+    assert store.get_json("test/security/live.json")[0] == {"version": "good"}
+    assert store.list_keys("test/security/") == ["test/security/live.json"]
+
+
+def test_every_grpc_port_wants_a_client_certificate_of_the_stack(stack, weed):
+    folder = security_dir(stack)
+    grpc_ports = [p for p in listening_ports(weed.pid)
+                  if p in {stack.s3_port + k for k in (1, 3, 5, 7, 9)}]
+    assert len(grpc_ports) == 5, grpc_ports
+
+    def first_frame(port: int, with_certificate: bool) -> bytes:
+        context = ssl.create_default_context(cafile=str(folder / "ca.crt"))
+        context.set_alpn_protocols(["h2"])
+        if with_certificate:
+            context.load_cert_chain(folder / "node.crt", folder / "node.key")
+        with socket.create_connection((stack.host, port), timeout=5) as raw:
+            with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                tls.sendall(H2_PREFACE)
+                return tls.recv(64)
+
+    for port in grpc_ports:
+        # With the stack's certificate: an HTTP/2 SETTINGS frame (type 4), so the check below
+        # is of the certificate and nothing else.
+        assert first_frame(port, with_certificate=True)[3] == 4, port
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            if not first_frame(port, with_certificate=False):
+                raise ConnectionError("closed")  # closed without a frame: refused too
+        with socket.create_connection((stack.host, port), timeout=5) as plain:
+            plain.sendall(H2_PREFACE)
+            assert not plain.recv(64).startswith(b"\x00\x00"), port  # no plaintext HTTP/2
+
+
+def test_seaweedfs_own_grpc_tools_cannot_write_the_bucket(stack, store, tmp_path):
+    """What an attacker on the host would reach for: `weed filer.copy` straight to the
+    filer's gRPC port (from a folder without the stack's security.toml)."""
+    store.put_json("test/security/grpc/live.json", {"version": "good"})
+    (tmp_path / "live.json").write_text('{"version": "attacker"}')
+    filer = f"{stack.host}:{stack.s3_port + 6}.{stack.s3_port + 7}"
+    weed_bin = processes.find(stack, "seaweedfs").argv[0]
+    proc = subprocess.run([weed_bin, "filer.copy", "live.json",
+                           f"http://{filer}/buckets/{stack.artifacts_bucket}/test/security/grpc/"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert "rpc error" in proc.stdout + proc.stderr, proc
+    assert store.get_json("test/security/grpc/live.json")[0] == {"version": "good"}
+
+
+def test_the_store_s_secrets_and_sockets_are_its_owner_s_only(stack, weed):
+    folder = security_dir(stack)
+    for path in [stack.credentials_file, *folder.iterdir()]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    sockets = [f"/tmp/seaweedfs-{kind}-{port}.sock" for kind, port in
+               [("s3", stack.s3_port), ("filer", stack.s3_port + 6),
+                ("filer-grpc", stack.s3_port + 7), ("master-grpc", stack.s3_port + 3)]]
+    present = [s for s in sockets if os.path.exists(s)]
+    assert present, "SeaweedFS made none of its local sockets: the check proves nothing"
+    for path in present:
+        assert stat.S_IMODE(os.stat(path).st_mode) & 0o077 == 0, (path, oct(os.stat(path).st_mode))
+
+
+def test_the_serving_identity_reads_and_never_writes(stack, store, creds):
+    reader = ArtifactStore(as_identity(stack, creds, "reader"))
+    store.put_json("versions/security-test/v1/manifest.json", {"published": True})
+    assert reader.get_json("versions/security-test/v1/manifest.json")[0] == {"published": True}
+    assert reader.list_keys("versions/security-test/") == ["versions/security-test/v1/manifest.json"]
+    attempts = {
+        "overwrite a version": lambda: reader.client.put_object(
+            Bucket=reader.bucket, Key="versions/security-test/v1/manifest.json", Body=b"{}"),
+        "move an alias": lambda: reader.put_json("aliases/security-test/live.json",
+                                                 {"version": "v0"}),
+        "delete a version": lambda: reader.client.delete_object(
+            Bucket=reader.bucket, Key="versions/security-test/v1/manifest.json"),
+        "copy over a version": lambda: reader.client.copy_object(
+            Bucket=reader.bucket, Key="versions/security-test/v1/manifest.json",
+            CopySource={"Bucket": reader.bucket,
+                        "Key": "versions/security-test/v1/manifest.json"},
+            MetadataDirective="REPLACE"),
+        "start a multipart upload": lambda: reader.client.create_multipart_upload(
+            Bucket=reader.bucket, Key="versions/security-test/v1/files/x"),
+        "make a bucket": lambda: reader.client.create_bucket(Bucket="reader-made-this"),
+    }
+    for what, attempt in attempts.items():
+        with pytest.raises(ClientError, match="AccessDenied"):
+            attempt()
+            pytest.fail(f"the reader could {what}")
+    assert store.get_json("versions/security-test/v1/manifest.json")[0] == {"published": True}
+    # The pipeline's writer cannot make buckets either: only `llmship up` (admin) does.
+    with pytest.raises(ClientError, match="AccessDenied"):
+        store.client.create_bucket(Bucket="writer-made-this")
+
+
+def test_the_gateway_signs_as_the_reader(stack, first_run):
+    gateway = processes.find(stack, "gateway")
+    environ = dict(item.split("=", 1) for item in
+                   open(f"/proc/{gateway.pid}/environ", "rb").read().decode().split("\0")
+                   if "=" in item)
+    assert environ["LLMSHIP_S3_IDENTITY"] == "reader"
+    assert "LLMSHIP_S3_SECRET_KEY" not in environ
+    # ... and it still routes from the S3 live alias it reads with it.
+    assert httpx.get(f"{stack.gateway_url}/ready", timeout=10).status_code == 200
