@@ -16,6 +16,8 @@ the lent H200 (docs/gpu/h200-8b-stages.json) or stated as assumptions.
 
 from __future__ import annotations
 
+import fnmatch
+import json
 import shutil
 import subprocess
 import uuid
@@ -359,6 +361,66 @@ def check_store(settings: Settings) -> Check:
     return Check(name="S3", ok=True, detail=f"{where} takes writes")
 
 
+def overwrites_denied_by(policy: dict, bucket: str) -> bool:
+    """Whether a bucket policy denies every PutObject under versions/ that does not carry
+    If-None-Match (so a published key can be written once, never replaced)."""
+    def as_list(value) -> list:
+        return value if isinstance(value, list) else [value]
+
+    key = f"arn:aws:s3:::{bucket}/versions/any-model/any-version/manifest.json"
+    for statement in as_list(policy.get("Statement", [])):
+        actions = as_list(statement.get("Action", []))
+        null = statement.get("Condition", {}).get("Null", {})
+        if (statement.get("Effect") == "Deny"
+                and any(a in ("s3:PutObject", "s3:*", "*") for a in actions)
+                and any(fnmatch.fnmatchcase(key, r) for r in as_list(statement.get("Resource", [])))
+                and str(null.get("s3:if-none-match", "")).lower() == "true"):
+            return True
+    return False
+
+
+def check_published_immutable(settings: Settings) -> Check:
+    """Does the bucket itself keep published versions from being replaced? (llmship writes
+    them only with If-None-Match; this asks whether anyone else with write access can.)
+    Reported, never refused: a team may accept its own writers' discipline."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from llmship.store import ArtifactStore
+
+    name, bucket = "published versions", settings.artifacts_bucket
+    advice = ("apply the bucket policy in docs/SECURITY.md (deny s3:PutObject on versions/* "
+              "without If-None-Match), or create the bucket with S3 Object Lock")
+    client = ArtifactStore(settings).client
+
+    def error_code(exc: Exception) -> str:
+        return exc.response.get("Error", {}).get("Code", "?") if isinstance(exc, ClientError) \
+            else type(exc).__name__
+
+    try:
+        lock = client.get_object_lock_configuration(Bucket=bucket)
+        lock_state = lock.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled", "off")
+    except (ClientError, BotoCoreError) as exc:
+        lock_state = error_code(exc)
+    if lock_state == "Enabled":
+        return Check(name=name, ok=True, detail=f"s3://{bucket} has Object Lock: every written "
+                     "version of a key is kept, an overwrite destroys nothing")
+    try:
+        policy = json.loads(client.get_bucket_policy(Bucket=bucket)["Policy"])
+    except (ClientError, BotoCoreError, ValueError, KeyError) as exc:
+        policy, policy_state = None, error_code(exc)
+    if policy is not None and overwrites_denied_by(policy, bucket):
+        return Check(name=name, ok=True, detail=f"s3://{bucket}'s policy denies overwrites "
+                     "under versions/ (s3:if-none-match)")
+    seen = f"Object Lock: {lock_state}; bucket policy: " + (
+        "denies no overwrite" if policy is not None else policy_state)
+    unreadable = "AccessDenied" in seen and (
+        "; these credentials may not read the bucket's settings (grant "
+        "s3:GetBucketObjectLockConfiguration and s3:GetBucketPolicy to check)")
+    return Check(name=name, ok=None, detail=f"s3://{bucket} does not deny overwrites under "
+                 f"versions/ ({seen}){unreadable or ''}; only llmship's own code keeps "
+                 f"published versions immutable: {advice}")
+
+
 def importable(python: Path, modules: list[str]) -> list[str] | None:
     """The modules that python cannot find; None if there is no such python."""
     if not python.exists():
@@ -408,6 +470,7 @@ def plan(config: PipelineConfig, settings: Settings, gpus: list[Gpu] | None = No
         checks.append(check_store(settings))
         if checks[-1].ok:
             live = ArtifactStore(settings).read_alias(config.name, "live") is not None
+            checks.append(check_published_immutable(settings))
         checks.append(check_hub_access(config.source))
         checks += check_environments(config, settings)
     checks = check_resources(config, shape, gpus, settings.device, free_disk_gib, live,

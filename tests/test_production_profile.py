@@ -377,3 +377,24 @@ def test_modelopt_fp8_checkpoints_are_made_and_checked_on_cpu(tmp_path):
     assert "FP8 weights with weight and input scales" in steps["build-trtllm"]["smoke_output"]
     assert steps["dequant-check"]["dtype"] == "torch.float8_e4m3fn"
     assert 0.005 < steps["dequant-check"]["relative_error"] < 0.06
+
+
+def test_the_bucket_policy_in_the_docs_is_what_the_preflight_recognises():
+    """docs/SECURITY.md's policy, as a team would paste it, is read by the preflight as
+    denying overwrites of published versions; the same policy without its condition (a
+    plain deny of every write) or on another prefix is not."""
+    from tasks.preflight import overwrites_denied_by
+
+    text = (REPO / "docs" / "SECURITY.md").read_text()
+    policy = json.loads(re.search(r"<!-- policy:.*?-->\n```json\n(.*?)```", text, re.S)[1])
+    assert overwrites_denied_by(policy, "llmship-artifacts")
+    assert not overwrites_denied_by(policy, "another-bucket")
+    unconditional = json.loads(json.dumps(policy))
+    del unconditional["Statement"][0]["Condition"]
+    assert not overwrites_denied_by(unconditional, "llmship-artifacts")
+    elsewhere = json.loads(json.dumps(policy))
+    elsewhere["Statement"][0]["Resource"] = "arn:aws:s3:::llmship-artifacts/stages/*"
+    assert not overwrites_denied_by(elsewhere, "llmship-artifacts")
+    allowed = json.loads(json.dumps(policy))
+    allowed["Statement"][0]["Effect"] = "Allow"
+    assert not overwrites_denied_by(allowed, "llmship-artifacts")

@@ -173,3 +173,23 @@ def test_the_gateway_signs_as_the_reader(stack, first_run):
     assert "LLMSHIP_S3_SECRET_KEY" not in environ
     # ... and it still routes from the S3 live alias it reads with it.
     assert httpx.get(f"{stack.gateway_url}/ready", timeout=10).status_code == 200
+
+
+def test_the_preflight_says_whether_the_bucket_itself_keeps_versions_immutable(stack, creds):
+    """The local SeaweedFS bucket denies no overwrite by itself: reported (not refused), with
+    what to apply. A bucket made with Object Lock is reported as keeping them."""
+    from tasks.preflight import check_published_immutable
+
+    check = check_published_immutable(stack)
+    assert check.ok is None, check
+    assert "does not deny overwrites under versions/" in check.detail
+    assert "docs/SECURITY.md" in check.detail
+    admin = ArtifactStore(as_identity(stack, creds, "admin"))
+    try:
+        admin.client.create_bucket(Bucket="llmship-locked", ObjectLockEnabledForBucket=True)
+    except ClientError as exc:
+        assert "BucketAlreadyOwnedByYou" in str(exc)
+    # Read with the admin identity: SeaweedFS lets only it read a bucket's lock settings.
+    locked = check_published_immutable(admin.settings.model_copy(
+        update={"artifacts_bucket": "llmship-locked"}))
+    assert locked.ok is True and "Object Lock" in locked.detail, locked
