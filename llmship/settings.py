@@ -71,6 +71,14 @@ class Settings(BaseSettings):
     # A request body past this is refused with 413 before it is read into memory. A long
     # context (128k tokens) of text is some 0.5 MB: this leaves room for that and no more.
     gateway_max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    # A client must send its request line and headers within this (else 408, closed), and
+    # its body within gateway_body_timeout_s. A slow client holds its connection, never an
+    # in-flight slot: a request takes one only once it is read whole.
+    gateway_header_timeout_s: float = Field(10.0, gt=0)
+    gateway_body_timeout_s: float = Field(30.0, gt=0)
+    # The request line and headers together; past this, 431 and the connection closed.
+    # nginx's default is 4 x 8 KiB, Node's 16 KiB.
+    gateway_max_header_bytes: int = Field(64 * 1024, ge=4096)
     # The gateway checks every live version's server this often. After gateway_down_after
     # checks in a row without an answer it declares the server down, once: the event
     # llmship.serving.down, which the automation llmship-restore-<model> answers by rolling

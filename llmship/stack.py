@@ -147,19 +147,22 @@ def start_worker(settings: Settings, env: dict[str, str]) -> None:
                     env=env, stop_signal=signal.SIGINT, cwd=REPO_ROOT)
 
 
+def gateway_argv(python: Path, settings: Settings) -> list[str]:
+    """The gateway's command line (the tests start it so too): uvicorn on uvloop, with
+    httptools and the head limits of serving/gateway_http.py."""
+    return [str(python), "-m", "uvicorn", "serving.gateway:app", "--host", settings.host,
+            "--port", str(settings.gateway_port), "--no-access-log", "--loop", "uvloop",
+            "--http", "serving.gateway_http:GatewayHttpProtocol"]
+
+
 def start_gateway(settings: Settings, env: dict[str, str]) -> None:
     if processes.find(settings, "gateway"):
         return
     _require_free(settings, "the gateway", settings.gateway_port)
     # The gateway only reads the store (the live aliases): it signs as the reader.
     env = {**env, "LLMSHIP_S3_IDENTITY": "reader"}
-    rec = processes.start(
-        settings, "gateway",
-        [str(BIN / "python"), "-m", "uvicorn", "serving.gateway:app", "--host", settings.host,
-         "--port", str(settings.gateway_port), "--no-access-log", "--loop", "uvloop",
-         "--http", "httptools"],
-        env=env, port=settings.gateway_port, cwd=REPO_ROOT,
-    )
+    rec = processes.start(settings, "gateway", gateway_argv(BIN / "python", settings), env=env,
+                          port=settings.gateway_port, cwd=REPO_ROOT)
     wait_until(http_ok(f"{settings.gateway_url}/health"), rec, 60, "healthy", StackError)
 
 

@@ -35,7 +35,7 @@ import secrets
 import time
 from contextlib import asynccontextmanager
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 from fastapi import FastAPI, Header, Request
@@ -49,13 +49,21 @@ from llmship.processes import write_json
 from llmship.settings import Settings, get_settings
 
 log = logging.getLogger("llmship.gateway")
+UNKNOWN_MODEL = "(unknown)"  # the metrics' label for every model name the gateway does not serve
 
 
 # ------------------------------------------------------------------ request schemas
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    include_usage: bool | None = None
+
+
 class _OpenAIRequest(BaseModel):
-    # Unknown fields pass through to the engine, which knows its own extensions.
-    model_config = ConfigDict(extra="allow")
+    # Unknown fields pass through to the engine, which knows its own extensions. Strict: a
+    # "16" for max_tokens or "yes" for stream is refused, as OpenAI's API and vLLM refuse it,
+    # not read as 16 or true.
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -63,6 +71,7 @@ class _OpenAIRequest(BaseModel):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     n: int | None = Field(None, ge=1, le=16)
     stream: bool = False
+    stream_options: StreamOptions | None = None
 
 
 class CompletionRequest(_OpenAIRequest):
@@ -70,8 +79,8 @@ class CompletionRequest(_OpenAIRequest):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: str
+    model_config = ConfigDict(extra="allow", strict=True)
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[Any] | None = None
 
 
@@ -115,6 +124,7 @@ class GatewayState:
         self.admin_token = settings.gateway_admin_token
         self.max_in_flight = settings.gateway_max_in_flight
         self.max_request_bytes = settings.gateway_max_request_bytes
+        self.body_timeout_s = settings.gateway_body_timeout_s
         self.in_flight = 0  # one event loop: a plain counter is safe
         saved: dict[str, Route] = {}
         if self.routes_file.exists():
@@ -248,6 +258,14 @@ def _gw(request: Request) -> GatewayState:
     return request.app.state.gw
 
 
+@app.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error answering %s %s", request.method, request.url.path)
+    return openai_error(500, f"the gateway failed on this request ({type(exc).__name__}); "
+                             "its log has the details", type_="server_error",
+                        code="internal_error")
+
+
 @app.exception_handler(404)
 async def _not_found(request: Request, exc) -> JSONResponse:
     return openai_error(404, f"no route {request.method} {request.url.path}", code="not_found")
@@ -303,6 +321,12 @@ async def list_models(request: Request) -> dict:
 
 async def _proxy(request: Request, endpoint: str, schema: type[_OpenAIRequest]) -> Response:
     gw = _gw(request)
+    # The request is read and checked before it takes an in-flight slot: a slow or broken
+    # client holds its own connection, never a slot other clients need.
+    checked = await _read_request(gw, request, schema)
+    if isinstance(checked, Response):
+        return checked
+    body, parsed = checked
     if gw.in_flight >= gw.max_in_flight:
         gw.shed.labels(endpoint).inc()
         resp = openai_error(429, f"the gateway has {gw.in_flight} requests in flight, its "
@@ -313,12 +337,74 @@ async def _proxy(request: Request, endpoint: str, schema: type[_OpenAIRequest]) 
     gw.in_flight += 1
     streaming = False
     try:
-        response = await _forward(gw, request, endpoint, schema)
+        response = await _forward(gw, body, parsed, endpoint)
         streaming = isinstance(response, _RelayResponse)
         return response
     finally:
         if not streaming:  # a relayed stream gives its slot back when it closes
             gw.in_flight -= 1
+
+
+async def _read_body(gw: GatewayState, request: Request) -> bytes | Response:
+    """The body, read within its time and size limits (counted as it arrives, so a chunked
+    body is cut off at the limit, not read whole first)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > gw.max_request_bytes:
+        return _too_large(gw, f"{int(declared)} bytes")
+    chunks, size = [], 0
+    try:
+        async with asyncio.timeout(gw.body_timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > gw.max_request_bytes:
+                    return _too_large(gw, f"over {gw.max_request_bytes} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        return _closing(openai_error(
+            408, f"the request body did not arrive within {gw.body_timeout_s:g} s "
+                 f"({size} bytes came; LLMSHIP_GATEWAY_BODY_TIMEOUT_S)",
+            code="request_timeout"))
+    return b"".join(chunks)
+
+
+def _param(loc: tuple, payload: Any) -> str:
+    """A validation error's location as the client wrote it: `messages[0].content`, not
+    pydantic's `messages.0.content.str` (the union member it tried is not the client's)."""
+    parts, value = [], payload
+    for step in loc:
+        if isinstance(step, int) and isinstance(value, list) and step < len(value):
+            parts.append(f"[{step}]")
+            value = value[step]
+        elif isinstance(step, str) and isinstance(value, dict) and step in value:
+            parts.append(f".{step}" if parts else step)
+            value = value[step]
+        elif isinstance(step, str) and isinstance(value, dict):
+            parts.append(f".{step}" if parts else step)  # a field the client left out
+            break
+    return "".join(parts)
+
+
+async def _read_request(gw: GatewayState, request: Request,
+                        schema: type[_OpenAIRequest]) -> tuple[bytes, _OpenAIRequest] | Response:
+    body = await _read_body(gw, request)
+    if isinstance(body, Response):
+        return body
+    try:
+        payload = json.loads(body)
+    except RecursionError:
+        return openai_error(400, "request body is nested too deeply to be a request")
+    except ValueError as exc:  # not JSON, not UTF-8, or a number past Python's 4300 digits
+        return openai_error(400, f"request body is not valid JSON: {exc}")
+    if not isinstance(payload, dict):
+        return openai_error(400, "request body must be a JSON object")
+    try:
+        return body, schema.model_validate(payload)
+    except ValidationError as exc:
+        # Of a union's errors (one per member tried), the one that reaches deepest into what
+        # the client sent says most: prompt[1], not prompt.
+        errors = [(_param(e["loc"], payload), e["msg"]) for e in exc.errors()]
+        param, msg = max(errors, key=lambda e: e[0].count("[") + e[0].count("."))
+        return openai_error(400, f"{param}: {msg}", param=param)
 
 
 class _RelayResponse(StreamingResponse):
@@ -348,26 +434,8 @@ def _backends(route: Route) -> list[tuple[str, str]]:
     return [canary, main] if random.random() * 100 < route.canary.percent else [main, canary]
 
 
-async def _forward(gw: GatewayState, request: Request, endpoint: str,
-                   schema: type[_OpenAIRequest]) -> Response:
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > gw.max_request_bytes:
-        return _too_large(gw, int(declared))
-    body = await request.body()
-    if len(body) > gw.max_request_bytes:
-        return _too_large(gw, len(body))
-    try:
-        payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        return openai_error(400, f"request body is not valid JSON: {exc}")
-    if not isinstance(payload, dict):
-        return openai_error(400, "request body must be a JSON object")
-    try:
-        parsed = schema.model_validate(payload)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"])
-        return openai_error(400, f"{param}: {first['msg']}", param=param)
+async def _forward(gw: GatewayState, body: bytes, parsed: _OpenAIRequest,
+                   endpoint: str) -> Response:
     model = parsed.model
     route = gw.routes.get(model)
     if route is None and model in gw.unserved:
@@ -377,7 +445,8 @@ async def _forward(gw: GatewayState, request: Request, endpoint: str,
                                  "has no running model server; roll out or roll back to serve "
                                  "it again", type_="server_error", code="model_unavailable")
     if route is None:
-        gw.requests.labels(model, "", endpoint, "404").inc()
+        # Not the client's name as a label: every new one would be a series kept for ever.
+        gw.requests.labels(UNKNOWN_MODEL, "", endpoint, "404").inc()
         return openai_error(404, f"the model {model!r} does not exist; "
                                  f"served: {sorted(gw.routes)}", code="model_not_found",
                             param="model")
@@ -456,10 +525,16 @@ async def _forward(gw: GatewayState, request: Request, endpoint: str,
                     media_type=resp.headers.get("content-type", "application/json"))
 
 
-def _too_large(gw: GatewayState, size: int) -> JSONResponse:
-    return openai_error(413, f"the request body is {size} bytes; this gateway takes at most "
-                             f"{gw.max_request_bytes} (LLMSHIP_GATEWAY_MAX_REQUEST_BYTES)",
-                        code="request_too_large")
+def _too_large(gw: GatewayState, size: str) -> JSONResponse:
+    return _closing(openai_error(
+        413, f"the request body is {size}; this gateway takes at most {gw.max_request_bytes} "
+             "bytes (LLMSHIP_GATEWAY_MAX_REQUEST_BYTES)", code="request_too_large"))
+
+
+def _closing(resp: JSONResponse) -> JSONResponse:
+    """The connection closes after this answer: what the client still sends is not read."""
+    resp.headers["connection"] = "close"
+    return resp
 
 
 @app.post("/v1/completions")
@@ -478,13 +553,16 @@ def _authorize(gw: GatewayState, authorization: str | None) -> JSONResponse | No
     if not authorization or not authorization.lower().startswith("bearer "):
         return openai_error(401, "admin endpoints need 'Authorization: Bearer <token>'",
                             type_="authentication_error")
-    if not gw.admin_token or not secrets.compare_digest(authorization[7:].strip(),
-                                                        gw.admin_token):
+    # As bytes: compare_digest refuses a str with non-ASCII characters, and a header may
+    # hold any (latin-1) character.
+    given = authorization[7:].strip().encode("utf-8", "surrogateescape")
+    if not gw.admin_token or not secrets.compare_digest(given, gw.admin_token.encode()):
         return openai_error(403, "the admin token is wrong", type_="permission_error")
     return None
 
 
-@app.get("/admin/routes")
+# The admin API is not described in the public /openapi.json and /docs.
+@app.get("/admin/routes", include_in_schema=False)
 async def get_routes(request: Request, authorization: str | None = Header(None)):
     gw = _gw(request)
     if denied := _authorize(gw, authorization):
@@ -492,15 +570,19 @@ async def get_routes(request: Request, authorization: str | None = Header(None))
     return {m: r.model_dump() for m, r in gw.routes.items()}
 
 
-@app.put("/admin/routes/{model}")
+@app.put("/admin/routes/{model}", include_in_schema=False)
 async def set_route(model: str, request: Request, authorization: str | None = Header(None)):
     gw = _gw(request)
     if denied := _authorize(gw, authorization):
         return denied
+    body = await _read_body(gw, request)
+    if isinstance(body, Response):
+        return body
     try:
-        route = Route.model_validate(await request.json())
-    except (ValidationError, json.JSONDecodeError) as exc:
-        return openai_error(400, f"expected {{'version': ..., 'upstream': ...}}: {exc}")
+        route = Route.model_validate_json(body)
+    except ValidationError as exc:
+        return openai_error(400, "expected {'version': ..., 'upstream': ...}: "
+                                 f"{exc.errors()[0]['msg']}")
     upstreams = [route.upstream] + ([route.canary.upstream] if route.canary else [])
     for upstream in upstreams:
         if not await _answers_health(gw, upstream, timeout_s=5.0):

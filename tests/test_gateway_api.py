@@ -342,3 +342,89 @@ def test_a_stream_its_server_drops_ends_with_an_openai_error_event(client):
     assert 'llmship_gateway_requests_total{endpoint="/v1/completions",model="m",' \
            'status="broken",version="v1"} 1.0' in metrics
     listener.close()
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"model": "m", "prompt": "x", "max_tokens": "16"}, "max_tokens"),
+    ({"model": "m", "prompt": "x", "max_tokens": True}, "max_tokens"),
+    ({"model": "m", "prompt": "x", "stream": "yes"}, "stream"),
+    ({"model": "m", "prompt": "x", "stream": True, "stream_options": {"include_usage": "yes"}},
+     "stream_options.include_usage"),
+    ({"model": "m", "prompt": 5}, "prompt"),
+    ({"model": "m", "prompt": [1, "two"]}, "prompt[0]"),
+    ({"model": 7, "prompt": "x"}, "model"),
+])
+def test_values_of_the_wrong_type_are_refused_not_coerced(client, body, param):
+    """OpenAI's API and vLLM refuse "16" for max_tokens and "yes" for stream; so does the
+    gateway, naming the field as the client wrote it (not pydantic's `prompt.str`)."""
+    err = assert_openai_error(client.post("/v1/completions", json=body), 400, param)
+    assert err["message"].startswith(f"{param}: ")
+
+
+@pytest.mark.parametrize("messages,param", [
+    ([{"role": "hacker", "content": "x"}], "messages[0].role"),
+    ([{"role": "user", "content": 5}], "messages[0].content"),
+    ([{"role": "user", "content": "x"}, {"content": "y"}], "messages[1].role"),
+])
+def test_chat_messages_are_checked_and_named_as_sent(client, messages, param):
+    err = assert_openai_error(client.post("/v1/chat/completions",
+                                          json={"model": "m", "messages": messages}), 400, param)
+    assert err["message"].startswith(f"{param}: ")
+
+
+def test_accepted_types_still_pass(client):
+    """What clients do send: an int temperature, token-id prompts, a null max_tokens, content
+    parts, engine extensions: through to the routing (404 here: no model is served)."""
+    for body in ({"model": "m", "prompt": "x", "temperature": 0, "max_tokens": None},
+                 {"model": "m", "prompt": [[1, 2], [3]], "seed": 7, "logprobs": 2},
+                 {"model": "m", "prompt": ["a", "b"], "stream": True,
+                  "stream_options": {"include_usage": True}}):
+        assert client.post("/v1/completions", json=body).status_code == 404, body
+    chat = {"model": "m", "messages": [{"role": "system", "content": "s"},
+                                      {"role": "user", "content": [{"type": "text", "text": "x"}]}]}
+    assert client.post("/v1/chat/completions", json=chat).status_code == 404
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"model": "m", "prompt": ' + b"[" * 200_000 + b"]" * 200_000 + b"}",
+    b'{"model": "m", "prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}",
+    b'{"model": "m", "prompt": "\xff\xfe"}',
+], ids=["nested-200000-deep", "int-5000-digits", "invalid-utf8"])
+def test_bodies_that_break_json_parsers_are_400_not_500(client, raw):
+    resp = client.post("/v1/completions", content=raw,
+                       headers={"content-type": "application/json"})
+    err = assert_openai_error(resp, 400)
+    assert err["type"] == "invalid_request_error"
+
+
+def test_admin_refusals_never_500(client):
+    # A non-ASCII token (a header carries latin-1): refused, not a TypeError in the comparison.
+    latin1 = {"authorization": "Bearer caf\xe9-token".encode("latin-1")}
+    resp = client.get("/admin/routes", headers=latin1)
+    assert_openai_error(resp, 403)
+    resp = client.put("/admin/routes/m", headers=latin1, content=b"{}")
+    assert_openai_error(resp, 403)
+    # A body that is not UTF-8, and one that is not a route.
+    auth = {"authorization": "Bearer right-token", "content-type": "application/json"}
+    assert_openai_error(client.put("/admin/routes/m", headers=auth, content=b"\xff\xfe{"), 400)
+    assert_openai_error(client.put("/admin/routes/m", headers=auth, content=b"[1]"), 400)
+    assert client.get("/v1/models").json()["data"] == []
+
+
+def test_unknown_model_names_do_not_become_metric_labels(client):
+    """Every name a client makes up would be a Prometheus series kept for ever (30 requests
+    with 3 MB names made /metrics 220 MB): they are counted under one label."""
+    for i in range(30):
+        client.post("/v1/completions", json={"model": f"made-up-{i}-" + "x" * 100_000,
+                                             "prompt": "x"})
+    text = client.get("/metrics").text
+    assert "made-up" not in text and len(text) < 100_000, len(text)
+    assert ('llmship_gateway_requests_total{endpoint="/v1/completions",model="(unknown)",'
+            'status="404",version=""} 30.0') in text
+
+
+def test_the_public_api_description_leaves_the_admin_api_out(client):
+    schema = client.get("/openapi.json").json()
+    assert "/v1/completions" in schema["paths"]
+    assert not [p for p in schema["paths"] if p.startswith("/admin")], list(schema["paths"])
+    assert client.get("/docs").status_code == 200

@@ -19,6 +19,8 @@ import httpx
 import pytest
 
 from llmship.processes import write_json
+from llmship.settings import Settings
+from llmship.stack import gateway_argv
 
 REPO = Path(__file__).resolve().parents[1]
 CLIENTS = 600
@@ -74,8 +76,8 @@ def gateway(tmp_path):
     port = 18790
     env = {**os.environ, "LLMSHIP_STATE_DIR": str(tmp_path),
            "LLMSHIP_GATEWAY_MAX_IN_FLIGHT": str(LIMIT), "LLMSHIP_S3_PORT": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "serving.gateway:app", "--host",
-                             "127.0.0.1", "--port", str(port), "--no-access-log"],
+    settings = Settings(gateway_port=port, state_dir=tmp_path)
+    proc = subprocess.Popen(gateway_argv(Path(sys.executable), settings),
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
