@@ -6,7 +6,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 ORCH := $(VENV)/orchestrator/bin
-PREFECT_API := http://$${LLMSHIP_HOST:-127.0.0.1}:$${LLMSHIP_PREFECT_PORT:-4200}/api
+# Prefect's CLI finds the stack's API and its password in the profile `llmship up` keeps there.
+PREFECT_HOME_OF_STACK := $${LLMSHIP_STATE_DIR:-.llmship}/prefect
 # This machine's pip configuration names local indexes that lack most packages; pip says so
 # for every package. Keep the rest of its output.
 QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
@@ -63,7 +64,7 @@ up: setup
 
 demo: up
 	@echo "== running deployment build-and-serve/tiny-llama (Prefect UI: http://127.0.0.1:$${LLMSHIP_PREFECT_PORT:-4200})"
-	PREFECT_API_URL=$(PREFECT_API) $(ORCH)/prefect deployment run build-and-serve/tiny-llama --watch
+	PREFECT_HOME=$(PREFECT_HOME_OF_STACK) $(ORCH)/prefect deployment run build-and-serve/tiny-llama --watch
 	@echo
 	$(ORCH)/llmship versions tiny-llama
 	@echo

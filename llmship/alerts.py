@@ -33,8 +33,8 @@ from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 from prefect.client.schemas.objects import StateType
 from prefect.events.actions import ChangeFlowRunState, RunDeployment, SendNotification
 from prefect.events.schemas.automations import EventTrigger, Posture
-from prefect.settings import PREFECT_API_URL, temporary_settings
 
+from llmship.credentials import prefect_client_settings
 from llmship.settings import Settings
 
 BLOCK_NAME = "llmship-alerts"
@@ -161,7 +161,7 @@ def ensure_automations(settings: Settings) -> list[str]:
     """Create (or replace) the block and every automation; the names of those created."""
     block = notification_block(settings)
     automations = [crashed_runs_automation(settings.run_heartbeat_s)]
-    with temporary_settings(updates={PREFECT_API_URL: settings.prefect_api_url}):
+    with prefect_client_settings(settings):
         block_id = block.save(BLOCK_NAME, overwrite=True) if block else None
         if block_id:
             automations += alert_automations(block_id)

@@ -20,6 +20,7 @@ import time
 import httpx
 
 from llmship import stack
+from llmship.credentials import prefect_client_settings
 from llmship.errors import LlmshipError, RollbackFailed, StackError
 from llmship.settings import get_settings
 from llmship.store import ArtifactStore
@@ -96,13 +97,12 @@ def cmd_rollback(args) -> None:
     in the Prefect UI beside the rollbacks started there."""
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     settings = get_settings()
     name = f"rollback/{args.model}"
     parameters = {"model": args.model, "reason": args.reason, "target_version": args.to,
                   "allow_ungated": args.allow_ungated}
-    with temporary_settings(updates={PREFECT_API_URL: settings.prefect_api_url}):
+    with prefect_client_settings(settings):
         try:
             flow_run = run_deployment(name, parameters=parameters, timeout=args.timeout)
         except ObjectNotFound:

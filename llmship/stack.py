@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 
 from llmship import processes, seaweedfs
+from llmship.credentials import ensure_credentials
 from llmship.alerts import ensure_automations
 from llmship.errors import StackError
 from llmship.processes import http_ok, wait_until
@@ -34,7 +35,7 @@ def child_env(settings: Settings) -> dict[str, str]:
     # Every setting travels to the processes the stack starts, except the secrets: those
     # they read from the credentials file, so they never show in a process listing.
     secret = {"s3_access_key", "s3_secret_key", "gateway_admin_token",
-              "alert_slack_webhook_url"}
+              "alert_slack_webhook_url", "prefect_api_auth_string"}
     env.update({f"LLMSHIP_{name.upper()}": str(value)
                 for name, value in settings.model_dump().items()
                 if name not in secret and value is not None})
@@ -57,20 +58,6 @@ def child_env(settings: Settings) -> dict[str, str]:
     # access sets HF_HUB_OFFLINE=0 (and HF_TOKEN) in its worker's environment.
     env.setdefault("HF_HUB_OFFLINE", "1")
     return env
-
-
-def ensure_credentials(settings: Settings) -> dict[str, str]:
-    """The local store's identities and keys and the gateway's admin token: generated once,
-    kept private to their owner (mode 600). A file from an older llmship gets what it lacks."""
-    path = settings.credentials_file
-    creds = json.loads(path.read_text()) if path.exists() else {}
-    wanted = {**seaweedfs.new_secrets(), "gateway_admin_token": secrets.token_urlsafe(32)}
-    missing = {k: v for k, v in wanted.items() if k not in creds}
-    if missing or not path.exists():
-        creds.update(missing)
-        seaweedfs.write_private(path, json.dumps(creds, indent=2))
-    os.chmod(path, 0o600)
-    return creds
 
 
 def as_identity(settings: Settings, creds: dict[str, str], identity: str) -> Settings:
@@ -108,11 +95,16 @@ def start_prefect(settings: Settings, env: dict[str, str]) -> None:
     if processes.find(settings, "prefect-server"):
         return
     _require_free(settings, "the Prefect server", settings.prefect_port)
+    # The server takes its auth string from the profile in PREFECT_HOME (llmship/credentials.py);
+    # its database is its owner's only.
+    database = settings.state_dir / "prefect" / "prefect.db"
+    if database.exists():
+        os.chmod(database, 0o600)
     rec = processes.start(
         settings, "prefect-server",
         [str(BIN / "prefect"), "server", "start", "--host", settings.host,
          "--port", str(settings.prefect_port)],
-        env=env, port=settings.prefect_port,
+        env=env, port=settings.prefect_port, umask=0o077,
     )
     wait_until(http_ok(f"{settings.prefect_api_url}/health"), rec, 120, "healthy", StackError)
 
@@ -181,6 +173,7 @@ def up(settings: Settings, *, deployments: bool = True, say=print) -> None:
     settings = settings.model_copy(update={
         "s3_access_key": settings.s3_access_key or creds["s3_access_key"],
         "s3_secret_key": settings.s3_secret_key or creds["s3_secret_key"],
+        "prefect_api_auth_string": creds["prefect_api_auth_string"],
     })
     env = child_env(settings)
     say(f"S3 (SeaweedFS)   http://{settings.host}:{settings.s3_port}")

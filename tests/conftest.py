@@ -37,6 +37,12 @@ TEST_ENV = {
     "DO_NOT_TRACK": "1",
 }
 os.environ.update(TEST_ENV)
+# The stack's secrets, and the Prefect profile in PREFECT_HOME that carries the API's auth
+# string, exist before anything imports Prefect, which reads its profile once, at import.
+from llmship.credentials import ensure_credentials  # noqa: E402
+from llmship.settings import Settings  # noqa: E402
+
+ensure_credentials(Settings())
 
 
 @pytest.fixture(scope="session")

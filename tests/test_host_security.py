@@ -1,6 +1,6 @@
-"""The local store as someone else on the host sees it: every port the SeaweedFS process
-listens on, tried without credentials, and the least-privilege identities (issue 14;
-docs/RELIABILITY.md, "The store")."""
+"""The local stack as someone else on the host sees it: every port the SeaweedFS process
+listens on and the Prefect API, tried without credentials; the store's least-privilege
+identities; the state's file modes (issue 14; docs/SECURITY.md, docs/RELIABILITY.md)."""
 
 from __future__ import annotations
 
@@ -193,3 +193,34 @@ def test_the_preflight_says_whether_the_bucket_itself_keeps_versions_immutable(s
     locked = check_published_immutable(admin.settings.model_copy(
         update={"artifacts_bucket": "llmship-locked"}))
     assert locked.ok is True and "Object Lock" in locked.detail, locked
+
+
+def test_the_prefect_api_refuses_callers_without_the_auth_string(stack, prefect_client):
+    """Anyone on the host could run rollback/tiny-llama through an open API; now the server
+    wants the auth string from the credentials file (Prefect's own basic auth)."""
+    deployment = prefect_client.read_deployment_by_name("rollback/tiny-llama")
+    api = stack.prefect_api_url
+    attempts = [("POST", f"{api}/deployments/{deployment.id}/create_flow_run",
+                 {"parameters": {"reason": "attacker"}}),
+                ("POST", f"{api}/deployments/filter", {}),
+                ("POST", f"{api}/flow_runs/filter", {}),
+                ("GET", f"{api}/block_documents/", None)]
+    for method, url, body in attempts:
+        for auth in (None, ("llmship", "wrong"), ("admin", "pass")):
+            resp = httpx.request(method, url, json=body, auth=auth, timeout=10)
+            assert resp.status_code == 401, (method, url, auth, resp.status_code)
+    assert httpx.get(f"{api}/health", timeout=10).status_code == 200  # probes stay open
+    runs = prefect_client.read_flow_runs()
+    assert not [r for r in runs if (r.parameters or {}).get("reason") == "attacker"]
+    # With it (what every client llmship starts finds in the profile): allowed.
+    user, _, password = stack.prefect_api_auth_string.partition(":")
+    resp = httpx.post(f"{api}/deployments/filter", json={}, auth=(user, password), timeout=10)
+    assert resp.status_code == 200 and resp.json()
+
+
+def test_the_state_folder_is_its_owner_s_only(stack):
+    prefect_home = stack.state_dir / "prefect"
+    assert stat.S_IMODE(stack.state_dir.stat().st_mode) == 0o700
+    for path in (prefect_home / "prefect.db", prefect_home / "profiles.toml",
+                 stack.credentials_file):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
