@@ -6,8 +6,9 @@
 
 A canary step that breaches its limits (error rate, p99 latency, a server that stops
 answering) sends all traffic back to the version that served before, stops the new server and
-fails with the numbers: a bad version goes back by itself. Any other failure before the switch
-does the same. A version already live and healthy is left alone.
+fails with the numbers: a bad version goes back by itself. Any other failure before the live
+alias has moved (the commit point) does the same. A version already live (the alias says so
+and the gateway routes to its healthy server) is left alone.
 """
 
 from __future__ import annotations
@@ -194,8 +195,14 @@ def rollout(version: PublishedVersion, cfg: RolloutConfig, *, allow_ungated: boo
     model = version.model
     current = gateway_routes(settings).get(model)
     server = model_server.find(settings, model, version.version)
-    if current and current["version"] == version.version and not current.get("canary") \
-            and server and model_server.is_healthy(server):
+    live_alias = store.read_alias(model, "live")
+    routed = current is not None and current["version"] == version.version \
+        and not current.get("canary")
+    # Already live: the gateway routes to a healthy server of it AND the alias (what a gateway
+    # restart routes by) says so. A gateway that routes it under a stale alias (an alias move
+    # that failed after the switch) is finished below: the alias moves, nothing else.
+    if routed and live_alias == version.version and server \
+            and model_server.is_healthy(server):
         return RolloutResult(model=model, version=version.version, previous=None,
                              upstream=server.url, gateway=settings.gateway_url, changed=False,
                              seconds=round(time.monotonic() - started, 3))
@@ -211,13 +218,14 @@ def rollout(version: PublishedVersion, cfg: RolloutConfig, *, allow_ungated: boo
                                     target=target_of(manifest.details),
                                     serve_subdir=manifest.details.get("serve_subdir"))
     # A live version with no running server is not routed, but traffic still leaves it.
-    was_live = current["version"] if current else store.read_alias(model, "live")
+    was_live = current["version"] if current and not routed else live_alias
     previous = was_live if was_live != version.version else None
     steps: list[StepResult] = []
     try:
         smoke = model_server.smoke_test(server, SMOKE_PROMPT)
-        # A canary needs a version to compare with and to fall back on.
-        for percent in (cfg.canary_steps if current and previous else []):
+        # A canary needs a version to compare with and to fall back on (and one that takes
+        # all the traffic already has nothing left to prove).
+        for percent in (cfg.canary_steps if current and previous and not routed else []):
             route_traffic(settings, model, current["version"], current["upstream"],
                           canary={"version": version.version, "upstream": server.url,
                                   "percent": percent})
@@ -234,7 +242,14 @@ def rollout(version: PublishedVersion, cfg: RolloutConfig, *, allow_ungated: boo
         switch_started = time.monotonic()
         route_traffic(settings, model, version.version, server.url)
         switch_seconds = time.monotonic() - switch_started
+        # The commit point: the live alias is what a restarted gateway routes by. Until it has
+        # moved, a failure puts traffic back where it was.
+        if previous:
+            store.move_alias(model, "previous", previous, reason=reason)
+        store.move_alias(model, "live", version.version, reason=reason)
     except Exception as exc:
+        if routed:
+            raise  # it served before this rollout and serves still: only the alias failed
         if current:  # all traffic back where it was, before anything else
             route_traffic(settings, model, current["version"], current["upstream"])
         model_server.stop(settings, server)
@@ -246,10 +261,7 @@ def rollout(version: PublishedVersion, cfg: RolloutConfig, *, allow_ungated: boo
                                 "back_on": previous, "reason": str(exc),
                                 "steps": [s.model_dump() for s in steps]})
         raise
-    store.move_alias(model, "live", version.version, reason=reason)
     warm_until = None
-    if previous:
-        store.move_alias(model, "previous", previous, reason=reason)
     for other in model_server.running(settings, model):
         if other.version == version.version:
             continue

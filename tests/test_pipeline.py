@@ -495,3 +495,56 @@ def test_gateway_restart_restores_the_routing_from_the_s3_aliases(first_run, sta
     metrics = httpx.get(f"{stack.gateway_url}/metrics").text
     assert f'llmship_gateway_time_to_first_token_seconds_count{{endpoint="/v1/completions",' \
            f'model="tiny-llama",version="{live}"}} 1.0' in metrics
+
+
+@pytest.mark.parametrize("where, typo", [
+    ("calibration", "num_sample"), ("serving", "max_model_length"), (None, "targt"),
+    ("gate.per_task.clause_type", "flor"), ("rollout", "canary_step")])
+def test_a_typo_in_the_parameters_is_refused_before_a_run_exists(where, typo, first_run,
+                                                                 prefect_client):
+    """A misspelt field anywhere in the config (as `prefect deployment run --params` or the
+    UI's form send it) is refused by the server's schema check, naming the field, and no
+    flow run is created; before, it was dropped silently and the defaults ran."""
+    import sys
+
+    config = default_config(prefect_client)
+    block = config
+    for key in (where.split(".") if where else []):
+        block = block.setdefault(key, {})
+    block[typo] = 8
+    deployment = prefect_client.read_deployment_by_name(DEPLOYMENT)
+    before = len(prefect_client.read_flow_runs())
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "prefect"), "deployment", "run", DEPLOYMENT,
+         "--params", json.dumps({"config": config})],
+        capture_output=True, text=True, timeout=120)
+    output = " ".join((proc.stdout + proc.stderr).split())
+    assert proc.returncode != 0, output
+    assert f"'{typo}' was unexpected" in output, output
+    assert len(prefect_client.read_flow_runs()) == before
+    assert deployment.enforce_parameter_schema
+
+
+def test_a_stale_live_alias_is_finished_by_the_next_run_not_taken_as_live(first_run, store,
+                                                                          stack):
+    """The live alias is the commit point: a rollout whose alias move failed after the switch
+    left the gateway on the new version and the alias on the old one, and "already live"
+    looked only at the gateway, so every rerun returned at once and a gateway restart would
+    have routed the old version. Now a run finishes the move, touching nothing else."""
+    live, previous = (store.read_alias("tiny-llama", alias) for alias in ("live", "previous"))
+    served = httpx.get(f"{stack.gateway_url}/v1/models", timeout=10).json()["data"]
+    assert [m["version"] for m in served if m["id"] == "tiny-llama"] == [live]
+    store.move_alias("tiny-llama", "live", "stale0000000", reason="test: a failed alias move")
+    flow_run = run()
+    assert flow_run.state.is_completed(), flow_run.state.message
+    result = flow_run.state.result()
+    assert result.changed and result.previous == "stale0000000", result
+    assert store.read_alias("tiny-llama", "live") == live
+    served = httpx.get(f"{stack.gateway_url}/v1/models", timeout=10).json()["data"]
+    assert [m["version"] for m in served if m["id"] == "tiny-llama"] == [live]
+    # The stale version was never a version: "previous" back as it was, for what follows.
+    if previous:
+        store.move_alias("tiny-llama", "previous", previous, reason="test: clean-up")
+    else:
+        store.client.delete_object(Bucket=store.bucket,
+                                   Key=store.alias_key("tiny-llama", "previous"))
