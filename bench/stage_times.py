@@ -1,6 +1,6 @@
 """Wall time of each stage of a deployment's most recent flow runs, from the Prefect API.
 
-    PREFECT_API_URL=http://127.0.0.1:4200/api .venv/orchestrator/bin/python bench/stage_times.py \
+    PREFECT_HOME=.llmship/prefect .venv/orchestrator/bin/python bench/stage_times.py \
         build-and-serve/tiny-llama [--runs 2]
 """
 

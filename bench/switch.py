@@ -15,7 +15,7 @@ comes on top (some 13 s here: `bench/rerun.py` measures it).
 
     .venv/orchestrator/bin/python bench/switch.py [--model bench-llama]
 
-Needs the stack (`make up`), PREFECT_API_URL pointing at it, and the model served
+Needs the stack (`make up`), PREFECT_HOME=.llmship/prefect (the stack's profile: its API and password), and the model served
 (`bench/rerun.py` serves bench-llama).
 """
 

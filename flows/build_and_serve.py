@@ -5,6 +5,8 @@
 
 Every stage's output is content-addressed: a rerun with the same inputs finds each stage's
 output in the store (the task runs show as Cached) and only checks that the version is live.
+The gate and the rollout start servers of the model: runs of one model take turns there
+(serving_slot), so two at once end as one, the second finding the version live.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from prefect import flow
 from llmship.settings import PipelineConfig
 from tasks.build import build_task
 from tasks.calibrate import calibrate_task
+from tasks.common import serving_slot
 from tasks.download import download_task
 from tasks.gate import gate_task
 from tasks.preflight import preflight_task
@@ -29,8 +32,10 @@ def build_and_serve(config: PipelineConfig) -> RolloutResult | None:
                                 config.name)
     candidate = build_task(calibrated, config.target, config.serving, config.name, "candidate")
     baseline = build_task(snapshot, config.target, config.serving, config.name, "baseline")
-    report = gate_task(candidate, baseline, config.gate, config.name)
-    version = publish_task(config.name, candidate, report)
+    with serving_slot(config.name):  # one run at a time evaluates or serves a model
+        report = gate_task(candidate, baseline, config.gate, config.name)
+        version = publish_task(config.name, candidate, report)
     if not approve_rollout(version, config.rollout):
         return None  # declined: published, not served
-    return rollout_task(version, config.rollout)
+    with serving_slot(config.name):
+        return rollout_task(version, config.rollout)

@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger
 from llmship.errors import PermanentError
 from llmship.settings import RolloutConfig, get_settings
 from llmship.store import ArtifactStore
-from tasks.common import record_markdown
+from tasks.common import record_markdown, serving_slot
 from tasks.publish import PublishedVersion, version_prefix
 from tasks.rollout import RolloutResult, rollout_task
 
@@ -52,5 +52,6 @@ def rollback(model: str, reason: str, target_version: str | None = None,
         f"| | |\n|---|---|\n| from | {live or '-'} |\n| to | {target.version} |\n"
         f"| reason | {reason} |\n| gate | {'passed' if target.gate_passed else 'NOT PASSED'}"
         f"{' (allow_ungated override)' if override else ''} |\n"), f"rollback to {target.version}")
-    return rollout_task(target, RolloutConfig(), allow_ungated=allow_ungated,
-                        reason=f"rollback: {reason}")
+    with serving_slot(model):
+        return rollout_task(target, RolloutConfig(), allow_ungated=allow_ungated,
+                            reason=f"rollback: {reason}")

@@ -81,3 +81,8 @@ class UnsupportedConfiguration(PermanentError):
 class PreflightFailed(PermanentError):
     """The machine cannot run this deployment (GPUs, disk, token, store, environments);
     nothing was downloaded or computed. The message lists every refusal."""
+
+
+class HubUnreachable(LlmshipError):
+    """The Hugging Face hub did not answer and the file is not in the local hub cache: retried;
+    the message says how to fill the cache for a worker that cannot reach the hub."""

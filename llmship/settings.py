@@ -107,6 +107,9 @@ class Settings(BaseSettings):
     # version's serving name: the rollout that follows takes it rather than loading the model
     # again. 0: stopped at once (the GPUs it holds are needed back before then).
     keep_evaluated_server_s: float = Field(600.0, ge=0)
+    # How long a run waits for its model's serving slot (tasks/common.py: serving_slot) while
+    # another run of the same model evaluates or rolls out: a 70B gate takes a while.
+    serving_slot_timeout_s: float = Field(4 * 3600.0, gt=0)
 
     @property
     def prefect_api_url(self) -> str:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import re
 import shutil
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from prefect import Task
+from prefect import Task, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
@@ -17,6 +19,7 @@ from pydantic import BaseModel
 
 from llmship.errors import LlmshipError, PermanentError
 from llmship.manifest import Manifest
+from llmship.settings import get_settings
 
 # Transient failures (network, S3 5xx, a killed subprocess) are retried with growing delays.
 RETRIES = 3
@@ -99,3 +102,37 @@ def record_stage_artifact(model: str, output: StageOutput, rows: dict[str, Any],
 def record_markdown(model: str, stage: str, markdown: str, description: str) -> None:
     create_markdown_artifact(markdown=markdown, key=artifact_key(model, stage),
                              description=description)
+
+
+@contextmanager
+def serving_slot(model: str) -> Iterator[None]:
+    """One run at a time evaluates or serves a model: the gate's evaluation servers and a
+    rollout's are the model's, and two runs interleaving them stop each other's. The slot is
+    Prefect's global concurrency limit `llmship-serving-<model>` (one slot, made on first
+    use, visible in the UI); a run whose host dies gives it back when its lease runs out."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectNotFound
+
+    name = artifact_key("llmship-serving", model)
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(
+                    GlobalConcurrencyLimitCreate(name=name, limit=1))
+            except Exception:  # noqa: BLE001 - made meanwhile by another run: the same limit
+                client.read_global_concurrency_limit_by_name(name)
+    log = get_run_logger()
+    log.info("taking %s's serving slot (%s): another run evaluating or serving it goes first",
+             model, name)
+    started = time.monotonic()
+    # A transient Prefect outage while the slot is held must not kill an evaluation.
+    with concurrency(name, occupy=1, strict=True, lease_duration=300,
+                     timeout_seconds=get_settings().serving_slot_timeout_s,
+                     raise_on_lease_renewal_failure=False):
+        if time.monotonic() - started > 1:
+            log.info("got %s's serving slot after %.0f s", model, time.monotonic() - started)
+        yield

@@ -13,11 +13,13 @@ import errno
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from llmship.errors import DiskFull, PermanentError, SourceNotFound
+from llmship.errors import DiskFull, HubUnreachable, PermanentError, SourceNotFound
 from llmship.manifest import Manifest, digest_of
 from llmship.settings import get_settings
 from llmship.store import ArtifactStore, parse_s3_uri
@@ -63,18 +65,22 @@ def download_key(source: str) -> str:
     return digest_of({"stage": "download", **source_fingerprint(source)})[:24]
 
 
-def fetch_hf(source: str, dest: Path) -> dict:
-    from huggingface_hub import snapshot_download
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no")
+
+
+@contextmanager
+def hub_errors(repo: str, revision: str, what: str, *, offline: bool) -> Iterator[None]:
+    """huggingface_hub's errors as llmship's, each saying what to do. Order matters:
+    LocalEntryNotFoundError is an EntryNotFoundError, GatedRepoError a RepositoryNotFoundError."""
+    from huggingface_hub import constants
     from huggingface_hub.errors import (
-        GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
+        EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
+        RevisionNotFoundError,
     )
 
-    repo, revision = split_hf(source)
     try:
-        # Through the hub cache (HF_HUB_CACHE): a worker fetches each revision once, and an
-        # offline worker can use what a team pre-seeded there.
-        path = snapshot_download(repo_id=repo, revision=revision,
-                                 allow_patterns=ALLOW_PATTERNS, ignore_patterns=IGNORE_PATTERNS)
+        yield
     except RevisionNotFoundError as exc:
         raise SourceNotFound(
             f"revision {revision!r} of {repo} does not exist on the hub: pin an existing "
@@ -88,12 +94,31 @@ def fetch_hf(source: str, dest: Path) -> dict:
             f"repository {repo} was not found on the hub (or it is private: set HF_TOKEN)"
         ) from exc
     except LocalEntryNotFoundError as exc:
-        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        fill = (f"fill the cache where the hub is reachable (`hf download {repo} --revision "
+                f"{revision}` with HF_HUB_CACHE={constants.HF_HUB_CACHE}) or copy that cache "
+                "here")
+        if offline:
             raise SourceNotFound(
-                f"revision {revision!r} of {repo} is not in the local hub cache and "
-                "HF_HUB_OFFLINE is set: pin a cached revision, or unset HF_HUB_OFFLINE"
+                f"{what} of {repo}@{revision} is not in the local hub cache and this worker "
+                f"does not go to the hub (offline: HF_HUB_OFFLINE or --offline): {fill}"
             ) from exc
-        raise  # a network failure: worth a retry
+        # The hub did not answer: worth a retry, and the message says what else to do.
+        raise HubUnreachable(f"the hub did not answer and {what} of {repo}@{revision} is not "
+                              f"in the local hub cache: retry when it is reachable, or {fill}"
+                              ) from exc
+    except EntryNotFoundError as exc:
+        raise SourceNotFound(f"{repo}@{revision} has no {what}") from exc
+
+
+def fetch_hf(source: str, dest: Path) -> dict:
+    from huggingface_hub import snapshot_download
+
+    repo, revision = split_hf(source)
+    with hub_errors(repo, revision, "the snapshot", offline=hub_offline()):
+        # Through the hub cache (HF_HUB_CACHE): a worker fetches each revision once, and an
+        # offline worker can use what a team pre-seeded there.
+        path = snapshot_download(repo_id=repo, revision=revision,
+                                 allow_patterns=ALLOW_PATTERNS, ignore_patterns=IGNORE_PATTERNS)
     # The cache holds symlinks into its blob store; the snapshot gets the files themselves.
     shutil.copytree(path, dest, symlinks=False, dirs_exist_ok=True,
                     ignore=shutil.ignore_patterns(".cache"))

@@ -100,32 +100,21 @@ class ModelShape(BaseModel):
         return 2 * self.layers * self.kv_heads * self.head_dim * (1 if fp8 else 2) / GIB
 
 
-def read_model_config(source: str, settings: Settings) -> dict:
-    """config.json of the source, without downloading the weights (hub: one small file)."""
+def read_model_config(source: str, settings: Settings, *, offline: bool = False) -> dict:
+    """config.json of the source, without downloading the weights (hub: one small file).
+    offline: from the local hub cache only, with no network call at all."""
     import json
 
     if source.startswith("hf://"):
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import (
-            EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError,
-            RevisionNotFoundError,
-        )
 
-        from tasks.download import split_hf
+        from tasks.download import hub_errors, hub_offline, split_hf
 
         repo, revision = split_hf(source)
-        try:
-            return json.loads(Path(hf_hub_download(repo, "config.json",
-                                                   revision=revision)).read_text())
-        except RevisionNotFoundError:
-            raise SourceNotFound(f"{repo} has no revision {revision!r}: pin an existing commit "
-                                 "sha or tag") from None
-        except (RepositoryNotFoundError, EntryNotFoundError) as exc:
-            raise SourceNotFound(f"{source}: {type(exc).__name__}: check the repository name "
-                                 "(and HF_TOKEN, if it is gated)") from None
-        except LocalEntryNotFoundError:
-            raise SourceNotFound(f"{source}: config.json is neither reachable on the hub nor "
-                                 "in the local Hugging Face cache") from None
+        offline = offline or hub_offline()
+        with hub_errors(repo, revision, "config.json", offline=offline):
+            return json.loads(Path(hf_hub_download(repo, "config.json", revision=revision,
+                                                   local_files_only=offline)).read_text())
     if source.startswith("s3://"):
         from llmship.store import ArtifactStore, parse_s3_uri
 
@@ -459,7 +448,8 @@ def plan(config: PipelineConfig, settings: Settings, gpus: list[Gpu] | None = No
     cannot be read (nothing else can be estimated without it)."""
     from llmship.store import ArtifactStore
 
-    shape = ModelShape.from_config(read_model_config(config.source, settings))
+    shape = ModelShape.from_config(read_model_config(config.source, settings,
+                                                     offline=not check_services))
     gpus = detect_gpus() if gpus is None else gpus
     if free_disk_gib is None:
         settings.state_dir.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ from llmship import processes
 from llmship.seaweedfs import security_dir
 from llmship.stack import as_identity
 from llmship.store import ArtifactStore
+from tests.helpers.prefect_api import prefect_auth
 
 pytestmark = pytest.mark.stack
 
@@ -213,8 +214,7 @@ def test_the_prefect_api_refuses_callers_without_the_auth_string(stack, prefect_
     runs = prefect_client.read_flow_runs()
     assert not [r for r in runs if (r.parameters or {}).get("reason") == "attacker"]
     # With it (what every client llmship starts finds in the profile): allowed.
-    user, _, password = stack.prefect_api_auth_string.partition(":")
-    resp = httpx.post(f"{api}/deployments/filter", json={}, auth=(user, password), timeout=10)
+    resp = httpx.post(f"{api}/deployments/filter", json={}, auth=prefect_auth(stack), timeout=10)
     assert resp.status_code == 200 and resp.json()
 
 

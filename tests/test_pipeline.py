@@ -16,6 +16,7 @@ from prefect.deployments import run_deployment
 
 from tasks.gate import RULE, wilson_lower
 from tasks.publish import list_versions
+from tests.helpers.prefect_api import prefect_auth
 from tests.helpers.waiting import wait_for
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
@@ -334,7 +335,8 @@ def gate_failed_events(stack, model: str, timeout: float = 30) -> list[dict]:
     a few seconds after automations have already acted on them."""
     deadline = time.monotonic() + timeout
     while True:
-        events = httpx.post(f"{stack.prefect_api_url}/events/filter", json={
+        events = httpx.post(f"{stack.prefect_api_url}/events/filter",
+                            auth=prefect_auth(stack), json={
             "filter": {"event": {"name": ["llmship.gate.failed"]}}, "limit": 50}).json()["events"]
         found = [e["payload"] for e in events if e["resource"]["llmship.model"] == model]
         if found or time.monotonic() > deadline:

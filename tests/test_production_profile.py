@@ -398,3 +398,50 @@ def test_the_bucket_policy_in_the_docs_is_what_the_preflight_recognises():
     allowed = json.loads(json.dumps(policy))
     allowed["Statement"][0]["Effect"] = "Allow"
     assert not overwrites_denied_by(allowed, "llmship-artifacts")
+
+
+def test_plan_offline_makes_no_network_call_and_says_how_to_fill_the_cache(tmp_path):
+    """`llmship plan --offline` for a hub model not in the cache tried the hub five times,
+    and the message blamed the repository name: now no connection is made at all (a listener
+    standing in for the hub counts them) and the message names the cache and how to fill it."""
+    import socket
+    import threading
+    import time
+
+    hub = socket.socket()
+    hub.bind(("127.0.0.1", 0))
+    hub.listen(16)
+    connections = []
+
+    def count():
+        while True:
+            try:
+                conn, _ = hub.accept()
+            except OSError:
+                return
+            connections.append(conn)
+
+    threading.Thread(target=count, daemon=True).start()
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "0",
+           "HF_ENDPOINT": f"http://127.0.0.1:{hub.getsockname()[1]}"}
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "llmship.cli", "plan",
+                          "build-and-serve/llama3-70b", "--offline"], capture_output=True,
+                         text=True, cwd=REPO, env=env, timeout=120)
+    elapsed = time.monotonic() - started
+    hub.close()
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert connections == [], "plan --offline called the hub"
+    assert "config.json of meta-llama/Meta-Llama-3-70B-Instruct@" in out.stderr
+    assert "is not in the local hub cache" in out.stderr and "hf download" in out.stderr
+    assert str(tmp_path) in out.stderr and "check the repository name" not in out.stderr
+    assert elapsed < 60
+
+
+def test_an_offline_worker_is_told_the_file_is_not_cached_not_that_the_name_is_wrong(
+        monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SourceNotFound, match=r"config.json of org/never-cached@main is not in "
+                                             r"the local hub cache .*`hf download org/never-cached"):
+        read_model_config("hf://org/never-cached@main", SETTINGS)

@@ -29,6 +29,7 @@ from prefect.flow_runs import resume_flow_run
 
 from tasks.publish import list_versions
 from tests.helpers.load import SteadyLoad
+from tests.helpers.prefect_api import prefect_auth
 from tests.helpers.waiting import wait_for
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
@@ -193,7 +194,8 @@ def test_a_canary_that_dies_is_rolled_back_by_itself(versions, stack, store, pre
     after = [o for o in load.outcomes if o.started > killed["at"] + 5]
     assert after and all(o.ok and o.version == a for o in after)
     def rolled_back_event():
-        events = httpx.post(f"{stack.prefect_api_url}/events/filter", json={
+        events = httpx.post(f"{stack.prefect_api_url}/events/filter",
+                            auth=prefect_auth(stack), json={
             "filter": {"event": {"name": ["llmship.rollout.rolled-back"]}}, "limit": 5}).json()
         return [e["payload"] for e in events["events"] if e["payload"]["version"] == b]
     [payload] = wait_for("a rolled-back event", rolled_back_event, timeout=30)
@@ -289,7 +291,8 @@ def test_a_live_server_that_crashes_is_replaced_by_the_previous_version(
     # What happened is on record: the event, the rollback run with its reason, the alert.
     alias = store.get_json("aliases/tiny-llama/live.json")[0]
     assert f"the gateway declared the live server of {a} down" in alias["reason"]
-    events = httpx.post(f"{stack.prefect_api_url}/events/filter", json={
+    events = httpx.post(f"{stack.prefect_api_url}/events/filter",
+                        auth=prefect_auth(stack), json={
         "filter": {"event": {"name": ["llmship.serving.down"]}}, "limit": 5}).json()["events"]
     assert [e["payload"]["version"] for e in events
             if e["payload"]["model"] == "tiny-llama"] == [a]
@@ -298,3 +301,31 @@ def test_a_live_server_that_crashes_is_replaced_by_the_previous_version(
         "down; rolling back" and a in x["body"]], timeout=30)
     print(f"killed -> B live: {restored_at - killed_at:.0f} s; {len(failures)} requests "
           f"answered 503 meanwhile")
+
+
+def test_two_identical_runs_at_once_end_as_one_rollout(versions, stack, store, prefect_client):
+    """Two build-and-serve runs of the same new config started together: each gate's and
+    rollout's servers are the model's, and interleaved they stopped each other's (one run
+    failed with "exited before healthy", the other's rollout with FileNotFoundError). Runs of
+    one model now take turns at the gate and the rollout (Prefect's global concurrency limit
+    llmship-serving-tiny-llama): one rolls the new version out, the other finds it live."""
+    from prefect.client.schemas.objects import FlowRun
+
+    config = json.loads(json.dumps(prefect_client.read_deployment_by_name(
+        "build-and-serve/tiny-llama").parameters["config"]))
+    config["calibration"]["num_samples"] = 96  # a new candidate: nothing of it is cached
+    config["rollout"].update({"canary_steps": [], "require_approval": False})
+    runs = [run_deployment("build-and-serve/tiny-llama", parameters={"config": config},
+                           timeout=0) for _ in range(2)]
+    done: list[FlowRun] = [finished(prefect_client, r, timeout=900) for r in runs]
+    for flow_run in done:
+        assert flow_run.state.is_completed(), (flow_run.name, flow_run.state.message)
+    results = sorted((r.state.result() for r in done), key=lambda r: not r.changed)
+    assert [r.changed for r in results] == [True, False], results
+    new = results[0].version
+    assert results[1].version == new
+    assert store.read_alias("tiny-llama", "live") == new
+    models = httpx.get(f"{stack.gateway_url}/v1/models", timeout=10).json()["data"]
+    assert [(m["id"], m["version"]) for m in models] == [("tiny-llama", new)]
+    limit = prefect_client.read_global_concurrency_limit_by_name("llmship-serving-tiny-llama")
+    assert limit.limit == 1 and limit.active_slots == 0
