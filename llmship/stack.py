@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 
 from llmship import processes, seaweedfs
-from llmship.credentials import ensure_credentials
+from llmship.credentials import ensure_credentials, prefect_client_settings
 from llmship.alerts import ensure_automations
 from llmship.errors import StackError
 from llmship.processes import http_ok, wait_until
@@ -127,6 +127,25 @@ def register_deployments(settings: Settings, env: dict[str, str]) -> None:
         except StackError:
             prefect_cli(env, "work-pool", "create", pool, "--type", "process")
     prefect_cli(env, "deploy", "--all", "--no-prompt")
+    refuse_unknown_parameters(settings)
+
+
+def refuse_unknown_parameters(settings: Settings) -> None:
+    """Each deployment's parameter schema, as `prefect deploy` makes it from the flow's
+    signature, allows any extra top-level parameter (the flow run then crashes on it); the
+    config models below it forbid unknown fields already. Close the top level too, so the
+    server refuses a misspelt parameter when the run is asked for, naming it."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+
+    with prefect_client_settings(settings), get_client(sync_client=True) as client:
+        for deployment in client.read_deployments():
+            schema = dict(deployment.parameter_openapi_schema or {})
+            if schema.get("additionalProperties") is False:
+                continue
+            schema["additionalProperties"] = False
+            client.update_deployment(deployment.id,
+                                     DeploymentUpdate(parameter_openapi_schema=schema))
 
 
 def start_worker(settings: Settings, env: dict[str, str]) -> None:

@@ -550,3 +550,16 @@ def test_a_stale_live_alias_is_finished_by_the_next_run_not_taken_as_live(first_
     else:
         store.client.delete_object(Bucket=store.bucket,
                                    Key=store.alias_key("tiny-llama", "previous"))
+
+
+def test_an_unknown_top_level_parameter_is_refused_by_the_api_too(first_run, prefect_client):
+    """Prefect's CLI checks top-level names itself; the API (the UI, automations, scripts)
+    took any, and the run crashed on it. The deployments' schemas now close the top level."""
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    before = len(prefect_client.read_flow_runs())
+    with pytest.raises(PrefectHTTPStatusError, match="'reasn' was unexpected"):
+        run_deployment("rollback/tiny-llama", parameters={"reasn": "typo"}, timeout=0)
+    with pytest.raises(PrefectHTTPStatusError, match="'confg' was unexpected"):
+        run_deployment(DEPLOYMENT, parameters={"confg": {}}, timeout=0)
+    assert len(prefect_client.read_flow_runs()) == before
