@@ -559,7 +559,8 @@ def test_an_unknown_top_level_parameter_is_refused_by_the_api_too(first_run, pre
 
     before = len(prefect_client.read_flow_runs())
     with pytest.raises(PrefectHTTPStatusError, match="'reasn' was unexpected"):
-        run_deployment("rollback/tiny-llama", parameters={"reasn": "typo"}, timeout=0)
+        run_deployment("rollback/tiny-llama", parameters={"reason": "test", "reasn": "typo"},
+                       timeout=0)
     with pytest.raises(PrefectHTTPStatusError, match="'confg' was unexpected"):
         run_deployment(DEPLOYMENT, parameters={"confg": {}}, timeout=0)
     assert len(prefect_client.read_flow_runs()) == before
