@@ -6,9 +6,7 @@ by PID (llmship.processes). `up` is idempotent: what runs already is kept.
 
 from __future__ import annotations
 
-import json
 import os
-import secrets
 import signal
 import subprocess
 import sys

@@ -138,7 +138,8 @@ def test_the_serving_identity_reads_and_never_writes(stack, store, creds):
     reader = ArtifactStore(as_identity(stack, creds, "reader"))
     store.put_json("versions/security-test/v1/manifest.json", {"published": True})
     assert reader.get_json("versions/security-test/v1/manifest.json")[0] == {"published": True}
-    assert reader.list_keys("versions/security-test/") == ["versions/security-test/v1/manifest.json"]
+    assert reader.list_keys("versions/security-test/") == [
+        "versions/security-test/v1/manifest.json"]
     attempts = {
         "overwrite a version": lambda: reader.client.put_object(
             Bucket=reader.bucket, Key="versions/security-test/v1/manifest.json", Body=b"{}"),

@@ -443,5 +443,6 @@ def test_an_offline_worker_is_told_the_file_is_not_cached_not_that_the_name_is_w
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SourceNotFound, match=r"config.json of org/never-cached@main is not in "
-                                             r"the local hub cache .*`hf download org/never-cached"):
+                                             r"the local hub cache .*`hf download "
+                                             r"org/never-cached"):
         read_model_config("hf://org/never-cached@main", SETTINGS)
