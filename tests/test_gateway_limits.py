@@ -5,11 +5,8 @@ its request, or sends far too much, can cost everyone else (issue 14; docs/RELIA
 from __future__ import annotations
 
 import json
-import os
 import select
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,12 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llmship.processes import write_json
-from llmship.settings import Settings
-from llmship.stack import gateway_argv
+from tests.helpers.gateway_process import gateway_process
 from tests.test_gateway_api import fake_model_server
-
-REPO = Path(__file__).resolve().parents[1]
 PORT = 18791
 LIMIT = 3  # requests in flight
 HEADER_TIMEOUT_S, BODY_TIMEOUT_S = 2.0, 3.0
@@ -39,30 +32,14 @@ def rss_mb(pid: int) -> float:
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory):
-    state = tmp_path_factory.mktemp("gateway-limits")
     upstream, upstream_url = fake_model_server("ok")
-    write_json(state / "gateway" / "routes.json", {"m": {"version": "v1",
-                                                         "upstream": upstream_url}})
-    env = {**os.environ, "LLMSHIP_STATE_DIR": str(state), "LLMSHIP_S3_PORT": "1",
-           "LLMSHIP_GATEWAY_MAX_IN_FLIGHT": str(LIMIT),
-           "LLMSHIP_GATEWAY_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
-           "LLMSHIP_GATEWAY_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
-           "LLMSHIP_GATEWAY_MAX_REQUEST_BYTES": str(MAX_BODY),
-           "LLMSHIP_GATEWAY_MAX_HEADER_BYTES": str(MAX_HEAD)}
-    proc = subprocess.Popen(gateway_argv(Path(sys.executable), Settings(gateway_port=PORT)),
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{PORT}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    yield url, proc
-    proc.terminate()
-    proc.wait(10)
+    with gateway_process(tmp_path_factory.mktemp("gateway-limits"), PORT, upstream_url,
+                         gateway_max_in_flight=str(LIMIT),
+                         gateway_header_timeout_s=str(HEADER_TIMEOUT_S),
+                         gateway_body_timeout_s=str(BODY_TIMEOUT_S),
+                         gateway_max_request_bytes=str(MAX_BODY),
+                         gateway_max_header_bytes=str(MAX_HEAD)) as (url, proc):
+        yield url, proc
     upstream.shutdown()
 
 
@@ -91,6 +68,21 @@ def error_of(raw: bytes) -> dict:
     length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
                       if line.lower().startswith(b"content-length:")))
     return json.loads(rest[:length])["error"]
+
+
+def send_until_answered(sock: socket.socket, piece: bytes, most: int = 64 * 2**20) -> int:
+    """Send piece after piece until the gateway answers or closes (or most bytes went in);
+    how many bytes went in."""
+    sent = 0
+    while sent < most:
+        if select.select([sock], [], [], 0)[0]:
+            return sent
+        try:
+            sock.sendall(piece)
+        except OSError:  # the gateway closed the connection
+            return sent
+        sent += len(piece)
+    pytest.fail(f"{most} bytes went in without an answer")
 
 
 def test_slow_bodies_take_no_slot_and_are_cut_off(gateway):
@@ -157,19 +149,7 @@ def test_a_huge_head_is_refused_while_it_is_read(gateway):
     before = rss_mb(proc.pid)
     sock = socket.create_connection(("127.0.0.1", PORT))
     sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\nx-big: ")
-    sent, refused = 0, False
-    chunk = b"a" * 65536
-    while sent < 64 * 2**20:
-        if select.select([sock], [], [], 0)[0]:
-            refused = True
-            break
-        try:
-            sock.sendall(chunk)
-        except OSError:  # the gateway closed the connection
-            refused = True
-            break
-        sent += len(chunk)
-    assert refused, "64 MiB of header went in without an answer"
+    sent = send_until_answered(sock, b"a" * 65536)
     raw = read_response(sock, 5)
     assert status_of(raw) == 431, raw[:300]
     assert error_of(raw)["code"] == "request_header_too_large"
@@ -184,19 +164,7 @@ def test_a_chunked_body_is_cut_off_at_the_limit(gateway):
     sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json"
                  b"\r\ntransfer-encoding: chunked\r\n\r\n")
     piece = b"a" * 16384
-    frame = b"%x\r\n" % len(piece) + piece + b"\r\n"
-    sent, answered = 0, False
-    while sent < 64 * 2**20:
-        if select.select([sock], [], [], 0)[0]:
-            answered = True
-            break
-        try:
-            sock.sendall(frame)
-        except OSError:
-            answered = True
-            break
-        sent += len(piece)
-    assert answered, "64 MiB of chunked body went in without an answer"
+    sent = send_until_answered(sock, b"%x\r\n" % len(piece) + piece + b"\r\n")
     raw = read_response(sock, 5)
     assert status_of(raw) == 413, raw[:300]
     assert b"connection: close" in raw.lower()

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,9 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llmship.processes import write_json
-from llmship.settings import Settings
-from llmship.stack import gateway_argv
+from tests.helpers.gateway_process import gateway_process
 
 REPO = Path(__file__).resolve().parents[1]
 CLIENTS = 600
@@ -71,26 +66,9 @@ def gateway(tmp_path):
     upstream = WideBacklog(("127.0.0.1", 0), Streaming)
     upstream.daemon_threads = True
     threading.Thread(target=upstream.serve_forever, daemon=True).start()
-    write_json(tmp_path / "gateway" / "routes.json", {"m": {
-        "version": "v1", "upstream": f"http://127.0.0.1:{upstream.server_address[1]}"}})
-    port = 18790
-    env = {**os.environ, "LLMSHIP_STATE_DIR": str(tmp_path),
-           "LLMSHIP_GATEWAY_MAX_IN_FLIGHT": str(LIMIT), "LLMSHIP_S3_PORT": "1"}
-    settings = Settings(gateway_port=port, state_dir=tmp_path)
-    proc = subprocess.Popen(gateway_argv(Path(sys.executable), settings),
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    yield url, proc
-    proc.terminate()
-    proc.wait(10)
+    with gateway_process(tmp_path, 18790, f"http://127.0.0.1:{upstream.server_address[1]}",
+                         gateway_max_in_flight=str(LIMIT)) as (url, proc):
+        yield url, proc
     upstream.shutdown()
 
 

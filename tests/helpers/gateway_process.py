@@ -1,0 +1,46 @@
+"""The gateway as a real uvicorn process, started with the stack's own command line
+(llmship.stack.gateway_argv), routing model "m" to an upstream of the test's choosing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+from llmship.processes import write_json
+from llmship.settings import Settings
+from llmship.stack import gateway_argv
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@contextmanager
+def gateway_process(state: Path, port: int, upstream_url: str,
+                    **settings: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    """(url, process) of a gateway with state in state and LLMSHIP_<NAME> settings, healthy."""
+    write_json(state / "gateway" / "routes.json", {"m": {"version": "v1",
+                                                         "upstream": upstream_url}})
+    env = {**os.environ, "LLMSHIP_STATE_DIR": str(state), "LLMSHIP_S3_PORT": "1",
+           **{f"LLMSHIP_{name.upper()}": value for name, value in settings.items()}}
+    proc = subprocess.Popen(gateway_argv(Path(sys.executable), Settings(gateway_port=port)),
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    try:
+        yield url, proc
+    finally:
+        proc.terminate()
+        proc.wait(10)
