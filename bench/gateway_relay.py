@@ -33,6 +33,9 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gateway_overhead import wave  # noqa: E402
 
+from llmship.settings import Settings  # noqa: E402
+from llmship.stack import gateway_argv  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "bench-token"
 
@@ -100,8 +103,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--uvicorn-args", default="",
-                        help="uvicorn options for the gateway instead of the stack's "
-                             "('--loop uvloop --http httptools'), e.g. '--loop asyncio --http h11'")
+                        help="uvicorn options for the gateway instead of the stack's command "
+                             "line (llmship.stack.gateway_argv: uvloop, httptools with the "
+                             "head limits), e.g. '--loop uvloop --http httptools'")
     args = parser.parse_args()
     upstream_port, gateway_port = free_port(), free_port()
     stand_in = subprocess.Popen([sys.executable, "-c", (
@@ -111,11 +115,13 @@ def main() -> None:
     state = tempfile.mkdtemp(prefix="llmship-bench-relay-")
     env = os.environ | {"LLMSHIP_STATE_DIR": state, "LLMSHIP_GATEWAY_ADMIN_TOKEN": TOKEN,
                         "LLMSHIP_GATEWAY_PORT": str(gateway_port)}
-    gateway = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "serving.gateway:app", "--host", "127.0.0.1",
-         "--port", str(gateway_port), "--no-access-log",
-         *(args.uvicorn_args or "--loop uvloop --http httptools").split()],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if args.uvicorn_args:
+        argv = [sys.executable, "-m", "uvicorn", "serving.gateway:app", "--host", "127.0.0.1",
+                "--port", str(gateway_port), "--no-access-log", *args.uvicorn_args.split()]
+    else:  # exactly as the stack starts it
+        argv = gateway_argv(Path(sys.executable), Settings(gateway_port=gateway_port))
+    gateway = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
     direct, through = f"http://127.0.0.1:{upstream_port}", f"http://127.0.0.1:{gateway_port}"
     try:
         deadline = time.monotonic() + 60
@@ -134,7 +140,7 @@ def main() -> None:
         print(f"stand-in model server: {args.tokens} tokens per answer, one every "
               f"{args.token_ms:g} ms; {args.requests} streamed completions per wave, "
               f"{args.rounds} rounds; gateway uvicorn options: "
-              f"{args.uvicorn_args or 'the stack’s (--loop uvloop --http httptools)'}")
+              f"{args.uvicorn_args or 'the stack’s (uvloop, GatewayHttpProtocol)'}")
         for url in (direct, through):
             asyncio.run(wave(url, "relay", 4, 8, args.tokens))
         for concurrency in (1, 8, 32):

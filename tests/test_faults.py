@@ -10,6 +10,7 @@ import os
 import signal
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,7 @@ def sha256(path: Path) -> str:
 @pytest.mark.parametrize("mode", ["503", "reset"])
 def test_uploads_survive_s3_errors_and_dropped_connections(mode, stack, store, model_dir,
                                                            tmp_path):
-    prefix = f"test/faults/upload-{mode}"
+    prefix = f"test/faults/upload-{mode}-{uuid.uuid4().hex[:8]}"  # new each run: uploaded
     with FaultProxy(stack.s3_port, mode) as proxy:
         manifest = through(proxy, stack).upload_dir(model_dir, prefix,
                                                     Manifest(kind="test", key=mode))
@@ -117,10 +118,11 @@ def test_seaweedfs_killed_during_publish_leaves_no_version_or_a_complete_one(sta
     for i in range(300):
         (build_dir / f"shard-{i:03d}.bin").parent.mkdir(exist_ok=True)
         (build_dir / f"shard-{i:03d}.bin").write_bytes(os.urandom(32 * 1024))
-    build_prefix = "stages/build/killed-during-publish"
+    run = uuid.uuid4().hex[:8]  # the test's own names: it can run again on the same stack
+    build_prefix = f"stages/build/killed-during-publish-{run}"
     build = StageOutput.from_manifest(build_prefix, store.upload_dir(
         build_dir, build_prefix, Manifest(kind="build", key="killed-during-publish")))
-    model, version = "store-killed", version_id(build)
+    model, version = f"store-killed-{run}", version_id(build)
     prefix = version_prefix(model, version)
 
     outcome: dict = {}
