@@ -18,6 +18,7 @@ import secrets
 from contextlib import contextmanager
 
 from llmship import seaweedfs
+from llmship.processes import write_private
 from llmship.settings import Settings
 
 PREFECT_USER = "llmship"
@@ -35,7 +36,7 @@ def ensure_credentials(settings: Settings) -> dict[str, str]:
     os.chmod(settings.state_dir, 0o700)
     if missing or not path.exists():
         creds.update(missing)
-        seaweedfs.write_private(path, json.dumps(creds, indent=2))
+        write_private(path, json.dumps(creds, indent=2))
     os.chmod(path, 0o600)
     write_prefect_profile(settings, creds["prefect_api_auth_string"])
     return creds
@@ -47,7 +48,7 @@ def write_prefect_profile(settings: Settings, auth_string: str) -> None:
     home = settings.state_dir / "prefect"
     home.mkdir(parents=True, exist_ok=True)
     os.chmod(home, 0o700)
-    seaweedfs.write_private(home / "profiles.toml", "\n".join([
+    write_private(home / "profiles.toml", "\n".join([
         'active = "llmship"', "", "[profiles.llmship]",
         f'PREFECT_API_URL = "{settings.prefect_api_url}"',
         f'PREFECT_API_AUTH_STRING = "{auth_string}"',

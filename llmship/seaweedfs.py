@@ -27,6 +27,7 @@ import os
 import secrets
 from pathlib import Path
 
+from llmship.processes import write_private
 from llmship.settings import Settings
 
 # name -> (key prefix in the credentials file, SeaweedFS actions)
@@ -53,17 +54,6 @@ def new_secrets() -> dict[str, str]:
     for key in JWT_KEYS:
         creds[key] = secrets.token_urlsafe(32)
     return creds
-
-
-def write_private(path: Path, text: str | bytes) -> None:
-    """Write a file only its owner can read, in one step (never world-readable on the way)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(text.encode() if isinstance(text, str) else text)
-    os.chmod(tmp, 0o600)
-    tmp.replace(path)
 
 
 def security_dir(settings: Settings) -> Path:

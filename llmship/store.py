@@ -218,7 +218,6 @@ class ArtifactStore:
             except S3_RETRYABLE_DOWNLOAD_ERRORS:
                 if attempt == BODY_READ_ATTEMPTS:
                     raise
-        raise AssertionError("unreachable")
 
     def put_json(self, key: str, obj: Any, *, if_none_match: bool = False,
                  if_match: str | None = None) -> str:
