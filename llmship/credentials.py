@@ -34,7 +34,7 @@ def ensure_credentials(settings: Settings) -> dict[str, str]:
     missing = {k: v for k, v in wanted.items() if k not in creds}
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(settings.state_dir, 0o700)
-    if missing or not path.exists():
+    if missing:
         creds.update(missing)
         write_private(path, json.dumps(creds, indent=2))
     os.chmod(path, 0o600)

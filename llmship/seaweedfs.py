@@ -28,13 +28,13 @@ import secrets
 from pathlib import Path
 
 from llmship.processes import write_private
-from llmship.settings import Settings
+from llmship.settings import S3_IDENTITY_KEY_PREFIX, Settings
 
-# name -> (key prefix in the credentials file, SeaweedFS actions)
-IDENTITIES: dict[str, tuple[str, list[str]]] = {
-    "admin": ("s3_admin", ["Admin", "Read", "Write", "List", "Tagging"]),
-    "writer": ("s3", ["Read", "Write", "List", "Tagging"]),
-    "reader": ("s3_read", ["Read", "List"]),
+# identity -> its SeaweedFS actions (its keys' names: settings.S3_IDENTITY_KEY_PREFIX)
+IDENTITIES: dict[str, list[str]] = {
+    "admin": ["Admin", "Read", "Write", "List", "Tagging"],
+    "writer": ["Read", "Write", "List", "Tagging"],
+    "reader": ["Read", "List"],
 }
 # key in the credentials file -> the security.toml table that takes it
 JWT_KEYS = {"seaweedfs_jwt_write": "jwt.signing", "seaweedfs_jwt_read": "jwt.signing.read",
@@ -48,7 +48,8 @@ GRPC_COMPONENTS = ("master", "volume", "filer", "s3", "admin", "worker", "msg_br
 def new_secrets() -> dict[str, str]:
     """Everything the local store needs that nobody else may know, freshly generated."""
     creds: dict[str, str] = {}
-    for name, (prefix, _) in IDENTITIES.items():
+    for name in IDENTITIES:
+        prefix = S3_IDENTITY_KEY_PREFIX[name]
         creds[f"{prefix}_access_key"] = f"llmship{name}" + secrets.token_hex(6)
         creds[f"{prefix}_secret_key"] = secrets.token_urlsafe(32)
     for key in JWT_KEYS:
@@ -113,10 +114,10 @@ def write_config(settings: Settings, creds: dict[str, str]) -> Path:
         _make_tls(folder, settings.host)
     write_private(folder / "s3-identities.json", json.dumps({"identities": [
         {"name": f"llmship-{name}",
-         "credentials": [{"accessKey": creds[f"{prefix}_access_key"],
-                          "secretKey": creds[f"{prefix}_secret_key"]}],
+         "credentials": [{"accessKey": creds[f"{S3_IDENTITY_KEY_PREFIX[name]}_access_key"],
+                          "secretKey": creds[f"{S3_IDENTITY_KEY_PREFIX[name]}_secret_key"]}],
          "actions": actions}
-        for name, (prefix, actions) in IDENTITIES.items()]}))
+        for name, actions in IDENTITIES.items()]}))
     toml = ["[access]", "ui = false"]
     for key, table in JWT_KEYS.items():
         toml += [f"[{table}]", f'key = "{creds[key]}"', "expires_after_seconds = 10"]

@@ -19,6 +19,9 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# The local store's S3 identities (llmship/seaweedfs.py) and the prefix of their keys in the
+# credentials file: <prefix>_access_key, <prefix>_secret_key.
+S3_IDENTITY_KEY_PREFIX = {"writer": "s3", "reader": "s3_read", "admin": "s3_admin"}
 
 
 class Settings(BaseSettings):
@@ -138,7 +141,7 @@ class Settings(BaseSettings):
         # here without having them in their environment or command line.
         if self.credentials_file.exists():
             creds = json.loads(self.credentials_file.read_text())
-            prefix = {"writer": "s3", "reader": "s3_read", "admin": "s3_admin"}[self.s3_identity]
+            prefix = S3_IDENTITY_KEY_PREFIX[self.s3_identity]
             self.s3_access_key = self.s3_access_key or creds.get(f"{prefix}_access_key")
             self.s3_secret_key = self.s3_secret_key or creds.get(f"{prefix}_secret_key")
             self.gateway_admin_token = self.gateway_admin_token or creds.get("gateway_admin_token")

@@ -19,7 +19,7 @@ from llmship.credentials import ensure_credentials, prefect_client_settings
 from llmship.alerts import ensure_automations
 from llmship.errors import StackError
 from llmship.processes import http_ok, wait_until
-from llmship.settings import REPO_ROOT, Settings
+from llmship.settings import REPO_ROOT, S3_IDENTITY_KEY_PREFIX, Settings
 from llmship.store import ArtifactStore
 
 BIN = Path(sys.executable).parent
@@ -60,7 +60,7 @@ def child_env(settings: Settings) -> dict[str, str]:
 
 def as_identity(settings: Settings, creds: dict[str, str], identity: str) -> Settings:
     """settings signing with one of the local store's identities (llmship/seaweedfs.py)."""
-    prefix = seaweedfs.IDENTITIES[identity][0]
+    prefix = S3_IDENTITY_KEY_PREFIX[identity]
     return settings.model_copy(update={"s3_identity": identity,
                                        "s3_access_key": creds[f"{prefix}_access_key"],
                                        "s3_secret_key": creds[f"{prefix}_secret_key"]})

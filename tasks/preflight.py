@@ -103,8 +103,6 @@ class ModelShape(BaseModel):
 def read_model_config(source: str, settings: Settings, *, offline: bool = False) -> dict:
     """config.json of the source, without downloading the weights (hub: one small file).
     offline: from the local hub cache only, with no network call at all."""
-    import json
-
     if source.startswith("hf://"):
         from huggingface_hub import hf_hub_download
 
