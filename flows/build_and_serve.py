@@ -38,4 +38,4 @@ def build_and_serve(config: PipelineConfig) -> RolloutResult | None:
     if not approve_rollout(version, config.rollout):
         return None  # declined: published, not served
     with serving_slot(config.name):
-        return rollout_task(version, config.rollout)
+        return rollout_task(version, config.rollout, config.serving)

@@ -2,7 +2,8 @@
 
     llmship up                 start the local stack (idempotent) and register deployments
     llmship down               stop everything `up` and the rollouts started
-    llmship status             what runs where, and what each model serves
+    llmship status             what runs where: model -> version -> replicas -> node
+    llmship scale MODEL N      run N replicas of MODEL's live version (no new version)
     llmship versions MODEL     published versions, their gate verdicts, which is live
     llmship rollback MODEL [--to VERSION] [--reason TEXT] [--allow-ungated]
                                run the rollback/MODEL deployment and wait for it
@@ -24,7 +25,6 @@ from llmship.credentials import prefect_client_settings
 from llmship.errors import LlmshipError, RollbackFailed, StackError
 from llmship.settings import get_settings
 from llmship.store import ArtifactStore
-from serving import model_server
 
 
 def cmd_up(args) -> None:
@@ -59,11 +59,14 @@ def cmd_status(args) -> None:
         canary = m.get("canary")
         print(f"  serving    {m['id']} version {m['version']}" + (
             f", canary {canary['version']} at {canary['percent']:g}%" if canary else ""))
-    for server in model_server.running(settings):
-        deadline = model_server.retirement_deadline(settings, server)
-        role = (f"kept warm until {time.strftime('%H:%M:%S', time.localtime(deadline))}"
-                if deadline else "serving")
-        print(f"  server     {server.model} {server.version} at {server.url}: {role}")
+    for server in _fleet(settings):
+        role = (f"kept warm until {time.strftime('%H:%M:%S', time.localtime(server.warm_until))}"
+                if server.warm_until else server.role)
+        print(f"  {server.model} {server.version}: {server.status}, {len(server.endpoints)}/"
+              f"{server.replicas} replica(s) up, {role}")
+        for e in server.endpoints:
+            gpus = f", GPUs {','.join(e.gpus)}" if e.gpus else ""
+            print(f"    replica {e.replica}  node {e.node_ip}  engine {e.url}{gpus}  log {e.log}")
     if models:
         name = models[0]["id"]
         print("\ntry:\n  curl -s " + settings.gateway_url + "/v1/completions -H "
@@ -71,6 +74,32 @@ def cmd_status(args) -> None:
               "\"Clause: The Vendor shall pay the Buyer $12,500 no later than March 3, 2027."
               "\\nQuestion: What amount does the clause state?\\nAnswer:\", \"max_tokens\": 16, "
               "\"temperature\": 0}'")
+
+
+def _fleet(settings) -> list:
+    """The fleet's servers, or none when the Ray cluster cannot be asked (it is down)."""
+    from serving import fleet
+
+    try:
+        return fleet.running(settings)
+    except Exception as exc:  # noqa: BLE001 - status must answer even with Ray down
+        print(f"  (the Ray cluster at {settings.ray_address or 'the local stack'} cannot be "
+              f"asked: {type(exc).__name__}: {exc})")
+        return []
+
+
+def cmd_scale(args) -> None:
+    from serving import fleet
+
+    settings = get_settings()
+    live = ArtifactStore(settings).read_alias(args.model, "live")
+    server = live and fleet.find(settings, args.model, live)
+    if not server:
+        raise StackError(f"{args.model} has no live version with servers to scale "
+                         f"(live: {live or 'none'}); roll one out first")
+    server = fleet.scale(settings, server, args.replicas)
+    print(f"{args.model} {live}: {len(server.endpoints)} replica(s) on "
+          f"{', '.join(sorted({e.node_ip for e in server.endpoints}))}")
 
 
 def cmd_versions(args) -> None:
@@ -173,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("up", help="start the local stack").set_defaults(fn=cmd_up)
     sub.add_parser("down", help="stop the local stack").set_defaults(fn=cmd_down)
     sub.add_parser("status", help="what runs where").set_defaults(fn=cmd_status)
+    scale = sub.add_parser("scale", help="change the replica count of a model's live version")
+    scale.add_argument("model")
+    scale.add_argument("replicas", type=int)
+    scale.set_defaults(fn=cmd_scale)
     versions = sub.add_parser("versions", help="published versions of a model")
     versions.add_argument("model")
     versions.set_defaults(fn=cmd_versions)

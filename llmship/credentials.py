@@ -1,6 +1,7 @@
 """The local stack's secrets, in one file only its owner can read (<state>/credentials.json,
 mode 600), generated at the first `llmship up`: the store's three identities and its signing
-keys (llmship/seaweedfs.py), the gateway's admin token, and the Prefect API's auth string.
+keys (llmship/seaweedfs.py), the gateway's admin token, the Prefect API's auth string and the
+Ray cluster's token (also in <state>/ray-auth-token, mode 600, where Ray reads it).
 
 Processes find them there, never on a command line. Prefect's own clients (the CLI, the
 worker and its flow runs, the gateway's events) find the auth string in a Prefect profile
@@ -30,7 +31,8 @@ def ensure_credentials(settings: Settings) -> dict[str, str]:
     path = settings.credentials_file
     creds = json.loads(path.read_text()) if path.exists() else {}
     wanted = {**seaweedfs.new_secrets(), "gateway_admin_token": secrets.token_urlsafe(32),
-              "prefect_api_auth_string": f"{PREFECT_USER}:{secrets.token_urlsafe(32)}"}
+              "prefect_api_auth_string": f"{PREFECT_USER}:{secrets.token_urlsafe(32)}",
+              "ray_auth_token": secrets.token_hex(32)}
     missing = {k: v for k, v in wanted.items() if k not in creds}
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(settings.state_dir, 0o700)
@@ -39,7 +41,22 @@ def ensure_credentials(settings: Settings) -> dict[str, str]:
         write_private(path, json.dumps(creds, indent=2))
     os.chmod(path, 0o600)
     write_prefect_profile(settings, creds["prefect_api_auth_string"])
+    write_private(settings.ray_auth_token_file, creds["ray_auth_token"])
     return creds
+
+
+def ray_env(settings: Settings) -> dict[str, str]:
+    """What every Ray process and client of this stack needs in its environment, before it
+    imports ray (Ray reads it then): token authentication on, and where the token is (never
+    the token itself)."""
+    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(settings.ray_auth_token_file),
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    if settings.host in ("127.0.0.1", "localhost", "::1") and not settings.ray_address:
+        # `ray start` replaces a loopback --node-ip-address with the machine's outward address,
+        # unless Ray is told this is a one-node cluster (its switch for laptops): the local
+        # stack's cluster stays on loopback.
+        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    return env
 
 
 def write_prefect_profile(settings: Settings, auth_string: str) -> None:

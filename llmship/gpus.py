@@ -1,8 +1,5 @@
-"""The GPUs of this machine, and which model server holds which.
-
-Servers of a rollout run side by side (the live version and the new one, the gate's
-evaluation servers beside the live one), so each takes its own GPUs: CUDA_VISIBLE_DEVICES
-from the GPUs no running server holds.
+"""The GPUs of this machine, as the preflight plans with them. Which model server holds which
+is Ray's business (serving/fleet.py): it gives each replica its own.
 """
 
 from __future__ import annotations
@@ -12,9 +9,6 @@ import subprocess
 
 from pydantic import BaseModel
 
-from llmship import processes
-from llmship.errors import ServingError
-from llmship.settings import Settings
 
 
 class Gpu(BaseModel):
@@ -41,24 +35,3 @@ def detect_gpus() -> list[Gpu]:
     proc = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,compute_cap",
                            "--format=csv,noheader,nounits"], capture_output=True, text=True)
     return parse_nvidia_smi(proc.stdout) if proc.returncode == 0 else []
-
-
-def held_gpus(settings: Settings) -> dict[int, str]:
-    """GPU index -> the running server's record that holds it."""
-    held = {}
-    for rec in processes.records(settings):
-        if processes.is_alive(rec.pid):
-            for index in rec.info.get("gpus", []):
-                held[index] = rec.name
-    return held
-
-
-def choose_gpus(total: int, held: dict[int, str], count: int, for_name: str) -> list[int]:
-    """The first count GPUs nobody holds; ServingError naming the holders otherwise."""
-    free = [i for i in range(total) if i not in held]
-    if len(free) < count:
-        holders = ", ".join(sorted(set(held.values()))) or "nobody"
-        raise ServingError(f"{for_name} needs {count} GPU(s); {len(free)} of {total} are free "
-                           f"(held by {holders}). Stop a server kept warm, or give the pool "
-                           "hosts with more GPUs (`llmship plan` counts them)")
-    return free[:count]

@@ -32,8 +32,21 @@ class Settings(BaseSettings):
     prefect_port: int = 4200
     s3_port: int = 8333
     gateway_port: int = 8000
-    # vLLM servers take ports from here upwards, one per served version.
-    model_server_base_port: int = 8100
+    # The serving plane (serving/fleet.py): a Ray cluster. Unset, `llmship up` starts a
+    # one-node cluster whose GCS listens on ray_port, and its other ports follow it
+    # (llmship/ray_cluster.py). Set (host:port of a GCS), an existing cluster is used: KubeRay's,
+    # or one started with `ray start` on GPU hosts (docs/GPU.md).
+    ray_address: str | None = None
+    ray_port: int = 6379
+    # The local head's logical CPUs: what Ray schedules by, not cores. A model server asks for
+    # none on CPU (vLLM's CPU engine takes what the OS gives it); evaluation and serving
+    # replicas of a rollout run side by side.
+    ray_num_cpus: int = Field(8, ge=1)
+    # Where a node keeps the versions its replicas serve, one folder per manifest digest: no
+    # disk is shared between nodes. Default: <state>/node-cache.
+    node_cache_dir: Path | None = None
+    # How often the gateway asks the fleet where each version's replicas are.
+    gateway_endpoint_refresh_s: float = Field(0.5, gt=0)
 
     # S3: the local SeaweedFS by default; point these at AWS S3 in production.
     s3_endpoint_url: str | None = None
@@ -85,11 +98,11 @@ class Settings(BaseSettings):
     # The request line and headers together; past this, 431 and the connection closed.
     # nginx's default is 4 x 8 KiB, Node's 16 KiB.
     gateway_max_header_bytes: int = Field(64 * 1024, ge=4096)
-    # The gateway checks every live version's server this often. After gateway_down_after
-    # checks in a row without an answer it declares the server down, once: the event
-    # llmship.serving.down, which the automation llmship-restore-<model> answers by rolling
-    # back to the previous version (llmship/alerts.py). 3 x 5 s: a server restarting in
-    # place or a slow health answer under load does not start a rollback.
+    # Ray restarts a replica that fails its health check. A live version with no healthy
+    # replica at all, for gateway_down_after checks gateway_health_interval_s apart, is
+    # declared down, once: the event llmship.serving.down, which the automation
+    # llmship-restore-<model> answers by rolling back to the previous version
+    # (llmship/alerts.py). 3 x 5 s: a replica Ray is restarting does not start a rollback.
     gateway_health_interval_s: float = Field(5.0, gt=0)
     gateway_down_after: int = Field(3, ge=1)
     # Flow runs send a heartbeat this often (Prefect's minimum is 30 s); a run that misses 3
@@ -129,6 +142,15 @@ class Settings(BaseSettings):
     @property
     def credentials_file(self) -> Path:
         return self.state_dir / "credentials.json"
+
+    @property
+    def node_cache(self) -> Path:
+        return self.node_cache_dir or self.state_dir / "node-cache"
+
+    @property
+    def ray_auth_token_file(self) -> Path:
+        """The Ray cluster's token (RAY_AUTH_TOKEN_PATH): every Ray process and client needs it."""
+        return self.state_dir / "ray-auth-token"
 
     @property
     def cache_dir(self) -> Path:
@@ -296,6 +318,14 @@ class ServingConfig(BaseModel, extra="forbid"):
     max_num_seqs: int | None = Field(None, ge=1, description="vLLM: sequences in one batch")
     trtllm: TrtllmConfig = Field(default_factory=TrtllmConfig)
     extra_args: list[str] = Field(default_factory=list)
+    replicas: int = Field(1, ge=1, description="model servers of a served version, each with "
+                                               "tensor_parallel_size GPUs, placed by Ray")
+    max_replicas_per_node: int | None = Field(
+        None, ge=1, description="spread replicas over nodes: a node lost costs at most this many")
+
+    @property
+    def gpus_per_replica(self) -> int:
+        return self.tensor_parallel_size
 
 
 class RolloutConfig(BaseModel, extra="forbid"):

@@ -1,7 +1,9 @@
-"""The embedded local stack: SeaweedFS (S3), Prefect server, a process worker, the gateway.
+"""The embedded local stack: SeaweedFS (S3), Prefect server, a process worker, a one-node Ray
+cluster (the serving plane: serving/fleet.py), the gateway.
 
 All on loopback, state under one folder (settings.state_dir), each process started and stopped
-by PID (llmship.processes). `up` is idempotent: what runs already is kept.
+by PID (llmship.processes). `up` is idempotent: what runs already is kept. Model servers are
+not the stack's: they are Ray Serve applications, and go with the Ray cluster.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from pathlib import Path
 
 import httpx
 
-from llmship import processes, seaweedfs
-from llmship.credentials import ensure_credentials, prefect_client_settings
+from llmship import processes, ray_cluster, seaweedfs
+from llmship.credentials import ensure_credentials, prefect_client_settings, ray_env
 from llmship.alerts import ensure_automations
 from llmship.errors import StackError
 from llmship.processes import http_ok, wait_until
@@ -52,6 +54,8 @@ def child_env(settings: Settings) -> dict[str, str]:
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
     })
+    # Every Ray client of the stack (flow runs, the gateway) presents the cluster's token.
+    env.update(ray_env(settings))
     # This stack runs where nothing but package registries is reachable; a GPU host with hub
     # access sets HF_HUB_OFFLINE=0 (and HF_TOKEN) in its worker's environment.
     env.setdefault("HF_HUB_OFFLINE", "1")
@@ -156,6 +160,28 @@ def start_worker(settings: Settings, env: dict[str, str]) -> None:
                     env=env, stop_signal=signal.SIGINT, cwd=REPO_ROOT)
 
 
+def start_ray(settings: Settings, env: dict[str, str]) -> None:
+    """The local one-node Ray cluster, unless LLMSHIP_RAY_ADDRESS names a cluster to use."""
+    if settings.ray_address or processes.find(settings, "ray-head"):
+        return
+    _require_free(settings, "the Ray head (GCS)", settings.ray_port)
+    folder = ray_cluster.temp_dir(settings)
+    folder.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(folder, 0o700)
+    # Replicas run in the head's environment: they read versions from the store, nothing more.
+    env = {**env, "LLMSHIP_S3_IDENTITY": "reader"}
+    rec = processes.start(settings, "ray-head", ray_cluster.head_argv(BIN / "ray", settings),
+                          env=env, port=settings.ray_port, cwd=REPO_ROOT, umask=0o077)
+    wait_until(lambda: _ray_ready(settings, env), rec, 120, "accepting clients", StackError)
+
+
+def _ray_ready(settings: Settings, env: dict[str, str]) -> bool:
+    # `ray status` asks the GCS with the token, as every client of the cluster will.
+    proc = subprocess.run([str(BIN / "ray"), "status", "--address",
+                           ray_cluster.address(settings)], env=env, capture_output=True)
+    return proc.returncode == 0
+
+
 def gateway_argv(python: Path, settings: Settings) -> list[str]:
     """The gateway's command line (the tests start it so too): uvicorn on uvloop, with
     httptools and the head limits of serving/gateway_http.py."""
@@ -210,13 +236,19 @@ def up(settings: Settings, *, deployments: bool = True, say=print) -> None:
             settings.alert_webhook_url or "no alert URL set")
         say(f"automations      {', '.join(names)} (alerts -> {target})")
         start_worker(settings, env)
+    say(f"Ray              {ray_cluster.address(settings)}"
+        + (" (existing cluster)" if settings.ray_address else
+           f" (dashboard http://{settings.host}:{settings.ray_port + 1})"))
+    start_ray(settings, env)
     say(f"gateway          {settings.gateway_url}")
     start_gateway(settings, env)
 
 
 def down(settings: Settings, *, say=print) -> None:
-    # Model servers first, the store last: everything else may still be writing to it.
-    order = {"gateway": 1, "prefect-worker": 2, "prefect-server": 3, "seaweedfs": 4}
+    # The gateway first, then the Ray cluster with its model servers; the store last:
+    # everything else may still be writing to it.
+    order = {"gateway": 1, "ray-head": 2, "prefect-worker": 3, "prefect-server": 4,
+             "seaweedfs": 5}
     for rec in sorted(processes.records(settings), key=lambda r: order.get(r.name, 0)):
         if processes.is_alive(rec.pid):
             say(f"stopping {rec.name} (pid {rec.pid})")

@@ -1,4 +1,4 @@
-"""The gateway clients talk to: OpenAI-compatible, in front of one model server per version.
+"""The gateway clients talk to: OpenAI-compatible, in front of each version's replicas.
 
     POST /v1/completions, /v1/chat/completions   proxied to the live version (streams unbuffered)
     GET  /v1/models                              the models served, with their live version
@@ -7,20 +7,26 @@
     GET  /metrics                                Prometheus
     GET  /admin/routes, PUT /admin/routes/{model}  bearer token: what the rollout task drives
 
-A route sends a model's requests to its live version's server, or, during a canary step,
-a percentage of them to the new version's. A server that refuses the connection is counted
-as an error of its version and the request goes to the route's other server, if it has one:
-a canary that dies costs its clients nothing, and its error rate rolls it back.
+A route sends a model's requests to its live version, or, during a canary step, a
+percentage of them to the new version. Each request goes to the version's replica with the
+fewest requests in flight from this gateway, on whatever node it runs: the fleet's directory
+(serving/fleet.py, on Ray) says where each replica's engine listens, and the gateway relays
+the bytes to it directly. A replica that refuses the connection is counted as an error of its
+version and the request goes to the next replica, then to the route's other version: a
+replica that dies costs its clients only the requests it had in flight, and a canary that
+dies rolls itself back by its error rate.
 
-The gateway also watches every live version's server (every LLMSHIP_GATEWAY_HEALTH_INTERVAL_S).
-One that misses LLMSHIP_GATEWAY_DOWN_AFTER checks in a row is declared down, once: its clients
-get OpenAI-style 503s, /ready says which, and the Prefect event `llmship.serving.down` asks the
-automation `llmship-restore-<model>` to roll the model back to its previous version.
+Ray checks each replica's health and replaces those that fail. A live version left with no
+replica at all, for LLMSHIP_GATEWAY_DOWN_AFTER checks in a row (every
+LLMSHIP_GATEWAY_HEALTH_INTERVAL_S), is declared down, once: its clients get OpenAI-style 503s,
+/ready says which, and the Prefect event `llmship.serving.down` asks the automation
+`llmship-restore-<model>` to roll the model back to its previous version.
 
 Requests are checked here, so a bad one gets an OpenAI-style 400 without reaching a model
-server. At start the routing is restored from the S3 `live` aliases (the source of truth that
-rollouts move) and the running model servers of those versions; <state>/gateway/routes.json,
-written on every change, is the fallback when S3 cannot be read.
+server. The gateway keeps no state of its own that matters: at start the routing is the S3
+`live` aliases (the source of truth that rollouts move), and the replicas are the fleet's.
+<state>/gateway/routes.json and endpoints.json, written on every change, are what it serves
+from when S3 or the Ray cluster cannot be reached.
 
     uvicorn serving.gateway:app --host 127.0.0.1 --port 8000
 """
@@ -89,17 +95,15 @@ class ChatCompletionRequest(_OpenAIRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
 
 
-class Canary(BaseModel):
+class Canary(BaseModel, extra="forbid"):
     """A new version taking a share of a model's traffic while a rollout watches it."""
 
     version: str
-    upstream: str
     percent: float = Field(gt=0, lt=100)
 
 
-class Route(BaseModel):
+class Route(BaseModel, extra="forbid"):
     version: str
-    upstream: str  # http://host:port of the model server
     since: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
     canary: Canary | None = None
 
@@ -119,18 +123,25 @@ def openai_error(status: int, message: str, *, type_: str = "invalid_request_err
 
 class GatewayState:
     def __init__(self) -> None:
-        settings = get_settings()
-        self.routes_file = settings.state_dir / "gateway" / "routes.json"
+        settings = self.settings = get_settings()
+        folder = settings.state_dir / "gateway"
+        self.routes_file = folder / "routes.json"
+        self.endpoints_file = folder / "endpoints.json"
         self.admin_token = settings.gateway_admin_token
         self.max_in_flight = settings.gateway_max_in_flight
         self.max_request_bytes = settings.gateway_max_request_bytes
         self.body_timeout_s = settings.gateway_body_timeout_s
-        self.in_flight = 0  # one event loop: a plain counter is safe
+        self.in_flight = 0  # one event loop: plain counters are safe
+        self.upstream_in_flight: dict[str, int] = {}  # engine URL -> requests relayed now
         saved: dict[str, Route] = {}
         if self.routes_file.exists():
             raw = json.loads(self.routes_file.read_text())
             saved = {m: Route.model_validate(r) for m, r in raw.items()}
-        self.routes, self.unserved = restore_routes(settings, saved)
+        self.routes = restore_routes(settings, saved)
+        # Serving application (serving/fleet.py: app_name) -> its replicas' engine URLs.
+        self.endpoints: dict[str, list[str]] = {}
+        if self.endpoints_file.exists():
+            self.endpoints = json.loads(self.endpoints_file.read_text())
         self.registry = CollectorRegistry()
         self.requests = Counter("llmship_gateway_requests", "Requests by outcome",
                                 ["model", "version", "endpoint", "status"],
@@ -150,9 +161,11 @@ class GatewayState:
         self.in_flight_gauge.set_function(lambda: self.in_flight)
         self.errors = Counter("llmship_gateway_errors", "Requests answered 5xx or not at all",
                               ["model", "version", "endpoint"], registry=self.registry)
-        self.upstream_up = Gauge("llmship_gateway_upstream_up", "1 while a live version's "
-                                 "server answers its health check, 0 once it misses one",
-                                 ["model", "version"], registry=self.registry)
+        self.upstream_up = Gauge("llmship_gateway_upstream_up", "1 while a live version has "
+                                 "a replica, 0 while it has none", ["model", "version"],
+                                 registry=self.registry)
+        self.replicas = Gauge("llmship_gateway_replicas", "Replicas of a routed version the "
+                              "gateway relays to", ["model", "version"], registry=self.registry)
         self.health_interval_s = settings.gateway_health_interval_s
         self.down_after = settings.gateway_down_after
         self.down: dict[str, str] = {}  # model -> its live version, declared down
@@ -165,57 +178,94 @@ class GatewayState:
         self.requests.labels(model, version, endpoint, "503").inc()
         self.errors.labels(model, version, endpoint).inc()
 
+    def replicas_of(self, model: str, version: str) -> list[str]:
+        return self.endpoints.get(app_name(model, version), [])
+
     def save(self) -> None:
         write_json(self.routes_file, {m: r.model_dump() for m, r in self.routes.items()})
 
+    def set_endpoints(self, endpoints: dict[str, list[str]]) -> None:
+        if endpoints != self.endpoints:
+            self.endpoints = endpoints
+            write_json(self.endpoints_file, endpoints)
+        for model, route in self.routes.items():
+            for version in filter(None, (route.version,
+                                         route.canary.version if route.canary else None)):
+                self.replicas.labels(model, version).set(len(self.replicas_of(model, version)))
 
-def restore_routes(settings: Settings,
-                   saved: dict[str, Route]) -> tuple[dict[str, Route], dict[str, str]]:
-    """(routes, unserved): each live alias routed to its version's running server; the live
-    versions with no running server are 'unserved' (answered 503, and /ready says so)."""
+
+def app_name(model: str, version: str) -> str:
+    # serving/fleet.py names applications so; the gateway does not import the fleet (Ray).
+    return f"{model}--{version}"
+
+
+def restore_routes(settings: Settings, saved: dict[str, Route]) -> dict[str, Route]:
+    """Each model's live alias, as a route (what was saved, when S3 cannot be read)."""
     from llmship.store import ArtifactStore
-    from serving import model_server
 
     if not (settings.s3_access_key and settings.s3_secret_key):
-        return saved, {}
+        return saved
     try:
         live = ArtifactStore(settings).live_aliases()
     except Exception as exc:  # noqa: BLE001 - S3 down: keep serving what was routed before
         log.warning("cannot read the live aliases from S3 (%s: %s): keeping the last saved "
                     "routes", type(exc).__name__, exc)
-        return saved, {}
-    routes, unserved = {}, {}
-    for model, version in live.items():
-        server = model_server.find(settings, model, version)
-        if server and model_server.is_healthy(server):
-            since = saved[model].since if model in saved and saved[model].version == version \
-                else datetime.now(timezone.utc).isoformat()
-            routes[model] = Route(version=version, upstream=server.url, since=since)
-        else:
-            unserved[model] = version
-            log.warning("%s's live version %s has no running server: answering 503", model,
-                        version)
-    return routes, unserved
+        return saved
+    return {model: saved[model] if model in saved and saved[model].version == version
+            and not saved[model].canary else Route(version=version)
+            for model, version in live.items()}
 
 
-async def watch_live_servers(gw: GatewayState) -> None:
-    """Check each live version's server; declare one down after gw.down_after misses in a
-    row, and up again when it answers. Canaries are not watched here: their rollout judges
-    them on the metrics and takes them out itself."""
+def uses_ray(settings: Settings) -> bool:
+    """A cluster to ask: one named, or the local stack's (its token exists once it is up)."""
+    return bool(settings.ray_address) or settings.ray_auth_token_file.exists()
+
+
+async def follow_fleet(gw: GatewayState) -> None:
+    """Keep gw.endpoints to the fleet's directory: where every replica's engine listens."""
+    from llmship import ray_cluster
+
+    reconciled = False
+    while True:
+        try:
+            await asyncio.to_thread(ray_cluster.connect, gw.settings)
+            from serving import fleet
+
+            if not reconciled:  # once: the live aliases are what should serve
+                live = {m: r.version for m, r in gw.routes.items()}
+                for app in await asyncio.to_thread(fleet.reconcile, gw.settings, live):
+                    log.warning("deployed %s: a live version without servers", app)
+                reconciled = True
+            actor = await asyncio.to_thread(fleet.directory)
+            while True:
+                snap = await actor.snapshot.remote()
+                gw.set_endpoints({app: [e["url"] for e in reps]
+                                  for app, reps in snap["endpoints"].items()})
+                await asyncio.sleep(gw.settings.gateway_endpoint_refresh_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - Ray restarting: serve what is known
+            log.warning("cannot read the fleet's replicas from Ray (%s: %s): relaying to the "
+                        "last known ones", type(exc).__name__, exc)
+            await asyncio.sleep(5.0)
+
+
+async def watch_live_versions(gw: GatewayState) -> None:
+    """Declare a live version down after gw.down_after checks in a row with no replica, and
+    up again when one is back. Ray replaces failing replicas; this is for a version that
+    cannot stay up at all. Canaries are not watched here: their rollout judges them."""
     misses: dict[tuple[str, str], int] = {}
     while True:
         await asyncio.sleep(gw.health_interval_s)
         for model, route in list(gw.routes.items()):
             key = (model, route.version)
-            healthy = await _answers_health(gw, route.upstream,
-                                            timeout_s=min(gw.health_interval_s, 5.0))
-            gw.upstream_up.labels(model, route.version).set(1 if healthy else 0)
-            if healthy:
+            up = bool(gw.replicas_of(model, route.version))
+            gw.upstream_up.labels(model, route.version).set(1 if up else 0)
+            if up:
                 misses.pop(key, None)
                 if gw.down.get(model) == route.version:
                     del gw.down[model]
-                    log.warning("%s %s answers again at %s", model, route.version,
-                                route.upstream)
+                    log.warning("%s %s has a replica again", model, route.version)
                 continue
             misses[key] = misses.get(key, 0) + 1
             if misses[key] == gw.down_after:
@@ -225,9 +275,9 @@ async def watch_live_servers(gw: GatewayState) -> None:
 def declare_down(gw: GatewayState, model: str, route: Route, failed_checks: int) -> None:
     gw.down[model] = route.version
     seconds = failed_checks * gw.health_interval_s
-    log.error("%s's live version %s at %s has not answered for %.0f s (%d checks): declared "
-              "down; asking for a rollback to its previous version", model, route.version,
-              route.upstream, seconds, failed_checks)
+    log.error("%s's live version %s has had no running replica for %.0f s (%d checks): "
+              "declared down; asking for a rollback to its previous version", model,
+              route.version, seconds, failed_checks)
     try:
         from prefect.events import emit_event
 
@@ -235,8 +285,7 @@ def declare_down(gw: GatewayState, model: str, route: Route, failed_checks: int)
                    resource={"prefect.resource.id": f"llmship.model.{model}",
                              "llmship.model": model, "llmship.version": route.version},
                    payload={"model": model, "version": route.version,
-                            "upstream": route.upstream, "failed_checks": failed_checks,
-                            "seconds": seconds})
+                            "failed_checks": failed_checks, "seconds": seconds})
     except Exception as exc:  # noqa: BLE001 - no Prefect: the log line and /ready remain
         log.error("could not send llmship.serving.down to Prefect (%s: %s): roll back by "
                   "hand (`llmship rollback %s`)", type(exc).__name__, exc, model)
@@ -244,10 +293,13 @@ def declare_down(gw: GatewayState, model: str, route: Route, failed_checks: int)
 
 @asynccontextmanager
 async def lifespan(app: FastAPI):
-    app.state.gw = GatewayState()
-    watcher = asyncio.create_task(watch_live_servers(app.state.gw))
+    app.state.gw = gw = GatewayState()
+    tasks = [asyncio.create_task(watch_live_versions(gw))]
+    if uses_ray(gw.settings):
+        tasks.append(asyncio.create_task(follow_fleet(gw)))
     yield
-    watcher.cancel()
+    for task in tasks:
+        task.cancel()
     await app.state.gw.client.aclose()
 
 
@@ -283,25 +335,16 @@ async def health(request: Request) -> dict:
 
 @app.get("/ready")
 async def ready(request: Request) -> JSONResponse:
-    """Ready when every routed version answers its health check and no live version lacks a
-    server: what a load balancer in front of the gateway should probe."""
+    """Ready when every live version has a running replica: what a load balancer in front of
+    the gateway should probe."""
     gw = _gw(request)
-    unhealthy = dict(gw.unserved)
-    for model, route in gw.routes.items():
-        if not await _answers_health(gw, route.upstream, timeout_s=2.0):
-            unhealthy[model] = route.version
-    if unhealthy:
-        return openai_error(503, f"not ready: no healthy server for {unhealthy}",
+    unserved = {model: route.version for model, route in gw.routes.items()
+                if not gw.replicas_of(model, route.version)}
+    if unserved:
+        return openai_error(503, f"not ready: no running replica for {unserved}",
                             type_="server_error", code="not_ready")
     return JSONResponse({"status": "ready",
                          "models": {m: r.version for m, r in sorted(gw.routes.items())}})
-
-
-async def _answers_health(gw: GatewayState, upstream: str, timeout_s: float) -> bool:
-    try:
-        return (await gw.client.get(f"{upstream}/health", timeout=timeout_s)).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 @app.get("/metrics")
@@ -424,36 +467,48 @@ class _RelayResponse(StreamingResponse):
             await self._on_close()
 
 
-def _backends(route: Route) -> list[tuple[str, str]]:
-    """(version, upstream) to try, in order: the one this request is sent to, then the other
-    as a fallback for a server that refuses the connection."""
-    main = (route.version, route.upstream)
-    if route.canary is None:
-        return [main]
-    canary = (route.canary.version, route.canary.upstream)
-    return [canary, main] if random.random() * 100 < route.canary.percent else [main, canary]
+def _backends(gw: GatewayState, model: str, route: Route) -> list[tuple[str, str]]:
+    """(version, engine URL) to try, in order: the replicas of the version this request is
+    sent to, the least busy first, then the other version's, as fallbacks for a replica that
+    refuses the connection."""
+    versions = [route.version]
+    if route.canary is not None:
+        canary_first = random.random() * 100 < route.canary.percent
+        versions = [route.canary.version, route.version] if canary_first \
+            else [route.version, route.canary.version]
+    order = []
+    for version in versions:
+        urls = gw.replicas_of(model, version)
+        # Fewest in flight first; among equals, a random one (a fresh gateway spreads too).
+        ranked = sorted(urls, key=lambda u: (gw.upstream_in_flight.get(u, 0), random.random()))
+        order += [(version, url) for url in ranked]
+    return order
 
 
 async def _forward(gw: GatewayState, body: bytes, parsed: _OpenAIRequest,
                    endpoint: str) -> Response:
     model = parsed.model
     route = gw.routes.get(model)
-    if route is None and model in gw.unserved:
-        version = gw.unserved[model]
-        gw.count_unanswered(model, version, endpoint)
-        return openai_error(503, f"{model}'s live version {version} "
-                                 "has no running model server; roll out or roll back to serve "
-                                 "it again", type_="server_error", code="model_unavailable")
     if route is None:
         # Not the client's name as a label: every new one would be a series kept for ever.
         gw.requests.labels(UNKNOWN_MODEL, "", endpoint, "404").inc()
         return openai_error(404, f"the model {model!r} does not exist; "
                                  f"served: {sorted(gw.routes)}", code="model_not_found",
                             param="model")
+    backends = _backends(gw, model, route)
+    if not backends:
+        gw.count_unanswered(model, route.version, endpoint)
+        restoring = ("; it is down and a rollback to the previous version was asked for"
+                     if gw.down.get(model) == route.version else "")
+        resp503 = openai_error(503, f"{model}'s live version {route.version} has no running "
+                                    f"replica{restoring}: retry shortly", type_="server_error",
+                               code="upstream_unavailable")
+        resp503.headers["retry-after"] = "5"
+        return resp503
     started = time.perf_counter()
     failed: list[str] = []
     resp = None
-    for version, upstream in _backends(route):
+    for version, upstream in backends:
         try:
             resp = await gw.client.send(gw.client.build_request(
                 "POST", f"{upstream}{endpoint}", content=body,
@@ -462,7 +517,7 @@ async def _forward(gw: GatewayState, body: bytes, parsed: _OpenAIRequest,
         except httpx.HTTPError as exc:
             # Counted against the version that failed: what a canary step is judged on.
             gw.count_unanswered(model, version, endpoint)
-            failed.append(f"{version}: {type(exc).__name__}")
+            failed.append(f"{version} at {upstream}: {type(exc).__name__}")
             if not isinstance(exc, httpx.ConnectError):
                 break  # the request may have reached the server: not safe to send twice
     if resp is None:
@@ -473,6 +528,14 @@ async def _forward(gw: GatewayState, body: bytes, parsed: _OpenAIRequest,
                                type_="server_error", code="upstream_unavailable")
         resp503.headers["retry-after"] = "5"
         return resp503
+    gw.upstream_in_flight[upstream] = gw.upstream_in_flight.get(upstream, 0) + 1
+
+    def release_upstream() -> None:
+        left = gw.upstream_in_flight.get(upstream, 1) - 1
+        if left > 0:
+            gw.upstream_in_flight[upstream] = left
+        else:
+            gw.upstream_in_flight.pop(upstream, None)
 
     def record(status: str) -> None:
         gw.requests.labels(model, version, endpoint, status).inc()
@@ -507,6 +570,7 @@ async def _forward(gw: GatewayState, body: bytes, parsed: _OpenAIRequest,
         async def close() -> None:
             await resp.aclose()
             gw.in_flight -= 1
+            release_upstream()
             record(outcome["status"])
 
         return _RelayResponse(relay(), on_close=close, status_code=200, headers=headers,
@@ -520,6 +584,7 @@ async def _forward(gw: GatewayState, body: bytes, parsed: _OpenAIRequest,
                             code="upstream_unavailable")
     finally:
         await resp.aclose()
+        release_upstream()
     record(str(resp.status_code))
     return Response(content, status_code=resp.status_code, headers=headers,
                     media_type=resp.headers.get("content-type", "application/json"))
@@ -581,15 +646,14 @@ async def set_route(model: str, request: Request, authorization: str | None = He
     try:
         route = Route.model_validate_json(body)
     except ValidationError as exc:
-        return openai_error(400, "expected {'version': ..., 'upstream': ...}: "
-                                 f"{exc.errors()[0]['msg']}")
-    upstreams = [route.upstream] + ([route.canary.upstream] if route.canary else [])
-    for upstream in upstreams:
-        if not await _answers_health(gw, upstream, timeout_s=5.0):
-            return openai_error(409, f"{upstream} is not healthy: traffic not moved",
-                                code="upstream_unhealthy")
+        return openai_error(400, "expected {'version': ..., 'canary': {'version': ..., "
+                                 "'percent': ...} or null}: " + exc.errors()[0]["msg"])
+    versions = [route.version] + ([route.canary.version] if route.canary else [])
+    for version in versions:
+        if not gw.replicas_of(model, version):
+            return openai_error(409, f"{model} {version} has no running replica: traffic not "
+                                     "moved", code="upstream_unhealthy")
     gw.routes[model] = route
-    gw.unserved.pop(model, None)
     if gw.down.get(model) != route.version:
         gw.down.pop(model, None)
     gw.save()

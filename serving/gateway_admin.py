@@ -1,5 +1,5 @@
 """The gateway's admin API as its callers use it: the rollout (reads and moves routes) and the
-retire process (reads them). Bearer token from Settings."""
+fleet (whether a version still takes traffic). Bearer token from Settings."""
 
 from __future__ import annotations
 
@@ -21,13 +21,12 @@ def gateway_routes(settings: Settings) -> dict:
     return resp.json()
 
 
-def route_traffic(settings: Settings, model: str, version: str, upstream: str,
+def route_traffic(settings: Settings, model: str, version: str,
                   canary: dict | None = None) -> None:
-    """All of model's traffic to (version, upstream), or canary['percent'] of it to the
-    canary's server."""
+    """All of model's traffic to version's replicas, or canary['percent'] of it to
+    canary['version']'s."""
     resp = httpx.put(f"{settings.gateway_url}/admin/routes/{model}", timeout=10.0,
-                     headers=_auth(settings),
-                     json={"version": version, "upstream": upstream, "canary": canary})
+                     headers=_auth(settings), json={"version": version, "canary": canary})
     if resp.status_code != 200:
         raise ServingError(f"the gateway refused the route to {model} {version}: "
                            f"{resp.status_code} {resp.text[:300]}")

@@ -23,7 +23,6 @@ import json
 import math
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from statistics import NormalDist
 
@@ -36,7 +35,7 @@ from pydantic import BaseModel
 from llmship.domain_data import check_disjoint, dataset_dir, file_digest, load_eval_items
 from llmship.errors import GateConfigError, GateFailed, ServerExited, VersionConflict
 from llmship.manifest import Manifest, digest_of
-from llmship.settings import EvalBackend, GateConfig, TaskPolicy, Target, get_settings
+from llmship.settings import EvalBackend, GateConfig, ServingConfig, Target, TaskPolicy, get_settings
 from llmship.store import ArtifactStore
 from llmship.subprocess_stage import run_stage, stage_main, tool_versions
 from serving.engines import python_for, target_of
@@ -83,15 +82,11 @@ class EvaluateRequest(BaseModel):
     tasks: TaskSet
     backend: EvalBackend
     served_name: str  # the model name the evaluation server answers to
-    server_name: str  # its process record
-    engine_args: list[str] = []
-    target: Target = Target.VLLM
-    serve_subdir: str | None = None
+    # backend served: the engine of the build's evaluation server (the fleet's), as it will
+    # serve; evaluate_task asks the fleet for it.
+    base_url: str | None = None
     limit: int | None = None
     device: str = "cpu"
-    # The candidate's server is left running after a finished evaluation: the orchestrator
-    # hands it to the rollout (evaluate_task).
-    keep_server: bool = False
 
 
 class TaskScore(BaseModel):
@@ -103,7 +98,7 @@ class Evaluation(BaseModel):
     backend: EvalBackend
     scores: dict[str, TaskScore]
     seconds: float
-    kept_server: str | None = None  # the record name of a server left running (keep_server)
+    kept_server: str | None = None  # the fleet's application left running for the rollout
 
 
 class TaskVerdict(BaseModel):
@@ -301,59 +296,31 @@ def _model_args(req: EvaluateRequest, base_url: str | None) -> tuple[str, str]:
 
 def evaluate(req: EvaluateRequest) -> Evaluation:
     """Score one build on the gate's tasks, through the backend the request names."""
-    from serving import model_server
-
     started = time.monotonic()
-    starting = None
-    with ThreadPoolExecutor(max_workers=1) as pool, \
-            tempfile.TemporaryDirectory(prefix="llmship-lm-eval-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="llmship-lm-eval-") as tmp:
         write_domain_tasks(req.tasks, Path(tmp))
-        # Standard tasks' data is checked before a server starts: a missing dataset is then
-        # reported in seconds. Domain-only task sets load while the server starts.
-        manager = load_task_manager(req.tasks, Path(tmp)) if req.tasks.standard else None
-        if req.backend is EvalBackend.SERVED:
-            # The server starts (~50 s on CPU, mostly imports) while lm-eval loads the tasks.
-            print(f"starting a {req.target.value} server for {req.model_dir} to evaluate "
-                  "through", flush=True)
-            starting = pool.submit(model_server.start, get_settings(), req.served_name,
-                                   req.server_name, Path(req.model_dir), req.engine_args,
-                                   name=req.server_name, target=req.target,
-                                   serve_subdir=req.serve_subdir)
-        try:
-            import lm_eval
+        import lm_eval
 
-            manager = manager or load_task_manager(req.tasks, Path(tmp))
-            server = starting.result() if starting else None
-            model, model_args = _model_args(req, server.url if server else None)
-            print(f"lm-eval ({model}): {', '.join(req.tasks.names)} on {req.model_dir}",
-                  flush=True)
-            try:
-                results = lm_eval.simple_evaluate(
-                    model=model, model_args=model_args, tasks=req.tasks.names,
-                    task_manager=manager, batch_size=32 if model == "hf" else 1,
-                    limit=req.limit, log_samples=False,
-                )
-            except Exception:
-                if server and not model_server.is_healthy(server):
-                    # Not a flaky evaluation: this build, as configured, crashes the engine
-                    # that would serve it. Retrying cannot help; the log says why.
-                    raise ServerExited(
-                        f"the vLLM server for {req.model_dir} died during the evaluation: "
-                        "this build cannot be served with these engine arguments on this "
-                        f"machine; {model_server.describe_death(get_settings(), server)}"
-                    ) from None
-                raise
-        except BaseException:
-            if starting and starting.exception() is None:
-                model_server.stop(get_settings(), starting.result())
+        manager = load_task_manager(req.tasks, Path(tmp))
+        model, model_args = _model_args(req, req.base_url)
+        print(f"lm-eval ({model}): {', '.join(req.tasks.names)} on {req.model_dir}"
+              + (f" through {req.base_url}" if req.base_url else ""), flush=True)
+        try:
+            results = lm_eval.simple_evaluate(
+                model=model, model_args=model_args, tasks=req.tasks.names,
+                task_manager=manager, batch_size=32 if model == "hf" else 1,
+                limit=req.limit, log_samples=False,
+            )
+        except Exception:
+            if req.base_url and not _answers(req.base_url):
+                # Not a flaky evaluation: this build, as configured, crashes the engine
+                # that would serve it. Retrying cannot help; its log says why.
+                raise ServerExited(
+                    f"the model server for {req.model_dir} at {req.base_url} stopped "
+                    "answering during the evaluation: this build cannot be served with these "
+                    "engine arguments on this machine (the engine's log is named in "
+                    "`llmship status`)") from None
             raise
-        # A server that never came up has already been stopped by start(); one that evaluated
-        # is stopped, or kept for the rollout when the request asks.
-        kept = None
-        if starting and req.keep_server:
-            kept = starting.result().name
-        elif starting:
-            model_server.stop(get_settings(), starting.result())
     scores = {}
     for name in req.tasks.names:
         row = results["results"][name]
@@ -362,7 +329,16 @@ def evaluate(req: EvaluateRequest) -> Evaluation:
         scores[name] = TaskScore(metrics=metrics, n=_items_of(results, name))
         print(f"  {name}: {metrics} (n={scores[name].n})", flush=True)
     return Evaluation(backend=req.backend, scores=scores,
-                      seconds=round(time.monotonic() - started, 3), kept_server=kept)
+                      seconds=round(time.monotonic() - started, 3))
+
+
+def _answers(base_url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{base_url}/health", timeout=10.0).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def _items_of(results: dict, name: str) -> int:
@@ -397,30 +373,47 @@ def evaluation_key(build: StageOutput, tasks: TaskSet, config: GateConfig) -> st
       cache_key_fn=cache_key(lambda p: evaluation_key(p["build"], p["tasks"], p["config"])))
 def evaluate_task(build: StageOutput, tasks: TaskSet, config: GateConfig,
                   model: str) -> Evaluation:
-    from serving import model_server
+    from serving import fleet
+    from serving.replica import ReplicaSpec
 
     settings = get_settings()
+    log = get_run_logger()
     role = build.details.get("role", "build")
     # The candidate's server, as it will serve, is the one the rollout would start next: it
-    # is kept (settings.keep_evaluated_server_s) under the version's serving name, so a
-    # passing candidate takes traffic without a second load (minutes for 70B on GPUs).
+    # is deployed under the version's serving name and kept (settings.keep_evaluated_server_s),
+    # so a passing candidate takes traffic without a second load (minutes for 70B on GPUs).
     keep = (role == "candidate" and config.backend is EvalBackend.SERVED
             and settings.keep_evaluated_server_s > 0)
-    evaluation = run_stage(settings, settings.quantize_python, "tasks.gate", EvaluateRequest(
-        model_dir=str(ArtifactStore(settings).materialize(build.prefix)), tasks=tasks,
-        backend=config.backend, served_name=model,
-        server_name=f"eval-{model}-{role}-{build.key[:12]}",
-        engine_args=build.details.get("engine_args", []),
-        target=target_of(build.details),
-        serve_subdir=build.details.get("serve_subdir"), limit=config.limit,
-        device=settings.device, keep_server=keep,
-    ), Evaluation, get_run_logger())
-    if evaluation.kept_server:
-        server = model_server.hand_over(settings, evaluation.kept_server, model,
-                                        version_id(build), settings.keep_evaluated_server_s)
-        get_run_logger().info("kept %s's evaluation server as %s for the rollout (stopped in "
-                              "%.0f s unless traffic reaches it)", model, server.name,
-                              settings.keep_evaluated_server_s)
+    server, started = None, False
+    if config.backend is EvalBackend.SERVED:
+        version = version_id(build)
+        spec = ReplicaSpec(
+            app=fleet.app_name(model, version) if keep else fleet.eval_app_name(model, version),
+            model=model, version=version, role="serving" if keep else "evaluation",
+            prefix=build.prefix, target=target_of(build.details),
+            engine_args=build.details.get("engine_args", []),
+            serve_subdir=build.details.get("serve_subdir"))
+        log.info("asking the fleet for a %s server of %s's %s to evaluate through",
+                 spec.target.value, model, role)
+        server, started = fleet.acquire(settings, spec, ServingConfig(replicas=1))
+    try:
+        evaluation = run_stage(settings, settings.quantize_python, "tasks.gate", EvaluateRequest(
+            model_dir=str(ArtifactStore(settings).materialize(build.prefix)), tasks=tasks,
+            backend=config.backend, served_name=model,
+            base_url=server.url if server else None, limit=config.limit,
+            device=settings.device,
+        ), Evaluation, log)
+    except BaseException:
+        if started:
+            fleet.release(settings, server)
+        raise
+    if server and started and keep:
+        fleet.keep_warm(settings, server, settings.keep_evaluated_server_s)
+        evaluation.kept_server = server.app
+        log.info("kept %s's evaluation server as %s for the rollout (stopped in %.0f s unless "
+                 "traffic reaches it)", model, server.app, settings.keep_evaluated_server_s)
+    elif server and started:
+        fleet.release(settings, server)
     return evaluation
 
 
@@ -552,13 +545,11 @@ def gate_task(candidate: StageOutput, baseline: StageOutput, config: GateConfig,
     stored = store_report(gate_key(candidate, baseline, config, tasks), model, report)
     record_report(model, report, stored)
     if not report.passed:
-        from serving import model_server
-        from serving.retire import serves_traffic
+        from serving import fleet
 
-        kept = cand_eval.kept_server and model_server.find(settings, model,
-                                                           version_id(candidate))
-        if kept and serves_traffic(settings, kept) is False:
-            model_server.stop(settings, kept)  # no rollout will take it
+        kept = cand_eval.kept_server and fleet.find(settings, model, version_id(candidate))
+        if kept and fleet.serves_traffic(settings, model, kept.version) is False:
+            fleet.release(settings, kept)  # no rollout will take it
         # The alert automation (llmship/alerts.py) sends this to the team within seconds.
         emit_event(event="llmship.gate.failed",
                    resource={"prefect.resource.id": f"llmship.model.{model}",

@@ -1,8 +1,9 @@
 """Stage 6, rollout: serve a published version and move the gateway's traffic to it.
 
-    start (or reuse the warm) server -> smoke test -> canary steps, each baked and judged on
+    the version's servers from the fleet (started, or the warm ones reused) -> smoke test of
+    every replica -> canary steps, each baked and judged on
     the gateway's own metrics -> switch -> `live`/`previous` aliases (compare-and-swap) ->
-    the old version kept warm for a while, older ones stopped
+    the old version kept warm for a while (the fleet stops it then), older ones stopped
 
 A canary step that breaches its limits (error rate, p99 latency, a server that stops
 answering) sends all traffic back to the version that served before, stops the new server and
@@ -25,10 +26,9 @@ from pydantic import BaseModel, Field
 
 from llmship.errors import CanaryFailed, UngatedVersion
 from llmship.manifest import Manifest
-from llmship.settings import RolloutConfig, Settings, get_settings
+from llmship.settings import RolloutConfig, ServingConfig, Settings, get_settings
 from llmship.store import ArtifactStore
-from serving import model_server
-from serving.engines import target_of
+from serving import fleet
 from serving.gateway_admin import gateway_routes, route_traffic
 from tasks.common import (
     StageOutput, record_markdown, record_stage_artifact, retry_unless_permanent,
@@ -53,7 +53,7 @@ class RolloutResult(BaseModel):
     model: str
     version: str
     previous: str | None
-    upstream: str
+    upstream: str  # the engines of its replicas
     gateway: str
     changed: bool
     started_server: bool = False  # False: a running (warm) server took the traffic
@@ -147,7 +147,7 @@ def read_traffic(settings: Settings, model: str, version: str) -> Traffic:
     return parse_traffic(resp.text, model, version)
 
 
-def bake(settings: Settings, server: model_server.ModelServer, percent: float,
+def bake(settings: Settings, server: fleet.Server, percent: float,
          cfg: RolloutConfig, log) -> StepResult:
     """Watch the new version's share of traffic for cfg.bake_seconds, stopping at the first
     breach."""
@@ -160,8 +160,10 @@ def bake(settings: Settings, server: model_server.ModelServer, percent: float,
         window = read_traffic(settings, server.model, server.version).minus(before)
         finished = elapsed >= cfg.bake_seconds
         breach = judge(window, cfg, finished=finished)
-        if breach is None and not model_server.is_healthy(server):
-            breach = f"{server.name} stopped answering its health check"
+        if breach is None:
+            now = fleet.find(settings, server.model, server.version)
+            if now is None or not now.endpoints:
+                breach = f"{server.app} has no running replica left"
         step = StepResult(percent=percent, seconds=round(elapsed, 1),
                           requests=int(window.requests), errors=int(window.errors),
                           p99_seconds=quantile(0.99, window.buckets), breach=breach)
@@ -185,7 +187,8 @@ def check_gated(manifest: Manifest | None, version: PublishedVersion,
     return manifest
 
 
-def rollout(version: PublishedVersion, cfg: RolloutConfig, *, allow_ungated: bool = False,
+def rollout(version: PublishedVersion, cfg: RolloutConfig, *,
+            serving: ServingConfig | None = None, allow_ungated: bool = False,
             reason: str = "", log=None) -> RolloutResult:
     log = log or get_run_logger()
     settings = get_settings()
@@ -194,41 +197,33 @@ def rollout(version: PublishedVersion, cfg: RolloutConfig, *, allow_ungated: boo
     manifest = check_gated(store.read_manifest(version.prefix), version, allow_ungated)
     model = version.model
     current = gateway_routes(settings).get(model)
-    server = model_server.find(settings, model, version.version)
+    server = fleet.find(settings, model, version.version)
     live_alias = store.read_alias(model, "live")
     routed = current is not None and current["version"] == version.version \
         and not current.get("canary")
-    # Already live: the gateway routes to a healthy server of it AND the alias (what a gateway
+    # Already live: the gateway routes to its running servers AND the alias (what a gateway
     # restart routes by) says so. A gateway that routes it under a stale alias (an alias move
     # that failed after the switch) is finished below: the alias moves, nothing else.
-    if routed and live_alias == version.version and server \
-            and model_server.is_healthy(server):
+    if routed and live_alias == version.version and server and fleet.is_healthy(server):
         return RolloutResult(model=model, version=version.version, previous=None,
-                             upstream=server.url, gateway=settings.gateway_url, changed=False,
-                             seconds=round(time.monotonic() - started, 3))
-    warm = server is not None and model_server.is_healthy(server)
-    if warm:
-        model_server.cancel_retirement(settings, server)
-        log.info("%s %s is warm at %s: no start needed", model, version.version, server.url)
-    else:
-        log.info("starting a server for %s %s", model, version.version)
-        model_dir = store.materialize(version.prefix)  # every file checked against the manifest
-        server = model_server.start(settings, model, version.version, model_dir,
-                                    manifest.details.get("engine_args", []),
-                                    target=target_of(manifest.details),
-                                    serve_subdir=manifest.details.get("serve_subdir"))
+                             upstream=_engines(server), gateway=settings.gateway_url,
+                             changed=False, seconds=round(time.monotonic() - started, 3))
+    spec = fleet.spec_for_version(model, version.version, manifest.details)
+    log.info("%s %s: asking the fleet for its servers", model, version.version)
+    server, started_server = fleet.acquire(settings, spec, serving)
+    log.info("%s %s %s: %s", model, version.version,
+             "started" if started_server else "was warm", _engines(server))
     # A live version with no running server is not routed, but traffic still leaves it.
     was_live = current["version"] if current and not routed else live_alias
     previous = was_live if was_live != version.version else None
     steps: list[StepResult] = []
     try:
-        smoke = model_server.smoke_test(server, SMOKE_PROMPT)
+        smoke = fleet.smoke_test(server, SMOKE_PROMPT)
         # A canary needs a version to compare with and to fall back on (and one that takes
         # all the traffic already has nothing left to prove).
         for percent in (cfg.canary_steps if current and previous and not routed else []):
-            route_traffic(settings, model, current["version"], current["upstream"],
-                          canary={"version": version.version, "upstream": server.url,
-                                  "percent": percent})
+            route_traffic(settings, model, current["version"],
+                          canary={"version": version.version, "percent": percent})
             log.info("canary: %s%% of %s's traffic to %s for %.0f s", percent, model,
                      version.version, cfg.bake_seconds)
             step = bake(settings, server, percent, cfg, log)
@@ -240,7 +235,7 @@ def rollout(version: PublishedVersion, cfg: RolloutConfig, *, allow_ungated: boo
             log.info("canary %s%% passed: %d requests, %d errors, p99 %s", percent,
                      step.requests, step.errors, _seconds(step.p99_seconds))
         switch_started = time.monotonic()
-        route_traffic(settings, model, version.version, server.url)
+        route_traffic(settings, model, version.version)
         switch_seconds = time.monotonic() - switch_started
         # The commit point: the live alias is what a restarted gateway routes by. Until it has
         # moved, a failure puts traffic back where it was.
@@ -251,8 +246,8 @@ def rollout(version: PublishedVersion, cfg: RolloutConfig, *, allow_ungated: boo
         if routed:
             raise  # it served before this rollout and serves still: only the alias failed
         if current:  # all traffic back where it was, before anything else
-            route_traffic(settings, model, current["version"], current["upstream"])
-        model_server.stop(settings, server)
+            route_traffic(settings, model, current["version"])
+        fleet.release(settings, server)
         if isinstance(exc, CanaryFailed):
             emit_event(event="llmship.rollout.rolled-back",
                        resource={"prefect.resource.id": f"llmship.model.{model}",
@@ -262,20 +257,24 @@ def rollout(version: PublishedVersion, cfg: RolloutConfig, *, allow_ungated: boo
                                 "steps": [s.model_dump() for s in steps]})
         raise
     warm_until = None
-    for other in model_server.running(settings, model):
-        if other.version == version.version:
+    for other in fleet.running(settings, model):
+        if other.version == version.version or other.role != "serving":
             continue
         if other.version == previous:
-            deadline = model_server.retire_after(settings, other, cfg.keep_previous_warm_seconds)
+            deadline = fleet.keep_warm(settings, other, cfg.keep_previous_warm_seconds)
             warm_until = _iso(deadline) if deadline else None
         else:
-            model_server.stop(settings, other)
+            fleet.release(settings, other)
     return RolloutResult(model=model, version=version.version, previous=previous,
-                         upstream=server.url, gateway=settings.gateway_url, changed=True,
-                         started_server=not warm, steps=steps,
+                         upstream=_engines(server), gateway=settings.gateway_url, changed=True,
+                         started_server=started_server, steps=steps,
                          switch_seconds=round(switch_seconds, 4),
                          previous_warm_until=warm_until, smoke_output=smoke,
                          seconds=round(time.monotonic() - started, 3))
+
+
+def _engines(server: fleet.Server) -> str:
+    return ", ".join(f"{e.url} (node {e.node_ip})" for e in server.endpoints)
 
 
 def _seconds(value: float | None) -> str:
@@ -310,9 +309,10 @@ def approve_rollout(version: PublishedVersion, cfg: RolloutConfig) -> bool:
 
 @task(name="rollout", retries=1, retry_delay_seconds=5,
       retry_condition_fn=retry_unless_permanent)
-def rollout_task(version: PublishedVersion, cfg: RolloutConfig, allow_ungated: bool = False,
+def rollout_task(version: PublishedVersion, cfg: RolloutConfig,
+                 serving: ServingConfig | None = None, allow_ungated: bool = False,
                  reason: str = "") -> RolloutResult:
-    result = rollout(version, cfg, allow_ungated=allow_ungated, reason=reason)
+    result = rollout(version, cfg, serving=serving, allow_ungated=allow_ungated, reason=reason)
     logger = get_run_logger()
     if result.changed:
         logger.info("%s %s is live at %s (was %s), served by %s; switch %.3f s", result.model,

@@ -1,0 +1,96 @@
+"""The Ray cluster the serving plane runs on: the local one-node head `llmship up` starts, or an
+existing cluster (LLMSHIP_RAY_ADDRESS: KubeRay's, or `ray start` on GPU hosts, docs/GPU.md).
+
+Every port the local head opens is fixed from settings.ray_port, so two stacks on one host
+(`make demo` and `make test`) never collide and nothing takes a random port:
+
+    ray_port      GCS                      +5  runtime-env agent
+    +1            dashboard (loopback)     +6  metrics export
+    +2            Ray Client server        +7  object manager
+    +3            dashboard agent (HTTP)   +8  node manager
+    +4            dashboard agent (gRPC)   +100 .. +299  worker processes
+
+Token authentication is on (llmship/credentials.py: RAY_AUTH_MODE=token and the token's file):
+a process without the token cannot join the cluster, submit work or read its state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+from llmship.credentials import ray_env
+from llmship.errors import StackError
+from llmship.settings import Settings
+
+
+class ClusterError(StackError):
+    pass
+
+# Named actors and Serve applications of llmship live here (serving/fleet.py).
+NAMESPACE = "llmship"
+WORKER_PORTS = (100, 299)  # offsets from ray_port
+
+
+def address(settings: Settings) -> str:
+    """The GCS address clients connect to: the existing cluster's, or the local head's."""
+    return settings.ray_address or f"{settings.host}:{settings.ray_port}"
+
+
+def temp_dir(settings: Settings) -> Path:
+    """Ray's session folder. Short, because Ray puts Unix sockets inside it (a socket path has
+    at most 107 bytes), and one per stack, so two stacks on a host keep their own."""
+    digest = hashlib.sha256(str(settings.state_dir.resolve()).encode()).hexdigest()[:10]
+    return Path("/tmp") / f"llmship-ray-{digest}"
+
+
+def _node_ports(port: int) -> list[str]:
+    """The ports every node opens (offsets from port, as the module's table says)."""
+    low, high = WORKER_PORTS
+    return ["--dashboard-agent-listen-port", str(port + 3),
+            "--dashboard-agent-grpc-port", str(port + 4),
+            "--runtime-env-agent-port", str(port + 5), "--metrics-export-port", str(port + 6),
+            "--object-manager-port", str(port + 7), "--node-manager-port", str(port + 8),
+            "--min-worker-port", str(port + low), "--max-worker-port", str(port + high)]
+
+
+def head_argv(ray_bin: Path, settings: Settings) -> list[str]:
+    """`ray start --head` on this stack's address, in the foreground (the stack stops it)."""
+    return [str(ray_bin), "start", "--head", "--block", "--disable-usage-stats",
+            "--node-ip-address", settings.host, "--dashboard-host", settings.host,
+            "--num-cpus", str(settings.ray_num_cpus),
+            # On CUDA, Ray counts the GPUs itself and hands each replica its own.
+            *(["--num-gpus", "0"] if settings.device == "cpu" else []),
+            "--temp-dir", str(temp_dir(settings)),
+            "--port", str(settings.ray_port), "--dashboard-port", str(settings.ray_port + 1),
+            "--ray-client-server-port", str(settings.ray_port + 2), *_node_ports(settings.ray_port)]
+
+
+def worker_argv(ray_bin: Path, head: str, node_ip: str, port: int, num_cpus: int,
+                num_gpus: int = 0) -> list[str]:
+    """`ray start` of a worker node joining head (host:port), its own ports from port."""
+    return [str(ray_bin), "start", "--block", "--disable-usage-stats", "--address", head,
+            "--node-ip-address", node_ip, "--num-cpus", str(num_cpus),
+            "--num-gpus", str(num_gpus), *_node_ports(port)]
+
+
+def connect(settings: Settings) -> None:
+    """Join this stack's cluster as a client (a driver), once per process."""
+    env = ray_env(settings)
+    if "ray" not in sys.modules:
+        os.environ.update(env)
+    elif any(os.environ.get(k) != v for k, v in env.items()):
+        raise ClusterError("ray was imported before the cluster's settings were in this "
+                           "process's environment (Ray reads them at import): call "
+                           "llmship.ray_cluster.connect before importing ray")
+    import ray
+
+    if ray.is_initialized():
+        return
+    ray.init(address=address(settings), namespace=NAMESPACE, log_to_driver=False,
+             logging_level=logging.WARNING, configure_logging=False,
+             # A client of the local stack is on the head's node; elsewhere Ray finds it.
+             _node_ip_address=None if settings.ray_address else settings.host)

@@ -1,0 +1,436 @@
+"""The fleet: the one owner of model servers. The gate, the rollout, the rollback, `llmship
+status` and the gateway ask it; nothing else starts or stops a model server.
+
+    acquire(spec)        a version's servers, started if not running (reused if they are)
+    find / running       what serves now: versions, their replicas, the node of each
+    release(server)      stop a version's servers
+    keep_warm(server, s) stop them in s seconds unless traffic comes back (a rollback's
+                         warm target); cancelled by the next acquire
+    scale(server, n)     change the replica count in place
+
+Each served version is a Ray Serve application of ModelReplica (serving/replica.py) named
+`<model>--<version>`; a gate's evaluation server of a build that will not serve is
+`eval--<model>--<build key>`. Ray places the replicas, replaces those that fail their health
+check, and keeps the applications when the flow run that made them ends: a version outlives
+the run that rolled it out. The applications are the Serve controller's; llmship keeps no
+record of its own.
+
+The directory is a detached Ray actor that knows the engine address of every replica (each
+registers itself once its engine is healthy), drops replicas that are gone, and stops versions
+whose warm period is over. The gateway reads it to relay requests straight to an engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from pydantic import BaseModel
+
+from llmship import ray_cluster
+from llmship.errors import ServingError
+from llmship.settings import ServingConfig, Settings, get_settings
+from serving import engines
+from serving.replica import ReplicaSpec
+
+log = logging.getLogger("llmship.fleet")
+DIRECTORY = "llmship-fleet-directory"
+EVAL_PREFIX = "eval--"
+
+
+class Endpoint(BaseModel):
+    """One replica's engine, as the gateway reaches it."""
+
+    url: str
+    replica: str
+    node_ip: str
+    node_id: str
+    gpus: list[str] = []
+    log: str = ""  # the engine's log, on its node
+
+
+class Server(BaseModel):
+    """A version's model servers: one Serve application and its replicas."""
+
+    app: str
+    model: str
+    version: str
+    role: str
+    status: str  # Serve's: DEPLOYING, RUNNING, UNHEALTHY, DEPLOY_FAILED, DELETING
+    replicas: int  # the count asked for
+    endpoints: list[Endpoint] = []
+    warm_until: float | None = None
+    message: str = ""
+
+    @property
+    def url(self) -> str:
+        """One replica's engine: what a smoke test or an evaluation talks to."""
+        if not self.endpoints:
+            raise ServingError(f"{self.app} has no running replica")
+        return self.endpoints[0].url
+
+
+def app_name(model: str, version: str) -> str:
+    return f"{model}--{version}"
+
+
+def eval_app_name(model: str, build_key: str) -> str:
+    return f"{EVAL_PREFIX}{model}--{build_key}"
+
+
+# ------------------------------------------------------------------ the directory actor
+
+def serves_traffic(settings: Settings, model: str, version: str) -> bool | None:
+    """Whether the gateway (or, failing that, the live alias) sends traffic to version; None
+    when neither can be asked."""
+    import httpx
+
+    from serving.gateway_admin import gateway_routes
+
+    try:
+        route = gateway_routes(settings).get(model) or {}
+        canary = route.get("canary") or {}
+        return version in (route.get("version"), canary.get("version"))
+    except httpx.HTTPError as exc:
+        log.warning("gateway not reachable (%s): asking S3 instead", exc)
+    try:
+        from llmship.store import ArtifactStore
+
+        return ArtifactStore(settings).read_alias(model, "live") == version
+    except Exception as exc:  # noqa: BLE001 - S3 down too: the caller keeps the server
+        log.warning("S3 not reachable either (%s)", exc)
+        return None
+
+
+class Directory:
+    """Where each application's replicas' engines are, and which applications are kept warm
+    until when. Lives on the head node, detached: it outlives every client."""
+
+    PRUNE_INTERVAL_S = 1.0
+
+    def __init__(self) -> None:
+        self.endpoints: dict[str, dict[str, dict]] = {}  # app -> replica -> endpoint
+        self.actors: dict[tuple[str, str], object] = {}
+        self.warm_until: dict[str, float] = {}
+        self.deployments: dict[str, dict] = {}  # app -> the spec and serving config it runs
+        self._loop = asyncio.get_event_loop().create_task(self._maintain())
+
+    async def register(self, app: str, endpoint: dict, actor) -> None:
+        self.endpoints.setdefault(app, {})[endpoint["replica"]] = endpoint
+        self.actors[(app, endpoint["replica"])] = actor
+
+    async def unregister(self, app: str, replica: str) -> None:
+        self.endpoints.get(app, {}).pop(replica, None)
+        self.actors.pop((app, replica), None)
+
+    async def forget(self, app: str) -> None:
+        for replica in list(self.endpoints.pop(app, {})):
+            self.actors.pop((app, replica), None)
+        self.warm_until.pop(app, None)
+        self.deployments.pop(app, None)
+
+    async def set_deployed(self, app: str, deployed: dict) -> None:
+        self.deployments[app] = deployed
+
+    async def deployed(self, app: str) -> dict | None:
+        return self.deployments.get(app)
+
+    async def all_deployed(self) -> dict:
+        return dict(self.deployments)
+
+    async def snapshot(self) -> dict:
+        return {"endpoints": {app: list(reps.values()) for app, reps in self.endpoints.items()
+                              if reps},
+                "warm_until": dict(self.warm_until)}
+
+    async def set_warm_until(self, app: str, deadline: float | None) -> None:
+        if deadline is None:
+            self.warm_until.pop(app, None)
+        else:
+            self.warm_until[app] = deadline
+
+    async def _maintain(self) -> None:
+        while True:
+            await asyncio.sleep(self.PRUNE_INTERVAL_S)
+            try:
+                await self._prune()
+                await self._retire()
+            except Exception:  # noqa: BLE001 - the next round tries again
+                log.exception("directory maintenance failed")
+
+    async def _prune(self) -> None:
+        """Drop replicas whose actor is gone (killed, or its node lost): they cannot say so."""
+        import ray
+
+        for (app, replica), actor in list(self.actors.items()):
+            try:
+                await asyncio.wait_for(actor.__ray_ready__.remote(), timeout=5.0)
+            except asyncio.TimeoutError:
+                continue  # busy, not gone
+            except ray.exceptions.RayActorError:
+                log.warning("replica %s of %s is gone", replica, app)
+                await self.unregister(app, replica)
+
+    async def _retire(self) -> None:
+        from ray import serve
+
+        now = time.time()
+        for app, deadline in list(self.warm_until.items()):
+            if deadline > now:
+                continue
+            model, _, version = app.partition("--")
+            serving = await asyncio.to_thread(serves_traffic, get_settings(), model, version)
+            if serving is False:
+                log.warning("stopping %s: its warm period is over", app)
+                await asyncio.to_thread(serve.delete, app, False)
+                await self.forget(app)
+            else:
+                log.warning("%s keeps running: %s", app, "traffic is back on it" if serving
+                            else "cannot tell whether it serves")
+                self.warm_until.pop(app, None)
+
+
+def directory():
+    """The directory actor (started on first use, on the head node)."""
+    import ray
+
+    return ray.remote(Directory).options(
+        name=DIRECTORY, namespace=ray_cluster.NAMESPACE, lifetime="detached",
+        get_if_exists=True, num_cpus=0, max_restarts=-1,
+        # On the head, beside the Serve controller: it lives as long as the cluster does.
+        resources={"node:__internal_head__": 0.001},
+    ).remote()
+
+
+# ------------------------------------------------------------------ what callers use
+
+def _connect(settings: Settings) -> None:
+    ray_cluster.connect(settings)
+    from ray import serve
+
+    # No Serve HTTP proxy: requests reach the engines through the gateway, directly.
+    serve.start(proxy_location="Disabled")
+
+
+def _statuses() -> dict:
+    from ray import serve
+
+    return serve.status().applications
+
+
+def parse_app_name(app: str) -> tuple[str, str, str] | None:
+    """(model, version or build key, role) of an application llmship made; None otherwise."""
+    role = "evaluation" if app.startswith(EVAL_PREFIX) else "serving"
+    model, sep, version = app.removeprefix(EVAL_PREFIX).rpartition("--")
+    return (model, version, role) if sep and model else None
+
+
+def _servers(statuses: dict, snap: dict, model: str | None = None) -> list[Server]:
+    servers = []
+    for app, status in statuses.items():
+        parsed = parse_app_name(app)
+        if parsed is None or (model is not None and parsed[0] != model):
+            continue
+        deployment = next(iter(status.deployments.values()), None)
+        counts = (deployment.replica_states or {}) if deployment else {}
+        servers.append(Server(
+            app=app, model=parsed[0], version=parsed[1], role=parsed[2],
+            status=str(getattr(status.status, "value", status.status)),
+            replicas=sum(counts.values()),
+            endpoints=[Endpoint.model_validate(e) for e in snap["endpoints"].get(app, [])],
+            warm_until=snap["warm_until"].get(app), message=status.message or ""))
+    return sorted(servers, key=lambda s: s.app)
+
+
+def running(settings: Settings, model: str | None = None) -> list[Server]:
+    """Every version with model servers (evaluation servers too), with its replicas."""
+    _connect(settings)
+    import ray
+
+    return _servers(_statuses(), ray.get(directory().snapshot.remote()), model)
+
+
+def find(settings: Settings, model: str, version: str, app: str | None = None) -> Server | None:
+    app = app or app_name(model, version)
+    return next((s for s in running(settings, model) if s.app == app), None)
+
+
+def is_healthy(server: Server) -> bool:
+    """Running, with every replica asked for registered (each registers once healthy)."""
+    return server.status == "RUNNING" and len(server.endpoints) >= max(server.replicas, 1)
+
+
+def spec_for_version(model: str, version: str, details: dict) -> ReplicaSpec:
+    """How a published version is served, from its manifest's details (the build's)."""
+    from llmship.store import key_part
+
+    return ReplicaSpec(app=app_name(model, version), model=model, version=version,
+                       role="serving",
+                       prefix=f"versions/{key_part(model, 'model')}/{key_part(version, 'version')}",
+                       target=engines.target_of(details),
+                       engine_args=details.get("engine_args", []),
+                       serve_subdir=details.get("serve_subdir"))
+
+
+def acquire(settings: Settings, spec: ReplicaSpec, serving: ServingConfig | None = None,
+            timeout_s: float | None = None) -> tuple[Server, bool]:
+    """The version's servers, running and healthy: (server, started). A running application
+    is reused (its warm period, if any, cancelled), else deployed and waited for. serving:
+    the replica count and spread; None (a rollback) takes those of the model's other
+    versions, as last deployed."""
+    _connect(settings)
+    import ray
+
+    existing = find(settings, spec.model, spec.version, spec.app)
+    if existing and existing.status == "RUNNING":
+        ray.get(directory().set_warm_until.remote(spec.app, None))
+        if serving is not None and existing.replicas != serving.replicas:
+            return scale(settings, existing, serving.replicas), False
+        return _wait_ready(settings, spec.app, timeout_s or 60.0), False
+    _deploy(settings, spec, serving or _placement_like(spec.model))
+    # Fetching the version to each node and the engine's start, on top of Serve's own.
+    return _wait_ready(settings, spec.app, timeout_s or settings.server_start_timeout_s + 120), True
+
+
+def _deploy(settings: Settings, spec: ReplicaSpec, serving: ServingConfig) -> None:
+    import ray
+    from ray import serve
+
+    from serving.replica import deployment as replica_deployment
+
+    # The build's engine arguments say how many GPUs one engine spans: they are what it runs.
+    gpus = engines.tensor_parallel_size(spec.engine_args) if settings.device == "cuda" else 0
+    deployment = replica_deployment().options(
+        name="engine", num_replicas=serving.replicas,
+        max_replicas_per_node=serving.max_replicas_per_node,
+        # On CPU a replica asks Ray for no CPU: vLLM's CPU engine takes what the OS gives it,
+        # and a rollout runs several side by side. On CUDA, its GPUs.
+        ray_actor_options={"num_cpus": 0, "num_gpus": gpus})
+    log.info("deploying %s: %d replica(s), %d GPU(s) each", spec.app, serving.replicas, gpus)
+    ray.get(directory().set_deployed.remote(spec.app, {
+        "spec": spec.model_dump(mode="json"), "serving": serving.model_dump(mode="json")}))
+    # Not serve.run: it waits for the application without a limit; _wait_ready has one and
+    # says what failed.
+    serve._run(deployment.bind(spec.model_dump(mode="json")), name=spec.app, route_prefix=None,
+               _blocking=False)
+
+
+def _placement_like(model: str) -> ServingConfig:
+    import ray
+
+    for app, deployed in ray.get(directory().all_deployed.remote()).items():
+        parsed = parse_app_name(app)
+        if parsed and parsed[0] == model and parsed[2] == "serving":
+            return ServingConfig.model_validate(deployed["serving"])
+    return ServingConfig()
+
+
+def reconcile(settings: Settings, live: dict[str, str]) -> list[str]:
+    """Deploy every live version that has no servers (after the cluster restarted, or the
+    servers of a version were lost): the S3 `live` aliases are what should serve. Returns
+    the applications deployed; does not wait for them."""
+    from llmship.store import ArtifactStore
+
+    _connect(settings)
+    apps = {s.app for s in running(settings)}
+    store = ArtifactStore(settings)
+    started = []
+    for model, version in live.items():
+        if app_name(model, version) in apps:
+            continue
+        manifest = store.read_manifest(spec_for_version(model, version, {}).prefix)
+        if manifest is None:
+            log.error("%s's live version %s has no manifest: not served", model, version)
+            continue
+        spec = spec_for_version(model, version, manifest.details)
+        log.warning("%s's live version %s has no servers: deploying it", model, version)
+        _deploy(settings, spec, _placement_like(model))
+        started.append(spec.app)
+    return started
+
+
+def _wait_ready(settings: Settings, app: str, timeout_s: float) -> Server:
+    deadline = time.monotonic() + timeout_s
+    model, version, _ = parse_app_name(app)
+    while True:
+        server = find(settings, model, version, app)
+        if server and is_healthy(server):
+            return server
+        if server and server.status == "DEPLOY_FAILED":
+            _delete(app)
+            raise ServingError(f"{app} could not start: {server.message[-3000:]}")
+        if time.monotonic() > deadline:
+            message = server.message[-3000:] if server else "it is not deployed"
+            raise ServingError(f"{app} was not healthy within {timeout_s:.0f} s "
+                               f"({server.status if server else '-'}, "
+                               f"{len(server.endpoints) if server else 0} replica(s) up): "
+                               f"{message}")
+        time.sleep(1.0)
+
+
+def _delete(app: str) -> None:
+    import ray
+    from ray import serve
+
+    serve.delete(app, _blocking=True)
+    ray.get(directory().forget.remote(app))
+
+
+def release(settings: Settings, server: Server) -> None:
+    """Stop a version's servers (every replica, on every node)."""
+    _connect(settings)
+    log.info("stopping %s", server.app)
+    _delete(server.app)
+
+
+def keep_warm(settings: Settings, server: Server, seconds: float) -> float | None:
+    """Stop server in seconds (at once for 0), unless traffic is back on it by then, or an
+    acquire takes it; returns the deadline (unix time)."""
+    if seconds <= 0:
+        release(settings, server)
+        return None
+    _connect(settings)
+    import ray
+
+    deadline = time.time() + seconds
+    ray.get(directory().set_warm_until.remote(server.app, deadline))
+    return deadline
+
+
+def scale(settings: Settings, server: Server, replicas: int) -> Server:
+    """Change a running version's replica count in place: its running replicas keep serving
+    (deployed again with the same spec, Serve only adds or removes replicas)."""
+    _connect(settings)
+    import ray
+
+    if replicas < 1:
+        raise ServingError(f"{replicas} replicas: a served version needs at least 1 "
+                           "(`llmship rollback` or a new rollout moves traffic off it)")
+    deployed = ray.get(directory().deployed.remote(server.app))
+    if deployed is None:
+        raise ServingError(f"the fleet does not know how {server.app} was deployed (the "
+                           "cluster restarted under it): roll it out again")
+    serving = ServingConfig.model_validate(deployed["serving"]).model_copy(
+        update={"replicas": replicas})
+    _deploy(settings, ReplicaSpec.model_validate(deployed["spec"]), serving)
+    return _wait_ready(settings, server.app, settings.server_start_timeout_s + 120)
+
+
+def smoke_test(server: Server, prompt: str) -> str:
+    """One real completion through each replica; raises ServingError if one does not answer."""
+    import httpx
+
+    text = ""
+    for endpoint in server.endpoints:
+        try:
+            resp = httpx.post(f"{endpoint.url}/v1/completions", timeout=60.0, json={
+                "model": server.model, "prompt": prompt, "max_tokens": 16, "temperature": 0})
+        except httpx.HTTPError as exc:
+            raise ServingError(f"{server.app}'s replica on {endpoint.node_ip} did not answer: "
+                               f"{exc}") from exc
+        if resp.status_code != 200:
+            raise ServingError(f"{server.app}'s replica on {endpoint.node_ip} answered "
+                               f"{resp.status_code}: {resp.text[:500]}")
+        text = resp.json()["choices"][0]["text"]
+    return text

