@@ -8,7 +8,7 @@ token and to the last chunk (gateway minus direct, target: p50 at most 2 ms adde
     .venv/orchestrator/bin/python bench/gateway_overhead.py --model tiny-llama \
         [--direct http://127.0.0.1:8100] [--gateway http://127.0.0.1:8000] [--requests 64]
 
---direct defaults to the live version's server, read from the gateway's admin API.
+--direct defaults to a replica of the live version, as the fleet reports it.
 """
 
 from __future__ import annotations
@@ -59,11 +59,12 @@ async def wave(url: str, model: str, concurrency: int, requests: int,
 
 def live_upstream(gateway: str, model: str) -> str:
     from llmship.settings import get_settings
+    from llmship.store import ArtifactStore
+    from serving import fleet
 
-    token = get_settings().gateway_admin_token
-    routes = httpx.get(f"{gateway}/admin/routes",
-                       headers={"authorization": f"Bearer {token}"}).json()
-    return routes[model]["upstream"]
+    settings = get_settings()
+    live = ArtifactStore(settings).read_alias(model, "live")
+    return fleet.find(settings, model, live).url
 
 
 def main() -> None:

@@ -33,6 +33,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gateway_overhead import wave  # noqa: E402
 
+from llmship.processes import write_json  # noqa: E402
 from llmship.settings import Settings  # noqa: E402
 from llmship.stack import gateway_argv  # noqa: E402
 
@@ -113,6 +114,9 @@ def main() -> None:
         f"asyncio.run(g.serve_stand_in({upstream_port}, {args.tokens}, "
         f"{args.token_ms / 1000}))")], cwd=REPO)
     state = tempfile.mkdtemp(prefix="llmship-bench-relay-")
+    # The replica the fleet would report for relay v1: the stand-in (no Ray needed here).
+    write_json(Path(state) / "gateway" / "endpoints.json",
+               {"relay--v1": [f"http://127.0.0.1:{upstream_port}"]})
     env = os.environ | {"LLMSHIP_STATE_DIR": state, "LLMSHIP_GATEWAY_ADMIN_TOKEN": TOKEN,
                         "LLMSHIP_GATEWAY_PORT": str(gateway_port)}
     if args.uvicorn_args:
@@ -134,8 +138,8 @@ def main() -> None:
                 if time.monotonic() > deadline:
                     raise
             time.sleep(0.2)
-        resp = httpx.put(f"{through}/admin/routes/relay", json={
-            "version": "v1", "upstream": direct}, headers={"authorization": f"Bearer {TOKEN}"})
+        resp = httpx.put(f"{through}/admin/routes/relay", json={"version": "v1"},
+                         headers={"authorization": f"Bearer {TOKEN}"})
         resp.raise_for_status()
         print(f"stand-in model server: {args.tokens} tokens per answer, one every "
               f"{args.token_ms:g} ms; {args.requests} streamed completions per wave, "

@@ -37,7 +37,7 @@ from load import SteadyLoad  # noqa: E402
 from flows.rollback import rollback  # noqa: E402
 from llmship.settings import get_settings  # noqa: E402
 from llmship.store import ArtifactStore  # noqa: E402
-from serving import model_server  # noqa: E402
+from serving import fleet  # noqa: E402
 
 PROMPTS = ["The supplier shall deliver the goods within thirty days of", "Payment is due"]
 
@@ -95,9 +95,9 @@ def main() -> None:
         second_version(args.model, args.deployment)
     live, previous = (store.read_alias(args.model, a) for a in ("live", "previous"))
     print(f"{args.model}: live {live}, previous {previous}")
-    assert model_server.find(settings, args.model, previous), "the previous version is not warm"
+    assert fleet.find(settings, args.model, previous), "the previous version is not warm"
     timed_rollback(args.model, settings.gateway_url, previous, "warm")
-    model_server.stop(settings, model_server.find(settings, args.model, live))
+    fleet.release(settings, fleet.find(settings, args.model, live))
     timed_rollback(args.model, settings.gateway_url, live, "cold")
 
 

@@ -121,20 +121,21 @@ def restore_automation(model: str, rollback_deployment_id, block_id) -> Automati
         source="selected", deployment_id=rollback_deployment_id,
         parameters={"model": model, "allow_ungated": False,
                     "only_if_live": "{{ event.payload.version }}",
-                    "reason": "the gateway declared the live server of "
+                    "reason": "the gateway declared the live version "
                               "{{ event.payload.version }} down after "
-                              "{{ event.payload.seconds }} s without an answer"})]
+                              "{{ event.payload.seconds }} s without a running replica"})]
     if block_id:
         actions.append(SendNotification(
             block_document_id=block_id,
-            subject="llmship: {{ event.payload.model }}'s live server is down; rolling back",
-            body="The server of {{ event.payload.model }} {{ event.payload.version }} "
-                 "({{ event.payload.upstream }}) has not answered the gateway for "
-                 "{{ event.payload.seconds }} s. Clients get 503s until "
+            subject="llmship: {{ event.payload.model }}'s live version is down; rolling back",
+            body="{{ event.payload.model }} {{ event.payload.version }} has had no running "
+                 "replica for {{ event.payload.seconds }} s (Ray could not keep one up: "
+                 "`llmship status` names each replica's engine log). Clients get 503s until "
                  f"rollback/{model} has moved the traffic to the previous version."))
     return Automation(
         name=RESTORE.format(model=model),
-        description=f"When {model}'s live server goes down, roll back to the previous version",
+        description=f"When {model}'s live version cannot stay up, roll back to the previous "
+                    "version",
         trigger=EventTrigger(expect={SERVING_DOWN}, posture=Posture.Reactive, threshold=1,
                              match={"prefect.resource.id": f"llmship.model.{model}"}),
         actions=actions,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -77,6 +78,17 @@ def worker_argv(ray_bin: Path, head: str, node_ip: str, port: int, num_cpus: int
             "--num-gpus", str(num_gpus), *_node_ports(port)]
 
 
+def _check_reachable(gcs: str) -> None:
+    """Fail in seconds, naming the address, where ray.init would retry for a minute."""
+    host, _, port = gcs.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=3.0).close()
+    except (OSError, ValueError) as exc:
+        raise ClusterError(f"no Ray cluster answers at {gcs} ({exc}): start the stack "
+                           "(`llmship up`), or point LLMSHIP_RAY_ADDRESS at a running "
+                           "cluster") from None
+
+
 def connect(settings: Settings) -> None:
     """Join this stack's cluster as a client (a driver), once per process."""
     env = ray_env(settings)
@@ -90,6 +102,8 @@ def connect(settings: Settings) -> None:
 
     if ray.is_initialized():
         return
+    if not (settings.ray_address or "").startswith("ray://"):  # Ray Client: its own check
+        _check_reachable(address(settings))
     ray.init(address=address(settings), namespace=NAMESPACE, log_to_driver=False,
              logging_level=logging.WARNING, configure_logging=False,
              # A client of the local stack is on the head's node; elsewhere Ray finds it.

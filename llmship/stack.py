@@ -54,7 +54,10 @@ def child_env(settings: Settings) -> dict[str, str]:
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
     })
-    # Every Ray client of the stack (flow runs, the gateway) presents the cluster's token.
+    # Every Ray client of the stack (flow runs, the gateway) presents the cluster's token;
+    # what another stack's Ray settings left in this environment does not carry over.
+    for name in [n for n in env if n.startswith("RAY_")]:
+        del env[name]
     env.update(ray_env(settings))
     # This stack runs where nothing but package registries is reachable; a GPU host with hub
     # access sets HF_HUB_OFFLINE=0 (and HF_TOKEN) in its worker's environment.

@@ -4,13 +4,16 @@
 
 A Ray replica that is killed (SIGKILL, its node lost, a failed health check) runs no clean-up
 of its own, and an engine left behind keeps its port and its GPUs. This guard is the replica's
-child and the engine's parent: when the replica goes (the guard is handed to another parent),
-or when it is asked to stop (SIGTERM), it stops the engine's whole process group (vLLM runs
-its engine core in a process of its own), then exits with the engine's status.
+child, in a session of its own (out of reach of a signal to the replica's process group), and
+the engine's parent: when the replica goes (the guard is handed to another parent), or when it
+is asked to stop (SIGTERM), it stops the engine's whole process group (vLLM runs its engine
+core in a process of its own), then exits with the engine's status. Should the guard itself
+be killed, the kernel kills the engine (PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -39,9 +42,18 @@ def stop(proc: subprocess.Popen) -> None:
             time.sleep(0.1)
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_guard() -> None:
+    # Runs in the engine's process before it executes: SIGKILL when its parent (this guard,
+    # single-threaded, so the thread that forked lives as long as the guard) dies.
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def main(argv: list[str]) -> int:
     parent = os.getppid()
-    proc = subprocess.Popen(argv, start_new_session=True)
+    proc = subprocess.Popen(argv, start_new_session=True, preexec_fn=_die_with_guard)
 
     def on_signal(signum, frame):
         stop(proc)

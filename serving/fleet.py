@@ -306,7 +306,10 @@ def _deploy(settings: Settings, spec: ReplicaSpec, serving: ServingConfig) -> No
         max_replicas_per_node=serving.max_replicas_per_node,
         # On CPU a replica asks Ray for no CPU: vLLM's CPU engine takes what the OS gives it,
         # and a rollout runs several side by side. On CUDA, its GPUs.
-        ray_actor_options={"num_cpus": 0, "num_gpus": gpus})
+        ray_actor_options={"num_cpus": 0, "num_gpus": gpus},
+        # An engine that fails to load mostly fails again: two tries per replica, then the
+        # deployment is DEPLOY_FAILED with the engine's own words in its message.
+        max_constructor_retry_count=2)
     log.info("deploying %s: %d replica(s), %d GPU(s) each", spec.app, serving.replicas, gpus)
     ray.get(directory().set_deployed.remote(spec.app, {
         "spec": spec.model_dump(mode="json"), "serving": serving.model_dump(mode="json")}))

@@ -167,7 +167,7 @@ class ModelReplica:
             self.engine = subprocess.Popen(
                 [sys.executable, "-m", "serving.engine_guard", *command], stdout=out,
                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=server_env(settings, self.spec.target))
+                env=server_env(settings, self.spec.target), start_new_session=True)
         deadline = time.monotonic() + settings.server_start_timeout_s
         while not _healthy(self.url):
             if self.engine.poll() is not None:

@@ -1,4 +1,4 @@
-"""Test fixtures. The suite starts its own real stack (SeaweedFS, Prefect server, worker,
+"""Test fixtures. The suite starts its own real stack (SeaweedFS, Prefect server, worker, Ray,
 gateway) on ports and state of its own, so a running `make demo` is never disturbed.
 
 The environment is set here, before anything reads settings: the worker and every flow run
@@ -24,7 +24,7 @@ TEST_ENV = {
     "LLMSHIP_PREFECT_PORT": "14200",
     "LLMSHIP_S3_PORT": "18333",  # SeaweedFS also takes the next 9 ports
     "LLMSHIP_GATEWAY_PORT": "18000",
-    "LLMSHIP_MODEL_SERVER_BASE_PORT": "18100",
+    "LLMSHIP_RAY_PORT": "16379",  # the Ray head takes up to 299 more (llmship/ray_cluster.py)
     "LLMSHIP_CALIBRATION_DATA_DIR": str(DATA),
     "LLMSHIP_ALERT_WEBHOOK_URL": "http://127.0.0.1:18900/alerts",
     "PREFECT_API_URL": "http://127.0.0.1:14200/api",
@@ -39,10 +39,12 @@ TEST_ENV = {
 os.environ.update(TEST_ENV)
 # The stack's secrets, and the Prefect profile in PREFECT_HOME that carries the API's auth
 # string, exist before anything imports Prefect, which reads its profile once, at import.
-from llmship.credentials import ensure_credentials  # noqa: E402
+from llmship.credentials import ensure_credentials, ray_env  # noqa: E402
 from llmship.settings import Settings  # noqa: E402
 
 ensure_credentials(Settings())
+# Ray reads its token settings when it is imported: before any test imports it.
+os.environ.update(ray_env(Settings()))
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,9 @@
 """The gateway's own answers, before any model server is involved: OpenAI-style errors for
-bad requests, and an admin API that refuses callers without the token."""
+bad requests, and an admin API that refuses callers without the token.
+
+Here no Ray cluster runs: the replicas the fleet would report are handed to the gateway
+(`replicas`) through the same method its fleet follower uses, or written where the gateway
+reads them at start (endpoints.json). The stack tests run it against the real fleet."""
 
 import json
 
@@ -19,6 +23,11 @@ def client(monkeypatch, tmp_path):
     with TestClient(app) as c:
         yield c
     get_settings.cache_clear()
+
+
+def replicas(client, apps: dict[str, list[str]]) -> None:
+    """What the fleet's directory would say: application (model--version) -> engine URLs."""
+    client.app.state.gw.set_endpoints(apps)
 
 
 def assert_openai_error(resp, status, param=None):
@@ -68,26 +77,32 @@ def test_admin_needs_the_token(client):
     assert ok.status_code == 200 and ok.json() == {}
 
 
-def test_route_to_an_unhealthy_server_is_refused(client):
+def test_route_to_a_version_without_replicas_is_refused(client):
+    replicas(client, {"m--v2": ["http://127.0.0.1:9"]})
     resp = client.put("/admin/routes/m", headers={"authorization": "Bearer right-token"},
-                      json={"version": "v1", "upstream": "http://127.0.0.1:9"})
-    assert_openai_error(resp, 409)
+                      json={"version": "v1"})
+    err = assert_openai_error(resp, 409)
+    assert "m v1 has no running replica" in err["message"]
     assert client.get("/v1/models").json()["data"] == []
+    # The old shape, with an upstream URL the gateway would trust blindly, is refused.
+    old = client.put("/admin/routes/m", headers={"authorization": "Bearer right-token"},
+                     json={"version": "v2", "upstream": "http://127.0.0.1:9"})
+    assert_openai_error(old, 400)
 
 
 def test_unknown_path_is_an_openai_404(client):
     assert_openai_error(client.get("/v1/nothing"), 404)
 
 
-def test_ready_is_503_while_a_routed_server_does_not_answer(monkeypatch, tmp_path):
-    """A route saved before a restart whose server has died since: the gateway is up
-    (/health) but not ready, and says which model and version lack a server."""
+def test_ready_is_503_while_a_routed_version_has_no_replica(monkeypatch, tmp_path):
+    """A route saved before a restart whose version has no replica now: the gateway is up
+    (/health) but not ready, and says which model and version lack one; a replica that
+    refuses connections is an error of its version, answered 503."""
     from llmship.processes import write_json
     from llmship.settings import get_settings
 
     monkeypatch.setenv("LLMSHIP_STATE_DIR", str(tmp_path))
-    write_json(tmp_path / "gateway" / "routes.json",
-               {"m": {"version": "v1", "upstream": "http://127.0.0.1:9"}})
+    write_json(tmp_path / "gateway" / "routes.json", {"m": {"version": "v1"}})
     get_settings.cache_clear()
     from serving.gateway import app
 
@@ -97,29 +112,33 @@ def test_ready_is_503_while_a_routed_server_does_not_answer(monkeypatch, tmp_pat
         assert err["code"] == "not_ready" and "'m': 'v1'" in err["message"]
         down = c.post("/v1/completions", json={"model": "m", "prompt": "x"})
         assert_openai_error(down, 503)
-        assert down.json()["error"]["code"] == "upstream_unavailable"
+        assert "no running replica" in down.json()["error"]["message"]
+        replicas(c, {"m--v1": ["http://127.0.0.1:9"]})  # registered, but gone
+        assert c.get("/ready").status_code == 200
+        refused = c.post("/v1/completions", json={"model": "m", "prompt": "x"})
+        assert_openai_error(refused, 503)
+        assert refused.json()["error"]["code"] == "upstream_unavailable"
         assert 'llmship_gateway_errors_total{endpoint="/v1/completions",model="m",' \
-               'version="v1"} 1.0' in c.get("/metrics").text
+               'version="v1"} 2.0' in c.get("/metrics").text
     get_settings.cache_clear()
 
 
-def test_a_live_server_that_stops_answering_is_declared_down_once(
+def test_a_live_version_left_without_replicas_is_declared_down_once(
         monkeypatch, tmp_path, caplog):
-    """The watcher: after LLMSHIP_GATEWAY_DOWN_AFTER missed checks the live server is
-    declared down (the log says so and asks for the rollback, which the stack tests follow
-    through Prefect); its clients get 503s that say a rollback was asked for."""
+    """The watcher: after LLMSHIP_GATEWAY_DOWN_AFTER checks in a row with no replica the
+    live version is declared down (the log says so and asks for the rollback, which the
+    stack tests follow through Prefect); its clients get 503s that say a rollback was asked
+    for. One replica back, and it is up again."""
     import time
 
     from llmship.processes import write_json
     from llmship.settings import get_settings
 
     server, url = fake_model_server("m-v1")
-    server.shutdown()
-    server.server_close()  # nothing listens there now
     monkeypatch.setenv("LLMSHIP_STATE_DIR", str(tmp_path))
     monkeypatch.setenv("LLMSHIP_GATEWAY_HEALTH_INTERVAL_S", "0.1")
     monkeypatch.setenv("LLMSHIP_GATEWAY_DOWN_AFTER", "3")
-    write_json(tmp_path / "gateway" / "routes.json", {"wm": {"version": "v1", "upstream": url}})
+    write_json(tmp_path / "gateway" / "routes.json", {"wm": {"version": "v1"}})
     get_settings.cache_clear()
     from serving.gateway import app
 
@@ -135,6 +154,13 @@ def test_a_live_server_that_stops_answering_is_declared_down_once(
         err = assert_openai_error(c.post("/v1/completions", json={"model": "wm",
                                                                   "prompt": "x"}), 503)
         assert "a rollback to the previous version was asked for" in err["message"]
+        replicas(c, {"wm--v1": [url]})
+        time.sleep(0.5)
+        assert c.post("/v1/completions", json={"model": "wm", "prompt": "x"}).json() == \
+            {"choices": [{"text": "m-v1"}]}
+        assert 'llmship_gateway_upstream_up{model="wm",version="v1"} 1.0' in \
+            c.get("/metrics").text
+    server.shutdown()
     get_settings.cache_clear()
 
 
@@ -188,8 +214,8 @@ def test_past_its_in_flight_limit_the_gateway_sheds_with_429(monkeypatch, tmp_pa
 
     monkeypatch.setenv("LLMSHIP_STATE_DIR", str(tmp_path))
     monkeypatch.setenv("LLMSHIP_GATEWAY_MAX_IN_FLIGHT", "2")
-    write_json(tmp_path / "gateway" / "routes.json",
-               {"m": {"version": "v1", "upstream": slow_upstream}})
+    write_json(tmp_path / "gateway" / "routes.json", {"m": {"version": "v1"}})
+    write_json(tmp_path / "gateway" / "endpoints.json", {"m--v1": [slow_upstream]})
     get_settings.cache_clear()
     from serving.gateway import app
 
@@ -216,9 +242,9 @@ ADMIN = {"authorization": "Bearer right-token"}
 def test_a_canary_takes_its_share_and_a_dead_one_costs_clients_nothing(client):
     old, old_url = fake_model_server("old")
     new, new_url = fake_model_server("new")
+    replicas(client, {"m--v1": [old_url], "m--v2": [new_url]})
     resp = client.put("/admin/routes/m", headers=ADMIN, json={
-        "version": "v1", "upstream": old_url,
-        "canary": {"version": "v2", "upstream": new_url, "percent": 30}})
+        "version": "v1", "canary": {"version": "v2", "percent": 30}})
     assert resp.status_code == 200, resp.text
     assert client.get("/v1/models").json()["data"][0]["canary"] == {"version": "v2",
                                                                    "percent": 30}
@@ -246,19 +272,39 @@ def test_a_canary_takes_its_share_and_a_dead_one_costs_clients_nothing(client):
     old.shutdown()
 
 
-def test_canary_route_needs_a_healthy_canary(client):
+def test_canary_route_needs_a_canary_with_replicas(client):
     old, old_url = fake_model_server("old")
+    replicas(client, {"m--v1": [old_url]})
     resp = client.put("/admin/routes/m", headers=ADMIN, json={
-        "version": "v1", "upstream": old_url,
-        "canary": {"version": "v2", "upstream": "http://127.0.0.1:9", "percent": 10}})
+        "version": "v1", "canary": {"version": "v2", "percent": 10}})
     assert_openai_error(resp, 409)
     assert client.get("/v1/models").json()["data"] == []
+    replicas(client, {"m--v1": [old_url], "m--v2": [old_url]})
     for percent in (0, 100):
         bad = client.put("/admin/routes/m", headers=ADMIN, json={
-            "version": "v1", "upstream": old_url,
-            "canary": {"version": "v2", "upstream": old_url, "percent": percent}})
+            "version": "v1", "canary": {"version": "v2", "percent": percent}})
         assert_openai_error(bad, 400)
     old.shutdown()
+
+
+def test_requests_spread_over_a_versions_replicas_and_skip_a_dead_one(client):
+    """Two replicas of one version: the gateway relays to both (the least busy first), and a
+    replica that refuses connections costs the clients nothing while the other answers."""
+    first, first_url = fake_model_server("first")
+    second, second_url = fake_model_server("second")
+    replicas(client, {"m--v1": [first_url, second_url]})
+    assert client.put("/admin/routes/m", headers=ADMIN,
+                      json={"version": "v1"}).status_code == 200
+    texts = [client.post("/v1/completions", json={"model": "m", "prompt": "x"})
+             .json()["choices"][0]["text"] for _ in range(60)]
+    assert 10 < texts.count("first") < 50, texts.count("first")
+    second.shutdown()
+    second.server_close()
+    after = [client.post("/v1/completions", json={"model": "m", "prompt": "x"})
+             for _ in range(30)]
+    assert [r.status_code for r in after] == [200] * 30
+    assert {r.json()["choices"][0]["text"] for r in after} == {"first"}
+    first.shutdown()
 
 
 def test_a_body_past_the_limit_is_413_before_it_reaches_a_server(monkeypatch, tmp_path):
@@ -280,8 +326,9 @@ def test_a_body_past_the_limit_is_413_before_it_reaches_a_server(monkeypatch, tm
 
 def test_a_relayed_stream_gives_its_slot_back_and_is_counted(client):
     server, url = fake_model_server("streamed")
+    replicas(client, {"m--v1": [url]})
     assert client.put("/admin/routes/m", headers=ADMIN,
-                      json={"version": "v1", "upstream": url}).status_code == 200
+                      json={"version": "v1"}).status_code == 200
     for _ in range(3):
         with client.stream("POST", "/v1/completions",
                            json={"model": "m", "prompt": "x", "stream": True}) as resp:
@@ -325,8 +372,9 @@ def dying_stream_server():
 
 def test_a_stream_its_server_drops_ends_with_an_openai_error_event(client):
     listener, url = dying_stream_server()
+    replicas(client, {"m--v1": [url]})
     assert client.put("/admin/routes/m", headers=ADMIN,
-                      json={"version": "v1", "upstream": url}).status_code == 200
+                      json={"version": "v1"}).status_code == 200
     with client.stream("POST", "/v1/completions",
                        json={"model": "m", "prompt": "x", "stream": True}) as resp:
         events = [line for line in resp.iter_lines() if line]

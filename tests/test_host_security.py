@@ -10,6 +10,7 @@ import socket
 import ssl
 import stat
 import subprocess
+import sys
 
 import httpx
 import pytest
@@ -225,3 +226,64 @@ def test_the_state_folder_is_its_owner_s_only(stack):
     for path in (prefect_home / "prefect.db", prefect_home / "profiles.toml",
                  stack.credentials_file):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+
+
+def descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for stat_file in os.listdir("/proc"):
+        if stat_file.isdigit():
+            try:
+                fields = open(f"/proc/{stat_file}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            children.setdefault(int(fields[1]), []).append(int(stat_file))
+    found, todo = set(), [pid]
+    while todo:
+        current = todo.pop()
+        found.add(current)
+        todo += [c for c in children.get(current, []) if c not in found]
+    return found
+
+
+def test_the_ray_cluster_refuses_clients_without_its_token(stack, first_run):
+    """The cluster listens on 127.0.0.1, but for each Serve replica's own gRPC server (on
+    every interface, Ray 2.60; docs/SECURITY.md): the cluster token is what keeps others out.
+    A client with no token, or a wrong one, cannot join it, deploy, or read it; the
+    dashboard's API refuses it too. The token's file and Ray's session folder are the
+    owner's only."""
+    from llmship import ray_cluster
+
+    head = processes.find(stack, "ray-head")
+    ray_pids = descendants(head.pid)
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        pids = {int(p.split("=")[1]) for p in line.split("users:")[1].split(",")
+                if p.startswith("pid=")}
+        if not pids & ray_pids:
+            continue
+        address = line.split()[3].rsplit(":", 1)[0]
+        if address not in ("127.0.0.1", "[::ffff:127.0.0.1]"):
+            assert '"ray::ServeRepli' in line, line  # Serve's own, token-checked
+
+    script = ("import ray; ray.init(address=%r, log_to_driver=False); print('JOINED')"
+              % ray_cluster.address(stack))
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    wrong = stack.state_dir / "wrong-token"
+    wrong.write_text("0" * 64)
+    for env in ({**base, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
+                {**base, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
+                 "RAY_AUTH_TOKEN_PATH": str(wrong)}):
+        proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                              text=True, timeout=180)
+        assert proc.returncode != 0 and "JOINED" not in proc.stdout
+        assert "Authentication" in proc.stderr or "token" in proc.stderr, proc.stderr[-2000:]
+    dashboard = f"http://{stack.host}:{stack.ray_port + 1}"
+    for path in ("/api/jobs/", "/api/serve/applications/", "/nodes?view=summary"):
+        resp = httpx.get(dashboard + path, timeout=10)
+        assert resp.status_code in (401, 403), (path, resp.status_code)
+    token = open(stack.ray_auth_token_file).read().strip()
+    ok = httpx.get(dashboard + "/api/serve/applications/", timeout=10,
+                   headers={"authorization": f"Bearer {token}"})
+    assert ok.status_code == 200 and "tiny-llama--" in ok.text
+    assert stat.S_IMODE(stack.ray_auth_token_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(ray_cluster.temp_dir(stack).stat().st_mode) == 0o700

@@ -65,16 +65,19 @@ def test_build_and_serve_serves_the_calibrated_version(first_run, stack, store, 
 
     models = httpx.get(f"{stack.gateway_url}/v1/models").json()["data"]
     assert [(m["id"], m["version"]) for m in models] == [("tiny-llama", live)]
-    # Served by the server its gate evaluated, handed to the rollout: the model was loaded
-    # for serving once, not twice; the baseline's evaluation server is gone.
-    from llmship import processes
+    # Served by the server its gate evaluated, kept for the rollout: the model was loaded
+    # for serving once, not twice; the baseline's evaluation server is gone. The version is
+    # a Ray Serve application with one replica on the head node.
+    from serving import fleet
 
-    serving = processes.find(stack, f"vllm-tiny-llama-{live}")
-    assert Path(serving.log).name.startswith("eval-tiny-llama-candidate-")
-    assert not [r.name for r in processes.records(stack) if r.name.startswith("eval-")
-                and processes.is_alive(r.pid)]
+    [server] = fleet.running(stack)
+    assert (server.app, server.role, server.status) == (f"tiny-llama--{live}", "serving",
+                                                        "RUNNING")
+    [replica] = server.endpoints
+    assert replica.node_ip == "127.0.0.1" and server.warm_until is None
+    assert Path(replica.log).is_file() and "vllm" in Path(replica.log).read_text()
     rollout = first_run.state.result()
-    assert rollout.started_server is False
+    assert rollout.started_server is False and replica.url in rollout.upstream
 
     # The served model answers held-out questions it never saw in training or calibration.
     items = held_out("clause_type", 6)
@@ -483,8 +486,9 @@ def test_gateway_restart_restores_the_routing_from_the_s3_aliases(first_run, sta
     live = store.read_alias("tiny-llama", "live")
     assert httpx.get(f"{stack.gateway_url}/ready").json()["models"] == {"tiny-llama": live}
     processes.stop(stack, processes.find(stack, "gateway"))
-    # The gateway's own file is gone too: the aliases and the running servers are the truth.
+    # The gateway's own files are gone too: the aliases and the fleet are the truth.
     (stack.state_dir / "gateway" / "routes.json").unlink()
+    (stack.state_dir / "gateway" / "endpoints.json").unlink()
     start_gateway(stack, child_env(stack))
     models = httpx.get(f"{stack.gateway_url}/v1/models").json()["data"]
     assert [(m["id"], m["version"]) for m in models] == [("tiny-llama", live)]

@@ -18,10 +18,10 @@ from prefect.utilities.schema_tools import validate
 from pydantic import ValidationError
 
 from llmship.cli import deployment_config
-from llmship.errors import ServingError, SourceNotFound, UnsupportedConfiguration
-from llmship.gpus import Gpu, choose_gpus, parse_nvidia_smi
+from llmship.errors import SourceNotFound, UnsupportedConfiguration
+from llmship.gpus import Gpu, parse_nvidia_smi
 from llmship.settings import PipelineConfig, Scheme, ServingConfig, Settings, Target
-from serving import engines, model_server
+from serving import engines, replica
 from tasks.preflight import ModelShape, check_environments, check_resources, read_model_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -171,11 +171,10 @@ def test_trtllm_engine_build_and_serve_command_lines():
 def test_trtllm_serves_through_a_link_named_after_the_model(tmp_path):
     """trtllm-serve names the model after the directory it loads: the link gives it the
     served name, and for an engine points into the artifact."""
-    settings = Settings(state_dir=tmp_path / "state")
     artifact = tmp_path / "artifact"
     (artifact / "engine").mkdir(parents=True)
-    link = model_server.trtllm_model_path(settings, "vllm-llama3-70b-v1", "llama3-70b",
-                                          artifact, "engine")
+    link = replica.trtllm_model_path(tmp_path / "links" / "r1", "llama3-70b", artifact,
+                                     "engine")
     assert link.name == "llama3-70b" and link.resolve() == (artifact / "engine").resolve()
 
 
@@ -189,10 +188,20 @@ def test_each_target_resolves_its_own_environment(monkeypatch):
     assert engines.python_for(settings, Target.TRTLLM) == Path("/opt/trtllm/bin/python")
     assert engines.python_for(settings, Target.VLLM) == Path("/opt/vllm/bin/python")
     assert engines.trtllm_script(settings, "trtllm-serve") == Path("/opt/trtllm/bin/trtllm-serve")
-    cpu = model_server.server_env(settings.model_copy(update={"device": "cpu"}), Target.VLLM)
+    cpu = replica.server_env(settings.model_copy(update={"device": "cpu"}), Target.VLLM)
     assert cpu["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
-    gpu = model_server.server_env(settings.model_copy(update={"device": "cuda"}), Target.VLLM)
+    gpu = replica.server_env(settings.model_copy(update={"device": "cuda"}), Target.VLLM)
     assert "VLLM_CPU_KVCACHE_SPACE" not in gpu and gpu["HF_HUB_OFFLINE"] == "1"
+
+
+def test_an_engine_gets_none_of_the_stacks_secrets(monkeypatch):
+    """The engine reads nothing from S3 and joins no cluster: no key or token reaches its
+    environment, however the replica's own environment got them."""
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", "/state/ray-auth-token")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    monkeypatch.setenv("LLMSHIP_S3_SECRET_KEY", "secret")
+    env = replica.server_env(Settings(), Target.VLLM)
+    assert not [k for k in env if k.startswith(("RAY_AUTH", "AWS_")) or "SECRET" in k]
 
 
 def test_a_missing_trtllm_environment_is_a_refusal_that_says_which_setting(tmp_path):
@@ -201,15 +210,6 @@ def test_a_missing_trtllm_environment_is_a_refusal_that_says_which_setting(tmp_p
     checks = {c.name: c for c in check_environments(config, settings)}
     serving = checks["serving (trtllm) environment"]
     assert serving.ok is False and "LLMSHIP_TRTLLM_PYTHON" in serving.detail
-
-
-def test_servers_side_by_side_take_separate_gpus():
-    held = {0: "vllm-llama3-70b-a", 1: "vllm-llama3-70b-a", 2: "vllm-llama3-70b-a",
-            3: "vllm-llama3-70b-a"}
-    assert choose_gpus(8, held, 4, "vllm-llama3-70b-b") == [4, 5, 6, 7]
-    with pytest.raises(ServingError, match=r"needs 4 GPU\(s\); 2 of 6 are free \(held by "
-                                           r"vllm-llama3-70b-a\)"):
-        choose_gpus(6, held, 4, "vllm-llama3-70b-b")
 
 
 def test_nvidia_smi_output_from_the_lent_h200_parses():

@@ -1,0 +1,47 @@
+"""What a flow run on the head host does, as a process of its own there (the multi-host tests
+start it inside the head's network namespace): roll a published version out with llmship's own
+rollout, and print its result as JSON.
+
+    python -m tests.helpers.multihost_driver rollout MODEL VERSION [--replicas N]
+           [--per-node N] [--canary PERCENT --bake S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from llmship.settings import RolloutConfig, ServingConfig, get_settings
+from llmship.store import ArtifactStore
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command", required=True)
+    roll = sub.add_parser("rollout")
+    roll.add_argument("model")
+    roll.add_argument("version")
+    roll.add_argument("--replicas", type=int, default=1)
+    roll.add_argument("--per-node", type=int, default=None)
+    roll.add_argument("--canary", type=float, default=None)
+    roll.add_argument("--bake", type=float, default=8.0)
+    args = parser.parse_args(argv)
+
+    from tasks.publish import PublishedVersion, version_prefix
+    from tasks.rollout import rollout
+
+    store = ArtifactStore(get_settings())
+    manifest = store.read_manifest(version_prefix(args.model, args.version))
+    version = PublishedVersion.from_manifest(args.model, manifest)
+    cfg = RolloutConfig(canary_steps=[args.canary] if args.canary else [],
+                        bake_seconds=args.bake, max_p99_seconds=30)
+    serving = ServingConfig(replicas=args.replicas, max_replicas_per_node=args.per_node)
+    result = rollout(version, cfg, serving=serving, log=logging.getLogger("rollout"))
+    print(result.model_dump_json())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
