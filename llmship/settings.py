@@ -45,8 +45,10 @@ class Settings(BaseSettings):
     # Where a node keeps the versions its replicas serve, one folder per manifest digest: no
     # disk is shared between nodes. Default: <state>/node-cache.
     node_cache_dir: Path | None = None
-    # How often the gateway asks the fleet where each version's replicas are.
+    # How often the gateway asks the fleet where each version's replicas are, and how long a
+    # starting gateway waits for the first answer before it takes requests.
     gateway_endpoint_refresh_s: float = Field(0.5, gt=0)
+    gateway_fleet_wait_s: float = Field(20.0, ge=0)
 
     # S3: the local SeaweedFS by default; point these at AWS S3 in production.
     s3_endpoint_url: str | None = None

@@ -169,6 +169,7 @@ class GatewayState:
         self.health_interval_s = settings.gateway_health_interval_s
         self.down_after = settings.gateway_down_after
         self.down: dict[str, str] = {}  # model -> its live version, declared down
+        self.fleet_known = asyncio.Event()  # set once the replicas were read from Ray
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(300.0, connect=5.0),
                                         limits=httpx.Limits(max_connections=512))
 
@@ -231,16 +232,17 @@ async def follow_fleet(gw: GatewayState) -> None:
             await asyncio.to_thread(ray_cluster.connect, gw.settings)
             from serving import fleet
 
-            if not reconciled:  # once: the live aliases are what should serve
-                live = {m: r.version for m, r in gw.routes.items()}
-                for app in await asyncio.to_thread(fleet.reconcile, gw.settings, live):
-                    log.warning("deployed %s: a live version without servers", app)
-                reconciled = True
             actor = await asyncio.to_thread(fleet.directory)
             while True:
                 snap = await actor.snapshot.remote()
                 gw.set_endpoints({app: [e["url"] for e in reps]
                                   for app, reps in snap["endpoints"].items()})
+                gw.fleet_known.set()
+                if not reconciled:  # once: the live aliases are what should serve
+                    live = {m: r.version for m, r in gw.routes.items()}
+                    for app in await asyncio.to_thread(fleet.reconcile, gw.settings, live):
+                        log.warning("deployed %s: a live version without servers", app)
+                    reconciled = True
                 await asyncio.sleep(gw.settings.gateway_endpoint_refresh_s)
         except asyncio.CancelledError:
             raise
@@ -297,6 +299,13 @@ async def lifespan(app: FastAPI):
     tasks = [asyncio.create_task(watch_live_versions(gw))]
     if uses_ray(gw.settings):
         tasks.append(asyncio.create_task(follow_fleet(gw)))
+        # A gateway (re)started under traffic relays nothing until it knows the replicas:
+        # it waits for them before it takes requests, or relays to the last known ones.
+        try:
+            await asyncio.wait_for(gw.fleet_known.wait(), gw.settings.gateway_fleet_wait_s)
+        except TimeoutError:
+            log.warning("the fleet's replicas were not known within %.0f s: relaying to the "
+                        "last known ones until they are", gw.settings.gateway_fleet_wait_s)
     yield
     for task in tasks:
         task.cancel()

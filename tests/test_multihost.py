@@ -53,13 +53,17 @@ class Cluster:
         self.hosts = hosts
         self.head_ip = hosts.ip("head")
         self.state = root / "head"
-        self.settings = Settings(state_dir=self.state, host=self.head_ip,
-                                 **{k.removeprefix("LLMSHIP_").lower(): int(v)
-                                    for k, v in PORTS.items()})
         self.gateway = self.settings.gateway_url
         self.worker_state = root / "worker"
+        self.probe: subprocess.Popen | None = None
         self.head_env = clean_env(LLMSHIP_STATE_DIR=str(self.state), LLMSHIP_HOST=self.head_ip,
                                   LLMSHIP_RAY_NUM_CPUS="4", **PORTS)
+
+    @property
+    def settings(self) -> Settings:
+        """The head's settings, as its processes read them (credentials once it is up)."""
+        return Settings(state_dir=self.state, host=self.head_ip,
+                        **{k.removeprefix("LLMSHIP_").lower(): int(v) for k, v in PORTS.items()})
 
     def up(self) -> None:
         proc = self.hosts.run("head", [str(BIN / "llmship"), "up"], env=self.head_env,
@@ -105,16 +109,20 @@ class Cluster:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
+    def ask(self, question: str):
+        """The fleet probe's answer (tests/helpers/fleet_probe.py, started once, on the head)."""
+        if self.probe is None or self.probe.poll() is not None:
+            self.probe = self.hosts.popen(
+                "head", [str(BIN / "python"), "-m", "tests.helpers.fleet_probe"],
+                env=self.head_env, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL, text=True)
+        self.probe.stdin.write(question + "\n")
+        self.probe.stdin.flush()
+        return json.loads(self.probe.stdout.readline())
+
     def fleet(self) -> dict:
-        """What `llmship status` says, parsed: app -> {status, replicas: [(node, url)]}."""
-        code = ("import json; from llmship.settings import get_settings; "
-                "from serving import fleet; print(json.dumps([s.model_dump() for s in "
-                "fleet.running(get_settings())]))")
-        proc = self.hosts.run("head", [str(BIN / "python"), "-c", code], env=self.head_env,
-                              cwd=REPO, capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        servers = json.loads(proc.stdout.strip().splitlines()[-1])
-        return {s["app"]: s for s in servers}
+        """What `llmship status` shows, as data: app -> the fleet's Server."""
+        return {s["app"]: s for s in self.ask("running")}
 
     def replicas_of(self, version: str) -> list[dict]:
         server = self.fleet().get(f"{MODEL}--{version}")
@@ -124,14 +132,7 @@ class Cluster:
         return sorted(e["node_ip"] for e in self.replicas_of(version))
 
     def alive_nodes(self) -> list[str]:
-        code = ("import ray; from llmship import ray_cluster; "
-                "from llmship.settings import get_settings; "
-                "ray_cluster.connect(get_settings()); "
-                "import json; print(json.dumps(sorted(n['NodeManagerAddress'] "
-                "for n in ray.nodes() if n['Alive'])))")
-        proc = self.hosts.run("head", [str(BIN / "python"), "-c", code], env=self.head_env,
-                              cwd=REPO, capture_output=True, text=True, timeout=120)
-        return json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else []
+        return self.ask("nodes")
 
     def publish(self, version: str, note: str) -> None:
         """A gated version of the demo model in the head's store (a note file makes each
