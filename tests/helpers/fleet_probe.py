@@ -1,5 +1,6 @@
 """A Ray client that stays connected and answers questions about the cluster, one JSON line per
-question read from stdin: `running` (the fleet's servers) or `nodes` (the live nodes' addresses).
+question read from stdin, marked with MARK: `running` (the fleet's servers) or `nodes` (the live
+nodes' addresses).
 The multi-host tests keep one on the head host, so that each look at the fleet costs
 milliseconds, not a new process joining the cluster."""
 
@@ -10,6 +11,8 @@ import sys
 
 from llmship import ray_cluster
 from llmship.settings import get_settings
+
+MARK = "ANSWER "
 
 
 def main() -> int:
@@ -27,7 +30,8 @@ def main() -> int:
             answer = sorted(n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"])
         else:
             answer = {"error": f"unknown question {question!r}"}
-        print(json.dumps(answer), flush=True)
+        # Marked: Ray prints its own notices (a node lost) to this process's stdout too.
+        print(MARK + json.dumps(answer), flush=True)
     return 0
 
 

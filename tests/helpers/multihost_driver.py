@@ -1,9 +1,11 @@
 """What a flow run on the head host does, as a process of its own there (the multi-host tests
 start it inside the head's network namespace): roll a published version out with llmship's own
-rollout, and print its result as JSON.
+rollout (or only start its servers), and print the result as JSON.
 
     python -m tests.helpers.multihost_driver rollout MODEL VERSION [--replicas N]
            [--per-node N] [--canary PERCENT --bake S]
+    python -m tests.helpers.multihost_driver acquire MODEL VERSION
+        (the version's servers started and left up, as the gate leaves a candidate's)
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ def main(argv: list[str]) -> int:
     roll.add_argument("--per-node", type=int, default=None)
     roll.add_argument("--canary", type=float, default=None)
     roll.add_argument("--bake", type=float, default=8.0)
+    warm = sub.add_parser("acquire")
+    warm.add_argument("model")
+    warm.add_argument("version")
     args = parser.parse_args(argv)
 
     from tasks.publish import PublishedVersion, version_prefix
@@ -34,6 +39,13 @@ def main(argv: list[str]) -> int:
 
     store = ArtifactStore(get_settings())
     manifest = store.read_manifest(version_prefix(args.model, args.version))
+    if args.command == "acquire":
+        from serving import fleet
+
+        spec = fleet.spec_for_version(args.model, args.version, manifest.details)
+        server, _ = fleet.acquire(get_settings(), spec, ServingConfig(replicas=1))
+        print(server.model_dump_json())
+        return 0
     version = PublishedVersion.from_manifest(args.model, manifest)
     cfg = RolloutConfig(canary_steps=[args.canary] if args.canary else [],
                         bake_seconds=args.bake, max_p99_seconds=30)
