@@ -105,7 +105,9 @@ def serves_traffic(settings: Settings, model: str, version: str) -> bool | None:
 
 class Directory:
     """Where each application's replicas' engines are, and which applications are kept warm
-    until when. Lives on the head node, detached: it outlives every client."""
+    until when. Lives on the head node, detached: it outlives every client. Should it be
+    restarted, the replicas register again at their next health check (every 5 s); the warm
+    deadlines it held are lost, and those versions stay up until released."""
 
     PRUNE_INTERVAL_S = 1.0
 
@@ -179,7 +181,7 @@ class Directory:
         for app, deadline in list(self.warm_until.items()):
             if deadline > now:
                 continue
-            model, _, version = app.partition("--")
+            model, version, _ = parse_app_name(app) or (app, "", "")
             serving = await asyncio.to_thread(serves_traffic, get_settings(), model, version)
             if serving is False:
                 log.warning("stopping %s: its warm period is over", app)

@@ -3,7 +3,7 @@
     POST /v1/completions, /v1/chat/completions   proxied to the live version (streams unbuffered)
     GET  /v1/models                              the models served, with their live version
     GET  /health                                 the gateway itself
-    GET  /ready                                  200 when every live version has a healthy server
+    GET  /ready                                  200 when every live version has a running replica
     GET  /metrics                                Prometheus
     GET  /admin/routes, PUT /admin/routes/{model}  bearer token: what the rollout task drives
 

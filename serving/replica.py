@@ -188,8 +188,13 @@ class ModelReplica:
             url=self.url, replica=self.replica_id, node_ip=node_ip,
             node_id=ray.get_runtime_context().get_node_id(),
             gpus=[str(g) for g in ray.get_gpu_ids()], log=str(self.log_path))
-        ray.get(directory().register.remote(self.spec.app, self.endpoint.model_dump(),
-                                            ray.get_runtime_context().current_actor))
+        self.directory = directory()
+        self.actor = ray.get_runtime_context().current_actor
+        ray.get(self.register())
+
+    def register(self):
+        return self.directory.register.remote(self.spec.app, self.endpoint.model_dump(),
+                                              self.actor)
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -211,6 +216,8 @@ class ModelReplica:
         if resp.status_code != 200:
             raise ServingError(f"the engine of {self.spec.app} answers its health check "
                                f"{resp.status_code}")
+        # Healthy: say so to the directory again (a restarted directory relearns the fleet).
+        self.register()
 
     def describe(self) -> dict:
         return self.endpoint.model_dump()
