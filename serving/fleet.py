@@ -236,12 +236,16 @@ def _servers(statuses: dict, snap: dict, model: str | None = None) -> list[Serve
             continue
         deployment = next(iter(status.deployments.values()), None)
         counts = (deployment.replica_states or {}) if deployment else {}
+        # The application's message says that it failed; its deployment's, why (the
+        # replica's exception: the engine's exit and its last log lines).
+        message = "\n".join(filter(None, [status.message,
+                                          deployment.message if deployment else ""]))
         servers.append(Server(
             app=app, model=parsed[0], version=parsed[1], role=parsed[2],
             status=str(getattr(status.status, "value", status.status)),
             replicas=sum(counts.values()),
             endpoints=[Endpoint.model_validate(e) for e in snap["endpoints"].get(app, [])],
-            warm_until=snap["warm_until"].get(app), message=status.message or ""))
+            warm_until=snap["warm_until"].get(app), message=message))
     return sorted(servers, key=lambda s: s.app)
 
 
@@ -364,14 +368,21 @@ def _wait_ready(settings: Settings, app: str, timeout_s: float) -> Server:
             return server
         if server and server.status == "DEPLOY_FAILED":
             _delete(app)
-            raise ServingError(f"{app} could not start: {server.message[-3000:]}")
+            raise ServingError(f"{app} could not start: {_shorten(server.message)}")
         if time.monotonic() > deadline:
-            message = server.message[-3000:] if server else "it is not deployed"
+            message = _shorten(server.message) if server else "it is not deployed"
             raise ServingError(f"{app} was not healthy within {timeout_s:.0f} s "
                                f"({server.status if server else '-'}, "
                                f"{len(server.endpoints) if server else 0} replica(s) up): "
                                f"{message}")
         time.sleep(1.0)
+
+
+def _shorten(message: str, limit: int = 6000) -> str:
+    """A failure's message, its head (what failed) and its tail (the engine's last words)."""
+    if len(message) <= limit:
+        return message
+    return f"{message[:limit // 4]}\n[...]\n{message[-(limit * 3 // 4):]}"
 
 
 def _delete(app: str) -> None:

@@ -174,13 +174,13 @@ class ModelReplica:
                 raise ServerExited(f"the {self.spec.target.value} engine for {self.spec.app} "
                                    f"exited ({self.engine.returncode}) while starting on "
                                    f"{node_ip}; last lines of {self.log_path}:\n"
-                                   f"{self.log_tail()}")
+                                   f"{self.log_tail(12)}")
             if time.monotonic() > deadline:
                 self.engine.terminate()
                 raise ServingError(f"the engine for {self.spec.app} was not healthy within "
                                    f"{settings.server_start_timeout_s:.0f} s on {node_ip} "
                                    f"(LLMSHIP_SERVER_START_TIMEOUT_S); last lines of "
-                                   f"{self.log_path}:\n{self.log_tail()}")
+                                   f"{self.log_path}:\n{self.log_tail(12)}")
             time.sleep(0.5)
         from serving.fleet import Endpoint, directory
 

