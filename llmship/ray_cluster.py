@@ -41,11 +41,18 @@ def address(settings: Settings) -> str:
     return settings.ray_address or f"{settings.host}:{settings.ray_port}"
 
 
+def private_dir(settings: Settings) -> Path:
+    """The owner-only folder (mode 700) that holds Ray's session folder: Ray makes that one
+    readable and writable by everyone (it chmods it 777), so this one keeps others out of its
+    logs and Unix sockets."""
+    digest = hashlib.sha256(str(settings.state_dir.resolve()).encode()).hexdigest()[:10]
+    return Path("/tmp") / f"llmship-ray-{digest}"
+
+
 def temp_dir(settings: Settings) -> Path:
     """Ray's session folder. Short, because Ray puts Unix sockets inside it (a socket path has
     at most 107 bytes), and one per stack, so two stacks on a host keep their own."""
-    digest = hashlib.sha256(str(settings.state_dir.resolve()).encode()).hexdigest()[:10]
-    return Path("/tmp") / f"llmship-ray-{digest}"
+    return private_dir(settings) / "r"
 
 
 def _node_ports(port: int) -> list[str]:

@@ -168,7 +168,7 @@ def start_ray(settings: Settings, env: dict[str, str]) -> None:
     if settings.ray_address or processes.find(settings, "ray-head"):
         return
     _require_free(settings, "the Ray head (GCS)", settings.ray_port)
-    folder = ray_cluster.temp_dir(settings)
+    folder = ray_cluster.private_dir(settings)
     folder.mkdir(mode=0o700, exist_ok=True)
     os.chmod(folder, 0o700)
     # Replicas run in the head's environment: they read versions from the store, nothing more.

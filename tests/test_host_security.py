@@ -249,8 +249,8 @@ def test_the_ray_cluster_refuses_clients_without_its_token(stack, first_run):
     """The cluster listens on 127.0.0.1, but for each Serve replica's own gRPC server (on
     every interface, Ray 2.60; docs/SECURITY.md): the cluster token is what keeps others out.
     A client with no token, or a wrong one, cannot join it, deploy, or read it; the
-    dashboard's API refuses it too. The token's file and Ray's session folder are the
-    owner's only."""
+    dashboard's API refuses it too. The token's file, and the folder around Ray's session
+    folder (its logs and Unix sockets), are the owner's only."""
     from llmship import ray_cluster
 
     head = processes.find(stack, "ray-head")
@@ -288,4 +288,6 @@ def test_the_ray_cluster_refuses_clients_without_its_token(stack, first_run):
                    headers={"authorization": f"Bearer {token}"})
     assert ok.status_code == 200 and "tiny-llama--" in ok.text
     assert stat.S_IMODE(stack.ray_auth_token_file.stat().st_mode) == 0o600
-    assert stat.S_IMODE(ray_cluster.temp_dir(stack).stat().st_mode) == 0o700
+    # Ray makes its session folder everyone's (777): the folder around it is the owner's.
+    assert ray_cluster.private_dir(stack) in ray_cluster.temp_dir(stack).parents
+    assert stat.S_IMODE(ray_cluster.private_dir(stack).stat().st_mode) == 0o700
