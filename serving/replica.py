@@ -219,9 +219,6 @@ class ModelReplica:
         # Healthy: say so to the directory again (a restarted directory relearns the fleet).
         self.register()
 
-    def describe(self) -> dict:
-        return self.endpoint.model_dump()
-
     def __del__(self) -> None:
         # Serve calls this on a graceful stop (scale down, delete, redeploy); a killed replica
         # never gets here, and its guard stops the engine instead.
