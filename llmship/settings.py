@@ -325,10 +325,6 @@ class ServingConfig(BaseModel, extra="forbid"):
     max_replicas_per_node: int | None = Field(
         None, ge=1, description="spread replicas over nodes: a node lost costs at most this many")
 
-    @property
-    def gpus_per_replica(self) -> int:
-        return self.tensor_parallel_size
-
 
 class RolloutConfig(BaseModel, extra="forbid"):
     """How traffic moves to a new version, and what makes it go back."""
