@@ -5,8 +5,9 @@
 
 Every stage's output is content-addressed: a rerun with the same inputs finds each stage's
 output in the store (the task runs show as Cached) and only checks that the version is live.
-The gate and the rollout start servers of the model: runs of one model take turns there
-(serving_slot), so two at once end as one, the second finding the version live.
+Runs of one model take turns at building (build_slot: the second finds each output made)
+and at the gate and the rollout, which start servers of the model (serving_slot): two at
+once end as one, the second finding the version live.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from prefect import flow
 from llmship.settings import PipelineConfig
 from tasks.build import build_task
 from tasks.calibrate import calibrate_task
-from tasks.common import serving_slot
+from tasks.common import build_slot, serving_slot
 from tasks.download import download_task
 from tasks.gate import gate_task
 from tasks.preflight import preflight_task
@@ -27,11 +28,13 @@ from tasks.rollout import RolloutResult, approve_rollout, rollout_task
 @flow(name="build-and-serve", log_prints=True, persist_result=True)
 def build_and_serve(config: PipelineConfig) -> RolloutResult | None:
     preflight_task(config)  # refuses before any download or GPU time is spent
-    snapshot = download_task(config.source, config.name)
-    calibrated = calibrate_task(snapshot, config.calibration, config.target, config.serving,
-                                config.name)
-    candidate = build_task(calibrated, config.target, config.serving, config.name, "candidate")
-    baseline = build_task(snapshot, config.target, config.serving, config.name, "baseline")
+    with build_slot(config.name):  # one run at a time builds a model
+        snapshot = download_task(config.source, config.name)
+        calibrated = calibrate_task(snapshot, config.calibration, config.target,
+                                    config.serving, config.name)
+        candidate = build_task(calibrated, config.target, config.serving, config.name,
+                               "candidate")
+        baseline = build_task(snapshot, config.target, config.serving, config.name, "baseline")
     with serving_slot(config.name):  # one run at a time evaluates or serves a model
         report = gate_task(candidate, baseline, config.gate, config.name)
         version = publish_task(config.name, candidate, report)

@@ -128,6 +128,9 @@ class Settings(BaseSettings):
     # How long a run waits for its model's serving slot (tasks/common.py: serving_slot) while
     # another run of the same model evaluates or rolls out: a 70B gate takes a while.
     serving_slot_timeout_s: float = Field(4 * 3600.0, gt=0)
+    # How long a run waits for its model's build slot (tasks/common.py: build_slot) while
+    # another run of the same model downloads, calibrates or builds: a 70B calibration is long.
+    build_slot_timeout_s: float = Field(24 * 3600.0, gt=0)
 
     @property
     def prefect_api_url(self) -> str:

@@ -32,6 +32,7 @@ from llmship.subprocess_stage import run_stage, stage_main, tool_versions
 from serving import engines
 from tasks.common import (
     RETRIES, RETRY_DELAYS, StageOutput, cache_key, fresh_dir, record_stage_artifact,
+    stored_output,
     retry_unless_permanent,
 )
 
@@ -188,6 +189,8 @@ def build_task(checkpoint: StageOutput, target: Target, serving: ServingConfig, 
     store = ArtifactStore(settings)
     key = build_key(checkpoint, target, serving)
     prefix = f"stages/build/{key}"
+    if made := stored_output(store, prefix):
+        return made
     out_dir = fresh_dir(store.local_path(prefix))
     result = run_stage(settings, settings.quantize_python, "tasks.build", BuildRequest(
         checkpoint_dir=str(store.materialize(checkpoint.prefix)), out_dir=str(out_dir),

@@ -40,6 +40,7 @@ from llmship.store import ArtifactStore
 from llmship.subprocess_stage import run_stage, stage_main, tool_versions
 from tasks.common import (
     RETRIES, RETRY_DELAYS, StageOutput, cache_key, fresh_dir, record_stage_artifact,
+    stored_output,
     retry_unless_permanent,
 )
 
@@ -246,6 +247,8 @@ def calibrate_task(snapshot: StageOutput, config: CalibrationConfig, target: Tar
     key = calibrate_key(snapshot, config, target, serving)
     prefix = f"stages/calibrate/{key}"
     store = ArtifactStore(settings)
+    if made := stored_output(store, prefix):
+        return made
     out_dir = fresh_dir(store.local_path(prefix))
     result = run_stage(settings, settings.quantize_python, "tasks.calibrate", CalibrateRequest(
         model_dir=str(store.materialize(snapshot.prefix)), data_file=str(data),

@@ -6,7 +6,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from llmship.errors import LlmshipError, PermanentError
 from llmship.manifest import Manifest
 from llmship.settings import get_settings
+from llmship.store import ArtifactStore
 
 # Transient failures (network, S3 5xx, a killed subprocess) are retried with growing delays.
 RETRIES = 3
@@ -105,17 +106,16 @@ def record_markdown(model: str, stage: str, markdown: str, description: str) -> 
 
 
 @contextmanager
-def serving_slot(model: str) -> Iterator[None]:
-    """One run at a time evaluates or serves a model: the gate's evaluation servers and a
-    rollout's are the model's, and two runs interleaving them stop each other's. The slot is
-    Prefect's global concurrency limit `llmship-serving-<model>` (one slot, made on first
-    use, visible in the UI); a run whose host dies gives it back when its lease runs out."""
+def model_slot(purpose: str, model: str, timeout_s: float) -> Iterator[None]:
+    """One run at a time holds a model's slot for a purpose: Prefect's global concurrency
+    limit `llmship-<purpose>-<model>` (one slot, made on first use, visible in the UI). A run
+    whose host dies gives it back when its lease runs out."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.concurrency.sync import concurrency
     from prefect.exceptions import ObjectNotFound
 
-    name = artifact_key("llmship-serving", model)
+    name = artifact_key(f"llmship-{purpose}", model)
     with get_client(sync_client=True) as client:
         try:
             client.read_global_concurrency_limit_by_name(name)
@@ -126,13 +126,39 @@ def serving_slot(model: str) -> Iterator[None]:
             except Exception:  # noqa: BLE001 - made meanwhile by another run: the same limit
                 client.read_global_concurrency_limit_by_name(name)
     log = get_run_logger()
-    log.info("taking %s's serving slot (%s): another run evaluating or serving it goes first",
-             model, name)
+    log.info("taking %s's %s slot (%s): another run %s it goes first", model, purpose, name,
+             "evaluating or serving" if purpose == "serving" else "building")
     started = time.monotonic()
     # A transient Prefect outage while the slot is held must not kill an evaluation.
     with concurrency(name, occupy=1, strict=True, lease_duration=300,
-                     timeout_seconds=get_settings().serving_slot_timeout_s,
-                     raise_on_lease_renewal_failure=False):
+                     timeout_seconds=timeout_s, raise_on_lease_renewal_failure=False):
         if time.monotonic() - started > 1:
-            log.info("got %s's serving slot after %.0f s", model, time.monotonic() - started)
+            log.info("got %s's %s slot after %.0f s", model, purpose,
+                     time.monotonic() - started)
         yield
+
+
+def build_slot(model: str) -> AbstractContextManager[None]:
+    """One run at a time builds a model. Two runs of the same config at once made the same
+    stage outputs side by side: twice the GPU time, and the second upload of an output whose
+    bytes differ (calibration is not bit-for-bit repeatable) failed with VersionConflict, or
+    overwrote files the first one's manifest lists. In turn, the second finds each output
+    made (Prefect's cache, or the store: stored_output)."""
+    return model_slot("build", model, get_settings().build_slot_timeout_s)
+
+
+def serving_slot(model: str) -> AbstractContextManager[None]:
+    """One run at a time evaluates or serves a model: the gate's evaluation servers and a
+    rollout's are the model's, and two runs interleaving them stop each other's."""
+    return model_slot("serving", model, get_settings().serving_slot_timeout_s)
+
+
+def stored_output(store: ArtifactStore, prefix: str) -> StageOutput | None:
+    """A stage's output already in the store, made by another run (on another host, whose
+    Prefect cache this one cannot see): its prefix is the digest of the same inputs."""
+    manifest = store.read_manifest(prefix)
+    if manifest is None:
+        return None
+    get_run_logger().info("s3://%s/%s is in the store already (made %s): using it",
+                          store.bucket, prefix, manifest.created_at)
+    return StageOutput.from_manifest(prefix, manifest)

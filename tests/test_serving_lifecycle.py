@@ -326,9 +326,11 @@ def test_a_live_version_that_cannot_stay_up_is_replaced_by_the_previous_version(
 def test_two_identical_runs_at_once_end_as_one_rollout(versions, stack, store, prefect_client):
     """Two build-and-serve runs of the same new config started together: each gate's and
     rollout's servers are the model's, and interleaved they stopped each other's (one run
-    failed with "exited before healthy", the other's rollout with FileNotFoundError). Runs of
-    one model now take turns at the gate and the rollout (Prefect's global concurrency limit
-    llmship-serving-tiny-llama): one rolls the new version out, the other finds it live."""
+    failed with "exited before healthy", the other's rollout with FileNotFoundError), and
+    both calibrated at once, the second failing to store different bytes (VersionConflict).
+    Runs of one model now take turns at building and at the gate and the rollout (Prefect's
+    global concurrency limits llmship-build-tiny-llama and llmship-serving-tiny-llama): one
+    rolls the new version out, the other finds it made and live."""
     from prefect.client.schemas.objects import FlowRun
 
     config = json.loads(json.dumps(prefect_client.read_deployment_by_name(
@@ -347,5 +349,6 @@ def test_two_identical_runs_at_once_end_as_one_rollout(versions, stack, store, p
     assert store.read_alias("tiny-llama", "live") == new
     models = httpx.get(f"{stack.gateway_url}/v1/models", timeout=10).json()["data"]
     assert [(m["id"], m["version"]) for m in models] == [("tiny-llama", new)]
-    limit = prefect_client.read_global_concurrency_limit_by_name("llmship-serving-tiny-llama")
-    assert limit.limit == 1 and limit.active_slots == 0
+    for name in ("llmship-build-tiny-llama", "llmship-serving-tiny-llama"):
+        limit = prefect_client.read_global_concurrency_limit_by_name(name)
+        assert limit.limit == 1 and limit.active_slots == 0
