@@ -35,6 +35,7 @@ from llmship.manifest import Manifest, hash_dir  # noqa: E402
 from llmship.settings import ServingConfig, get_settings  # noqa: E402
 from llmship.store import ArtifactStore  # noqa: E402
 from tests.helpers.load import SteadyLoad  # noqa: E402
+from tests.helpers.procs import cmdline, descendants  # noqa: E402
 
 PROMPTS = ["Clause: The Vendor shall pay the Buyer $12,500 no later than March 3, 2027.\n"
            "Question: What amount does the clause state?\nAnswer:", "Payment is due"]
@@ -50,30 +51,6 @@ def rss_mib(pids: set[int]) -> float:
         except OSError:
             pass
     return total / 1024
-
-
-def tree(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = set(), [pid]
-    while todo:
-        current = todo.pop()
-        found.add(current)
-        todo += children.get(current, [])
-    return found
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
 
 
 def publish_demo(store: ArtifactStore, model: str, version: str) -> None:
@@ -144,13 +121,13 @@ def main() -> None:
           f"replicas again after {restored:.1f} s" if restored else "Ray did not restore it")
 
     head = processes.find(settings, "ray-head")
-    ray_pids = tree(head.pid)
+    ray_pids = {head.pid, *descendants(head.pid)}
     engines = {p for p in ray_pids if "engine_guard" in cmdline(p) or "/serve/" in cmdline(p)}
-    engines |= {c for p in engines for c in tree(p)}
+    engines |= set(descendants(*engines))
     stack = set()
     for rec in processes.records(settings):
         if rec.name != "ray-head" and processes.is_alive(rec.pid):
-            stack |= tree(rec.pid)
+            stack |= {rec.pid, *descendants(rec.pid)}
     print(f"memory: Ray's processes {rss_mib(ray_pids - engines):.0f} MiB (GCS, raylet, "
           f"dashboard and agents, Serve controller, directory, 2 replica actors); the rest of "
           f"the stack {rss_mib(stack):.0f} MiB; the 2 engines {rss_mib(engines):.0f} MiB")

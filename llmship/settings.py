@@ -13,7 +13,7 @@ import os
 from enum import Enum
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -314,6 +314,29 @@ class TrtllmConfig(BaseModel, extra="forbid"):
                           "Llama recipe turns it on)")
 
 
+class AutoscalingBlock(BaseModel, extra="forbid"):
+    """Replicas from load (serving/autoscale.py): Ray Serve's autoscaler on the engines'
+    running and waiting requests."""
+
+    min_replicas: int = Field(1, ge=1, description="replicas at the least (and at the start)")
+    max_replicas: int = Field(2, ge=1, description="replicas at the most")
+    target_ongoing_requests: float = Field(
+        16.0, gt=0, description="running + waiting requests per engine to scale to")
+    upscale_delay_s: float = Field(30.0, ge=0, description="load this long above target "
+                                                           "before a replica is added")
+    downscale_delay_s: float = Field(600.0, ge=0, description="load this long below target "
+                                                              "before a replica is removed")
+    metrics_interval_s: float = Field(5.0, gt=0, description="how often each replica reports")
+    look_back_period_s: float = Field(30.0, gt=0, description="the load is averaged over this")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoscalingBlock":
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas {self.max_replicas} is below min_replicas "
+                             f"{self.min_replicas}")
+        return self
+
+
 class ServingConfig(BaseModel, extra="forbid"):
     dtype: str = "bfloat16"
     max_model_len: int = Field(512, ge=16)
@@ -327,6 +350,15 @@ class ServingConfig(BaseModel, extra="forbid"):
                                                "tensor_parallel_size GPUs, placed by Ray")
     max_replicas_per_node: int | None = Field(
         None, ge=1, description="spread replicas over nodes: a node lost costs at most this many")
+    autoscaling: AutoscalingBlock | None = Field(
+        None, description="replicas from load, between min and max; set, it takes the place "
+                          "of replicas")
+
+    def build_inputs(self) -> dict[str, Any]:
+        """What a build depends on: the engine's settings, not how many replicas run it or
+        where (changing those must not make a new build, nor a new version)."""
+        return self.model_dump(mode="json", exclude={"replicas", "max_replicas_per_node",
+                                                     "autoscaling"})
 
 
 class RolloutConfig(BaseModel, extra="forbid"):
@@ -388,6 +420,9 @@ class PipelineConfig(BaseModel, extra="forbid"):
                 self.serving.trtllm.backend is TrtllmBackend.TENSORRT:
             raise ValueError("serving.trtllm.backend tensorrt builds a TensorRT engine, which "
                              "vLLM cannot load: set target trtllm, or leave the backend pytorch")
+        if self.target is Target.TRTLLM and self.serving.autoscaling:
+            raise ValueError("serving.autoscaling scales on vLLM's queue gauges, which "
+                             "trtllm-serve does not report: set serving.replicas instead")
         return self
 
     @field_validator("source")

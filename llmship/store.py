@@ -153,6 +153,11 @@ def key_part(value: str, what: str) -> str:
     return value
 
 
+def version_prefix(model: str, version: str) -> str:
+    """Where a published version lives in the artifacts bucket."""
+    return f"versions/{key_part(model, 'model')}/{key_part(version, 'version')}"
+
+
 def parse_s3_uri(uri: str) -> tuple[str, str]:
     bucket, _, prefix = uri.removeprefix("s3://").partition("/")
     return bucket, prefix.strip("/")

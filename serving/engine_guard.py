@@ -3,18 +3,23 @@
     python -m serving.engine_guard ENGINE-COMMAND...
 
 A Ray replica that is killed (SIGKILL, its node lost, a failed health check) runs no clean-up
-of its own, and an engine left behind keeps its port and its GPUs. This guard is the replica's
-child, in a session of its own (out of reach of a signal to the replica's process group), and
-the engine's parent: when the replica goes (the guard is handed to another parent), or when it
-is asked to stop (SIGTERM), it stops the engine's whole process group (vLLM runs its engine
-core in a process of its own), then exits with the engine's status. Should the guard itself
-be killed, the kernel kills the engine (PR_SET_PDEATHSIG).
+of its own, and an engine left behind keeps its port, its memory and its GPUs. The engine runs
+in a process group of its own (vLLM's API server, its engine core and its workers: they all
+stay in it), and two processes stop that group:
+- this guard, the replica's child and the engine's parent: when the replica goes (the guard
+  is handed to another parent) or when it is asked to stop (SIGTERM), it stops the group and
+  exits with the engine's status. The replica watches the engine through it.
+- a watcher, which the guard leaves behind as an orphan, out of reach of Ray: a worker that
+  exits kills its own children (the guard) with SIGKILL, and the kernel's death signal then
+  stops the API server only, not the engine core and workers it started. The watcher stops
+  the group as soon as the replica or the guard is gone, and exits once the group is empty.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -22,27 +27,64 @@ import time
 
 POLL_S = 0.5
 STOP_GRACE_S = 10.0
+PR_SET_PDEATHSIG = 1
 
 
-def stop(proc: subprocess.Popen) -> None:
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stop_group(pgid: int, leader: subprocess.Popen | None = None) -> None:
+    """SIGTERM to the engine's group (vLLM stops its engine core and workers), then SIGKILL to
+    whatever of it is left after the grace period."""
     for sig, grace in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, 5.0)):
         try:
-            os.killpg(proc.pid, sig)
+            os.killpg(pgid, sig)
         except ProcessLookupError:
             return
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                # The leader is gone: nothing of its group may keep the port or the GPUs.
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            if leader is not None:
+                leader.poll()  # reap it, or its zombie keeps the group alive
+            if not group_alive(pgid):
                 return
+            if leader is not None and leader.returncode is not None:
+                break  # the leader is gone: none of its group may keep the port or the GPUs
             time.sleep(0.1)
 
 
-PR_SET_PDEATHSIG = 1
+def watch(pgid: int, replica: int, guard: int) -> None:
+    """The watcher's life: stop the engine's group once the replica or the guard is gone."""
+    try:
+        # pidfds, not pids: a pid reused by another process must not look like the replica.
+        fds = [os.pidfd_open(replica), os.pidfd_open(guard)]
+    except ProcessLookupError:
+        fds = []
+    while group_alive(pgid):
+        if not fds or select.select(fds, [], [], POLL_S)[0]:
+            time.sleep(POLL_S)  # the guard stops the group itself when it can: let it
+            stop_group(pgid)
+            return
+
+
+def start_watcher(pgid: int, replica: int) -> None:
+    guard = os.getpid()
+    child = os.fork()
+    if child == 0:
+        try:
+            if os.fork() == 0:  # the watcher: its parent exits now, and it is an orphan
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                watch(pgid, replica, guard)
+        finally:
+            os._exit(0)
+    os.waitpid(child, 0)
 
 
 def _die_with_guard() -> None:
@@ -52,22 +94,25 @@ def _die_with_guard() -> None:
 
 
 def main(argv: list[str]) -> int:
-    parent = os.getppid()
+    replica = os.getppid()
     proc = subprocess.Popen(argv, start_new_session=True, preexec_fn=_die_with_guard)
+    start_watcher(proc.pid, replica)
 
     def on_signal(signum, frame):
-        stop(proc)
+        stop_group(proc.pid, proc)
         sys.exit(128 + signum)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     while proc.poll() is None:
-        if os.getppid() != parent:
-            print(f"engine_guard: the replica (pid {parent}) is gone: stopping the engine",
+        if os.getppid() != replica:
+            print(f"engine_guard: the replica (pid {replica}) is gone: stopping the engine",
                   flush=True)
-            stop(proc)
+            stop_group(proc.pid, proc)
             return 1
         time.sleep(POLL_S)
+    # The API server is gone; its engine core and workers must not outlive it.
+    stop_group(proc.pid)
     return proc.returncode
 
 

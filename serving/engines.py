@@ -116,3 +116,13 @@ def tensor_parallel_size(args: list[str]) -> int:
 
 def builds_engine(target: Target, serving: ServingConfig) -> bool:
     return target is Target.TRTLLM and serving.trtllm.backend is TrtllmBackend.TENSORRT
+
+
+def answers_health(url: str, timeout_s: float = 10.0) -> bool:
+    """Whether the engine at url answers its /health (vLLM's and trtllm-serve's) with 200."""
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/health", timeout=timeout_s).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -30,8 +30,10 @@ from pydantic import BaseModel
 
 from llmship import ray_cluster
 from llmship.errors import ServingError
+from llmship.manifest import digest_of
 from llmship.settings import ServingConfig, Settings, get_settings
 from serving import engines
+from serving.autoscale import ray_autoscaling_config
 from serving.replica import ReplicaSpec
 
 log = logging.getLogger("llmship.fleet")
@@ -269,11 +271,10 @@ def is_healthy(server: Server) -> bool:
 
 def spec_for_version(model: str, version: str, details: dict) -> ReplicaSpec:
     """How a published version is served, from its manifest's details (the build's)."""
-    from llmship.store import key_part
+    from llmship.store import version_prefix
 
     return ReplicaSpec(app=app_name(model, version), model=model, version=version,
-                       role="serving",
-                       prefix=f"versions/{key_part(model, 'model')}/{key_part(version, 'version')}",
+                       role="serving", prefix=version_prefix(model, version),
                        target=engines.target_of(details),
                        engine_args=details.get("engine_args", []),
                        serve_subdir=details.get("serve_subdir"))
@@ -291,8 +292,11 @@ def acquire(settings: Settings, spec: ReplicaSpec, serving: ServingConfig | None
     existing = find(settings, spec.model, spec.version, spec.app)
     if existing and existing.status == "RUNNING":
         ray.get(directory().set_warm_until.remote(spec.app, None))
-        if serving is not None and existing.replicas != serving.replicas:
-            return scale(settings, existing, serving.replicas), False
+        deployed = ray.get(directory().deployed.remote(spec.app))
+        if serving is not None and (deployed is None or placement(
+                ServingConfig.model_validate(deployed["serving"])) != placement(serving)):
+            _deploy(settings, spec, serving)  # in place: Serve adds or removes replicas
+            return _wait_ready(settings, spec.app, settings.server_start_timeout_s + 120), False
         return _wait_ready(settings, spec.app, timeout_s or 60.0), False
     _deploy(settings, spec, serving or _placement_like(spec.model))
     # Fetching the version to each node and the engine's start, on top of Serve's own.
@@ -307,16 +311,24 @@ def _deploy(settings: Settings, spec: ReplicaSpec, serving: ServingConfig) -> No
 
     # The build's engine arguments say how many GPUs one engine spans: they are what it runs.
     gpus = engines.tensor_parallel_size(spec.engine_args) if settings.device == "cuda" else 0
+    # A fixed count, or Serve's autoscaler on the engines' queues (serving/autoscale.py).
+    count = ({"autoscaling_config": ray_autoscaling_config(serving.autoscaling)}
+             if serving.autoscaling else {"num_replicas": serving.replicas})
     deployment = replica_deployment().options(
-        name="engine", num_replicas=serving.replicas,
-        max_replicas_per_node=serving.max_replicas_per_node,
+        name="engine", **count, max_replicas_per_node=serving.max_replicas_per_node,
         # On CPU a replica asks Ray for no CPU: vLLM's CPU engine takes what the OS gives it,
         # and a rollout runs several side by side. On CUDA, its GPUs.
         ray_actor_options={"num_cpus": 0, "num_gpus": gpus},
         # An engine that fails to load mostly fails again: two tries per replica, then the
         # deployment is DEPLOY_FAILED with the engine's own words in its message.
         max_constructor_retry_count=2)
-    log.info("deploying %s: %d replica(s), %d GPU(s) each", spec.app, serving.replicas, gpus)
+    # Serve gives an imperative deployment a new code version at every deploy, and so new
+    # replicas: each a new engine load, for what is only a change of the replica count. With
+    # the spec as its version the running replicas stay, and Serve adds or removes some.
+    # (`version` is no longer a public option of Deployment.options: hence _internal.)
+    deployment = deployment.options(version=digest_of(spec.model_dump(mode="json"))[:16],
+                                    _internal=True)
+    log.info("deploying %s: %s, %d GPU(s) each", spec.app, describe_count(serving), gpus)
     ray.get(directory().set_deployed.remote(spec.app, {
         "spec": spec.model_dump(mode="json"), "serving": serving.model_dump(mode="json")}))
     # Not serve.run: it waits for the application without a limit; _wait_ready has one and
@@ -339,7 +351,7 @@ def reconcile(settings: Settings, live: dict[str, str]) -> list[str]:
     """Deploy every live version that has no servers (after the cluster restarted, or the
     servers of a version were lost): the S3 `live` aliases are what should serve. Returns
     the applications deployed; does not wait for them."""
-    from llmship.store import ArtifactStore
+    from llmship.store import ArtifactStore, version_prefix
 
     _connect(settings)
     apps = {s.app for s in running(settings)}
@@ -348,7 +360,7 @@ def reconcile(settings: Settings, live: dict[str, str]) -> list[str]:
     for model, version in live.items():
         if app_name(model, version) in apps:
             continue
-        manifest = store.read_manifest(spec_for_version(model, version, {}).prefix)
+        manifest = store.read_manifest(version_prefix(model, version))
         if manifest is None:
             log.error("%s's live version %s has no manifest: not served", model, version)
             continue
@@ -415,20 +427,50 @@ def keep_warm(settings: Settings, server: Server, seconds: float) -> float | Non
 
 
 def scale(settings: Settings, server: Server, replicas: int) -> Server:
-    """Change a running version's replica count in place: its running replicas keep serving
-    (deployed again with the same spec, Serve only adds or removes replicas)."""
+    """Change a running version's replica count in place: its running replicas keep serving.
+    An autoscaled version is fixed at that count (a rollout with an autoscaling block, or a
+    rollback, autoscales it again)."""
     _connect(settings)
-    import ray
-
     if replicas < 1:
         raise ServingError(f"{replicas} replicas: a served version needs at least 1 "
                            "(`llmship rollback` or a new rollout moves traffic off it)")
+    serving = _deployed_serving(server)
+    if serving.autoscaling:
+        log.info("%s autoscaled (%s): fixed at %d replica(s) now", server.app,
+                 describe_count(serving), replicas)
+    return _redeploy(settings, server, serving.model_copy(
+        update={"replicas": replicas, "autoscaling": None}))
+
+
+def placement(serving: ServingConfig) -> dict:
+    """How many replicas of a version run, and how they spread: what a redeploy changes in
+    place (the engine's settings are the build's, and make a new version)."""
+    return serving.model_dump(include={"replicas", "max_replicas_per_node", "autoscaling"})
+
+
+def describe_count(serving: ServingConfig) -> str:
+    if block := serving.autoscaling:
+        return (f"{block.min_replicas}-{block.max_replicas} replicas (autoscaled, "
+                f"{block.target_ongoing_requests:g} requests per engine)")
+    return f"{serving.replicas} replica(s)"
+
+
+def _deployed_serving(server: Server) -> ServingConfig:
+    import ray
+
     deployed = ray.get(directory().deployed.remote(server.app))
     if deployed is None:
         raise ServingError(f"the fleet does not know how {server.app} was deployed (the "
                            "cluster restarted under it): roll it out again")
-    serving = ServingConfig.model_validate(deployed["serving"]).model_copy(
-        update={"replicas": replicas})
+    return ServingConfig.model_validate(deployed["serving"])
+
+
+def _redeploy(settings: Settings, server: Server, serving: ServingConfig) -> Server:
+    """Deployed again with the same spec: its running replicas keep serving, Serve only adds
+    or removes replicas."""
+    import ray
+
+    deployed = ray.get(directory().deployed.remote(server.app))
     _deploy(settings, ReplicaSpec.model_validate(deployed["spec"]), serving)
     return _wait_ready(settings, server.app, settings.server_start_timeout_s + 120)
 

@@ -35,6 +35,7 @@ from pydantic import BaseModel
 from llmship.errors import ServerExited, ServingError
 from llmship.settings import Settings, Target, get_settings, stage_env
 from serving import engines
+from serving.autoscale import read_engine_load
 
 log = logging.getLogger("llmship.replica")
 
@@ -114,13 +115,6 @@ def free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=5.0).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 def deployment():
     """ModelReplica as a Serve deployment (made here, not at import: this module must not
     import ray before the cluster's settings are in the environment, llmship/ray_cluster.py)."""
@@ -169,7 +163,7 @@ class ModelReplica:
                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=server_env(settings, self.spec.target), start_new_session=True)
         deadline = time.monotonic() + settings.server_start_timeout_s
-        while not _healthy(self.url):
+        while not engines.answers_health(self.url, timeout_s=5.0):
             if self.engine.poll() is not None:
                 raise ServerExited(f"the {self.spec.target.value} engine for {self.spec.app} "
                                    f"exited ({self.engine.returncode}) while starting on "
@@ -218,6 +212,12 @@ class ModelReplica:
                                f"{resp.status_code}")
         # Healthy: say so to the directory again (a restarted directory relearns the fleet).
         self.register()
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Ray calls this every metrics_interval_s of an autoscaled version: the engine's
+        running and waiting requests (serving/autoscale.py)."""
+        async with httpx.AsyncClient(timeout=5.0) as client:
+            return await read_engine_load(client, self.url)
 
     def __del__(self) -> None:
         # Serve calls this on a graceful stop (scale down, delete, redeploy); a killed replica

@@ -174,7 +174,7 @@ def build_key(checkpoint: StageOutput, target: Target, serving: ServingConfig) -
     return digest_of({
         "stage": "build", "checkpoint": checkpoint.digest, "target": target.value,
         "device": get_settings().device,
-        "serving": serving.model_dump(mode="json"),
+        "serving": serving.build_inputs(),
         "tools": tool_versions(get_settings().quantize_python, TOOLS),
     })[:24]
 
@@ -200,7 +200,7 @@ def build_task(checkpoint: StageOutput, target: Target, serving: ServingConfig, 
     manifest = store.store_output(out_dir, prefix, Manifest(
         kind="build", key=key,
         inputs={"checkpoint": checkpoint.prefix, "checkpoint_digest": checkpoint.digest},
-        parameters={"target": target.value, "serving": serving.model_dump(mode="json")},
+        parameters={"target": target.value, "serving": serving.build_inputs()},
         tool_versions=tool_versions(settings.quantize_python, TOOLS),
         timings_s={"build": result.seconds},
         details=result.model_dump(mode="json") | {

@@ -38,7 +38,7 @@ from llmship.manifest import Manifest, digest_of
 from llmship.settings import EvalBackend, GateConfig, ServingConfig, Target, TaskPolicy, get_settings
 from llmship.store import ArtifactStore
 from llmship.subprocess_stage import run_stage, stage_main, tool_versions
-from serving.engines import python_for, target_of
+from serving.engines import answers_health, python_for, target_of
 from tasks.common import (
     RETRIES, RETRY_DELAYS, StageOutput, artifact_key, cache_key, fresh_dir, record_markdown,
     retry_unless_permanent, version_id,
@@ -312,7 +312,7 @@ def evaluate(req: EvaluateRequest) -> Evaluation:
                 limit=req.limit, log_samples=False,
             )
         except Exception:
-            if req.base_url and not _answers(req.base_url):
+            if req.base_url and not answers_health(req.base_url):
                 # Not a flaky evaluation: this build, as configured, crashes the engine
                 # that would serve it. Retrying cannot help; its log says why.
                 raise ServerExited(
@@ -330,15 +330,6 @@ def evaluate(req: EvaluateRequest) -> Evaluation:
         print(f"  {name}: {metrics} (n={scores[name].n})", flush=True)
     return Evaluation(backend=req.backend, scores=scores,
                       seconds=round(time.monotonic() - started, 3))
-
-
-def _answers(base_url: str) -> bool:
-    import httpx
-
-    try:
-        return httpx.get(f"{base_url}/health", timeout=10.0).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def _items_of(results: dict, name: str) -> int:

@@ -19,7 +19,7 @@ from pydantic import BaseModel
 from llmship.errors import GateFailed
 from llmship.manifest import Manifest
 from llmship.settings import get_settings
-from llmship.store import MANIFEST, ArtifactStore, key_part
+from llmship.store import MANIFEST, ArtifactStore, key_part, version_prefix
 from tasks.common import (
     RETRIES, RETRY_DELAYS, StageOutput, cache_key, record_stage_artifact,
     retry_unless_permanent, version_id,
@@ -46,10 +46,6 @@ class PublishedVersion(BaseModel):
                    bytes=manifest.total_bytes,
                    gate_passed=bool(manifest.details.get("gate_passed")),
                    scheme=str(manifest.details.get("scheme")), created_at=manifest.created_at)
-
-
-def version_prefix(model: str, version: str) -> str:
-    return f"versions/{key_part(model, 'model')}/{key_part(version, 'version')}"
 
 
 def publish(model: str, build: StageOutput, report: GateReport) -> PublishedVersion:

@@ -41,6 +41,7 @@ os.environ.update(TEST_ENV)
 # string, exist before anything imports Prefect, which reads its profile once, at import.
 from llmship.credentials import ensure_credentials, ray_env  # noqa: E402
 from llmship.settings import Settings  # noqa: E402
+from tests.helpers.engines import engine_pids, wait_until_empty  # noqa: E402
 
 ensure_credentials(Settings())
 # Ray reads its token settings when it is imported: before any test imports it.
@@ -65,8 +66,13 @@ def stack(settings):
     # Credentials exist only once the stack is up: read settings again.
     get_settings.cache_clear()
     yield get_settings()
+    engines = engine_pids(str(get_settings().node_cache))
     local_stack.down(get_settings(), say=lambda _: None)
+    # `llmship down` stops Ray under the model servers: their engines (each a process group:
+    # API server, engine core, workers) must not outlive it.
+    left = wait_until_empty(engines, timeout_s=60)
     shutil.rmtree(STATE, ignore_errors=True)
+    assert not left, f"engine process groups {left} outlived `llmship down`"
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,7 @@ from llmship.seaweedfs import security_dir
 from llmship.stack import as_identity
 from llmship.store import ArtifactStore
 from tests.helpers.prefect_api import prefect_auth
+from tests.helpers.procs import descendants
 
 pytestmark = pytest.mark.stack
 
@@ -228,23 +229,6 @@ def test_the_state_folder_is_its_owner_s_only(stack):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
 
 
-def descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for stat_file in os.listdir("/proc"):
-        if stat_file.isdigit():
-            try:
-                fields = open(f"/proc/{stat_file}/stat").read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            children.setdefault(int(fields[1]), []).append(int(stat_file))
-    found, todo = set(), [pid]
-    while todo:
-        current = todo.pop()
-        found.add(current)
-        todo += [c for c in children.get(current, []) if c not in found]
-    return found
-
-
 def test_the_ray_cluster_refuses_clients_without_its_token(stack, first_run):
     """The cluster listens on 127.0.0.1, but for each Serve replica's own gRPC server (on
     every interface, Ray 2.60; docs/SECURITY.md): the cluster token is what keeps others out.
@@ -254,7 +238,7 @@ def test_the_ray_cluster_refuses_clients_without_its_token(stack, first_run):
     from llmship import ray_cluster
 
     head = processes.find(stack, "ray-head")
-    ray_pids = descendants(head.pid)
+    ray_pids = {head.pid, *descendants(head.pid)}
     out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
     for line in out.splitlines():
         if "users:" not in line:

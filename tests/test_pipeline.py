@@ -17,6 +17,7 @@ from prefect.deployments import run_deployment
 from tasks.gate import RULE, wilson_lower
 from tasks.publish import list_versions
 from tests.helpers.prefect_api import prefect_auth
+from tests.helpers.procs import cmdline, descendants
 from tests.helpers.waiting import wait_for
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
@@ -199,29 +200,6 @@ def outlier_config(prefect_client, outlier_model: Path) -> dict:
     # two more vLLM server starts would add some 100 s to the suite on 2 cores.
     config["gate"]["backend"] = "hf"
     return config
-
-
-def descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
 
 
 def stage_process(stack, stage: str) -> int | None:

@@ -21,7 +21,7 @@ from llmship.cli import deployment_config
 from llmship.errors import SourceNotFound, UnsupportedConfiguration
 from llmship.gpus import Gpu, parse_nvidia_smi
 from llmship.settings import PipelineConfig, Scheme, ServingConfig, Settings, Target
-from serving import engines, replica
+from serving import autoscale, engines, replica
 from tasks.preflight import ModelShape, check_environments, check_resources, read_model_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,6 +103,10 @@ def test_llama3_70b_is_pinned_fp8_tensor_parallel_on_the_gpu_pool():
     ({"calibration": {"scheme": "UNQUANTIZED", "kv_cache_fp8": True}}, "needs a calibrated"),
     ({"serving": {"tensor_parallel_size": 0}}, "greater than or equal to 1"),
     ({"serving": {"trtllm": {"backend": "onnx"}}}, "pytorch"),
+    ({"serving": {"autoscaling": {"min_replicas": 3, "max_replicas": 2}}},
+     "max_replicas 2 is below min_replicas 3"),
+    ({"target": "trtllm", "serving": {"autoscaling": {"max_replicas": 2}}},
+     "trtllm-serve does not report"),
 ])
 def test_impossible_combinations_are_refused_before_a_run(change, message):
     params = deployment("build-and-serve", "llama3-70b")["parameters"]["config"]
@@ -446,3 +450,18 @@ def test_an_offline_worker_is_told_the_file_is_not_cached_not_that_the_name_is_w
                                              r"the local hub cache .*`hf download "
                                              r"org/never-cached"):
         read_model_config("hf://org/never-cached@main", SETTINGS)
+
+
+def test_an_engines_load_is_read_from_vllms_own_queue_gauges():
+    # As vLLM's /metrics writes them (one series per engine of a data-parallel server).
+    text = """# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="tiny-llama"} 3.0
+vllm:num_requests_running{engine="1",model_name="tiny-llama"} 2.0
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="tiny-llama"} 4.0
+vllm:num_requests_waiting_by_reason{engine="0",reason="capacity"} 4.0
+vllm:kv_cache_usage_perc{engine="0",model_name="tiny-llama"} 0.5
+"""
+    assert autoscale.engine_load(text) == 9.0
+    assert autoscale.engine_load('{"iter": 1, "numActiveRequests": 3}') is None

@@ -9,6 +9,7 @@ import pytest
 
 from llmship.errors import IntegrityError, SourceNotFound, VersionConflict
 from llmship.manifest import Manifest
+from tests.helpers.procs import descendants
 
 pytestmark = pytest.mark.stack
 
@@ -208,19 +209,8 @@ def test_every_server_of_the_stack_listens_on_loopback_only(first_run, stack):
 
     from llmship import processes
 
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    pids, todo = set(), [r.pid for r in processes.records(stack) if processes.is_alive(r.pid)]
-    while todo:
-        pid = todo.pop()
-        if pid not in pids:
-            pids.add(pid)
-            todo += children.get(pid, [])
+    roots = [r.pid for r in processes.records(stack) if processes.is_alive(r.pid)]
+    pids = {*roots, *descendants(*roots)}
     inodes: dict[str, int] = {}
     for pid in pids:
         for fd in Path(f"/proc/{pid}/fd").glob("*"):
