@@ -31,7 +31,7 @@ from pydantic import BaseModel
 from llmship import ray_cluster
 from llmship.errors import ServingError
 from llmship.manifest import digest_of
-from llmship.settings import ServingConfig, Settings, get_settings
+from llmship.settings import AutoscalingBlock, ServingConfig, Settings, get_settings
 from serving import engines
 from serving.autoscale import ray_autoscaling_config
 from serving.replica import ReplicaSpec
@@ -213,6 +213,9 @@ def _connect(settings: Settings) -> None:
     ray_cluster.connect(settings)
     from ray import serve
 
+    # serve.start says at INFO, at every call, that Serve is running already: in `llmship
+    # status` and every flow run's log. Its warnings and errors still show.
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     # No Serve HTTP proxy: requests reach the engines through the gateway, directly.
     serve.start(proxy_location="Disabled")
 
@@ -295,7 +298,10 @@ def acquire(settings: Settings, spec: ReplicaSpec, serving: ServingConfig | None
         deployed = ray.get(directory().deployed.remote(spec.app))
         if serving is not None and (deployed is None or placement(
                 ServingConfig.model_validate(deployed["serving"])) != placement(serving)):
-            _deploy(settings, spec, serving)  # in place: Serve adds or removes replicas
+            # In place: with the spec it runs (the gate's candidate server runs its build's
+            # copy under the version's name), Serve only adds or removes replicas.
+            running_spec = ReplicaSpec.model_validate(deployed["spec"]) if deployed else spec
+            _deploy(settings, running_spec, serving)
             return _wait_ready(settings, spec.app, settings.server_start_timeout_s + 120), False
         return _wait_ready(settings, spec.app, timeout_s or 60.0), False
     _deploy(settings, spec, serving or _placement_like(spec.model))
@@ -311,11 +317,14 @@ def _deploy(settings: Settings, spec: ReplicaSpec, serving: ServingConfig) -> No
 
     # The build's engine arguments say how many GPUs one engine spans: they are what it runs.
     gpus = engines.tensor_parallel_size(spec.engine_args) if settings.device == "cuda" else 0
-    # A fixed count, or Serve's autoscaler on the engines' queues (serving/autoscale.py).
-    count = ({"autoscaling_config": ray_autoscaling_config(serving.autoscaling)}
-             if serving.autoscaling else {"num_replicas": serving.replicas})
+    # Serve's autoscaler on the engines' queues (serving/autoscale.py), a fixed count as
+    # min = max: a replica reports its engine's load only if it started autoscaled, and a
+    # version switched to autoscaling in place (its running replicas kept) must report.
+    block = serving.autoscaling or AutoscalingBlock(min_replicas=serving.replicas,
+                                                    max_replicas=serving.replicas)
     deployment = replica_deployment().options(
-        name="engine", **count, max_replicas_per_node=serving.max_replicas_per_node,
+        name="engine", autoscaling_config=ray_autoscaling_config(block),
+        max_replicas_per_node=serving.max_replicas_per_node,
         # On CPU a replica asks Ray for no CPU: vLLM's CPU engine takes what the OS gives it,
         # and a rollout runs several side by side. On CUDA, its GPUs.
         ray_actor_options={"num_cpus": 0, "num_gpus": gpus},

@@ -170,8 +170,13 @@ class GatewayState:
         self.down_after = settings.gateway_down_after
         self.down: dict[str, str] = {}  # model -> its live version, declared down
         self.fleet_known = asyncio.Event()  # set once the replicas were read from Ray
+        # An idle connection is dropped before the engine's server drops it (uvicorn's
+        # keep-alive: 5 s, vLLM's too): at the same 5 s a request sent on a connection the
+        # engine was closing meanwhile failed with "Server disconnected without sending a
+        # response" (seen as a 503 under load), and a POST cannot safely be sent twice.
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(300.0, connect=5.0),
-                                        limits=httpx.Limits(max_connections=512))
+                                        limits=httpx.Limits(max_connections=512,
+                                                            keepalive_expiry=2.0))
 
     def count_unanswered(self, model: str, version: str, endpoint: str) -> None:
         """A request the gateway answered 503 for version: a request and an error, so the

@@ -71,6 +71,9 @@ def stack(settings):
     # `llmship down` stops Ray under the model servers: their engines (each a process group:
     # API server, engine core, workers) must not outlive it.
     left = wait_until_empty(engines, timeout_s=60)
+    from llmship import ray_cluster
+
+    shutil.rmtree(ray_cluster.private_dir(get_settings()), ignore_errors=True)  # Ray's logs
     shutil.rmtree(STATE, ignore_errors=True)
     assert not left, f"engine process groups {left} outlived `llmship down`"
 

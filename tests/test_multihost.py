@@ -171,6 +171,10 @@ def cluster(tmp_path_factory):
         cluster.publish("hostv1", "first")
         cluster.publish("hostv2", "second")
         yield cluster
+    from llmship import ray_cluster
+
+    for state in (cluster.state, cluster.worker_state):  # Ray's logs, outside the state
+        shutil.rmtree(ray_cluster.private_dir(Settings(state_dir=state)), ignore_errors=True)
 
 
 def test_two_replicas_run_one_on_each_host_behind_the_gateway(cluster):
