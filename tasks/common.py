@@ -106,10 +106,11 @@ def record_markdown(model: str, stage: str, markdown: str, description: str) -> 
 
 
 @contextmanager
-def model_slot(purpose: str, model: str, timeout_s: float) -> Iterator[None]:
+def model_slot(purpose: str, model: str, timeout_s: float,
+               lease_s: float = 300.0) -> Iterator[None]:
     """One run at a time holds a model's slot for a purpose: Prefect's global concurrency
     limit `llmship-<purpose>-<model>` (one slot, made on first use, visible in the UI). A run
-    whose host dies gives it back when its lease runs out."""
+    whose host dies gives it back when its lease (renewed while it runs) runs out."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.concurrency.sync import concurrency
@@ -130,7 +131,7 @@ def model_slot(purpose: str, model: str, timeout_s: float) -> Iterator[None]:
              "evaluating or serving" if purpose == "serving" else "building")
     started = time.monotonic()
     # A transient Prefect outage while the slot is held must not kill an evaluation.
-    with concurrency(name, occupy=1, strict=True, lease_duration=300,
+    with concurrency(name, occupy=1, strict=True, lease_duration=lease_s,
                      timeout_seconds=timeout_s, raise_on_lease_renewal_failure=False):
         if time.monotonic() - started > 1:
             log.info("got %s's %s slot after %.0f s", model, purpose,
@@ -144,7 +145,8 @@ def build_slot(model: str) -> AbstractContextManager[None]:
     bytes differ (calibration is not bit-for-bit repeatable) failed with VersionConflict, or
     overwrote files the first one's manifest lists. In turn, the second finds each output
     made (Prefect's cache, or the store: stored_output)."""
-    return model_slot("build", model, get_settings().build_slot_timeout_s)
+    # A one-minute lease: the rerun after a host died mid-calibration waits that long at most.
+    return model_slot("build", model, get_settings().build_slot_timeout_s, lease_s=60.0)
 
 
 def serving_slot(model: str) -> AbstractContextManager[None]:
