@@ -327,7 +327,8 @@ class AutoscalingBlock(BaseModel, extra="forbid"):
     downscale_delay_s: float = Field(600.0, ge=0, description="load this long below target "
                                                               "before a replica is removed")
     metrics_interval_s: float = Field(5.0, gt=0, description="how often each replica reports")
-    look_back_period_s: float = Field(30.0, gt=0, description="the load is averaged over this")
+    look_back_period_s: float = Field(
+        30.0, gt=0, description="an engine's load is its peak over this period")
 
     @model_validator(mode="after")
     def _bounds(self) -> "AutoscalingBlock":

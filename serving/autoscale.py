@@ -4,7 +4,7 @@ vLLM's count of running and waiting requests.
 Requests go from the gateway to the engines directly, not through Serve (Ray in the data path
 cost up to 10% of throughput and 108 ms of first token: docs/BENCHMARKS.md), so Serve's own
 count of ongoing requests stays 0. Each replica reports its engine's load instead
-(`ModelReplica.record_autoscaling_stats`, every `metrics_interval_s`); Ray averages it over
+(`ModelReplica.record_autoscaling_stats`, every `metrics_interval_s`); Ray takes its peak over
 `look_back_period_s`, calls `engine_load_policy`, and applies the bounds, the upscale and
 downscale delays and the scaling factors to what it returns.
 """
@@ -62,5 +62,9 @@ def ray_autoscaling_config(block: AutoscalingBlock) -> dict[str, Any]:
         "upscale_delay_s": block.upscale_delay_s, "downscale_delay_s": block.downscale_delay_s,
         "metrics_interval_s": block.metrics_interval_s,
         "look_back_period_s": block.look_back_period_s,
+        # The peak of each engine's load over the look-back period, not its mean: requests
+        # come and go between samples, and a mean under the target removed a replica that
+        # was still starting (Serve counts it in the current number) while clients were busy.
+        "aggregation_function": "max",
         "policy": {"policy_function": f"{__name__}:engine_load_policy"},
     }

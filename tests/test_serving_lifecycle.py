@@ -281,7 +281,7 @@ def test_an_autoscaled_version_scales_out_and_back_and_a_killed_replica_leaves_n
         f"versions/tiny-llama/{live}").details)
     autoscaled = ServingConfig(autoscaling=AutoscalingBlock(
         min_replicas=1, max_replicas=2, target_ongoing_requests=1, upscale_delay_s=0,
-        downscale_delay_s=5, metrics_interval_s=1, look_back_period_s=3))
+        downscale_delay_s=10, metrics_interval_s=1, look_back_period_s=5))
     before = replica_ids(stack, live)
     server, started = fleet.acquire(stack, spec, autoscaled)
     assert not started and [e.replica for e in server.endpoints] == before  # in place
