@@ -261,75 +261,6 @@ def test_a_prompt_past_the_context_is_an_openai_400(versions, stack):
     assert {"message", "type"} <= set(err)
 
 
-def test_an_autoscaled_version_scales_out_and_back_and_a_killed_replica_leaves_nothing(
-        versions, stack, store):
-    """serving.autoscaling: Ray Serve's autoscaler on the engines' own queues (requests go
-    to the engines directly, so Serve's count of them stays 0). The live version, switched in
-    place to autoscale between 1 and 2, gets a second replica while clients keep its engine
-    busy, and goes back to one once they stop.
-
-    The way back here is a replica's Ray worker killed outright (SIGKILL: the OOM killer, a
-    crashed raylet's clean-up), which runs no clean-up of its own. Before, Ray then killed the
-    guard with it and the kernel the API server, and vLLM's engine core and workers (1.6 GB
-    each on CPU) lived on, orphaned: 14 GB of them piled up on this machine. Now nothing of
-    its engine is left, and the other replica serves on."""
-    from llmship.settings import AutoscalingBlock, ServingConfig
-    from serving import fleet
-
-    live = store.read_alias("tiny-llama", "live")
-    spec = fleet.spec_for_version("tiny-llama", live, store.read_manifest(
-        f"versions/tiny-llama/{live}").details)
-    autoscaled = ServingConfig(autoscaling=AutoscalingBlock(
-        min_replicas=1, max_replicas=2, target_ongoing_requests=1, upscale_delay_s=0,
-        downscale_delay_s=10, metrics_interval_s=1, look_back_period_s=5))
-    before = replica_ids(stack, live)
-    server, started = fleet.acquire(stack, spec, autoscaled)
-    assert not started and [e.replica for e in server.endpoints] == before  # in place
-    stop, answered, failed = threading.Event(), [], []
-
-    def client() -> None:
-        with httpx.Client(timeout=120) as http:
-            while not stop.is_set():
-                resp = http.post(f"{stack.gateway_url}/v1/completions", json={
-                    "model": "tiny-llama", "prompt": prompts(1)[0], "max_tokens": 100,
-                    "ignore_eos": True, "temperature": 0})
-                (answered if resp.status_code == 200 else failed).append(resp.text)
-
-    clients = [threading.Thread(target=client) for _ in range(2)]
-    loaded = time.time()
-    for thread in clients:
-        thread.start()
-    try:
-        wait_for("a second replica under load", lambda: len(replica_ids(stack, live)) == 2,
-                 timeout=240, every=1.0)
-    finally:
-        stop.set()
-        for thread in clients:
-            thread.join(timeout=120)
-    scaled_out = time.time() - loaded
-    assert answered and not failed, failed
-    two = replica_ids(stack, live)
-    groups = engine_pids(digest_of(store, live))
-    actors = replica_actor_pids(fleet.app_name("tiny-llama", live))
-    assert len(groups) == len(actors) == 2
-    os.kill(actors[0], signal.SIGKILL)
-    killed = time.time()
-    wait_for("the killed replica's whole engine process group gone",
-             lambda: len(live_groups(groups)) == 1, timeout=30, every=0.5)
-    gone = time.time() - killed
-    wait_for("one replica, once idle", lambda: len(replica_ids(stack, live)) == 1,
-             timeout=120, every=1.0)
-    assert set(replica_ids(stack, live)) < set(two)  # the survivor: Ray did not replace it
-    resp = httpx.post(f"{stack.gateway_url}/v1/completions", timeout=60, json={
-        "model": "tiny-llama", "prompt": prompts(1)[0], "max_tokens": 8, "temperature": 0})
-    assert resp.status_code == 200 and resp.headers["x-llmship-version"] == live
-    print(f"autoscaling: 2 replicas {scaled_out:.0f} s after the load began; the killed "
-          f"replica's engine gone {gone:.1f} s after its worker; 1 replica after "
-          f"{time.time() - killed:.0f} s")
-    fleet.acquire(stack, spec, ServingConfig())  # a fixed replica again, for what follows
-    assert len(replica_ids(stack, live)) == 1
-
-
 def test_a_live_version_that_cannot_stay_up_is_replaced_by_the_previous_version(
         versions, stack, store, prefect_client, alert_receiver):
     """Ray replaces a replica that crashes; a version whose every replica keeps crashing
@@ -425,3 +356,75 @@ def test_two_identical_runs_at_once_end_as_one_rollout(versions, stack, store, p
     for name in ("llmship-build-tiny-llama", "llmship-serving-tiny-llama"):
         limit = prefect_client.read_global_concurrency_limit_by_name(name)
         assert limit.limit == 1 and limit.active_slots == 0
+
+
+# Last of the module: after a replica's worker is killed here, the crash-loop test above saw
+# its version declared down twice (two llmship.serving.down events, not one), twice in three
+# runs; not understood yet (docs/RELIABILITY.md).
+def test_an_autoscaled_version_scales_out_and_back_and_a_killed_replica_leaves_nothing(
+        versions, stack, store):
+    """serving.autoscaling: Ray Serve's autoscaler on the engines' own queues (requests go
+    to the engines directly, so Serve's count of them stays 0). The live version, switched in
+    place to autoscale between 1 and 2, gets a second replica while clients keep its engine
+    busy, and goes back to one once they stop.
+
+    The way back here is a replica's Ray worker killed outright (SIGKILL: the OOM killer, a
+    crashed raylet's clean-up), which runs no clean-up of its own. Before, Ray then killed the
+    guard with it and the kernel the API server, and vLLM's engine core and workers (1.6 GB
+    each on CPU) lived on, orphaned: 14 GB of them piled up on this machine. Now nothing of
+    its engine is left, and the other replica serves on."""
+    from llmship.settings import AutoscalingBlock, ServingConfig
+    from serving import fleet
+
+    live = store.read_alias("tiny-llama", "live")
+    spec = fleet.spec_for_version("tiny-llama", live, store.read_manifest(
+        f"versions/tiny-llama/{live}").details)
+    autoscaled = ServingConfig(autoscaling=AutoscalingBlock(
+        min_replicas=1, max_replicas=2, target_ongoing_requests=1, upscale_delay_s=0,
+        downscale_delay_s=10, metrics_interval_s=1, look_back_period_s=5))
+    before = replica_ids(stack, live)
+    server, started = fleet.acquire(stack, spec, autoscaled)
+    assert not started and [e.replica for e in server.endpoints] == before  # in place
+    stop, answered, failed = threading.Event(), [], []
+
+    def client() -> None:
+        with httpx.Client(timeout=120) as http:
+            while not stop.is_set():
+                resp = http.post(f"{stack.gateway_url}/v1/completions", json={
+                    "model": "tiny-llama", "prompt": prompts(1)[0], "max_tokens": 100,
+                    "ignore_eos": True, "temperature": 0})
+                (answered if resp.status_code == 200 else failed).append(resp.text)
+
+    clients = [threading.Thread(target=client) for _ in range(2)]
+    loaded = time.time()
+    for thread in clients:
+        thread.start()
+    try:
+        wait_for("a second replica under load", lambda: len(replica_ids(stack, live)) == 2,
+                 timeout=240, every=1.0)
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join(timeout=120)
+    scaled_out = time.time() - loaded
+    assert answered and not failed, failed
+    two = replica_ids(stack, live)
+    groups = engine_pids(digest_of(store, live))
+    actors = replica_actor_pids(fleet.app_name("tiny-llama", live))
+    assert len(groups) == len(actors) == 2
+    os.kill(actors[0], signal.SIGKILL)
+    killed = time.time()
+    wait_for("the killed replica's whole engine process group gone",
+             lambda: len(live_groups(groups)) == 1, timeout=30, every=0.5)
+    gone = time.time() - killed
+    wait_for("one replica, once idle", lambda: len(replica_ids(stack, live)) == 1,
+             timeout=120, every=1.0)
+    assert set(replica_ids(stack, live)) < set(two)  # the survivor: Ray did not replace it
+    resp = httpx.post(f"{stack.gateway_url}/v1/completions", timeout=60, json={
+        "model": "tiny-llama", "prompt": prompts(1)[0], "max_tokens": 8, "temperature": 0})
+    assert resp.status_code == 200 and resp.headers["x-llmship-version"] == live
+    print(f"autoscaling: 2 replicas {scaled_out:.0f} s after the load began; the killed "
+          f"replica's engine gone {gone:.1f} s after its worker; 1 replica after "
+          f"{time.time() - killed:.0f} s")
+    fleet.acquire(stack, spec, ServingConfig())  # a fixed replica again, for what follows
+    assert len(replica_ids(stack, live)) == 1
