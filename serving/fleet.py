@@ -301,8 +301,7 @@ def acquire(settings: Settings, spec: ReplicaSpec, serving: ServingConfig | None
             # In place: with the spec it runs (the gate's candidate server runs its build's
             # copy under the version's name), Serve only adds or removes replicas.
             running_spec = ReplicaSpec.model_validate(deployed["spec"]) if deployed else spec
-            _deploy(settings, running_spec, serving)
-            return _wait_ready(settings, spec.app, settings.server_start_timeout_s + 120), False
+            return _redeploy(settings, running_spec, serving), False
         return _wait_ready(settings, spec.app, timeout_s or 60.0), False
     _deploy(settings, spec, serving or _placement_like(spec.model))
     # Fetching the version to each node and the engine's start, on top of Serve's own.
@@ -437,17 +436,17 @@ def keep_warm(settings: Settings, server: Server, seconds: float) -> float | Non
 
 def scale(settings: Settings, server: Server, replicas: int) -> Server:
     """Change a running version's replica count in place: its running replicas keep serving.
-    An autoscaled version is fixed at that count (a rollout with an autoscaling block, or a
-    rollback, autoscales it again)."""
+    An autoscaled version is fixed at that count (a rollout with an autoscaling block
+    autoscales it again)."""
     _connect(settings)
     if replicas < 1:
         raise ServingError(f"{replicas} replicas: a served version needs at least 1 "
                            "(`llmship rollback` or a new rollout moves traffic off it)")
-    serving = _deployed_serving(server)
+    running, serving = _deployed(server)
     if serving.autoscaling:
         log.info("%s autoscaled (%s): fixed at %d replica(s) now", server.app,
                  describe_count(serving), replicas)
-    return _redeploy(settings, server, serving.model_copy(
+    return _redeploy(settings, running, serving.model_copy(
         update={"replicas": replicas, "autoscaling": None}))
 
 
@@ -464,24 +463,23 @@ def describe_count(serving: ServingConfig) -> str:
     return f"{serving.replicas} replica(s)"
 
 
-def _deployed_serving(server: Server) -> ServingConfig:
+def _deployed(server: Server) -> tuple[ReplicaSpec, ServingConfig]:
+    """The spec a running version was deployed with, and its serving block."""
     import ray
 
     deployed = ray.get(directory().deployed.remote(server.app))
     if deployed is None:
         raise ServingError(f"the fleet does not know how {server.app} was deployed (the "
                            "cluster restarted under it): roll it out again")
-    return ServingConfig.model_validate(deployed["serving"])
+    return (ReplicaSpec.model_validate(deployed["spec"]),
+            ServingConfig.model_validate(deployed["serving"]))
 
 
-def _redeploy(settings: Settings, server: Server, serving: ServingConfig) -> Server:
-    """Deployed again with the same spec: its running replicas keep serving, Serve only adds
-    or removes replicas."""
-    import ray
-
-    deployed = ray.get(directory().deployed.remote(server.app))
-    _deploy(settings, ReplicaSpec.model_validate(deployed["spec"]), serving)
-    return _wait_ready(settings, server.app, settings.server_start_timeout_s + 120)
+def _redeploy(settings: Settings, running: ReplicaSpec, serving: ServingConfig) -> Server:
+    """Deployed again with the spec it runs: its running replicas keep serving, Serve only
+    adds or removes replicas."""
+    _deploy(settings, running, serving)
+    return _wait_ready(settings, running.app, settings.server_start_timeout_s + 120)
 
 
 def smoke_test(server: Server, prompt: str) -> str:
