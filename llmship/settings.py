@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     # How often the gateway asks the fleet where each version's replicas are, and how long a
     # starting gateway waits for the first answer before it takes requests.
     gateway_endpoint_refresh_s: float = Field(0.5, gt=0)
+    # Several gateways can relay to one fleet (behind a load balancer): each tells the fleet
+    # it is up at every refresh, and the rollout drives and judges those heard from within
+    # this long. A gateway stopped or dead drops out after it.
+    gateway_seen_within_s: float = Field(10.0, gt=0)
     gateway_fleet_wait_s: float = Field(20.0, ge=0)
 
     # S3: the local SeaweedFS by default; point these at AWS S3 in production.

@@ -105,6 +105,11 @@ def start_prefect(settings: Settings, env: dict[str, str]) -> None:
     database = settings.state_dir / "prefect" / "prefect.db"
     if database.exists():
         os.chmod(database, 0o600)
+    # Leases of concurrency slots (the build and serving slots) on disk, in PREFECT_HOME: kept
+    # in memory (Prefect's default), a restart lost them while the limit still counted the
+    # slot taken, and every later run of that model waited for it, for ever.
+    env = {**env, "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE":
+           "prefect.server.concurrency.lease_storage.filesystem"}
     rec = processes.start(
         settings, "prefect-server",
         [str(BIN / "prefect"), "server", "start", "--host", settings.host,

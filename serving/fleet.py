@@ -83,19 +83,23 @@ def eval_app_name(model: str, build_key: str) -> str:
 
 # ------------------------------------------------------------------ the directory actor
 
-def serves_traffic(settings: Settings, model: str, version: str) -> bool | None:
-    """Whether the gateway (or, failing that, the live alias) sends traffic to version; None
+def serves_traffic(settings: Settings, model: str, version: str,
+                   gateways: list[str] | None = None) -> bool | None:
+    """Whether a gateway (or, failing them, the live alias) sends traffic to version; None
     when neither can be asked."""
     import httpx
 
     from serving.gateway_admin import gateway_routes
 
     try:
-        route = gateway_routes(settings).get(model) or {}
-        canary = route.get("canary") or {}
-        return version in (route.get("version"), canary.get("version"))
+        for routes in gateway_routes(settings, gateways).values():
+            route = routes.get(model) or {}
+            canary = route.get("canary") or {}
+            if version in (route.get("version"), canary.get("version")):
+                return True
+        return False
     except httpx.HTTPError as exc:
-        log.warning("gateway not reachable (%s): asking S3 instead", exc)
+        log.warning("a gateway is not reachable (%s): asking S3 instead", exc)
     try:
         from llmship.store import ArtifactStore
 
@@ -118,6 +122,7 @@ class Directory:
         self.actors: dict[tuple[str, str], object] = {}
         self.warm_until: dict[str, float] = {}
         self.deployments: dict[str, dict] = {}  # app -> the spec and serving config it runs
+        self.gateways: dict[str, float] = {}  # gateway URL -> when it last said it was up
         self._loop = asyncio.get_event_loop().create_task(self._maintain())
 
     async def register(self, app: str, endpoint: dict, actor) -> None:
@@ -142,6 +147,16 @@ class Directory:
 
     async def all_deployed(self) -> dict:
         return dict(self.deployments)
+
+    async def gateway_up(self, url: str) -> None:
+        self.gateways[url] = time.time()
+
+    async def gateway_down(self, url: str) -> None:
+        self.gateways.pop(url, None)
+
+    async def live_gateways(self, seen_within_s: float) -> list[str]:
+        now = time.time()
+        return sorted(url for url, seen in self.gateways.items() if now - seen <= seen_within_s)
 
     async def snapshot(self) -> dict:
         return {"endpoints": {app: list(reps.values()) for app, reps in self.endpoints.items()
@@ -184,7 +199,10 @@ class Directory:
             if deadline > now:
                 continue
             model, version, _ = parse_app_name(app) or (app, "", "")
-            serving = await asyncio.to_thread(serves_traffic, get_settings(), model, version)
+            settings = get_settings()
+            gateways = await self.live_gateways(settings.gateway_seen_within_s)
+            serving = await asyncio.to_thread(serves_traffic, settings, model, version,
+                                              gateways or None)
             if serving is False:
                 log.warning("stopping %s: its warm period is over", app)
                 await asyncio.to_thread(serve.delete, app, False)
@@ -208,6 +226,14 @@ def directory():
 
 
 # ------------------------------------------------------------------ what callers use
+
+def gateways(settings: Settings) -> list[str]:
+    """The gateways relaying to this fleet: those heard from within gateway_seen_within_s."""
+    import ray
+
+    _connect(settings)
+    return ray.get(directory().live_gateways.remote(settings.gateway_seen_within_s))
+
 
 def _connect(settings: Settings) -> None:
     ray_cluster.connect(settings)

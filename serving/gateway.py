@@ -25,8 +25,13 @@ LLMSHIP_GATEWAY_HEALTH_INTERVAL_S), is declared down, once: its clients get Open
 Requests are checked here, so a bad one gets an OpenAI-style 400 without reaching a model
 server. The gateway keeps no state of its own that matters: at start the routing is the S3
 `live` aliases (the source of truth that rollouts move), and the replicas are the fleet's.
-<state>/gateway/routes.json and endpoints.json, written on every change, are what it serves
-from when S3 or the Ray cluster cannot be reached.
+<state>/gateway/<port>/routes.json and endpoints.json, written on every change, are what it
+serves from when S3 or the Ray cluster cannot be reached.
+
+So it runs as several replicas (one per host, or behind a load balancer): each tells the
+fleet's directory it is up, a rollout moves the route on every one of them and judges a
+canary on the sum of their metrics, and one that starts during a canary gets its route at the
+rollout's next check.
 
     uvicorn serving.gateway:app --host 127.0.0.1 --port 8000
 """
@@ -124,7 +129,7 @@ def openai_error(status: int, message: str, *, type_: str = "invalid_request_err
 class GatewayState:
     def __init__(self) -> None:
         settings = self.settings = get_settings()
-        folder = settings.state_dir / "gateway"
+        folder = gateway_state_dir(settings)
         self.routes_file = folder / "routes.json"
         self.endpoints_file = folder / "endpoints.json"
         self.admin_token = settings.gateway_admin_token
@@ -200,6 +205,11 @@ class GatewayState:
                 self.replicas.labels(model, version).set(len(self.replicas_of(model, version)))
 
 
+def gateway_state_dir(settings: Settings):
+    """This gateway's saved routes and replicas: one folder per port, as several can run."""
+    return settings.state_dir / "gateway" / str(settings.gateway_port)
+
+
 def app_name(model: str, version: str) -> str:
     # serving/fleet.py names applications so; the gateway does not import the fleet (Ray).
     return f"{model}--{version}"
@@ -242,6 +252,7 @@ async def follow_fleet(gw: GatewayState) -> None:
                 snap = await actor.snapshot.remote()
                 gw.set_endpoints({app: [e["url"] for e in reps]
                                   for app, reps in snap["endpoints"].items()})
+                await actor.gateway_up.remote(gw.settings.gateway_url)
                 gw.fleet_known.set()
                 if not reconciled:  # once: the live aliases are what should serve
                     live = {m: r.version for m, r in gw.routes.items()}
@@ -314,6 +325,14 @@ async def lifespan(app: FastAPI):
     yield
     for task in tasks:
         task.cancel()
+    if gw.fleet_known.is_set():  # a gateway that stops drops out of rollouts at once
+        try:
+            from serving import fleet
+
+            await asyncio.wait_for(fleet.directory().gateway_down.remote(
+                gw.settings.gateway_url), 5.0)
+        except Exception as exc:  # noqa: BLE001 - it drops out after gateway_seen_within_s
+            log.warning("could not tell the fleet this gateway stops (%s)", exc)
     await app.state.gw.client.aclose()
 
 

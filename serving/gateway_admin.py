@@ -1,5 +1,9 @@
 """The gateway's admin API as its callers use it: the rollout (reads and moves routes) and the
-fleet (whether a version still takes traffic). Bearer token from Settings."""
+fleet (whether a version still takes traffic). Bearer token from Settings.
+
+There can be several gateways, each relaying to the same fleet (behind a load balancer, or one
+per host): every one tells the fleet's directory it is up, and a route moves on all of them.
+Without a Ray cluster to ask (tests of the gateway alone), the stack's own gateway."""
 
 from __future__ import annotations
 
@@ -13,20 +17,68 @@ def _auth(settings: Settings) -> dict[str, str]:
     return {"authorization": f"Bearer {settings.gateway_admin_token}"}
 
 
-def gateway_routes(settings: Settings) -> dict:
-    """{model: route} as the gateway routes now; raises httpx.HTTPError if it cannot say."""
-    resp = httpx.get(f"{settings.gateway_url}/admin/routes", timeout=10.0,
-                     headers=_auth(settings))
-    resp.raise_for_status()
-    return resp.json()
+def gateway_urls(settings: Settings) -> list[str]:
+    """Every gateway that relays to the fleet now; the stack's own if none said so yet."""
+    from serving.gateway import uses_ray
+
+    if uses_ray(settings):
+        from serving import fleet
+
+        urls = fleet.gateways(settings)
+        if urls:
+            return urls
+    return [settings.gateway_url]
+
+
+def gateway_routes(settings: Settings, urls: list[str] | None = None) -> dict[str, dict]:
+    """{gateway URL: {model: route}} as each gateway routes now; raises httpx.HTTPError if
+    one cannot say."""
+    routes = {}
+    for url in urls or gateway_urls(settings):
+        resp = httpx.get(f"{url}/admin/routes", timeout=10.0, headers=_auth(settings))
+        resp.raise_for_status()
+        routes[url] = resp.json()
+    return routes
+
+
+def model_route(settings: Settings, model: str) -> dict | None:
+    """model's route as the gateways route it: the first one's (they differ only while a
+    route moves)."""
+    return next(iter(gateway_routes(settings).values())).get(model)
 
 
 def route_traffic(settings: Settings, model: str, version: str,
-                  canary: dict | None = None) -> None:
+                  canary: dict | None = None, urls: list[str] | None = None) -> None:
     """All of model's traffic to version's replicas, or canary['percent'] of it to
-    canary['version']'s."""
-    resp = httpx.put(f"{settings.gateway_url}/admin/routes/{model}", timeout=10.0,
-                     headers=_auth(settings), json={"version": version, "canary": canary})
-    if resp.status_code != 200:
-        raise ServingError(f"the gateway refused the route to {model} {version}: "
-                           f"{resp.status_code} {resp.text[:300]}")
+    canary['version']'s, on every gateway (or those of urls)."""
+    refused = []
+    for url in urls or gateway_urls(settings):
+        try:
+            resp = httpx.put(f"{url}/admin/routes/{model}", timeout=10.0,
+                             headers=_auth(settings), json={"version": version, "canary": canary})
+        except httpx.HTTPError as exc:
+            refused.append(f"{url}: {type(exc).__name__}: {exc}")
+            continue
+        if resp.status_code != 200:
+            refused.append(f"{url}: {resp.status_code} {resp.text[:300]}")
+    if refused:
+        raise ServingError(f"the route to {model} {version} did not reach every gateway: "
+                           f"{'; '.join(refused)}")
+
+
+def keep_routed(settings: Settings, model: str, version: str, canary: dict | None) -> list[str]:
+    """Give the route to every gateway that lacks it (one that started or restarted since it
+    moved: a restart routes by the live alias); the URLs it was given to."""
+    lacking = []
+    for url in gateway_urls(settings):
+        try:
+            route = gateway_routes(settings, [url])[url].get(model) or {}
+        except httpx.HTTPError:
+            continue  # gone: it drops out of the fleet's list (read_traffic leaves it out)
+        now = route.get("canary") or None
+        if route.get("version") != version or (now and {k: now[k] for k in ("version",
+                                                "percent")}) != (canary or None):
+            lacking.append(url)
+    if lacking:
+        route_traffic(settings, model, version, canary, urls=lacking)
+    return lacking

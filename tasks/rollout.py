@@ -24,12 +24,12 @@ from prefect.input import RunInput
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, Field
 
-from llmship.errors import CanaryFailed, UngatedVersion
+from llmship.errors import CanaryFailed, ServingError, UngatedVersion
 from llmship.manifest import Manifest
 from llmship.settings import RolloutConfig, ServingConfig, Settings, get_settings
 from llmship.store import ArtifactStore
 from serving import fleet
-from serving.gateway_admin import gateway_routes, route_traffic
+from serving.gateway_admin import gateway_urls, keep_routed, model_route, route_traffic
 from tasks.common import (
     StageOutput, record_markdown, record_stage_artifact, retry_unless_permanent,
 )
@@ -141,23 +141,54 @@ def judge(window: Traffic, cfg: RolloutConfig, *, finished: bool) -> str | None:
     return None
 
 
-def read_traffic(settings: Settings, model: str, version: str) -> Traffic:
-    resp = httpx.get(f"{settings.gateway_url}/metrics", timeout=10.0)
-    resp.raise_for_status()
-    return parse_traffic(resp.text, model, version)
+def read_traffic(settings: Settings, model: str, version: str) -> dict[str, Traffic]:
+    """The version's counters at each gateway relaying to the fleet. One that does not answer
+    (it died: its clients' requests went with it) is left out until it drops out of the
+    fleet's list; none answering is an error."""
+    traffic, unreachable = {}, []
+    for url in gateway_urls(settings):
+        try:
+            resp = httpx.get(f"{url}/metrics", timeout=10.0)
+            resp.raise_for_status()
+        except httpx.HTTPError as exc:
+            unreachable.append(f"{url}: {type(exc).__name__}")
+            continue
+        traffic[url] = parse_traffic(resp.text, model, version)
+    if not traffic:
+        raise ServingError(f"no gateway answered for its metrics: {'; '.join(unreachable)}")
+    return traffic
 
 
-def bake(settings: Settings, server: fleet.Server, percent: float,
+def traffic_since(before: dict[str, Traffic], now: dict[str, Traffic]) -> Traffic:
+    """The requests every gateway relayed between two readings. A gateway that started since
+    (or restarted: its counters went back) counts from zero; one that stopped keeps what it
+    counted before it went."""
+    total = Traffic()
+    for url, counted in now.items():
+        earlier = before.get(url)
+        window = counted if earlier is None or counted.requests < earlier.requests \
+            else counted.minus(earlier)
+        total = Traffic(requests=total.requests + window.requests,
+                        errors=total.errors + window.errors,
+                        buckets={le: total.buckets.get(le, 0.0) + window.buckets.get(le, 0.0)
+                                 for le in {*total.buckets, *window.buckets}})
+    return total
+
+
+def bake(settings: Settings, server: fleet.Server, live: str, percent: float,
          cfg: RolloutConfig, log) -> StepResult:
-    """Watch the new version's share of traffic for cfg.bake_seconds, stopping at the first
-    breach."""
+    """Watch the new version's share of traffic, on every gateway, for cfg.bake_seconds,
+    stopping at the first breach."""
+    canary = {"version": server.version, "percent": percent}
     before = read_traffic(settings, server.model, server.version)
     started = time.monotonic()
     while True:
         time.sleep(min(settings.rollout_check_interval_s,
                        max(0.0, cfg.bake_seconds - (time.monotonic() - started))))
         elapsed = time.monotonic() - started
-        window = read_traffic(settings, server.model, server.version).minus(before)
+        for url in keep_routed(settings, server.model, live, canary):
+            log.info("canary %s%%: gateway %s had not the canary's route: given", percent, url)
+        window = traffic_since(before, read_traffic(settings, server.model, server.version))
         finished = elapsed >= cfg.bake_seconds
         breach = judge(window, cfg, finished=finished)
         if breach is None:
@@ -196,7 +227,7 @@ def rollout(version: PublishedVersion, cfg: RolloutConfig, *,
     started = time.monotonic()
     manifest = check_gated(store.read_manifest(version.prefix), version, allow_ungated)
     model = version.model
-    current = gateway_routes(settings).get(model)
+    current = model_route(settings, model)
     server = fleet.find(settings, model, version.version)
     live_alias = store.read_alias(model, "live")
     routed = current is not None and current["version"] == version.version \
@@ -226,7 +257,7 @@ def rollout(version: PublishedVersion, cfg: RolloutConfig, *,
                           canary={"version": version.version, "percent": percent})
             log.info("canary: %s%% of %s's traffic to %s for %.0f s", percent, model,
                      version.version, cfg.bake_seconds)
-            step = bake(settings, server, percent, cfg, log)
+            step = bake(settings, server, current["version"], percent, cfg, log)
             steps.append(step)
             if step.breach:
                 raise CanaryFailed(f"canary of {model} {version.version} at {percent:g}% "

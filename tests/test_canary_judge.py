@@ -6,7 +6,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from pydantic import ValidationError
 
 from llmship.settings import RolloutConfig
-from tasks.rollout import Traffic, judge, parse_traffic, quantile
+from tasks.rollout import Traffic, judge, parse_traffic, quantile, traffic_since
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -46,6 +46,27 @@ def test_a_window_counts_only_the_new_versions_requests_since_the_step_began():
     window = gw.traffic("new").minus(before)
     assert (window.requests, window.errors) == (8, 1)
     assert window.buckets[float("inf")] == 8
+
+
+def test_a_window_sums_every_gateway_including_one_that_started_or_restarted_meanwhile():
+    """Behind a load balancer the canary's requests are spread over several gateways: the
+    step is judged on all of them. One that restarted during the step starts its counters
+    again from zero; one that joined has only the window's."""
+    steady, restarted, joined = Gateway(), Gateway(), Gateway()
+    steady.serve("new", 0.1, n=10)
+    restarted.serve("new", 0.1, n=40)
+    before = {"a": steady.traffic("new"), "b": restarted.traffic("new")}
+    steady.serve("new", 0.1, n=5)
+    restarted = Gateway()  # the process restarted: its counters are new
+    restarted.serve("new", 0.1, n=3)
+    restarted.serve("new", 0.1, status=503, n=2)
+    joined.serve("new", 0.1, n=4)
+    window = traffic_since(before, {"a": steady.traffic("new"), "b": restarted.traffic("new"),
+                                    "c": joined.traffic("new")})
+    assert (window.requests, window.errors) == (5 + 5 + 4, 2)
+    assert window.buckets[float("inf")] == 14
+    assert judge(window, RolloutConfig(max_error_rate=0.1), finished=False) == \
+        "error rate 14.3% (2 of 14 requests) > 10.0%"
 
 
 def test_p99_follows_prometheus_histogram_quantile():

@@ -25,6 +25,14 @@ def client(monkeypatch, tmp_path):
     get_settings.cache_clear()
 
 
+def saved_state(state):
+    """Where a gateway of the tests' settings keeps its routes and replicas."""
+    from llmship.settings import Settings
+    from serving.gateway import gateway_state_dir
+
+    return gateway_state_dir(Settings(state_dir=state))
+
+
 def replicas(client, apps: dict[str, list[str]]) -> None:
     """What the fleet's directory would say: application (model--version) -> engine URLs."""
     client.app.state.gw.set_endpoints(apps)
@@ -102,7 +110,7 @@ def test_ready_is_503_while_a_routed_version_has_no_replica(monkeypatch, tmp_pat
     from llmship.settings import get_settings
 
     monkeypatch.setenv("LLMSHIP_STATE_DIR", str(tmp_path))
-    write_json(tmp_path / "gateway" / "routes.json", {"m": {"version": "v1"}})
+    write_json(saved_state(tmp_path) / "routes.json", {"m": {"version": "v1"}})
     get_settings.cache_clear()
     from serving.gateway import app
 
@@ -138,7 +146,7 @@ def test_a_live_version_left_without_replicas_is_declared_down_once(
     monkeypatch.setenv("LLMSHIP_STATE_DIR", str(tmp_path))
     monkeypatch.setenv("LLMSHIP_GATEWAY_HEALTH_INTERVAL_S", "0.1")
     monkeypatch.setenv("LLMSHIP_GATEWAY_DOWN_AFTER", "3")
-    write_json(tmp_path / "gateway" / "routes.json", {"wm": {"version": "v1"}})
+    write_json(saved_state(tmp_path) / "routes.json", {"wm": {"version": "v1"}})
     get_settings.cache_clear()
     from serving.gateway import app
 
@@ -214,8 +222,8 @@ def test_past_its_in_flight_limit_the_gateway_sheds_with_429(monkeypatch, tmp_pa
 
     monkeypatch.setenv("LLMSHIP_STATE_DIR", str(tmp_path))
     monkeypatch.setenv("LLMSHIP_GATEWAY_MAX_IN_FLIGHT", "2")
-    write_json(tmp_path / "gateway" / "routes.json", {"m": {"version": "v1"}})
-    write_json(tmp_path / "gateway" / "endpoints.json", {"m--v1": [slow_upstream]})
+    write_json(saved_state(tmp_path) / "routes.json", {"m": {"version": "v1"}})
+    write_json(saved_state(tmp_path) / "endpoints.json", {"m--v1": [slow_upstream]})
     get_settings.cache_clear()
     from serving.gateway import app
 

@@ -250,6 +250,10 @@ def test_a_killed_worker_loses_nothing_and_a_rerun_resumes_through_a_prefect_res
     assert states["download"] == ["Cached"] and states["calibrate"] == ["Completed"]
     assert states["gate"] == ["Failed"] and "publish" not in states
     assert list_versions("outlier-llama") == []
+    # The rerun took the model's build slot before the restart and gave it back after: the
+    # next run of the model does not wait for it.
+    slot = prefect_client.read_global_concurrency_limit_by_name("llmship-build-outlier-llama")
+    assert slot.active_slots == 0
 
     # The killed run does not stay Running: its heartbeats stopped, and the automation
     # llmship-crashed-runs marks it Crashed. (The run-failed alert for it is held back by
@@ -465,8 +469,8 @@ def test_gateway_restart_restores_the_routing_from_the_s3_aliases(first_run, sta
     assert httpx.get(f"{stack.gateway_url}/ready").json()["models"] == {"tiny-llama": live}
     processes.stop(stack, processes.find(stack, "gateway"))
     # The gateway's own files are gone too: the aliases and the fleet are the truth.
-    (stack.state_dir / "gateway" / "routes.json").unlink()
-    (stack.state_dir / "gateway" / "endpoints.json").unlink()
+    (stack.state_dir / "gateway" / str(stack.gateway_port) / "routes.json").unlink()
+    (stack.state_dir / "gateway" / str(stack.gateway_port) / "endpoints.json").unlink()
     start_gateway(stack, child_env(stack))
     models = httpx.get(f"{stack.gateway_url}/v1/models").json()["data"]
     assert [(m["id"], m["version"]) for m in models] == [("tiny-llama", live)]
