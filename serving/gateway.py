@@ -270,9 +270,14 @@ async def follow_fleet(gw: GatewayState) -> None:
 
 async def watch_live_versions(gw: GatewayState) -> None:
     """Declare a live version down after gw.down_after checks in a row with no replica, and
-    up again when one is back. Ray replaces failing replicas; this is for a version that
-    cannot stay up at all. Canaries are not watched here: their rollout judges them."""
+    up again after as many with one. Ray replaces failing replicas; this is for a version that
+    cannot stay up at all. Canaries are not watched here: their rollout judges them.
+
+    Up again takes as long as down: in a crash loop a replica registers for a moment between
+    crashes, and the version was declared down (an event, a rollback asked for) once per
+    moment."""
     misses: dict[tuple[str, str], int] = {}
+    ups: dict[tuple[str, str], int] = {}
     while True:
         await asyncio.sleep(gw.health_interval_s)
         for model, route in list(gw.routes.items()):
@@ -282,9 +287,15 @@ async def watch_live_versions(gw: GatewayState) -> None:
             if up:
                 misses.pop(key, None)
                 if gw.down.get(model) == route.version:
-                    del gw.down[model]
-                    log.warning("%s %s has a replica again", model, route.version)
+                    ups[key] = ups.get(key, 0) + 1
+                    if ups[key] >= gw.down_after:
+                        del gw.down[model], ups[key]
+                        log.warning("%s %s has had a replica for %d checks: up again",
+                                    model, route.version, gw.down_after)
                 continue
+            ups.pop(key, None)
+            if gw.down.get(model) == route.version:
+                continue  # declared already
             misses[key] = misses.get(key, 0) + 1
             if misses[key] == gw.down_after:
                 declare_down(gw, model, route, misses[key])

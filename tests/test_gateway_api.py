@@ -136,7 +136,8 @@ def test_a_live_version_left_without_replicas_is_declared_down_once(
     """The watcher: after LLMSHIP_GATEWAY_DOWN_AFTER checks in a row with no replica the
     live version is declared down (the log says so and asks for the rollback, which the
     stack tests follow through Prefect); its clients get 503s that say a rollback was asked
-    for. One replica back, and it is up again."""
+    for. A replica that comes for a moment and crashes again (a crash loop) declares nothing
+    more; one that stays, and it is up again."""
     import time
 
     from llmship.processes import write_json
@@ -162,6 +163,12 @@ def test_a_live_version_left_without_replicas_is_declared_down_once(
         err = assert_openai_error(c.post("/v1/completions", json={"model": "wm",
                                                                   "prompt": "x"}), 503)
         assert "a rollback to the previous version was asked for" in err["message"]
+        for _ in range(3):  # a crash loop: a replica registers, and is gone a check later
+            replicas(c, {"wm--v1": [url]})
+            time.sleep(0.15)
+            replicas(c, {})
+            time.sleep(0.5)
+        assert len([r for r in caplog.records if "declared down" in r.getMessage()]) == 1
         replicas(c, {"wm--v1": [url]})
         time.sleep(0.5)
         assert c.post("/v1/completions", json={"model": "wm", "prompt": "x"}).json() == \

@@ -392,9 +392,8 @@ def test_two_identical_runs_at_once_end_as_one_rollout(versions, stack, store, p
         assert limit.limit == 1 and limit.active_slots == 0
 
 
-# Last of the module: after a replica's worker is killed here, the crash-loop test above saw
-# its version declared down twice (two llmship.serving.down events, not one), twice in three
-# runs; not understood yet (docs/RELIABILITY.md).
+# Last of the module: it leaves the live version as the tests above left it, at one replica,
+# but with a replica's worker killed along the way.
 def test_an_autoscaled_version_scales_out_and_back_and_a_killed_replica_leaves_nothing(
         versions, stack, store):
     """serving.autoscaling: Ray Serve's autoscaler on the engines' own queues (requests go
