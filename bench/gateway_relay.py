@@ -36,6 +36,7 @@ from gateway_overhead import wave  # noqa: E402
 from llmship.processes import write_json  # noqa: E402
 from llmship.settings import Settings  # noqa: E402
 from llmship.stack import gateway_argv  # noqa: E402
+from serving.gateway import gateway_state_dir  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "bench-token"
@@ -115,7 +116,8 @@ def main() -> None:
         f"{args.token_ms / 1000}))")], cwd=REPO)
     state = tempfile.mkdtemp(prefix="llmship-bench-relay-")
     # The replica the fleet would report for relay v1: the stand-in (no Ray needed here).
-    write_json(Path(state) / "gateway" / "endpoints.json",
+    write_json(gateway_state_dir(Settings(state_dir=state, gateway_port=gateway_port)) /
+               "endpoints.json",
                {"relay--v1": [f"http://127.0.0.1:{upstream_port}"]})
     env = os.environ | {"LLMSHIP_STATE_DIR": state, "LLMSHIP_GATEWAY_ADMIN_TOKEN": TOKEN,
                         "LLMSHIP_GATEWAY_PORT": str(gateway_port)}
