@@ -104,6 +104,8 @@ def main() -> None:
     parser.add_argument("--token-ms", type=float, default=20.0)
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--concurrency", default="1,8,32",
+                        help="concurrent streams of each wave, comma-separated")
     parser.add_argument("--uvicorn-args", default="",
                         help="uvicorn options for the gateway instead of the stack's command "
                              "line (llmship.stack.gateway_argv: uvloop, httptools with the "
@@ -149,7 +151,7 @@ def main() -> None:
               f"{args.uvicorn_args or 'the stack’s (uvloop, GatewayHttpProtocol)'}")
         for url in (direct, through):
             asyncio.run(wave(url, "relay", 4, 8, args.tokens))
-        for concurrency in (1, 8, 32):
+        for concurrency in map(int, args.concurrency.split(",")):
             per = {"direct": [], "gateway": []}
             cpu = 0.0
             for _ in range(args.rounds):

@@ -349,7 +349,26 @@ async def lifespan(app: FastAPI):
     await app.state.gw.client.close()
 
 
-app = FastAPI(title="llmship gateway", lifespan=lifespan)
+class _Gateway(FastAPI):
+    """FastAPI, with the two relayed endpoints answered before its middleware and router:
+    each layer wraps every relayed chunk's send in a call of its own, and resolves every
+    request's route and dependencies, a good part of the gateway's CPU per token. What they
+    add there (a 500 for an unexpected error) is done here."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        schema = RELAYED.get(scope["path"]) if scope["type"] == "http" else None
+        if schema is None or scope["method"] != "POST":
+            return await super().__call__(scope, receive, send)
+        scope["app"] = self
+        request = Request(scope, receive)
+        try:
+            response = await _proxy(request, scope["path"], schema)
+        except Exception as exc:  # noqa: BLE001 - as the app's own handler answers it
+            response = await _unexpected(request, exc)
+        await response(scope, receive, send)
+
+
+app = _Gateway(title="llmship gateway", lifespan=lifespan)
 
 
 def _gw(request: Request) -> GatewayState:
@@ -655,6 +674,7 @@ def _closing(resp: JSONResponse) -> JSONResponse:
     return resp
 
 
+# Answered by _Gateway.__call__; declared here too, for /openapi.json and /docs.
 @app.post("/v1/completions")
 async def completions(request: Request) -> Response:
     return await _proxy(request, "/v1/completions", CompletionRequest)
@@ -663,6 +683,10 @@ async def completions(request: Request) -> Response:
 @app.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Response:
     return await _proxy(request, "/v1/chat/completions", ChatCompletionRequest)
+
+
+RELAYED: dict[str, type[_OpenAIRequest]] = {"/v1/completions": CompletionRequest,
+                                            "/v1/chat/completions": ChatCompletionRequest}
 
 
 # ------------------------------------------------------------------ admin
