@@ -229,9 +229,9 @@ def directory():
 
 def gateways(settings: Settings) -> list[str]:
     """The gateways relaying to this fleet: those heard from within gateway_seen_within_s."""
+    _connect(settings)  # first: Ray reads the cluster's settings when it is imported
     import ray
 
-    _connect(settings)
     return ray.get(directory().live_gateways.remote(settings.gateway_seen_within_s))
 
 
