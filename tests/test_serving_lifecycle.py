@@ -305,18 +305,22 @@ def test_a_live_version_that_cannot_stay_up_is_replaced_by_the_previous_version(
     assert (store.read_alias("tiny-llama", "live"),
             store.read_alias("tiny-llama", "previous")) == (a, b)
     a_digest = digest_of(store, a)
-    crashing = threading.Event()
+    crashing, first_kill = threading.Event(), {}
 
     def crash_loop():
         while not crashing.is_set():
             kill_engines(a_digest)
+            first_kill.setdefault("at", time.time())
             time.sleep(0.2)
 
     with SteadyLoad(stack.gateway_url, "tiny-llama", prompts(), workers=2, pause_s=0.25) as load:
         time.sleep(3)
         killer = threading.Thread(target=crash_loop, daemon=True)
         killer.start()
-        killed_at = time.time()
+        # Once its first round has killed every process of A's engines: a stream that
+        # began while one still ran may fail mid-answer.
+        killed_at = wait_for("A's engines killed", lambda: first_kill.get("at"), timeout=30,
+                             every=0.05)
         # The gateway says so at once to a load balancer, and on its metrics.
         wait_for("/ready answering 503", lambda: httpx.get(
             f"{stack.gateway_url}/ready", timeout=10).status_code == 503, timeout=30)
