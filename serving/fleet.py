@@ -148,9 +148,6 @@ class Directory:
     async def all_deployed(self) -> dict:
         return dict(self.deployments)
 
-    async def gateway_up(self, url: str) -> None:
-        self.gateways[url] = time.time()
-
     async def gateway_down(self, url: str) -> None:
         self.gateways.pop(url, None)
 
@@ -158,7 +155,10 @@ class Directory:
         now = time.time()
         return sorted(url for url, seen in self.gateways.items() if now - seen <= seen_within_s)
 
-    async def snapshot(self) -> dict:
+    async def snapshot(self, gateway: str | None = None) -> dict:
+        """Where every replica's engine listens; a gateway asking says so that it is up."""
+        if gateway:
+            self.gateways[gateway] = time.time()
         return {"endpoints": {app: list(reps.values()) for app, reps in self.endpoints.items()
                               if reps},
                 "warm_until": dict(self.warm_until)}
@@ -202,7 +202,7 @@ class Directory:
             settings = get_settings()
             gateways = await self.live_gateways(settings.gateway_seen_within_s)
             serving = await asyncio.to_thread(serves_traffic, settings, model, version,
-                                              gateways or None)
+                                              gateways or [settings.gateway_url])
             if serving is False:
                 log.warning("stopping %s: its warm period is over", app)
                 await asyncio.to_thread(serve.delete, app, False)

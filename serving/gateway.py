@@ -251,10 +251,9 @@ async def follow_fleet(gw: GatewayState) -> None:
 
             actor = await asyncio.to_thread(fleet.directory)
             while True:
-                snap = await actor.snapshot.remote()
+                snap = await actor.snapshot.remote(gw.settings.gateway_url)
                 gw.set_endpoints({app: [e["url"] for e in reps]
                                   for app, reps in snap["endpoints"].items()})
-                await actor.gateway_up.remote(gw.settings.gateway_url)
                 gw.fleet_known.set()
                 if not reconciled:  # once: the live aliases are what should serve
                     live = {m: r.version for m, r in gw.routes.items()}

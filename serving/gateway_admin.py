@@ -66,18 +66,19 @@ def route_traffic(settings: Settings, model: str, version: str,
                            f"{'; '.join(refused)}")
 
 
-def keep_routed(settings: Settings, model: str, version: str, canary: dict | None) -> list[str]:
-    """Give the route to every gateway that lacks it (one that started or restarted since it
-    moved: a restart routes by the live alias); the URLs it was given to."""
+def keep_routed(settings: Settings, gateways: list[str], model: str, version: str,
+                canary: dict | None) -> list[str]:
+    """Give the route to each of gateways that lacks it (one that started or restarted since
+    it moved: a restart routes by the live alias); the URLs it was given to."""
+    wanted = (version, canary and (canary["version"], canary["percent"]))
     lacking = []
-    for url in gateway_urls(settings):
+    for url in gateways:
         try:
             route = gateway_routes(settings, [url])[url].get(model) or {}
         except httpx.HTTPError:
             continue  # gone: it drops out of the fleet's list (read_traffic leaves it out)
-        now = route.get("canary") or None
-        if route.get("version") != version or (now and {k: now[k] for k in ("version",
-                                                "percent")}) != (canary or None):
+        now = route.get("canary")
+        if (route.get("version"), now and (now["version"], now["percent"])) != wanted:
             lacking.append(url)
     if lacking:
         route_traffic(settings, model, version, canary, urls=lacking)

@@ -88,6 +88,12 @@ class Traffic(BaseModel):
                        buckets={le: n - before.buckets.get(le, 0.0)
                                 for le, n in self.buckets.items()})
 
+    def plus(self, other: "Traffic") -> "Traffic":
+        return Traffic(requests=self.requests + other.requests,
+                       errors=self.errors + other.errors,
+                       buckets={le: self.buckets.get(le, 0.0) + other.buckets.get(le, 0.0)
+                                for le in {*self.buckets, *other.buckets}})
+
 
 def parse_traffic(metrics_text: str, model: str, version: str) -> Traffic:
     """The version's totals over every endpoint, from the gateway's /metrics."""
@@ -141,12 +147,12 @@ def judge(window: Traffic, cfg: RolloutConfig, *, finished: bool) -> str | None:
     return None
 
 
-def read_traffic(settings: Settings, model: str, version: str) -> dict[str, Traffic]:
-    """The version's counters at each gateway relaying to the fleet. One that does not answer
-    (it died: its clients' requests went with it) is left out until it drops out of the
-    fleet's list; none answering is an error."""
+def read_traffic(gateways: list[str], model: str, version: str) -> dict[str, Traffic]:
+    """The version's counters at each gateway. One that does not answer (it died: its
+    clients' requests went with it) is left out until it drops out of the fleet's list; none
+    answering is an error."""
     traffic, unreachable = {}, []
-    for url in gateway_urls(settings):
+    for url in gateways:
         try:
             resp = httpx.get(f"{url}/metrics", timeout=10.0)
             resp.raise_for_status()
@@ -166,12 +172,8 @@ def traffic_since(before: dict[str, Traffic], now: dict[str, Traffic]) -> Traffi
     total = Traffic()
     for url, counted in now.items():
         earlier = before.get(url)
-        window = counted if earlier is None or counted.requests < earlier.requests \
-            else counted.minus(earlier)
-        total = Traffic(requests=total.requests + window.requests,
-                        errors=total.errors + window.errors,
-                        buckets={le: total.buckets.get(le, 0.0) + window.buckets.get(le, 0.0)
-                                 for le in {*total.buckets, *window.buckets}})
+        restarted = earlier is None or counted.requests < earlier.requests
+        total = total.plus(counted if restarted else counted.minus(earlier))
     return total
 
 
@@ -180,15 +182,16 @@ def bake(settings: Settings, server: fleet.Server, live: str, percent: float,
     """Watch the new version's share of traffic, on every gateway, for cfg.bake_seconds,
     stopping at the first breach."""
     canary = {"version": server.version, "percent": percent}
-    before = read_traffic(settings, server.model, server.version)
+    before = read_traffic(gateway_urls(settings), server.model, server.version)
     started = time.monotonic()
     while True:
         time.sleep(min(settings.rollout_check_interval_s,
                        max(0.0, cfg.bake_seconds - (time.monotonic() - started))))
         elapsed = time.monotonic() - started
-        for url in keep_routed(settings, server.model, live, canary):
+        gateways = gateway_urls(settings)
+        for url in keep_routed(settings, gateways, server.model, live, canary):
             log.info("canary %s%%: gateway %s had not the canary's route: given", percent, url)
-        window = traffic_since(before, read_traffic(settings, server.model, server.version))
+        window = traffic_since(before, read_traffic(gateways, server.model, server.version))
         finished = elapsed >= cfg.bake_seconds
         breach = judge(window, cfg, finished=finished)
         if breach is None:
