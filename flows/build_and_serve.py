@@ -1,7 +1,7 @@
 """build-and-serve: a model from its source to live traffic, one task per stage (DESIGN.md).
 
     preflight -> download -> calibrate -> build (candidate, and the BF16 baseline) -> gate
-              -> publish -> [approval, when config.rollout asks for it] -> rollout
+              -> perf -> publish -> [approval, when config.rollout asks for it] -> rollout
 
 Every stage's output is content-addressed: a rerun with the same inputs finds each stage's
 output in the store (the task runs show as Cached) and only checks that the version is live.
@@ -20,6 +20,7 @@ from tasks.calibrate import calibrate_task
 from tasks.common import build_slot, serving_slot
 from tasks.download import download_task
 from tasks.gate import gate_task
+from tasks.perf import perf_task
 from tasks.preflight import preflight_task
 from tasks.publish import publish_task
 from tasks.rollout import RolloutResult, approve_rollout, rollout_task
@@ -36,8 +37,10 @@ def build_and_serve(config: PipelineConfig) -> RolloutResult | None:
                                "candidate")
         baseline = build_task(snapshot, config.target, config.serving, config.name, "baseline")
     with serving_slot(config.name):  # one run at a time evaluates or serves a model
-        report = gate_task(candidate, baseline, config.gate, config.name)
-        version = publish_task(config.name, candidate, report)
+        report = gate_task(candidate, baseline, config.gate, config.name,
+                           perf_follows=config.perf.enabled)
+        perf = perf_task(candidate, baseline, config.perf, config.name)
+        version = publish_task(config.name, candidate, report, perf)
     if not approve_rollout(version, config.rollout):
         return None  # declined: published, not served
     with serving_slot(config.name):

@@ -3,6 +3,8 @@
 Alerts, through one notification block; the team hears within seconds:
 - `llmship-gate-failed`, on the gate's event `llmship.gate.failed` (model, candidate version,
   failing tasks with their numbers, where the report is);
+- `llmship-perf-failed`, on the performance gate's `llmship.perf.failed` (the same, with each
+  failing figure against its limit);
 - `llmship-run-failed`, on any flow run of build-and-serve, recalibrate or rollback that ends
   Failed, Crashed or TimedOut.
 
@@ -39,6 +41,7 @@ from llmship.settings import Settings
 
 BLOCK_NAME = "llmship-alerts"
 GATE_FAILED = "llmship-gate-failed"
+PERF_FAILED = "llmship-perf-failed"
 RUN_FAILED = "llmship-run-failed"
 CRASHED_RUNS = "llmship-crashed-runs"
 RESTORE = "llmship-restore-{model}"
@@ -54,6 +57,14 @@ GATE_BODY = (
     "{% for t in event.payload.failing %}{{ t.task }} {{ '%.3f' % t.measured }} < "
     "{{ '%.3f' % t.threshold }} (baseline {{ '%.3f' % t.baseline }}); {% endfor %}"
     "report: {{ event.payload.report }}"
+)
+PERF_SUBJECT = "llmship: performance gate failed for {{ event.payload.model }}"
+PERF_BODY = (
+    "Candidate {{ event.payload.candidate_version }} of {{ event.payload.model }} is slower "
+    "than its policy allows; nothing was published. Failing figures: "
+    "{% for v in event.payload.failing %}{{ v.load }} {{ v.metric }}: candidate "
+    "{{ '%.2f' % v.candidate }}, baseline {{ '%.2f' % v.baseline }} ({{ '%.2f' % v.ratio }}x, "
+    "limit {{ v.limit }}); {% endfor %}report: {{ event.payload.report }}"
 )
 # No deployment in these: a recalibrate run's build-and-serve subflow run has none.
 RUN_SUBJECT = "llmship: {{ flow.name }} run {{ flow_run.name }} {{ flow_run.state.name }}"
@@ -82,6 +93,14 @@ def alert_automations(block_id) -> list[Automation]:
                                  threshold=1, match={"prefect.resource.id": "llmship.model.*"}),
             actions=[SendNotification(block_document_id=block_id, subject=GATE_SUBJECT,
                                       body=GATE_BODY)],
+        ),
+        Automation(
+            name=PERF_FAILED,
+            description="Notify the team when a candidate fails the performance gate",
+            trigger=EventTrigger(expect={"llmship.perf.failed"}, posture=Posture.Reactive,
+                                 threshold=1, match={"prefect.resource.id": "llmship.model.*"}),
+            actions=[SendNotification(block_document_id=block_id, subject=PERF_SUBJECT,
+                                      body=PERF_BODY)],
         ),
         Automation(
             name=RUN_FAILED,

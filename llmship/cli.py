@@ -113,12 +113,18 @@ def cmd_versions(args) -> None:
     if not manifests:
         print(f"{args.model} has no published versions")
         return
-    print(f"{'version':14s} {'created (UTC)':20s} {'scheme':12s} {'gate':6s} {'MB':>8s}  alias")
+    print(f"{'version':14s} {'created (UTC)':20s} {'scheme':12s} {'gate':6s} {'perf':6s} "
+          f"{'tok/s x':>8s} {'MB':>8s}  alias")
     for m in manifests:
         alias = "live" if m.key == live else ("previous" if m.key == previous else "")
+        perf = {None: "-", True: "pass", False: "FAIL"}[m.details.get("perf_passed")]
+        # The candidate's output tokens/s over the baseline's, at the production load.
+        figure = (m.details.get("perf") or {}).get("production output tokens/s")
+        ratio = f"{figure['candidate'] / figure['baseline']:.2f}" if figure and \
+            figure["baseline"] else "-"
         print(f"{m.key:14s} {m.created_at[:19]:20s} {m.details.get('scheme', '?'):12s} "
-              f"{'pass' if m.details.get('gate_passed') else 'FAIL':6s} "
-              f"{m.total_bytes / 1e6:8.1f}  {alias}")
+              f"{'pass' if m.details.get('gate_passed') else 'FAIL':6s} {perf:6s} "
+              f"{ratio:>8s} {m.total_bytes / 1e6:8.1f}  {alias}")
 
 
 def cmd_rollback(args) -> None:

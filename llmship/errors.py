@@ -26,6 +26,14 @@ class GateFailed(PermanentError):
     """The candidate lost more accuracy than the gate allows; nothing was published."""
 
 
+class PerfGateFailed(PermanentError):
+    """The candidate is slower than the performance gate's policy allows: nothing published."""
+
+
+class BenchmarkFailed(PermanentError):
+    """A server did not answer the performance gate's load: the build cannot serve it."""
+
+
 class GateConfigError(PermanentError):
     """The gate's policy names a task, metric or threshold that cannot be used as given."""
 

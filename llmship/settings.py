@@ -303,6 +303,30 @@ class GateConfig(BaseModel, extra="forbid"):
     limit: int | None = Field(None, ge=1, description="items per task (default: all)")
 
 
+class PerfConfig(BaseModel, extra="forbid"):
+    """The performance gate's policy: one fixed load, sent by vLLM's own benchmark client to
+    the candidate's and the baseline's servers in turn, and how the candidate may compare.
+    A limit left unset is measured and reported, not judged."""
+
+    enabled: bool = Field(True, description="run the performance gate after the accuracy gate")
+    concurrency: int = Field(32, ge=1, description="requests in flight at once: the "
+                                                   "deployment's production concurrency")
+    num_prompts: int = Field(128, ge=1, description="requests sent at that concurrency")
+    single_stream_prompts: int = Field(
+        8, ge=0, description="requests sent one at a time after it (0: no one-stream load)")
+    input_len: int = Field(512, ge=1, description="prompt tokens per request (random tokens)")
+    output_len: int = Field(128, ge=1, description="tokens generated per request (EOS ignored)")
+    min_throughput_ratio: float | None = Field(
+        None, gt=0, description="candidate output tokens/s / the baseline's, at each load; "
+                                "e.g. 1.2 for FP8 against BF16 on a GPU")
+    max_ttft_regression: float | None = Field(
+        None, ge=0, description="the candidate's p50 and p99 time to first token may exceed "
+                                "the baseline's by at most this fraction, e.g. 0.1")
+    max_itl_regression: float | None = Field(
+        None, ge=0, description="the same for the inter-token latency")
+    seed: int = Field(0, description="the random prompts' seed: both builds get the same ones")
+
+
 class TrtllmConfig(BaseModel, extra="forbid"):
     """TensorRT-LLM's own options (target: trtllm)."""
 
@@ -410,6 +434,18 @@ class PipelineConfig(BaseModel, extra="forbid"):
     gate: GateConfig = Field(default_factory=GateConfig)
     serving: ServingConfig = Field(default_factory=ServingConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    perf: PerfConfig = Field(default_factory=PerfConfig)
+
+    @model_validator(mode="after")
+    def _perf_load_fits_the_context(self) -> "PipelineConfig":
+        if self.perf.enabled and self.perf.input_len + self.perf.output_len > \
+                self.serving.max_model_len:
+            raise ValueError(
+                f"perf.input_len + perf.output_len ({self.perf.input_len} + "
+                f"{self.perf.output_len}) exceed serving.max_model_len "
+                f"({self.serving.max_model_len}): the servers would refuse every request; "
+                "shorten the load or raise max_model_len")
+        return self
 
     @model_validator(mode="after")
     def _target_can_serve_the_scheme(self) -> "PipelineConfig":

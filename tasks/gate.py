@@ -359,31 +359,47 @@ def evaluation_key(build: StageOutput, tasks: TaskSet, config: GateConfig) -> st
     })[:24]
 
 
+def keeps_for_rollout(build: StageOutput) -> bool:
+    """The candidate's server, as it will serve, is the one the rollout would start next: it
+    is deployed under the version's serving name and kept (settings.keep_evaluated_server_s),
+    so a passing candidate takes traffic without a second load (minutes for 70B on GPUs)."""
+    return (build.details.get("role") == "candidate"
+            and get_settings().keep_evaluated_server_s > 0)
+
+
+def server_spec(build: StageOutput, model: str):
+    """The fleet's server of a build, for the gates: the engine and its arguments as the build
+    will be served."""
+    from serving import fleet
+    from serving.replica import ReplicaSpec
+
+    version = version_id(build)
+    keep = keeps_for_rollout(build)
+    return ReplicaSpec(
+        app=fleet.app_name(model, version) if keep else fleet.eval_app_name(model, version),
+        model=model, version=version, role="serving" if keep else "evaluation",
+        prefix=build.prefix, target=target_of(build.details),
+        engine_args=build.details.get("engine_args", []),
+        serve_subdir=build.details.get("serve_subdir"))
+
+
 @task(name="evaluate", retries=RETRIES, retry_delay_seconds=RETRY_DELAYS,
       retry_condition_fn=retry_unless_permanent, persist_result=True,
       cache_key_fn=cache_key(lambda p: evaluation_key(p["build"], p["tasks"], p["config"])))
 def evaluate_task(build: StageOutput, tasks: TaskSet, config: GateConfig,
-                  model: str) -> Evaluation:
+                  model: str, keep_for_perf: bool = False) -> Evaluation:
+    """keep_for_perf: the performance gate follows; the baseline's server stays up for it
+    (the candidate's stays anyway, for the rollout)."""
     from serving import fleet
-    from serving.replica import ReplicaSpec
 
     settings = get_settings()
     log = get_run_logger()
     role = build.details.get("role", "build")
-    # The candidate's server, as it will serve, is the one the rollout would start next: it
-    # is deployed under the version's serving name and kept (settings.keep_evaluated_server_s),
-    # so a passing candidate takes traffic without a second load (minutes for 70B on GPUs).
-    keep = (role == "candidate" and config.backend is EvalBackend.SERVED
-            and settings.keep_evaluated_server_s > 0)
+    keep = config.backend is EvalBackend.SERVED and (keeps_for_rollout(build) or (
+        keep_for_perf and settings.keep_evaluated_server_s > 0))
     server, started = None, False
     if config.backend is EvalBackend.SERVED:
-        version = version_id(build)
-        spec = ReplicaSpec(
-            app=fleet.app_name(model, version) if keep else fleet.eval_app_name(model, version),
-            model=model, version=version, role="serving" if keep else "evaluation",
-            prefix=build.prefix, target=target_of(build.details),
-            engine_args=build.details.get("engine_args", []),
-            serve_subdir=build.details.get("serve_subdir"))
+        spec = server_spec(build, model)
         log.info("asking the fleet for a %s server of %s's %s to evaluate through",
                  spec.target.value, model, role)
         server, started = fleet.acquire(settings, spec, ServingConfig(replicas=1))
@@ -401,8 +417,10 @@ def evaluate_task(build: StageOutput, tasks: TaskSet, config: GateConfig,
     if server and started and keep:
         fleet.keep_warm(settings, server, settings.keep_evaluated_server_s)
         evaluation.kept_server = server.app
-        log.info("kept %s's evaluation server as %s for the rollout (stopped in %.0f s unless "
-                 "traffic reaches it)", model, server.app, settings.keep_evaluated_server_s)
+        log.info("kept %s's %s server as %s for the %s (stopped in %.0f s unless traffic or "
+                 "the next stage takes it)", model, role, server.app,
+                 "rollout" if keeps_for_rollout(build) else "performance gate",
+                 settings.keep_evaluated_server_s)
     elif server and started:
         fleet.release(settings, server)
     return evaluation
@@ -505,12 +523,24 @@ def record_report(model: str, report: GateReport, stored: str) -> None:
                 "verdict": "pass" if t.passed else "FAIL"} for t in report.tasks])
 
 
+def release_kept(settings, model: str, candidate: StageOutput, baseline: StageOutput) -> None:
+    """A failed gate: the servers kept for the next stages stop, unless traffic reaches one."""
+    from serving import fleet
+
+    for build in (candidate, baseline):
+        spec = server_spec(build, model)
+        kept = fleet.find(settings, model, spec.version, spec.app)
+        if kept and fleet.serves_traffic(settings, model, kept.version) is False:
+            fleet.release(settings, kept)
+
+
 @task(name="gate", persist_result=True,
       cache_key_fn=cache_key(lambda p: gate_key(p["candidate"], p["baseline"], p["config"],
                                                 resolve_tasks(p["config"]))))
 def gate_task(candidate: StageOutput, baseline: StageOutput, config: GateConfig,
-              model: str) -> GateReport:
-    """Evaluate both builds (each evaluation cached on its own) and apply the rule."""
+              model: str, perf_follows: bool = False) -> GateReport:
+    """Evaluate both builds (each evaluation cached on its own) and apply the rule.
+    perf_follows: keep the baseline's server up for the performance gate."""
     settings = get_settings()
     tasks = resolve_tasks(config)  # a policy naming unknown tasks fails here, before any work
     # A malformed item fails here, naming file and line; so does one that calibration saw.
@@ -521,7 +551,7 @@ def gate_task(candidate: StageOutput, baseline: StageOutput, config: GateConfig,
     # would be rolled back with a failing gate, and the rerun after its alert would evaluate
     # both builds again: two model loads, minutes for 70B.
     with transaction(commit_mode=CommitMode.EAGER):
-        base_eval = evaluate_task(baseline, tasks, config, model)
+        base_eval = evaluate_task(baseline, tasks, config, model, keep_for_perf=perf_follows)
         cand_eval = evaluate_task(candidate, tasks, config, model)
     verdicts = judge(base_eval, cand_eval, config, tasks)
     report = GateReport(
@@ -536,11 +566,7 @@ def gate_task(candidate: StageOutput, baseline: StageOutput, config: GateConfig,
     stored = store_report(gate_key(candidate, baseline, config, tasks), model, report)
     record_report(model, report, stored)
     if not report.passed:
-        from serving import fleet
-
-        kept = cand_eval.kept_server and fleet.find(settings, model, version_id(candidate))
-        if kept and fleet.serves_traffic(settings, model, kept.version) is False:
-            fleet.release(settings, kept)  # no rollout will take it
+        release_kept(settings, model, candidate, baseline)  # no rollout will take them
         # The alert automation (llmship/alerts.py) sends this to the team within seconds.
         emit_event(event="llmship.gate.failed",
                    resource={"prefect.resource.id": f"llmship.model.{model}",

@@ -2,7 +2,8 @@
 GPU time is spent, and by `llmship plan DEPLOYMENT` ahead of a run.
 
 What it checks, each a refusal with what to do:
-    GPUs          count (tensor parallel size, twice over while a live version keeps serving),
+    GPUs          count (tensor parallel size, twice over while a live version keeps serving
+                  or for the performance gate's baseline and candidate),
                   memory per GPU for serving (weights + one full-length sequence's KV cache +
                   overhead), memory in all for the calibration peak, compute capability for
                   FP8 W8A8 (8.9 and up: Ada, Hopper).
@@ -202,8 +203,10 @@ def estimate_stages(config: PipelineConfig, shape: ModelShape,
         StagePlan(stage="build", where=f"{config.target.value}: candidate and BF16 baseline",
                   disk_gib=cand if builds_engine(config.target, config.serving) else 0.0,
                   seconds=(bf16 + cand) / a.load_gib_s),
-        StagePlan(stage="gate", where=f"{tp} GPU(s) per server, one build at a time",
-                  gpu_memory_gib=bf16 + kv + a.serving_overhead_gib * tp,
+        StagePlan(stage="gate", where=f"{tp} GPU(s) per server, " + (
+                      "both builds at once" if config.perf.enabled else "one build at a time"),
+                  gpu_memory_gib=bf16 + kv + a.serving_overhead_gib * tp + (
+                      cand + kv + a.serving_overhead_gib * tp if config.perf.enabled else 0),
                   seconds=2 * (a.server_start_seconds + bf16 / tp / a.load_gib_s)),
         StagePlan(stage="publish", where="worker -> S3", seconds=cand * gbit / a.s3_gbit_s),
         StagePlan(stage="rollout", where=f"{tp} GPU(s) beside the live version's",
@@ -234,7 +237,10 @@ def check_resources(config: PipelineConfig, shape: ModelShape, gpus: list[Gpu], 
             "on a GPU work pool whose workers set LLMSHIP_DEVICE=cuda (README, 'GPU path')"))
         return checks
     tp = config.serving.tensor_parallel_size
-    needed = tp * (2 if live else 1)
+    # Two servers at once, either the live version's and the candidate's, or, in the
+    # performance gate of a baseline not measured before (no version is live then, as a rule),
+    # the baseline's and the candidate's (kept for the rollout).
+    needed = tp * (2 if live or config.perf.enabled else 1)
     names = ", ".join(sorted({f"{g.name} ({g.memory_gib:.0f} GiB, cc "
                               f"{g.compute_capability[0]}.{g.compute_capability[1]})"
                               for g in gpus})) or "none"
@@ -242,7 +248,9 @@ def check_resources(config: PipelineConfig, shape: ModelShape, gpus: list[Gpu], 
         name="GPU count", ok=len(gpus) >= needed,
         detail=f"{len(gpus)} found: {names}; {needed} needed (tensor parallel {tp}"
                + (f", beside the {tp} of the live version, which keeps serving until the "
-                  "switch" if live else "") + ")"))
+                  "switch" if live else (", for the baseline's and the candidate's servers at "
+                                         "once in the performance gate" if needed > tp else ""))
+               + ")"))
     if not gpus:
         return checks
     per_gpu = min(g.memory_gib for g in gpus)

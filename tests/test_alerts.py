@@ -36,8 +36,9 @@ def test_no_url_no_alerts():
 
 
 def test_automations_cover_failed_gates_and_every_failed_run_of_the_flows():
-    gate, run = alert_automations(uuid.uuid4())
+    gate, perf, run = alert_automations(uuid.uuid4())
     assert gate.trigger.expect == {"llmship.gate.failed"}
+    assert perf.trigger.expect == {"llmship.perf.failed"}
     assert run.trigger.expect == RUN_END_STATES >= {"prefect.flow-run.Failed",
                                                     "prefect.flow-run.Crashed"}
     assert run.trigger.match_related.root["prefect.resource.name"] == FLOWS
@@ -76,3 +77,20 @@ def test_a_run_whose_heartbeats_stop_is_marked_crashed_after_three():
     assert {"prefect.flow-run.Completed", "prefect.flow-run.Failed",
             "prefect.flow-run.Crashed"} <= trigger.expect
     assert automation.actions[0].state.value == "CRASHED"
+
+
+def test_a_failed_performance_gate_alert_names_each_figure_against_its_limit():
+    """The alert's text, rendered as Prefect renders it (Jinja) from the event's payload."""
+    import jinja2
+
+    from llmship.alerts import PERF_BODY
+    from tasks.perf import PerfVerdict
+
+    failing = [PerfVerdict(load="production", metric="output tokens/s", baseline=1000.0,
+                           candidate=1100.0, ratio=1.1, limit=">= 1.2x", passed=False)]
+    body = jinja2.Template(PERF_BODY).render(event={"payload": {
+        "model": "llama3-70b", "candidate_version": "abc123", "report": "stages/perf/k",
+        "failing": [v.model_dump() for v in failing]}})
+    assert body.startswith("Candidate abc123 of llama3-70b is slower than its policy allows")
+    assert ("production output tokens/s: candidate 1100.00, baseline 1000.00 (1.10x, limit "
+            ">= 1.2x)") in body and body.endswith("report: stages/perf/k")

@@ -342,10 +342,12 @@ def test_plan_refuses_with_every_reason_and_exit_status_2(hub_cache):
     out = plan_cli("build-and-serve/llama3-70b-trtllm", "--gpus", "4", "--gpu-memory-gib", "40",
                    "--compute-capability", "8.0", "--free-disk-gib", "50", "--offline")
     assert out.returncode == 2
-    for name in ("disk", "GPU memory (serving)", "GPU memory (calibration)",
+    for name in ("disk", "GPU count", "GPU memory (serving)", "GPU memory (calibration)",
                  "compute capability"):
         assert f"FAIL {name}:" in out.stdout, out.stdout
-    assert "would be refused here: 4 check(s) failed" in out.stderr
+    # Tensor parallel 4 twice: the performance gate's baseline and candidate at once.
+    assert "8 needed (tensor parallel 4, for the baseline's and the candidate's" in out.stdout
+    assert "would be refused here: 5 check(s) failed" in out.stderr
 
 
 def test_plan_names_an_unknown_deployment_and_a_revision_not_there(hub_cache, monkeypatch):
