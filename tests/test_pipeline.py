@@ -23,7 +23,7 @@ from tests.helpers.waiting import wait_for
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
 DEPLOYMENT = "build-and-serve/tiny-llama"
-STAGES = {"download", "calibrate", "build", "gate", "publish"}
+STAGES = {"download", "calibrate", "build", "gate", "measure", "perf", "publish"}
 
 
 def default_config(prefect_client) -> dict:
@@ -129,6 +129,33 @@ def test_published_version_is_complete_in_s3(first_run, store):
     markdown = readable["Body"].read().decode()
     assert "# Accuracy gate PASSED: tiny-llama" in markdown and RULE in markdown
 
+    # The performance gate's report beside it: the demo's load, sent to both builds' servers
+    # by vLLM's benchmark client, every request answered; recorded, not judged (no limits).
+    perf = store.get_json(f"{prefix}/perf-report.json")[0]
+    assert perf["passed"] and perf["candidate_version"] == version
+    for role in ("baseline", "candidate"):
+        production, single = perf["figures"][role]
+        assert (production["load"]["concurrency"], single["load"]["concurrency"]) == (4, 1)
+        assert production["completed"] == 16 and single["completed"] == 4
+        assert production["failed"] == single["failed"] == 0
+        for figures in (production, single):
+            assert figures["output_tokens_per_s"] > 0
+            assert 0 < figures["ttft_p50_ms"] <= figures["ttft_p99_ms"]
+            assert 0 < figures["itl_p50_ms"] <= figures["itl_p99_ms"]
+    # Four streams at once give more tokens per second than one (the engine batches them).
+    for role in ("baseline", "candidate"):
+        production, single = perf["figures"][role]
+        assert production["output_tokens_per_s"] > single["output_tokens_per_s"]
+    verdicts = {(v["load"], v["metric"]): v for v in perf["verdicts"]}
+    throughput = verdicts[("production", "output tokens/s")]
+    assert throughput["passed"] is None and throughput["limit"] == "-"
+    assert throughput["ratio"] == pytest.approx(throughput["candidate"] / throughput["baseline"])
+    assert manifest.details["perf_passed"] is True
+    assert manifest.details["perf"]["production output tokens/s"]["baseline"] == \
+        throughput["baseline"]
+    readable = store.client.get_object(Bucket=store.bucket, Key=f"{prefix}/perf-report.md")
+    assert "# Performance gate PASSED: tiny-llama" in readable["Body"].read().decode()
+
 
 def test_every_stage_leaves_a_keyed_artifact(first_run, prefect_client):
     artifacts = prefect_client.read_artifacts(
@@ -136,7 +163,7 @@ def test_every_stage_leaves_a_keyed_artifact(first_run, prefect_client):
     keys = {a.key for a in artifacts}
     assert {"tiny-llama-preflight", "tiny-llama-download", "tiny-llama-calibrate", "tiny-llama-build-candidate",
             "tiny-llama-build-baseline", "tiny-llama-gate", "tiny-llama-gate-table",
-            "tiny-llama-publish",
+            "tiny-llama-perf", "tiny-llama-perf-table", "tiny-llama-publish",
             "tiny-llama-rollout"} <= keys
 
 
@@ -152,6 +179,36 @@ def test_rerun_reuses_every_stage(first_run, prefect_client, store):
     result = second.state.result()
     assert result.changed is False and result.version == live_before
     assert len(list_versions("tiny-llama")) == 1
+
+
+def test_a_candidate_slower_than_its_performance_policy_is_not_published(
+        first_run, alert_receiver, prefect_client, stack, store):
+    """The same builds under a policy no build can meet (50x the baseline's tokens/s): the
+    measurements are reused, the performance gate fails, the team is alerted with the figures,
+    and what is live stays as it was."""
+    live = store.read_alias("tiny-llama", "live")
+    config = default_config(prefect_client)
+    config["perf"].update(min_throughput_ratio=50, max_itl_regression=10)
+    started = time.time()
+    flow_run = run({"config": config})
+    assert flow_run.state.is_failed()
+    assert "performance gate failed for tiny-llama" in flow_run.state.message
+    assert "production output tokens/s" in flow_run.state.message
+    states = task_states(prefect_client, flow_run)
+    assert states["measure"] == ["Cached", "Cached"] and states["perf"] == ["Failed"]
+    assert "publish" not in states and "rollout" not in states
+    alert = wait_for_alert(alert_receiver, "llmship: performance gate failed for tiny-llama",
+                           since=started)
+    assert "production output tokens/s: candidate" in alert["body"]
+    assert "limit >= 50x" in alert["body"] and "ITL" not in alert["body"]
+    prefix = flow_run.state.message.split("report: s3://")[1].split("/", 1)[1].rstrip("/)")
+    report = store.get_json(f"{prefix}/files/perf-report.json")[0]
+    assert report["passed"] is False and report["policy"]["min_throughput_ratio"] == 50
+    assert store.read_alias("tiny-llama", "live") == live
+    assert [v.key for v in list_versions("tiny-llama")] == [live]
+    resp = httpx.post(f"{stack.gateway_url}/v1/completions", timeout=60, json={
+        "model": "tiny-llama", "prompt": "x", "max_tokens": 2})
+    assert resp.status_code == 200 and resp.headers["x-llmship-version"] == live
 
 
 def test_malformed_calibration_line_fails_fast_and_names_it(first_run, prefect_client, stack):
