@@ -115,6 +115,52 @@ def free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
+def start_engine(settings: Settings, spec: ReplicaSpec, model_dir: Path, log_path: Path,
+                 link_dir: Path) -> tuple[subprocess.Popen, str]:
+    """The engine's own OpenAI server for spec, on settings.host at a free port, under
+    serving/engine_guard.py: (process, url). What a replica runs on its node, and what
+    bench/gpu_serve.py runs on a GPU host without Ray."""
+    port = free_port(settings.host)
+    load_path = model_dir
+    if spec.target is Target.TRTLLM:
+        load_path = trtllm_model_path(link_dir, spec.model, model_dir, spec.serve_subdir)
+    command = engines.server_command(settings, spec.target, load_path, spec.model, port,
+                                     spec.engine_args,
+                                     tokenizer_dir=model_dir if spec.serve_subdir else None)
+    with log_path.open("ab") as out:
+        engine = subprocess.Popen(
+            [sys.executable, "-m", "serving.engine_guard", *command], stdout=out,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=server_env(settings, spec.target), start_new_session=True)
+    return engine, f"http://{settings.host}:{port}"
+
+
+def wait_healthy(settings: Settings, spec: ReplicaSpec, engine: subprocess.Popen, url: str,
+                 log_path: Path) -> None:
+    """Until the engine answers /health; its log's last lines if it exits or takes longer than
+    settings.server_start_timeout_s."""
+    deadline = time.monotonic() + settings.server_start_timeout_s
+    while not engines.answers_health(url, timeout_s=5.0):
+        if engine.poll() is not None:
+            raise ServerExited(f"the {spec.target.value} engine for {spec.app} exited "
+                               f"({engine.returncode}) while starting at {url}; last lines of "
+                               f"{log_path}:\n{log_tail(log_path, 12)}")
+        if time.monotonic() > deadline:
+            engine.terminate()
+            raise ServingError(f"the engine for {spec.app} was not healthy within "
+                               f"{settings.server_start_timeout_s:.0f} s at {url} "
+                               f"(LLMSHIP_SERVER_START_TIMEOUT_S); last lines of "
+                               f"{log_path}:\n{log_tail(log_path, 12)}")
+        time.sleep(0.5)
+
+
+def log_tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
 def deployment():
     """ModelReplica as a Serve deployment (made here, not at import: this module must not
     import ray before the cluster's settings are in the environment, llmship/ray_cluster.py)."""
@@ -143,39 +189,13 @@ class ModelReplica:
         node_ip = ray.util.get_node_ip_address()
         settings = get_settings().model_copy(update={"host": node_ip})
         model_dir = fetch_to_node(settings, self.spec.prefix)
-        port = free_port(node_ip)
-        self.url = f"http://{node_ip}:{port}"
-        load_path = model_dir
-        if self.spec.target is Target.TRTLLM:
-            load_path = trtllm_model_path(settings.node_cache / "links" / self.replica_id,
-                                          self.spec.model, model_dir, self.spec.serve_subdir)
-        command = engines.server_command(
-            settings, self.spec.target, load_path, self.spec.model, port,
-            self.spec.engine_args,
-            tokenizer_dir=model_dir if self.spec.serve_subdir else None)
         logs = settings.state_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         self.log_path = logs / f"engine-{self.spec.app}-{self.replica_id}.log"
-        with self.log_path.open("ab") as out:
-            # Ray gives this replica its GPUs as CUDA_VISIBLE_DEVICES; the engine inherits it.
-            self.engine = subprocess.Popen(
-                [sys.executable, "-m", "serving.engine_guard", *command], stdout=out,
-                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=server_env(settings, self.spec.target), start_new_session=True)
-        deadline = time.monotonic() + settings.server_start_timeout_s
-        while not engines.answers_health(self.url, timeout_s=5.0):
-            if self.engine.poll() is not None:
-                raise ServerExited(f"the {self.spec.target.value} engine for {self.spec.app} "
-                                   f"exited ({self.engine.returncode}) while starting on "
-                                   f"{node_ip}; last lines of {self.log_path}:\n"
-                                   f"{self.log_tail(12)}")
-            if time.monotonic() > deadline:
-                self.engine.terminate()
-                raise ServingError(f"the engine for {self.spec.app} was not healthy within "
-                                   f"{settings.server_start_timeout_s:.0f} s on {node_ip} "
-                                   f"(LLMSHIP_SERVER_START_TIMEOUT_S); last lines of "
-                                   f"{self.log_path}:\n{self.log_tail(12)}")
-            time.sleep(0.5)
+        # Ray gives this replica its GPUs as CUDA_VISIBLE_DEVICES; the engine inherits it.
+        self.engine, self.url = start_engine(settings, self.spec, model_dir, self.log_path,
+                                             settings.node_cache / "links" / self.replica_id)
+        wait_healthy(settings, self.spec, self.engine, self.url, self.log_path)
         from serving.fleet import Endpoint, directory
 
         self.endpoint = Endpoint(
@@ -191,10 +211,7 @@ class ModelReplica:
                                               self.actor)
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        return log_tail(self.log_path, lines)
 
     async def check_health(self) -> None:
         """Ray calls this every health_check_period_s; raising makes it replace the replica."""

@@ -23,7 +23,7 @@ from tests.helpers.waiting import wait_for
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
 DEPLOYMENT = "build-and-serve/tiny-llama"
-STAGES = {"download", "calibrate", "build", "gate", "measure", "perf", "publish"}
+STAGES = {"download", "calibrate", "build", "gate", "perf", "publish"}
 
 
 def default_config(prefect_client) -> dict:
