@@ -362,8 +362,11 @@ def gateway_against_direct(settings, engine: Engine, args) -> dict:
     env = os.environ | {"LLMSHIP_STATE_DIR": str(state), "LLMSHIP_GATEWAY_ADMIN_TOKEN": token,
                         "LLMSHIP_GATEWAY_PORT": str(port)}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    gateway = subprocess.Popen(gateway_argv(settings.serve_python, gateway_settings), cwd=REPO,
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    python = Path(args.gateway_python) if args.gateway_python else settings.serve_python
+    gateway_log = settings.state_dir / "logs" / "gateway.log"
+    with gateway_log.open("ab") as out:
+        gateway = subprocess.Popen(gateway_argv(python, gateway_settings), cwd=REPO, env=env,
+                                   stdout=out, stderr=subprocess.STDOUT)
     through = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -373,7 +376,8 @@ def gateway_against_direct(settings, engine: Engine, args) -> dict:
                     break
             except httpx.HTTPError:
                 if time.monotonic() > deadline or gateway.poll() is not None:
-                    raise
+                    raise RuntimeError("the gateway did not start: "
+                                       + gateway_log.read_text(errors="replace")[-2000:])
             time.sleep(0.2)
         httpx.put(f"{through}/admin/routes/{engine.spec.model}",
                   json={"version": engine.spec.version},
@@ -468,6 +472,8 @@ def main() -> None:
     ap.add_argument("--quant-path", default="")
     ap.add_argument("--serve-python", default="python3")
     ap.add_argument("--serve-path", default="")
+    ap.add_argument("--gateway-python", default="",
+                    help="the gateway's Python (default: the serve environment's)")
     ap.add_argument("--server-start-timeout-s", type=float, default=900)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)

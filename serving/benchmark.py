@@ -87,7 +87,10 @@ def measure(req: LoadRequest) -> LoadFigures:
     report = io.StringIO()
     with contextlib.redirect_stdout(report):
         result = main(args)
-    print(report.getvalue().split("=" * 50, 1)[-1].strip(), flush=True)
+    text = report.getvalue()
+    start = text.find("Serving Benchmark Result")
+    if start >= 0:
+        print(text[text.rfind("\n", 0, start) + 1:].strip(), flush=True)
     errors = [e for e in result.get("errors", []) if e]
     figures = LoadFigures(
         load=req.load, completed=int(result["completed"]),
