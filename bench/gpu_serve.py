@@ -313,9 +313,12 @@ def part_8b(run: Run, settings, args, work: Path) -> None:
     engines = {name: Engine(settings, "llama-8b", f"8b-{name}", *built)
                for name, built in builds.items()}
     try:
-        for engine in engines.values():
-            engine.start()
+        # One after the other: vLLM sizes its KV cache from the memory free after its own
+        # profiling run, and an engine starting beside another counts the other's growth as
+        # its own (seen on the H200: -9 GiB of KV cache). In the pipeline Ray gives each
+        # server GPUs of its own.
         for name, engine in engines.items():
+            engine.start()
             run.step(f"serve-8b-{name}", engine.wait)
         run.step("gpu-memory-both-servers", lambda: {"mib_used_total": gpu_memory_used()})
         figures: dict[str, list[LoadFigures]] = {}

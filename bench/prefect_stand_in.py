@@ -40,12 +40,23 @@ def transaction(*a, **k):
     "prefect.client": "",
     "prefect.client.schemas": "",
     "prefect.client.schemas.objects": "class TaskRun: pass\n",
+    # Imported by llmship.alerts (through llmship.stack): any name, a class that does nothing.
+    "prefect.automations": "", "prefect.blocks": "", "prefect.blocks.notifications": "",
+    "prefect.client.orchestration": "", "prefect.client.schemas.filters": "",
+    "prefect.events.actions": "", "prefect.events.schemas": "",
+    "prefect.events.schemas.automations": "",
 }
+ANY_NAME = """
+def __getattr__(name):
+    if name.startswith("__"):
+        raise AttributeError(name)
+    return type(name, (), {})
+"""
 
 
 def write(folder: Path) -> Path:
     for name, source in MODULES.items():
         package = folder.joinpath(*name.split("."))
         package.mkdir(parents=True, exist_ok=True)
-        (package / "__init__.py").write_text(source.lstrip())
+        (package / "__init__.py").write_text(source.lstrip() + ANY_NAME)
     return folder

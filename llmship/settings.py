@@ -24,6 +24,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 S3_IDENTITY_KEY_PREFIX = {"writer": "s3", "reader": "s3_read", "admin": "s3_admin"}
 
 
+GPU_SERVER_START_TIMEOUT_S = 1200.0
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LLMSHIP_", extra="ignore")
 
@@ -124,6 +127,9 @@ class Settings(BaseSettings):
     # URL that takes a JSON POST (a CustomWebhook block). Neither set: no alerts are set up.
     alert_slack_webhook_url: str | None = Field(None, description="https://hooks.slack.com/...")
     alert_webhook_url: str | None = None
+    # A model server's start, to healthy. Unset: 240 s on CPU; on GPUs 1200 s, for what vLLM
+    # does on a host's first start (FlashInfer's JIT build, torch.compile, CUDA graph capture):
+    # 240 s for an 8B BF16 server on an H200, over 180 s for its FP8 build (docs/GPU.md).
     server_start_timeout_s: float = 240.0
     # The candidate's evaluation server is kept this long after its evaluation, under the
     # version's serving name: the rollout that follows takes it rather than loading the model
@@ -165,6 +171,12 @@ class Settings(BaseSettings):
     def cache_dir(self) -> Path:
         """Local copies of stage outputs, keyed like their S3 prefixes."""
         return self.state_dir / "cache"
+
+    @model_validator(mode="after")
+    def _start_timeout_for_the_device(self) -> "Settings":
+        if "server_start_timeout_s" not in self.model_fields_set and self.device != "cpu":
+            self.server_start_timeout_s = GPU_SERVER_START_TIMEOUT_S
+        return self
 
     @model_validator(mode="after")
     def _credentials_from_setup(self) -> "Settings":

@@ -467,3 +467,15 @@ vllm:kv_cache_usage_perc{engine="0",model_name="tiny-llama"} 0.5
 """
     assert autoscale.engine_load(text) == 9.0
     assert autoscale.engine_load('{"iter": 1, "numActiveRequests": 3}') is None
+
+
+def test_a_gpu_worker_waits_long_enough_for_vllms_first_start(monkeypatch):
+    """On the H200 an 8B server's first start took 240 s (FlashInfer's JIT, torch.compile,
+    CUDA graphs): the CPU default would have given up at that moment. A value set is kept."""
+    monkeypatch.setenv("LLMSHIP_DEVICE", "cuda")
+    assert Settings().server_start_timeout_s == 1200
+    monkeypatch.setenv("LLMSHIP_SERVER_START_TIMEOUT_S", "333")
+    assert Settings().server_start_timeout_s == 333
+    monkeypatch.delenv("LLMSHIP_DEVICE")
+    monkeypatch.delenv("LLMSHIP_SERVER_START_TIMEOUT_S")
+    assert Settings().server_start_timeout_s == 240
