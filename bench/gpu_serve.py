@@ -80,8 +80,8 @@ def log_figures(path: Path) -> dict:
         "kv_cache_memory_gib": r"Available KV cache memory: ([\d.]+) GiB",
         "kv_cache_tokens": r"KV cache size: ([\d,]+) tokens",
         "max_concurrency_x": r"Maximum concurrency for [\d,]+ tokens per request: ([\d.]+)x",
-        "init_engine_s": r"init engine .*? took ([\d.]+) seconds",
-        "torch_compile_s": r"torch.compile takes ([\d.]+) s in total",
+        "init_engine_s": r"init engine .*? took ([\d.]+) s",
+        "torch_compile_s": r"torch.compile took ([\d.]+) s in total",
         "cuda_graph_capture_s": r"Graph capturing finished in ([\d.]+) secs",
     }.items():
         match = re.findall(pattern, text)

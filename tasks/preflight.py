@@ -49,15 +49,23 @@ class PlanAssumptions(BaseModel):
     calibration_peak_llmcompressor: float = 1.05
     calibration_peak_modelopt: float = 1.6
     calibration_peak_modelopt_trtllm: float = 2.35
-    # Calibration seconds per billion parameters at 512 x 512 (measured: 94 s for 8.0 B).
-    calibration_seconds_per_b: float = 11.8
+    # Calibration seconds per billion parameters: a fixed part (loading, compressing and
+    # saving the model) and a part per 512 samples of 512 tokens. Measured on an H200 at 8.0 B
+    # (llmcompressor FP8): 94 s at 512 x 512 (docs/gpu/h200-8b-stages.json), 85 and 89 s at
+    # 256 x 512 (docs/gpu/h200-8b-serve.json): most of it does not grow with the samples.
+    calibration_fixed_seconds_per_b: float = 9.8
+    calibration_sample_seconds_per_b: float = 1.9
     # Per GPU, beside weights and KV cache: activations, CUDA graphs, NCCL buffers (assumed).
+    # (Measured, 8B on one H200 at TP 1: 1.4 GiB, CUDA graphs 0.9-1.0 GiB of it; TP 4 adds
+    # NCCL's buffers.)
     serving_overhead_gib: float = 4.0
     gpu_memory_utilization: float = 0.9  # vLLM's default share of each GPU
     download_gbit_s: float = Field(2.0, description="hub to worker (assumed)")
     s3_gbit_s: float = Field(4.0, description="worker to S3, upload and fetch (assumed)")
     load_gib_s: float = Field(2.0, description="a server reading its weights (assumed)")
-    server_start_seconds: float = Field(90.0, description="beside the weights (assumed)")
+    server_start_seconds: float = Field(
+        90.0, description="beside the weights (measured at 8B on an H200, caches warm: 57-72 s "
+                          "to healthy; a host's first start, with FlashInfer's JIT: 240 s)")
 
 
 class ModelShape(BaseModel):
@@ -191,8 +199,9 @@ def estimate_stages(config: PipelineConfig, shape: ModelShape,
     kv = shape.kv_gib_per_token(cal.kv_cache_fp8) * config.serving.max_model_len
     quantizer = "ModelOpt" if config.target is Target.TRTLLM else "llmcompressor"
     gbit = 2**30 * 8 / 1e9  # GiB -> Gbit
-    calib_s = (a.calibration_seconds_per_b * shape.billions * cal.num_samples / 512
-               * cal.max_seq_length / 512)
+    calib_s = shape.billions * (a.calibration_fixed_seconds_per_b
+                                + a.calibration_sample_seconds_per_b * cal.num_samples / 512
+                                * cal.max_seq_length / 512)
     serve_s = a.server_start_seconds + cand / tp / a.load_gib_s
     return [
         StagePlan(stage="download", where="hub or mirror -> worker", disk_gib=bf16,
