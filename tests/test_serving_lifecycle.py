@@ -169,7 +169,11 @@ def test_recalibration_waits_for_approval_then_canaries_without_a_failed_request
                              capture_output=True, text=True, check=True).stdout
     rows = {line.split()[0]: line for line in listing.splitlines()[1:]}
     assert rows[b].rstrip().endswith("live") and rows[a].rstrip().endswith("previous")
-    assert " pass " in rows[a] and " pass " in rows[b]
+    # Both gates' verdicts, and the candidate's tokens/s over the baseline's (measured, not
+    # judged, on CPU).
+    assert listing.splitlines()[0].split()[4:8] == ["gate", "perf", "tok/s", "x"]
+    for row in (rows[a], rows[b]):
+        assert row.split()[3:5] == ["pass", "pass"] and float(row.split()[5]) > 0, row
 
 
 def test_rollback_through_prefect_deployment_run_takes_the_warm_version(
