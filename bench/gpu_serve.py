@@ -280,7 +280,7 @@ def part_8b(run: Run, settings, args, work: Path) -> None:
 
     from llmship.settings import PerfConfig, Scheme, ServingConfig
     from llmship.subprocess_stage import run_stage
-    from serving.benchmark import LoadFigures, LoadRequest
+    from serving.benchmark import LoadFigures, Measurement, MeasureRequest
     from tasks.perf import judge as judge_perf
     from tasks.perf import loads
 
@@ -326,10 +326,10 @@ def part_8b(run: Run, settings, args, work: Path) -> None:
             measured = []
             for load in loads(policy):
                 result = run.step(f"perf-8b-{name}-{load.name}", lambda: run_stage(
-                    settings, settings.serve_python, "serving.benchmark", LoadRequest(
+                    settings, settings.serve_python, "serving.benchmark", MeasureRequest(
                         base_url=engine.url, served_name="llama-8b",
-                        tokenizer_dir=str(engine.build_dir), load=load),
-                    LoadFigures, log).model_dump(mode="json"))
+                        tokenizer_dir=str(engine.build_dir), loads=[load]),
+                    Measurement, log).figures[0].model_dump(mode="json"))
                 if result:
                     measured.append(LoadFigures.model_validate(result))
             figures[name] = measured

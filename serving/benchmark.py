@@ -2,7 +2,7 @@
 behind `vllm bench serve`): the performance gate's measurement. Runs in the engine's
 environment, where vLLM is installed:
 
-    python -m serving.benchmark --request R.json --result S.json
+    python -m serving.benchmark --request R.json --result S.json   # a MeasureRequest
 
 Random-token prompts of a fixed length from a fixed seed, EOS ignored: every build gets the
 same requests and generates the same number of tokens, so the figures compare engines, not
@@ -39,6 +39,16 @@ class LoadRequest(BaseModel):
     served_name: str
     tokenizer_dir: str  # the build's own tokenizer: prompts of exactly input_len tokens
     load: Load
+
+
+class MeasureRequest(BaseModel):
+    """Loads sent one after the other to one server, from one process (vLLM's import takes
+    seconds: once per server, not once per load)."""
+
+    base_url: str
+    served_name: str
+    tokenizer_dir: str
+    loads: list[Load]
 
 
 class LoadFigures(BaseModel):
@@ -112,5 +122,15 @@ def measure(req: LoadRequest) -> LoadFigures:
     return figures
 
 
+class Measurement(BaseModel):
+    figures: list[LoadFigures]  # one per load, in the request's order
+
+
+def measure_all(req: MeasureRequest) -> Measurement:
+    return Measurement(figures=[measure(LoadRequest(
+        base_url=req.base_url, served_name=req.served_name, tokenizer_dir=req.tokenizer_dir,
+        load=load)) for load in req.loads])
+
+
 if __name__ == "__main__":
-    sys.exit(stage_main(measure, LoadRequest))
+    sys.exit(stage_main(measure_all, MeasureRequest))

@@ -31,7 +31,7 @@ from llmship.manifest import Manifest, digest_of
 from llmship.settings import PerfConfig, ServingConfig, get_settings
 from llmship.store import ArtifactStore
 from llmship.subprocess_stage import run_stage, tool_versions
-from serving.benchmark import Load, LoadFigures, LoadRequest
+from serving.benchmark import Load, LoadFigures, Measurement, MeasureRequest
 from serving.engines import python_for, target_of
 from tasks.common import (
     RETRIES, RETRY_DELAYS, StageOutput, artifact_key, cache_key, fresh_dir, record_markdown,
@@ -149,9 +149,9 @@ def measure_task(build: StageOutput, config: PerfConfig, model: str) -> list[Loa
     server, started = fleet.acquire(settings, spec, ServingConfig(replicas=1))
     try:
         model_dir = ArtifactStore(settings).materialize(build.prefix)
-        return [run_stage(settings, settings.serve_python, "serving.benchmark", LoadRequest(
-            base_url=server.url, served_name=model, tokenizer_dir=str(model_dir), load=load,
-        ), LoadFigures, log) for load in loads(config)]
+        return run_stage(settings, settings.serve_python, "serving.benchmark", MeasureRequest(
+            base_url=server.url, served_name=model, tokenizer_dir=str(model_dir),
+            loads=loads(config)), Measurement, log).figures
     finally:
         # acquire cancelled any warm period: the one the accuracy gate set is put back.
         if started or (before is not None and before.warm_until is not None):
