@@ -60,6 +60,19 @@ def test_latency_may_regress_by_at_most_the_policy_fraction():
     assert verdicts[("production", "output tokens/s")].passed is None
 
 
+def test_a_baseline_latency_under_the_resolution_is_shown_and_not_judged():
+    """Seen on CPU: the API server fell behind its engine and streamed tokens in bursts; the
+    baseline's ITL p50 measured 0.003 ms and the candidate's 3.57 ms failed as 1150x."""
+    policy = PerfConfig(max_itl_regression=0.1, single_stream_prompts=0)
+    [production] = loads(policy)
+    verdicts = by_metric(judge([figures(production, 1000, itl=0.003)],
+                               [figures(production, 1000, itl=3.57)], policy))
+    itl = verdicts[("production", "ITL p50 (ms)")]
+    assert (itl.ratio, itl.passed) == (None, None)
+    assert itl.limit == "not judged: the baseline's is under 0.1 ms"
+    assert verdicts[("production", "ITL p99 (ms)")].passed is None  # 0.009 ms: under too
+
+
 def test_failed_requests_fail_the_gate_whatever_the_limits():
     policy = PerfConfig(single_stream_prompts=0)
     [production] = loads(policy)

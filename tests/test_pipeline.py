@@ -141,7 +141,9 @@ def test_published_version_is_complete_in_s3(first_run, store):
         for figures in (production, single):
             assert figures["output_tokens_per_s"] > 0
             assert 0 < figures["ttft_p50_ms"] <= figures["ttft_p99_ms"]
-            assert 0 < figures["itl_p50_ms"] <= figures["itl_p99_ms"]
+            # (On 2 cores the API server can fall behind its engine and stream tokens in
+            # bursts: a p50 gap of microseconds.)
+            assert 0 <= figures["itl_p50_ms"] <= figures["itl_p99_ms"]
     # Four streams at once give more tokens per second than one (the engine batches them).
     for role in ("baseline", "candidate"):
         production, single = perf["figures"][role]
