@@ -402,7 +402,11 @@ def evaluate_task(build: StageOutput, tasks: TaskSet, config: GateConfig,
         spec = server_spec(build, model)
         log.info("asking the fleet for a %s server of %s's %s to evaluate through",
                  spec.target.value, model, role)
-        server, started = fleet.acquire(settings, spec, ServingConfig(replicas=1))
+        # A running server is taken as it runs: a live version's replicas stay as they are.
+        running = fleet.find(settings, spec.model, spec.version, spec.app)
+        as_it_runs = running is not None and running.status == "RUNNING"
+        server, started = fleet.acquire(settings, spec,
+                                        None if as_it_runs else ServingConfig(replicas=1))
     try:
         evaluation = run_stage(settings, settings.quantize_python, "tasks.gate", EvaluateRequest(
             model_dir=str(ArtifactStore(settings).materialize(build.prefix)), tasks=tasks,

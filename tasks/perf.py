@@ -155,7 +155,10 @@ def measure_task(build: StageOutput, config: PerfConfig, model: str) -> list[Loa
     spec = server_spec(build, model)
     before = fleet.find(settings, spec.model, spec.version, spec.app)
     log.info("asking the fleet for the %s's server (%s)", build.details.get("role"), spec.app)
-    server, started = fleet.acquire(settings, spec, ServingConfig(replicas=1))
+    # A running server is taken as it runs: a live version's replicas stay as they are.
+    as_it_runs = before is not None and before.status == "RUNNING"
+    server, started = fleet.acquire(settings, spec,
+                                    None if as_it_runs else ServingConfig(replicas=1))
     try:
         model_dir = ArtifactStore(settings).materialize(build.prefix)
         return run_stage(settings, settings.serve_python, "serving.benchmark", MeasureRequest(
