@@ -98,6 +98,27 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def compare(direct: str, through: str, model: str, gateway_pid: int, concurrency: int,
+            requests: int, tokens: int, rounds: int) -> dict:
+    """The same wave straight to the model server and through the gateway, round by round:
+    medians of each side, their ratio, what the gateway added, and its CPU per token."""
+    per = {"direct": [], "gateway": []}
+    cpu = 0.0
+    for _ in range(rounds):
+        per["direct"].append(asyncio.run(wave(direct, model, concurrency, requests, tokens)))
+        before = cpu_seconds(gateway_pid)
+        per["gateway"].append(asyncio.run(wave(through, model, concurrency, requests, tokens)))
+        cpu += cpu_seconds(gateway_pid) - before
+    d, g = ({k: statistics.median(r[k] for r in rs) for k in rs[0]}
+            for rs in (per["direct"], per["gateway"]))
+    return {"direct_rps": round(d["rps"], 3), "gateway_rps": round(g["rps"], 3),
+            "ratio": round(g["rps"] / d["rps"], 4),
+            "added_ttft_p50_ms": round((g["ttft_p50"] - d["ttft_p50"]) * 1000, 2),
+            "added_total_p50_ms": round((g["total_p50"] - d["total_p50"]) * 1000, 2),
+            "gateway_cpu_us_per_token": round(
+                cpu / (rounds * requests * (tokens + 1)) * 1e6, 1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=64)
@@ -152,23 +173,13 @@ def main() -> None:
         for url in (direct, through):
             asyncio.run(wave(url, "relay", 4, 8, args.tokens))
         for concurrency in map(int, args.concurrency.split(",")):
-            per = {"direct": [], "gateway": []}
-            cpu = 0.0
-            for _ in range(args.rounds):
-                per["direct"].append(asyncio.run(
-                    wave(direct, "relay", concurrency, args.requests, args.tokens)))
-                before = cpu_seconds(gateway.pid)
-                per["gateway"].append(asyncio.run(
-                    wave(through, "relay", concurrency, args.requests, args.tokens)))
-                cpu += cpu_seconds(gateway.pid) - before
-            d, g = ({k: statistics.median(r[k] for r in rs) for k in rs[0]}
-                    for rs in (per["direct"], per["gateway"]))
-            per_token_us = cpu / (args.rounds * args.requests * (args.tokens + 1)) * 1e6
-            print(f"c={concurrency:2d}  direct {d['rps']:6.2f} req/s  gateway {g['rps']:6.2f} "
-                  f"req/s  ratio {g['rps'] / d['rps']:.3f} (target >= 0.97)  added p50: first "
-                  f"token {(g['ttft_p50'] - d['ttft_p50']) * 1000:+.2f} ms, whole answer "
-                  f"{(g['total_p50'] - d['total_p50']) * 1000:+.2f} ms (target <= 2 ms)  "
-                  f"gateway CPU {per_token_us:.0f} us per token")
+            row = compare(direct, through, "relay", gateway.pid, concurrency, args.requests,
+                          args.tokens, args.rounds)
+            print(f"c={concurrency:2d}  direct {row['direct_rps']:6.2f} req/s  gateway "
+                  f"{row['gateway_rps']:6.2f} req/s  ratio {row['ratio']:.3f} (target >= 0.97)  "
+                  f"added p50: first token {row['added_ttft_p50_ms']:+.2f} ms, whole answer "
+                  f"{row['added_total_p50_ms']:+.2f} ms (target <= 2 ms)  "
+                  f"gateway CPU {row['gateway_cpu_us_per_token']:.0f} us per token")
     finally:
         gateway.terminate()
         stand_in.terminate()

@@ -43,7 +43,6 @@ import logging
 import os
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -351,7 +350,7 @@ def gateway_against_direct(settings, engine: Engine, args) -> dict:
     import httpx
 
     from gateway_overhead import wave
-    from gateway_relay import cpu_seconds, free_port
+    from gateway_relay import compare, free_port
     from llmship.processes import write_json
     from llmship.settings import Settings
     from llmship.stack import gateway_argv
@@ -390,25 +389,9 @@ def gateway_against_direct(settings, engine: Engine, args) -> dict:
             asyncio.run(wave(url, model, 4, 8, tokens))
         rows = {}
         for concurrency in (1, 8, 32):
-            per = {"direct": [], "gateway": []}
-            cpu = 0.0
-            for _ in range(args.gateway_rounds):
-                per["direct"].append(asyncio.run(
-                    wave(engine.url, model, concurrency, args.gateway_requests, tokens)))
-                before = cpu_seconds(gateway.pid)
-                per["gateway"].append(asyncio.run(
-                    wave(through, model, concurrency, args.gateway_requests, tokens)))
-                cpu += cpu_seconds(gateway.pid) - before
-            d, g = ({k: statistics.median(r[k] for r in rs) for k in rs[0]}
-                    for rs in (per["direct"], per["gateway"]))
-            rows[f"c{concurrency}"] = {
-                "direct_rps": round(d["rps"], 3), "gateway_rps": round(g["rps"], 3),
-                "ratio": round(g["rps"] / d["rps"], 4),
-                "added_ttft_p50_ms": round((g["ttft_p50"] - d["ttft_p50"]) * 1000, 2),
-                "added_total_p50_ms": round((g["total_p50"] - d["total_p50"]) * 1000, 2),
-                "gateway_cpu_us_per_token": round(cpu / (args.gateway_rounds
-                                                         * args.gateway_requests
-                                                         * (tokens + 1)) * 1e6, 1)}
+            rows[f"c{concurrency}"] = compare(engine.url, through, model, gateway.pid,
+                                              concurrency, args.gateway_requests, tokens,
+                                              args.gateway_rounds)
             print(f"c={concurrency}: {rows[f'c{concurrency}']}", flush=True)
         return {"tokens": tokens, "requests": args.gateway_requests,
                 "rounds": args.gateway_rounds, "waves": rows}
