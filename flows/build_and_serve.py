@@ -1,4 +1,5 @@
-"""build-and-serve: a model from its source to live traffic, one task per stage (DESIGN.md).
+"""build-and-serve: a model from its source to live traffic, one task per stage
+(docs/ARCHITECTURE.md).
 
     preflight -> download -> calibrate -> build (candidate, and the BF16 baseline) -> gate
               -> perf -> publish -> [approval, when config.rollout asks for it] -> rollout

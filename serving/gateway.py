@@ -56,6 +56,7 @@ from prometheus_client import (
 )
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from llmship import events
 from llmship.processes import write_json
 from llmship.settings import Settings, get_settings
 
@@ -309,15 +310,11 @@ def declare_down(gw: GatewayState, model: str, route: Route, failed_checks: int)
               "declared down; asking for a rollback to its previous version", model,
               route.version, seconds, failed_checks)
     try:
-        from prefect.events import emit_event
-
-        emit_event(event="llmship.serving.down",
-                   resource={"prefect.resource.id": f"llmship.model.{model}",
-                             "llmship.model": model, "llmship.version": route.version},
-                   payload={"model": model, "version": route.version,
-                            "failed_checks": failed_checks, "seconds": seconds})
+        events.emit(events.SERVING_DOWN, model, {
+            "model": model, "version": route.version, "failed_checks": failed_checks,
+            "seconds": seconds}, version=route.version)
     except Exception as exc:  # noqa: BLE001 - no Prefect: the log line and /ready remain
-        log.error("could not send llmship.serving.down to Prefect (%s: %s): roll back by "
+        log.error("could not send " + events.SERVING_DOWN + " to Prefect (%s: %s): roll back by "
                   "hand (`llmship rollback %s`)", type(exc).__name__, exc, model)
 
 

@@ -186,7 +186,7 @@ def calibrate(req: CalibrateRequest) -> CalibrateResult:
     import torch
 
     texts = load_calibration_texts(Path(req.data_file), limit=req.num_samples)
-    quantizer = "modelopt" if req.target is Target.TRTLLM else "llmcompressor"
+    quantizer = req.target.quantizer
     print(f"calibrating {req.scheme.value} with {quantizer} on {len(texts)} samples from "
           f"{req.data_file} ({req.device})", flush=True)
     started = time.monotonic()

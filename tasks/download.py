@@ -10,16 +10,14 @@ The snapshot is stored under stages/download/<key>/ with a manifest holding ever
 from __future__ import annotations
 
 import errno
-import os
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from llmship.errors import DiskFull, HubUnreachable, PermanentError, SourceNotFound
+from llmship.errors import DiskFull, SourceNotFound
+from llmship.hub import hub_errors, hub_offline, split_hf
 from llmship.manifest import Manifest, digest_of
 from llmship.settings import get_settings
 from llmship.store import ArtifactStore, parse_s3_uri
@@ -33,11 +31,6 @@ from tasks.common import (
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.jinja",
                   "*.txt", "*.py"]
 IGNORE_PATTERNS = ["original/*", "*.pth", "*.bin", "*.gguf", "*.onnx"]
-
-
-def split_hf(source: str) -> tuple[str, str]:
-    repo, _, revision = source.removeprefix("hf://").partition("@")
-    return repo, revision
 
 
 def source_fingerprint(source: str) -> dict:
@@ -63,51 +56,6 @@ def source_fingerprint(source: str) -> dict:
 
 def download_key(source: str) -> str:
     return digest_of({"stage": "download", **source_fingerprint(source)})[:24]
-
-
-def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no")
-
-
-@contextmanager
-def hub_errors(repo: str, revision: str, what: str, *, offline: bool) -> Iterator[None]:
-    """huggingface_hub's errors as llmship's, each saying what to do. Order matters:
-    LocalEntryNotFoundError is an EntryNotFoundError, GatedRepoError a RepositoryNotFoundError."""
-    from huggingface_hub import constants
-    from huggingface_hub.errors import (
-        EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    try:
-        yield
-    except RevisionNotFoundError as exc:
-        raise SourceNotFound(
-            f"revision {revision!r} of {repo} does not exist on the hub: pin an existing "
-            "commit sha, branch or tag") from exc
-    except GatedRepoError as exc:
-        raise PermanentError(
-            f"{repo} is gated: accept its licence on the hub and set HF_TOKEN for the worker"
-        ) from exc
-    except RepositoryNotFoundError as exc:
-        raise SourceNotFound(
-            f"repository {repo} was not found on the hub (or it is private: set HF_TOKEN)"
-        ) from exc
-    except LocalEntryNotFoundError as exc:
-        fill = (f"fill the cache where the hub is reachable (`hf download {repo} --revision "
-                f"{revision}` with HF_HUB_CACHE={constants.HF_HUB_CACHE}) or copy that cache "
-                "here")
-        if offline:
-            raise SourceNotFound(
-                f"{what} of {repo}@{revision} is not in the local hub cache and this worker "
-                f"does not go to the hub (offline: HF_HUB_OFFLINE or --offline): {fill}"
-            ) from exc
-        # The hub did not answer: worth a retry, and the message says what else to do.
-        raise HubUnreachable(f"the hub did not answer and {what} of {repo}@{revision} is not "
-                              f"in the local hub cache: retry when it is reachable, or {fill}"
-                              ) from exc
-    except EntryNotFoundError as exc:
-        raise SourceNotFound(f"{repo}@{revision} has no {what}") from exc
 
 
 def fetch_hf(source: str, dest: Path) -> dict:

@@ -28,7 +28,7 @@ from statistics import NormalDist
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
-from prefect.events import emit_event
+from llmship import events
 from prefect.transactions import CommitMode, transaction
 from pydantic import BaseModel
 
@@ -288,7 +288,7 @@ def _model_args(req: EvaluateRequest, base_url: str | None) -> tuple[str, str]:
             return "hf", f"pretrained={req.model_dir},dtype=float32,device=cpu"
         return "hf", f"pretrained={req.model_dir},dtype=auto,parallelize=True"
     # add_bos_token: without it the completions client sends prompts without BOS and scores
-    # collapse (FACTS.md: 0.96 -> 0.24); vLLM itself adds it when it tokenizes text.
+    # collapse (docs/FINDINGS.md, lm-evaluation-harness: 0.96 -> 0.24); vLLM itself adds it when it tokenizes text.
     return "local-completions", (f"base_url={base_url}/v1/completions,model={req.served_name},"
                                  f"tokenizer={req.model_dir},tokenizer_backend=huggingface,"
                                  "add_bos_token=True,num_concurrent=8,max_retries=3")
@@ -572,10 +572,7 @@ def gate_task(candidate: StageOutput, baseline: StageOutput, config: GateConfig,
     if not report.passed:
         release_kept(settings, model, candidate, baseline)  # no rollout will take them
         # The alert automation (llmship/alerts.py) sends this to the team within seconds.
-        emit_event(event="llmship.gate.failed",
-                   resource={"prefect.resource.id": f"llmship.model.{model}",
-                             "llmship.model": model},
-                   payload={"model": model, "candidate": candidate.prefix,
+        events.emit(events.GATE_FAILED, model, {"model": model, "candidate": candidate.prefix,
                             "candidate_version": report.candidate_version, "report": stored,
                             "rule": report.rule,
                             "failing": [t.model_dump() for t in report.failing]})

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
-from prefect.events import emit_event
+from llmship import events
 from prefect.transactions import CommitMode, transaction
 from pydantic import BaseModel
 
@@ -287,10 +287,7 @@ def perf_task(candidate: StageOutput, baseline: StageOutput, config: PerfConfig,
         from tasks.gate import release_kept
 
         release_kept(settings, model, candidate, baseline)  # no rollout will take them
-        emit_event(event="llmship.perf.failed",
-                   resource={"prefect.resource.id": f"llmship.model.{model}",
-                             "llmship.model": model},
-                   payload={"model": model, "candidate": candidate.prefix,
+        events.emit(events.PERF_FAILED, model, {"model": model, "candidate": candidate.prefix,
                             "candidate_version": report.candidate_version, "report": stored,
                             "failing": [v.model_dump() for v in report.failing]})
         failing = "; ".join(f"{v.load} {v.metric}: {v.candidate:.2f} against the baseline's "

@@ -115,7 +115,7 @@ def read_model_config(source: str, settings: Settings, *, offline: bool = False)
     if source.startswith("hf://"):
         from huggingface_hub import hf_hub_download
 
-        from tasks.download import hub_errors, hub_offline, split_hf
+        from llmship.hub import hub_errors, hub_offline, split_hf
 
         repo, revision = split_hf(source)
         offline = offline or hub_offline()
@@ -170,7 +170,7 @@ def needs_gpu(config: PipelineConfig) -> str | None:
     if config.target is Target.TRTLLM:
         return "TensorRT-LLM runs on NVIDIA GPUs only"
     if config.calibration.scheme is Scheme.FP8:
-        return "static FP8 has no CPU kernels in vLLM (FACTS.md)"
+        return "static FP8 has no CPU kernels in vLLM (docs/FINDINGS.md)"
     if config.serving.tensor_parallel_size > 1:
         return f"tensor_parallel_size {config.serving.tensor_parallel_size} spans GPUs"
     return None
@@ -197,7 +197,6 @@ def estimate_stages(config: PipelineConfig, shape: ModelShape,
     cal = config.calibration
     tp = config.serving.tensor_parallel_size
     kv = shape.kv_gib_per_token(cal.kv_cache_fp8) * config.serving.max_model_len
-    quantizer = "ModelOpt" if config.target is Target.TRTLLM else "llmcompressor"
     gbit = 2**30 * 8 / 1e9  # GiB -> Gbit
     calib_s = shape.billions * (a.calibration_fixed_seconds_per_b
                                 + a.calibration_sample_seconds_per_b * cal.num_samples / 512
@@ -206,7 +205,7 @@ def estimate_stages(config: PipelineConfig, shape: ModelShape,
     return [
         StagePlan(stage="download", where="hub or mirror -> worker", disk_gib=bf16,
                   seconds=bf16 * gbit / a.download_gbit_s),
-        StagePlan(stage="calibrate", where=f"{quantizer}, {cal.scheme.value}, all GPUs",
+        StagePlan(stage="calibrate", where=f"{config.target.quantizer}, {cal.scheme.value}, all GPUs",
                   gpu_memory_gib=calibration_peak_gib(config, shape, a), disk_gib=cand,
                   seconds=0 if cal.scheme is Scheme.UNQUANTIZED else calib_s),
         StagePlan(stage="build", where=f"{config.target.value}: candidate and BF16 baseline",
@@ -307,28 +306,20 @@ def check_hub_access(source: str) -> Check:
     if not source.startswith("hf://"):
         return Check(name="Hugging Face", ok=None, detail="not a hub source")
     from huggingface_hub import HfApi, get_token
-    from huggingface_hub.errors import (
-        GatedRepoError, OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError,
-    )
 
-    from tasks.download import split_hf
+    from llmship.errors import HubUnreachable, LlmshipError
+    from llmship.hub import hub_errors, split_hf
 
     repo, revision = split_hf(source)
-    token = get_token()
     try:
-        info = HfApi().model_info(repo, revision=revision, token=token)
-    except GatedRepoError:
-        return Check(name="Hugging Face", ok=False, detail=(
-            f"{repo} is gated and " + ("this token has no access" if token else "no token is "
-            "set") + f": accept its license at https://huggingface.co/{repo}, then set "
-            "HF_TOKEN on the workers"))
-    except RevisionNotFoundError:
-        return Check(name="Hugging Face", ok=False,
-                     detail=f"{repo} has no revision {revision!r}: pin an existing commit sha")
-    except RepositoryNotFoundError:
-        return Check(name="Hugging Face", ok=False, detail=f"{repo} does not exist (or is "
-                     "private and the token cannot see it)")
-    except (OfflineModeIsEnabled, OSError) as exc:
+        with hub_errors(repo, revision, "the repository", offline=False):
+            info = HfApi().model_info(repo, revision=revision, token=get_token())
+    except HubUnreachable:
+        return Check(name="Hugging Face", ok=None, detail="hub not reachable from here: "
+                     "not checked")
+    except LlmshipError as exc:
+        return Check(name="Hugging Face", ok=False, detail=str(exc))
+    except OSError as exc:
         return Check(name="Hugging Face", ok=None,
                      detail=f"hub not reachable from here ({type(exc).__name__}): not checked")
     return Check(name="Hugging Face", ok=True,
@@ -436,7 +427,7 @@ def importable(python: Path, modules: list[str]) -> list[str] | None:
 
 
 def check_environments(config: PipelineConfig, settings: Settings) -> list[Check]:
-    quantizer = "modelopt" if config.target is Target.TRTLLM else "llmcompressor"
+    quantizer = config.target.quantizer
     engine = "tensorrt_llm" if config.target is Target.TRTLLM else "vllm"
     wanted = [("quantize", settings.quantize_python, [quantizer, "lm_eval"]),
               (f"serving ({config.target.value})", python_for(settings, config.target),

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 
 import httpx
 from prefect import get_run_logger, pause_flow_run, task
-from prefect.events import emit_event
+from llmship import events
 from prefect.input import RunInput
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, Field
@@ -283,12 +283,9 @@ def rollout(version: PublishedVersion, cfg: RolloutConfig, *,
             route_traffic(settings, model, current["version"])
         fleet.release(settings, server)
         if isinstance(exc, CanaryFailed):
-            emit_event(event="llmship.rollout.rolled-back",
-                       resource={"prefect.resource.id": f"llmship.model.{model}",
-                                 "llmship.model": model},
-                       payload={"model": model, "version": version.version,
-                                "back_on": previous, "reason": str(exc),
-                                "steps": [s.model_dump() for s in steps]})
+            events.emit(events.ROLLED_BACK, model, {
+                "model": model, "version": version.version, "back_on": previous,
+                "reason": str(exc), "steps": [s.model_dump() for s in steps]})
         raise
     warm_until = None
     for other in fleet.running(settings, model):

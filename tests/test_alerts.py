@@ -49,7 +49,8 @@ def test_automations_cover_failed_gates_and_every_failed_run_of_the_flows():
 def test_a_restore_rolls_back_only_the_version_that_went_down():
     from prefect.events.actions import RunDeployment, SendNotification
 
-    from llmship.alerts import SERVING_DOWN, restore_automation
+    from llmship.alerts import restore_automation
+    from llmship.events import SERVING_DOWN
 
     deployment = uuid.uuid4()
     quiet = restore_automation("tiny-llama", deployment, block_id=None)

@@ -17,7 +17,7 @@ from prefect.utilities.callables import parameter_schema
 from prefect.utilities.schema_tools import validate
 from pydantic import ValidationError
 
-from llmship.cli import deployment_config
+from flows.cli import deployment_config
 from llmship.errors import SourceNotFound, UnsupportedConfiguration
 from llmship.gpus import Gpu, parse_nvidia_smi
 from llmship.settings import PipelineConfig, Scheme, ServingConfig, Settings, Target
@@ -323,7 +323,7 @@ def hub_cache(monkeypatch, tmp_path):
 
 
 def plan_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "llmship.cli", "plan", *args],
+    return subprocess.run([sys.executable, "-m", "flows.cli", "plan", *args],
                           capture_output=True, text=True, cwd=REPO, env=dict(os.environ),
                           timeout=120)
 
@@ -431,7 +431,7 @@ def test_plan_offline_makes_no_network_call_and_says_how_to_fill_the_cache(tmp_p
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "0",
            "HF_ENDPOINT": f"http://127.0.0.1:{hub.getsockname()[1]}"}
     started = time.monotonic()
-    out = subprocess.run([sys.executable, "-m", "llmship.cli", "plan",
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "plan",
                           "build-and-serve/llama3-70b", "--offline"], capture_output=True,
                          text=True, cwd=REPO, env=env, timeout=120)
     elapsed = time.monotonic() - started

@@ -1,4 +1,5 @@
-"""`llmship`: what people do outside the Prefect UI.
+"""`llmship`, the command line: what people do outside the Prefect UI. It sits on the top floor,
+beside the flows, since it reaches every layer below (the stack, the fleet, the versions).
 
     llmship up                 start the local stack (idempotent) and register deployments
     llmship down               stop everything `up` and the rollouts started
