@@ -31,9 +31,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from llmship import processes  # noqa: E402
+from llmship.contracts import ServeSpec  # noqa: E402
 from llmship.manifest import Manifest, hash_dir  # noqa: E402
 from llmship.settings import ServingConfig, get_settings  # noqa: E402
 from llmship.store import ArtifactStore  # noqa: E402
+from llmship.versions import VersionDetails, read_version  # noqa: E402
 from tests.helpers.load import SteadyLoad  # noqa: E402
 from tests.helpers.procs import cmdline, descendants  # noqa: E402
 
@@ -58,9 +60,10 @@ def publish_demo(store: ArtifactStore, model: str, version: str) -> None:
     shutil.copytree(REPO / "demo" / "tiny-llama", folder)
     (folder / "llmship-note.txt").write_text(f"{model} {version}")
     store.upload_dir(folder, f"versions/{model}/{version}", Manifest(
-        kind="version", key=version, files=hash_dir(folder), details={
-            "engine_args": ["--dtype", "bfloat16", "--max-model-len", "512", "--enforce-eager"],
-            "gate_passed": True, "scheme": "UNQUANTIZED", "target": "vllm"}))
+        kind="version", key=version, files=hash_dir(folder), details=VersionDetails(
+            model=model, version=version, gate_passed=True, scheme="UNQUANTIZED",
+            serve=ServeSpec(engine_args=["--dtype", "bfloat16", "--max-model-len", "512",
+                                         "--enforce-eager"])).model_dump(mode="json")))
 
 
 def main() -> None:
@@ -73,12 +76,12 @@ def main() -> None:
     store = ArtifactStore(settings)
     if args.publish and store.read_manifest(f"versions/{args.model}/{args.version}") is None:
         publish_demo(store, args.model, args.version)
-    manifest = store.read_manifest(f"versions/{args.model}/{args.version}")
+    published = read_version(store, args.model, args.version)
 
     from serving import fleet
     from serving.gateway_admin import route_traffic
 
-    spec = fleet.spec_for_version(args.model, args.version, manifest.details)
+    spec = fleet.spec_for_version(args.model, args.version, published.serve)
     existing = fleet.find(settings, args.model, args.version)
     if existing:
         fleet.release(settings, existing)

@@ -13,13 +13,13 @@ pipeline runs it in (a Python and its packages: `--quant-python`/`--quant-path` 
         tasks.calibrate (llmcompressor, static FP8; again with FP8 KV cache scales),
         tasks.build for vLLM (BF16 baseline, FP8, FP8 + FP8 KV cache), each build served by
         vLLM as a replica starts it (serving.replica.start_engine: engines.server_command
-        under serving/engine_guard.py), the accuracy gate through it (tasks.gate.evaluate,
-        lm-eval's local-completions, every item) and its rule (tasks.gate.judge, the
+        under serving/engine_guard.py), the accuracy gate through it (jobs.evaluate.evaluate,
+        lm-eval's local-completions, every item) and its rule (tasks.gate_rule.judge, the
         tiny-llama deployment's policy).
   8b    a Llama with Llama 3 8B's shape and random BF16 weights: calibration (static FP8, 512
         samples x 512 tokens), both builds, both servers up at once as in the gate, the
-        performance gate (serving.benchmark.measure, vLLM's benchmark client, with the
-        llama3-70b deployment's load and limits; tasks.perf.judge), the gateway in front of
+        performance gate (jobs.benchmark.measure, vLLM's benchmark client, with the
+        llama3-70b deployment's load and limits; tasks.perf_rule.judge), the gateway in front of
         the FP8 server against the server direct, and `llmship plan`'s estimates for this
         shape beside what vLLM and the calibration used.
 
@@ -136,12 +136,13 @@ class Engine:
     """A build served as a replica serves it (serving.replica.start_engine), stopped on exit."""
 
     def __init__(self, settings, model: str, name: str, build_dir: Path, engine_args: list[str]):
+        from llmship.contracts import ServeSpec
         from serving.replica import ReplicaSpec
 
         self.settings, self.name = settings, name
         self.spec = ReplicaSpec(app=f"{model}--{name}", model=model, version=name,
                                 role="evaluation", prefix=f"local/{name}",
-                                engine_args=engine_args)
+                                serve=ServeSpec(engine_args=engine_args))
         self.build_dir = build_dir
         self.log_path = settings.state_dir / "logs" / f"engine-{name}.log"
         self.process = None
@@ -160,7 +161,7 @@ class Engine:
 
         wait_healthy(self.settings, self.spec, self.process, self.url, self.log_path)
         return {"healthy_after_s": round(time.monotonic() - self.started, 1),
-                "command_args": self.spec.engine_args, **log_figures(self.log_path)}
+                "command_args": self.spec.serve.engine_args, **log_figures(self.log_path)}
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
@@ -173,11 +174,11 @@ class Engine:
 
 def calibrate_and_build(run: Run, settings, name: str, snapshot: Path, work: Path, scheme,
                         kv_cache_fp8: bool, serving, samples: int, seq: int):
-    """tasks.calibrate then tasks.build, in the quantize environment, as the stages run them."""
+    """jobs.calibrate then jobs.build, in the quantize environment, as the stages run them."""
     from llmship.settings import Scheme, Target
     from llmship.subprocess_stage import run_stage
-    from tasks.build import BuildRequest, BuildResult
-    from tasks.calibrate import CalibrateRequest, CalibrateResult
+    from jobs.build import BuildRequest, BuildResult
+    from jobs.calibrate import CalibrateRequest, CalibrateResult
 
     checkpoint = snapshot
     if scheme is not Scheme.UNQUANTIZED:
@@ -186,7 +187,7 @@ def calibrate_and_build(run: Run, settings, name: str, snapshot: Path, work: Pat
         def calibrate() -> dict:
             shutil.rmtree(checkpoint, ignore_errors=True)
             checkpoint.mkdir(parents=True)
-            return run_stage(settings, settings.quantize_python, "tasks.calibrate",
+            return run_stage(settings, settings.quantize_python, "jobs.calibrate",
                              CalibrateRequest(
                 model_dir=str(snapshot), data_file=str(REPO / "calibration_data" / "contracts"
                                                        / "calibration.jsonl"),
@@ -202,13 +203,13 @@ def calibrate_and_build(run: Run, settings, name: str, snapshot: Path, work: Pat
     def build() -> dict:
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
-        return run_stage(settings, settings.quantize_python, "tasks.build", BuildRequest(
+        return run_stage(settings, settings.quantize_python, "jobs.build", BuildRequest(
             checkpoint_dir=str(checkpoint), out_dir=str(out), target=Target.VLLM,
             serving=serving, kv_cache_fp8=kv_cache_fp8, device=settings.device),
             BuildResult, log).model_dump(mode="json")
 
     built = run.step(f"build-{name}", once, work / f"build-{name}.json", build)
-    return (out, built["engine_args"]) if built else None
+    return (out, built["serve"]["engine_args"]) if built else None
 
 
 def once(record: Path, fn) -> dict:
@@ -226,7 +227,8 @@ def part_demo(run: Run, settings, args, work: Path) -> None:
 
     from llmship.settings import EvalBackend, GateConfig, PipelineConfig, Scheme
     from llmship.subprocess_stage import run_stage
-    from tasks.gate import EvaluateRequest, Evaluation, judge, resolve_tasks
+    from jobs.evaluate import EvaluateRequest, Evaluation
+    from tasks.gate_rule import judge, resolve_tasks
 
     deployment = yaml.safe_load((REPO / "prefect.yaml").read_text())["definitions"]["tiny_llama"]
     config = PipelineConfig.model_validate(deployment)
@@ -255,7 +257,7 @@ def part_demo(run: Run, settings, args, work: Path) -> None:
             if run.step(f"serve-demo-{name}", engine.wait) is None:
                 continue
             evaluation = run.step(f"gate-demo-{name}", lambda: run_stage(
-                settings, settings.quantize_python, "tasks.gate", EvaluateRequest(
+                settings, settings.quantize_python, "jobs.evaluate", EvaluateRequest(
                     model_dir=str(engine.build_dir), tasks=tasks, backend=EvalBackend.SERVED,
                     served_name=config.name, base_url=engine.url, device=settings.device),
                 Evaluation, log).model_dump(mode="json"))
@@ -279,9 +281,9 @@ def part_8b(run: Run, settings, args, work: Path) -> None:
 
     from llmship.settings import PerfConfig, Scheme, ServingConfig
     from llmship.subprocess_stage import run_stage
-    from serving.benchmark import LoadFigures, Measurement, MeasureRequest
-    from tasks.perf import judge as judge_perf
-    from tasks.perf import loads
+    from jobs.benchmark import LoadFigures, Measurement, MeasureRequest
+    from tasks.perf_rule import judge as judge_perf
+    from tasks.perf_rule import loads
 
     deployments = yaml.safe_load((REPO / "prefect.yaml").read_text())["definitions"]
     policy = PerfConfig.model_validate(deployments["llama3_70b"]["perf"])
@@ -325,7 +327,7 @@ def part_8b(run: Run, settings, args, work: Path) -> None:
             measured = []
             for load in loads(policy):
                 result = run.step(f"perf-8b-{name}-{load.name}", lambda: run_stage(
-                    settings, settings.serve_python, "serving.benchmark", MeasureRequest(
+                    settings, settings.serve_python, "jobs.benchmark", MeasureRequest(
                         base_url=engine.url, served_name="llama-8b",
                         tokenizer_dir=str(engine.build_dir), loads=[load]),
                     Measurement, log).figures[0].model_dump(mode="json"))
@@ -404,7 +406,7 @@ def plan_against_run(results: dict, args) -> dict:
     """`llmship plan`'s estimates for this shape and deployment, beside what was measured."""
     from gpu_stages import SHAPES
     from llmship.settings import PipelineConfig, Scheme
-    from tasks.preflight import ModelShape, estimate_stages
+    from tasks.plan import ModelShape, estimate_stages
 
     shape = ModelShape.from_config({**SHAPES[args.shape], "tie_word_embeddings": False})
     config = PipelineConfig(name="llama-8b", source="/models/llama-8b", calibration={

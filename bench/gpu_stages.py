@@ -13,7 +13,7 @@ Steps (each a function llmship's stages run, called in this process, one after a
                     checkpoint and generates
     build-trtllm    tasks.build for target trtllm: the ModelOpt checkpoint, tensor by tensor
     dequant-check   ModelOpt's FP8 weights times their scales against the BF16 weights
-    gate-hf         tasks.gate.evaluate, lm-eval's hf backend, on the BF16 baseline and the
+    gate-hf         jobs.evaluate.evaluate, lm-eval's hf backend, on the BF16 baseline and the
                     llmcompressor FP8 build (the contracts domain tasks)
 Random weights score nothing on the tasks: the gate steps measure time and memory, not
 accuracy. The GPU machine lent here has no Prefect: when it is missing, a stand-in module
@@ -153,9 +153,10 @@ def main() -> None:
     import torch
 
     from llmship.settings import EvalBackend, GateConfig, Scheme, ServingConfig, Target
-    from tasks.build import BuildRequest, build
-    from tasks.calibrate import CalibrateRequest, calibrate
-    from tasks.gate import EvaluateRequest, evaluate, resolve_tasks
+    from jobs.build import BuildRequest, build
+    from jobs.calibrate import CalibrateRequest, calibrate
+    from jobs.evaluate import EvaluateRequest, evaluate
+    from tasks.gate_rule import resolve_tasks
 
     work, data = args.work, REPO / "calibration_data" / "contracts" / "calibration.jsonl"
     work.mkdir(parents=True, exist_ok=True)

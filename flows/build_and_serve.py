@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from prefect import flow
 
+from llmship.contracts import Side
 from llmship.settings import PipelineConfig
 from tasks.build import build_task
-from tasks.calibrate import calibrate_task
+from tasks.calibrate import calibrate_task, unquantized
 from tasks.common import build_slot, serving_slot
 from tasks.download import download_task
 from tasks.gate import gate_task
@@ -35,8 +36,9 @@ def build_and_serve(config: PipelineConfig) -> RolloutResult | None:
         calibrated = calibrate_task(snapshot, config.calibration, config.target,
                                     config.serving, config.name)
         candidate = build_task(calibrated, config.target, config.serving, config.name,
-                               "candidate")
-        baseline = build_task(snapshot, config.target, config.serving, config.name, "baseline")
+                               Side.CANDIDATE)
+        baseline = build_task(unquantized(snapshot), config.target, config.serving,
+                              config.name, Side.BASELINE)
     with serving_slot(config.name):  # one run at a time evaluates or serves a model
         report = gate_task(candidate, baseline, config.gate, config.name,
                            perf_follows=config.perf.enabled)

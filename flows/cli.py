@@ -104,28 +104,26 @@ def cmd_scale(args) -> None:
 
 
 def cmd_versions(args) -> None:
-    from tasks.publish import list_versions
+    from llmship.versions import list_versions
 
     settings = get_settings()
     store = ArtifactStore(settings)
     live = store.read_alias(args.model, "live")
     previous = store.read_alias(args.model, "previous")
-    manifests = list_versions(args.model)
-    if not manifests:
+    versions = list_versions(store, args.model)
+    if not versions:
         print(f"{args.model} has no published versions")
         return
     print(f"{'version':14s} {'created (UTC)':20s} {'scheme':12s} {'gate':6s} {'perf':6s} "
           f"{'tok/s x':>8s} {'MB':>8s}  alias")
-    for m in manifests:
-        alias = "live" if m.key == live else ("previous" if m.key == previous else "")
-        perf = {None: "-", True: "pass", False: "FAIL"}[m.details.get("perf_passed")]
+    for v in versions:
+        alias = "live" if v.version == live else ("previous" if v.version == previous else "")
+        perf = {None: "-", True: "pass", False: "FAIL"}[v.perf_passed]
         # The candidate's output tokens/s over the baseline's, at the production load.
-        figure = (m.details.get("perf") or {}).get("production output tokens/s")
-        ratio = f"{figure['candidate'] / figure['baseline']:.2f}" if figure and \
-            figure["baseline"] else "-"
-        print(f"{m.key:14s} {m.created_at[:19]:20s} {m.details.get('scheme', '?'):12s} "
-              f"{'pass' if m.details.get('gate_passed') else 'FAIL':6s} {perf:6s} "
-              f"{ratio:>8s} {m.total_bytes / 1e6:8.1f}  {alias}")
+        ratio = "-" if v.throughput_ratio is None else f"{v.throughput_ratio:.2f}"
+        print(f"{v.version:14s} {v.created_at[:19]:20s} {v.scheme:12s} "
+              f"{'pass' if v.gate_passed else 'FAIL':6s} {perf:6s} "
+              f"{ratio:>8s} {v.bytes / 1e6:8.1f}  {alias}")
 
 
 def cmd_rollback(args) -> None:

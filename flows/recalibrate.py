@@ -13,8 +13,8 @@ from prefect import flow, get_run_logger
 from llmship.domain_data import dataset_dir, file_digest
 from llmship.settings import PipelineConfig, get_settings
 from llmship.store import ArtifactStore
+from llmship.versions import calibration_of_version
 from flows.build_and_serve import build_and_serve
-from tasks.publish import version_prefix
 from tasks.rollout import RolloutResult
 
 
@@ -22,12 +22,8 @@ def live_calibration_digest(model: str) -> str | None:
     """The calibration data digest behind the live version: version -> build -> calibrate."""
     store = ArtifactStore(get_settings())
     live = store.read_alias(model, "live")
-    if not live:
-        return None
-    version = store.read_manifest(version_prefix(model, live))
-    build = store.read_manifest(version.inputs["build"]) if version else None
-    calibrated = store.read_manifest(build.inputs["checkpoint"]) if build else None
-    return calibrated.inputs.get("calibration_data_sha256") if calibrated else None
+    calibration = calibration_of_version(store, model, live) if live else None
+    return calibration.calibration_data_sha256 if calibration else None
 
 
 @flow(name="recalibrate", log_prints=True, persist_result=True)

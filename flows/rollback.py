@@ -17,8 +17,8 @@ from prefect import flow, get_run_logger
 from llmship.errors import PermanentError
 from llmship.settings import RolloutConfig, get_settings
 from llmship.store import ArtifactStore
+from llmship.versions import PublishedVersion, read_version
 from tasks.common import record_markdown, serving_slot
-from tasks.publish import PublishedVersion, version_prefix
 from tasks.rollout import RolloutResult, rollout_task
 
 
@@ -28,11 +28,11 @@ def rollback_target(model: str, target_version: str | None) -> PublishedVersion:
     if not target:
         raise PermanentError(f"{model} has no previous version to roll back to: "
                              "name a target_version")
-    manifest = store.read_manifest(version_prefix(model, target))
-    if manifest is None:
+    version = read_version(store, model, target)
+    if version is None:
         raise PermanentError(f"{model} has no published version {target!r}; "
                              f"`llmship versions {model}` lists them")
-    return PublishedVersion.from_manifest(model, manifest)
+    return version
 
 
 @flow(name="rollback", log_prints=True, persist_result=True)

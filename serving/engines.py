@@ -23,12 +23,6 @@ ENGINE_SUBDIR = "engine"
 TRTLLM_CHECKPOINT_SUBDIR = "trtllm-checkpoint"
 
 
-def target_of(details: dict) -> Target:
-    """The target a build or published version was made for (builds from before the
-    TensorRT-LLM target record none: vLLM)."""
-    return Target(details.get("target", Target.VLLM.value))
-
-
 def python_for(settings: Settings, target: Target) -> Path:
     """The environment that serves a target (docs/ARCHITECTURE.md: one environment per job)."""
     return settings.trtllm_python if target is Target.TRTLLM else settings.serve_python

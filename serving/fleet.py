@@ -29,6 +29,7 @@ import time
 from pydantic import BaseModel
 
 from llmship import ray_cluster
+from llmship.contracts import ServeSpec
 from llmship.errors import ServingError
 from llmship.manifest import digest_of
 from llmship.settings import AutoscalingBlock, ServingConfig, Settings, get_settings
@@ -298,15 +299,12 @@ def is_healthy(server: Server) -> bool:
     return server.status == "RUNNING" and len(server.endpoints) >= max(server.replicas, 1)
 
 
-def spec_for_version(model: str, version: str, details: dict) -> ReplicaSpec:
-    """How a published version is served, from its manifest's details (the build's)."""
+def spec_for_version(model: str, version: str, serve: ServeSpec) -> ReplicaSpec:
+    """How a published version is served: as its build said (the version's ServeSpec)."""
     from llmship.store import version_prefix
 
     return ReplicaSpec(app=app_name(model, version), model=model, version=version,
-                       role="serving", prefix=version_prefix(model, version),
-                       target=engines.target_of(details),
-                       engine_args=details.get("engine_args", []),
-                       serve_subdir=details.get("serve_subdir"))
+                       role="serving", prefix=version_prefix(model, version), serve=serve)
 
 
 def acquire(settings: Settings, spec: ReplicaSpec, serving: ServingConfig | None = None,
@@ -341,7 +339,7 @@ def _deploy(settings: Settings, spec: ReplicaSpec, serving: ServingConfig) -> No
     from serving.replica import deployment as replica_deployment
 
     # The build's engine arguments say how many GPUs one engine spans: they are what it runs.
-    gpus = engines.tensor_parallel_size(spec.engine_args) if settings.device == "cuda" else 0
+    gpus = engines.tensor_parallel_size(spec.serve.engine_args) if settings.device == "cuda" else 0
     # Serve's autoscaler on the engines' queues (serving/autoscale.py), a fixed count as
     # min = max: a replica reports its engine's load only if it started autoscaled, and a
     # version switched to autoscaling in place (its running replicas kept) must report.
@@ -385,7 +383,8 @@ def reconcile(settings: Settings, live: dict[str, str]) -> list[str]:
     """Deploy every live version that has no servers (after the cluster restarted, or the
     servers of a version were lost): the S3 `live` aliases are what should serve. Returns
     the applications deployed; does not wait for them."""
-    from llmship.store import ArtifactStore, version_prefix
+    from llmship.store import ArtifactStore
+    from llmship.versions import read_version
 
     _connect(settings)
     apps = {s.app for s in running(settings)}
@@ -394,11 +393,11 @@ def reconcile(settings: Settings, live: dict[str, str]) -> list[str]:
     for model, version in live.items():
         if app_name(model, version) in apps:
             continue
-        manifest = store.read_manifest(version_prefix(model, version))
-        if manifest is None:
+        published = read_version(store, model, version)
+        if published is None:
             log.error("%s's live version %s has no manifest: not served", model, version)
             continue
-        spec = spec_for_version(model, version, manifest.details)
+        spec = spec_for_version(model, version, published.serve)
         log.warning("%s's live version %s has no servers: deploying it", model, version)
         _deploy(settings, spec, _placement_like(model))
         started.append(spec.app)

@@ -32,6 +32,7 @@ from pathlib import Path
 import httpx
 from pydantic import BaseModel
 
+from llmship.contracts import ServeSpec
 from llmship.errors import ServerExited, ServingError
 from llmship.settings import Settings, Target, get_settings, stage_env
 from serving import engines
@@ -48,9 +49,7 @@ class ReplicaSpec(BaseModel):
     version: str
     role: str  # "serving", or "evaluation" for a gate's server that takes no traffic
     prefix: str  # the stored directory in the artifacts bucket
-    target: Target = Target.VLLM
-    engine_args: list[str] = []
-    serve_subdir: str | None = None
+    serve: ServeSpec = ServeSpec()  # the engine and its arguments, as the build says
 
 
 def server_env(settings: Settings, target: Target = Target.VLLM) -> dict[str, str]:
@@ -122,16 +121,17 @@ def start_engine(settings: Settings, spec: ReplicaSpec, model_dir: Path, log_pat
     bench/gpu_serve.py runs on a GPU host without Ray."""
     port = free_port(settings.host)
     load_path = model_dir
-    if spec.target is Target.TRTLLM:
-        load_path = trtllm_model_path(link_dir, spec.model, model_dir, spec.serve_subdir)
-    command = engines.server_command(settings, spec.target, load_path, spec.model, port,
-                                     spec.engine_args,
-                                     tokenizer_dir=model_dir if spec.serve_subdir else None)
+    serve = spec.serve
+    if serve.target is Target.TRTLLM:
+        load_path = trtllm_model_path(link_dir, spec.model, model_dir, serve.serve_subdir)
+    command = engines.server_command(settings, serve.target, load_path, spec.model, port,
+                                     serve.engine_args,
+                                     tokenizer_dir=model_dir if serve.serve_subdir else None)
     with log_path.open("ab") as out:
         engine = subprocess.Popen(
             [sys.executable, "-m", "serving.engine_guard", *command], stdout=out,
             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=server_env(settings, spec.target), start_new_session=True)
+            env=server_env(settings, serve.target), start_new_session=True)
     return engine, f"http://{settings.host}:{port}"
 
 
@@ -142,7 +142,7 @@ def wait_healthy(settings: Settings, spec: ReplicaSpec, engine: subprocess.Popen
     deadline = time.monotonic() + settings.server_start_timeout_s
     while not engines.answers_health(url, timeout_s=5.0):
         if engine.poll() is not None:
-            raise ServerExited(f"the {spec.target.value} engine for {spec.app} exited "
+            raise ServerExited(f"the {spec.serve.target.value} engine for {spec.app} exited "
                                f"({engine.returncode}) while starting at {url}; last lines of "
                                f"{log_path}:\n{log_tail(log_path, 12)}")
         if time.monotonic() > deadline:

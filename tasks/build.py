@@ -1,220 +1,65 @@
 """Stage 3, build: a servable artifact for the target engine, checked before it is served.
 
-    target vllm    a Hugging Face directory: the compressed-tensors checkpoint of a calibrated
-                   candidate, the BF16/FP16 snapshot itself for the baseline. Checked by
-                   loading it with transformers and generating.
-    target trtllm  the ModelOpt unified checkpoint, checked tensor by tensor (FP8 weights with
-                   their scales): nothing but TensorRT-LLM loads it. With the engine opt-in,
-                   trtllm-build turns ModelOpt's TensorRT-LLM checkpoint into a TensorRT engine
-                   in engine/. The baseline is the BF16 snapshot, served by the PyTorch backend.
-Each build writes llmship-build.json: the engine, the precision and scheme, and the engine
-arguments the gate and the rollout serve it with.
-
-    python -m tasks.build --request R.json --result S.json   # in the quantize environment
+The work is jobs/build.py, run in the quantize environment (its docstring says what each
+target's build is); this is its orchestration: the inputs, the store, the Prefect task.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import time
 from pathlib import Path
 
 from prefect import get_run_logger, task
-from pydantic import BaseModel
 
-from llmship.errors import StageFailed
-from llmship.manifest import Manifest, digest_of
-from llmship.settings import ServingConfig, Target, TrtllmBackend, get_settings
+from jobs.build import BuildRequest, BuildResult
+from llmship.contracts import Build, BuildDetails, BuildInputs, Checkpoint, Side
+from llmship.settings import ServingConfig, Target, get_settings
 from llmship.store import ArtifactStore
-from llmship.subprocess_stage import run_stage, stage_main, tool_versions
-from serving import engines
+from llmship.subprocess_stage import run_stage, tool_versions
 from tasks.common import (
-    RETRIES, RETRY_DELAYS, StageOutput, cache_key, fresh_dir, record_stage_artifact,
-    stored_output,
-    retry_unless_permanent,
+    RETRIES, RETRY_DELAYS, cache_key, produce, record_stage_artifact, retry_unless_permanent,
 )
 
 TOOLS = ("transformers", "compressed-tensors", "torch")
-BUILD_FILE = "llmship-build.json"
-SMOKE_PROMPT = "Hello"
 
 
-class BuildRequest(BaseModel):
-    checkpoint_dir: str
-    out_dir: str
-    target: Target
-    serving: ServingConfig
-    kv_cache_fp8: bool = False
-    device: str = "cpu"
+def build_inputs(checkpoint: Checkpoint, target: Target, serving: ServingConfig) -> BuildInputs:
+    settings = get_settings()
+    return BuildInputs(checkpoint=checkpoint.prefix, checkpoint_digest=checkpoint.digest,
+                       target=target, serving=serving.build_inputs(), device=settings.device,
+                       tools=tool_versions(settings.quantize_python, TOOLS))
 
 
-class BuildResult(BaseModel):
-    target: Target
-    precision: str  # "bfloat16", or the quantization scheme's weight/activation format
-    quantization_format: str | None  # compressed-tensors format, or "modelopt"
-    engine_args: list[str]
-    serve_subdir: str | None = None  # what in the artifact the server loads, if not all of it
-    smoke_output: str
-    seconds: float
+def build(inputs: BuildInputs, checkpoint: Checkpoint, serving: ServingConfig) -> Build:
+    """Run the build job in the quantize environment and store the artifact."""
+    settings = get_settings()
 
+    def make(out_dir: Path):
+        result = run_stage(settings, settings.quantize_python, "jobs.build", BuildRequest(
+            checkpoint_dir=str(ArtifactStore(settings).materialize(checkpoint.prefix)),
+            out_dir=str(out_dir), target=inputs.target, serving=serving,
+            kv_cache_fp8=checkpoint.details.kv_cache_fp8, device=inputs.device,
+        ), BuildResult, get_run_logger())
+        return BuildDetails(
+            scheme=checkpoint.details.scheme, precision=result.precision,
+            quantization_format=result.quantization_format, serve=result.serve,
+            smoke_output=result.smoke_output), {"build": result.seconds}
 
-def describe_quantization(config: dict) -> tuple[str, str | None]:
-    """(precision, format) from a checkpoint's config.json."""
-    quant = config.get("quantization_config")
-    if not quant:
-        return str(config.get("torch_dtype") or config.get("dtype") or "bfloat16"), None
-    groups = quant.get("config_groups", {})
-    weights = next(iter(groups.values()), {}).get("weights", {}) if groups else {}
-    acts = next(iter(groups.values()), {}).get("input_activations") if groups else None
-    w = f"{weights.get('type', '?')}{weights.get('num_bits', '?')}"
-    a = f"{acts.get('type', '?')}{acts.get('num_bits', '?')}" if acts else "16"
-    return f"w:{w} a:{a}", quant.get("format")
-
-
-def link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-def smoke_generate(model_dir: Path, device: str) -> str:
-    """Load with transformers and generate a few tokens: the same load path as lm-eval's hf
-    backend. If this fails, nothing downstream works."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype="auto", device_map="auto" if device == "cuda" else None)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    ids = tokenizer(SMOKE_PROMPT, return_tensors="pt").to(model.device)
-    with torch.no_grad():
-        generated = model.generate(**ids, max_new_tokens=4, do_sample=False,
-                                   pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    return tokenizer.decode(generated[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-
-
-def check_modelopt_checkpoint(model_dir: Path) -> str:
-    """A ModelOpt FP8 unified checkpoint, read tensor by tensor from the safetensors headers:
-    every quantized weight is FP8 (E4M3) with its weight_scale and input_scale. Returns a
-    one-line summary; raises StageFailed naming what is missing."""
-    from safetensors import safe_open
-
-    quant = json.loads((model_dir / "hf_quant_config.json").read_text())["quantization"]
-    if quant.get("quant_algo") != "FP8":
-        raise StageFailed(f"{model_dir}/hf_quant_config.json: quant_algo "
-                          f"{quant.get('quant_algo')!r}, expected 'FP8'")
-    dtypes: dict[str, str] = {}
-    for shard in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(shard, "pt") as f:
-            for name in f.keys():
-                dtypes[name] = str(f.get_slice(name).get_dtype())
-    fp8 = [n for n, d in dtypes.items() if n.endswith(".weight") and d == "F8_E4M3"]
-    if not fp8:
-        raise StageFailed(f"{model_dir}: no FP8 (E4M3) weights in the checkpoint")
-    missing = [n for n in fp8 for scale in ("weight_scale", "input_scale")
-               if n.removesuffix("weight") + scale not in dtypes]
-    if missing:
-        raise StageFailed(f"{model_dir}: FP8 weights without their scales: {missing[:5]}")
-    kv = quant.get("kv_cache_quant_algo")
-    return f"{len(fp8)} FP8 weights with weight and input scales; KV cache {kv or '16-bit'}"
-
-
-def build_engine(req: BuildRequest, out: Path) -> None:
-    """trtllm-build from ModelOpt's TensorRT-LLM checkpoint into out/engine."""
-    import subprocess
-
-    # The stage inherits the worker's environment, LLMSHIP_TRTLLM_* included.
-    cmd = engines.trtllm_build_command(get_settings(), out / engines.TRTLLM_CHECKPOINT_SUBDIR,
-                                       out / engines.ENGINE_SUBDIR, req.serving)
-    print("building the TensorRT engine: " + " ".join(cmd), flush=True)
-    try:
-        subprocess.run(cmd, check=True)
-    except (OSError, subprocess.CalledProcessError) as exc:
-        raise StageFailed(f"trtllm-build failed ({exc}); its output is above") from exc
-
-
-def build(req: BuildRequest) -> BuildResult:
-    started = time.monotonic()
-    out = Path(req.out_dir)
-    # Hard links where the filesystem allows: a 70B baseline is 131 GiB that need not be
-    # copied. Nothing here writes into a linked file (llmship-build.json is a new one).
-    shutil.copytree(req.checkpoint_dir, out, dirs_exist_ok=True, copy_function=link_or_copy)
-    config = json.loads((out / "config.json").read_text())
-    serving, subdir = req.serving, None
-    if req.target is Target.TRTLLM and (out / "hf_quant_config.json").exists():
-        precision, fmt = "w:float8 a:float8", "modelopt"
-        smoke = check_modelopt_checkpoint(out)
-    elif req.target is Target.TRTLLM and (out / engines.TRTLLM_CHECKPOINT_SUBDIR).exists():
-        precision, fmt = "w:float8 a:float8", "tensorrt-engine"
-        build_engine(req, out)
-        smoke, subdir = "TensorRT engine built", engines.ENGINE_SUBDIR
-    else:
-        precision, fmt = describe_quantization(config)
-        smoke = smoke_generate(out, req.device)
-        if req.target is Target.TRTLLM:
-            # The 16-bit baseline is served as a checkpoint by the PyTorch backend, also when
-            # the candidate is an engine.
-            serving = serving.model_copy(update={"trtllm": serving.trtllm.model_copy(
-                update={"backend": TrtllmBackend.PYTORCH})})
-    print(f"{precision} build for {req.target.value}: {smoke!r}", flush=True)
-    result = BuildResult(target=req.target, precision=precision, quantization_format=fmt,
-                         engine_args=engines.engine_args(req.target, serving, req.kv_cache_fp8),
-                         serve_subdir=subdir, smoke_output=smoke,
-                         seconds=round(time.monotonic() - started, 3))
-    # Timings stay out of the artifact: the same inputs must give the same bytes, and so the
-    # same content digest and version id (the manifest records the timings instead).
-    (out / BUILD_FILE).write_text(result.model_dump_json(indent=2, exclude={"seconds"}))
-    return result
-
-
-def build_key(checkpoint: StageOutput, target: Target, serving: ServingConfig) -> str:
-    return digest_of({
-        "stage": "build", "checkpoint": checkpoint.digest, "target": target.value,
-        "device": get_settings().device,
-        "serving": serving.build_inputs(),
-        "tools": tool_versions(get_settings().quantize_python, TOOLS),
-    })[:24]
+    return produce(inputs, Build, make)
 
 
 @task(name="build", retries=RETRIES, retry_delay_seconds=RETRY_DELAYS,
       retry_condition_fn=retry_unless_permanent, persist_result=True,
-      cache_key_fn=cache_key(lambda p: build_key(p["checkpoint"], p["target"], p["serving"])))
-def build_task(checkpoint: StageOutput, target: Target, serving: ServingConfig, model: str,
-               role: str) -> StageOutput:
-    """role: "candidate" or "baseline": which side of the gate this build is for."""
-    settings = get_settings()
-    store = ArtifactStore(settings)
-    key = build_key(checkpoint, target, serving)
-    prefix = f"stages/build/{key}"
-    if made := stored_output(store, prefix):
-        return made
-    out_dir = fresh_dir(store.local_path(prefix))
-    result = run_stage(settings, settings.quantize_python, "tasks.build", BuildRequest(
-        checkpoint_dir=str(store.materialize(checkpoint.prefix)), out_dir=str(out_dir),
-        target=target, serving=serving,
-        kv_cache_fp8=bool(checkpoint.details.get("kv_cache_fp8")), device=settings.device,
-    ), BuildResult, get_run_logger())
-    manifest = store.store_output(out_dir, prefix, Manifest(
-        kind="build", key=key,
-        inputs={"checkpoint": checkpoint.prefix, "checkpoint_digest": checkpoint.digest},
-        parameters={"target": target.value, "serving": serving.build_inputs()},
-        tool_versions=tool_versions(settings.quantize_python, TOOLS),
-        timings_s={"build": result.seconds},
-        details=result.model_dump(mode="json") | {
-            "role": role, "scheme": checkpoint.details.get("scheme", "none")},
-    ))
-    out = StageOutput.from_manifest(prefix, manifest)
-    record_stage_artifact(model, out, {"role": role, "target": target.value,
-                                       "precision": result.precision,
-                                       "scheme": out.details["scheme"],
-                                       "engine args": " ".join(result.engine_args)},
-                          f"{role} build for {target.value}: {result.precision}",
-                          label=f"build-{role}")
+      cache_key_fn=cache_key(lambda p: build_inputs(p["checkpoint"], p["target"],
+                                                    p["serving"]).key))
+def build_task(checkpoint: Checkpoint, target: Target, serving: ServingConfig, model: str,
+               side: Side) -> Build:
+    """side: which side of the gate this build is for; it names the artifact only (the build
+    itself, content-addressed, is the same whichever side asks for it)."""
+    out = build(build_inputs(checkpoint, target, serving), checkpoint, serving)
+    d = out.details
+    record_stage_artifact(model, out, {"side": side.value, "target": target.value,
+                                       "precision": d.precision, "scheme": d.scheme.value,
+                                       "engine args": " ".join(d.serve.engine_args)},
+                          f"{side.value} build for {target.value}: {d.precision}",
+                          label=f"build-{side.value}")
     return out
-
-
-if __name__ == "__main__":
-    stage_main(build, BuildRequest)

@@ -1,23 +1,26 @@
-"""What every stage's @task wrapper shares: retry policy, the stage output type, artifacts."""
+"""What every stage's @task wrapper shares: retry policy, the stage runner, slots, artifacts."""
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from prefect import Task, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.client.schemas.objects import TaskRun
+from prefect.exceptions import MissingContextError
 from prefect.states import State
 from prefect.tasks import exponential_backoff
 from pydantic import BaseModel
 
-from llmship.errors import LlmshipError, PermanentError
+from llmship.contracts import StageInputs, StageOutput
+from llmship.errors import LlmshipError, PermanentError, VersionConflict
 from llmship.manifest import Manifest
 from llmship.settings import get_settings
 from llmship.store import ArtifactStore
@@ -25,6 +28,10 @@ from llmship.store import ArtifactStore
 # Transient failures (network, S3 5xx, a killed subprocess) are retried with growing delays.
 RETRIES = 3
 RETRY_DELAYS = exponential_backoff(backoff_factor=2)
+
+O = TypeVar("O", bound=StageOutput)
+R = TypeVar("R", bound=BaseModel)
+Made = tuple[BaseModel, dict[str, float]]  # a stage's details, and its timings in seconds
 
 
 def retry_unless_permanent(task: Task, task_run: TaskRun, state: State) -> bool:
@@ -50,30 +57,6 @@ def cache_key(key_of: Callable[[dict[str, Any]], str]) -> Callable[..., str | No
         except LlmshipError:
             return None
     return key_fn
-
-
-class StageOutput(BaseModel):
-    """A finished stage's output in the store: where it is and what it holds."""
-
-    stage: str
-    key: str  # content address of the inputs
-    prefix: str  # in the artifacts bucket
-    digest: str  # of the files' content
-    files: int
-    bytes: int
-    details: dict[str, Any] = {}
-
-    @classmethod
-    def from_manifest(cls, prefix: str, manifest: Manifest) -> "StageOutput":
-        return cls(stage=manifest.kind, key=manifest.key, prefix=prefix, digest=manifest.digest,
-                   files=len(manifest.files), bytes=manifest.total_bytes,
-                   details=manifest.details)
-
-
-def version_id(build: StageOutput) -> str:
-    """The id a build is published under: its content digest, so the same bytes are the same
-    version wherever and whenever they were built."""
-    return build.digest[:12]
 
 
 def fresh_dir(path: Path) -> Path:
@@ -155,12 +138,50 @@ def serving_slot(model: str) -> AbstractContextManager[None]:
     return model_slot("serving", model, get_settings().serving_slot_timeout_s)
 
 
-def stored_output(store: ArtifactStore, prefix: str) -> StageOutput | None:
-    """A stage's output already in the store, made by another run (on another host, whose
-    Prefect cache this one cannot see): its prefix is the digest of the same inputs."""
-    manifest = store.read_manifest(prefix)
-    if manifest is None:
-        return None
-    get_run_logger().info("s3://%s/%s is in the store already (made %s): using it",
-                          store.bucket, prefix, manifest.created_at)
-    return StageOutput.from_manifest(prefix, manifest)
+def stage_logger() -> logging.Logger | logging.LoggerAdapter:
+    """The run's logger inside a flow run; llmship's own outside one (a stage called as a
+    function, from a script or a test)."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("llmship")
+
+
+def produce(inputs: StageInputs, output: type[O], make: Callable[[Path], Made]) -> O:
+    """The one way a content-addressed stage makes its output:
+
+        key (the digest of the inputs) -> in the store already? (another run or host made
+        it: use it) -> a fresh directory -> make -> manifest (recording the inputs) -> store
+
+    make(out_dir) writes the output's files and returns (details, timings in seconds)."""
+    store = ArtifactStore(get_settings())
+    prefix = inputs.prefix
+    if manifest := store.read_manifest(prefix):
+        stage_logger().info("s3://%s/%s is in the store already (made %s): using it",
+                              store.bucket, prefix, manifest.created_at)
+        return output.from_manifest(prefix, manifest)
+    out_dir = fresh_dir(store.local_path(prefix))
+    details, timings = make(out_dir)
+    manifest = store.store_output(out_dir, prefix, Manifest(
+        kind=inputs.stage, key=inputs.key, inputs=inputs.model_dump(mode="json"),
+        tool_versions=inputs.tools, timings_s={k: round(v, 3) for k, v in timings.items()},
+        details=details.model_dump(mode="json")))
+    return output.from_manifest(prefix, manifest)
+
+
+def store_report(stage: str, key: str, report: R, markdown: str,
+                 manifest: Manifest) -> tuple[str, R | None]:
+    """Keep a gate's report in the store under stages/<stage>/<key>/, failing ones too: they
+    are what people read. Returns (prefix, the report stored there before, if the same inputs
+    were judged before: a failed gate run again after its alert)."""
+    store = ArtifactStore(get_settings())
+    prefix = f"stages/{stage}/{key}"
+    out = fresh_dir(store.local_path(prefix))
+    (out / f"{stage}-report.json").write_text(report.model_dump_json(indent=2))
+    (out / f"{stage}-report.md").write_text(markdown)
+    try:
+        store.store_output(out, prefix, manifest.model_copy(update={"kind": stage, "key": key}))
+    except VersionConflict:
+        earlier = store.get_json(f"{prefix}/files/{stage}-report.json")[0]
+        return prefix, type(report).model_validate(earlier)
+    return prefix, None

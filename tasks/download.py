@@ -18,12 +18,11 @@ from prefect import get_run_logger, task
 
 from llmship.errors import DiskFull, SourceNotFound
 from llmship.hub import hub_errors, hub_offline, split_hf
-from llmship.manifest import Manifest, digest_of
+from llmship.contracts import DownloadInputs, Snapshot, SnapshotDetails
 from llmship.settings import get_settings
 from llmship.store import ArtifactStore, parse_s3_uri
 from tasks.common import (
-    RETRIES, RETRY_DELAYS, StageOutput, cache_key, fresh_dir, record_stage_artifact,
-    retry_unless_permanent,
+    RETRIES, RETRY_DELAYS, cache_key, produce, record_stage_artifact, retry_unless_permanent,
 )
 
 # Weights, config and tokenizer only: hub repos also carry original/ checkpoints (Llama 3's
@@ -33,29 +32,23 @@ ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoke
 IGNORE_PATTERNS = ["original/*", "*.pth", "*.bin", "*.gguf", "*.onnx"]
 
 
-def source_fingerprint(source: str) -> dict:
-    """What identifies the source's content, cheaply: the cache key of the download stage.
-
-    A hub revision pinned to a commit is immutable. A mirror is identified by its objects' ETags,
-    a local directory by its files' sizes and modification times.
-    """
+def download_inputs(source: str) -> DownloadInputs:
+    """The source and what identifies its content, cheaply: a hub revision pinned to a commit
+    is immutable; a mirror is identified by its objects' ETags, a local directory by its
+    files' sizes and modification times."""
     if source.startswith("hf://"):
-        return {"source": source}
+        return DownloadInputs(source=source, fingerprint={})
     if source.startswith("s3://"):
         bucket, prefix = parse_s3_uri(source)
         objects = ArtifactStore(get_settings()).list_mirror(bucket, prefix)
-        return {"source": source, "objects": objects}
+        return DownloadInputs(source=source, fingerprint={"objects": objects})
     if not Path(source).is_dir():
         raise SourceNotFound(f"{source} is not a directory: give a model directory, "
                              "hf://org/name@revision or s3://bucket/prefix")
     root = Path(source)
-    return {"source": str(root.resolve()), "files": sorted(
+    return DownloadInputs(source=str(root.resolve()), fingerprint={"files": sorted(
         (p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
-        for p in root.rglob("*") if p.is_file())}
-
-
-def download_key(source: str) -> str:
-    return digest_of({"stage": "download", **source_fingerprint(source)})[:24]
+        for p in root.rglob("*") if p.is_file())})
 
 
 def fetch_hf(source: str, dest: Path) -> dict:
@@ -108,18 +101,12 @@ def _out_of_space(exc: BaseException) -> bool:
     return False
 
 
-def download(source: str) -> StageOutput:
-    """Fetch the source, check it is a model, and store it with its manifest."""
-    settings = get_settings()
-    store = ArtifactStore(settings)
-    key = download_key(source)
-    prefix = f"stages/download/{key}"
-    started = time.monotonic()
-    dest = fresh_dir(store.local_path(prefix))
-    fetch = fetch_hf if source.startswith("hf://") else (
+def fetch(source: str, dest: Path) -> SnapshotDetails:
+    """Fetch the source into dest and check it is a model."""
+    fetch_from = fetch_hf if source.startswith("hf://") else (
         fetch_s3 if source.startswith("s3://") else fetch_path)
     try:
-        origin = fetch(source, dest)
+        origin = fetch_from(source, dest)
     except OSError as exc:
         # copytree gathers its failures into one shutil.Error; s3transfer wraps the OSError.
         if not _out_of_space(exc):
@@ -132,19 +119,22 @@ def download(source: str) -> StageOutput:
             f"LLMSHIP_STATE_DIR at a larger disk, then run again. Nothing was kept") from exc
     if not (dest / "config.json").is_file():
         raise SourceNotFound(f"{source} holds no config.json: it is not a model directory")
-    fetched = time.monotonic() - started
-    manifest = store.store_output(dest, prefix, Manifest(
-        kind="download", key=key, inputs={"source": source}, details={"origin": origin},
-        timings_s={"fetch": round(fetched, 3),
-                   "store": round(time.monotonic() - started - fetched, 3)},
-    ))
-    return StageOutput.from_manifest(prefix, manifest)
+    return SnapshotDetails(origin=origin)
+
+
+def download(source: str) -> Snapshot:
+    """The source as a verified snapshot in the store, with its manifest."""
+    def make(dest: Path):
+        started = time.monotonic()
+        return fetch(source, dest), {"fetch": time.monotonic() - started}
+
+    return produce(download_inputs(source), Snapshot, make)
 
 
 @task(name="download", retries=RETRIES, retry_delay_seconds=RETRY_DELAYS,
       retry_condition_fn=retry_unless_permanent,
-      cache_key_fn=cache_key(lambda p: download_key(p["source"])), persist_result=True)
-def download_task(source: str, model: str) -> StageOutput:
+      cache_key_fn=cache_key(lambda p: download_inputs(p["source"]).key), persist_result=True)
+def download_task(source: str, model: str) -> Snapshot:
     out = download(source)
     get_run_logger().info("snapshot of %s: %d files, %.1f MB, sha256 %s", source, out.files,
                           out.bytes / 1e6, out.digest[:16])

@@ -25,15 +25,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, Field
 
 from llmship.errors import CanaryFailed, ServingError, UngatedVersion
-from llmship.manifest import Manifest
 from llmship.settings import RolloutConfig, ServingConfig, Settings, get_settings
 from llmship.store import ArtifactStore
+from llmship.versions import PublishedVersion, read_version
 from serving import fleet
 from serving.gateway_admin import gateway_urls, keep_routed, model_route, route_traffic
+from llmship.contracts import StageOutput
 from tasks.common import (
-    StageOutput, record_markdown, record_stage_artifact, retry_unless_permanent,
+    record_markdown, record_stage_artifact, retry_unless_permanent,
 )
-from tasks.publish import PublishedVersion
 
 SMOKE_PROMPT = "Hello"
 
@@ -209,16 +209,17 @@ def bake(settings: Settings, server: fleet.Server, live: str, percent: float,
 
 # ------------------------------------------------------------------ the rollout
 
-def check_gated(manifest: Manifest | None, version: PublishedVersion,
-                allow_ungated: bool) -> Manifest:
-    if manifest is None:
+def check_gated(stored: PublishedVersion | None, version: PublishedVersion,
+                allow_ungated: bool) -> PublishedVersion:
+    """The version as the store has it now (not as the run that published it saw it)."""
+    if stored is None:
         raise UngatedVersion(f"{version.prefix} is not a published version")
-    if not manifest.details.get("gate_passed") and not allow_ungated:
+    if not stored.gate_passed and not allow_ungated:
         raise UngatedVersion(
             f"{version.model} {version.version} has no passing gate record: nothing reaches "
             "traffic without one. Pass allow_ungated=true (the rollback form's override) to "
             "serve it anyway")
-    return manifest
+    return stored
 
 
 def rollout(version: PublishedVersion, cfg: RolloutConfig, *,
@@ -228,7 +229,8 @@ def rollout(version: PublishedVersion, cfg: RolloutConfig, *,
     settings = get_settings()
     store = ArtifactStore(settings)
     started = time.monotonic()
-    manifest = check_gated(store.read_manifest(version.prefix), version, allow_ungated)
+    stored = check_gated(read_version(store, version.model, version.version), version,
+                         allow_ungated)
     model = version.model
     current = model_route(settings, model)
     server = fleet.find(settings, model, version.version)
@@ -242,7 +244,7 @@ def rollout(version: PublishedVersion, cfg: RolloutConfig, *,
         return RolloutResult(model=model, version=version.version, previous=None,
                              upstream=_engines(server), gateway=settings.gateway_url,
                              changed=False, seconds=round(time.monotonic() - started, 3))
-    spec = fleet.spec_for_version(model, version.version, manifest.details)
+    spec = fleet.spec_for_version(model, version.version, stored.serve)
     log.info("%s %s: asking the fleet for its servers", model, version.version)
     server, started_server = fleet.acquire(settings, spec, serving)
     log.info("%s %s %s: %s", model, version.version,

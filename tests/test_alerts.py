@@ -85,7 +85,7 @@ def test_a_failed_performance_gate_alert_names_each_figure_against_its_limit():
     import jinja2
 
     from llmship.alerts import PERF_BODY
-    from tasks.perf import PerfVerdict
+    from tasks.perf_rule import PerfVerdict
 
     failing = [PerfVerdict(load="production", metric="output tokens/s", baseline=1000.0,
                            candidate=1100.0, ratio=1.1, limit=">= 1.2x", passed=False)]

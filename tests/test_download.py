@@ -62,7 +62,7 @@ def test_hub_revision_pinned(hub_cache, stack, store):
     out = download(f"hf://llmship/tiny-llama@{SHA}")
     names = {f.path for f in store.read_manifest(out.prefix).files}
     assert "model.safetensors" in names and "config.json" in names
-    assert out.details["origin"] == {"repo": "llmship/tiny-llama", "revision": SHA}
+    assert out.details.origin == {"repo": "llmship/tiny-llama", "revision": SHA}
 
 
 def test_wrong_hub_revision_names_the_revision(hub_cache, stack):
@@ -111,10 +111,13 @@ def disk_of(folder: Path, size_bytes: int):
 
 def test_a_full_disk_during_download_is_named_and_leaves_nothing(stack, store):
     from llmship.errors import DiskFull
-    from tasks.download import download_key
+    from llmship.store import MANIFEST
+    from tasks.download import download_inputs
 
     source = f"s3://{stack.mirror_bucket}/tiny-llama"
-    prefix = f"stages/download/{download_key(source)}"
+    prefix = download_inputs(source).prefix
+    # An earlier test stored this snapshot: without its manifest the store has none.
+    store.client.delete_object(Bucket=store.bucket, Key=f"{prefix}/{MANIFEST}")
     downloads = store.local_path(prefix).parent
     # The model's weights are 1.97 MB; the disk holds 1 MB.
     with disk_of(downloads, 1024 * 1024):

@@ -94,7 +94,7 @@ def test_wrong_credentials_or_a_missing_bucket_are_refused_before_a_run(change, 
 
 
 def passing_report(build):
-    from tasks.gate import GateReport, TaskVerdict
+    from tasks.gate_rule import GateReport, TaskVerdict
 
     verdict = TaskVerdict(task="clause_type", metric="acc", n=100, baseline=0.9, candidate=0.9,
                           delta=0.0, rtol=0.05, atol=0.0, floor=None, threshold=0.855,
@@ -109,8 +109,11 @@ def test_seaweedfs_killed_during_publish_leaves_no_version_or_a_complete_one(sta
     from llmship import processes
     from llmship import stack as local_stack
     from llmship.errors import SourceNotFound
-    from tasks.common import StageOutput, version_id
-    from tasks.publish import list_versions, publish, version_prefix
+    from llmship.contracts import Build, BuildDetails, ServeSpec
+    from llmship.settings import Scheme
+    from llmship.store import version_prefix
+    from llmship.versions import list_versions
+    from tasks.publish import publish
 
     # A build of 300 files: publishing copies them one by one, which leaves time to kill
     # the store in the middle.
@@ -120,9 +123,12 @@ def test_seaweedfs_killed_during_publish_leaves_no_version_or_a_complete_one(sta
         (build_dir / f"shard-{i:03d}.bin").write_bytes(os.urandom(32 * 1024))
     run = uuid.uuid4().hex[:8]  # the test's own names: it can run again on the same stack
     build_prefix = f"stages/build/killed-during-publish-{run}"
-    build = StageOutput.from_manifest(build_prefix, store.upload_dir(
-        build_dir, build_prefix, Manifest(kind="build", key="killed-during-publish")))
-    model, version = f"store-killed-{run}", version_id(build)
+    details = BuildDetails(scheme=Scheme.UNQUANTIZED, precision="bfloat16",
+                           quantization_format=None, serve=ServeSpec(), smoke_output="")
+    build = Build.from_manifest(build_prefix, store.upload_dir(
+        build_dir, build_prefix, Manifest(kind="build", key="killed-during-publish",
+                                          details=details.model_dump(mode="json"))))
+    model, version = f"store-killed-{run}", build.version
     prefix = version_prefix(model, version)
 
     outcome: dict = {}
@@ -153,11 +159,11 @@ def test_seaweedfs_killed_during_publish_leaves_no_version_or_a_complete_one(sta
     copied = store.list_keys(f"{prefix}/files/")
     assert 10 <= len(copied) < 300
     assert store.read_manifest(prefix) is None
-    assert list_versions(model) == []
+    assert list_versions(store, model) == []
     with pytest.raises(SourceNotFound, match="never completely written"):
         store.download_dir(prefix, tmp_path / "fetched")
     # Publishing again (the task's retry, or a rerun) completes the version, whole.
     published = publish(model, build, passing_report(build))
     assert (published.version, published.files) == (version, 300)
-    assert [m.key for m in list_versions(model)] == [version]
+    assert [v.version for v in list_versions(store, model)] == [version]
     assert store.download_dir(prefix, tmp_path / "fetched").digest == build.digest

@@ -7,9 +7,9 @@ import pytest
 
 from llmship.errors import GateConfigError
 from llmship.settings import GateConfig, TaskPolicy
-from tasks.gate import (
-    DOMAIN_METRIC, Evaluation, GateReport, TaskScore, TaskSet, judge, render_markdown,
-    resolve_tasks, rule_of, wilson_lower,
+from jobs.evaluate import Evaluation, TaskScore, TaskSet
+from tasks.gate_rule import (
+    DOMAIN_METRIC, GateReport, judge, render_markdown, resolve_tasks, rule_of, wilson_lower,
 )
 
 TASKS = TaskSet(dataset="d", eval_file="-", eval_data_sha256="0" * 64, domain=["a", "b"],

@@ -146,9 +146,14 @@ class Cluster:
         folder = self.state.parent / f"model-{version}"
         shutil.copytree(REPO / "demo" / "tiny-llama", folder)
         (folder / "llmship-note.txt").write_text(note)
-        manifest = Manifest(kind="version", key=version, files=hash_dir(folder), details={
-            "engine_args": ENGINE_ARGS, "gate_passed": True, "scheme": "UNQUANTIZED",
-            "target": "vllm"})
+        from llmship.contracts import ServeSpec
+        from llmship.versions import VersionDetails
+
+        manifest = Manifest(kind="version", key=version, files=hash_dir(folder),
+                            details=VersionDetails(
+                                model=MODEL, version=version, gate_passed=True,
+                                scheme="UNQUANTIZED", serve=ServeSpec(engine_args=ENGINE_ARGS),
+                            ).model_dump(mode="json"))
         ArtifactStore(self.settings).upload_dir(folder, f"versions/{MODEL}/{version}", manifest)
 
     def engine_requests(self, url: str) -> float:

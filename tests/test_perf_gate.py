@@ -8,8 +8,8 @@ import pytest
 from pydantic import ValidationError
 
 from llmship.settings import PerfConfig, PipelineConfig, get_settings
-from serving.benchmark import Load, LoadFigures, LoadRequest, client_argv
-from tasks.perf import PerfReport, judge, loads, render_markdown
+from jobs.benchmark import Load, LoadFigures, LoadRequest, client_argv
+from tasks.perf_rule import PerfReport, judge, loads, render_markdown
 
 
 def figures(load: Load, tok_s: float, ttft: float = 100.0, itl: float = 10.0,

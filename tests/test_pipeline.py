@@ -14,8 +14,8 @@ import pytest
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter
 from prefect.deployments import run_deployment
 
-from tasks.gate import RULE, wilson_lower
-from tasks.publish import list_versions
+from llmship.versions import VersionDetails, list_versions
+from tasks.gate_rule import RULE, wilson_lower
 from tests.helpers.prefect_api import prefect_auth
 from tests.helpers.procs import cmdline, descendants
 from tests.helpers.waiting import wait_for
@@ -60,9 +60,9 @@ def held_out(task: str, n: int) -> list[dict]:
 
 def test_build_and_serve_serves_the_calibrated_version(first_run, stack, store, prefect_client):
     live = store.read_alias("tiny-llama", "live")
-    versions = list_versions("tiny-llama")
-    assert [v.key for v in versions] == [live]
-    assert versions[0].details["scheme"] == "W8A8" and versions[0].details["gate_passed"]
+    versions = list_versions(store, "tiny-llama")
+    assert [v.version for v in versions] == [live]
+    assert versions[0].scheme == "W8A8" and versions[0].gate_passed
 
     models = httpx.get(f"{stack.gateway_url}/v1/models").json()["data"]
     assert [(m["id"], m["version"]) for m in models] == [("tiny-llama", live)]
@@ -152,9 +152,9 @@ def test_published_version_is_complete_in_s3(first_run, store):
     throughput = verdicts[("production", "output tokens/s")]
     assert throughput["passed"] is None and throughput["limit"] == "-"
     assert throughput["ratio"] == pytest.approx(throughput["candidate"] / throughput["baseline"])
-    assert manifest.details["perf_passed"] is True
-    assert manifest.details["perf"]["production output tokens/s"]["baseline"] == \
-        throughput["baseline"]
+    details = VersionDetails.model_validate(manifest.details)
+    assert details.perf_passed is True
+    assert details.perf["production output tokens/s"]["baseline"] == throughput["baseline"]
     readable = store.client.get_object(Bucket=store.bucket, Key=f"{prefix}/perf-report.md")
     assert "# Performance gate PASSED: tiny-llama" in readable["Body"].read().decode()
 
@@ -180,7 +180,7 @@ def test_rerun_reuses_every_stage(first_run, prefect_client, store):
     assert states["rollout"] == ["Completed"] and states["preflight"] == ["Completed"]
     result = second.state.result()
     assert result.changed is False and result.version == live_before
-    assert len(list_versions("tiny-llama")) == 1
+    assert len(list_versions(store, "tiny-llama")) == 1
 
 
 def test_a_candidate_slower_than_its_performance_policy_is_not_published(
@@ -207,7 +207,7 @@ def test_a_candidate_slower_than_its_performance_policy_is_not_published(
     report = store.get_json(f"{prefix}/files/perf-report.json")[0]
     assert report["passed"] is False and report["policy"]["min_throughput_ratio"] == 50
     assert store.read_alias("tiny-llama", "live") == live
-    assert [v.key for v in list_versions("tiny-llama")] == [live]
+    assert [v.version for v in list_versions(store, "tiny-llama")] == [live]
     resp = httpx.post(f"{stack.gateway_url}/v1/completions", timeout=60, json={
         "model": "tiny-llama", "prompt": "x", "max_tokens": 2})
     assert resp.status_code == 200 and resp.headers["x-llmship-version"] == live
@@ -271,7 +271,7 @@ def stage_process(stack, stage: str) -> int | None:
 
 
 def test_a_killed_worker_loses_nothing_and_a_rerun_resumes_through_a_prefect_restart(
-        first_run, outlier_model, prefect_client, stack):
+        first_run, outlier_model, prefect_client, stack, store):
     from prefect.client.schemas.objects import StateType
 
     from llmship import processes
@@ -287,7 +287,7 @@ def test_a_killed_worker_loses_nothing_and_a_rerun_resumes_through_a_prefect_res
     for pid in [worker.pid, *descendants(worker.pid)]:
         os.kill(pid, signal.SIGKILL)
     killed_at = time.time()
-    assert list_versions("outlier-llama") == []
+    assert list_versions(store, "outlier-llama") == []
     assert prefect_client.read_flow_run(killed.id).state.is_running()
 
     local_stack.start_worker(stack, local_stack.child_env(stack))
@@ -308,7 +308,7 @@ def test_a_killed_worker_loses_nothing_and_a_rerun_resumes_through_a_prefect_res
     states = task_states(prefect_client, done)
     assert states["download"] == ["Cached"] and states["calibrate"] == ["Completed"]
     assert states["gate"] == ["Failed"] and "publish" not in states
-    assert list_versions("outlier-llama") == []
+    assert list_versions(store, "outlier-llama") == []
     # The rerun took the model's build slot before the restart and gave it back after: the
     # next run of the model does not wait for it.
     slot = prefect_client.read_global_concurrency_limit_by_name("llmship-build-outlier-llama")
@@ -344,7 +344,7 @@ def test_gate_failure_publishes_nothing(first_run, outlier_model, alert_receiver
         again = run({"config": config})
         assert again.state.is_failed() and "accuracy gate failed" in again.state.message
         assert task_states(prefect_client, again)["evaluate"] == ["Cached", "Cached"]
-    assert list_versions("outlier-llama") == []
+    assert list_versions(store, "outlier-llama") == []
     assert store.list_keys("versions/outlier-llama/") == []
     assert store.read_alias("outlier-llama", "live") is None
     served = {m["id"] for m in httpx.get(f"{stack.gateway_url}/v1/models").json()["data"]}

@@ -22,7 +22,8 @@ from llmship.errors import SourceNotFound, UnsupportedConfiguration
 from llmship.gpus import Gpu, parse_nvidia_smi
 from llmship.settings import PipelineConfig, Scheme, ServingConfig, Settings, Target
 from serving import autoscale, engines, replica
-from tasks.preflight import ModelShape, check_environments, check_resources, read_model_config
+from tasks.plan import ModelShape, check_resources
+from tasks.preflight import check_environments, read_model_config
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = yaml.safe_load((REPO / "prefect.yaml").read_text())

@@ -27,7 +27,7 @@ from prefect.client.schemas.objects import StateType
 from prefect.deployments import run_deployment
 from prefect.flow_runs import resume_flow_run
 
-from tasks.publish import list_versions
+from llmship.versions import list_versions, read_version
 from tests.helpers.engines import (
     engine_pids, kill_engines, live_groups, replica_actor_pids,
 )
@@ -122,7 +122,7 @@ def test_recalibration_waits_for_approval_then_canaries_without_a_failed_request
     paused = wait_for("paused for approval", lambda: prefect_client.read_flow_runs(
         flow_run_filter=paused_filter), timeout=600, every=3.0)[0]
     # Published and gated, but nobody has approved: A still takes all the traffic.
-    published = [v.key for v in list_versions("tiny-llama")]
+    published = [v.version for v in list_versions(store, "tiny-llama")]
     assert len(published) == 2 and a in published
     b = versions["B"] = next(v for v in published if v != a)
     assert store.read_alias("tiny-llama", "live") == a
@@ -261,7 +261,7 @@ def test_an_ungated_version_needs_the_override_and_one_that_cannot_start_changes
     # arguments its model cannot take (a context past its 512 positions).
     ungated = "ungated000001"
     manifest = store.get_json(f"versions/tiny-llama/{a}/manifest.json")[0]
-    args = manifest["details"]["engine_args"]
+    args = manifest["details"]["serve"]["engine_args"]
     args[args.index("--max-model-len") + 1] = "4096"
     manifest["details"]["gate_passed"] = False
     manifest["key"] = ungated
@@ -419,8 +419,8 @@ def test_an_autoscaled_version_scales_out_and_back_and_a_killed_replica_leaves_n
     from serving import fleet
 
     live = store.read_alias("tiny-llama", "live")
-    spec = fleet.spec_for_version("tiny-llama", live, store.read_manifest(
-        f"versions/tiny-llama/{live}").details)
+    spec = fleet.spec_for_version("tiny-llama", live,
+                                  read_version(store, "tiny-llama", live).serve)
     # Half a request per engine: one client asks for two. (Two clients at a target of one
     # did too, but on 2 cores they starved the second engine's start past four minutes.)
     autoscaled = ServingConfig(autoscaling=AutoscalingBlock(

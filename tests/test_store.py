@@ -133,7 +133,8 @@ def test_stored_paths_that_would_leave_their_directory_are_refused(path):
 def test_a_gate_report_stored_again_for_the_same_inputs_keeps_the_first(store):
     """A failing gate run again (a rerun after the alert) evaluates again: the same verdict
     keeps the stored report; a different one is a conflict worth stopping for."""
-    from tasks.gate import GateReport, TaskVerdict, store_report
+    from tasks.gate import store as store_report
+    from tasks.gate_rule import GateReport, TaskVerdict
 
     verdict = TaskVerdict(task="clause_type", metric="acc", n=100, baseline=0.9, candidate=0.5,
                           delta=-0.4, rtol=0.05, atol=0.0, floor=None, threshold=0.855,

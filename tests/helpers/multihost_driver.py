@@ -34,19 +34,18 @@ def main(argv: list[str]) -> int:
     warm.add_argument("version")
     args = parser.parse_args(argv)
 
-    from tasks.publish import PublishedVersion, version_prefix
+    from llmship.versions import read_version
     from tasks.rollout import rollout
 
     store = ArtifactStore(get_settings())
-    manifest = store.read_manifest(version_prefix(args.model, args.version))
+    version = read_version(store, args.model, args.version)
     if args.command == "acquire":
         from serving import fleet
 
-        spec = fleet.spec_for_version(args.model, args.version, manifest.details)
+        spec = fleet.spec_for_version(args.model, args.version, version.serve)
         server, _ = fleet.acquire(get_settings(), spec, ServingConfig(replicas=1))
         print(server.model_dump_json())
         return 0
-    version = PublishedVersion.from_manifest(args.model, manifest)
     cfg = RolloutConfig(canary_steps=[args.canary] if args.canary else [],
                         bake_seconds=args.bake, max_p99_seconds=30)
     serving = ServingConfig(replicas=args.replicas, max_replicas_per_node=args.per_node)

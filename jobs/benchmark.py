@@ -2,7 +2,7 @@
 behind `vllm bench serve`): the performance gate's measurement. Runs in the engine's
 environment, where vLLM is installed:
 
-    python -m serving.benchmark --request R.json --result S.json   # a MeasureRequest
+    python -m jobs.benchmark --request R.json --result S.json   # a MeasureRequest
 
 Random-token prompts of a fixed length from a fixed seed, EOS ignored: every build gets the
 same requests and generates the same number of tokens, so the figures compare engines, not

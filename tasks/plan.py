@@ -1,0 +1,275 @@
+"""The plan of a deployment: what each stage needs (GPU memory, disk, time) and whether this
+machine's GPUs and disk have it. Arithmetic only, on the model's config.json and the
+assumptions below: `llmship plan` prints it, the preflight refuses on it.
+
+The assumptions are figures measured on the lent H200 (docs/gpu/h200-8b-stages.json,
+docs/gpu/h200-8b-serve.json) or stated as assumptions.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+from llmship.errors import UnsupportedConfiguration
+from llmship.gpus import Gpu
+from llmship.settings import FP8_MIN_COMPUTE_CAPABILITY, PipelineConfig, Scheme, Settings, Target
+from serving.engines import builds_engine
+
+GIB = 2**30
+
+
+class PlanAssumptions(BaseModel):
+    """Factors behind the estimates. Measured ones say where; the rest are assumptions."""
+
+    # Peak GPU memory of calibration over the model's 16-bit weights. Measured on an H200 on
+    # an 8B-shaped Llama, 512 samples x 512 tokens (docs/gpu/h200-8b-stages.json): 15.1 GiB
+    # (llmcompressor FP8), 23.6 GiB (ModelOpt FP8), 34.6 GiB (ModelOpt FP8 exported for
+    # trtllm-build), over 15.0 GiB of weights. NVIDIA puts ModelOpt's 70B FP8 peak above
+    # 210 GB, 1.5 x its 141 GB: the same factor.
+    calibration_peak_llmcompressor: float = 1.05
+    calibration_peak_modelopt: float = 1.6
+    calibration_peak_modelopt_trtllm: float = 2.35
+    # Calibration seconds per billion parameters: a fixed part (loading, compressing and
+    # saving the model) and a part per 512 samples of 512 tokens. Measured on an H200 at 8.0 B
+    # (llmcompressor FP8): 94 s at 512 x 512 (docs/gpu/h200-8b-stages.json), 85 and 89 s at
+    # 256 x 512 (docs/gpu/h200-8b-serve.json): most of it does not grow with the samples.
+    calibration_fixed_seconds_per_b: float = 9.8
+    calibration_sample_seconds_per_b: float = 1.9
+    # Per GPU, beside weights and KV cache: activations, CUDA graphs, NCCL buffers (assumed).
+    # (Measured, 8B on one H200 at TP 1: 1.4 GiB, CUDA graphs 0.9-1.0 GiB of it; TP 4 adds
+    # NCCL's buffers.)
+    serving_overhead_gib: float = 4.0
+    gpu_memory_utilization: float = 0.9  # vLLM's default share of each GPU
+    download_gbit_s: float = Field(2.0, description="hub to worker (assumed)")
+    s3_gbit_s: float = Field(4.0, description="worker to S3, upload and fetch (assumed)")
+    load_gib_s: float = Field(2.0, description="a server reading its weights (assumed)")
+    server_start_seconds: float = Field(
+        90.0, description="beside the weights (measured at 8B on an H200, caches warm: 57-72 s "
+                          "to healthy; a host's first start, with FlashInfer's JIT: 240 s)")
+
+
+class ModelShape(BaseModel):
+    """What the estimates need of a model, from its config.json."""
+
+    parameters: int
+    embedding_parameters: int  # embed_tokens + lm_head (twice the table unless tied)
+    layers: int
+    kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def from_config(cls, config: dict) -> "ModelShape":
+        if "LlamaForCausalLM" not in config.get("architectures", ["LlamaForCausalLM"]):
+            raise UnsupportedConfiguration(
+                f"architecture {config.get('architectures')} is not supported: llmship's "
+                "recipes (ModelOpt's llama export, the FP8 ignore lists) and estimates are for "
+                "LlamaForCausalLM models")
+        h, layers, v = config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]
+        heads = config["num_attention_heads"]
+        kv_heads = config.get("num_key_value_heads", heads)
+        head_dim = config.get("head_dim") or h // heads
+        inter = config["intermediate_size"]
+        attention = h * heads * head_dim * 2 + h * kv_heads * head_dim * 2  # q, o; k, v
+        per_layer = attention + 3 * h * inter + 2 * h  # + gate/up/down, two norms
+        tables = v * h * (1 if config.get("tie_word_embeddings") else 2)
+        return cls(parameters=layers * per_layer + tables + h, embedding_parameters=tables,
+                   layers=layers, kv_heads=kv_heads, head_dim=head_dim)
+
+    @property
+    def billions(self) -> float:
+        return self.parameters / 1e9
+
+    def weights_gib(self, scheme: Scheme) -> float:
+        """Served weights: quantized linear layers, 16-bit embeddings and norms."""
+        linear = self.parameters - self.embedding_parameters
+        bytes_per_linear = {Scheme.W4A16: 0.5, Scheme.UNQUANTIZED: 2.0}.get(scheme, 1.0)
+        return (linear * bytes_per_linear + self.embedding_parameters * 2) / GIB
+
+    def kv_gib_per_token(self, fp8: bool) -> float:
+        return 2 * self.layers * self.kv_heads * self.head_dim * (1 if fp8 else 2) / GIB
+
+
+class StagePlan(BaseModel):
+    stage: str
+    where: str
+    gpu_memory_gib: float | None = None  # in all, over the GPUs the stage uses
+    disk_gib: float | None = None  # new on the worker's disk
+    seconds: float | None = None
+
+
+class Check(BaseModel):
+    name: str
+    ok: bool | None  # None: could not be checked from here
+    detail: str
+
+
+class Plan(BaseModel):
+    model: str
+    source: str
+    billions: float
+    stages: list[StagePlan]
+    checks: list[Check]
+
+    @property
+    def refusals(self) -> list[Check]:
+        return [c for c in self.checks if c.ok is False]
+
+
+def needs_gpu(config: PipelineConfig) -> str | None:
+    """Why this deployment cannot run on CPUs, or None where it can."""
+    if config.target is Target.TRTLLM:
+        return "TensorRT-LLM runs on NVIDIA GPUs only"
+    if config.calibration.scheme is Scheme.FP8:
+        return "static FP8 has no CPU kernels in vLLM (docs/FINDINGS.md)"
+    if config.serving.tensor_parallel_size > 1:
+        return f"tensor_parallel_size {config.serving.tensor_parallel_size} spans GPUs"
+    return None
+
+
+def calibration_peak_gib(config: PipelineConfig, shape: ModelShape,
+                         a: PlanAssumptions) -> float:
+    if config.calibration.scheme is Scheme.UNQUANTIZED:
+        return 0.0
+    if config.target is Target.VLLM:
+        factor = a.calibration_peak_llmcompressor
+    elif builds_engine(config.target, config.serving):
+        factor = a.calibration_peak_modelopt_trtllm
+    else:
+        factor = a.calibration_peak_modelopt
+    return shape.weights_gib(Scheme.UNQUANTIZED) * factor
+
+
+def estimate_stages(config: PipelineConfig, shape: ModelShape,
+                    a: PlanAssumptions | None = None) -> list[StagePlan]:
+    a = a or PlanAssumptions()
+    bf16 = shape.weights_gib(Scheme.UNQUANTIZED)
+    cand = shape.weights_gib(config.calibration.scheme)
+    cal = config.calibration
+    tp = config.serving.tensor_parallel_size
+    kv = shape.kv_gib_per_token(cal.kv_cache_fp8) * config.serving.max_model_len
+    gbit = 2**30 * 8 / 1e9  # GiB -> Gbit
+    calib_s = shape.billions * (a.calibration_fixed_seconds_per_b
+                                + a.calibration_sample_seconds_per_b * cal.num_samples / 512
+                                * cal.max_seq_length / 512)
+    serve_s = a.server_start_seconds + cand / tp / a.load_gib_s
+    return [
+        StagePlan(stage="download", where="hub or mirror -> worker", disk_gib=bf16,
+                  seconds=bf16 * gbit / a.download_gbit_s),
+        StagePlan(stage="calibrate", where=f"{config.target.quantizer}, {cal.scheme.value}, all GPUs",
+                  gpu_memory_gib=calibration_peak_gib(config, shape, a), disk_gib=cand,
+                  seconds=0 if cal.scheme is Scheme.UNQUANTIZED else calib_s),
+        StagePlan(stage="build", where=f"{config.target.value}: candidate and BF16 baseline",
+                  disk_gib=cand if builds_engine(config.target, config.serving) else 0.0,
+                  seconds=(bf16 + cand) / a.load_gib_s),
+        StagePlan(stage="gate", where=f"{tp} GPU(s) per server, " + (
+                      "both builds at once" if config.perf.enabled else "one build at a time"),
+                  gpu_memory_gib=bf16 + kv + a.serving_overhead_gib * tp + (
+                      cand + kv + a.serving_overhead_gib * tp if config.perf.enabled else 0),
+                  seconds=2 * (a.server_start_seconds + bf16 / tp / a.load_gib_s)),
+        StagePlan(stage="publish", where="worker -> S3", seconds=cand * gbit / a.s3_gbit_s),
+        StagePlan(stage="rollout", where=f"{tp} GPU(s) beside the live version's",
+                  gpu_memory_gib=cand + kv + a.serving_overhead_gib * tp, seconds=serve_s),
+    ]
+
+
+def check_resources(config: PipelineConfig, shape: ModelShape, gpus: list[Gpu], device: str,
+                    free_disk_gib: float, live: bool, settings: Settings,
+                    a: PlanAssumptions | None = None) -> list[Check]:
+    """GPU count, memory and compute capability, and disk: arithmetic only (tested as such)."""
+    a = a or PlanAssumptions()
+    checks: list[Check] = []
+    stages = {s.stage: s for s in estimate_stages(config, shape, a)}
+    disk = sum(s.disk_gib or 0 for s in stages.values()) * settings.disk_headroom
+    checks.append(Check(
+        name="disk", ok=free_disk_gib >= disk,
+        detail=f"{free_disk_gib:.0f} GiB free in {settings.state_dir}; {disk:.0f} GiB needed "
+               f"(snapshot, calibrated checkpoint, builds, x{settings.disk_headroom} headroom)"
+               + ("" if free_disk_gib >= disk else ": free space or point LLMSHIP_STATE_DIR "
+                  "at a larger volume")))
+    why_gpu = needs_gpu(config)
+    if device != "cuda":
+        checks.append(Check(
+            name="GPUs", ok=why_gpu is None,
+            detail="CPU run" if why_gpu is None else
+            f"this deployment needs CUDA GPUs ({why_gpu}); LLMSHIP_DEVICE is {device!r}: run it "
+            "on a GPU work pool whose workers set LLMSHIP_DEVICE=cuda (README, 'GPU path')"))
+        return checks
+    tp = config.serving.tensor_parallel_size
+    # Two servers at once, either the live version's and the candidate's, or, in the
+    # performance gate of a baseline not measured before (no version is live then, as a rule),
+    # the baseline's and the candidate's (kept for the rollout).
+    needed = tp * (2 if live or config.perf.enabled else 1)
+    names = ", ".join(sorted({f"{g.name} ({g.memory_gib:.0f} GiB, cc "
+                              f"{g.compute_capability[0]}.{g.compute_capability[1]})"
+                              for g in gpus})) or "none"
+    checks.append(Check(
+        name="GPU count", ok=len(gpus) >= needed,
+        detail=f"{len(gpus)} found: {names}; {needed} needed (tensor parallel {tp}"
+               + (f", beside the {tp} of the live version, which keeps serving until the "
+                  "switch" if live else (", for the baseline's and the candidate's servers at "
+                                         "once in the performance gate" if needed > tp else ""))
+               + ")"))
+    if not gpus:
+        return checks
+    per_gpu = min(g.memory_gib for g in gpus)
+    util = config.serving.gpu_memory_utilization or a.gpu_memory_utilization
+    bf16 = shape.weights_gib(Scheme.UNQUANTIZED)
+    kv_seq = shape.kv_gib_per_token(config.calibration.kv_cache_fp8) * \
+        config.serving.max_model_len
+    need_per_gpu = (bf16 + kv_seq) / tp + a.serving_overhead_gib
+    room = per_gpu * util
+    seqs = int((room - bf16 / tp - a.serving_overhead_gib) * tp / kv_seq) if kv_seq else 0
+    checks.append(Check(
+        name="GPU memory (serving)", ok=need_per_gpu <= room,
+        detail=f"the BF16 baseline needs {need_per_gpu:.1f} GiB per GPU (weights {bf16:.0f} GiB "
+               f"/ {tp}, one {config.serving.max_model_len}-token sequence's KV cache, "
+               f"{a.serving_overhead_gib:g} GiB overhead); {room:.1f} GiB usable of "
+               f"{per_gpu:.0f}" + (f": room for {seqs} full-length sequences"
+                                   if need_per_gpu <= room else
+                                   ": raise tensor_parallel_size or lower max_model_len")))
+    usable = gpus[tp if live else 0:]
+    calib = calibration_peak_gib(config, shape, a)
+    total = sum(g.memory_gib for g in usable)
+    checks.append(Check(
+        name="GPU memory (calibration)", ok=calib <= total,
+        detail=f"peak {calib:.0f} GiB estimated, {total:.0f} GiB on the {len(usable)} GPU(s) "
+               "not serving" + ("" if calib <= total else
+                                ": calibrate on a larger node, or with llmcompressor "
+                                "(target vllm), whose peak is lower")))
+    low = min(g.compute_capability for g in gpus)
+    fp8 = config.calibration.scheme.needs_fp8_tensor_cores or (
+        config.target is Target.TRTLLM and config.calibration.scheme is Scheme.FP8)
+    if fp8:
+        ok = low >= FP8_MIN_COMPUTE_CAPABILITY
+        checks.append(Check(
+            name="compute capability", ok=ok,
+            detail=f"{config.calibration.scheme.value} on {config.target.value} computes in FP8 "
+                   f"(W8A8): it needs compute capability 8.9 or higher (Ada, Hopper); the "
+                   f"lowest here is {low[0]}.{low[1]}" + ("" if ok else
+                   ". On A100 (8.0) use calibration.scheme FP8_WEIGHT_ONLY (FP8 weights, "
+                   "vLLM's Marlin kernels) or W8A8 (INT8) with target vllm, or UNQUANTIZED "
+                   "for the FP16/BF16 build")))
+    return checks
+
+
+def render(plan_: Plan, config: PipelineConfig) -> str:
+    def num(v: float | None, unit: str) -> str:
+        return "-" if not v else f"{v:,.1f} {unit}"
+
+    def dur(s: float | None) -> str:
+        return "-" if not s else (f"{s / 60:.0f} min" if s >= 90 else f"{s:.0f} s")
+
+    s = config.serving
+    lines = [f"{plan_.model}: {plan_.source}, {plan_.billions:.1f} B parameters",
+             f"target {config.target.value}, {config.calibration.scheme.value}"
+             f"{' + FP8 KV cache' if config.calibration.kv_cache_fp8 else ''}, tensor parallel "
+             f"{s.tensor_parallel_size}, max_model_len {s.max_model_len}", "",
+             f"{'stage':10s} {'where':44s} {'GPU memory':>12s} {'disk':>11s} {'time':>8s}"]
+    for st in plan_.stages:
+        lines.append(f"{st.stage:10s} {st.where[:44]:44s} {num(st.gpu_memory_gib, 'GiB'):>12s} "
+                     f"{num(st.disk_gib, 'GiB'):>11s} {dur(st.seconds):>8s}")
+    lines += ["", "(estimates: tasks/plan.py, PlanAssumptions)", ""]
+    for c in plan_.checks:
+        mark = {True: "ok  ", False: "FAIL", None: "--  "}[c.ok]
+        lines.append(f"{mark} {c.name}: {c.detail}")
+    return "\n".join(lines)
