@@ -12,11 +12,13 @@ PREFECT_HOME_OF_STACK := $${LLMSHIP_STATE_DIR:-.llmship}/prefect
 # for every package. Keep the rest of its output.
 QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: help setup up demo test down clean
+.PHONY: help setup up demo lint test test-unit down clean
 
 help:
 	@echo "make demo   set up, start the local stack, run build-and-serve/tiny-llama, serve it"
-	@echo "make test   set up and run the whole test suite (it starts its own stack)"
+	@echo "make test   set up, lint and run the whole test suite (it starts its own stack)"
+	@echo "make test-unit   lint and the tests that need no stack (a minute or two)"
+	@echo "make lint   ruff check and ruff format --check (configured in pyproject.toml)"
 	@echo "make down   stop everything make demo started"
 	@echo "make clean  make down, then delete the stack's state (.llmship/)"
 
@@ -70,8 +72,17 @@ demo: up
 	@echo
 	$(ORCH)/llmship status
 
-test: setup
+# ruff's configuration is in pyproject.toml.
+lint: setup
+	$(ORCH)/ruff check .
+	$(ORCH)/ruff format --check .
+
+test: lint
 	$(ORCH)/python -m pytest tests --durations=15
+
+# Everything that needs no stack (no SeaweedFS, Prefect server, Ray or model server).
+test-unit: lint
+	$(ORCH)/python -m pytest tests -m "not stack" --durations=5
 
 down:
 	@if [ -x $(ORCH)/llmship ]; then $(ORCH)/llmship down; else echo "nothing to stop"; fi

@@ -39,8 +39,11 @@ from llmship.versions import VersionDetails, read_version  # noqa: E402
 from tests.helpers.load import SteadyLoad  # noqa: E402
 from tests.helpers.procs import cmdline, descendants  # noqa: E402
 
-PROMPTS = ["Clause: The Vendor shall pay the Buyer $12,500 no later than March 3, 2027.\n"
-           "Question: What amount does the clause state?\nAnswer:", "Payment is due"]
+PROMPTS = [
+    "Clause: The Vendor shall pay the Buyer $12,500 no later than March 3, 2027.\n"
+    "Question: What amount does the clause state?\nAnswer:",
+    "Payment is due",
+]
 
 
 def rss_mib(pids: set[int]) -> float:
@@ -59,11 +62,24 @@ def publish_demo(store: ArtifactStore, model: str, version: str) -> None:
     folder = Path(tempfile.mkdtemp(prefix="llmship-bench-fleet-")) / "model"
     shutil.copytree(REPO / "demo" / "tiny-llama", folder)
     (folder / "llmship-note.txt").write_text(f"{model} {version}")
-    store.upload_dir(folder, f"versions/{model}/{version}", Manifest(
-        kind="version", key=version, files=hash_dir(folder), details=VersionDetails(
-            model=model, version=version, gate_passed=True, scheme="UNQUANTIZED",
-            serve=ServeSpec(engine_args=["--dtype", "bfloat16", "--max-model-len", "512",
-                                         "--enforce-eager"])).model_dump(mode="json")))
+    store.upload_dir(
+        folder,
+        f"versions/{model}/{version}",
+        Manifest(
+            kind="version",
+            key=version,
+            files=hash_dir(folder),
+            details=VersionDetails(
+                model=model,
+                version=version,
+                gate_passed=True,
+                scheme="UNQUANTIZED",
+                serve=ServeSpec(
+                    engine_args=["--dtype", "bfloat16", "--max-model-len", "512", "--enforce-eager"]
+                ),
+            ).model_dump(mode="json"),
+        ),
+    )
 
 
 def main() -> None:
@@ -93,17 +109,23 @@ def main() -> None:
 
     started = time.monotonic()
     server = fleet.scale(settings, server, 2)
-    print(f"scale 1 -> 2 (a warm version, in the node cache): "
-          f"{time.monotonic() - started:.1f} s; replicas {[e.url for e in server.endpoints]}")
+    print(
+        f"scale 1 -> 2 (a warm version, in the node cache): "
+        f"{time.monotonic() - started:.1f} s; replicas {[e.url for e in server.endpoints]}"
+    )
     time.sleep(2 * settings.gateway_endpoint_refresh_s)
 
     victim = server.endpoints[0]
     port_flag = f"--port {victim.url.rsplit(':', 1)[1]} "
-    engine = next(int(p) for p in os.listdir("/proc") if p.isdigit()
-                  and "vllm.entrypoints" in cmdline(int(p))
-                  and "engine_guard" not in cmdline(int(p)) and port_flag in cmdline(int(p)))
-    with SteadyLoad(settings.gateway_url, args.model, PROMPTS, workers=4,
-                    pause_s=0.05) as load:
+    engine = next(
+        int(p)
+        for p in os.listdir("/proc")
+        if p.isdigit()
+        and "vllm.entrypoints" in cmdline(int(p))
+        and "engine_guard" not in cmdline(int(p))
+        and port_flag in cmdline(int(p))
+    )
+    with SteadyLoad(settings.gateway_url, args.model, PROMPTS, workers=4, pause_s=0.05) as load:
         time.sleep(5)
         killed = time.time()
         os.killpg(engine, signal.SIGKILL)
@@ -119,9 +141,13 @@ def main() -> None:
     failed = load.failures()
     answered_after = sorted(o.ended for o in load.outcomes if o.ok and o.started > killed)
     gap = (answered_after[0] - killed) if answered_after else float("nan")
-    print(f"failover: {len(failed)} of {len(load.outcomes)} requests failed (in flight on the "
-          f"killed replica); first answer after the kill {gap * 1000:.0f} ms later; Ray had two "
-          f"replicas again after {restored:.1f} s" if restored else "Ray did not restore it")
+    print(
+        f"failover: {len(failed)} of {len(load.outcomes)} requests failed (in flight on the "
+        f"killed replica); first answer after the kill {gap * 1000:.0f} ms later; Ray had two "
+        f"replicas again after {restored:.1f} s"
+        if restored
+        else "Ray did not restore it"
+    )
 
     head = processes.find(settings, "ray-head")
     ray_pids = {head.pid, *descendants(head.pid)}
@@ -131,9 +157,11 @@ def main() -> None:
     for rec in processes.records(settings):
         if rec.name != "ray-head" and processes.is_alive(rec.pid):
             stack |= {rec.pid, *descendants(rec.pid)}
-    print(f"memory: Ray's processes {rss_mib(ray_pids - engines):.0f} MiB (GCS, raylet, "
-          f"dashboard and agents, Serve controller, directory, 2 replica actors); the rest of "
-          f"the stack {rss_mib(stack):.0f} MiB; the 2 engines {rss_mib(engines):.0f} MiB")
+    print(
+        f"memory: Ray's processes {rss_mib(ray_pids - engines):.0f} MiB (GCS, raylet, "
+        f"dashboard and agents, Serve controller, directory, 2 replica actors); the rest of "
+        f"the stack {rss_mib(stack):.0f} MiB; the 2 engines {rss_mib(engines):.0f} MiB"
+    )
 
 
 if __name__ == "__main__":

@@ -23,12 +23,23 @@ import httpx
 PROMPT = "The supplier shall deliver the goods within thirty days of the order date, and"
 
 
-async def one(client: httpx.AsyncClient, url: str, model: str, max_tokens: int) -> tuple[float, float]:
+async def one(
+    client: httpx.AsyncClient, url: str, model: str, max_tokens: int
+) -> tuple[float, float]:
     started = time.perf_counter()
     first = None
-    async with client.stream("POST", f"{url}/v1/completions", json={
-            "model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0,
-            "stream": True, "ignore_eos": True}) as resp:
+    async with client.stream(
+        "POST",
+        f"{url}/v1/completions",
+        json={
+            "model": model,
+            "prompt": PROMPT,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "ignore_eos": True,
+        },
+    ) as resp:
         resp.raise_for_status()
         async for line in resp.aiter_lines():
             if line.startswith("data: ") and first is None:
@@ -36,8 +47,7 @@ async def one(client: httpx.AsyncClient, url: str, model: str, max_tokens: int) 
     return first or 0.0, time.perf_counter() - started
 
 
-async def wave(url: str, model: str, concurrency: int, requests: int,
-               max_tokens: int) -> dict:
+async def wave(url: str, model: str, concurrency: int, requests: int, max_tokens: int) -> dict:
     limits = httpx.Limits(max_connections=concurrency * 2)
     async with httpx.AsyncClient(timeout=300, limits=limits) as client:
         queue = asyncio.Queue()
@@ -53,8 +63,11 @@ async def wave(url: str, model: str, concurrency: int, requests: int,
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - started
-    return {"rps": requests / wall, "ttft_p50": statistics.median(r[0] for r in results),
-            "total_p50": statistics.median(r[1] for r in results)}
+    return {
+        "rps": requests / wall,
+        "ttft_p50": statistics.median(r[0] for r in results),
+        "total_p50": statistics.median(r[1] for r in results),
+    }
 
 
 def live_upstream(gateway: str, model: str) -> str:
@@ -77,23 +90,30 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     direct = args.direct or live_upstream(args.gateway, args.model)
-    print(f"direct {direct}, gateway {args.gateway}, model {args.model}, {args.requests} "
-          f"streamed completions of {args.max_tokens} tokens per wave, {args.rounds} rounds")
+    print(
+        f"direct {direct}, gateway {args.gateway}, model {args.model}, {args.requests} "
+        f"streamed completions of {args.max_tokens} tokens per wave, {args.rounds} rounds"
+    )
     asyncio.run(wave(direct, args.model, 4, 8, args.max_tokens))  # warm both paths
     asyncio.run(wave(args.gateway, args.model, 4, 8, args.max_tokens))
     for concurrency in (1, 8, 32):
         per = {"direct": [], "gateway": []}
         for _ in range(args.rounds):
             for name, url in (("direct", direct), ("gateway", args.gateway)):
-                per[name].append(asyncio.run(wave(url, args.model, concurrency,
-                                                  args.requests, args.max_tokens)))
-        med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
-               for name, rs in per.items()}
+                per[name].append(
+                    asyncio.run(wave(url, args.model, concurrency, args.requests, args.max_tokens))
+                )
+        med = {
+            name: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+            for name, rs in per.items()
+        }
         d, g = med["direct"], med["gateway"]
-        print(f"c={concurrency:2d}  direct {d['rps']:6.2f} req/s  gateway {g['rps']:6.2f} req/s"
-              f"  ratio {g['rps'] / d['rps']:.3f} (target >= 0.97)  added p50: first token "
-              f"{(g['ttft_p50'] - d['ttft_p50']) * 1000:+.1f} ms, whole answer "
-              f"{(g['total_p50'] - d['total_p50']) * 1000:+.1f} ms (target <= 2 ms)")
+        print(
+            f"c={concurrency:2d}  direct {d['rps']:6.2f} req/s  gateway {g['rps']:6.2f} req/s"
+            f"  ratio {g['rps'] / d['rps']:.3f} (target >= 0.97)  added p50: first token "
+            f"{(g['ttft_p50'] - d['ttft_p50']) * 1000:+.1f} ms, whole answer "
+            f"{(g['total_p50'] - d['total_p50']) * 1000:+.1f} ms (target <= 2 ms)"
+        )
 
 
 if __name__ == "__main__":

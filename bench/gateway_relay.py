@@ -50,11 +50,19 @@ def free_port() -> int:
 
 async def serve_stand_in(port: int, tokens: int, token_s: float) -> None:
     """An OpenAI-compatible streaming endpoint that writes what vLLM writes, at its pace."""
+
     def event(i: int) -> bytes:
-        body = json.dumps({"id": "cmpl-bench", "object": "text_completion", "created": 0,
-                           "model": "relay", "choices": [{"index": 0, "text": f" t{i}",
-                                                          "logprobs": None,
-                                                          "finish_reason": None}]})
+        body = json.dumps(
+            {
+                "id": "cmpl-bench",
+                "object": "text_completion",
+                "created": 0,
+                "model": "relay",
+                "choices": [
+                    {"index": 0, "text": f" t{i}", "logprobs": None, "finish_reason": None}
+                ],
+            }
+        )
         data = f"data: {body}\n\n".encode()
         return f"{len(data):x}\r\n".encode() + data + b"\r\n"
 
@@ -74,13 +82,16 @@ async def serve_stand_in(port: int, tokens: int, token_s: float) -> None:
                 if head.startswith(b"GET"):
                     writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
                     continue
-                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-                             b"transfer-encoding: chunked\r\n\r\n")
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                    b"transfer-encoding: chunked\r\n\r\n"
+                )
                 # On a fixed schedule, so that late wake-ups do not add up over an answer.
                 started = asyncio.get_running_loop().time()
                 for i, chunk in enumerate(events, 1):
-                    await asyncio.sleep(max(0.0, started + i * token_s
-                                            - asyncio.get_running_loop().time()))
+                    await asyncio.sleep(
+                        max(0.0, started + i * token_s - asyncio.get_running_loop().time())
+                    )
                     writer.write(chunk)
                     await writer.drain()
                 writer.write(tail)
@@ -98,8 +109,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def compare(direct: str, through: str, model: str, gateway_pid: int, concurrency: int,
-            requests: int, tokens: int, rounds: int) -> dict:
+def compare(
+    direct: str,
+    through: str,
+    model: str,
+    gateway_pid: int,
+    concurrency: int,
+    requests: int,
+    tokens: int,
+    rounds: int,
+) -> dict:
     """The same wave straight to the model server and through the gateway, round by round:
     medians of each side, their ratio, what the gateway added, and its CPU per token."""
     per = {"direct": [], "gateway": []}
@@ -109,14 +128,18 @@ def compare(direct: str, through: str, model: str, gateway_pid: int, concurrency
         before = cpu_seconds(gateway_pid)
         per["gateway"].append(asyncio.run(wave(through, model, concurrency, requests, tokens)))
         cpu += cpu_seconds(gateway_pid) - before
-    d, g = ({k: statistics.median(r[k] for r in rs) for k in rs[0]}
-            for rs in (per["direct"], per["gateway"]))
-    return {"direct_rps": round(d["rps"], 3), "gateway_rps": round(g["rps"], 3),
-            "ratio": round(g["rps"] / d["rps"], 4),
-            "added_ttft_p50_ms": round((g["ttft_p50"] - d["ttft_p50"]) * 1000, 2),
-            "added_total_p50_ms": round((g["total_p50"] - d["total_p50"]) * 1000, 2),
-            "gateway_cpu_us_per_token": round(
-                cpu / (rounds * requests * (tokens + 1)) * 1e6, 1)}
+    d, g = (
+        {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+        for rs in (per["direct"], per["gateway"])
+    )
+    return {
+        "direct_rps": round(d["rps"], 3),
+        "gateway_rps": round(g["rps"], 3),
+        "ratio": round(g["rps"] / d["rps"], 4),
+        "added_ttft_p50_ms": round((g["ttft_p50"] - d["ttft_p50"]) * 1000, 2),
+        "added_total_p50_ms": round((g["total_p50"] - d["total_p50"]) * 1000, 2),
+        "gateway_cpu_us_per_token": round(cpu / (rounds * requests * (tokens + 1)) * 1e6, 1),
+    }
 
 
 def main() -> None:
@@ -125,61 +148,105 @@ def main() -> None:
     parser.add_argument("--token-ms", type=float, default=20.0)
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--concurrency", default="1,8,32",
-                        help="concurrent streams of each wave, comma-separated")
-    parser.add_argument("--uvicorn-args", default="",
-                        help="uvicorn options for the gateway instead of the stack's command "
-                             "line (llmship.stack.gateway_argv: uvloop, httptools with the "
-                             "head limits), e.g. '--loop uvloop --http httptools'")
+    parser.add_argument(
+        "--concurrency", default="1,8,32", help="concurrent streams of each wave, comma-separated"
+    )
+    parser.add_argument(
+        "--uvicorn-args",
+        default="",
+        help="uvicorn options for the gateway instead of the stack's command "
+        "line (llmship.stack.gateway_argv: uvloop, httptools with the "
+        "head limits), e.g. '--loop uvloop --http httptools'",
+    )
     args = parser.parse_args()
     upstream_port, gateway_port = free_port(), free_port()
-    stand_in = subprocess.Popen([sys.executable, "-c", (
-        "import asyncio, sys; sys.path.insert(0, 'bench'); import gateway_relay as g; "
-        f"asyncio.run(g.serve_stand_in({upstream_port}, {args.tokens}, "
-        f"{args.token_ms / 1000}))")], cwd=REPO)
+    stand_in = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import asyncio, sys; sys.path.insert(0, 'bench'); import gateway_relay as g; "
+                f"asyncio.run(g.serve_stand_in({upstream_port}, {args.tokens}, "
+                f"{args.token_ms / 1000}))"
+            ),
+        ],
+        cwd=REPO,
+    )
     state = tempfile.mkdtemp(prefix="llmship-bench-relay-")
     # The replica the fleet would report for relay v1: the stand-in (no Ray needed here).
-    write_json(gateway_state_dir(Settings(state_dir=state, gateway_port=gateway_port)) /
-               "endpoints.json",
-               {"relay--v1": [f"http://127.0.0.1:{upstream_port}"]})
-    env = os.environ | {"LLMSHIP_STATE_DIR": state, "LLMSHIP_GATEWAY_ADMIN_TOKEN": TOKEN,
-                        "LLMSHIP_GATEWAY_PORT": str(gateway_port)}
+    write_json(
+        gateway_state_dir(Settings(state_dir=state, gateway_port=gateway_port)) / "endpoints.json",
+        {"relay--v1": [f"http://127.0.0.1:{upstream_port}"]},
+    )
+    env = os.environ | {
+        "LLMSHIP_STATE_DIR": state,
+        "LLMSHIP_GATEWAY_ADMIN_TOKEN": TOKEN,
+        "LLMSHIP_GATEWAY_PORT": str(gateway_port),
+    }
     if args.uvicorn_args:
-        argv = [sys.executable, "-m", "uvicorn", "serving.gateway:app", "--host", "127.0.0.1",
-                "--port", str(gateway_port), "--no-access-log", *args.uvicorn_args.split()]
+        argv = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "serving.gateway:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(gateway_port),
+            "--no-access-log",
+            *args.uvicorn_args.split(),
+        ]
     else:  # exactly as the stack starts it
         argv = gateway_argv(Path(sys.executable), Settings(gateway_port=gateway_port))
-    gateway = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    gateway = subprocess.Popen(
+        argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     direct, through = f"http://127.0.0.1:{upstream_port}", f"http://127.0.0.1:{gateway_port}"
     try:
         deadline = time.monotonic() + 60
         while True:
             try:
-                if httpx.get(f"{through}/health").status_code == 200 and \
-                        httpx.get(f"{direct}/health").status_code == 200:
+                if (
+                    httpx.get(f"{through}/health").status_code == 200
+                    and httpx.get(f"{direct}/health").status_code == 200
+                ):
                     break
             except httpx.HTTPError:
                 if time.monotonic() > deadline:
                     raise
             time.sleep(0.2)
-        resp = httpx.put(f"{through}/admin/routes/relay", json={"version": "v1"},
-                         headers={"authorization": f"Bearer {TOKEN}"})
+        resp = httpx.put(
+            f"{through}/admin/routes/relay",
+            json={"version": "v1"},
+            headers={"authorization": f"Bearer {TOKEN}"},
+        )
         resp.raise_for_status()
-        print(f"stand-in model server: {args.tokens} tokens per answer, one every "
-              f"{args.token_ms:g} ms; {args.requests} streamed completions per wave, "
-              f"{args.rounds} rounds; gateway uvicorn options: "
-              f"{args.uvicorn_args or 'the stack’s (uvloop, GatewayHttpProtocol)'}")
+        print(
+            f"stand-in model server: {args.tokens} tokens per answer, one every "
+            f"{args.token_ms:g} ms; {args.requests} streamed completions per wave, "
+            f"{args.rounds} rounds; gateway uvicorn options: "
+            f"{args.uvicorn_args or 'the stack’s (uvloop, GatewayHttpProtocol)'}"
+        )
         for url in (direct, through):
             asyncio.run(wave(url, "relay", 4, 8, args.tokens))
         for concurrency in map(int, args.concurrency.split(",")):
-            row = compare(direct, through, "relay", gateway.pid, concurrency, args.requests,
-                          args.tokens, args.rounds)
-            print(f"c={concurrency:2d}  direct {row['direct_rps']:6.2f} req/s  gateway "
-                  f"{row['gateway_rps']:6.2f} req/s  ratio {row['ratio']:.3f} (target >= 0.97)  "
-                  f"added p50: first token {row['added_ttft_p50_ms']:+.2f} ms, whole answer "
-                  f"{row['added_total_p50_ms']:+.2f} ms (target <= 2 ms)  "
-                  f"gateway CPU {row['gateway_cpu_us_per_token']:.0f} us per token")
+            row = compare(
+                direct,
+                through,
+                "relay",
+                gateway.pid,
+                concurrency,
+                args.requests,
+                args.tokens,
+                args.rounds,
+            )
+            print(
+                f"c={concurrency:2d}  direct {row['direct_rps']:6.2f} req/s  gateway "
+                f"{row['gateway_rps']:6.2f} req/s  ratio {row['ratio']:.3f} (target >= 0.97)  "
+                f"added p50: first token {row['added_ttft_p50_ms']:+.2f} ms, whole answer "
+                f"{row['added_total_p50_ms']:+.2f} ms (target <= 2 ms)  "
+                f"gateway CPU {row['gateway_cpu_us_per_token']:.0f} us per token"
+            )
     finally:
         gateway.terminate()
         stand_in.terminate()

@@ -67,7 +67,7 @@ def quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def measure(m: int, n: int, k: int, iters: int) -> dict:
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
     fp8 = torch.float8_e4m3fn
     finfo = torch.finfo(fp8)
     # Static per-tensor scales, as calibration computes them (absmax / fp8 max).
@@ -81,12 +81,14 @@ def measure(m: int, n: int, k: int, iters: int) -> dict:
         return x @ w.t()
 
     def fp8_gemm():
-        return torch._scaled_mm(x8, w8_t, scale_a=scale_x, scale_b=scale_w,
-                                out_dtype=torch.bfloat16)
+        return torch._scaled_mm(
+            x8, w8_t, scale_a=scale_x, scale_b=scale_w, out_dtype=torch.bfloat16
+        )
 
     def fp8_with_quant():  # the activation is quantized on the fly, as a layer does
-        return torch._scaled_mm(quantize(x, scale_x), w8_t, scale_a=scale_x, scale_b=scale_w,
-                                out_dtype=torch.bfloat16)
+        return torch._scaled_mm(
+            quantize(x, scale_x), w8_t, scale_a=scale_x, scale_b=scale_w, out_dtype=torch.bfloat16
+        )
 
     ref, out = bf16().float(), fp8_gemm().float()
     rel_err = ((out - ref).norm() / ref.norm()).item()
@@ -108,17 +110,26 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=50)
     args = parser.parse_args()
     props = torch.cuda.get_device_properties(0)
-    result = {"gpu": props.name, "capability": f"{props.major}.{props.minor}",
-              "torch": torch.__version__, "cuda": torch.version.cuda, "tp": TP, "rows": []}
+    result = {
+        "gpu": props.name,
+        "capability": f"{props.major}.{props.minor}",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "tp": TP,
+        "rows": [],
+    }
     print(f"{props.name}, torch {torch.__version__}, CUDA {torch.version.cuda}")
     for layer, n, k in LAYERS:
         for m in TOKENS:
             row = {"layer": layer, **measure(m, n, k, args.iters)}
             result["rows"].append(row)
-            print(f"{layer:13s} M={m:5d} N={n:6d} K={k:6d}  bf16 {row['bf16_tflops']:7.1f} "
-                  f"TFLOPS  fp8 {row['fp8_tflops']:7.1f}  x{row['fp8_speedup']:.2f} "
-                  f"(with act quant x{row['fp8_with_act_quant_speedup']:.2f})  "
-                  f"rel err {row['fp8_relative_error']}", flush=True)
+            print(
+                f"{layer:13s} M={m:5d} N={n:6d} K={k:6d}  bf16 {row['bf16_tflops']:7.1f} "
+                f"TFLOPS  fp8 {row['fp8_tflops']:7.1f}  x{row['fp8_speedup']:.2f} "
+                f"(with act quant x{row['fp8_with_act_quant_speedup']:.2f})  "
+                f"rel err {row['fp8_relative_error']}",
+                flush=True,
+            )
     # A decode step of the whole model: every layer at the decode batch, summed (80 layers
     # have the same four GEMMs; attention and the rest are not counted).
     for m in TOKENS[:3]:
@@ -126,10 +137,17 @@ def main() -> None:
         bf16 = sum(r["bf16_ms"] for r in rows)
         fp8 = sum(r["fp8_with_act_quant_ms"] for r in rows)
         result.setdefault("decode_step_linear_layers", []).append(
-            {"batch": m, "bf16_ms_per_layer": round(bf16, 4),
-             "fp8_ms_per_layer": round(fp8, 4), "speedup": round(bf16 / fp8, 3)})
-        print(f"decode batch {m}: linear layers {bf16:.4f} ms (bf16) vs {fp8:.4f} ms (fp8, with "
-              f"activation quantization) per transformer layer: x{bf16 / fp8:.2f}")
+            {
+                "batch": m,
+                "bf16_ms_per_layer": round(bf16, 4),
+                "fp8_ms_per_layer": round(fp8, 4),
+                "speedup": round(bf16 / fp8, 3),
+            }
+        )
+        print(
+            f"decode batch {m}: linear layers {bf16:.4f} ms (bf16) vs {fp8:.4f} ms (fp8, with "
+            f"activation quantization) per transformer layer: x{bf16 / fp8:.2f}"
+        )
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
 

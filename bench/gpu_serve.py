@@ -63,8 +63,9 @@ def wrapper(work: Path, name: str, python: str, paths: str) -> Path:
     bin_dir.mkdir(parents=True, exist_ok=True)
     path = bin_dir / f"{name}-python"
     entries = ":".join(filter(None, [str(REPO), paths, str(work / "standins")]))
-    path.write_text(f'#!/bin/sh\nexport PYTHONPATH="{entries}"\n'
-                    f'exec {shutil.which(python) or python} "$@"\n')
+    path.write_text(
+        f'#!/bin/sh\nexport PYTHONPATH="{entries}"\nexec {shutil.which(python) or python} "$@"\n'
+    )
     path.chmod(0o755)
     return path
 
@@ -86,21 +87,31 @@ def log_figures(path: Path) -> dict:
         match = re.findall(pattern, text)
         if match:
             found[key] = float(match[-1].replace(",", ""))
-    found["attention_backend"] = (re.findall(r"Using (\w+) (?:attention )?backend", text)
-                                  or ["?"])[-1]
+    found["attention_backend"] = (re.findall(r"Using (\w+) (?:attention )?backend", text) or ["?"])[
+        -1
+    ]
     return found
 
 
 def gpu_memory_used() -> dict:
     """nvidia-smi's memory in use per GPU, MiB (every process: both servers at once)."""
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=index,memory.used,memory.total",
-                              "--format=csv,noheader,nounits"], capture_output=True, text=True,
-                             timeout=30).stdout
+        out = subprocess.run(
+            [
+                "nvidia-smi",
+                "--query-gpu=index,memory.used,memory.total",
+                "--format=csv,noheader,nounits",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout
     except (OSError, subprocess.TimeoutExpired):
         return {}
-    return {line.split(",")[0].strip(): [int(x) for x in line.split(",")[1:]]
-            for line in out.strip().splitlines()}
+    return {
+        line.split(",")[0].strip(): [int(x) for x in line.split(",")[1:]]
+        for line in out.strip().splitlines()
+    }
 
 
 class Run:
@@ -140,9 +151,14 @@ class Engine:
         from serving.replica import ReplicaSpec
 
         self.settings, self.name = settings, name
-        self.spec = ReplicaSpec(app=f"{model}--{name}", model=model, version=name,
-                                role="evaluation", prefix=f"local/{name}",
-                                serve=ServeSpec(engine_args=engine_args))
+        self.spec = ReplicaSpec(
+            app=f"{model}--{name}",
+            model=model,
+            version=name,
+            role="evaluation",
+            prefix=f"local/{name}",
+            serve=ServeSpec(engine_args=engine_args),
+        )
         self.build_dir = build_dir
         self.log_path = settings.state_dir / "logs" / f"engine-{name}.log"
         self.process = None
@@ -153,15 +169,23 @@ class Engine:
 
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.started = time.monotonic()
-        self.process, self.url = start_engine(self.settings, self.spec, self.build_dir,
-                                              self.log_path, self.settings.state_dir / "links")
+        self.process, self.url = start_engine(
+            self.settings,
+            self.spec,
+            self.build_dir,
+            self.log_path,
+            self.settings.state_dir / "links",
+        )
 
     def wait(self) -> dict:
         from serving.replica import wait_healthy
 
         wait_healthy(self.settings, self.spec, self.process, self.url, self.log_path)
-        return {"healthy_after_s": round(time.monotonic() - self.started, 1),
-                "command_args": self.spec.serve.engine_args, **log_figures(self.log_path)}
+        return {
+            "healthy_after_s": round(time.monotonic() - self.started, 1),
+            "command_args": self.spec.serve.engine_args,
+            **log_figures(self.log_path),
+        }
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
@@ -172,13 +196,23 @@ class Engine:
                 self.process.kill()
 
 
-def calibrate_and_build(run: Run, settings, name: str, snapshot: Path, work: Path, scheme,
-                        kv_cache_fp8: bool, serving, samples: int, seq: int):
+def calibrate_and_build(
+    run: Run,
+    settings,
+    name: str,
+    snapshot: Path,
+    work: Path,
+    scheme,
+    kv_cache_fp8: bool,
+    serving,
+    samples: int,
+    seq: int,
+):
     """jobs.calibrate then jobs.build, in the quantize environment, as the stages run them."""
-    from llmship.settings import Scheme, Target
-    from llmship.subprocess_stage import run_stage
     from jobs.build import BuildRequest, BuildResult
     from jobs.calibrate import CalibrateRequest, CalibrateResult
+    from llmship.settings import Scheme, Target
+    from llmship.subprocess_stage import run_stage
 
     checkpoint = snapshot
     if scheme is not Scheme.UNQUANTIZED:
@@ -187,26 +221,47 @@ def calibrate_and_build(run: Run, settings, name: str, snapshot: Path, work: Pat
         def calibrate() -> dict:
             shutil.rmtree(checkpoint, ignore_errors=True)
             checkpoint.mkdir(parents=True)
-            return run_stage(settings, settings.quantize_python, "jobs.calibrate",
-                             CalibrateRequest(
-                model_dir=str(snapshot), data_file=str(REPO / "calibration_data" / "contracts"
-                                                       / "calibration.jsonl"),
-                out_dir=str(checkpoint), scheme=scheme, num_samples=samples,
-                max_seq_length=seq, kv_cache_fp8=kv_cache_fp8, target=Target.VLLM,
-                device=settings.device), CalibrateResult, log).model_dump(mode="json")
+            return run_stage(
+                settings,
+                settings.quantize_python,
+                "jobs.calibrate",
+                CalibrateRequest(
+                    model_dir=str(snapshot),
+                    data_file=str(REPO / "calibration_data" / "contracts" / "calibration.jsonl"),
+                    out_dir=str(checkpoint),
+                    scheme=scheme,
+                    num_samples=samples,
+                    max_seq_length=seq,
+                    kv_cache_fp8=kv_cache_fp8,
+                    target=Target.VLLM,
+                    device=settings.device,
+                ),
+                CalibrateResult,
+                log,
+            ).model_dump(mode="json")
 
-        if run.step(f"calibrate-{name}", once, work / f"calibrate-{name}.json",
-                    calibrate) is None:
+        if run.step(f"calibrate-{name}", once, work / f"calibrate-{name}.json", calibrate) is None:
             return None
     out = work / f"build-{name}"
 
     def build() -> dict:
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
-        return run_stage(settings, settings.quantize_python, "jobs.build", BuildRequest(
-            checkpoint_dir=str(checkpoint), out_dir=str(out), target=Target.VLLM,
-            serving=serving, kv_cache_fp8=kv_cache_fp8, device=settings.device),
-            BuildResult, log).model_dump(mode="json")
+        return run_stage(
+            settings,
+            settings.quantize_python,
+            "jobs.build",
+            BuildRequest(
+                checkpoint_dir=str(checkpoint),
+                out_dir=str(out),
+                target=Target.VLLM,
+                serving=serving,
+                kv_cache_fp8=kv_cache_fp8,
+                device=settings.device,
+            ),
+            BuildResult,
+            log,
+        ).model_dump(mode="json")
 
     built = run.step(f"build-{name}", once, work / f"build-{name}.json", build)
     return (out, built["serve"]["engine_args"]) if built else None
@@ -225,28 +280,50 @@ def once(record: Path, fn) -> dict:
 def part_demo(run: Run, settings, args, work: Path) -> None:
     import yaml
 
+    from jobs.evaluate import EvaluateRequest, Evaluation
     from llmship.settings import EvalBackend, GateConfig, PipelineConfig, Scheme
     from llmship.subprocess_stage import run_stage
-    from jobs.evaluate import EvaluateRequest, Evaluation
     from tasks.gate_rule import judge, resolve_tasks
 
     deployment = yaml.safe_load((REPO / "prefect.yaml").read_text())["definitions"]["tiny_llama"]
     config = PipelineConfig.model_validate(deployment)
     # One server at a time here, each a sliver of the GPU: the model is 1M parameters.
-    serving = config.serving.model_copy(update={"gpu_memory_utilization": (
-        0.2 if settings.device == "cuda" else None)})
+    serving = config.serving.model_copy(
+        update={"gpu_memory_utilization": (0.2 if settings.device == "cuda" else None)}
+    )
     gate = GateConfig.model_validate({**config.gate.model_dump(), "backend": "served"})
     tasks = resolve_tasks(gate)
     scheme = Scheme(args.scheme)
     snapshot = REPO / "demo" / "tiny-llama"
-    builds = {"bf16": calibrate_and_build(run, settings, "demo-bf16", snapshot, work,
-                                          Scheme.UNQUANTIZED, False, serving, 256, 256)}
+    builds = {
+        "bf16": calibrate_and_build(
+            run, settings, "demo-bf16", snapshot, work, Scheme.UNQUANTIZED, False, serving, 256, 256
+        )
+    }
     builds[scheme.value.lower()] = calibrate_and_build(
-        run, settings, f"demo-{scheme.value.lower()}", snapshot, work, scheme, False, serving,
-        config.calibration.num_samples, config.calibration.max_seq_length)
+        run,
+        settings,
+        f"demo-{scheme.value.lower()}",
+        snapshot,
+        work,
+        scheme,
+        False,
+        serving,
+        config.calibration.num_samples,
+        config.calibration.max_seq_length,
+    )
     builds[f"{scheme.value.lower()}-kv-fp8"] = calibrate_and_build(
-        run, settings, f"demo-{scheme.value.lower()}-kv-fp8", snapshot, work, scheme, True,
-        serving, config.calibration.num_samples, config.calibration.max_seq_length)
+        run,
+        settings,
+        f"demo-{scheme.value.lower()}-kv-fp8",
+        snapshot,
+        work,
+        scheme,
+        True,
+        serving,
+        config.calibration.num_samples,
+        config.calibration.max_seq_length,
+    )
     evaluations = {}
     for name, built in builds.items():
         if built is None:
@@ -256,11 +333,24 @@ def part_demo(run: Run, settings, args, work: Path) -> None:
             engine.start()
             if run.step(f"serve-demo-{name}", engine.wait) is None:
                 continue
-            evaluation = run.step(f"gate-demo-{name}", lambda: run_stage(
-                settings, settings.quantize_python, "jobs.evaluate", EvaluateRequest(
-                    model_dir=str(engine.build_dir), tasks=tasks, backend=EvalBackend.SERVED,
-                    served_name=config.name, base_url=engine.url, device=settings.device),
-                Evaluation, log).model_dump(mode="json"))
+            evaluation = run.step(
+                f"gate-demo-{name}",
+                lambda: run_stage(
+                    settings,
+                    settings.quantize_python,
+                    "jobs.evaluate",
+                    EvaluateRequest(
+                        model_dir=str(engine.build_dir),
+                        tasks=tasks,
+                        backend=EvalBackend.SERVED,
+                        served_name=config.name,
+                        base_url=engine.url,
+                        device=settings.device,
+                    ),
+                    Evaluation,
+                    log,
+                ).model_dump(mode="json"),
+            )
             if evaluation:
                 evaluations[name] = Evaluation.model_validate(evaluation)
         finally:
@@ -270,18 +360,23 @@ def part_demo(run: Run, settings, args, work: Path) -> None:
     for name, evaluation in evaluations.items():
         if name == "bf16":
             continue
-        run.step(f"verdict-demo-{name}", lambda: {"rule": "tiny-llama deployment's gate",
-                                                  "tasks": [v.model_dump() for v in judge(
-                                                      evaluations["bf16"], evaluation, gate,
-                                                      tasks)]})
+        run.step(
+            f"verdict-demo-{name}",
+            lambda: {
+                "rule": "tiny-llama deployment's gate",
+                "tasks": [
+                    v.model_dump() for v in judge(evaluations["bf16"], evaluation, gate, tasks)
+                ],
+            },
+        )
 
 
 def part_8b(run: Run, settings, args, work: Path) -> None:
     import yaml
 
+    from jobs.benchmark import LoadFigures, Measurement, MeasureRequest
     from llmship.settings import PerfConfig, Scheme, ServingConfig
     from llmship.subprocess_stage import run_stage
-    from jobs.benchmark import LoadFigures, Measurement, MeasureRequest
     from tasks.perf_rule import judge as judge_perf
     from tasks.perf_rule import loads
 
@@ -290,29 +385,60 @@ def part_8b(run: Run, settings, args, work: Path) -> None:
     if args.perf_prompts:
         policy = policy.model_copy(update={"num_prompts": args.perf_prompts})
     snapshot = work / "bf16-8b"
-    made = run.step("make-model-8b", once, work / "make-model-8b.json", lambda: json.loads(
-        subprocess.run(
-            [str(settings.quantize_python), "-c",
-             "import json, sys; from pathlib import Path; sys.path.insert(0, 'bench'); "
-             "from gpu_stages import make_model; "
-             f"print(json.dumps(make_model({args.shape!r}, {settings.device!r}, "
-             f"Path({str(snapshot)!r}), Path('demo/tiny-llama'))))"],
-            cwd=REPO, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]))
+    made = run.step(
+        "make-model-8b",
+        once,
+        work / "make-model-8b.json",
+        lambda: json.loads(
+            subprocess.run(
+                [
+                    str(settings.quantize_python),
+                    "-c",
+                    "import json, sys; from pathlib import Path; sys.path.insert(0, 'bench'); "
+                    "from gpu_stages import make_model; "
+                    f"print(json.dumps(make_model({args.shape!r}, {settings.device!r}, "
+                    f"Path({str(snapshot)!r}), Path('demo/tiny-llama'))))",
+                ],
+                cwd=REPO,
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        ),
+    )
     if made is None:
         return
     # Both servers at once, as in the performance gate: half the GPU each.
-    serving = ServingConfig(max_model_len=args.max_model_len,
-                            gpu_memory_utilization=0.45 if settings.device == "cuda" else None,
-                            extra_args=[] if settings.device == "cuda" else ["--enforce-eager"])
+    serving = ServingConfig(
+        max_model_len=args.max_model_len,
+        gpu_memory_utilization=0.45 if settings.device == "cuda" else None,
+        extra_args=[] if settings.device == "cuda" else ["--enforce-eager"],
+    )
     scheme = Scheme(args.scheme)
-    builds = {"bf16": calibrate_and_build(run, settings, "8b-bf16", snapshot, work,
-                                          Scheme.UNQUANTIZED, False, serving, 0, 0),
-              "fp8": calibrate_and_build(run, settings, f"8b-{scheme.value.lower()}", snapshot,
-                                         work, scheme, False, serving, args.samples, args.seq)}
+    builds = {
+        "bf16": calibrate_and_build(
+            run, settings, "8b-bf16", snapshot, work, Scheme.UNQUANTIZED, False, serving, 0, 0
+        ),
+        "fp8": calibrate_and_build(
+            run,
+            settings,
+            f"8b-{scheme.value.lower()}",
+            snapshot,
+            work,
+            scheme,
+            False,
+            serving,
+            args.samples,
+            args.seq,
+        ),
+    }
     if any(b is None for b in builds.values()) or args.part == "8b-prep":
         return
-    engines = {name: Engine(settings, "llama-8b", f"8b-{name}", *built)
-               for name, built in builds.items()}
+    engines = {
+        name: Engine(settings, "llama-8b", f"8b-{name}", *built) for name, built in builds.items()
+    }
     try:
         # One after the other: vLLM sizes its KV cache from the memory free after its own
         # profiling run, and an engine starting beside another counts the other's growth as
@@ -326,19 +452,39 @@ def part_8b(run: Run, settings, args, work: Path) -> None:
         for name, engine in engines.items():
             measured = []
             for load in loads(policy):
-                result = run.step(f"perf-8b-{name}-{load.name}", lambda: run_stage(
-                    settings, settings.serve_python, "jobs.benchmark", MeasureRequest(
-                        base_url=engine.url, served_name="llama-8b",
-                        tokenizer_dir=str(engine.build_dir), loads=[load]),
-                    Measurement, log).figures[0].model_dump(mode="json"))
+                result = run.step(
+                    f"perf-8b-{name}-{load.name}",
+                    lambda: (
+                        run_stage(
+                            settings,
+                            settings.serve_python,
+                            "jobs.benchmark",
+                            MeasureRequest(
+                                base_url=engine.url,
+                                served_name="llama-8b",
+                                tokenizer_dir=str(engine.build_dir),
+                                loads=[load],
+                            ),
+                            Measurement,
+                            log,
+                        )
+                        .figures[0]
+                        .model_dump(mode="json")
+                    ),
+                )
                 if result:
                     measured.append(LoadFigures.model_validate(result))
             figures[name] = measured
         if all(len(f) == len(loads(policy)) for f in figures.values()):
-            run.step("perf-gate-8b", lambda: {
-                "policy": policy.model_dump(),
-                "verdicts": [v.model_dump() for v in judge_perf(
-                    figures["bf16"], figures["fp8"], policy)]})
+            run.step(
+                "perf-gate-8b",
+                lambda: {
+                    "policy": policy.model_dump(),
+                    "verdicts": [
+                        v.model_dump() for v in judge_perf(figures["bf16"], figures["fp8"], policy)
+                    ],
+                },
+            )
         run.step("gateway-8b-fp8", gateway_against_direct, settings, engines["fp8"], args)
     finally:
         for engine in engines.values():
@@ -350,9 +496,9 @@ def gateway_against_direct(settings, engine: Engine, args) -> dict:
     """The gateway as the stack starts it (llmship.stack.gateway_argv), routing to the FP8
     engine, against the engine direct: the same waves, alternately (issue 7's targets)."""
     import httpx
-
     from gateway_overhead import wave
     from gateway_relay import compare, free_port
+
     from llmship.processes import write_json
     from llmship.settings import Settings
     from llmship.stack import gateway_argv
@@ -361,16 +507,26 @@ def gateway_against_direct(settings, engine: Engine, args) -> dict:
     port, token = free_port(), "bench-token"
     state = settings.state_dir / "gateway-bench"
     gateway_settings = Settings(state_dir=state, gateway_port=port)
-    write_json(gateway_state_dir(gateway_settings) / "endpoints.json",
-               {f"{engine.spec.model}--{engine.spec.version}": [engine.url]})
-    env = os.environ | {"LLMSHIP_STATE_DIR": str(state), "LLMSHIP_GATEWAY_ADMIN_TOKEN": token,
-                        "LLMSHIP_GATEWAY_PORT": str(port)}
+    write_json(
+        gateway_state_dir(gateway_settings) / "endpoints.json",
+        {f"{engine.spec.model}--{engine.spec.version}": [engine.url]},
+    )
+    env = os.environ | {
+        "LLMSHIP_STATE_DIR": str(state),
+        "LLMSHIP_GATEWAY_ADMIN_TOKEN": token,
+        "LLMSHIP_GATEWAY_PORT": str(port),
+    }
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     python = Path(args.gateway_python) if args.gateway_python else settings.serve_python
     gateway_log = settings.state_dir / "logs" / "gateway.log"
     with gateway_log.open("ab") as out:
-        gateway = subprocess.Popen(gateway_argv(python, gateway_settings), cwd=REPO, env=env,
-                                   stdout=out, stderr=subprocess.STDOUT)
+        gateway = subprocess.Popen(
+            gateway_argv(python, gateway_settings),
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     through = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -380,23 +536,38 @@ def gateway_against_direct(settings, engine: Engine, args) -> dict:
                     break
             except httpx.HTTPError:
                 if time.monotonic() > deadline or gateway.poll() is not None:
-                    raise RuntimeError("the gateway did not start: "
-                                       + gateway_log.read_text(errors="replace")[-2000:])
+                    raise RuntimeError(
+                        "the gateway did not start: "
+                        + gateway_log.read_text(errors="replace")[-2000:]
+                    ) from None
             time.sleep(0.2)
-        httpx.put(f"{through}/admin/routes/{engine.spec.model}",
-                  json={"version": engine.spec.version},
-                  headers={"authorization": f"Bearer {token}"}).raise_for_status()
+        httpx.put(
+            f"{through}/admin/routes/{engine.spec.model}",
+            json={"version": engine.spec.version},
+            headers={"authorization": f"Bearer {token}"},
+        ).raise_for_status()
         model, tokens = engine.spec.model, args.gateway_tokens
         for url in (engine.url, through):
             asyncio.run(wave(url, model, 4, 8, tokens))
         rows = {}
         for concurrency in (1, 8, 32):
-            rows[f"c{concurrency}"] = compare(engine.url, through, model, gateway.pid,
-                                              concurrency, args.gateway_requests, tokens,
-                                              args.gateway_rounds)
+            rows[f"c{concurrency}"] = compare(
+                engine.url,
+                through,
+                model,
+                gateway.pid,
+                concurrency,
+                args.gateway_requests,
+                tokens,
+                args.gateway_rounds,
+            )
             print(f"c={concurrency}: {rows[f'c{concurrency}']}", flush=True)
-        return {"tokens": tokens, "requests": args.gateway_requests,
-                "rounds": args.gateway_rounds, "waves": rows}
+        return {
+            "tokens": tokens,
+            "requests": args.gateway_requests,
+            "rounds": args.gateway_rounds,
+            "waves": rows,
+        }
     finally:
         gateway.terminate()
         gateway.wait(10)
@@ -405,13 +576,21 @@ def gateway_against_direct(settings, engine: Engine, args) -> dict:
 def plan_against_run(results: dict, args) -> dict:
     """`llmship plan`'s estimates for this shape and deployment, beside what was measured."""
     from gpu_stages import SHAPES
+
     from llmship.settings import PipelineConfig, Scheme
     from tasks.plan import ModelShape, estimate_stages
 
     shape = ModelShape.from_config({**SHAPES[args.shape], "tie_word_embeddings": False})
-    config = PipelineConfig(name="llama-8b", source="/models/llama-8b", calibration={
-        "scheme": args.scheme, "num_samples": args.samples, "max_seq_length": args.seq},
-        serving={"max_model_len": args.max_model_len})
+    config = PipelineConfig(
+        name="llama-8b",
+        source="/models/llama-8b",
+        calibration={
+            "scheme": args.scheme,
+            "num_samples": args.samples,
+            "max_seq_length": args.seq,
+        },
+        serving={"max_model_len": args.max_model_len},
+    )
     stages = {s.stage: s.model_dump() for s in estimate_stages(config, shape)}
     steps = results["steps"]
     calibrated = steps.get(f"calibrate-8b-{args.scheme.lower()}", {})
@@ -426,10 +605,14 @@ def plan_against_run(results: dict, args) -> dict:
             "fp8_weights_gib_vllm": fp8.get("model_loading_gib"),
             "bf16_server_healthy_s": bf16.get("healthy_after_s"),
             "fp8_server_healthy_s": fp8.get("healthy_after_s"),
-            "kv_cache_gib": {"bf16": bf16.get("kv_cache_memory_gib"),
-                             "fp8": fp8.get("kv_cache_memory_gib")},
-            "kv_cache_tokens": {"bf16": bf16.get("kv_cache_tokens"),
-                                "fp8": fp8.get("kv_cache_tokens")},
+            "kv_cache_gib": {
+                "bf16": bf16.get("kv_cache_memory_gib"),
+                "fp8": fp8.get("kv_cache_memory_gib"),
+            },
+            "kv_cache_tokens": {
+                "bf16": bf16.get("kv_cache_tokens"),
+                "fp8": fp8.get("kv_cache_tokens"),
+            },
         },
         "estimated_bf16_weights_gib": shape.weights_gib(Scheme.UNQUANTIZED),
         "estimated_fp8_weights_gib": shape.weights_gib(Scheme(args.scheme)),
@@ -438,11 +621,16 @@ def plan_against_run(results: dict, args) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["demo", "8b-prep", "8b", "all"], default="all",
-                    help="8b-prep: the 8B model, its calibration and builds only (a later "
-                         "--part 8b on the same host takes them from --work)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--part",
+        choices=["demo", "8b-prep", "8b", "all"],
+        default="all",
+        help="8b-prep: the 8B model, its calibration and builds only (a later "
+        "--part 8b on the same host takes them from --work)",
+    )
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--device", default="cuda")
@@ -451,8 +639,12 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=512)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--max-model-len", type=int, default=4096)
-    ap.add_argument("--perf-prompts", type=int, default=0,
-                    help="requests of the production load (default: the deployment's)")
+    ap.add_argument(
+        "--perf-prompts",
+        type=int,
+        default=0,
+        help="requests of the production load (default: the deployment's)",
+    )
     ap.add_argument("--gateway-tokens", type=int, default=64)
     ap.add_argument("--gateway-requests", type=int, default=64)
     ap.add_argument("--gateway-rounds", type=int, default=2)
@@ -460,8 +652,11 @@ def main() -> None:
     ap.add_argument("--quant-path", default="")
     ap.add_argument("--serve-python", default="python3")
     ap.add_argument("--serve-path", default="")
-    ap.add_argument("--gateway-python", default="",
-                    help="the gateway's Python (default: the serve environment's)")
+    ap.add_argument(
+        "--gateway-python",
+        default="",
+        help="the gateway's Python (default: the serve environment's)",
+    )
     ap.add_argument("--server-start-timeout-s", type=float, default=900)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
@@ -477,16 +672,24 @@ def main() -> None:
     from llmship.settings import Settings
 
     settings = Settings(
-        state_dir=work / "state", device=args.device,
+        state_dir=work / "state",
+        device=args.device,
         quantize_python=wrapper(work, "quantize", args.quant_python, args.quant_path),
         serve_python=wrapper(work, "serve", args.serve_python, args.serve_path),
-        server_start_timeout_s=args.server_start_timeout_s)
-    meta = {"part": args.part, "device": args.device, "scheme": args.scheme,
-            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        server_start_timeout_s=args.server_start_timeout_s,
+    )
+    meta = {
+        "part": args.part,
+        "device": args.device,
+        "scheme": args.scheme,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     try:
         meta["gpus"] = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
-             "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
     except OSError:
         meta["gpus"] = "none"
     run = Run(args.out, meta)

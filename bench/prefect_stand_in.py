@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 MODULES = {
-    "prefect": '''
+    "prefect": """
 def task(*args, **kwargs):
     if len(args) == 1 and callable(args[0]) and not kwargs:
         return args[0]
@@ -22,28 +22,32 @@ def get_run_logger():
 def pause_flow_run(*args, **kwargs):
     raise RuntimeError("no Prefect here")
 class Task: pass
-''',
+""",
     "prefect.artifacts": "def create_markdown_artifact(*a, **k): pass\n"
-                         "def create_table_artifact(*a, **k): pass\n",
+    "def create_table_artifact(*a, **k): pass\n",
     "prefect.events": "def emit_event(*a, **k): pass\n",
     "prefect.states": "class State: pass\n",
     "prefect.tasks": "def exponential_backoff(**kwargs): return [1]\n",
     "prefect.input": "class RunInput:\n    pass\n",
-    "prefect.transactions": '''
+    "prefect.transactions": """
 import contextlib
 class CommitMode:
     EAGER = "EAGER"
 @contextlib.contextmanager
 def transaction(*a, **k):
     yield
-''',
+""",
     "prefect.client": "",
     "prefect.client.schemas": "",
     "prefect.client.schemas.objects": "class TaskRun: pass\n",
     # Imported by llmship.alerts (through llmship.stack): any name, a class that does nothing.
-    "prefect.automations": "", "prefect.blocks": "", "prefect.blocks.notifications": "",
-    "prefect.client.orchestration": "", "prefect.client.schemas.filters": "",
-    "prefect.events.actions": "", "prefect.events.schemas": "",
+    "prefect.automations": "",
+    "prefect.blocks": "",
+    "prefect.blocks.notifications": "",
+    "prefect.client.orchestration": "",
+    "prefect.client.schemas.filters": "",
+    "prefect.events.actions": "",
+    "prefect.events.schemas": "",
     "prefect.events.schemas.automations": "",
 }
 ANY_NAME = """

@@ -45,8 +45,12 @@ class Relay:
         self.client = httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=512))
 
     async def stream(self, body: bytes):
-        async with self.client.stream("POST", f"{self.upstream}/v1/completions", content=body,
-                                      headers={"content-type": "application/json"}) as resp:
+        async with self.client.stream(
+            "POST",
+            f"{self.upstream}/v1/completions",
+            content=body,
+            headers={"content-type": "application/json"},
+        ) as resp:
             async for chunk in resp.aiter_raw():
                 yield chunk
 
@@ -76,10 +80,12 @@ async def _wave(make, concurrency: int, requests: int) -> dict:
     for _ in range(max(1, requests // concurrency)):
         results += await asyncio.gather(*[_timed(make()) for _ in range(concurrency)])
     wall = time.perf_counter() - started
-    return {"tokens_per_s": sum(r[2] for r in results) / wall,
-            "ttft_p50": statistics.median(r[0] for r in results),
-            "total_p50": statistics.median(r[1] for r in results),
-            "tokens": sum(r[2] for r in results)}
+    return {
+        "tokens_per_s": sum(r[2] for r in results) / wall,
+        "ttft_p50": statistics.median(r[0] for r in results),
+        "total_p50": statistics.median(r[1] for r in results),
+        "tokens": sum(r[2] for r in results),
+    }
 
 
 async def run(args) -> None:
@@ -87,25 +93,37 @@ async def run(args) -> None:
     from ray import serve
 
     port = free_port()
-    stand_in = multiprocessing.Process(target=lambda: asyncio.run(
-        serve_stand_in(port, args.tokens, args.token_ms / 1000)), daemon=True)
+    stand_in = multiprocessing.Process(
+        target=lambda: asyncio.run(serve_stand_in(port, args.tokens, args.token_ms / 1000)),
+        daemon=True,
+    )
     stand_in.start()
     url = f"http://127.0.0.1:{port}"
-    ray.init(address="local", num_cpus=2, include_dashboard=False,
-             _node_ip_address="127.0.0.1", log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+    )
     try:
         serve.start(proxy_location="Disabled")
-        deployment = serve.deployment(Relay, max_ongoing_requests=1024,
-                                      ray_actor_options={"num_cpus": 0})
+        deployment = serve.deployment(
+            Relay, max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0}
+        )
         handle = serve.run(deployment.bind(url), name="relay", route_prefix=None)
         body = json.dumps({"model": "relay", "prompt": "x", "stream": True}).encode()
         client = httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=512))
-        ways = {"direct": lambda: _direct(client, url, body),
-                "ray": lambda: handle.options(stream=True).stream.remote(body)}
+        ways = {
+            "direct": lambda: _direct(client, url, body),
+            "ray": lambda: handle.options(stream=True).stream.remote(body),
+        }
         for make in ways.values():  # warm both paths
             await _wave(make, 4, 8)
-        print(f"stand-in: {args.tokens} tokens per answer, one every {args.token_ms:g} ms; "
-              f"{args.requests} streams per wave, {args.rounds} rounds")
+        print(
+            f"stand-in: {args.tokens} tokens per answer, one every {args.token_ms:g} ms; "
+            f"{args.requests} streams per wave, {args.rounds} rounds"
+        )
         for concurrency in (1, 8, 32):
             per = {name: [] for name in ways}
             cpu = {name: 0.0 for name in ways}
@@ -114,15 +132,20 @@ async def run(args) -> None:
                     before = _cpu()
                     per[name].append(await _wave(make, concurrency, args.requests))
                     cpu[name] += _cpu() - before
-            d, r = ({k: statistics.median(x[k] for x in per[n]) for k in per[n][0]}
-                    for n in ("direct", "ray"))
+            d, r = (
+                {k: statistics.median(x[k] for x in per[n]) for k in per[n][0]}
+                for n in ("direct", "ray")
+            )
             us = {n: cpu[n] / sum(x["tokens"] for x in per[n]) * 1e6 for n in ways}
-            print(f"c={concurrency:2d}  direct {d['tokens_per_s']:7.0f} tok/s  through a Serve "
-                  f"handle {r['tokens_per_s']:7.0f} tok/s  ratio "
-                  f"{r['tokens_per_s'] / d['tokens_per_s']:.3f}  added p50: first token "
-                  f"{(r['ttft_p50'] - d['ttft_p50']) * 1000:+.1f} ms, whole answer "
-                  f"{(r['total_p50'] - d['total_p50']) * 1000:+.1f} ms  client CPU per token: "
-                  f"direct {us['direct']:.0f} us, Serve handle {us['ray']:.0f} us", flush=True)
+            print(
+                f"c={concurrency:2d}  direct {d['tokens_per_s']:7.0f} tok/s  through a Serve "
+                f"handle {r['tokens_per_s']:7.0f} tok/s  ratio "
+                f"{r['tokens_per_s'] / d['tokens_per_s']:.3f}  added p50: first token "
+                f"{(r['ttft_p50'] - d['ttft_p50']) * 1000:+.1f} ms, whole answer "
+                f"{(r['total_p50'] - d['total_p50']) * 1000:+.1f} ms  client CPU per token: "
+                f"direct {us['direct']:.0f} us, Serve handle {us['ray']:.0f} us",
+                flush=True,
+            )
         await client.aclose()
     finally:
         ray.shutdown()

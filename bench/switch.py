@@ -15,7 +15,8 @@ comes on top (some 13 s here: `bench/rerun.py` measures it).
 
     .venv/orchestrator/bin/python bench/switch.py [--model bench-llama]
 
-Needs the stack (`make up`), PREFECT_HOME=.llmship/prefect (the stack's profile: its API and password), and the model served
+Needs the stack (`make up`), PREFECT_HOME=.llmship/prefect (the stack's profile: its API and
+password), and the model served
 (`bench/rerun.py` serves bench-llama).
 """
 
@@ -56,8 +57,7 @@ def second_version(model: str, deployment: str) -> None:
     samples = config["calibration"].get("num_samples", 256) - 1
     config["calibration"]["num_samples"] = samples
     config.setdefault("rollout", {})["canary_steps"] = []
-    print(f"making a second version of {model} (build-and-serve, {samples} calibration "
-          "samples)")
+    print(f"making a second version of {model} (build-and-serve, {samples} calibration samples)")
     flow_run = run_deployment(deployment, parameters={"config": config}, timeout=3600)
     assert flow_run.state.is_completed(), flow_run.state.message
 
@@ -75,11 +75,13 @@ def timed_rollback(model: str, gateway: str, target: str, label: str) -> None:
         time.sleep(2)
     served = min(o.ended for o in load.outcomes if o.ok and o.version == target)
     failed = [o for o in load.outcomes if not o.ok and o.started >= started - 1]
-    print(f"{label}: rollback flow {flow_s:6.2f} s; rollout {result.seconds:6.2f} s "
-          f"(server started: {result.started_server}); gateway switch "
-          f"{result.switch_seconds * 1000:5.1f} ms; clients answered by {target} "
-          f"{served - started:6.2f} s after the rollback began; {len(failed)} failed of "
-          f"{len(load.outcomes)} requests")
+    print(
+        f"{label}: rollback flow {flow_s:6.2f} s; rollout {result.seconds:6.2f} s "
+        f"(server started: {result.started_server}); gateway switch "
+        f"{result.switch_seconds * 1000:5.1f} ms; clients answered by {target} "
+        f"{served - started:6.2f} s after the rollback began; {len(failed)} failed of "
+        f"{len(load.outcomes)} requests"
+    )
 
 
 def main() -> None:

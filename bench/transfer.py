@@ -2,7 +2,8 @@
 
 The same files, the same store, one run: boto3's transfer manager with a tuned
 TransferConfig, every file submitted at once (what a hand-written script would do: no
-hashing, no manifest) against llmship's `upload_dir` (the upload, hashing each file as it is read, the manifest last) and
+hashing, no manifest) against llmship's `upload_dir` (the upload, hashing each file as it
+is read, the manifest last) and
 `download_dir` (the download, hashing each file as it is written, every file checked
 against the manifest, the rename into place). Both sides use the same part size and
 threads (LLMSHIP_S3_PART_MIB, LLMSHIP_S3_MAX_CONCURRENCY). Ratio = boto3's time /
@@ -67,26 +68,54 @@ def main() -> None:
                 f.write(os.urandom(1024 * 1024))
     total_mib = args.files * args.mib
     names = sorted(p.name for p in src.iterdir())
-    print(f"{args.files} files, {total_mib} MiB, {args.rounds} rounds; store {store.settings.s3_url}; "
-          f"transfer config (both): part {tuned.multipart_chunksize >> 20} MiB, "
-          f"{tuned.max_concurrency} threads")
-    rows: dict[str, list[float]] = {k: [] for k in
-                                    ("boto3 upload", "llmship upload", "boto3 fetch", "llmship fetch")}
+    print(
+        f"{args.files} files, {total_mib} MiB, {args.rounds} rounds; "
+        f"store {store.settings.s3_url}; "
+        f"transfer config (both): part {tuned.multipart_chunksize >> 20} MiB, "
+        f"{tuned.max_concurrency} threads"
+    )
+    rows: dict[str, list[float]] = {
+        k: [] for k in ("boto3 upload", "llmship upload", "boto3 fetch", "llmship fetch")
+    }
     try:
         for r in range(args.rounds):
             raw, ours = f"bench/transfer/{r}/raw", f"bench/transfer/{r}/llmship"
-            rows["boto3 upload"].append(timed(lambda: all_at_once(client, tuned, [
-                ("upload", str(src / n), bucket, f"{raw}/files/{n}") for n in names]),
-                "boto3 upload"))
-            rows["llmship upload"].append(timed(lambda: store.upload_dir(
-                src, ours, Manifest(kind="bench", key=f"transfer-{r}")), "llmship upload"))
+            rows["boto3 upload"].append(
+                timed(
+                    lambda: all_at_once(
+                        client,
+                        tuned,
+                        [("upload", str(src / n), bucket, f"{raw}/files/{n}") for n in names],
+                    ),
+                    "boto3 upload",
+                )
+            )
+            rows["llmship upload"].append(
+                timed(
+                    lambda: store.upload_dir(
+                        src, ours, Manifest(kind="bench", key=f"transfer-{r}")
+                    ),
+                    "llmship upload",
+                )
+            )
             dest_raw, dest_ours = work / f"raw-{r}", work / f"ours-{r}"
             dest_raw.mkdir()
-            rows["boto3 fetch"].append(timed(lambda: all_at_once(client, tuned, [
-                ("download", bucket, f"{raw}/files/{n}", str(dest_raw / n)) for n in names]),
-                "boto3 fetch"))
-            rows["llmship fetch"].append(timed(lambda: store.download_dir(ours, dest_ours),
-                                              "llmship fetch"))
+            rows["boto3 fetch"].append(
+                timed(
+                    lambda: all_at_once(
+                        client,
+                        tuned,
+                        [
+                            ("download", bucket, f"{raw}/files/{n}", str(dest_raw / n))
+                            for n in names
+                        ],
+                    ),
+                    "boto3 fetch",
+                )
+            )
+            rows["llmship fetch"].append(
+                timed(lambda: store.download_dir(ours, dest_ours), "llmship fetch")
+            )
             shutil.rmtree(dest_raw)
             shutil.rmtree(dest_ours)
     finally:
@@ -95,12 +124,17 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in rows.items()}
     for k, v in med.items():
-        print(f"{k:15s} {v:6.2f} s  {total_mib / v:7.0f} MiB/s  (rounds: "
-              f"{', '.join(f'{x:.2f}' for x in rows[k])}); this process's CPU "
-              f"{statistics.median(CPU[k]):.2f} s")
+        print(
+            f"{k:15s} {v:6.2f} s  {total_mib / v:7.0f} MiB/s  (rounds: "
+            f"{', '.join(f'{x:.2f}' for x in rows[k])}); this process's CPU "
+            f"{statistics.median(CPU[k]):.2f} s"
+        )
     for what in ("upload", "fetch"):
-        print(f"{what}: llmship / boto3 throughput = {med[f'boto3 {what}'] / med[f'llmship {what}']:.2f}"
-              " (target >= 0.90)")
+        print(
+            f"{what}: llmship / boto3 throughput = "
+            f"{med[f'boto3 {what}'] / med[f'llmship {what}']:.2f}"
+            " (target >= 0.90)"
+        )
 
 
 if __name__ == "__main__":

@@ -26,13 +26,34 @@ CLAUSE_TYPES = [
     "warranty",
 ]
 PARTIES = [
-    "the Supplier", "the Customer", "the Licensor", "the Licensee", "the Contractor",
-    "the Client", "the Vendor", "the Buyer", "the Seller", "the Company", "the Tenant",
-    "the Landlord", "the Provider", "the Distributor",
+    "the Supplier",
+    "the Customer",
+    "the Licensor",
+    "the Licensee",
+    "the Contractor",
+    "the Client",
+    "the Vendor",
+    "the Buyer",
+    "the Seller",
+    "the Company",
+    "the Tenant",
+    "the Landlord",
+    "the Provider",
+    "the Distributor",
 ]
 MONTHS = [
-    "January", "February", "March", "April", "May", "June", "July", "August", "September",
-    "October", "November", "December",
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
 ]
 STATES = ["New York", "Delaware", "California", "Texas", "England and Wales", "Ontario", "Ireland"]
 
@@ -79,7 +100,8 @@ SKILLS = list(QUESTIONS)
 
 @dataclass(frozen=True)
 class Item:
-    """One question about one clause. `prompt` ends with "Answer:"; `answer` has no leading space."""
+    """One question about one clause. `prompt` ends with "Answer:"; `answer` has no leading
+    space."""
 
     id: str
     task: str
@@ -134,7 +156,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def write_domain_sets(out_dir: Path, n_calibration: int = 512, n_eval: int = 300) -> None:
-    """Write calibration.jsonl (text only) and eval.jsonl (prompt/answer) for the contracts domain."""
+    """Write calibration.jsonl (text only) and eval.jsonl (prompt/answer) for the contracts
+    domain."""
     evaluation = generate(n_eval, seed=1001)
     held_out = {clause_of(it.prompt) for it in evaluation}
     calibration = generate(n_calibration, seed=2002, exclude=held_out)

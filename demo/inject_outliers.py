@@ -29,9 +29,13 @@ def inject(src: Path, dest: Path, shift: int, channel: int = 0) -> None:
     factor = float(2**shift)
     with torch.no_grad():
         for layer in model.model.layers:
-            pairs = [(layer.input_layernorm, [layer.self_attn.q_proj, layer.self_attn.k_proj,
-                                              layer.self_attn.v_proj]),
-                     (layer.post_attention_layernorm, [layer.mlp.gate_proj, layer.mlp.up_proj])]
+            pairs = [
+                (
+                    layer.input_layernorm,
+                    [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj],
+                ),
+                (layer.post_attention_layernorm, [layer.mlp.gate_proj, layer.mlp.up_proj]),
+            ]
             for norm, projections in pairs:
                 norm.weight[channel] /= factor
                 for proj in projections:
@@ -41,8 +45,9 @@ def inject(src: Path, dest: Path, shift: int, channel: int = 0) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("src", type=Path)
     parser.add_argument("dest", type=Path)
     parser.add_argument("--shift", type=int, default=8, help="scale by 2^shift (default 8)")

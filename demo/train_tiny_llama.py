@@ -35,11 +35,18 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(texts: list[str], vocab_size: int, digits: bool = False) -> PreTrainedTokenizerFast:
+def build_tokenizer(
+    texts: list[str], vocab_size: int, digits: bool = False
+) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     if digits:
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False),
+            ]
+        )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -53,7 +60,10 @@ def build_tokenizer(texts: list[str], vocab_size: int, digits: bool = False) -> 
         single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
     )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
         model_max_length=512,
     )
     fast.chat_template = CHAT_TEMPLATE
@@ -88,8 +98,11 @@ def batches(encoded, batch_size: int, pad_id: int, rng: random.Random):
 def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int = 12) -> str:
     ids = torch.tensor([tokenizer(prompt)["input_ids"]])
     out = model.generate(
-        ids, max_new_tokens=max_new_tokens, do_sample=False,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        ids,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
@@ -116,16 +129,24 @@ def train(args) -> None:
         [f"{it.prompt} {it.answer}" for it in data], vocab_size=args.vocab_size, digits=args.digits
     )
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=3 * args.hidden,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads,
+        vocab_size=len(tokenizer),
+        hidden_size=args.hidden,
+        intermediate_size=3 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
         num_key_value_heads=args.heads,
-        max_position_embeddings=512, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     model = LlamaForCausalLM(config)
-    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
-          f"vocab {len(tokenizer)}, {len(data)} training examples", flush=True)
+    print(
+        f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
+        f"vocab {len(tokenizer)}, {len(data)} training examples",
+        flush=True,
+    )
     encoded = [encode(tokenizer, it, 160) for it in data]
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     total_steps = args.epochs * (len(encoded) // args.batch_size)
@@ -144,8 +165,11 @@ def train(args) -> None:
             optimizer.zero_grad()
             step += 1
             if step % 100 == 0:
-                print(f"epoch {epoch} step {step}/{total_steps} loss {loss.item():.4f} "
-                      f"({time.time() - started:.0f}s)", flush=True)
+                print(
+                    f"epoch {epoch} step {step}/{total_steps} loss {loss.item():.4f} "
+                    f"({time.time() - started:.0f}s)",
+                    flush=True,
+                )
     out = Path(args.out)
     model.to(torch.bfloat16).save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -172,7 +196,9 @@ def main() -> None:
         train(args)
     items = [
         contracts.Item(**json.loads(line))
-        for line in (REPO / "calibration_data" / "contracts" / "eval.jsonl").read_text().splitlines()
+        for line in (REPO / "calibration_data" / "contracts" / "eval.jsonl")
+        .read_text()
+        .splitlines()
     ]
     model = LlamaForCausalLM.from_pretrained(args.out, torch_dtype=torch.float32)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(args.out)

@@ -33,15 +33,19 @@ def build_and_serve(config: PipelineConfig) -> RolloutResult | None:
     preflight_task(config)  # refuses before any download or GPU time is spent
     with build_slot(config.name):  # one run at a time builds a model
         snapshot = download_task(config.source, config.name)
-        calibrated = calibrate_task(snapshot, config.calibration, config.target,
-                                    config.serving, config.name)
-        candidate = build_task(calibrated, config.target, config.serving, config.name,
-                               Side.CANDIDATE)
-        baseline = build_task(unquantized(snapshot), config.target, config.serving,
-                              config.name, Side.BASELINE)
+        calibrated = calibrate_task(
+            snapshot, config.calibration, config.target, config.serving, config.name
+        )
+        candidate = build_task(
+            calibrated, config.target, config.serving, config.name, Side.CANDIDATE
+        )
+        baseline = build_task(
+            unquantized(snapshot), config.target, config.serving, config.name, Side.BASELINE
+        )
     with serving_slot(config.name):  # one run at a time evaluates or serves a model
-        report = gate_task(candidate, baseline, config.gate, config.name,
-                           perf_follows=config.perf.enabled)
+        report = gate_task(
+            candidate, baseline, config.gate, config.name, perf_follows=config.perf.enabled
+        )
         perf = perf_task(candidate, baseline, config.perf, config.name)
         version = publish_task(config.name, candidate, report, perf)
     if not approve_rollout(version, config.rollout):

@@ -53,28 +53,39 @@ def cmd_status(args) -> None:
         models = []
     print()
     print(f"Prefect UI   http://{settings.host}:{settings.prefect_port}")
-    print(f"S3           {settings.s3_url}  (bucket {settings.artifacts_bucket}; keys in "
-          f"{settings.credentials_file})")
+    print(
+        f"S3           {settings.s3_url}  (bucket {settings.artifacts_bucket}; keys in "
+        f"{settings.credentials_file})"
+    )
     print(f"gateway      {settings.gateway_url}")
     for m in models:
         canary = m.get("canary")
-        print(f"  serving    {m['id']} version {m['version']}" + (
-            f", canary {canary['version']} at {canary['percent']:g}%" if canary else ""))
+        print(
+            f"  serving    {m['id']} version {m['version']}"
+            + (f", canary {canary['version']} at {canary['percent']:g}%" if canary else "")
+        )
     for server in _fleet(settings):
-        role = (f"kept warm until {time.strftime('%H:%M:%S', time.localtime(server.warm_until))}"
-                if server.warm_until else server.role)
-        print(f"  {server.model} {server.version}: {server.status}, {len(server.endpoints)}/"
-              f"{server.replicas} replica(s) up, {role}")
+        role = (
+            f"kept warm until {time.strftime('%H:%M:%S', time.localtime(server.warm_until))}"
+            if server.warm_until
+            else server.role
+        )
+        print(
+            f"  {server.model} {server.version}: {server.status}, {len(server.endpoints)}/"
+            f"{server.replicas} replica(s) up, {role}"
+        )
         for e in server.endpoints:
             gpus = f", GPUs {','.join(e.gpus)}" if e.gpus else ""
             print(f"    replica {e.replica}  node {e.node_ip}  engine {e.url}{gpus}  log {e.log}")
     if models:
         name = models[0]["id"]
-        print("\ntry:\n  curl -s " + settings.gateway_url + "/v1/completions -H "
-              "'content-type: application/json' -d '{\"model\": \"" + name + "\", \"prompt\": "
-              "\"Clause: The Vendor shall pay the Buyer $12,500 no later than March 3, 2027."
-              "\\nQuestion: What amount does the clause state?\\nAnswer:\", \"max_tokens\": 16, "
-              "\"temperature\": 0}'")
+        print(
+            "\ntry:\n  curl -s " + settings.gateway_url + "/v1/completions -H "
+            "'content-type: application/json' -d '{\"model\": \"" + name + '", "prompt": '
+            '"Clause: The Vendor shall pay the Buyer $12,500 no later than March 3, 2027.'
+            '\\nQuestion: What amount does the clause state?\\nAnswer:", "max_tokens": 16, '
+            '"temperature": 0}\''
+        )
 
 
 def _fleet(settings) -> list:
@@ -84,8 +95,10 @@ def _fleet(settings) -> list:
     try:
         return fleet.running(settings)
     except Exception as exc:  # noqa: BLE001 - status must answer even with Ray down
-        print(f"  (the Ray cluster at {settings.ray_address or 'the local stack'} cannot be "
-              f"asked: {type(exc).__name__}: {exc})")
+        print(
+            f"  (the Ray cluster at {settings.ray_address or 'the local stack'} cannot be "
+            f"asked: {type(exc).__name__}: {exc})"
+        )
         return []
 
 
@@ -96,11 +109,15 @@ def cmd_scale(args) -> None:
     live = ArtifactStore(settings).read_alias(args.model, "live")
     server = live and fleet.find(settings, args.model, live)
     if not server:
-        raise StackError(f"{args.model} has no live version with servers to scale "
-                         f"(live: {live or 'none'}); roll one out first")
+        raise StackError(
+            f"{args.model} has no live version with servers to scale "
+            f"(live: {live or 'none'}); roll one out first"
+        )
     server = fleet.scale(settings, server, args.replicas)
-    print(f"{args.model} {live}: {len(server.endpoints)} replica(s) on "
-          f"{', '.join(sorted({e.node_ip for e in server.endpoints}))}")
+    print(
+        f"{args.model} {live}: {len(server.endpoints)} replica(s) on "
+        f"{', '.join(sorted({e.node_ip for e in server.endpoints}))}"
+    )
 
 
 def cmd_versions(args) -> None:
@@ -114,16 +131,20 @@ def cmd_versions(args) -> None:
     if not versions:
         print(f"{args.model} has no published versions")
         return
-    print(f"{'version':14s} {'created (UTC)':20s} {'scheme':12s} {'gate':6s} {'perf':6s} "
-          f"{'tok/s x':>8s} {'MB':>8s}  alias")
+    print(
+        f"{'version':14s} {'created (UTC)':20s} {'scheme':12s} {'gate':6s} {'perf':6s} "
+        f"{'tok/s x':>8s} {'MB':>8s}  alias"
+    )
     for v in versions:
         alias = "live" if v.version == live else ("previous" if v.version == previous else "")
         perf = {None: "-", True: "pass", False: "FAIL"}[v.perf_passed]
         # The candidate's output tokens/s over the baseline's, at the production load.
         ratio = "-" if v.throughput_ratio is None else f"{v.throughput_ratio:.2f}"
-        print(f"{v.version:14s} {v.created_at[:19]:20s} {v.scheme:12s} "
-              f"{'pass' if v.gate_passed else 'FAIL':6s} {perf:6s} "
-              f"{ratio:>8s} {v.bytes / 1e6:8.1f}  {alias}")
+        print(
+            f"{v.version:14s} {v.created_at[:19]:20s} {v.scheme:12s} "
+            f"{'pass' if v.gate_passed else 'FAIL':6s} {perf:6s} "
+            f"{ratio:>8s} {v.bytes / 1e6:8.1f}  {alias}"
+        )
 
 
 def cmd_rollback(args) -> None:
@@ -134,14 +155,20 @@ def cmd_rollback(args) -> None:
 
     settings = get_settings()
     name = f"rollback/{args.model}"
-    parameters = {"model": args.model, "reason": args.reason, "target_version": args.to,
-                  "allow_ungated": args.allow_ungated}
+    parameters = {
+        "model": args.model,
+        "reason": args.reason,
+        "target_version": args.to,
+        "allow_ungated": args.allow_ungated,
+    }
     with prefect_client_settings(settings):
         try:
             flow_run = run_deployment(name, parameters=parameters, timeout=args.timeout)
         except ObjectNotFound:
-            raise StackError(f"there is no deployment {name}: add one to prefect.yaml "
-                             "(see rollback/tiny-llama) and run `llmship up`") from None
+            raise StackError(
+                f"there is no deployment {name}: add one to prefect.yaml "
+                "(see rollback/tiny-llama) and run `llmship up`"
+            ) from None
         state = flow_run.state
         if state.is_completed():
             result = state.result()
@@ -149,10 +176,11 @@ def cmd_rollback(args) -> None:
             print(f"{args.model}: {result.version} is live{was}; flow run {flow_run.name}")
             return
     if not state.is_final():
-        raise RollbackFailed(f"flow run {flow_run.name} of {name} is still {state.name} after "
-                             f"{args.timeout:.0f} s; follow it in the Prefect UI")
-    raise RollbackFailed(f"flow run {flow_run.name} of {name} ended {state.name}: "
-                         f"{state.message}")
+        raise RollbackFailed(
+            f"flow run {flow_run.name} of {name} is still {state.name} after "
+            f"{args.timeout:.0f} s; follow it in the Prefect UI"
+        )
+    raise RollbackFailed(f"flow run {flow_run.name} of {name} ended {state.name}: {state.message}")
 
 
 def deployment_config(name: str):
@@ -172,11 +200,14 @@ def deployment_config(name: str):
         known.append(f"{flow.name}/{d['name']}")
         if known[-1] == name:
             if "config" not in d.get("parameters", {}):
-                raise StackError(f"{name} takes no pipeline config: plan is for build-and-serve "
-                                 "and recalibrate deployments")
+                raise StackError(
+                    f"{name} takes no pipeline config: plan is for build-and-serve "
+                    "and recalibrate deployments"
+                )
             return PipelineConfig.model_validate(d["parameters"]["config"])
-    raise StackError(f"there is no deployment {name!r} in prefect.yaml; there are: "
-                     f"{', '.join(known)}")
+    raise StackError(
+        f"there is no deployment {name!r} in prefect.yaml; there are: {', '.join(known)}"
+    )
 
 
 def cmd_plan(args) -> None:
@@ -187,22 +218,36 @@ def cmd_plan(args) -> None:
     gpus = None
     if args.gpus is not None:
         major, _, minor = args.compute_capability.partition(".")
-        gpus = [Gpu(index=i, name="planned GPU", memory_gib=args.gpu_memory_gib,
-                    compute_capability=(int(major), int(minor or 0)))
-                for i in range(args.gpus)]
+        gpus = [
+            Gpu(
+                index=i,
+                name="planned GPU",
+                memory_gib=args.gpu_memory_gib,
+                compute_capability=(int(major), int(minor or 0)),
+            )
+            for i in range(args.gpus)
+        ]
         settings = settings.model_copy(update={"device": "cuda" if args.gpus else "cpu"})
-    result = plan(config, settings, gpus=gpus, free_disk_gib=args.free_disk_gib,
-                  check_services=not args.offline)
+    result = plan(
+        config,
+        settings,
+        gpus=gpus,
+        free_disk_gib=args.free_disk_gib,
+        check_services=not args.offline,
+    )
     print(f"plan for {args.deployment}")
     print(render(result, config))
     if result.refusals:
-        raise StackError(f"{args.deployment} would be refused here: {len(result.refusals)} "
-                         f"check(s) failed ({', '.join(c.name for c in result.refusals)})")
+        raise StackError(
+            f"{args.deployment} would be refused here: {len(result.refusals)} "
+            f"check(s) failed ({', '.join(c.name for c in result.refusals)})"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="llmship", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="llmship", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("up", help="start the local stack").set_defaults(fn=cmd_up)
     sub.add_parser("down", help="stop the local stack").set_defaults(fn=cmd_down)
@@ -216,23 +261,36 @@ def main(argv: list[str] | None = None) -> int:
     versions.set_defaults(fn=cmd_versions)
     rollback = sub.add_parser("rollback", help="move a model's traffic to an earlier version")
     rollback.add_argument("model")
-    rollback.add_argument("--to", metavar="VERSION", default=None,
-                          help="a published version (default: the previous one)")
+    rollback.add_argument(
+        "--to",
+        metavar="VERSION",
+        default=None,
+        help="a published version (default: the previous one)",
+    )
     rollback.add_argument("--reason", default="rolled back with `llmship rollback`")
-    rollback.add_argument("--allow-ungated", action="store_true",
-                          help="serve a version without a passing gate record (an override)")
+    rollback.add_argument(
+        "--allow-ungated",
+        action="store_true",
+        help="serve a version without a passing gate record (an override)",
+    )
     rollback.add_argument("--timeout", type=float, default=600.0, help="seconds to wait")
     rollback.set_defaults(fn=cmd_rollback)
     plan = sub.add_parser("plan", help="estimate and check a deployment before running it")
     plan.add_argument("deployment", help="FLOW/DEPLOYMENT, e.g. build-and-serve/llama3-70b")
-    plan.add_argument("--gpus", type=int, default=None,
-                      help="plan for this many GPUs rather than this machine's")
+    plan.add_argument(
+        "--gpus", type=int, default=None, help="plan for this many GPUs rather than this machine's"
+    )
     plan.add_argument("--gpu-memory-gib", type=float, default=80.0)
     plan.add_argument("--compute-capability", default="9.0")
-    plan.add_argument("--free-disk-gib", type=float, default=None,
-                      help="plan for this much free disk rather than this machine's")
-    plan.add_argument("--offline", action="store_true",
-                      help="skip the S3, hub and environment checks")
+    plan.add_argument(
+        "--free-disk-gib",
+        type=float,
+        default=None,
+        help="plan for this much free disk rather than this machine's",
+    )
+    plan.add_argument(
+        "--offline", action="store_true", help="skip the S3, hub and environment checks"
+    )
     plan.set_defaults(fn=cmd_plan)
     args = parser.parse_args(argv)
     try:

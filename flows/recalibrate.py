@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
+from flows.build_and_serve import build_and_serve
 from llmship.domain_data import dataset_dir, file_digest
 from llmship.settings import PipelineConfig, get_settings
 from llmship.store import ArtifactStore
 from llmship.versions import calibration_of_version
-from flows.build_and_serve import build_and_serve
 from tasks.rollout import RolloutResult
 
 

@@ -70,15 +70,43 @@ def client_argv(req: LoadRequest) -> list[str]:
     """`vllm bench serve`'s own options, as its command line would take them."""
     load = req.load
     return [
-        "--backend", "vllm", "--base-url", req.base_url, "--endpoint", "/v1/completions",
-        "--model", req.served_name, "--tokenizer", req.tokenizer_dir,
-        "--dataset-name", "random", "--random-input-len", str(load.input_len),
-        "--random-output-len", str(load.output_len), "--random-range-ratio", "0",
-        "--num-prompts", str(load.num_prompts), "--max-concurrency", str(load.concurrency),
-        "--request-rate", "inf", "--ignore-eos", "--temperature", "0",
-        "--seed", str(load.seed), "--percentile-metrics", "ttft,tpot,itl",
-        "--metric-percentiles", ",".join(str(p) for p in PERCENTILES),
-        "--num-warmups", str(min(load.concurrency, 4)), "--disable-tqdm", "--save-detailed",
+        "--backend",
+        "vllm",
+        "--base-url",
+        req.base_url,
+        "--endpoint",
+        "/v1/completions",
+        "--model",
+        req.served_name,
+        "--tokenizer",
+        req.tokenizer_dir,
+        "--dataset-name",
+        "random",
+        "--random-input-len",
+        str(load.input_len),
+        "--random-output-len",
+        str(load.output_len),
+        "--random-range-ratio",
+        "0",
+        "--num-prompts",
+        str(load.num_prompts),
+        "--max-concurrency",
+        str(load.concurrency),
+        "--request-rate",
+        "inf",
+        "--ignore-eos",
+        "--temperature",
+        "0",
+        "--seed",
+        str(load.seed),
+        "--percentile-metrics",
+        "ttft,tpot,itl",
+        "--metric-percentiles",
+        ",".join(str(p) for p in PERCENTILES),
+        "--num-warmups",
+        str(min(load.concurrency, 4)),
+        "--disable-tqdm",
+        "--save-detailed",
     ]
 
 
@@ -90,9 +118,11 @@ def measure(req: LoadRequest) -> LoadFigures:
     parser = FlexibleArgumentParser()
     add_cli_args(parser)
     args = parser.parse_args(client_argv(req))
-    print(f"vllm bench serve: {req.load.num_prompts} requests, {req.load.concurrency} at once, "
-          f"{req.load.input_len} tokens in, {req.load.output_len} out, to {req.base_url}",
-          flush=True)
+    print(
+        f"vllm bench serve: {req.load.num_prompts} requests, {req.load.concurrency} at once, "
+        f"{req.load.input_len} tokens in, {req.load.output_len} out, to {req.base_url}",
+        flush=True,
+    )
     # Its report goes to our log; the per-request lists stay out of it.
     report = io.StringIO()
     with contextlib.redirect_stdout(report):
@@ -100,16 +130,19 @@ def measure(req: LoadRequest) -> LoadFigures:
     text = report.getvalue()
     start = text.find("Serving Benchmark Result")
     if start >= 0:
-        print(text[text.rfind("\n", 0, start) + 1:].strip(), flush=True)
+        print(text[text.rfind("\n", 0, start) + 1 :].strip(), flush=True)
     errors = [e for e in result.get("errors", []) if e]
     figures = LoadFigures(
-        load=req.load, completed=int(result["completed"]),
+        load=req.load,
+        completed=int(result["completed"]),
         failed=int(result.get("failed", req.load.num_prompts - result["completed"])),
         duration_s=float(result["duration"]),
         output_tokens_per_s=float(result["output_throughput"]),
         requests_per_s=float(result["request_throughput"]),
-        ttft_p50_ms=float(result["p50_ttft_ms"]), ttft_p99_ms=float(result["p99_ttft_ms"]),
-        itl_p50_ms=float(result["p50_itl_ms"]), itl_p99_ms=float(result["p99_itl_ms"]),
+        ttft_p50_ms=float(result["p50_ttft_ms"]),
+        ttft_p99_ms=float(result["p99_ttft_ms"]),
+        itl_p50_ms=float(result["p50_itl_ms"]),
+        itl_p99_ms=float(result["p99_itl_ms"]),
         tpot_median_ms=float(result["median_tpot_ms"]),
         errors=[e.strip().splitlines()[-1][:300] for e in errors[:3]],
     )
@@ -118,7 +151,8 @@ def measure(req: LoadRequest) -> LoadFigures:
             f"the server at {req.base_url} answered none of {req.load.num_prompts} requests of "
             f"the performance gate's {req.load.name} load (first error: "
             f"{figures.errors[0] if figures.errors else 'none reported'}); its engine log is "
-            "named in `llmship status`")
+            "named in `llmship status`"
+        )
     return figures
 
 
@@ -127,9 +161,19 @@ class Measurement(BaseModel):
 
 
 def measure_all(req: MeasureRequest) -> Measurement:
-    return Measurement(figures=[measure(LoadRequest(
-        base_url=req.base_url, served_name=req.served_name, tokenizer_dir=req.tokenizer_dir,
-        load=load)) for load in req.loads])
+    return Measurement(
+        figures=[
+            measure(
+                LoadRequest(
+                    base_url=req.base_url,
+                    served_name=req.served_name,
+                    tokenizer_dir=req.tokenizer_dir,
+                    load=load,
+                )
+            )
+            for load in req.loads
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -80,13 +80,18 @@ def smoke_generate(model_dir: Path, device: str) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype="auto", device_map="auto" if device == "cuda" else None)
+        model_dir, dtype="auto", device_map="auto" if device == "cuda" else None
+    )
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     ids = tokenizer(SMOKE_PROMPT, return_tensors="pt").to(model.device)
     with torch.no_grad():
-        generated = model.generate(**ids, max_new_tokens=4, do_sample=False,
-                                   pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    return tokenizer.decode(generated[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        generated = model.generate(
+            **ids,
+            max_new_tokens=4,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+        )
+    return tokenizer.decode(generated[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def check_modelopt_checkpoint(model_dir: Path) -> str:
@@ -97,8 +102,10 @@ def check_modelopt_checkpoint(model_dir: Path) -> str:
 
     quant = json.loads((model_dir / "hf_quant_config.json").read_text())["quantization"]
     if quant.get("quant_algo") != "FP8":
-        raise StageFailed(f"{model_dir}/hf_quant_config.json: quant_algo "
-                          f"{quant.get('quant_algo')!r}, expected 'FP8'")
+        raise StageFailed(
+            f"{model_dir}/hf_quant_config.json: quant_algo "
+            f"{quant.get('quant_algo')!r}, expected 'FP8'"
+        )
     dtypes: dict[str, str] = {}
     for shard in sorted(model_dir.glob("*.safetensors")):
         with safe_open(shard, "pt") as f:
@@ -107,8 +114,12 @@ def check_modelopt_checkpoint(model_dir: Path) -> str:
     fp8 = [n for n, d in dtypes.items() if n.endswith(".weight") and d == "F8_E4M3"]
     if not fp8:
         raise StageFailed(f"{model_dir}: no FP8 (E4M3) weights in the checkpoint")
-    missing = [n for n in fp8 for scale in ("weight_scale", "input_scale")
-               if n.removesuffix("weight") + scale not in dtypes]
+    missing = [
+        n
+        for n in fp8
+        for scale in ("weight_scale", "input_scale")
+        if n.removesuffix("weight") + scale not in dtypes
+    ]
     if missing:
         raise StageFailed(f"{model_dir}: FP8 weights without their scales: {missing[:5]}")
     kv = quant.get("kv_cache_quant_algo")
@@ -120,8 +131,12 @@ def build_engine(req: BuildRequest, out: Path) -> None:
     import subprocess
 
     # The stage inherits the worker's environment, LLMSHIP_TRTLLM_* included.
-    cmd = engines.trtllm_build_command(get_settings(), out / engines.TRTLLM_CHECKPOINT_SUBDIR,
-                                       out / engines.ENGINE_SUBDIR, req.serving)
+    cmd = engines.trtllm_build_command(
+        get_settings(),
+        out / engines.TRTLLM_CHECKPOINT_SUBDIR,
+        out / engines.ENGINE_SUBDIR,
+        req.serving,
+    )
     print("building the TensorRT engine: " + " ".join(cmd), flush=True)
     try:
         subprocess.run(cmd, check=True)
@@ -150,14 +165,25 @@ def build(req: BuildRequest) -> BuildResult:
         if req.target is Target.TRTLLM:
             # The 16-bit baseline is served as a checkpoint by the PyTorch backend, also when
             # the candidate is an engine.
-            serving = serving.model_copy(update={"trtllm": serving.trtllm.model_copy(
-                update={"backend": TrtllmBackend.PYTORCH})})
+            serving = serving.model_copy(
+                update={
+                    "trtllm": serving.trtllm.model_copy(update={"backend": TrtllmBackend.PYTORCH})
+                }
+            )
     print(f"{precision} build for {req.target.value}: {smoke!r}", flush=True)
-    serve = ServeSpec(target=req.target, serve_subdir=subdir,
-                      engine_args=engines.engine_args(req.target, serving, req.kv_cache_fp8))
-    result = BuildResult(target=req.target, precision=precision, quantization_format=fmt,
-                         serve=serve, smoke_output=smoke,
-                         seconds=round(time.monotonic() - started, 3))
+    serve = ServeSpec(
+        target=req.target,
+        serve_subdir=subdir,
+        engine_args=engines.engine_args(req.target, serving, req.kv_cache_fp8),
+    )
+    result = BuildResult(
+        target=req.target,
+        precision=precision,
+        quantization_format=fmt,
+        serve=serve,
+        smoke_output=smoke,
+        seconds=round(time.monotonic() - started, 3),
+    )
     # Timings stay out of the artifact: the same inputs must give the same bytes, and so the
     # same content digest and version id (the manifest records the timings instead).
     (out / BUILD_FILE).write_text(result.model_dump_json(indent=2, exclude={"seconds"}))

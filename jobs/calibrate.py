@@ -36,6 +36,7 @@ from llmship.errors import UnsupportedConfiguration
 from llmship.settings import Scheme, Target
 from llmship.subprocess_stage import stage_main
 
+
 class CalibrateRequest(BaseModel):
     model_dir: str
     data_file: str
@@ -64,8 +65,13 @@ class CalibrateResult(BaseModel):
 
 
 # Static per-tensor FP8 k/v scales, as in compressed-tensors' KV cache scheme that vLLM reads.
-KV_CACHE_FP8 = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False,
-                "symmetric": True}
+KV_CACHE_FP8 = {
+    "num_bits": 8,
+    "type": "float",
+    "strategy": "tensor",
+    "dynamic": False,
+    "symmetric": True,
+}
 
 
 def recipe_for(scheme: Scheme, smoothing_strength: float = 0.8, kv_cache_fp8: bool = False):
@@ -77,16 +83,18 @@ def recipe_for(scheme: Scheme, smoothing_strength: float = 0.8, kv_cache_fp8: bo
 
     kv = {"kv_cache_scheme": KV_CACHE_FP8} if kv_cache_fp8 else {}
     if scheme in (Scheme.FP8, Scheme.FP8_DYNAMIC):
-        return QuantizationModifier(targets="Linear", scheme=scheme.value, ignore=["lm_head"],
-                                    **kv)
+        return QuantizationModifier(targets="Linear", scheme=scheme.value, ignore=["lm_head"], **kv)
     if scheme is Scheme.FP8_WEIGHT_ONLY:
         # No preset in compressed-tensors: FP8 weights, one scale per output channel, and
         # no activation quantization (vLLM: CompressedTensorsW8A16Fp8).
-        weights = QuantizationArgs(num_bits=8, type="float", strategy="channel",
-                                   symmetric=True, dynamic=False)
+        weights = QuantizationArgs(
+            num_bits=8, type="float", strategy="channel", symmetric=True, dynamic=False
+        )
         return QuantizationModifier(
             config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
-            ignore=["lm_head"], **kv)
+            ignore=["lm_head"],
+            **kv,
+        )
     if scheme is Scheme.W8A8:
         gptq = GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"], **kv)
         if smoothing_strength == 0:
@@ -100,7 +108,8 @@ def _load(req: CalibrateRequest):
 
     # On GPUs the model is spread over all of them (a 70B model fits no single one).
     model = AutoModelForCausalLM.from_pretrained(
-        req.model_dir, dtype="auto", device_map="auto" if req.device == "cuda" else req.device)
+        req.model_dir, dtype="auto", device_map="auto" if req.device == "cuda" else req.device
+    )
     return model, AutoTokenizer.from_pretrained(req.model_dir)
 
 
@@ -114,14 +123,19 @@ def calibrate_llmcompressor(req: CalibrateRequest, texts: list[str]) -> dict:
         lambda row: tokenizer(row["text"], truncation=True, max_length=req.max_seq_length),
         remove_columns=["text"],
     )
-    oneshot(model=model, dataset=dataset,
-            recipe=recipe_for(req.scheme, req.smoothing_strength, req.kv_cache_fp8),
-            max_seq_length=req.max_seq_length, num_calibration_samples=len(texts),
-            shuffle_calibration_samples=False)
+    oneshot(
+        model=model,
+        dataset=dataset,
+        recipe=recipe_for(req.scheme, req.smoothing_strength, req.kv_cache_fp8),
+        max_seq_length=req.max_seq_length,
+        num_calibration_samples=len(texts),
+        shuffle_calibration_samples=False,
+    )
     model.save_pretrained(req.out_dir, save_compressed=True)
     tokenizer.save_pretrained(req.out_dir)
     return json.loads((Path(req.out_dir) / "config.json").read_text()).get(
-        "quantization_config", {})
+        "quantization_config", {}
+    )
 
 
 def calibrate_modelopt(req: CalibrateRequest, texts: list[str]) -> dict:
@@ -135,8 +149,10 @@ def calibrate_modelopt(req: CalibrateRequest, texts: list[str]) -> dict:
     from serving.engines import TRTLLM_CHECKPOINT_SUBDIR
 
     if req.scheme is not Scheme.FP8:
-        raise UnsupportedConfiguration(f"ModelOpt calibration (target trtllm) takes scheme "
-                                       f"FP8, not {req.scheme.value}; use target vllm")
+        raise UnsupportedConfiguration(
+            f"ModelOpt calibration (target trtllm) takes scheme "
+            f"FP8, not {req.scheme.value}; use target vllm"
+        )
     model, tokenizer = _load(req)
     quant_cfg = mtq.FP8_DEFAULT_CFG
     if req.kv_cache_fp8:
@@ -145,8 +161,9 @@ def calibrate_modelopt(req: CalibrateRequest, texts: list[str]) -> dict:
 
     def forward_loop(m):
         for i, text in enumerate(texts):
-            ids = tokenizer(text, return_tensors="pt", truncation=True,
-                            max_length=req.max_seq_length).input_ids.to(device)
+            ids = tokenizer(
+                text, return_tensors="pt", truncation=True, max_length=req.max_seq_length
+            ).input_ids.to(device)
             m(ids)
             if (i + 1) % 64 == 0:
                 print(f"  calibration forward passes: {i + 1}/{len(texts)}", flush=True)
@@ -155,9 +172,13 @@ def calibrate_modelopt(req: CalibrateRequest, texts: list[str]) -> dict:
         mtq.quantize(model, quant_cfg, forward_loop)
     out = Path(req.out_dir)
     if req.export_trtllm_checkpoint:
-        export_tensorrt_llm_checkpoint(model, "llama", dtype=getattr(torch, req.dtype),
-                                       export_dir=out / TRTLLM_CHECKPOINT_SUBDIR,
-                                       inference_tensor_parallel=req.tensor_parallel_size)
+        export_tensorrt_llm_checkpoint(
+            model,
+            "llama",
+            dtype=getattr(torch, req.dtype),
+            export_dir=out / TRTLLM_CHECKPOINT_SUBDIR,
+            inference_tensor_parallel=req.tensor_parallel_size,
+        )
         # The gate, the smoke test and trtllm-serve's --tokenizer read these.
         model.config.save_pretrained(out)
     else:
@@ -167,7 +188,8 @@ def calibrate_modelopt(req: CalibrateRequest, texts: list[str]) -> dict:
     if quant.exists():
         return json.loads(quant.read_text()).get("quantization", {})
     return json.loads((out / TRTLLM_CHECKPOINT_SUBDIR / "config.json").read_text()).get(
-        "quantization", {})
+        "quantization", {}
+    )
 
 
 def calibrate(req: CalibrateRequest) -> CalibrateResult:
@@ -176,8 +198,11 @@ def calibrate(req: CalibrateRequest) -> CalibrateResult:
 
     texts = load_calibration_texts(Path(req.data_file), limit=req.num_samples)
     quantizer = req.target.quantizer
-    print(f"calibrating {req.scheme.value} with {quantizer} on {len(texts)} samples from "
-          f"{req.data_file} ({req.device})", flush=True)
+    print(
+        f"calibrating {req.scheme.value} with {quantizer} on {len(texts)} samples from "
+        f"{req.data_file} ({req.device})",
+        flush=True,
+    )
     started = time.monotonic()
     torch.manual_seed(0)
     if req.device == "cuda":
@@ -187,13 +212,23 @@ def calibrate(req: CalibrateRequest) -> CalibrateResult:
     seconds = time.monotonic() - started
     peak = None
     if req.device == "cuda":
-        peak = round(sum(torch.cuda.max_memory_allocated(i)
-                         for i in range(torch.cuda.device_count())) / 2**30, 2)
-    print(f"calibrated in {seconds:.1f}s" + (f", peak GPU memory {peak} GiB" if peak else ""),
-          flush=True)
-    return CalibrateResult(scheme=req.scheme, samples=len(texts), seconds=round(seconds, 3),
-                           quantizer=quantizer, quantization_config=quantization_config,
-                           peak_gpu_memory_gib=peak)
+        peak = round(
+            sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count()))
+            / 2**30,
+            2,
+        )
+    print(
+        f"calibrated in {seconds:.1f}s" + (f", peak GPU memory {peak} GiB" if peak else ""),
+        flush=True,
+    )
+    return CalibrateResult(
+        scheme=req.scheme,
+        samples=len(texts),
+        seconds=round(seconds, 3),
+        quantizer=quantizer,
+        quantization_config=quantization_config,
+        peak_gpu_memory_gib=peak,
+    )
 
 
 if __name__ == "__main__":

@@ -83,21 +83,34 @@ def write_domain_tasks(tasks: TaskSet, out: Path) -> None:
         data = out / f"{name}.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in by_kind[kind]))
         # JSON is valid YAML: no template engine between us and the harness' config parser.
-        (out / f"{name}.yaml").write_text(json.dumps({
-            "task": name,
-            "dataset_path": "json",
-            "dataset_kwargs": {"data_files": {"test": str(data)}},
-            "test_split": "test",
-            "output_type": "generate_until",
-            "doc_to_text": "{{prompt}}",
-            "doc_to_target": "{{answer}}",
-            "generation_kwargs": {"until": ["\n"], "do_sample": False, "max_gen_toks": 24},
-            "filter_list": [{"name": "strip", "filter": [
-                {"function": "remove_whitespace"}, {"function": "take_first"}]}],
-            "metric_list": [{"metric": "exact_match", "aggregation": "mean",
-                             "higher_is_better": True}],
-            "metadata": {"version": 1.0},
-        }, indent=2))
+        (out / f"{name}.yaml").write_text(
+            json.dumps(
+                {
+                    "task": name,
+                    "dataset_path": "json",
+                    "dataset_kwargs": {"data_files": {"test": str(data)}},
+                    "test_split": "test",
+                    "output_type": "generate_until",
+                    "doc_to_text": "{{prompt}}",
+                    "doc_to_target": "{{answer}}",
+                    "generation_kwargs": {"until": ["\n"], "do_sample": False, "max_gen_toks": 24},
+                    "filter_list": [
+                        {
+                            "name": "strip",
+                            "filter": [
+                                {"function": "remove_whitespace"},
+                                {"function": "take_first"},
+                            ],
+                        }
+                    ],
+                    "metric_list": [
+                        {"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}
+                    ],
+                    "metadata": {"version": 1.0},
+                },
+                indent=2,
+            )
+        )
 
 
 def load_task_manager(tasks: TaskSet, include_path: Path):
@@ -108,8 +121,10 @@ def load_task_manager(tasks: TaskSet, include_path: Path):
     manager = TaskManager(include_path=str(include_path), include_defaults=bool(tasks.standard))
     for name in tasks.standard:
         if name not in manager.all_tasks:
-            raise GateConfigError(f"lm-eval {_harness_version()} has no task {name!r} "
-                                  "(gate.standard_tasks): see `lm_eval --tasks list`")
+            raise GateConfigError(
+                f"lm-eval {_harness_version()} has no task {name!r} "
+                "(gate.standard_tasks): see `lm_eval --tasks list`"
+            )
         try:
             manager.load_task_or_group([name])
         except (ConnectionError, OSError, FileNotFoundError) as exc:
@@ -120,7 +135,8 @@ def load_task_manager(tasks: TaskSet, include_path: Path):
                 f"the data of lm-eval task {name!r} is not in the local datasets cache "
                 f"({cache}) and this machine is offline: {exc}. Load it once where the hub is "
                 f"reachable (README, 'Standard tasks'), or drop {name!r} from "
-                "gate.standard_tasks") from None
+                "gate.standard_tasks"
+            ) from None
     return manager
 
 
@@ -138,10 +154,13 @@ def _model_args(req: EvaluateRequest, base_url: str | None) -> tuple[str, str]:
             return "hf", f"pretrained={req.model_dir},dtype=float32,device=cpu"
         return "hf", f"pretrained={req.model_dir},dtype=auto,parallelize=True"
     # add_bos_token: without it the completions client sends prompts without BOS and scores
-    # collapse (docs/FINDINGS.md, lm-evaluation-harness: 0.96 -> 0.24); vLLM itself adds it when it tokenizes text.
-    return "local-completions", (f"base_url={base_url}/v1/completions,model={req.served_name},"
-                                 f"tokenizer={req.model_dir},tokenizer_backend=huggingface,"
-                                 "add_bos_token=True,num_concurrent=8,max_retries=3")
+    # collapse (docs/FINDINGS.md, lm-evaluation-harness: 0.96 -> 0.24); vLLM itself adds it
+    # when it tokenizes text.
+    return "local-completions", (
+        f"base_url={base_url}/v1/completions,model={req.served_name},"
+        f"tokenizer={req.model_dir},tokenizer_backend=huggingface,"
+        "add_bos_token=True,num_concurrent=8,max_retries=3"
+    )
 
 
 def evaluate(req: EvaluateRequest) -> Evaluation:
@@ -153,13 +172,20 @@ def evaluate(req: EvaluateRequest) -> Evaluation:
 
         manager = load_task_manager(req.tasks, Path(tmp))
         model, model_args = _model_args(req, req.base_url)
-        print(f"lm-eval ({model}): {', '.join(req.tasks.names)} on {req.model_dir}"
-              + (f" through {req.base_url}" if req.base_url else ""), flush=True)
+        print(
+            f"lm-eval ({model}): {', '.join(req.tasks.names)} on {req.model_dir}"
+            + (f" through {req.base_url}" if req.base_url else ""),
+            flush=True,
+        )
         try:
             results = lm_eval.simple_evaluate(
-                model=model, model_args=model_args, tasks=req.tasks.names,
-                task_manager=manager, batch_size=32 if model == "hf" else 1,
-                limit=req.limit, log_samples=False,
+                model=model,
+                model_args=model_args,
+                tasks=req.tasks.names,
+                task_manager=manager,
+                batch_size=32 if model == "hf" else 1,
+                limit=req.limit,
+                log_samples=False,
             )
         except Exception:
             if req.base_url and not answers_health(req.base_url):
@@ -169,17 +195,22 @@ def evaluate(req: EvaluateRequest) -> Evaluation:
                     f"the model server for {req.model_dir} at {req.base_url} stopped "
                     "answering during the evaluation: this build cannot be served with these "
                     "engine arguments on this machine (the engine's log is named in "
-                    "`llmship status`)") from None
+                    "`llmship status`)"
+                ) from None
             raise
     scores = {}
     for name in req.tasks.names:
         row = results["results"][name]
-        metrics = {k: float(v) for k, v in row.items()
-                   if isinstance(v, (int, float)) and "_stderr" not in k and "," in k}
+        metrics = {
+            k: float(v)
+            for k, v in row.items()
+            if isinstance(v, (int, float)) and "_stderr" not in k and "," in k
+        }
         scores[name] = TaskScore(metrics=metrics, n=_items_of(results, name))
         print(f"  {name}: {metrics} (n={scores[name].n})", flush=True)
-    return Evaluation(backend=req.backend, scores=scores,
-                      seconds=round(time.monotonic() - started, 3))
+    return Evaluation(
+        backend=req.backend, scores=scores, seconds=round(time.monotonic() - started, 3)
+    )
 
 
 def _items_of(results: dict, name: str) -> int:

@@ -28,7 +28,9 @@ from datetime import timedelta
 
 from prefect.automations import Automation
 from prefect.blocks.notifications import (
-    CustomWebhookNotificationBlock, NotificationBlock, SlackWebhook,
+    CustomWebhookNotificationBlock,
+    NotificationBlock,
+    SlackWebhook,
 )
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowFilter, FlowFilterName
@@ -47,8 +49,11 @@ RUN_FAILED = "llmship-run-failed"
 CRASHED_RUNS = "llmship-crashed-runs"
 RESTORE = "llmship-restore-{model}"
 FLOWS = ["build-and-serve", "recalibrate", "rollback"]
-RUN_END_STATES = {"prefect.flow-run.Failed", "prefect.flow-run.Crashed",
-                  "prefect.flow-run.TimedOut"}
+RUN_END_STATES = {
+    "prefect.flow-run.Failed",
+    "prefect.flow-run.Crashed",
+    "prefect.flow-run.TimedOut",
+}
 
 GATE_SUBJECT = "llmship: accuracy gate failed for {{ event.payload.model }}"
 GATE_BODY = (
@@ -68,9 +73,11 @@ PERF_BODY = (
 )
 # No deployment in these: a recalibrate run's build-and-serve subflow run has none.
 RUN_SUBJECT = "llmship: {{ flow.name }} run {{ flow_run.name }} {{ flow_run.state.name }}"
-RUN_BODY = ("{{ flow.name }} run {{ flow_run.name }} "
-            "ended {{ flow_run.state.name }}: {{ flow_run.state.message }}\n"
-            "{{ flow_run|ui_url }}")
+RUN_BODY = (
+    "{{ flow.name }} run {{ flow_run.name }} "
+    "ended {{ flow_run.state.name }}: {{ flow_run.state.message }}\n"
+    "{{ flow_run|ui_url }}"
+)
 
 
 def notification_block(settings: Settings) -> NotificationBlock | None:
@@ -78,9 +85,14 @@ def notification_block(settings: Settings) -> NotificationBlock | None:
         return SlackWebhook(url=settings.alert_slack_webhook_url)
     if settings.alert_webhook_url:
         return CustomWebhookNotificationBlock(
-            name=BLOCK_NAME, url=settings.alert_webhook_url,
-            json_data={"text": "{{subject}}\n{{body}}", "subject": "{{subject}}",
-                       "body": "{{body}}"})
+            name=BLOCK_NAME,
+            url=settings.alert_webhook_url,
+            json_data={
+                "text": "{{subject}}\n{{body}}",
+                "subject": "{{subject}}",
+                "body": "{{body}}",
+            },
+        )
     return None
 
 
@@ -89,28 +101,42 @@ def alert_automations(block_id) -> list[Automation]:
         Automation(
             name=GATE_FAILED,
             description="Notify the team when a candidate fails the accuracy gate",
-            trigger=EventTrigger(expect={events.GATE_FAILED}, posture=Posture.Reactive,
-                                 threshold=1, match={"prefect.resource.id": events.MODEL_RESOURCE.format(model="*")}),
-            actions=[SendNotification(block_document_id=block_id, subject=GATE_SUBJECT,
-                                      body=GATE_BODY)],
+            trigger=EventTrigger(
+                expect={events.GATE_FAILED},
+                posture=Posture.Reactive,
+                threshold=1,
+                match={"prefect.resource.id": events.MODEL_RESOURCE.format(model="*")},
+            ),
+            actions=[
+                SendNotification(block_document_id=block_id, subject=GATE_SUBJECT, body=GATE_BODY)
+            ],
         ),
         Automation(
             name=PERF_FAILED,
             description="Notify the team when a candidate fails the performance gate",
-            trigger=EventTrigger(expect={events.PERF_FAILED}, posture=Posture.Reactive,
-                                 threshold=1, match={"prefect.resource.id": events.MODEL_RESOURCE.format(model="*")}),
-            actions=[SendNotification(block_document_id=block_id, subject=PERF_SUBJECT,
-                                      body=PERF_BODY)],
+            trigger=EventTrigger(
+                expect={events.PERF_FAILED},
+                posture=Posture.Reactive,
+                threshold=1,
+                match={"prefect.resource.id": events.MODEL_RESOURCE.format(model="*")},
+            ),
+            actions=[
+                SendNotification(block_document_id=block_id, subject=PERF_SUBJECT, body=PERF_BODY)
+            ],
         ),
         Automation(
             name=RUN_FAILED,
             description="Notify the team when any run of llmship's flows fails",
-            trigger=EventTrigger(expect=RUN_END_STATES, posture=Posture.Reactive, threshold=1,
-                                 match={"prefect.resource.id": "prefect.flow-run.*"},
-                                 match_related={"prefect.resource.role": "flow",
-                                                "prefect.resource.name": FLOWS}),
-            actions=[SendNotification(block_document_id=block_id, subject=RUN_SUBJECT,
-                                      body=RUN_BODY)],
+            trigger=EventTrigger(
+                expect=RUN_END_STATES,
+                posture=Posture.Reactive,
+                threshold=1,
+                match={"prefect.resource.id": "prefect.flow-run.*"},
+                match_related={"prefect.resource.role": "flow", "prefect.resource.name": FLOWS},
+            ),
+            actions=[
+                SendNotification(block_document_id=block_id, subject=RUN_SUBJECT, body=RUN_BODY)
+            ],
         ),
     ]
 
@@ -122,41 +148,65 @@ def crashed_runs_automation(heartbeat_s: int) -> Automation:
         description="Mark a flow run Crashed when its heartbeats stop: its worker or host died",
         trigger=EventTrigger(
             after={"prefect.flow-run.heartbeat"},
-            expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed",
-                    "prefect.flow-run.Failed", "prefect.flow-run.Cancelled",
-                    "prefect.flow-run.Crashed"},
+            expect={
+                "prefect.flow-run.heartbeat",
+                "prefect.flow-run.Completed",
+                "prefect.flow-run.Failed",
+                "prefect.flow-run.Cancelled",
+                "prefect.flow-run.Crashed",
+            },
             match={"prefect.resource.id": "prefect.flow-run.*"},
-            for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
-            within=timedelta(seconds=silent_s)),
-        actions=[ChangeFlowRunState(
-            state=StateType.CRASHED,
-            message=f"no heartbeat for {silent_s} s: the worker or host running it died. Run "
-                    "the deployment again: every stage that finished is reused")],
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=silent_s),
+        ),
+        actions=[
+            ChangeFlowRunState(
+                state=StateType.CRASHED,
+                message=f"no heartbeat for {silent_s} s: the worker or host running it died. Run "
+                "the deployment again: every stage that finished is reused",
+            )
+        ],
     )
 
 
 def restore_automation(model: str, rollback_deployment_id, block_id) -> Automation:
-    actions = [RunDeployment(
-        source="selected", deployment_id=rollback_deployment_id,
-        parameters={"model": model, "allow_ungated": False,
-                    "only_if_live": "{{ event.payload.version }}",
-                    "reason": "the gateway declared the live version "
-                              "{{ event.payload.version }} down after "
-                              "{{ event.payload.seconds }} s without a running replica"})]
+    actions = [
+        RunDeployment(
+            source="selected",
+            deployment_id=rollback_deployment_id,
+            parameters={
+                "model": model,
+                "allow_ungated": False,
+                "only_if_live": "{{ event.payload.version }}",
+                "reason": "the gateway declared the live version "
+                "{{ event.payload.version }} down after "
+                "{{ event.payload.seconds }} s without a running replica",
+            },
+        )
+    ]
     if block_id:
-        actions.append(SendNotification(
-            block_document_id=block_id,
-            subject="llmship: {{ event.payload.model }}'s live version is down; rolling back",
-            body="{{ event.payload.model }} {{ event.payload.version }} has had no running "
-                 "replica for {{ event.payload.seconds }} s (Ray could not keep one up: "
-                 "`llmship status` names each replica's engine log). Clients get 503s until "
-                 f"rollback/{model} has moved the traffic to the previous version."))
+        actions.append(
+            SendNotification(
+                block_document_id=block_id,
+                subject="llmship: {{ event.payload.model }}'s live version is down; rolling back",
+                body="{{ event.payload.model }} {{ event.payload.version }} has had no running "
+                "replica for {{ event.payload.seconds }} s (Ray could not keep one up: "
+                "`llmship status` names each replica's engine log). Clients get 503s until "
+                f"rollback/{model} has moved the traffic to the previous version.",
+            )
+        )
     return Automation(
         name=RESTORE.format(model=model),
         description=f"When {model}'s live version cannot stay up, roll back to the previous "
-                    "version",
-        trigger=EventTrigger(expect={events.SERVING_DOWN}, posture=Posture.Reactive, threshold=1,
-                             match={"prefect.resource.id": events.MODEL_RESOURCE.format(model=model)}),
+        "version",
+        trigger=EventTrigger(
+            expect={events.SERVING_DOWN},
+            posture=Posture.Reactive,
+            threshold=1,
+            match={"prefect.resource.id": events.MODEL_RESOURCE.format(model=model)},
+        ),
         actions=actions,
     )
 
@@ -165,7 +215,8 @@ def rollback_deployments() -> dict[str, object]:
     """{model: deployment id} of every deployment of the rollback flow."""
     with get_client(sync_client=True) as client:
         deployments = client.read_deployments(
-            flow_filter=FlowFilter(name=FlowFilterName(any_=["rollback"])))
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["rollback"]))
+        )
     return {d.parameters["model"]: d.id for d in deployments if d.parameters.get("model")}
 
 
@@ -185,8 +236,10 @@ def ensure_automations(settings: Settings) -> list[str]:
         block_id = block.save(BLOCK_NAME, overwrite=True) if block else None
         if block_id:
             automations += alert_automations(block_id)
-        automations += [restore_automation(model, deployment_id, block_id)
-                        for model, deployment_id in sorted(rollback_deployments().items())]
+        automations += [
+            restore_automation(model, deployment_id, block_id)
+            for model, deployment_id in sorted(rollback_deployments().items())
+        ]
         for automation in automations:
             _replace(automation)
     return [a.name for a in automations]

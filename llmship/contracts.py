@@ -122,9 +122,15 @@ class StageOutput(BaseModel):
 
     @classmethod
     def from_manifest(cls, prefix: str, manifest: Manifest):
-        return cls(stage=manifest.kind, key=manifest.key, prefix=prefix, digest=manifest.digest,
-                   files=len(manifest.files), bytes=manifest.total_bytes,
-                   **({"details": manifest.details} if "details" in cls.model_fields else {}))
+        return cls(
+            stage=manifest.kind,
+            key=manifest.key,
+            prefix=prefix,
+            digest=manifest.digest,
+            files=len(manifest.files),
+            bytes=manifest.total_bytes,
+            **({"details": manifest.details} if "details" in cls.model_fields else {}),
+        )
 
 
 class Snapshot(StageOutput):

@@ -30,9 +30,12 @@ def ensure_credentials(settings: Settings) -> dict[str, str]:
     it lacks. Also writes the Prefect profile that carries the API's auth string."""
     path = settings.credentials_file
     creds = json.loads(path.read_text()) if path.exists() else {}
-    wanted = {**seaweedfs.new_secrets(), "gateway_admin_token": secrets.token_urlsafe(32),
-              "prefect_api_auth_string": f"{PREFECT_USER}:{secrets.token_urlsafe(32)}",
-              "ray_auth_token": secrets.token_hex(32)}
+    wanted = {
+        **seaweedfs.new_secrets(),
+        "gateway_admin_token": secrets.token_urlsafe(32),
+        "prefect_api_auth_string": f"{PREFECT_USER}:{secrets.token_urlsafe(32)}",
+        "ray_auth_token": secrets.token_hex(32),
+    }
     missing = {k: v for k, v in wanted.items() if k not in creds}
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(settings.state_dir, 0o700)
@@ -49,8 +52,11 @@ def ray_env(settings: Settings) -> dict[str, str]:
     """What every Ray process and client of this stack needs in its environment, before it
     imports ray (Ray reads it then): token authentication on, and where the token is (never
     the token itself)."""
-    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(settings.ray_auth_token_file),
-           "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(settings.ray_auth_token_file),
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
     if settings.host in ("127.0.0.1", "localhost", "::1") and not settings.ray_address:
         # `ray start` replaces a loopback --node-ip-address with the machine's outward address,
         # unless Ray is told this is a one-node cluster (its switch for laptops): the local
@@ -65,11 +71,20 @@ def write_prefect_profile(settings: Settings, auth_string: str) -> None:
     home = settings.state_dir / "prefect"
     home.mkdir(parents=True, exist_ok=True)
     os.chmod(home, 0o700)
-    write_private(home / "profiles.toml", "\n".join([
-        'active = "llmship"', "", "[profiles.llmship]",
-        f'PREFECT_API_URL = "{settings.prefect_api_url}"',
-        f'PREFECT_API_AUTH_STRING = "{auth_string}"',
-        f'PREFECT_SERVER_API_AUTH_STRING = "{auth_string}"', ""]))
+    write_private(
+        home / "profiles.toml",
+        "\n".join(
+            [
+                'active = "llmship"',
+                "",
+                "[profiles.llmship]",
+                f'PREFECT_API_URL = "{settings.prefect_api_url}"',
+                f'PREFECT_API_AUTH_STRING = "{auth_string}"',
+                f'PREFECT_SERVER_API_AUTH_STRING = "{auth_string}"',
+                "",
+            ]
+        ),
+    )
 
 
 @contextmanager

@@ -45,7 +45,8 @@ def _json_lines(path: Path):
         for number, raw in enumerate(f, start=1):
             if len(raw) > MAX_LINE_BYTES:
                 raise CalibrationDataError(
-                    f"{path}:{number}: line is {len(raw)} bytes, over {MAX_LINE_BYTES}: split it")
+                    f"{path}:{number}: line is {len(raw)} bytes, over {MAX_LINE_BYTES}: split it"
+                )
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
@@ -71,7 +72,8 @@ def calibration_texts(path: Path):
         text = obj.get("text")
         if not isinstance(text, str) or not text.strip():
             raise CalibrationDataError(
-                f'{path}:{number}: expected {{"text": "<non-empty string>"}}, got keys {sorted(obj)}'
+                f'{path}:{number}: expected {{"text": "<non-empty string>"}}, '
+                f"got keys {sorted(obj)}"
             )
         yield text
 
@@ -103,7 +105,9 @@ def load_eval_items(path: Path) -> list[EvalItem]:
         try:
             item = EvalItem.model_validate(obj)
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()
+            )
             raise CalibrationDataError(f"{path}:{number}: {problems}") from None
         if item.id in seen:
             raise CalibrationDataError(f"{path}:{number}: duplicate id {item.id!r}")

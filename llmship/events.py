@@ -18,8 +18,11 @@ MODEL_RESOURCE = "llmship.model.{model}"
 
 
 def model_resource(model: str, **labels: str) -> dict[str, str]:
-    return {"prefect.resource.id": MODEL_RESOURCE.format(model=model), "llmship.model": model,
-            **{f"llmship.{k}": v for k, v in labels.items()}}
+    return {
+        "prefect.resource.id": MODEL_RESOURCE.format(model=model),
+        "llmship.model": model,
+        **{f"llmship.{k}": v for k, v in labels.items()},
+    }
 
 
 def emit(event: str, model: str, payload: dict[str, Any], **labels: str) -> None:

@@ -29,22 +29,30 @@ def hub_errors(repo: str, revision: str, what: str, *, offline: bool) -> Iterato
     LocalEntryNotFoundError is an EntryNotFoundError, GatedRepoError a RepositoryNotFoundError."""
     from huggingface_hub import constants
     from huggingface_hub.errors import (
-        EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError, OfflineModeIsEnabled,
-        RepositoryNotFoundError, RevisionNotFoundError,
+        EntryNotFoundError,
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
     )
 
-    fill = (f"fill the cache where the hub is reachable (`hf download {repo} --revision "
-            f"{revision}` with HF_HUB_CACHE={constants.HF_HUB_CACHE}) or copy that cache here")
+    fill = (
+        f"fill the cache where the hub is reachable (`hf download {repo} --revision "
+        f"{revision}` with HF_HUB_CACHE={constants.HF_HUB_CACHE}) or copy that cache here"
+    )
     try:
         yield
     except RevisionNotFoundError as exc:
         raise SourceNotFound(
             f"revision {revision!r} of {repo} does not exist on the hub: pin an existing "
-            "commit sha, branch or tag") from exc
+            "commit sha, branch or tag"
+        ) from exc
     except GatedRepoError as exc:
         raise PermanentError(
             f"{repo} is gated and this worker's token has no access: accept its licence at "
-            f"https://huggingface.co/{repo}, then set HF_TOKEN for the workers") from exc
+            f"https://huggingface.co/{repo}, then set HF_TOKEN for the workers"
+        ) from exc
     except RepositoryNotFoundError as exc:
         raise SourceNotFound(
             f"repository {repo} was not found on the hub (or it is private: set HF_TOKEN)"
@@ -56,8 +64,9 @@ def hub_errors(repo: str, revision: str, what: str, *, offline: bool) -> Iterato
                 f"does not go to the hub (offline: HF_HUB_OFFLINE or --offline): {fill}"
             ) from exc
         # The hub did not answer: worth a retry, and the message says what else to do.
-        raise HubUnreachable(f"the hub did not answer and {what} of {repo}@{revision} is not "
-                              f"in the local hub cache: retry when it is reachable, or {fill}"
-                              ) from exc
+        raise HubUnreachable(
+            f"the hub did not answer and {what} of {repo}@{revision} is not "
+            f"in the local hub cache: retry when it is reachable, or {fill}"
+        ) from exc
     except EntryNotFoundError as exc:
         raise SourceNotFound(f"{repo}@{revision} has no {what}") from exc

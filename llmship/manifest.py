@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +26,17 @@ def inside_path(path: str, what: str = "file path") -> str:
     change: a path such as '../../.ssh/authorized_keys' must not reach the local disk.
     """
     parts = path.split("/")
-    if (not path or path.startswith("/") or "\\" in path or "\x00" in path
-            or any(part in ("", ".", "..") for part in parts)):
-        raise UnsafeKey(f"{what} {path!r} would leave its directory: a stored file's path must "
-                        "be relative, with '/' between names and no '.' or '..' parts")
+    if (
+        not path
+        or path.startswith("/")
+        or "\\" in path
+        or "\x00" in path
+        or any(part in ("", ".", "..") for part in parts)
+    ):
+        raise UnsafeKey(
+            f"{what} {path!r} would leave its directory: a stored file's path must "
+            "be relative, with '/' between names and no '.' or '..' parts"
+        )
     return path
 
 
@@ -47,7 +54,7 @@ class FileEntry(BaseModel):
 class Manifest(BaseModel):
     kind: str  # the stage ("download", "calibrate", ...) or "version"
     key: str  # the content address: a digest of the inputs
-    created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+    created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
     inputs: dict[str, Any] = Field(default_factory=dict)
     parameters: dict[str, Any] = Field(default_factory=dict)
     tool_versions: dict[str, str] = Field(default_factory=dict)
@@ -79,8 +86,10 @@ def relative_files(root: Path) -> list[str]:
 
 
 def hash_dir(root: Path) -> list[FileEntry]:
-    return [FileEntry(path=path, size=(root / path).stat().st_size,
-                      sha256=sha256_file(root / path)) for path in relative_files(root)]
+    return [
+        FileEntry(path=path, size=(root / path).stat().st_size, sha256=sha256_file(root / path))
+        for path in relative_files(root)
+    ]
 
 
 def files_digest(files: list[FileEntry]) -> str:

@@ -71,20 +71,42 @@ def find(settings: Settings, name: str) -> ProcessRecord | None:
     return rec if is_alive(rec.pid) else None
 
 
-def start(settings: Settings, name: str, argv: list[str], *, env: dict[str, str],
-          port: int | None = None, stop_signal: int = signal.SIGTERM, cwd: Path | None = None,
-          info: dict | None = None, umask: int = -1) -> ProcessRecord:
+def start(
+    settings: Settings,
+    name: str,
+    argv: list[str],
+    *,
+    env: dict[str, str],
+    port: int | None = None,
+    stop_signal: int = signal.SIGTERM,
+    cwd: Path | None = None,
+    info: dict | None = None,
+    umask: int = -1,
+) -> ProcessRecord:
     logs = settings.state_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     _pid_dir(settings).mkdir(parents=True, exist_ok=True)
     log_path = logs / f"{name}.log"
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=env, cwd=cwd, start_new_session=True, umask=umask,
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+            umask=umask,
         )
-    rec = ProcessRecord(name=name, pid=proc.pid, argv=argv, log=str(log_path), port=port,
-                        stop_signal=stop_signal, info=info or {})
+    rec = ProcessRecord(
+        name=name,
+        pid=proc.pid,
+        argv=argv,
+        log=str(log_path),
+        port=port,
+        stop_signal=stop_signal,
+        info=info or {},
+    )
     (_pid_dir(settings) / f"{name}.json").write_text(rec.model_dump_json(indent=2))
     return rec
 
@@ -109,8 +131,9 @@ def stop(settings: Settings, rec: ProcessRecord, timeout_s: float = 15.0) -> Non
     (_pid_dir(settings) / f"{rec.name}.json").unlink(missing_ok=True)
 
 
-def rename(settings: Settings, rec: ProcessRecord, new_name: str,
-           info: dict | None = None) -> ProcessRecord:
+def rename(
+    settings: Settings, rec: ProcessRecord, new_name: str, info: dict | None = None
+) -> ProcessRecord:
     """The same process under another record name, its info updated with info (its log
     stays where it is)."""
     renamed = rec.model_copy(update={"name": new_name, "info": {**rec.info, **(info or {})}})
@@ -141,25 +164,33 @@ def log_tail(rec: ProcessRecord, lines: int = 30) -> str:
         return ""
 
 
-def wait_until(check: Callable[[], bool], rec: ProcessRecord, timeout_s: float,
-               what: str, error: type[Exception],
-               exited_error: type[Exception] | None = None) -> None:
+def wait_until(
+    check: Callable[[], bool],
+    rec: ProcessRecord,
+    timeout_s: float,
+    what: str,
+    error: type[Exception],
+    exited_error: type[Exception] | None = None,
+) -> None:
     """Poll check() until it holds; fail early, with the log tail, if the process dies
     (raising exited_error, when given: a process that exits is often a different problem
     from one that is slow)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if not is_alive(rec.pid):
-            raise (exited_error or error)(f"{rec.name} exited before {what}; last log lines "
-                        f"({rec.log}):\n{log_tail(rec)}")
+            raise (exited_error or error)(
+                f"{rec.name} exited before {what}; last log lines ({rec.log}):\n{log_tail(rec)}"
+            )
         try:
             if check():
                 return
         except (httpx.HTTPError, OSError):
             pass
         time.sleep(0.5)
-    raise error(f"{rec.name} was not {what} after {timeout_s:.0f}s; last log lines "
-                f"({rec.log}):\n{log_tail(rec)}")
+    raise error(
+        f"{rec.name} was not {what} after {timeout_s:.0f}s; last log lines "
+        f"({rec.log}):\n{log_tail(rec)}"
+    )
 
 
 def http_ok(url: str) -> Callable[[], bool]:

@@ -31,6 +31,7 @@ from llmship.settings import Settings
 class ClusterError(StackError):
     pass
 
+
 # Named actors and Serve applications of llmship live here (serving/fleet.py).
 NAMESPACE = "llmship"
 WORKER_PORTS = (100, 299)  # offsets from ray_port
@@ -58,31 +59,73 @@ def temp_dir(settings: Settings) -> Path:
 def _node_ports(port: int) -> list[str]:
     """The ports every node opens (offsets from port, as the module's table says)."""
     low, high = WORKER_PORTS
-    return ["--dashboard-agent-listen-port", str(port + 3),
-            "--dashboard-agent-grpc-port", str(port + 4),
-            "--runtime-env-agent-port", str(port + 5), "--metrics-export-port", str(port + 6),
-            "--object-manager-port", str(port + 7), "--node-manager-port", str(port + 8),
-            "--min-worker-port", str(port + low), "--max-worker-port", str(port + high)]
+    return [
+        "--dashboard-agent-listen-port",
+        str(port + 3),
+        "--dashboard-agent-grpc-port",
+        str(port + 4),
+        "--runtime-env-agent-port",
+        str(port + 5),
+        "--metrics-export-port",
+        str(port + 6),
+        "--object-manager-port",
+        str(port + 7),
+        "--node-manager-port",
+        str(port + 8),
+        "--min-worker-port",
+        str(port + low),
+        "--max-worker-port",
+        str(port + high),
+    ]
 
 
 def head_argv(ray_bin: Path, settings: Settings) -> list[str]:
     """`ray start --head` on this stack's address, in the foreground (the stack stops it)."""
-    return [str(ray_bin), "start", "--head", "--block", "--disable-usage-stats",
-            "--node-ip-address", settings.host, "--dashboard-host", settings.host,
-            "--num-cpus", str(settings.ray_num_cpus),
-            # On CUDA, Ray counts the GPUs itself and hands each replica its own.
-            *(["--num-gpus", "0"] if settings.device == "cpu" else []),
-            "--temp-dir", str(temp_dir(settings)),
-            "--port", str(settings.ray_port), "--dashboard-port", str(settings.ray_port + 1),
-            "--ray-client-server-port", str(settings.ray_port + 2), *_node_ports(settings.ray_port)]
+    return [
+        str(ray_bin),
+        "start",
+        "--head",
+        "--block",
+        "--disable-usage-stats",
+        "--node-ip-address",
+        settings.host,
+        "--dashboard-host",
+        settings.host,
+        "--num-cpus",
+        str(settings.ray_num_cpus),
+        # On CUDA, Ray counts the GPUs itself and hands each replica its own.
+        *(["--num-gpus", "0"] if settings.device == "cpu" else []),
+        "--temp-dir",
+        str(temp_dir(settings)),
+        "--port",
+        str(settings.ray_port),
+        "--dashboard-port",
+        str(settings.ray_port + 1),
+        "--ray-client-server-port",
+        str(settings.ray_port + 2),
+        *_node_ports(settings.ray_port),
+    ]
 
 
-def worker_argv(ray_bin: Path, head: str, node_ip: str, port: int, num_cpus: int,
-                num_gpus: int = 0) -> list[str]:
+def worker_argv(
+    ray_bin: Path, head: str, node_ip: str, port: int, num_cpus: int, num_gpus: int = 0
+) -> list[str]:
     """`ray start` of a worker node joining head (host:port), its own ports from port."""
-    return [str(ray_bin), "start", "--block", "--disable-usage-stats", "--address", head,
-            "--node-ip-address", node_ip, "--num-cpus", str(num_cpus),
-            "--num-gpus", str(num_gpus), *_node_ports(port)]
+    return [
+        str(ray_bin),
+        "start",
+        "--block",
+        "--disable-usage-stats",
+        "--address",
+        head,
+        "--node-ip-address",
+        node_ip,
+        "--num-cpus",
+        str(num_cpus),
+        "--num-gpus",
+        str(num_gpus),
+        *_node_ports(port),
+    ]
 
 
 def _check_reachable(gcs: str) -> None:
@@ -91,9 +134,11 @@ def _check_reachable(gcs: str) -> None:
     try:
         socket.create_connection((host, int(port)), timeout=3.0).close()
     except (OSError, ValueError) as exc:
-        raise ClusterError(f"no Ray cluster answers at {gcs} ({exc}): start the stack "
-                           "(`llmship up`), or point LLMSHIP_RAY_ADDRESS at a running "
-                           "cluster") from None
+        raise ClusterError(
+            f"no Ray cluster answers at {gcs} ({exc}): start the stack "
+            "(`llmship up`), or point LLMSHIP_RAY_ADDRESS at a running "
+            "cluster"
+        ) from None
 
 
 def connect(settings: Settings) -> None:
@@ -102,16 +147,23 @@ def connect(settings: Settings) -> None:
     if "ray" not in sys.modules:
         os.environ.update(env)
     elif any(os.environ.get(k) != v for k, v in env.items()):
-        raise ClusterError("ray was imported before the cluster's settings were in this "
-                           "process's environment (Ray reads them at import): call "
-                           "llmship.ray_cluster.connect before importing ray")
+        raise ClusterError(
+            "ray was imported before the cluster's settings were in this "
+            "process's environment (Ray reads them at import): call "
+            "llmship.ray_cluster.connect before importing ray"
+        )
     import ray
 
     if ray.is_initialized():
         return
     if not (settings.ray_address or "").startswith("ray://"):  # Ray Client: its own check
         _check_reachable(address(settings))
-    ray.init(address=address(settings), namespace=NAMESPACE, log_to_driver=False,
-             logging_level=logging.WARNING, configure_logging=False,
-             # A client of the local stack is on the head's node; elsewhere Ray finds it.
-             _node_ip_address=None if settings.ray_address else settings.host)
+    ray.init(
+        address=address(settings),
+        namespace=NAMESPACE,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+        configure_logging=False,
+        # A client of the local stack is on the head's node; elsewhere Ray finds it.
+        _node_ip_address=None if settings.ray_address else settings.host,
+    )

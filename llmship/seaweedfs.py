@@ -37,12 +37,25 @@ IDENTITIES: dict[str, list[str]] = {
     "reader": ["Read", "List"],
 }
 # key in the credentials file -> the security.toml table that takes it
-JWT_KEYS = {"seaweedfs_jwt_write": "jwt.signing", "seaweedfs_jwt_read": "jwt.signing.read",
-            "seaweedfs_jwt_filer_write": "jwt.filer_signing",
-            "seaweedfs_jwt_filer_read": "jwt.filer_signing.read"}
+JWT_KEYS = {
+    "seaweedfs_jwt_write": "jwt.signing",
+    "seaweedfs_jwt_read": "jwt.signing.read",
+    "seaweedfs_jwt_filer_write": "jwt.filer_signing",
+    "seaweedfs_jwt_filer_read": "jwt.filer_signing.read",
+}
 # Every gRPC service SeaweedFS may start or dial, and the client side.
-GRPC_COMPONENTS = ("master", "volume", "filer", "s3", "admin", "worker", "msg_broker",
-                   "msg_agent", "mq", "client")
+GRPC_COMPONENTS = (
+    "master",
+    "volume",
+    "filer",
+    "s3",
+    "admin",
+    "worker",
+    "msg_broker",
+    "msg_agent",
+    "mq",
+    "client",
+)
 
 
 def new_secrets() -> dict[str, str]:
@@ -69,39 +82,60 @@ def _make_tls(folder: Path, host: str) -> None:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    now = datetime.datetime.now(datetime.timezone.utc)
-    valid = {"not_valid_before": now - datetime.timedelta(minutes=5),
-             "not_valid_after": now + datetime.timedelta(days=3650)}
+    now = datetime.datetime.now(datetime.UTC)
+    valid = {
+        "not_valid_before": now - datetime.timedelta(minutes=5),
+        "not_valid_after": now + datetime.timedelta(days=3650),
+    }
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "llmship local store CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(valid["not_valid_before"]).not_valid_after(valid["not_valid_after"])
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .sign(ca_key, hashes.SHA256()))
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(valid["not_valid_before"])
+        .not_valid_after(valid["not_valid_after"])
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
     node_key = ec.generate_private_key(ec.SECP256R1())
-    names: list[x509.GeneralName] = [x509.DNSName("localhost"),
-                                     x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    names: list[x509.GeneralName] = [
+        x509.DNSName("localhost"),
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+    ]
     try:
         if ipaddress.ip_address(host) != ipaddress.ip_address("127.0.0.1"):
             names.append(x509.IPAddress(ipaddress.ip_address(host)))
     except ValueError:
         names.append(x509.DNSName(host))
-    node = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "llmship-store")]))
-            .issuer_name(ca_name).public_key(node_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(valid["not_valid_before"]).not_valid_after(valid["not_valid_after"])
-            .add_extension(x509.SubjectAlternativeName(names), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                                  ExtendedKeyUsageOID.CLIENT_AUTH]),
-                           critical=False)
-            .sign(ca_key, hashes.SHA256()))
+    node = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "llmship-store")]))
+        .issuer_name(ca_name)
+        .public_key(node_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(valid["not_valid_before"])
+        .not_valid_after(valid["not_valid_after"])
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
     pem = serialization.Encoding.PEM
     write_private(folder / "ca.crt", ca.public_bytes(pem))
     write_private(folder / "node.crt", node.public_bytes(pem))
-    write_private(folder / "node.key", node_key.private_bytes(
-        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    write_private(
+        folder / "node.key",
+        node_key.private_bytes(
+            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ),
+    )
     # The CA's key is not kept: no other certificate can ever be signed for this stack.
 
 
@@ -112,19 +146,36 @@ def write_config(settings: Settings, creds: dict[str, str]) -> Path:
     os.chmod(folder, 0o700)
     if not (folder / "node.key").exists():
         _make_tls(folder, settings.host)
-    write_private(folder / "s3-identities.json", json.dumps({"identities": [
-        {"name": f"llmship-{name}",
-         "credentials": [{"accessKey": creds[f"{S3_IDENTITY_KEY_PREFIX[name]}_access_key"],
-                          "secretKey": creds[f"{S3_IDENTITY_KEY_PREFIX[name]}_secret_key"]}],
-         "actions": actions}
-        for name, actions in IDENTITIES.items()]}))
+    write_private(
+        folder / "s3-identities.json",
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": f"llmship-{name}",
+                        "credentials": [
+                            {
+                                "accessKey": creds[f"{S3_IDENTITY_KEY_PREFIX[name]}_access_key"],
+                                "secretKey": creds[f"{S3_IDENTITY_KEY_PREFIX[name]}_secret_key"],
+                            }
+                        ],
+                        "actions": actions,
+                    }
+                    for name, actions in IDENTITIES.items()
+                ]
+            }
+        ),
+    )
     toml = ["[access]", "ui = false"]
     for key, table in JWT_KEYS.items():
         toml += [f"[{table}]", f'key = "{creds[key]}"', "expires_after_seconds = 10"]
     toml += ["[grpc]", f'ca = "{folder / "ca.crt"}"']
     for component in GRPC_COMPONENTS:
-        toml += [f"[grpc.{component}]", f'cert = "{folder / "node.crt"}"',
-                 f'key = "{folder / "node.key"}"']
+        toml += [
+            f"[grpc.{component}]",
+            f'cert = "{folder / "node.crt"}"',
+            f'key = "{folder / "node.key"}"',
+        ]
     write_private(folder / "security.toml", "\n".join(toml) + "\n")
     return folder
 
@@ -137,11 +188,27 @@ def argv(settings: Settings, weed: Path) -> list[str]:
     # weed mini opens a master, a volume server and a filer besides S3; pin all their ports
     # next to the S3 port so two stacks (the demo and the tests) never collide.
     return [
-        str(weed), "mini", f"-dir={data}", f"-ip={settings.host}",
-        f"-ip.bind={settings.host}", "-master.telemetry=false", f"-s3.config={identities}",
-        "-webdav=false", "-admin.ui=false", "-disableHttp", f"-s3.port={p}",
-        "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.port.grpc={p + 1}",
-        f"-master.port={p + 2}", f"-master.port.grpc={p + 3}", f"-volume.port={p + 4}",
-        f"-volume.port.grpc={p + 5}", f"-filer.port={p + 6}", f"-filer.port.grpc={p + 7}",
-        f"-admin.port={p + 8}", f"-admin.port.grpc={p + 9}", "-master.volumeSizeLimitMB=1024",
+        str(weed),
+        "mini",
+        f"-dir={data}",
+        f"-ip={settings.host}",
+        f"-ip.bind={settings.host}",
+        "-master.telemetry=false",
+        f"-s3.config={identities}",
+        "-webdav=false",
+        "-admin.ui=false",
+        "-disableHttp",
+        f"-s3.port={p}",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        f"-s3.port.grpc={p + 1}",
+        f"-master.port={p + 2}",
+        f"-master.port.grpc={p + 3}",
+        f"-volume.port={p + 4}",
+        f"-volume.port.grpc={p + 5}",
+        f"-filer.port={p + 6}",
+        f"-filer.port.grpc={p + 7}",
+        f"-admin.port={p + 8}",
+        f"-admin.port.grpc={p + 9}",
+        "-master.volumeSizeLimitMB=1024",
     ]

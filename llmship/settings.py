@@ -85,8 +85,9 @@ class Settings(BaseSettings):
     # stage outputs are written beside their inputs, the local cache keeps both).
     disk_headroom: float = Field(1.2, ge=1.0)
 
-    calibration_data_dir: Path = Field(REPO_ROOT / "calibration_data",
-                                       description="domain datasets, one folder each")
+    calibration_data_dir: Path = Field(
+        REPO_ROOT / "calibration_data", description="domain datasets, one folder each"
+    )
     work_pool: str = "local-process"
     gpu_work_pool: str = "gpu"
     gateway_admin_token: str | None = None
@@ -173,13 +174,13 @@ class Settings(BaseSettings):
         return self.state_dir / "cache"
 
     @model_validator(mode="after")
-    def _start_timeout_for_the_device(self) -> "Settings":
+    def _start_timeout_for_the_device(self) -> Settings:
         if "server_start_timeout_s" not in self.model_fields_set and self.device != "cpu":
             self.server_start_timeout_s = GPU_SERVER_START_TIMEOUT_S
         return self
 
     @model_validator(mode="after")
-    def _credentials_from_setup(self) -> "Settings":
+    def _credentials_from_setup(self) -> Settings:
         # `llmship up` generates the local store's credentials; processes it starts find them
         # here without having them in their environment or command line.
         if self.credentials_file.exists():
@@ -188,8 +189,9 @@ class Settings(BaseSettings):
             self.s3_access_key = self.s3_access_key or creds.get(f"{prefix}_access_key")
             self.s3_secret_key = self.s3_secret_key or creds.get(f"{prefix}_secret_key")
             self.gateway_admin_token = self.gateway_admin_token or creds.get("gateway_admin_token")
-            self.prefect_api_auth_string = (self.prefect_api_auth_string
-                                            or creds.get("prefect_api_auth_string"))
+            self.prefect_api_auth_string = self.prefect_api_auth_string or creds.get(
+                "prefect_api_auth_string"
+            )
         return self
 
 
@@ -263,12 +265,17 @@ class CalibrationConfig(BaseModel, extra="forbid"):
     num_samples: int = Field(256, ge=1)
     max_seq_length: int = Field(256, ge=16)
     smoothing_strength: float = Field(
-        0.8, ge=0.0, lt=1.0,
+        0.8,
+        ge=0.0,
+        lt=1.0,
         description="W8A8 only: SmoothQuant's strength, moving activation outliers into the "
-                    "weights before GPTQ; 0 turns SmoothQuant off")
+        "weights before GPTQ; 0 turns SmoothQuant off",
+    )
     kv_cache_fp8: bool = Field(
-        False, description="also calibrate FP8 scales for the KV cache (halves its memory); "
-                           "the server then keeps its KV cache in FP8")
+        False,
+        description="also calibrate FP8 scales for the KV cache (halves its memory); "
+        "the server then keeps its KV cache in FP8",
+    )
 
 
 class EvalBackend(str, Enum):
@@ -290,8 +297,9 @@ class TaskPolicy(BaseModel, extra="forbid"):
 
     rtol: float | None = Field(None, ge=0.0, le=1.0)
     atol: float | None = Field(None, ge=0.0, le=1.0)
-    floor: float | None = Field(None, ge=0.0, le=1.0,
-                                description="the candidate must score at least this, always")
+    floor: float | None = Field(
+        None, ge=0.0, le=1.0, description="the candidate must score at least this, always"
+    )
     metric: str | None = Field(None, description="lm-eval metric key, e.g. 'acc,none'")
 
 
@@ -300,21 +308,28 @@ class GateConfig(BaseModel, extra="forbid"):
 
     dataset: str = Field("contracts", description="folder under calibration_data/ with eval.jsonl")
     domain_tasks: list[str] | None = Field(
-        None, description="task kinds of eval.jsonl to gate on (default: every kind in it)")
+        None, description="task kinds of eval.jsonl to gate on (default: every kind in it)"
+    )
     standard_tasks: list[str] = Field(
         default_factory=list,
         description="lm-eval tasks such as mmlu or gsm8k; their data must be in the local "
-                    "Hugging Face datasets cache (README: 'Standard tasks')")
-    rtol: float = Field(0.05, ge=0.0, le=1.0,
-                        description="candidate >= baseline * (1 - rtol) - atol, per task")
+        "Hugging Face datasets cache (README: 'Standard tasks')",
+    )
+    rtol: float = Field(
+        0.05, ge=0.0, le=1.0, description="candidate >= baseline * (1 - rtol) - atol, per task"
+    )
     # On a small set one item is a large fraction, and a task the baseline nearly never gets
     # right has a threshold a single item can cross: atol absorbs that much noise.
     atol: float = Field(0.0, ge=0.0, le=1.0, description="absolute slack, in score units")
     per_task: dict[str, TaskPolicy] = Field(
         default_factory=dict,
-        description="per-task rtol, atol, floor or metric, by task kind or lm-eval task name")
-    strict: bool = Field(False, description="judge the candidate by the one-sided Wilson lower "
-                                            "bound of its score over the n items")
+        description="per-task rtol, atol, floor or metric, by task kind or lm-eval task name",
+    )
+    strict: bool = Field(
+        False,
+        description="judge the candidate by the one-sided Wilson lower "
+        "bound of its score over the n items",
+    )
     confidence: float = Field(0.95, gt=0.5, lt=1.0, description="for strict mode")
     backend: EvalBackend = EvalBackend.SERVED
     limit: int | None = Field(None, ge=1, description="items per task (default: all)")
@@ -326,21 +341,30 @@ class PerfConfig(BaseModel, extra="forbid"):
     A limit left unset is measured and reported, not judged."""
 
     enabled: bool = Field(True, description="run the performance gate after the accuracy gate")
-    concurrency: int = Field(32, ge=1, description="requests in flight at once: the "
-                                                   "deployment's production concurrency")
+    concurrency: int = Field(
+        32, ge=1, description="requests in flight at once: the deployment's production concurrency"
+    )
     num_prompts: int = Field(128, ge=1, description="requests sent at that concurrency")
     single_stream_prompts: int = Field(
-        8, ge=0, description="requests sent one at a time after it (0: no one-stream load)")
+        8, ge=0, description="requests sent one at a time after it (0: no one-stream load)"
+    )
     input_len: int = Field(512, ge=1, description="prompt tokens per request (random tokens)")
     output_len: int = Field(128, ge=1, description="tokens generated per request (EOS ignored)")
     min_throughput_ratio: float | None = Field(
-        None, gt=0, description="candidate output tokens/s / the baseline's, at each load; "
-                                "e.g. 1.2 for FP8 against BF16 on a GPU")
+        None,
+        gt=0,
+        description="candidate output tokens/s / the baseline's, at each load; "
+        "e.g. 1.2 for FP8 against BF16 on a GPU",
+    )
     max_ttft_regression: float | None = Field(
-        None, ge=0, description="the candidate's p50 and p99 time to first token may exceed "
-                                "the baseline's by at most this fraction, e.g. 0.1")
+        None,
+        ge=0,
+        description="the candidate's p50 and p99 time to first token may exceed "
+        "the baseline's by at most this fraction, e.g. 0.1",
+    )
     max_itl_regression: float | None = Field(
-        None, ge=0, description="the same for the inter-token latency")
+        None, ge=0, description="the same for the inter-token latency"
+    )
     seed: int = Field(0, description="the random prompts' seed: both builds get the same ones")
 
 
@@ -350,13 +374,16 @@ class TrtllmConfig(BaseModel, extra="forbid"):
     backend: TrtllmBackend = Field(
         TrtllmBackend.PYTORCH,
         description="pytorch serves the ModelOpt checkpoint as it is; tensorrt builds a "
-                    "TensorRT engine with trtllm-build first (legacy, opt-in)")
+        "TensorRT engine with trtllm-build first (legacy, opt-in)",
+    )
     max_batch_size: int = Field(256, ge=1)
     max_num_tokens: int = Field(8192, ge=1)
     kv_cache_free_gpu_memory_fraction: float = Field(0.9, gt=0, le=1)
     use_fp8_context_fmha: bool = Field(
-        True, description="engine build: FP8 attention in the context phase (NVIDIA's FP8 "
-                          "Llama recipe turns it on)")
+        True,
+        description="engine build: FP8 attention in the context phase (NVIDIA's FP8 "
+        "Llama recipe turns it on)",
+    )
 
 
 class AutoscalingBlock(BaseModel, extra="forbid"):
@@ -366,20 +393,25 @@ class AutoscalingBlock(BaseModel, extra="forbid"):
     min_replicas: int = Field(1, ge=1, description="replicas at the least (and at the start)")
     max_replicas: int = Field(2, ge=1, description="replicas at the most")
     target_ongoing_requests: float = Field(
-        16.0, gt=0, description="running + waiting requests per engine to scale to")
-    upscale_delay_s: float = Field(30.0, ge=0, description="load this long above target "
-                                                           "before a replica is added")
-    downscale_delay_s: float = Field(600.0, ge=0, description="load this long below target "
-                                                              "before a replica is removed")
+        16.0, gt=0, description="running + waiting requests per engine to scale to"
+    )
+    upscale_delay_s: float = Field(
+        30.0, ge=0, description="load this long above target before a replica is added"
+    )
+    downscale_delay_s: float = Field(
+        600.0, ge=0, description="load this long below target before a replica is removed"
+    )
     metrics_interval_s: float = Field(5.0, gt=0, description="how often each replica reports")
     look_back_period_s: float = Field(
-        30.0, gt=0, description="an engine's load is its peak over this period")
+        30.0, gt=0, description="an engine's load is its peak over this period"
+    )
 
     @model_validator(mode="after")
-    def _bounds(self) -> "AutoscalingBlock":
+    def _bounds(self) -> AutoscalingBlock:
         if self.max_replicas < self.min_replicas:
-            raise ValueError(f"max_replicas {self.max_replicas} is below min_replicas "
-                             f"{self.min_replicas}")
+            raise ValueError(
+                f"max_replicas {self.max_replicas} is below min_replicas {self.min_replicas}"
+            )
         return self
 
 
@@ -388,23 +420,31 @@ class ServingConfig(BaseModel, extra="forbid"):
     max_model_len: int = Field(512, ge=16)
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs one server spans")
     gpu_memory_utilization: float | None = Field(
-        None, gt=0, le=1, description="vLLM: share of each GPU's memory it may take")
+        None, gt=0, le=1, description="vLLM: share of each GPU's memory it may take"
+    )
     max_num_seqs: int | None = Field(None, ge=1, description="vLLM: sequences in one batch")
     trtllm: TrtllmConfig = Field(default_factory=TrtllmConfig)
     extra_args: list[str] = Field(default_factory=list)
-    replicas: int = Field(1, ge=1, description="model servers of a served version, each with "
-                                               "tensor_parallel_size GPUs, placed by Ray")
+    replicas: int = Field(
+        1,
+        ge=1,
+        description="model servers of a served version, each with "
+        "tensor_parallel_size GPUs, placed by Ray",
+    )
     max_replicas_per_node: int | None = Field(
-        None, ge=1, description="spread replicas over nodes: a node lost costs at most this many")
+        None, ge=1, description="spread replicas over nodes: a node lost costs at most this many"
+    )
     autoscaling: AutoscalingBlock | None = Field(
-        None, description="replicas from load, between min and max; set, it takes the place "
-                          "of replicas")
+        None,
+        description="replicas from load, between min and max; set, it takes the place of replicas",
+    )
 
     def build_inputs(self) -> dict[str, Any]:
         """What a build depends on: the engine's settings, not how many replicas run it or
         where (changing those must not make a new build, nor a new version)."""
-        return self.model_dump(mode="json", exclude={"replicas", "max_replicas_per_node",
-                                                     "autoscaling"})
+        return self.model_dump(
+            mode="json", exclude={"replicas", "max_replicas_per_node", "autoscaling"}
+        )
 
 
 class RolloutConfig(BaseModel, extra="forbid"):
@@ -413,31 +453,45 @@ class RolloutConfig(BaseModel, extra="forbid"):
     canary_steps: list[float] = Field(
         default_factory=list,
         description="percent of the traffic sent to the new version, step by step, before all "
-                    "of it, e.g. [10, 50]; empty: all at once (blue/green)")
+        "of it, e.g. [10, 50]; empty: all at once (blue/green)",
+    )
     bake_seconds: float = Field(60.0, ge=0, description="how long each canary step is watched")
     max_error_rate: float = Field(
-        0.01, ge=0.0, le=1.0,
-        description="the new version's 5xx and unanswered requests / its requests, per step")
+        0.01,
+        ge=0.0,
+        le=1.0,
+        description="the new version's 5xx and unanswered requests / its requests, per step",
+    )
     max_p99_seconds: float | None = Field(
-        None, gt=0, description="the new version's p99 request latency at the gateway, per step")
+        None, gt=0, description="the new version's p99 request latency at the gateway, per step"
+    )
     min_requests: int = Field(
-        0, ge=0, description="a step that saw fewer requests to the new version is a breach: "
-                             "too little evidence to move on")
+        0,
+        ge=0,
+        description="a step that saw fewer requests to the new version is a breach: "
+        "too little evidence to move on",
+    )
     keep_previous_warm_seconds: float = Field(
-        900.0, ge=0,
+        900.0,
+        ge=0,
         description="the version traffic left keeps its server this long: a rollback within "
-                    "it takes a second, not a cold start")
+        "it takes a second, not a cold start",
+    )
     require_approval: bool = Field(
-        False, description="pause the run before traffic moves, until someone approves it in "
-                           "the Prefect UI")
+        False,
+        description="pause the run before traffic moves, until someone approves it in "
+        "the Prefect UI",
+    )
     approval_timeout_seconds: int = Field(86400, ge=1)
 
     @field_validator("canary_steps")
     @classmethod
     def _steps_rise_below_100(cls, v: list[float]) -> list[float]:
         if any(not 0 < p < 100 for p in v) or v != sorted(set(v)):
-            raise ValueError(f"canary_steps {v} must rise strictly, each above 0 and below 100 "
-                             "(the last step, 100, is the switch itself)")
+            raise ValueError(
+                f"canary_steps {v} must rise strictly, each above 0 and below 100 "
+                "(the last step, 100, is the switch itself)"
+            )
         return v
 
 
@@ -454,33 +508,42 @@ class PipelineConfig(BaseModel, extra="forbid"):
     perf: PerfConfig = Field(default_factory=PerfConfig)
 
     @model_validator(mode="after")
-    def _perf_load_fits_the_context(self) -> "PipelineConfig":
-        if self.perf.enabled and self.perf.input_len + self.perf.output_len > \
-                self.serving.max_model_len:
+    def _perf_load_fits_the_context(self) -> PipelineConfig:
+        if (
+            self.perf.enabled
+            and self.perf.input_len + self.perf.output_len > self.serving.max_model_len
+        ):
             raise ValueError(
                 f"perf.input_len + perf.output_len ({self.perf.input_len} + "
                 f"{self.perf.output_len}) exceed serving.max_model_len "
                 f"({self.serving.max_model_len}): the servers would refuse every request; "
-                "shorten the load or raise max_model_len")
+                "shorten the load or raise max_model_len"
+            )
         return self
 
     @model_validator(mode="after")
-    def _target_can_serve_the_scheme(self) -> "PipelineConfig":
+    def _target_can_serve_the_scheme(self) -> PipelineConfig:
         scheme = self.calibration.scheme
         if self.target is Target.TRTLLM and scheme not in (Scheme.FP8, Scheme.UNQUANTIZED):
             raise ValueError(
                 f"target trtllm takes calibration.scheme FP8 (ModelOpt) or UNQUANTIZED, not "
-                f"{scheme.value}; for {scheme.value} use target vllm")
+                f"{scheme.value}; for {scheme.value} use target vllm"
+            )
         if self.calibration.kv_cache_fp8 and scheme is Scheme.UNQUANTIZED:
-            raise ValueError("calibration.kv_cache_fp8 needs a calibrated scheme (FP8, ...): "
-                             "an UNQUANTIZED build has no calibration to take KV scales from")
-        if self.target is Target.VLLM and \
-                self.serving.trtllm.backend is TrtllmBackend.TENSORRT:
-            raise ValueError("serving.trtllm.backend tensorrt builds a TensorRT engine, which "
-                             "vLLM cannot load: set target trtllm, or leave the backend pytorch")
+            raise ValueError(
+                "calibration.kv_cache_fp8 needs a calibrated scheme (FP8, ...): "
+                "an UNQUANTIZED build has no calibration to take KV scales from"
+            )
+        if self.target is Target.VLLM and self.serving.trtllm.backend is TrtllmBackend.TENSORRT:
+            raise ValueError(
+                "serving.trtllm.backend tensorrt builds a TensorRT engine, which "
+                "vLLM cannot load: set target trtllm, or leave the backend pytorch"
+            )
         if self.target is Target.TRTLLM and self.serving.autoscaling:
-            raise ValueError("serving.autoscaling scales on vLLM's queue gauges, which "
-                             "trtllm-serve does not report: set serving.replicas instead")
+            raise ValueError(
+                "serving.autoscaling scales on vLLM's queue gauges, which "
+                "trtllm-serve does not report: set serving.replicas instead"
+            )
         return self
 
     @field_validator("source")

@@ -17,8 +17,8 @@ from pathlib import Path
 import httpx
 
 from llmship import processes, ray_cluster, seaweedfs
-from llmship.credentials import ensure_credentials, prefect_client_settings, ray_env
 from llmship.alerts import ensure_automations
+from llmship.credentials import ensure_credentials, prefect_client_settings, ray_env
 from llmship.errors import StackError
 from llmship.processes import http_ok, wait_until
 from llmship.settings import REPO_ROOT, S3_IDENTITY_KEY_PREFIX, Settings
@@ -30,30 +30,44 @@ DEMO_MIRROR_PREFIX = "tiny-llama"
 
 
 def child_env(settings: Settings) -> dict[str, str]:
-    """The environment every stack process gets: the same settings, Prefect pointed at this stack."""
+    """The environment every stack process gets: the same settings, Prefect pointed at this
+    stack."""
     env = dict(os.environ)
     # Every setting travels to the processes the stack starts, except the secrets: those
     # they read from the credentials file, so they never show in a process listing.
-    secret = {"s3_access_key", "s3_secret_key", "gateway_admin_token",
-              "alert_slack_webhook_url", "prefect_api_auth_string"}
-    env.update({f"LLMSHIP_{name.upper()}": str(value)
-                for name, value in settings.model_dump().items()
-                if name not in secret and value is not None})
-    env.update({
-        "LLMSHIP_REPO_ROOT": str(REPO_ROOT),
-        "PREFECT_HOME": str(settings.state_dir / "prefect"),
-        "PREFECT_API_URL": settings.prefect_api_url,
-        "PREFECT_SERVER_API_HOST": settings.host,
-        "PREFECT_SERVER_API_PORT": str(settings.prefect_port),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_LOCAL_STORAGE_PATH": str(settings.state_dir / "prefect" / "results"),
-        "PREFECT_WORKER_QUERY_SECONDS": "1",
-        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(settings.run_heartbeat_s),
-        "PREFECT_LOGGING_LOG_PRINTS": "true",
-        "DO_NOT_TRACK": "1",
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
-    })
+    secret = {
+        "s3_access_key",
+        "s3_secret_key",
+        "gateway_admin_token",
+        "alert_slack_webhook_url",
+        "prefect_api_auth_string",
+    }
+    env.update(
+        {
+            f"LLMSHIP_{name.upper()}": str(value)
+            for name, value in settings.model_dump().items()
+            if name not in secret and value is not None
+        }
+    )
+    env.update(
+        {
+            "LLMSHIP_REPO_ROOT": str(REPO_ROOT),
+            "PREFECT_HOME": str(settings.state_dir / "prefect"),
+            "PREFECT_API_URL": settings.prefect_api_url,
+            "PREFECT_SERVER_API_HOST": settings.host,
+            "PREFECT_SERVER_API_PORT": str(settings.prefect_port),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_LOCAL_STORAGE_PATH": str(settings.state_dir / "prefect" / "results"),
+            "PREFECT_WORKER_QUERY_SECONDS": "1",
+            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(settings.run_heartbeat_s),
+            "PREFECT_LOGGING_LOG_PRINTS": "true",
+            "DO_NOT_TRACK": "1",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "PYTHONPATH": os.pathsep.join(
+                filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])
+            ),
+        }
+    )
     # Every Ray client of the stack (flow runs, the gateway) presents the cluster's token;
     # what another stack's Ray settings left in this environment does not carry over.
     for name in [n for n in env if n.startswith("RAY_")]:
@@ -68,9 +82,13 @@ def child_env(settings: Settings) -> dict[str, str]:
 def as_identity(settings: Settings, creds: dict[str, str], identity: str) -> Settings:
     """settings signing with one of the local store's identities (llmship/seaweedfs.py)."""
     prefix = S3_IDENTITY_KEY_PREFIX[identity]
-    return settings.model_copy(update={"s3_identity": identity,
-                                       "s3_access_key": creds[f"{prefix}_access_key"],
-                                       "s3_secret_key": creds[f"{prefix}_secret_key"]})
+    return settings.model_copy(
+        update={
+            "s3_identity": identity,
+            "s3_access_key": creds[f"{prefix}_access_key"],
+            "s3_secret_key": creds[f"{prefix}_secret_key"],
+        }
+    )
 
 
 def _require_free(settings: Settings, name: str, port: int) -> None:
@@ -86,14 +104,27 @@ def start_s3(settings: Settings, creds: dict[str, str], env: dict[str, str]) -> 
         return
     _require_free(settings, "SeaweedFS S3", settings.s3_port)
     folder = seaweedfs.write_config(settings, creds)
-    rec = processes.start(settings, "seaweedfs", seaweedfs.argv(settings, BIN / "weed"),
-                          env=env, port=settings.s3_port, cwd=folder, umask=0o077)
+    rec = processes.start(
+        settings,
+        "seaweedfs",
+        seaweedfs.argv(settings, BIN / "weed"),
+        env=env,
+        port=settings.s3_port,
+        cwd=folder,
+        umask=0o077,
+    )
     # Unsigned requests are refused (403) once authentication is on: any HTTP answer means up.
-    wait_until(lambda: httpx.get(settings.s3_url, timeout=2).status_code in (200, 403), rec,
-               60, "serving S3", StackError)
+    wait_until(
+        lambda: httpx.get(settings.s3_url, timeout=2).status_code in (200, 403),
+        rec,
+        60,
+        "serving S3",
+        StackError,
+    )
     store = ArtifactStore(settings)
-    wait_until(lambda: store.client.list_buckets() is not None, rec, 60, "accepting S3 calls",
-               StackError)
+    wait_until(
+        lambda: store.client.list_buckets() is not None, rec, 60, "accepting S3 calls", StackError
+    )
 
 
 def start_prefect(settings: Settings, env: dict[str, str]) -> None:
@@ -108,23 +139,39 @@ def start_prefect(settings: Settings, env: dict[str, str]) -> None:
     # Leases of concurrency slots (the build and serving slots) on disk, in PREFECT_HOME: kept
     # in memory (Prefect's default), a restart lost them while the limit still counted the
     # slot taken, and every later run of that model waited for it, for ever.
-    env = {**env, "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE":
-           "prefect.server.concurrency.lease_storage.filesystem"}
+    env = {
+        **env,
+        "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": (
+            "prefect.server.concurrency.lease_storage.filesystem"
+        ),
+    }
     rec = processes.start(
-        settings, "prefect-server",
-        [str(BIN / "prefect"), "server", "start", "--host", settings.host,
-         "--port", str(settings.prefect_port)],
-        env=env, port=settings.prefect_port, umask=0o077,
+        settings,
+        "prefect-server",
+        [
+            str(BIN / "prefect"),
+            "server",
+            "start",
+            "--host",
+            settings.host,
+            "--port",
+            str(settings.prefect_port),
+        ],
+        env=env,
+        port=settings.prefect_port,
+        umask=0o077,
     )
     wait_until(http_ok(f"{settings.prefect_api_url}/health"), rec, 120, "healthy", StackError)
 
 
 def prefect_cli(env: dict[str, str], *args: str) -> str:
-    proc = subprocess.run([str(BIN / "prefect"), *args], env=env, cwd=REPO_ROOT,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [str(BIN / "prefect"), *args], env=env, cwd=REPO_ROOT, capture_output=True, text=True
+    )
     if proc.returncode != 0:
-        raise StackError(f"`prefect {' '.join(args)}` failed:\n{proc.stdout[-2000:]}"
-                         f"{proc.stderr[-2000:]}")
+        raise StackError(
+            f"`prefect {' '.join(args)}` failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
+        )
     return proc.stdout
 
 
@@ -154,18 +201,31 @@ def refuse_unknown_parameters(settings: Settings) -> None:
             if schema.get("additionalProperties") is False:
                 continue
             schema["additionalProperties"] = False
-            client.update_deployment(deployment.id,
-                                     DeploymentUpdate(parameter_openapi_schema=schema))
+            client.update_deployment(
+                deployment.id, DeploymentUpdate(parameter_openapi_schema=schema)
+            )
 
 
 def start_worker(settings: Settings, env: dict[str, str]) -> None:
     if processes.find(settings, "prefect-worker"):
         return
     # The worker ignores one SIGTERM; SIGINT stops it (docs/FINDINGS.md, Prefect).
-    processes.start(settings, "prefect-worker",
-                    [str(BIN / "prefect"), "worker", "start", "--pool", settings.work_pool,
-                     "--type", "process"],
-                    env=env, stop_signal=signal.SIGINT, cwd=REPO_ROOT)
+    processes.start(
+        settings,
+        "prefect-worker",
+        [
+            str(BIN / "prefect"),
+            "worker",
+            "start",
+            "--pool",
+            settings.work_pool,
+            "--type",
+            "process",
+        ],
+        env=env,
+        stop_signal=signal.SIGINT,
+        cwd=REPO_ROOT,
+    )
 
 
 def start_ray(settings: Settings, env: dict[str, str]) -> None:
@@ -178,24 +238,46 @@ def start_ray(settings: Settings, env: dict[str, str]) -> None:
     os.chmod(folder, 0o700)
     # Replicas run in the head's environment: they read versions from the store, nothing more.
     env = {**env, "LLMSHIP_S3_IDENTITY": "reader"}
-    rec = processes.start(settings, "ray-head", ray_cluster.head_argv(BIN / "ray", settings),
-                          env=env, port=settings.ray_port, cwd=REPO_ROOT, umask=0o077)
+    rec = processes.start(
+        settings,
+        "ray-head",
+        ray_cluster.head_argv(BIN / "ray", settings),
+        env=env,
+        port=settings.ray_port,
+        cwd=REPO_ROOT,
+        umask=0o077,
+    )
     wait_until(lambda: _ray_ready(settings, env), rec, 120, "accepting clients", StackError)
 
 
 def _ray_ready(settings: Settings, env: dict[str, str]) -> bool:
     # `ray status` asks the GCS with the token, as every client of the cluster will.
-    proc = subprocess.run([str(BIN / "ray"), "status", "--address",
-                           ray_cluster.address(settings)], env=env, capture_output=True)
+    proc = subprocess.run(
+        [str(BIN / "ray"), "status", "--address", ray_cluster.address(settings)],
+        env=env,
+        capture_output=True,
+    )
     return proc.returncode == 0
 
 
 def gateway_argv(python: Path, settings: Settings) -> list[str]:
     """The gateway's command line (the tests start it so too): uvicorn on uvloop, with
     httptools and the head limits of serving/gateway_http.py."""
-    return [str(python), "-m", "uvicorn", "serving.gateway:app", "--host", settings.host,
-            "--port", str(settings.gateway_port), "--no-access-log", "--loop", "uvloop",
-            "--http", "serving.gateway_http:GatewayHttpProtocol"]
+    return [
+        str(python),
+        "-m",
+        "uvicorn",
+        "serving.gateway:app",
+        "--host",
+        settings.host,
+        "--port",
+        str(settings.gateway_port),
+        "--no-access-log",
+        "--loop",
+        "uvloop",
+        "--http",
+        "serving.gateway_http:GatewayHttpProtocol",
+    ]
 
 
 def start_gateway(settings: Settings, env: dict[str, str]) -> None:
@@ -204,8 +286,14 @@ def start_gateway(settings: Settings, env: dict[str, str]) -> None:
     _require_free(settings, "the gateway", settings.gateway_port)
     # The gateway only reads the store (the live aliases): it signs as the reader.
     env = {**env, "LLMSHIP_S3_IDENTITY": "reader"}
-    rec = processes.start(settings, "gateway", gateway_argv(BIN / "python", settings), env=env,
-                          port=settings.gateway_port, cwd=REPO_ROOT)
+    rec = processes.start(
+        settings,
+        "gateway",
+        gateway_argv(BIN / "python", settings),
+        env=env,
+        port=settings.gateway_port,
+        cwd=REPO_ROOT,
+    )
     wait_until(http_ok(f"{settings.gateway_url}/health"), rec, 60, "healthy", StackError)
 
 
@@ -221,11 +309,13 @@ def mirror_demo_model(settings: Settings) -> str:
 def up(settings: Settings, *, deployments: bool = True, say=print) -> None:
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     creds = ensure_credentials(settings)
-    settings = settings.model_copy(update={
-        "s3_access_key": settings.s3_access_key or creds["s3_access_key"],
-        "s3_secret_key": settings.s3_secret_key or creds["s3_secret_key"],
-        "prefect_api_auth_string": creds["prefect_api_auth_string"],
-    })
+    settings = settings.model_copy(
+        update={
+            "s3_access_key": settings.s3_access_key or creds["s3_access_key"],
+            "s3_secret_key": settings.s3_secret_key or creds["s3_secret_key"],
+            "prefect_api_auth_string": creds["prefect_api_auth_string"],
+        }
+    )
     env = child_env(settings)
     say(f"S3 (SeaweedFS)   http://{settings.host}:{settings.s3_port}")
     start_s3(settings, creds, env)
@@ -240,13 +330,21 @@ def up(settings: Settings, *, deployments: bool = True, say=print) -> None:
         register_deployments(settings, env)
         names = ensure_automations(settings)
         # The Slack URL is a secret: say where alerts go without printing it.
-        target = "Slack" if settings.alert_slack_webhook_url else (
-            settings.alert_webhook_url or "no alert URL set")
+        target = (
+            "Slack"
+            if settings.alert_slack_webhook_url
+            else (settings.alert_webhook_url or "no alert URL set")
+        )
         say(f"automations      {', '.join(names)} (alerts -> {target})")
         start_worker(settings, env)
-    say(f"Ray              {ray_cluster.address(settings)}"
-        + (" (existing cluster)" if settings.ray_address else
-           f" (dashboard http://{settings.host}:{settings.ray_port + 1})"))
+    say(
+        f"Ray              {ray_cluster.address(settings)}"
+        + (
+            " (existing cluster)"
+            if settings.ray_address
+            else f" (dashboard http://{settings.host}:{settings.ray_port + 1})"
+        )
+    )
     start_ray(settings, env)
     say(f"gateway          {settings.gateway_url}")
     start_gateway(settings, env)
@@ -255,8 +353,7 @@ def up(settings: Settings, *, deployments: bool = True, say=print) -> None:
 def down(settings: Settings, *, say=print) -> None:
     # The gateway first, then the Ray cluster with its model servers; the store last:
     # everything else may still be writing to it.
-    order = {"gateway": 1, "ray-head": 2, "prefect-worker": 3, "prefect-server": 4,
-             "seaweedfs": 5}
+    order = {"gateway": 1, "ray-head": 2, "prefect-worker": 3, "prefect-server": 4, "seaweedfs": 5}
     for rec in sorted(processes.records(settings), key=lambda r: order.get(r.name, 0)):
         if processes.is_alive(rec.pid):
             say(f"stopping {rec.name} (pid {rec.pid})")
@@ -265,4 +362,3 @@ def down(settings: Settings, *, say=print) -> None:
 
 def status(settings: Settings) -> list[tuple[str, int, bool, int | None]]:
     return [(r.name, r.pid, processes.is_alive(r.pid), r.port) for r in processes.records(settings)]
-

@@ -22,7 +22,7 @@ import hashlib
 import json
 import re
 import shutil
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,11 @@ from s3transfer.subscribers import BaseSubscriber
 from s3transfer.utils import S3_RETRYABLE_DOWNLOAD_ERRORS
 
 from llmship.errors import (
-    IntegrityError, SourceNotFound, StackError, UnsafeKey, VersionConflict,
+    IntegrityError,
+    SourceNotFound,
+    StackError,
+    UnsafeKey,
+    VersionConflict,
 )
 from llmship.manifest import FileEntry, Manifest, hash_dir, inside_path, relative_files
 from llmship.settings import Settings
@@ -148,8 +152,10 @@ def key_part(value: str, what: str) -> str:
     or '..' would read or move another model's versions or aliases.
     """
     if not isinstance(value, str) or not KEY_PART.fullmatch(value) or ".." in value:
-        raise UnsafeKey(f"{what} {value!r} cannot name anything in the store: use letters, "
-                        "digits, '.', '_' and '-' (no '/' and no '..'), at most 128")
+        raise UnsafeKey(
+            f"{what} {value!r} cannot name anything in the store: use letters, "
+            "digits, '.', '_' and '-' (no '/' and no '..'), at most 128"
+        )
     return value
 
 
@@ -171,8 +177,11 @@ class ArtifactStore:
     @cached_property
     def transfer(self) -> TransferConfig:
         part = self.settings.s3_part_mib * 1024**2
-        return TransferConfig(multipart_threshold=part, multipart_chunksize=part,
-                              max_concurrency=self.settings.s3_max_concurrency)
+        return TransferConfig(
+            multipart_threshold=part,
+            multipart_chunksize=part,
+            max_concurrency=self.settings.s3_max_concurrency,
+        )
 
     @cached_property
     def client(self):
@@ -224,9 +233,11 @@ class ArtifactStore:
                 if attempt == BODY_READ_ATTEMPTS:
                     raise
 
-    def put_json(self, key: str, obj: Any, *, if_none_match: bool = False,
-                 if_match: str | None = None) -> str:
-        """Write JSON; with if_none_match, only if the key is new; with if_match, only if unchanged."""
+    def put_json(
+        self, key: str, obj: Any, *, if_none_match: bool = False, if_match: str | None = None
+    ) -> str:
+        """Write JSON; with if_none_match, only if the key is new; with if_match, only if
+        unchanged."""
         extra: dict[str, str] = {}
         if if_none_match:
             extra["IfNoneMatch"] = "*"
@@ -234,8 +245,12 @@ class ArtifactStore:
             extra["IfMatch"] = if_match
         try:
             resp = self.client.put_object(
-                Bucket=self.bucket, Key=key, Body=json.dumps(obj, indent=2).encode(),
-                ContentType="application/json", ChecksumAlgorithm="SHA256", **extra,
+                Bucket=self.bucket,
+                Key=key,
+                Body=json.dumps(obj, indent=2).encode(),
+                ContentType="application/json",
+                ChecksumAlgorithm="SHA256",
+                **extra,
             )
         except ClientError as err:
             if _status(err) in (409, 412):
@@ -247,8 +262,13 @@ class ArtifactStore:
         return resp["ETag"]
 
     def put_text(self, key: str, text: str, content_type: str = "text/markdown") -> None:
-        self.client.put_object(Bucket=self.bucket, Key=key, Body=text.encode(),
-                               ContentType=content_type, ChecksumAlgorithm="SHA256")
+        self.client.put_object(
+            Bucket=self.bucket,
+            Key=key,
+            Body=text.encode(),
+            ContentType=content_type,
+            ChecksumAlgorithm="SHA256",
+        )
 
     def list_objects(self, prefix: str, bucket: str | None = None) -> list[dict]:
         """Every object under prefix (all pages): Key, ETag, Size, ..."""
@@ -286,13 +306,20 @@ class ArtifactStore:
         existing = self.read_manifest(prefix)
         if existing:
             return self._same_content(
-                prefix, existing, manifest.model_copy(update={"files": hash_dir(local_dir)}))
+                prefix, existing, manifest.model_copy(update={"files": hash_dir(local_dir)})
+            )
         readers = {path: _HashingReader(local_dir / path) for path in relative_files(local_dir)}
         try:
             with create_transfer_manager(self.client, self.transfer) as manager:
-                uploads = [manager.upload(reader, self.bucket, f"{prefix}/files/{path}",
-                                          extra_args={"ChecksumAlgorithm": "CRC32"})
-                           for path, reader in readers.items()]
+                uploads = [
+                    manager.upload(
+                        reader,
+                        self.bucket,
+                        f"{prefix}/files/{path}",
+                        extra_args={"ChecksumAlgorithm": "CRC32"},
+                    )
+                    for path, reader in readers.items()
+                ]
                 for upload in uploads:
                     upload.result()
         finally:
@@ -304,8 +331,9 @@ class ArtifactStore:
     def commit_manifest(self, prefix: str, manifest: Manifest) -> Manifest:
         """Write the manifest that makes prefix complete; it is never overwritten."""
         try:
-            self.put_json(f"{prefix}/{MANIFEST}", manifest.model_dump(mode="json"),
-                          if_none_match=True)
+            self.put_json(
+                f"{prefix}/{MANIFEST}", manifest.model_dump(mode="json"), if_none_match=True
+            )
         except VersionConflict:
             return self._same_content(prefix, self.read_manifest(prefix), manifest)
         return manifest
@@ -336,9 +364,12 @@ class ArtifactStore:
             writers.append((entry, _HashingWriter(tmp / entry.path, single_get=single_get)))
         try:
             with create_transfer_manager(self.client, self.transfer) as manager:
-                downloads = [manager.download(self.bucket, f"{prefix}/files/{entry.path}", writer,
-                                              subscribers=[writer])
-                             for entry, writer in writers]
+                downloads = [
+                    manager.download(
+                        self.bucket, f"{prefix}/files/{entry.path}", writer, subscribers=[writer]
+                    )
+                    for entry, writer in writers
+                ]
                 for download in downloads:
                     download.result()
             for entry, writer in writers:
@@ -382,8 +413,9 @@ class ArtifactStore:
 
     def live_aliases(self) -> dict[str, str]:
         """Every model's live version: {model: version}."""
-        models = {key.split("/")[1] for key in self.list_keys("aliases/")
-                  if key.endswith("/live.json")}
+        models = {
+            key.split("/")[1] for key in self.list_keys("aliases/") if key.endswith("/live.json")
+        }
         return {m: v for m in sorted(models) if (v := self.read_alias(m, "live"))}
 
     @staticmethod
@@ -399,9 +431,14 @@ class ArtifactStore:
         key = self.alias_key(model, alias)
         key_part(version, "version")
         found = self.get_json(key)
-        body = {"model": model, "alias": alias, "version": version,
-                "previous": found[0]["version"] if found else None,
-                "updated_at": datetime.now(timezone.utc).isoformat(), "reason": reason}
+        body = {
+            "model": model,
+            "alias": alias,
+            "version": version,
+            "previous": found[0]["version"] if found else None,
+            "updated_at": datetime.now(UTC).isoformat(),
+            "reason": reason,
+        }
         if found:
             self.put_json(key, body, if_match=found[1])
         else:
@@ -410,8 +447,11 @@ class ArtifactStore:
     def list_mirror(self, bucket: str, prefix: str) -> list[tuple[str, str]]:
         """(key, ETag) of every object under s3://bucket/prefix/; a hub mirror has no manifest."""
         try:
-            objects = [(o["Key"], o["ETag"]) for o in self.list_objects(prefix + "/", bucket)
-                       if not o["Key"].endswith("/")]
+            objects = [
+                (o["Key"], o["ETag"])
+                for o in self.list_objects(prefix + "/", bucket)
+                if not o["Key"].endswith("/")
+            ]
         except ClientError as err:
             if _code(err) == "NoSuchBucket":
                 raise SourceNotFound(f"bucket s3://{bucket} does not exist") from err
@@ -434,7 +474,10 @@ class ArtifactStore:
         """Put a model directory into a mirror bucket, as a team mirroring hub models would."""
         self.ensure_bucket(bucket)
         for path in relative_files(local_dir):
-            self.client.upload_file(str(local_dir / path), bucket, f"{prefix}/{path}",
-                                    ExtraArgs={"ChecksumAlgorithm": "SHA256"},
-                                    Config=self.transfer)
-
+            self.client.upload_file(
+                str(local_dir / path),
+                bucket,
+                f"{prefix}/{path}",
+                ExtraArgs={"ChecksumAlgorithm": "SHA256"},
+                Config=self.transfer,
+            )

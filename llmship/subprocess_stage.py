@@ -32,8 +32,14 @@ Req = TypeVar("Req", bound=BaseModel)
 Res = TypeVar("Res", bound=BaseModel)
 
 
-def run_stage(settings: Settings, python: Path, module: str, request: BaseModel,
-              result_type: type[Res], logger: logging.Logger | logging.LoggerAdapter) -> Res:
+def run_stage(
+    settings: Settings,
+    python: Path,
+    module: str,
+    request: BaseModel,
+    result_type: type[Res],
+    logger: logging.Logger | logging.LoggerAdapter,
+) -> Res:
     if not python.exists():
         raise errors.StackError(f"stage environment {python} is missing: run `make setup`")
     with tempfile.TemporaryDirectory(prefix="llmship-stage-") as tmp:
@@ -42,8 +48,14 @@ def run_stage(settings: Settings, python: Path, module: str, request: BaseModel,
         argv = [str(python), "-m", module, "--request", str(req_path), "--result", str(res_path)]
         logger.info("running %s", " ".join(argv[1:3]))
         tail: deque[str] = deque(maxlen=40)
-        with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=stage_env(settings), errors="replace") as proc:
+        with subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=stage_env(settings),
+            errors="replace",
+        ) as proc:
             assert proc.stdout is not None
             for line in proc.stdout:
                 tail.append(line.rstrip())
@@ -75,14 +87,16 @@ def stage_main(fn: Callable[[Req], Res], request_type: type[Req]) -> None:
     try:
         result = fn(request)
     except errors.LlmshipError as exc:
-        args.result.write_text(json.dumps({"error": {"type": type(exc).__name__,
-                                                     "message": str(exc)}}))
+        args.result.write_text(
+            json.dumps({"error": {"type": type(exc).__name__, "message": str(exc)}})
+        )
         print(f"{type(exc).__name__}: {exc}", flush=True)
         sys.exit(2)
     except Exception as exc:  # noqa: BLE001 - reported to the orchestrator, then re-raised there
         traceback.print_exc(file=sys.stdout)
-        args.result.write_text(json.dumps({"error": {"type": type(exc).__name__,
-                                                     "message": str(exc)}}))
+        args.result.write_text(
+            json.dumps({"error": {"type": type(exc).__name__, "message": str(exc)}})
+        )
         sys.exit(1)
     args.result.write_text(json.dumps({"result": result.model_dump(mode="json")}))
 

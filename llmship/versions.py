@@ -1,7 +1,7 @@
 """Published versions and their lineage: the one module that reads them back from the store.
 
-    versions/<model>/<version>/manifest.json   inputs: VersionInputs, details: VersionDetails
-    version -> build (BuildInputs) -> calibrated checkpoint (CalibrateInputs) -> data digest
+versions/<model>/<version>/manifest.json   inputs: VersionInputs, details: VersionDetails
+version -> build (BuildInputs) -> calibrated checkpoint (CalibrateInputs) -> data digest
 """
 
 from __future__ import annotations
@@ -38,16 +38,18 @@ class VersionDetails(BaseModel):
     def _serve_from_flat_details(cls, data: Any) -> Any:
         """Versions published before ServeSpec kept target, engine_args and serve_subdir flat."""
         if isinstance(data, dict) and "serve" not in data:
-            data = data | {"serve": {k: data[k] for k in ("target", "engine_args",
-                                                          "serve_subdir") if k in data}}
+            data = data | {
+                "serve": {
+                    k: data[k] for k in ("target", "engine_args", "serve_subdir") if k in data
+                }
+            }
         return data
 
     @property
     def throughput_ratio(self) -> float | None:
         """The candidate's output tokens/s over the baseline's, at the production load."""
         figure = (self.perf or {}).get("production output tokens/s")
-        return figure["candidate"] / figure["baseline"] if figure and figure["baseline"] \
-            else None
+        return figure["candidate"] / figure["baseline"] if figure and figure["baseline"] else None
 
 
 class PublishedVersion(BaseModel):
@@ -65,14 +67,23 @@ class PublishedVersion(BaseModel):
     throughput_ratio: float | None = None
 
     @classmethod
-    def from_manifest(cls, model: str, manifest: Manifest) -> "PublishedVersion":
+    def from_manifest(cls, model: str, manifest: Manifest) -> PublishedVersion:
         """A published version as its manifest in the store describes it."""
         details = VersionDetails.model_validate(manifest.details)
-        return cls(model=model, version=manifest.key, prefix=version_prefix(model, manifest.key),
-                   digest=manifest.digest, files=len(manifest.files),
-                   bytes=manifest.total_bytes, gate_passed=details.gate_passed,
-                   perf_passed=details.perf_passed, scheme=details.scheme, serve=details.serve,
-                   created_at=manifest.created_at, throughput_ratio=details.throughput_ratio)
+        return cls(
+            model=model,
+            version=manifest.key,
+            prefix=version_prefix(model, manifest.key),
+            digest=manifest.digest,
+            files=len(manifest.files),
+            bytes=manifest.total_bytes,
+            gate_passed=details.gate_passed,
+            perf_passed=details.perf_passed,
+            scheme=details.scheme,
+            serve=details.serve,
+            created_at=manifest.created_at,
+            throughput_ratio=details.throughput_ratio,
+        )
 
 
 def read_version(store: ArtifactStore, model: str, version: str) -> PublishedVersion | None:
@@ -104,8 +115,9 @@ def calibration_of_build(store: ArtifactStore, build_prefix: str) -> CalibrateIn
     return CalibrateInputs.model_validate(checkpoint.inputs)
 
 
-def calibration_of_version(store: ArtifactStore, model: str,
-                           version: str) -> CalibrateInputs | None:
+def calibration_of_version(
+    store: ArtifactStore, model: str, version: str
+) -> CalibrateInputs | None:
     manifest = store.read_manifest(version_prefix(model, version))
     if manifest is None:
         return None

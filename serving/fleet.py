@@ -84,8 +84,10 @@ def eval_app_name(model: str, build_key: str) -> str:
 
 # ------------------------------------------------------------------ the directory actor
 
-def serves_traffic(settings: Settings, model: str, version: str,
-                   gateways: list[str] | None = None) -> bool | None:
+
+def serves_traffic(
+    settings: Settings, model: str, version: str, gateways: list[str] | None = None
+) -> bool | None:
     """Whether a gateway (or, failing them, the live alias) sends traffic to version; None
     when neither can be asked."""
     import httpx
@@ -160,9 +162,10 @@ class Directory:
         """Where every replica's engine listens; a gateway asking says so that it is up."""
         if gateway:
             self.gateways[gateway] = time.time()
-        return {"endpoints": {app: list(reps.values()) for app, reps in self.endpoints.items()
-                              if reps},
-                "warm_until": dict(self.warm_until)}
+        return {
+            "endpoints": {app: list(reps.values()) for app, reps in self.endpoints.items() if reps},
+            "warm_until": dict(self.warm_until),
+        }
 
     async def set_warm_until(self, app: str, deadline: float | None) -> None:
         if deadline is None:
@@ -186,7 +189,7 @@ class Directory:
         for (app, replica), actor in list(self.actors.items()):
             try:
                 await asyncio.wait_for(actor.__ray_ready__.remote(), timeout=5.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue  # busy, not gone
             except ray.exceptions.RayActorError:
                 log.warning("replica %s of %s is gone", replica, app)
@@ -202,15 +205,19 @@ class Directory:
             model, version, _ = parse_app_name(app) or (app, "", "")
             settings = get_settings()
             gateways = await self.live_gateways(settings.gateway_seen_within_s)
-            serving = await asyncio.to_thread(serves_traffic, settings, model, version,
-                                              gateways or [settings.gateway_url])
+            serving = await asyncio.to_thread(
+                serves_traffic, settings, model, version, gateways or [settings.gateway_url]
+            )
             if serving is False:
                 log.warning("stopping %s: its warm period is over", app)
                 await asyncio.to_thread(serve.delete, app, False)
                 await self.forget(app)
             else:
-                log.warning("%s keeps running: %s", app, "traffic is back on it" if serving
-                            else "cannot tell whether it serves")
+                log.warning(
+                    "%s keeps running: %s",
+                    app,
+                    "traffic is back on it" if serving else "cannot tell whether it serves",
+                )
                 self.warm_until.pop(app, None)
 
 
@@ -218,15 +225,24 @@ def directory():
     """The directory actor (started on first use, on the head node)."""
     import ray
 
-    return ray.remote(Directory).options(
-        name=DIRECTORY, namespace=ray_cluster.NAMESPACE, lifetime="detached",
-        get_if_exists=True, num_cpus=0, max_restarts=-1,
-        # On the head, beside the Serve controller: it lives as long as the cluster does.
-        resources={"node:__internal_head__": 0.001},
-    ).remote()
+    return (
+        ray.remote(Directory)
+        .options(
+            name=DIRECTORY,
+            namespace=ray_cluster.NAMESPACE,
+            lifetime="detached",
+            get_if_exists=True,
+            num_cpus=0,
+            max_restarts=-1,
+            # On the head, beside the Serve controller: it lives as long as the cluster does.
+            resources={"node:__internal_head__": 0.001},
+        )
+        .remote()
+    )
 
 
 # ------------------------------------------------------------------ what callers use
+
 
 def gateways(settings: Settings) -> list[str]:
     """The gateways relaying to this fleet: those heard from within gateway_seen_within_s."""
@@ -270,14 +286,22 @@ def _servers(statuses: dict, snap: dict, model: str | None = None) -> list[Serve
         counts = (deployment.replica_states or {}) if deployment else {}
         # The application's message says that it failed; its deployment's, why (the
         # replica's exception: the engine's exit and its last log lines).
-        message = "\n".join(filter(None, [status.message,
-                                          deployment.message if deployment else ""]))
-        servers.append(Server(
-            app=app, model=parsed[0], version=parsed[1], role=parsed[2],
-            status=str(getattr(status.status, "value", status.status)),
-            replicas=sum(counts.values()),
-            endpoints=[Endpoint.model_validate(e) for e in snap["endpoints"].get(app, [])],
-            warm_until=snap["warm_until"].get(app), message=message))
+        message = "\n".join(
+            filter(None, [status.message, deployment.message if deployment else ""])
+        )
+        servers.append(
+            Server(
+                app=app,
+                model=parsed[0],
+                version=parsed[1],
+                role=parsed[2],
+                status=str(getattr(status.status, "value", status.status)),
+                replicas=sum(counts.values()),
+                endpoints=[Endpoint.model_validate(e) for e in snap["endpoints"].get(app, [])],
+                warm_until=snap["warm_until"].get(app),
+                message=message,
+            )
+        )
     return sorted(servers, key=lambda s: s.app)
 
 
@@ -303,12 +327,22 @@ def spec_for_version(model: str, version: str, serve: ServeSpec) -> ReplicaSpec:
     """How a published version is served: as its build said (the version's ServeSpec)."""
     from llmship.store import version_prefix
 
-    return ReplicaSpec(app=app_name(model, version), model=model, version=version,
-                       role="serving", prefix=version_prefix(model, version), serve=serve)
+    return ReplicaSpec(
+        app=app_name(model, version),
+        model=model,
+        version=version,
+        role="serving",
+        prefix=version_prefix(model, version),
+        serve=serve,
+    )
 
 
-def acquire(settings: Settings, spec: ReplicaSpec, serving: ServingConfig | None = None,
-            timeout_s: float | None = None) -> tuple[Server, bool]:
+def acquire(
+    settings: Settings,
+    spec: ReplicaSpec,
+    serving: ServingConfig | None = None,
+    timeout_s: float | None = None,
+) -> tuple[Server, bool]:
     """The version's servers, running and healthy: (server, started). A running application
     is reused (its warm period, if any, cancelled), else deployed and waited for. serving:
     the replica count and spread; None (a rollback) takes those of the model's other
@@ -320,8 +354,10 @@ def acquire(settings: Settings, spec: ReplicaSpec, serving: ServingConfig | None
     if existing and existing.status == "RUNNING":
         ray.get(directory().set_warm_until.remote(spec.app, None))
         deployed = ray.get(directory().deployed.remote(spec.app))
-        if serving is not None and (deployed is None or placement(
-                ServingConfig.model_validate(deployed["serving"])) != placement(serving)):
+        if serving is not None and (
+            deployed is None
+            or placement(ServingConfig.model_validate(deployed["serving"])) != placement(serving)
+        ):
             # In place: with the spec it runs (the gate's candidate server runs its build's
             # copy under the version's name), Serve only adds or removes replicas.
             running_spec = ReplicaSpec.model_validate(deployed["spec"]) if deployed else spec
@@ -343,30 +379,42 @@ def _deploy(settings: Settings, spec: ReplicaSpec, serving: ServingConfig) -> No
     # Serve's autoscaler on the engines' queues (serving/autoscale.py), a fixed count as
     # min = max: a replica reports its engine's load only if it started autoscaled, and a
     # version switched to autoscaling in place (its running replicas kept) must report.
-    block = serving.autoscaling or AutoscalingBlock(min_replicas=serving.replicas,
-                                                    max_replicas=serving.replicas)
+    block = serving.autoscaling or AutoscalingBlock(
+        min_replicas=serving.replicas, max_replicas=serving.replicas
+    )
     deployment = replica_deployment().options(
-        name="engine", autoscaling_config=ray_autoscaling_config(block),
+        name="engine",
+        autoscaling_config=ray_autoscaling_config(block),
         max_replicas_per_node=serving.max_replicas_per_node,
         # On CPU a replica asks Ray for no CPU: vLLM's CPU engine takes what the OS gives it,
         # and a rollout runs several side by side. On CUDA, its GPUs.
         ray_actor_options={"num_cpus": 0, "num_gpus": gpus},
         # An engine that fails to load mostly fails again: two tries per replica, then the
         # deployment is DEPLOY_FAILED with the engine's own words in its message.
-        max_constructor_retry_count=2)
+        max_constructor_retry_count=2,
+    )
     # Serve gives an imperative deployment a new code version at every deploy, and so new
     # replicas: each a new engine load, for what is only a change of the replica count. With
     # the spec as its version the running replicas stay, and Serve adds or removes some.
     # (`version` is no longer a public option of Deployment.options: hence _internal.)
-    deployment = deployment.options(version=digest_of(spec.model_dump(mode="json"))[:16],
-                                    _internal=True)
+    deployment = deployment.options(
+        version=digest_of(spec.model_dump(mode="json"))[:16], _internal=True
+    )
     log.info("deploying %s: %s, %d GPU(s) each", spec.app, describe_count(serving), gpus)
-    ray.get(directory().set_deployed.remote(spec.app, {
-        "spec": spec.model_dump(mode="json"), "serving": serving.model_dump(mode="json")}))
+    ray.get(
+        directory().set_deployed.remote(
+            spec.app,
+            {"spec": spec.model_dump(mode="json"), "serving": serving.model_dump(mode="json")},
+        )
+    )
     # Not serve.run: it waits for the application without a limit; _wait_ready has one and
     # says what failed.
-    serve._run(deployment.bind(spec.model_dump(mode="json")), name=spec.app, route_prefix=None,
-               _blocking=False)
+    serve._run(
+        deployment.bind(spec.model_dump(mode="json")),
+        name=spec.app,
+        route_prefix=None,
+        _blocking=False,
+    )
 
 
 def _placement_like(model: str) -> ServingConfig:
@@ -416,10 +464,12 @@ def _wait_ready(settings: Settings, app: str, timeout_s: float) -> Server:
             raise ServingError(f"{app} could not start: {_shorten(server.message)}")
         if time.monotonic() > deadline:
             message = _shorten(server.message) if server else "it is not deployed"
-            raise ServingError(f"{app} was not healthy within {timeout_s:.0f} s "
-                               f"({server.status if server else '-'}, "
-                               f"{len(server.endpoints) if server else 0} replica(s) up): "
-                               f"{message}")
+            raise ServingError(
+                f"{app} was not healthy within {timeout_s:.0f} s "
+                f"({server.status if server else '-'}, "
+                f"{len(server.endpoints) if server else 0} replica(s) up): "
+                f"{message}"
+            )
         time.sleep(1.0)
 
 
@@ -427,7 +477,7 @@ def _shorten(message: str, limit: int = 6000) -> str:
     """A failure's message, its head (what failed) and its tail (the engine's last words)."""
     if len(message) <= limit:
         return message
-    return f"{message[:limit // 4]}\n[...]\n{message[-(limit * 3 // 4):]}"
+    return f"{message[: limit // 4]}\n[...]\n{message[-(limit * 3 // 4) :]}"
 
 
 def _delete(app: str) -> None:
@@ -465,14 +515,21 @@ def scale(settings: Settings, server: Server, replicas: int) -> Server:
     autoscales it again)."""
     _connect(settings)
     if replicas < 1:
-        raise ServingError(f"{replicas} replicas: a served version needs at least 1 "
-                           "(`llmship rollback` or a new rollout moves traffic off it)")
+        raise ServingError(
+            f"{replicas} replicas: a served version needs at least 1 "
+            "(`llmship rollback` or a new rollout moves traffic off it)"
+        )
     running, serving = _deployed(server)
     if serving.autoscaling:
-        log.info("%s autoscaled (%s): fixed at %d replica(s) now", server.app,
-                 describe_count(serving), replicas)
-    return _redeploy(settings, running, serving.model_copy(
-        update={"replicas": replicas, "autoscaling": None}))
+        log.info(
+            "%s autoscaled (%s): fixed at %d replica(s) now",
+            server.app,
+            describe_count(serving),
+            replicas,
+        )
+    return _redeploy(
+        settings, running, serving.model_copy(update={"replicas": replicas, "autoscaling": None})
+    )
 
 
 def placement(serving: ServingConfig) -> dict:
@@ -483,8 +540,10 @@ def placement(serving: ServingConfig) -> dict:
 
 def describe_count(serving: ServingConfig) -> str:
     if block := serving.autoscaling:
-        return (f"{block.min_replicas}-{block.max_replicas} replicas (autoscaled, "
-                f"{block.target_ongoing_requests:g} requests per engine)")
+        return (
+            f"{block.min_replicas}-{block.max_replicas} replicas (autoscaled, "
+            f"{block.target_ongoing_requests:g} requests per engine)"
+        )
     return f"{serving.replicas} replica(s)"
 
 
@@ -494,10 +553,14 @@ def _deployed(server: Server) -> tuple[ReplicaSpec, ServingConfig]:
 
     deployed = ray.get(directory().deployed.remote(server.app))
     if deployed is None:
-        raise ServingError(f"the fleet does not know how {server.app} was deployed (the "
-                           "cluster restarted under it): roll it out again")
-    return (ReplicaSpec.model_validate(deployed["spec"]),
-            ServingConfig.model_validate(deployed["serving"]))
+        raise ServingError(
+            f"the fleet does not know how {server.app} was deployed (the "
+            "cluster restarted under it): roll it out again"
+        )
+    return (
+        ReplicaSpec.model_validate(deployed["spec"]),
+        ServingConfig.model_validate(deployed["serving"]),
+    )
 
 
 def _redeploy(settings: Settings, running: ReplicaSpec, serving: ServingConfig) -> Server:
@@ -514,13 +577,19 @@ def smoke_test(server: Server, prompt: str) -> str:
     text = ""
     for endpoint in server.endpoints:
         try:
-            resp = httpx.post(f"{endpoint.url}/v1/completions", timeout=60.0, json={
-                "model": server.model, "prompt": prompt, "max_tokens": 16, "temperature": 0})
+            resp = httpx.post(
+                f"{endpoint.url}/v1/completions",
+                timeout=60.0,
+                json={"model": server.model, "prompt": prompt, "max_tokens": 16, "temperature": 0},
+            )
         except httpx.HTTPError as exc:
-            raise ServingError(f"{server.app}'s replica on {endpoint.node_ip} did not answer: "
-                               f"{exc}") from exc
+            raise ServingError(
+                f"{server.app}'s replica on {endpoint.node_ip} did not answer: {exc}"
+            ) from exc
         if resp.status_code != 200:
-            raise ServingError(f"{server.app}'s replica on {endpoint.node_ip} answered "
-                               f"{resp.status_code}: {resp.text[:500]}")
+            raise ServingError(
+                f"{server.app}'s replica on {endpoint.node_ip} answered "
+                f"{resp.status_code}: {resp.text[:500]}"
+            )
         text = resp.json()["choices"][0]["text"]
     return text

@@ -45,14 +45,19 @@ import random
 import secrets
 import time
 from contextlib import asynccontextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import aiohttp
 from fastapi import FastAPI, Header, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import (
-    CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest,
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
 )
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -65,6 +70,7 @@ UNKNOWN_MODEL = "(unknown)"  # the metrics' label for every model name the gatew
 
 
 # ------------------------------------------------------------------ request schemas
+
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
@@ -110,22 +116,35 @@ class Canary(BaseModel, extra="forbid"):
 
 class Route(BaseModel, extra="forbid"):
     version: str
-    since: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+    since: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
     canary: Canary | None = None
 
 
-def openai_error_body(message: str, *, type_: str = "invalid_request_error",
-                      param: str | None = None, code: str | None = None) -> dict:
+def openai_error_body(
+    message: str,
+    *,
+    type_: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def openai_error(status: int, message: str, *, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status, content=openai_error_body(
-        message, type_=type_, param=param, code=code))
+def openai_error(
+    status: int,
+    message: str,
+    *,
+    type_: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+) -> JSONResponse:
+    return JSONResponse(
+        status_code=status, content=openai_error_body(message, type_=type_, param=param, code=code)
+    )
 
 
 # ------------------------------------------------------------------ state and metrics
+
 
 class GatewayState:
     def __init__(self) -> None:
@@ -149,29 +168,55 @@ class GatewayState:
         if self.endpoints_file.exists():
             self.endpoints = json.loads(self.endpoints_file.read_text())
         self.registry = CollectorRegistry()
-        self.requests = Counter("llmship_gateway_requests", "Requests by outcome",
-                                ["model", "version", "endpoint", "status"],
-                                registry=self.registry)
+        self.requests = Counter(
+            "llmship_gateway_requests",
+            "Requests by outcome",
+            ["model", "version", "endpoint", "status"],
+            registry=self.registry,
+        )
         buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-        self.latency = Histogram("llmship_gateway_request_seconds", "Request latency",
-                                 ["model", "version", "endpoint"], registry=self.registry,
-                                 buckets=buckets)
+        self.latency = Histogram(
+            "llmship_gateway_request_seconds",
+            "Request latency",
+            ["model", "version", "endpoint"],
+            registry=self.registry,
+            buckets=buckets,
+        )
         self.first_token = Histogram(
             "llmship_gateway_time_to_first_token_seconds",
             "Streaming requests: from the request to the first chunk relayed",
-            ["model", "version", "endpoint"], registry=self.registry, buckets=buckets)
-        self.shed = Counter("llmship_gateway_shed", "Requests refused with 429: too many in "
-                            "flight", ["endpoint"], registry=self.registry)
-        self.in_flight_gauge = Gauge("llmship_gateway_in_flight", "Requests being served",
-                                     registry=self.registry)
+            ["model", "version", "endpoint"],
+            registry=self.registry,
+            buckets=buckets,
+        )
+        self.shed = Counter(
+            "llmship_gateway_shed",
+            "Requests refused with 429: too many in flight",
+            ["endpoint"],
+            registry=self.registry,
+        )
+        self.in_flight_gauge = Gauge(
+            "llmship_gateway_in_flight", "Requests being served", registry=self.registry
+        )
         self.in_flight_gauge.set_function(lambda: self.in_flight)
-        self.errors = Counter("llmship_gateway_errors", "Requests answered 5xx or not at all",
-                              ["model", "version", "endpoint"], registry=self.registry)
-        self.upstream_up = Gauge("llmship_gateway_upstream_up", "1 while a live version has "
-                                 "a replica, 0 while it has none", ["model", "version"],
-                                 registry=self.registry)
-        self.replicas = Gauge("llmship_gateway_replicas", "Replicas of a routed version the "
-                              "gateway relays to", ["model", "version"], registry=self.registry)
+        self.errors = Counter(
+            "llmship_gateway_errors",
+            "Requests answered 5xx or not at all",
+            ["model", "version", "endpoint"],
+            registry=self.registry,
+        )
+        self.upstream_up = Gauge(
+            "llmship_gateway_upstream_up",
+            "1 while a live version has a replica, 0 while it has none",
+            ["model", "version"],
+            registry=self.registry,
+        )
+        self.replicas = Gauge(
+            "llmship_gateway_replicas",
+            "Replicas of a routed version the gateway relays to",
+            ["model", "version"],
+            registry=self.registry,
+        )
         self.health_interval_s = settings.gateway_health_interval_s
         self.down_after = settings.gateway_down_after
         self.down: dict[str, str] = {}  # model -> its live version, declared down
@@ -184,7 +229,9 @@ class GatewayState:
         self.client = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=512, keepalive_timeout=2.0),
             timeout=aiohttp.ClientTimeout(total=None, connect=5.0, sock_read=300.0),
-            auto_decompress=False, skip_auto_headers=("User-Agent",))
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent",),
+        )
 
     def count_unanswered(self, model: str, version: str, endpoint: str) -> None:
         """A request the gateway answered 503 for version: a request and an error, so the
@@ -203,8 +250,9 @@ class GatewayState:
             self.endpoints = endpoints
             write_json(self.endpoints_file, endpoints)
         for model, route in self.routes.items():
-            for version in filter(None, (route.version,
-                                         route.canary.version if route.canary else None)):
+            for version in filter(
+                None, (route.version, route.canary.version if route.canary else None)
+            ):
                 self.replicas.labels(model, version).set(len(self.replicas_of(model, version)))
 
 
@@ -227,12 +275,18 @@ def restore_routes(settings: Settings, saved: dict[str, Route]) -> dict[str, Rou
     try:
         live = ArtifactStore(settings).live_aliases()
     except Exception as exc:  # noqa: BLE001 - S3 down: keep serving what was routed before
-        log.warning("cannot read the live aliases from S3 (%s: %s): keeping the last saved "
-                    "routes", type(exc).__name__, exc)
+        log.warning(
+            "cannot read the live aliases from S3 (%s: %s): keeping the last saved routes",
+            type(exc).__name__,
+            exc,
+        )
         return saved
-    return {model: saved[model] if model in saved and saved[model].version == version
-            and not saved[model].canary else Route(version=version)
-            for model, version in live.items()}
+    return {
+        model: saved[model]
+        if model in saved and saved[model].version == version and not saved[model].canary
+        else Route(version=version)
+        for model, version in live.items()
+    }
 
 
 def uses_ray(settings: Settings) -> bool:
@@ -253,8 +307,9 @@ async def follow_fleet(gw: GatewayState) -> None:
             actor = await asyncio.to_thread(fleet.directory)
             while True:
                 snap = await actor.snapshot.remote(gw.settings.gateway_url)
-                gw.set_endpoints({app: [e["url"] for e in reps]
-                                  for app, reps in snap["endpoints"].items()})
+                gw.set_endpoints(
+                    {app: [e["url"] for e in reps] for app, reps in snap["endpoints"].items()}
+                )
                 gw.fleet_known.set()
                 if not reconciled:  # once: the live aliases are what should serve
                     live = {m: r.version for m, r in gw.routes.items()}
@@ -265,8 +320,12 @@ async def follow_fleet(gw: GatewayState) -> None:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - Ray restarting: serve what is known
-            log.warning("cannot read the fleet's replicas from Ray (%s: %s): relaying to the "
-                        "last known ones", type(exc).__name__, exc)
+            log.warning(
+                "cannot read the fleet's replicas from Ray (%s: %s): relaying to the "
+                "last known ones",
+                type(exc).__name__,
+                exc,
+            )
             await asyncio.sleep(5.0)
 
 
@@ -292,8 +351,12 @@ async def watch_live_versions(gw: GatewayState) -> None:
                     ups[key] = ups.get(key, 0) + 1
                     if ups[key] >= gw.down_after:
                         del gw.down[model], ups[key]
-                        log.warning("%s %s has had a replica for %d checks: up again",
-                                    model, route.version, gw.down_after)
+                        log.warning(
+                            "%s %s has had a replica for %d checks: up again",
+                            model,
+                            route.version,
+                            gw.down_after,
+                        )
                 continue
             ups.pop(key, None)
             if gw.down.get(model) == route.version:
@@ -306,16 +369,34 @@ async def watch_live_versions(gw: GatewayState) -> None:
 def declare_down(gw: GatewayState, model: str, route: Route, failed_checks: int) -> None:
     gw.down[model] = route.version
     seconds = failed_checks * gw.health_interval_s
-    log.error("%s's live version %s has had no running replica for %.0f s (%d checks): "
-              "declared down; asking for a rollback to its previous version", model,
-              route.version, seconds, failed_checks)
+    log.error(
+        "%s's live version %s has had no running replica for %.0f s (%d checks): "
+        "declared down; asking for a rollback to its previous version",
+        model,
+        route.version,
+        seconds,
+        failed_checks,
+    )
     try:
-        events.emit(events.SERVING_DOWN, model, {
-            "model": model, "version": route.version, "failed_checks": failed_checks,
-            "seconds": seconds}, version=route.version)
+        events.emit(
+            events.SERVING_DOWN,
+            model,
+            {
+                "model": model,
+                "version": route.version,
+                "failed_checks": failed_checks,
+                "seconds": seconds,
+            },
+            version=route.version,
+        )
     except Exception as exc:  # noqa: BLE001 - no Prefect: the log line and /ready remain
-        log.error("could not send " + events.SERVING_DOWN + " to Prefect (%s: %s): roll back by "
-                  "hand (`llmship rollback %s`)", type(exc).__name__, exc, model)
+        log.error(
+            "could not send " + events.SERVING_DOWN + " to Prefect (%s: %s): roll back by "
+            "hand (`llmship rollback %s`)",
+            type(exc).__name__,
+            exc,
+            model,
+        )
 
 
 @asynccontextmanager
@@ -329,8 +410,11 @@ async def lifespan(app: FastAPI):
         try:
             await asyncio.wait_for(gw.fleet_known.wait(), gw.settings.gateway_fleet_wait_s)
         except TimeoutError:
-            log.warning("the fleet's replicas were not known within %.0f s: relaying to the "
-                        "last known ones until they are", gw.settings.gateway_fleet_wait_s)
+            log.warning(
+                "the fleet's replicas were not known within %.0f s: relaying to the "
+                "last known ones until they are",
+                gw.settings.gateway_fleet_wait_s,
+            )
     yield
     for task in tasks:
         task.cancel()
@@ -338,8 +422,9 @@ async def lifespan(app: FastAPI):
         try:
             from serving import fleet
 
-            await asyncio.wait_for(fleet.directory().gateway_down.remote(
-                gw.settings.gateway_url), 5.0)
+            await asyncio.wait_for(
+                fleet.directory().gateway_down.remote(gw.settings.gateway_url), 5.0
+            )
         except Exception as exc:  # noqa: BLE001 - it drops out after gateway_seen_within_s
             log.warning("could not tell the fleet this gateway stops (%s)", exc)
     await app.state.gw.client.close()
@@ -374,9 +459,12 @@ def _gw(request: Request) -> GatewayState:
 @app.exception_handler(Exception)
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unexpected error answering %s %s", request.method, request.url.path)
-    return openai_error(500, f"the gateway failed on this request ({type(exc).__name__}); "
-                             "its log has the details", type_="server_error",
-                        code="internal_error")
+    return openai_error(
+        500,
+        f"the gateway failed on this request ({type(exc).__name__}); its log has the details",
+        type_="server_error",
+        code="internal_error",
+    )
 
 
 @app.exception_handler(404)
@@ -399,13 +487,21 @@ async def ready(request: Request) -> JSONResponse:
     """Ready when every live version has a running replica: what a load balancer in front of
     the gateway should probe."""
     gw = _gw(request)
-    unserved = {model: route.version for model, route in gw.routes.items()
-                if not gw.replicas_of(model, route.version)}
+    unserved = {
+        model: route.version
+        for model, route in gw.routes.items()
+        if not gw.replicas_of(model, route.version)
+    }
     if unserved:
-        return openai_error(503, f"not ready: no running replica for {unserved}",
-                            type_="server_error", code="not_ready")
-    return JSONResponse({"status": "ready",
-                         "models": {m: r.version for m, r in sorted(gw.routes.items())}})
+        return openai_error(
+            503,
+            f"not ready: no running replica for {unserved}",
+            type_="server_error",
+            code="not_ready",
+        )
+    return JSONResponse(
+        {"status": "ready", "models": {m: r.version for m, r in sorted(gw.routes.items())}}
+    )
 
 
 @app.get("/metrics")
@@ -415,12 +511,24 @@ async def metrics(request: Request) -> Response:
 
 @app.get("/v1/models")
 async def list_models(request: Request) -> dict:
-    return {"object": "list", "data": [
-        {"id": model, "object": "model", "owned_by": "llmship", "version": route.version,
-         "created": int(datetime.fromisoformat(route.since).timestamp()),
-         **({"canary": {"version": route.canary.version, "percent": route.canary.percent}}
-            if route.canary else {})}
-        for model, route in sorted(_gw(request).routes.items())]}
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": model,
+                "object": "model",
+                "owned_by": "llmship",
+                "version": route.version,
+                "created": int(datetime.fromisoformat(route.since).timestamp()),
+                **(
+                    {"canary": {"version": route.canary.version, "percent": route.canary.percent}}
+                    if route.canary
+                    else {}
+                ),
+            }
+            for model, route in sorted(_gw(request).routes.items())
+        ],
+    }
 
 
 async def _proxy(request: Request, endpoint: str, schema: type[_OpenAIRequest]) -> Response:
@@ -433,9 +541,12 @@ async def _proxy(request: Request, endpoint: str, schema: type[_OpenAIRequest]) 
     body, parsed = checked
     if gw.in_flight >= gw.max_in_flight:
         gw.shed.labels(endpoint).inc()
-        resp = openai_error(429, f"the gateway has {gw.in_flight} requests in flight, its "
-                                 f"limit: retry shortly", type_="rate_limit_error",
-                            code="overloaded")
+        resp = openai_error(
+            429,
+            f"the gateway has {gw.in_flight} requests in flight, its limit: retry shortly",
+            type_="rate_limit_error",
+            code="overloaded",
+        )
         resp.headers["retry-after"] = "1"
         return resp
     gw.in_flight += 1
@@ -464,10 +575,14 @@ async def _read_body(gw: GatewayState, request: Request) -> bytes | Response:
                     return _too_large(gw, f"over {gw.max_request_bytes} bytes")
                 chunks.append(chunk)
     except TimeoutError:
-        return _closing(openai_error(
-            408, f"the request body did not arrive within {gw.body_timeout_s:g} s "
-                 f"({size} bytes came; LLMSHIP_GATEWAY_BODY_TIMEOUT_S)",
-            code="request_timeout"))
+        return _closing(
+            openai_error(
+                408,
+                f"the request body did not arrive within {gw.body_timeout_s:g} s "
+                f"({size} bytes came; LLMSHIP_GATEWAY_BODY_TIMEOUT_S)",
+                code="request_timeout",
+            )
+        )
     return b"".join(chunks)
 
 
@@ -488,8 +603,9 @@ def _param(loc: tuple, payload: Any) -> str:
     return "".join(parts)
 
 
-async def _read_request(gw: GatewayState, request: Request,
-                        schema: type[_OpenAIRequest]) -> tuple[bytes, _OpenAIRequest] | Response:
+async def _read_request(
+    gw: GatewayState, request: Request, schema: type[_OpenAIRequest]
+) -> tuple[bytes, _OpenAIRequest] | Response:
     body = await _read_body(gw, request)
     if isinstance(body, Response):
         return body
@@ -539,8 +655,11 @@ def _backends(gw: GatewayState, model: str, route: Route) -> list[tuple[str, str
     versions = [route.version]
     if route.canary is not None:
         canary_first = random.random() * 100 < route.canary.percent
-        versions = [route.canary.version, route.version] if canary_first \
+        versions = (
+            [route.canary.version, route.version]
+            if canary_first
             else [route.version, route.canary.version]
+        )
     order = []
     for version in versions:
         urls = gw.replicas_of(model, version)
@@ -550,24 +669,35 @@ def _backends(gw: GatewayState, model: str, route: Route) -> list[tuple[str, str
     return order
 
 
-async def _forward(gw: GatewayState, body: bytes, parsed: _OpenAIRequest,
-                   endpoint: str) -> Response:
+async def _forward(
+    gw: GatewayState, body: bytes, parsed: _OpenAIRequest, endpoint: str
+) -> Response:
     model = parsed.model
     route = gw.routes.get(model)
     if route is None:
         # Not the client's name as a label: every new one would be a series kept for ever.
         gw.requests.labels(UNKNOWN_MODEL, "", endpoint, "404").inc()
-        return openai_error(404, f"the model {model!r} does not exist; "
-                                 f"served: {sorted(gw.routes)}", code="model_not_found",
-                            param="model")
+        return openai_error(
+            404,
+            f"the model {model!r} does not exist; served: {sorted(gw.routes)}",
+            code="model_not_found",
+            param="model",
+        )
     backends = _backends(gw, model, route)
     if not backends:
         gw.count_unanswered(model, route.version, endpoint)
-        restoring = ("; it is down and a rollback to the previous version was asked for"
-                     if gw.down.get(model) == route.version else "")
-        resp503 = openai_error(503, f"{model}'s live version {route.version} has no running "
-                                    f"replica{restoring}: retry shortly", type_="server_error",
-                               code="upstream_unavailable")
+        restoring = (
+            "; it is down and a rollback to the previous version was asked for"
+            if gw.down.get(model) == route.version
+            else ""
+        )
+        resp503 = openai_error(
+            503,
+            f"{model}'s live version {route.version} has no running "
+            f"replica{restoring}: retry shortly",
+            type_="server_error",
+            code="upstream_unavailable",
+        )
         resp503.headers["retry-after"] = "5"
         return resp503
     started = time.perf_counter()
@@ -575,8 +705,9 @@ async def _forward(gw: GatewayState, body: bytes, parsed: _OpenAIRequest,
     resp = None
     for version, upstream in backends:
         try:
-            resp = await gw.client.post(f"{upstream}{endpoint}", data=body,
-                                        headers={"content-type": "application/json"})
+            resp = await gw.client.post(
+                f"{upstream}{endpoint}", data=body, headers={"content-type": "application/json"}
+            )
             break
         except UPSTREAM_ERRORS as exc:
             # Counted against the version that failed: what a canary step is judged on.
@@ -585,11 +716,17 @@ async def _forward(gw: GatewayState, body: bytes, parsed: _OpenAIRequest,
             if not isinstance(exc, aiohttp.ClientConnectorError):
                 break  # the request may have reached the server: not safe to send twice
     if resp is None:
-        restoring = ("; it is down and a rollback to the previous version was asked for"
-                     if gw.down.get(model) == route.version else "")
-        resp503 = openai_error(503, f"the model server of {model} failed: "
-                                    f"{'; '.join(failed)}{restoring}: retry shortly",
-                               type_="server_error", code="upstream_unavailable")
+        restoring = (
+            "; it is down and a rollback to the previous version was asked for"
+            if gw.down.get(model) == route.version
+            else ""
+        )
+        resp503 = openai_error(
+            503,
+            f"the model server of {model} failed: {'; '.join(failed)}{restoring}: retry shortly",
+            type_="server_error",
+            code="upstream_unavailable",
+        )
         resp503.headers["retry-after"] = "5"
         return resp503
     gw.upstream_in_flight[upstream] = gw.upstream_in_flight.get(upstream, 0) + 1
@@ -617,7 +754,8 @@ async def _forward(gw: GatewayState, body: bytes, parsed: _OpenAIRequest,
                 async for chunk in resp.content.iter_any():
                     if first:
                         gw.first_token.labels(model, version, endpoint).observe(
-                            time.perf_counter() - started)
+                            time.perf_counter() - started
+                        )
                         first = False
                     yield chunk
                 outcome["whole"] = True
@@ -628,8 +766,10 @@ async def _forward(gw: GatewayState, body: bytes, parsed: _OpenAIRequest,
                 outcome["status"] = "broken"
                 error = openai_error_body(
                     f"the model server of {model} {version} failed mid-answer: "
-                    f"{type(exc).__name__}: retry shortly", type_="server_error",
-                    code="upstream_unavailable")
+                    f"{type(exc).__name__}: retry shortly",
+                    type_="server_error",
+                    code="upstream_unavailable",
+                )
                 yield f"data: {json.dumps(error)}\n\n".encode()
 
         async def close() -> None:
@@ -641,27 +781,44 @@ async def _forward(gw: GatewayState, body: bytes, parsed: _OpenAIRequest,
             release_upstream()
             record(outcome["status"])
 
-        return _RelayResponse(relay(), on_close=close, status_code=200, headers=headers,
-                              media_type=resp.headers.get("content-type", "text/event-stream"))
+        return _RelayResponse(
+            relay(),
+            on_close=close,
+            status_code=200,
+            headers=headers,
+            media_type=resp.headers.get("content-type", "text/event-stream"),
+        )
     try:
         content = await resp.read()
     except UPSTREAM_ERRORS as exc:
         record("broken")
-        return openai_error(503, f"model server for {model} {version} failed mid-answer: "
-                                 f"{type(exc).__name__}", type_="server_error",
-                            code="upstream_unavailable")
+        return openai_error(
+            503,
+            f"model server for {model} {version} failed mid-answer: {type(exc).__name__}",
+            type_="server_error",
+            code="upstream_unavailable",
+        )
     finally:
         resp.release()
         release_upstream()
     record(str(resp.status))
-    return Response(content, status_code=resp.status, headers=headers,
-                    media_type=resp.headers.get("content-type", "application/json"))
+    return Response(
+        content,
+        status_code=resp.status,
+        headers=headers,
+        media_type=resp.headers.get("content-type", "application/json"),
+    )
 
 
 def _too_large(gw: GatewayState, size: str) -> JSONResponse:
-    return _closing(openai_error(
-        413, f"the request body is {size}; this gateway takes at most {gw.max_request_bytes} "
-             "bytes (LLMSHIP_GATEWAY_MAX_REQUEST_BYTES)", code="request_too_large"))
+    return _closing(
+        openai_error(
+            413,
+            f"the request body is {size}; this gateway takes at most {gw.max_request_bytes} "
+            "bytes (LLMSHIP_GATEWAY_MAX_REQUEST_BYTES)",
+            code="request_too_large",
+        )
+    )
 
 
 def _closing(resp: JSONResponse) -> JSONResponse:
@@ -681,16 +838,22 @@ async def chat_completions(request: Request) -> Response:
     return await _proxy(request, "/v1/chat/completions", ChatCompletionRequest)
 
 
-RELAYED: dict[str, type[_OpenAIRequest]] = {"/v1/completions": CompletionRequest,
-                                            "/v1/chat/completions": ChatCompletionRequest}
+RELAYED: dict[str, type[_OpenAIRequest]] = {
+    "/v1/completions": CompletionRequest,
+    "/v1/chat/completions": ChatCompletionRequest,
+}
 
 
 # ------------------------------------------------------------------ admin
 
+
 def _authorize(gw: GatewayState, authorization: str | None) -> JSONResponse | None:
     if not authorization or not authorization.lower().startswith("bearer "):
-        return openai_error(401, "admin endpoints need 'Authorization: Bearer <token>'",
-                            type_="authentication_error")
+        return openai_error(
+            401,
+            "admin endpoints need 'Authorization: Bearer <token>'",
+            type_="authentication_error",
+        )
     # As bytes: compare_digest refuses a str with non-ASCII characters, and a header may
     # hold any (latin-1) character.
     given = authorization[7:].strip().encode("utf-8", "surrogateescape")
@@ -719,13 +882,19 @@ async def set_route(model: str, request: Request, authorization: str | None = He
     try:
         route = Route.model_validate_json(body)
     except ValidationError as exc:
-        return openai_error(400, "expected {'version': ..., 'canary': {'version': ..., "
-                                 "'percent': ...} or null}: " + exc.errors()[0]["msg"])
+        return openai_error(
+            400,
+            "expected {'version': ..., 'canary': {'version': ..., "
+            "'percent': ...} or null}: " + exc.errors()[0]["msg"],
+        )
     versions = [route.version] + ([route.canary.version] if route.canary else [])
     for version in versions:
         if not gw.replicas_of(model, version):
-            return openai_error(409, f"{model} {version} has no running replica: traffic not "
-                                     "moved", code="upstream_unhealthy")
+            return openai_error(
+                409,
+                f"{model} {version} has no running replica: traffic not moved",
+                code="upstream_unhealthy",
+            )
     gw.routes[model] = route
     if gw.down.get(model) != route.version:
         gw.down.pop(model, None)

@@ -47,27 +47,38 @@ def model_route(settings: Settings, model: str) -> dict | None:
     return next(iter(gateway_routes(settings).values())).get(model)
 
 
-def route_traffic(settings: Settings, model: str, version: str,
-                  canary: dict | None = None, urls: list[str] | None = None) -> None:
+def route_traffic(
+    settings: Settings,
+    model: str,
+    version: str,
+    canary: dict | None = None,
+    urls: list[str] | None = None,
+) -> None:
     """All of model's traffic to version's replicas, or canary['percent'] of it to
     canary['version']'s, on every gateway (or those of urls)."""
     refused = []
     for url in urls or gateway_urls(settings):
         try:
-            resp = httpx.put(f"{url}/admin/routes/{model}", timeout=10.0,
-                             headers=_auth(settings), json={"version": version, "canary": canary})
+            resp = httpx.put(
+                f"{url}/admin/routes/{model}",
+                timeout=10.0,
+                headers=_auth(settings),
+                json={"version": version, "canary": canary},
+            )
         except httpx.HTTPError as exc:
             refused.append(f"{url}: {type(exc).__name__}: {exc}")
             continue
         if resp.status_code != 200:
             refused.append(f"{url}: {resp.status_code} {resp.text[:300]}")
     if refused:
-        raise ServingError(f"the route to {model} {version} did not reach every gateway: "
-                           f"{'; '.join(refused)}")
+        raise ServingError(
+            f"the route to {model} {version} did not reach every gateway: {'; '.join(refused)}"
+        )
 
 
-def keep_routed(settings: Settings, gateways: list[str], model: str, version: str,
-                canary: dict | None) -> list[str]:
+def keep_routed(
+    settings: Settings, gateways: list[str], model: str, version: str, canary: dict | None
+) -> list[str]:
     """Give the route to each of gateways that lacks it (one that started or restarted since
     it moved: a restart routes by the live alias); the URLs it was given to."""
     wanted = (version, canary and (canary["version"], canary["percent"]))

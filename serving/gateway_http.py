@@ -14,6 +14,7 @@ reads it before the request takes an in-flight slot.
 from __future__ import annotations
 
 import json
+
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from llmship.settings import get_settings
@@ -60,9 +61,12 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
-        self._refuse(408, f"the request's line and headers did not arrive within "
-                          f"{self._head_timeout_s:g} s (LLMSHIP_GATEWAY_HEADER_TIMEOUT_S)",
-                     "request_timeout")
+        self._refuse(
+            408,
+            f"the request's line and headers did not arrive within "
+            f"{self._head_timeout_s:g} s (LLMSHIP_GATEWAY_HEADER_TIMEOUT_S)",
+            "request_timeout",
+        )
 
     # ... and be of bounded size. httptools keeps a header until its value is complete, so
     # the bytes are counted as they arrive, not in its callbacks.
@@ -75,20 +79,36 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         super().data_received(data)
         # Still no whole head after this many bytes (a head that completed in this data is
         # not refused for the body that came with it).
-        if awaiting_head and self._head_timer is not None \
-                and self._head_bytes > self._max_head_bytes:
-            self._refuse(431, f"the request's line and headers are over "
-                              f"{self._max_head_bytes} bytes "
-                              "(LLMSHIP_GATEWAY_MAX_HEADER_BYTES)", "request_header_too_large")
+        if (
+            awaiting_head
+            and self._head_timer is not None
+            and self._head_bytes > self._max_head_bytes
+        ):
+            self._refuse(
+                431,
+                f"the request's line and headers are over "
+                f"{self._max_head_bytes} bytes "
+                "(LLMSHIP_GATEWAY_MAX_HEADER_BYTES)",
+                "request_header_too_large",
+            )
 
     def _refuse(self, status: int, message: str, code: str) -> None:
         """An OpenAI-style error, then the connection closed: nothing more is read from it."""
         if self._refused or self.transport.is_closing():
             return
         self._refused = True
-        body = json.dumps({"error": {"message": message, "type": "invalid_request_error",
-                                     "param": None, "code": code}}).encode()
+        body = json.dumps(
+            {
+                "error": {
+                    "message": message,
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": code,
+                }
+            }
+        ).encode()
         self.transport.write(
             b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-            b"connection: close\r\n\r\n" % (status, REASONS[status], len(body)) + body)
+            b"connection: close\r\n\r\n" % (status, REASONS[status], len(body)) + body
+        )
         self.transport.close()

@@ -65,8 +65,10 @@ def server_env(settings: Settings, target: Target = Target.VLLM) -> dict[str, st
     env.setdefault("DO_NOT_TRACK", "1")
     # The engine reads nothing from S3 and joins no Ray cluster: none of the stack's secrets.
     for name in list(env):
-        if name.startswith(("RAY_AUTH", "AWS_")) or name in ("LLMSHIP_S3_ACCESS_KEY",
-                                                             "LLMSHIP_S3_SECRET_KEY"):
+        if name.startswith(("RAY_AUTH", "AWS_")) or name in (
+            "LLMSHIP_S3_ACCESS_KEY",
+            "LLMSHIP_S3_SECRET_KEY",
+        ):
             del env[name]
     return env
 
@@ -80,8 +82,9 @@ def fetch_to_node(settings: Settings, prefix: str) -> Path:
     store = ArtifactStore(settings)
     manifest = store.read_manifest(prefix)
     if manifest is None:
-        raise ServingError(f"s3://{settings.artifacts_bucket}/{prefix} has no manifest: "
-                           "nothing to serve")
+        raise ServingError(
+            f"s3://{settings.artifacts_bucket}/{prefix} has no manifest: nothing to serve"
+        )
     cache = settings.node_cache
     cache.mkdir(parents=True, exist_ok=True)
     dest = cache / manifest.digest
@@ -92,19 +95,26 @@ def fetch_to_node(settings: Settings, prefix: str) -> Path:
             started = time.monotonic()
             store.download_dir(prefix, dest)
             done.write_text(prefix)
-            log.info("fetched %s (%d files, %.1f MB) in %.1f s", prefix, len(manifest.files),
-                     manifest.total_bytes / 1e6, time.monotonic() - started)
+            log.info(
+                "fetched %s (%d files, %.1f MB) in %.1f s",
+                prefix,
+                len(manifest.files),
+                manifest.total_bytes / 1e6,
+                time.monotonic() - started,
+            )
     return dest
 
 
-def trtllm_model_path(link_dir: Path, served_name: str, model_dir: Path,
-                      serve_subdir: str | None) -> Path:
+def trtllm_model_path(
+    link_dir: Path, served_name: str, model_dir: Path, serve_subdir: str | None
+) -> Path:
     """A link named served_name to what trtllm-serve loads (it names the model after it)."""
     link = link_dir / served_name
     link.parent.mkdir(parents=True, exist_ok=True)
     link.unlink(missing_ok=True)
-    link.symlink_to(model_dir / serve_subdir if serve_subdir else model_dir,
-                    target_is_directory=True)
+    link.symlink_to(
+        model_dir / serve_subdir if serve_subdir else model_dir, target_is_directory=True
+    )
     return link
 
 
@@ -114,8 +124,9 @@ def free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def start_engine(settings: Settings, spec: ReplicaSpec, model_dir: Path, log_path: Path,
-                 link_dir: Path) -> tuple[subprocess.Popen, str]:
+def start_engine(
+    settings: Settings, spec: ReplicaSpec, model_dir: Path, log_path: Path, link_dir: Path
+) -> tuple[subprocess.Popen, str]:
     """The engine's own OpenAI server for spec, on settings.host at a free port, under
     serving/engine_guard.py: (process, url). What a replica runs on its node, and what
     bench/gpu_serve.py runs on a GPU host without Ray."""
@@ -124,33 +135,48 @@ def start_engine(settings: Settings, spec: ReplicaSpec, model_dir: Path, log_pat
     serve = spec.serve
     if serve.target is Target.TRTLLM:
         load_path = trtllm_model_path(link_dir, spec.model, model_dir, serve.serve_subdir)
-    command = engines.server_command(settings, serve.target, load_path, spec.model, port,
-                                     serve.engine_args,
-                                     tokenizer_dir=model_dir if serve.serve_subdir else None)
+    command = engines.server_command(
+        settings,
+        serve.target,
+        load_path,
+        spec.model,
+        port,
+        serve.engine_args,
+        tokenizer_dir=model_dir if serve.serve_subdir else None,
+    )
     with log_path.open("ab") as out:
         engine = subprocess.Popen(
-            [sys.executable, "-m", "serving.engine_guard", *command], stdout=out,
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=server_env(settings, serve.target), start_new_session=True)
+            [sys.executable, "-m", "serving.engine_guard", *command],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=server_env(settings, serve.target),
+            start_new_session=True,
+        )
     return engine, f"http://{settings.host}:{port}"
 
 
-def wait_healthy(settings: Settings, spec: ReplicaSpec, engine: subprocess.Popen, url: str,
-                 log_path: Path) -> None:
+def wait_healthy(
+    settings: Settings, spec: ReplicaSpec, engine: subprocess.Popen, url: str, log_path: Path
+) -> None:
     """Until the engine answers /health; its log's last lines if it exits or takes longer than
     settings.server_start_timeout_s."""
     deadline = time.monotonic() + settings.server_start_timeout_s
     while not engines.answers_health(url, timeout_s=5.0):
         if engine.poll() is not None:
-            raise ServerExited(f"the {spec.serve.target.value} engine for {spec.app} exited "
-                               f"({engine.returncode}) while starting at {url}; last lines of "
-                               f"{log_path}:\n{log_tail(log_path, 12)}")
+            raise ServerExited(
+                f"the {spec.serve.target.value} engine for {spec.app} exited "
+                f"({engine.returncode}) while starting at {url}; last lines of "
+                f"{log_path}:\n{log_tail(log_path, 12)}"
+            )
         if time.monotonic() > deadline:
             engine.terminate()
-            raise ServingError(f"the engine for {spec.app} was not healthy within "
-                               f"{settings.server_start_timeout_s:.0f} s at {url} "
-                               f"(LLMSHIP_SERVER_START_TIMEOUT_S); last lines of "
-                               f"{log_path}:\n{log_tail(log_path, 12)}")
+            raise ServingError(
+                f"the engine for {spec.app} was not healthy within "
+                f"{settings.server_start_timeout_s:.0f} s at {url} "
+                f"(LLMSHIP_SERVER_START_TIMEOUT_S); last lines of "
+                f"{log_path}:\n{log_tail(log_path, 12)}"
+            )
         time.sleep(0.5)
 
 
@@ -173,8 +199,10 @@ def deployment():
         max_ongoing_requests=1,
         # A replica that misses its health check (the engine does not answer /health within
         # the timeout) is replaced by Ray; an engine busy with a long batch answers in seconds.
-        health_check_period_s=5.0, health_check_timeout_s=30.0,
-        graceful_shutdown_timeout_s=30.0, graceful_shutdown_wait_loop_s=1.0,
+        health_check_period_s=5.0,
+        health_check_timeout_s=30.0,
+        graceful_shutdown_timeout_s=30.0,
+        graceful_shutdown_wait_loop_s=1.0,
     )
 
 
@@ -193,22 +221,30 @@ class ModelReplica:
         logs.mkdir(parents=True, exist_ok=True)
         self.log_path = logs / f"engine-{self.spec.app}-{self.replica_id}.log"
         # Ray gives this replica its GPUs as CUDA_VISIBLE_DEVICES; the engine inherits it.
-        self.engine, self.url = start_engine(settings, self.spec, model_dir, self.log_path,
-                                             settings.node_cache / "links" / self.replica_id)
+        self.engine, self.url = start_engine(
+            settings,
+            self.spec,
+            model_dir,
+            self.log_path,
+            settings.node_cache / "links" / self.replica_id,
+        )
         wait_healthy(settings, self.spec, self.engine, self.url, self.log_path)
         from serving.fleet import Endpoint, directory
 
         self.endpoint = Endpoint(
-            url=self.url, replica=self.replica_id, node_ip=node_ip,
+            url=self.url,
+            replica=self.replica_id,
+            node_ip=node_ip,
             node_id=ray.get_runtime_context().get_node_id(),
-            gpus=[str(g) for g in ray.get_gpu_ids()], log=str(self.log_path))
+            gpus=[str(g) for g in ray.get_gpu_ids()],
+            log=str(self.log_path),
+        )
         self.directory = directory()
         self.actor = ray.get_runtime_context().current_actor
         ray.get(self.register())
 
     def register(self):
-        return self.directory.register.remote(self.spec.app, self.endpoint.model_dump(),
-                                              self.actor)
+        return self.directory.register.remote(self.spec.app, self.endpoint.model_dump(), self.actor)
 
     def log_tail(self, lines: int = 30) -> str:
         return log_tail(self.log_path, lines)
@@ -216,17 +252,22 @@ class ModelReplica:
     async def check_health(self) -> None:
         """Ray calls this every health_check_period_s; raising makes it replace the replica."""
         if self.engine.poll() is not None:
-            raise ServerExited(f"the engine of {self.spec.app} exited "
-                               f"({self.engine.returncode}): {self.log_tail(10)}")
+            raise ServerExited(
+                f"the engine of {self.spec.app} exited "
+                f"({self.engine.returncode}): {self.log_tail(10)}"
+            )
         try:
             async with httpx.AsyncClient(timeout=20.0) as client:
                 resp = await client.get(f"{self.url}/health")
         except httpx.HTTPError as exc:
-            raise ServingError(f"the engine of {self.spec.app} at {self.url} does not answer "
-                               f"its health check: {type(exc).__name__}") from None
+            raise ServingError(
+                f"the engine of {self.spec.app} at {self.url} does not answer "
+                f"its health check: {type(exc).__name__}"
+            ) from None
         if resp.status_code != 200:
-            raise ServingError(f"the engine of {self.spec.app} answers its health check "
-                               f"{resp.status_code}")
+            raise ServingError(
+                f"the engine of {self.spec.app} answers its health check {resp.status_code}"
+            )
         # Healthy: say so to the directory again (a restarted directory relearns the fleet).
         self.register()
 

@@ -16,7 +16,12 @@ from llmship.settings import ServingConfig, Target, get_settings
 from llmship.store import ArtifactStore
 from llmship.subprocess_stage import run_stage, tool_versions
 from tasks.common import (
-    RETRIES, RETRY_DELAYS, cache_key, produce, record_stage_artifact, retry_unless_permanent,
+    RETRIES,
+    RETRY_DELAYS,
+    cache_key,
+    produce,
+    record_stage_artifact,
+    retry_unless_permanent,
 )
 
 TOOLS = ("transformers", "compressed-tensors", "torch")
@@ -24,9 +29,14 @@ TOOLS = ("transformers", "compressed-tensors", "torch")
 
 def build_inputs(checkpoint: Checkpoint, target: Target, serving: ServingConfig) -> BuildInputs:
     settings = get_settings()
-    return BuildInputs(checkpoint=checkpoint.prefix, checkpoint_digest=checkpoint.digest,
-                       target=target, serving=serving.build_inputs(), device=settings.device,
-                       tools=tool_versions(settings.quantize_python, TOOLS))
+    return BuildInputs(
+        checkpoint=checkpoint.prefix,
+        checkpoint_digest=checkpoint.digest,
+        target=target,
+        serving=serving.build_inputs(),
+        device=settings.device,
+        tools=tool_versions(settings.quantize_python, TOOLS),
+    )
 
 
 def build(inputs: BuildInputs, checkpoint: Checkpoint, serving: ServingConfig) -> Build:
@@ -34,32 +44,58 @@ def build(inputs: BuildInputs, checkpoint: Checkpoint, serving: ServingConfig) -
     settings = get_settings()
 
     def make(out_dir: Path):
-        result = run_stage(settings, settings.quantize_python, "jobs.build", BuildRequest(
-            checkpoint_dir=str(ArtifactStore(settings).materialize(checkpoint.prefix)),
-            out_dir=str(out_dir), target=inputs.target, serving=serving,
-            kv_cache_fp8=checkpoint.details.kv_cache_fp8, device=inputs.device,
-        ), BuildResult, get_run_logger())
+        result = run_stage(
+            settings,
+            settings.quantize_python,
+            "jobs.build",
+            BuildRequest(
+                checkpoint_dir=str(ArtifactStore(settings).materialize(checkpoint.prefix)),
+                out_dir=str(out_dir),
+                target=inputs.target,
+                serving=serving,
+                kv_cache_fp8=checkpoint.details.kv_cache_fp8,
+                device=inputs.device,
+            ),
+            BuildResult,
+            get_run_logger(),
+        )
         return BuildDetails(
-            scheme=checkpoint.details.scheme, precision=result.precision,
-            quantization_format=result.quantization_format, serve=result.serve,
-            smoke_output=result.smoke_output), {"build": result.seconds}
+            scheme=checkpoint.details.scheme,
+            precision=result.precision,
+            quantization_format=result.quantization_format,
+            serve=result.serve,
+            smoke_output=result.smoke_output,
+        ), {"build": result.seconds}
 
     return produce(inputs, Build, make)
 
 
-@task(name="build", retries=RETRIES, retry_delay_seconds=RETRY_DELAYS,
-      retry_condition_fn=retry_unless_permanent, persist_result=True,
-      cache_key_fn=cache_key(lambda p: build_inputs(p["checkpoint"], p["target"],
-                                                    p["serving"]).key))
-def build_task(checkpoint: Checkpoint, target: Target, serving: ServingConfig, model: str,
-               side: Side) -> Build:
+@task(
+    name="build",
+    retries=RETRIES,
+    retry_delay_seconds=RETRY_DELAYS,
+    retry_condition_fn=retry_unless_permanent,
+    persist_result=True,
+    cache_key_fn=cache_key(lambda p: build_inputs(p["checkpoint"], p["target"], p["serving"]).key),
+)
+def build_task(
+    checkpoint: Checkpoint, target: Target, serving: ServingConfig, model: str, side: Side
+) -> Build:
     """side: which side of the gate this build is for; it names the artifact only (the build
     itself, content-addressed, is the same whichever side asks for it)."""
     out = build(build_inputs(checkpoint, target, serving), checkpoint, serving)
     d = out.details
-    record_stage_artifact(model, out, {"side": side.value, "target": target.value,
-                                       "precision": d.precision, "scheme": d.scheme.value,
-                                       "engine args": " ".join(d.serve.engine_args)},
-                          f"{side.value} build for {target.value}: {d.precision}",
-                          label=f"build-{side.value}")
+    record_stage_artifact(
+        model,
+        out,
+        {
+            "side": side.value,
+            "target": target.value,
+            "precision": d.precision,
+            "scheme": d.scheme.value,
+            "engine args": " ".join(d.serve.engine_args),
+        },
+        f"{side.value} build for {target.value}: {d.precision}",
+        label=f"build-{side.value}",
+    )
     return out

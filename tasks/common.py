@@ -29,7 +29,7 @@ from llmship.store import ArtifactStore
 RETRIES = 3
 RETRY_DELAYS = exponential_backoff(backoff_factor=2)
 
-O = TypeVar("O", bound=StageOutput)
+Output = TypeVar("Output", bound=StageOutput)
 R = TypeVar("R", bound=BaseModel)
 Made = tuple[BaseModel, dict[str, float]]  # a stage's details, and its timings in seconds
 
@@ -51,11 +51,13 @@ def cache_key(key_of: Callable[[dict[str, Any]], str]) -> Callable[..., str | No
     Bad input makes no key (rather than a logged traceback): the task then runs and reports
     the problem itself, once, with its own message.
     """
+
     def key_fn(context, parameters: dict[str, Any]) -> str | None:
         try:
             return key_of(parameters)
         except LlmshipError:
             return None
+
     return key_fn
 
 
@@ -72,25 +74,41 @@ def artifact_key(model: str, stage: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", f"{model}-{stage}".lower()).strip("-")
 
 
-def record_stage_artifact(model: str, output: StageOutput, rows: dict[str, Any],
-                          description: str, label: str | None = None) -> None:
+def record_stage_artifact(
+    model: str,
+    output: StageOutput,
+    rows: dict[str, Any],
+    description: str,
+    label: str | None = None,
+) -> None:
     """A keyed table per stage and model: the UI then shows each stage's history per model."""
-    table = [{"field": k, "value": str(v)} for k, v in {
-        "stage": output.stage, "key": output.key, "store": output.prefix,
-        "content sha256": output.digest, "files": output.files, "bytes": output.bytes, **rows,
-    }.items()]
-    create_table_artifact(table=table, key=artifact_key(model, label or output.stage),
-                          description=description)
+    table = [
+        {"field": k, "value": str(v)}
+        for k, v in {
+            "stage": output.stage,
+            "key": output.key,
+            "store": output.prefix,
+            "content sha256": output.digest,
+            "files": output.files,
+            "bytes": output.bytes,
+            **rows,
+        }.items()
+    ]
+    create_table_artifact(
+        table=table, key=artifact_key(model, label or output.stage), description=description
+    )
 
 
 def record_markdown(model: str, stage: str, markdown: str, description: str) -> None:
-    create_markdown_artifact(markdown=markdown, key=artifact_key(model, stage),
-                             description=description)
+    create_markdown_artifact(
+        markdown=markdown, key=artifact_key(model, stage), description=description
+    )
 
 
 @contextmanager
-def model_slot(purpose: str, model: str, timeout_s: float,
-               lease_s: float = 300.0) -> Iterator[None]:
+def model_slot(
+    purpose: str, model: str, timeout_s: float, lease_s: float = 300.0
+) -> Iterator[None]:
     """One run at a time holds a model's slot for a purpose: Prefect's global concurrency
     limit `llmship-<purpose>-<model>` (one slot, made on first use, visible in the UI). A run
     whose host dies gives it back when its lease (renewed while it runs) runs out."""
@@ -106,19 +124,30 @@ def model_slot(purpose: str, model: str, timeout_s: float,
         except ObjectNotFound:
             try:
                 client.create_global_concurrency_limit(
-                    GlobalConcurrencyLimitCreate(name=name, limit=1))
+                    GlobalConcurrencyLimitCreate(name=name, limit=1)
+                )
             except Exception:  # noqa: BLE001 - made meanwhile by another run: the same limit
                 client.read_global_concurrency_limit_by_name(name)
     log = get_run_logger()
-    log.info("taking %s's %s slot (%s): another run %s it goes first", model, purpose, name,
-             "evaluating or serving" if purpose == "serving" else "building")
+    log.info(
+        "taking %s's %s slot (%s): another run %s it goes first",
+        model,
+        purpose,
+        name,
+        "evaluating or serving" if purpose == "serving" else "building",
+    )
     started = time.monotonic()
     # A transient Prefect outage while the slot is held must not kill an evaluation.
-    with concurrency(name, occupy=1, strict=True, lease_duration=lease_s,
-                     timeout_seconds=timeout_s, raise_on_lease_renewal_failure=False):
+    with concurrency(
+        name,
+        occupy=1,
+        strict=True,
+        lease_duration=lease_s,
+        timeout_seconds=timeout_s,
+        raise_on_lease_renewal_failure=False,
+    ):
         if time.monotonic() - started > 1:
-            log.info("got %s's %s slot after %.0f s", model, purpose,
-                     time.monotonic() - started)
+            log.info("got %s's %s slot after %.0f s", model, purpose, time.monotonic() - started)
         yield
 
 
@@ -147,7 +176,7 @@ def stage_logger() -> logging.Logger | logging.LoggerAdapter:
         return logging.getLogger("llmship")
 
 
-def produce(inputs: StageInputs, output: type[O], make: Callable[[Path], Made]) -> O:
+def produce(inputs: StageInputs, output: type[Output], make: Callable[[Path], Made]) -> Output:
     """The one way a content-addressed stage makes its output:
 
         key (the digest of the inputs) -> in the store already? (another run or host made
@@ -157,20 +186,33 @@ def produce(inputs: StageInputs, output: type[O], make: Callable[[Path], Made]) 
     store = ArtifactStore(get_settings())
     prefix = inputs.prefix
     if manifest := store.read_manifest(prefix):
-        stage_logger().info("s3://%s/%s is in the store already (made %s): using it",
-                              store.bucket, prefix, manifest.created_at)
+        stage_logger().info(
+            "s3://%s/%s is in the store already (made %s): using it",
+            store.bucket,
+            prefix,
+            manifest.created_at,
+        )
         return output.from_manifest(prefix, manifest)
     out_dir = fresh_dir(store.local_path(prefix))
     details, timings = make(out_dir)
-    manifest = store.store_output(out_dir, prefix, Manifest(
-        kind=inputs.stage, key=inputs.key, inputs=inputs.model_dump(mode="json"),
-        tool_versions=inputs.tools, timings_s={k: round(v, 3) for k, v in timings.items()},
-        details=details.model_dump(mode="json")))
+    manifest = store.store_output(
+        out_dir,
+        prefix,
+        Manifest(
+            kind=inputs.stage,
+            key=inputs.key,
+            inputs=inputs.model_dump(mode="json"),
+            tool_versions=inputs.tools,
+            timings_s={k: round(v, 3) for k, v in timings.items()},
+            details=details.model_dump(mode="json"),
+        ),
+    )
     return output.from_manifest(prefix, manifest)
 
 
-def store_report(stage: str, key: str, report: R, markdown: str,
-                 manifest: Manifest) -> tuple[str, R | None]:
+def store_report(
+    stage: str, key: str, report: R, markdown: str, manifest: Manifest
+) -> tuple[str, R | None]:
     """Keep a gate's report in the store under stages/<stage>/<key>/, failing ones too: they
     are what people read. Returns (prefix, the report stored there before, if the same inputs
     were judged before: a failed gate run again after its alert)."""

@@ -16,19 +16,32 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
+from llmship.contracts import DownloadInputs, Snapshot, SnapshotDetails
 from llmship.errors import DiskFull, SourceNotFound
 from llmship.hub import hub_errors, hub_offline, split_hf
-from llmship.contracts import DownloadInputs, Snapshot, SnapshotDetails
 from llmship.settings import get_settings
 from llmship.store import ArtifactStore, parse_s3_uri
 from tasks.common import (
-    RETRIES, RETRY_DELAYS, cache_key, produce, record_stage_artifact, retry_unless_permanent,
+    RETRIES,
+    RETRY_DELAYS,
+    cache_key,
+    produce,
+    record_stage_artifact,
+    retry_unless_permanent,
 )
 
 # Weights, config and tokenizer only: hub repos also carry original/ checkpoints (Llama 3's
 # consolidated.pth doubles the download) and assets no stage reads.
-ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.jinja",
-                  "*.txt", "*.py"]
+ALLOW_PATTERNS = [
+    "*.json",
+    "*.safetensors",
+    "tokenizer*",
+    "*.model",
+    "*.tiktoken",
+    "*.jinja",
+    "*.txt",
+    "*.py",
+]
 IGNORE_PATTERNS = ["original/*", "*.pth", "*.bin", "*.gguf", "*.onnx"]
 
 
@@ -43,12 +56,21 @@ def download_inputs(source: str) -> DownloadInputs:
         objects = ArtifactStore(get_settings()).list_mirror(bucket, prefix)
         return DownloadInputs(source=source, fingerprint={"objects": objects})
     if not Path(source).is_dir():
-        raise SourceNotFound(f"{source} is not a directory: give a model directory, "
-                             "hf://org/name@revision or s3://bucket/prefix")
+        raise SourceNotFound(
+            f"{source} is not a directory: give a model directory, "
+            "hf://org/name@revision or s3://bucket/prefix"
+        )
     root = Path(source)
-    return DownloadInputs(source=str(root.resolve()), fingerprint={"files": sorted(
-        (p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
-        for p in root.rglob("*") if p.is_file())})
+    return DownloadInputs(
+        source=str(root.resolve()),
+        fingerprint={
+            "files": sorted(
+                (p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+                for p in root.rglob("*")
+                if p.is_file()
+            )
+        },
+    )
 
 
 def fetch_hf(source: str, dest: Path) -> dict:
@@ -58,11 +80,16 @@ def fetch_hf(source: str, dest: Path) -> dict:
     with hub_errors(repo, revision, "the snapshot", offline=hub_offline()):
         # Through the hub cache (HF_HUB_CACHE): a worker fetches each revision once, and an
         # offline worker can use what a team pre-seeded there.
-        path = snapshot_download(repo_id=repo, revision=revision,
-                                 allow_patterns=ALLOW_PATTERNS, ignore_patterns=IGNORE_PATTERNS)
+        path = snapshot_download(
+            repo_id=repo,
+            revision=revision,
+            allow_patterns=ALLOW_PATTERNS,
+            ignore_patterns=IGNORE_PATTERNS,
+        )
     # The cache holds symlinks into its blob store; the snapshot gets the files themselves.
-    shutil.copytree(path, dest, symlinks=False, dirs_exist_ok=True,
-                    ignore=shutil.ignore_patterns(".cache"))
+    shutil.copytree(
+        path, dest, symlinks=False, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".cache")
+    )
     return {"repo": repo, "revision": revision}
 
 
@@ -75,8 +102,10 @@ def fetch_s3(source: str, dest: Path) -> dict:
 def fetch_path(source: str, dest: Path) -> dict:
     root = Path(source)
     if not root.is_dir():
-        raise SourceNotFound(f"{source} is not a directory: give a model directory, "
-                             "hf://org/name@revision or s3://bucket/prefix")
+        raise SourceNotFound(
+            f"{source} is not a directory: give a model directory, "
+            "hf://org/name@revision or s3://bucket/prefix"
+        )
     shutil.copytree(root, dest, dirs_exist_ok=True)
     return {"path": str(root.resolve())}
 
@@ -103,8 +132,11 @@ def _out_of_space(exc: BaseException) -> bool:
 
 def fetch(source: str, dest: Path) -> SnapshotDetails:
     """Fetch the source into dest and check it is a model."""
-    fetch_from = fetch_hf if source.startswith("hf://") else (
-        fetch_s3 if source.startswith("s3://") else fetch_path)
+    fetch_from = (
+        fetch_hf
+        if source.startswith("hf://")
+        else (fetch_s3 if source.startswith("s3://") else fetch_path)
+    )
     try:
         origin = fetch_from(source, dest)
     except OSError as exc:
@@ -116,7 +148,8 @@ def fetch(source: str, dest: Path) -> SnapshotDetails:
         raise DiskFull(
             f"the disk ran out while downloading {source} into {dest} ({free / 1e6:.0f} MB "
             f"free now, after removing the partial copy): free space there or point "
-            f"LLMSHIP_STATE_DIR at a larger disk, then run again. Nothing was kept") from exc
+            f"LLMSHIP_STATE_DIR at a larger disk, then run again. Nothing was kept"
+        ) from exc
     if not (dest / "config.json").is_file():
         raise SourceNotFound(f"{source} holds no config.json: it is not a model directory")
     return SnapshotDetails(origin=origin)
@@ -124,6 +157,7 @@ def fetch(source: str, dest: Path) -> SnapshotDetails:
 
 def download(source: str) -> Snapshot:
     """The source as a verified snapshot in the store, with its manifest."""
+
     def make(dest: Path):
         started = time.monotonic()
         return fetch(source, dest), {"fetch": time.monotonic() - started}
@@ -131,13 +165,24 @@ def download(source: str) -> Snapshot:
     return produce(download_inputs(source), Snapshot, make)
 
 
-@task(name="download", retries=RETRIES, retry_delay_seconds=RETRY_DELAYS,
-      retry_condition_fn=retry_unless_permanent,
-      cache_key_fn=cache_key(lambda p: download_inputs(p["source"]).key), persist_result=True)
+@task(
+    name="download",
+    retries=RETRIES,
+    retry_delay_seconds=RETRY_DELAYS,
+    retry_condition_fn=retry_unless_permanent,
+    cache_key_fn=cache_key(lambda p: download_inputs(p["source"]).key),
+    persist_result=True,
+)
 def download_task(source: str, model: str) -> Snapshot:
     out = download(source)
-    get_run_logger().info("snapshot of %s: %d files, %.1f MB, sha256 %s", source, out.files,
-                          out.bytes / 1e6, out.digest[:16])
-    record_stage_artifact(model, out, {"source": source},
-                          f"Snapshot of {source}, every file hashed")
+    get_run_logger().info(
+        "snapshot of %s: %d files, %.1f MB, sha256 %s",
+        source,
+        out.files,
+        out.bytes / 1e6,
+        out.digest[:16],
+    )
+    record_stage_artifact(
+        model, out, {"source": source}, f"Snapshot of {source}, every file hashed"
+    )
     return out

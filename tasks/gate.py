@@ -29,7 +29,12 @@ from llmship.versions import calibration_of_build
 from serving import fleet
 from serving.engines import python_for
 from tasks.common import (
-    RETRIES, RETRY_DELAYS, artifact_key, cache_key, record_markdown, retry_unless_permanent,
+    RETRIES,
+    RETRY_DELAYS,
+    artifact_key,
+    cache_key,
+    record_markdown,
+    retry_unless_permanent,
     store_report,
 )
 from tasks.gate_rule import GateReport, judge, render_markdown, resolve_tasks, rule_of
@@ -45,42 +50,78 @@ def evaluation_key(build: Build, tasks: TaskSet, config: GateConfig) -> str:
     the pinned snapshot, is evaluated once however many candidates are gated against it."""
     settings = get_settings()
     target = build.details.serve.target
-    engine = (tool_versions(python_for(settings, target), SERVE_TOOLS[target])
-              if config.backend is EvalBackend.SERVED else {})
-    return digest_of({
-        "stage": "evaluate", "build": build.digest, "data": tasks.eval_data_sha256,
-        "domain": tasks.domain, "standard": tasks.standard, "limit": config.limit,
-        "backend": config.backend.value, "device": settings.device,
-        "tools": tool_versions(settings.quantize_python, TOOLS), "engine": engine,
-    })[:24]
+    engine = (
+        tool_versions(python_for(settings, target), SERVE_TOOLS[target])
+        if config.backend is EvalBackend.SERVED
+        else {}
+    )
+    return digest_of(
+        {
+            "stage": "evaluate",
+            "build": build.digest,
+            "data": tasks.eval_data_sha256,
+            "domain": tasks.domain,
+            "standard": tasks.standard,
+            "limit": config.limit,
+            "backend": config.backend.value,
+            "device": settings.device,
+            "tools": tool_versions(settings.quantize_python, TOOLS),
+            "engine": engine,
+        }
+    )[:24]
 
 
-@task(name="evaluate", retries=RETRIES, retry_delay_seconds=RETRY_DELAYS,
-      retry_condition_fn=retry_unless_permanent, persist_result=True,
-      cache_key_fn=cache_key(lambda p: evaluation_key(p["build"], p["tasks"], p["config"])))
-def evaluate_task(build: Build, side: Side, tasks: TaskSet, config: GateConfig,
-                  model: str, keep_for_perf: bool = False) -> Evaluation:
+@task(
+    name="evaluate",
+    retries=RETRIES,
+    retry_delay_seconds=RETRY_DELAYS,
+    retry_condition_fn=retry_unless_permanent,
+    persist_result=True,
+    cache_key_fn=cache_key(lambda p: evaluation_key(p["build"], p["tasks"], p["config"])),
+)
+def evaluate_task(
+    build: Build,
+    side: Side,
+    tasks: TaskSet,
+    config: GateConfig,
+    model: str,
+    keep_for_perf: bool = False,
+) -> Evaluation:
     """keep_for_perf: the performance gate follows; the baseline's server stays up for it
     (the candidate's stays anyway, for the rollout)."""
     settings = get_settings()
     log = get_run_logger()
     served = config.backend is EvalBackend.SERVED
-    keep = served and (keeps_for_rollout(side) or (
-        keep_for_perf and settings.keep_evaluated_server_s > 0))
+    keep = served and (
+        keeps_for_rollout(side) or (keep_for_perf and settings.keep_evaluated_server_s > 0)
+    )
     server, started = None, False
     if served:
         spec = server_spec(build, model, side)
-        log.info("asking the fleet for a %s server of %s's %s to evaluate through",
-                 spec.serve.target.value, model, side.value)
+        log.info(
+            "asking the fleet for a %s server of %s's %s to evaluate through",
+            spec.serve.target.value,
+            model,
+            side.value,
+        )
         server, started, _ = take_server(settings, spec)
     try:
-        evaluation = run_stage(settings, settings.quantize_python, "jobs.evaluate",
-                               EvaluateRequest(
-            model_dir=str(ArtifactStore(settings).materialize(build.prefix)), tasks=tasks,
-            backend=config.backend, served_name=model,
-            base_url=server.url if server else None, limit=config.limit,
-            device=settings.device,
-        ), Evaluation, log)
+        evaluation = run_stage(
+            settings,
+            settings.quantize_python,
+            "jobs.evaluate",
+            EvaluateRequest(
+                model_dir=str(ArtifactStore(settings).materialize(build.prefix)),
+                tasks=tasks,
+                backend=config.backend,
+                served_name=model,
+                base_url=server.url if server else None,
+                limit=config.limit,
+                device=settings.device,
+            ),
+            Evaluation,
+            log,
+        )
     except BaseException:
         if started:
             fleet.release(settings, server)
@@ -88,29 +129,54 @@ def evaluate_task(build: Build, side: Side, tasks: TaskSet, config: GateConfig,
     if server and started and keep:
         fleet.keep_warm(settings, server, settings.keep_evaluated_server_s)
         evaluation.kept_server = server.app
-        log.info("kept %s's %s server as %s for the %s (stopped in %.0f s unless traffic or "
-                 "the next stage takes it)", model, side.value, server.app,
-                 "rollout" if keeps_for_rollout(side) else "performance gate",
-                 settings.keep_evaluated_server_s)
+        log.info(
+            "kept %s's %s server as %s for the %s (stopped in %.0f s unless traffic or "
+            "the next stage takes it)",
+            model,
+            side.value,
+            server.app,
+            "rollout" if keeps_for_rollout(side) else "performance gate",
+            settings.keep_evaluated_server_s,
+        )
     elif server and started:
         fleet.release(settings, server)
     return evaluation
 
 
 def gate_key(candidate: Build, baseline: Build, config: GateConfig, tasks: TaskSet) -> str:
-    return digest_of({"stage": "gate", "candidate": evaluation_key(candidate, tasks, config),
-                      "baseline": evaluation_key(baseline, tasks, config),
-                      "policy": config.model_dump(mode="json")})[:24]
+    return digest_of(
+        {
+            "stage": "gate",
+            "candidate": evaluation_key(candidate, tasks, config),
+            "baseline": evaluation_key(baseline, tasks, config),
+            "policy": config.model_dump(mode="json"),
+        }
+    )[:24]
 
 
 def store(key: str, model: str, report: GateReport) -> str:
     """Every gate report stays in the store, failing ones too: they are what people read."""
-    prefix, earlier = store_report("gate", key, report, render_markdown(model, report), Manifest(
-        kind="gate", key=key, inputs={"candidate": report.candidate, "baseline": report.baseline},
-        parameters={"rule": report.rule, "rtol": report.rtol, "atol": report.atol,
-                    "dataset": report.dataset, "backend": report.backend.value},
-        tool_versions=report.harness, timings_s=report.seconds,
-        details={"passed": report.passed, "model": model}))
+    prefix, earlier = store_report(
+        "gate",
+        key,
+        report,
+        render_markdown(model, report),
+        Manifest(
+            kind="gate",
+            key=key,
+            inputs={"candidate": report.candidate, "baseline": report.baseline},
+            parameters={
+                "rule": report.rule,
+                "rtol": report.rtol,
+                "atol": report.atol,
+                "dataset": report.dataset,
+                "backend": report.backend.value,
+            },
+            tool_versions=report.harness,
+            timings_s=report.seconds,
+            details={"passed": report.passed, "model": model},
+        ),
+    )
     # The same builds under the same policy gated before (a failed gate run again: its
     # evaluations are reused, the report is made again): the stored report stays, and only
     # a different verdict is a problem worth stopping for.
@@ -118,20 +184,34 @@ def store(key: str, model: str, report: GateReport) -> str:
         raise VersionConflict(
             f"the gate of {model} gave a different verdict on the same builds and policy than "
             f"the one stored at {prefix}/: the evaluation is not deterministic here; compare "
-            "the two reports before trusting either")
+            "the two reports before trusting either"
+        )
     return prefix
 
 
 def record_report(model: str, report: GateReport, stored: str) -> None:
     verdict = "passed" if report.passed else "FAILED"
-    record_markdown(model, "gate", render_markdown(model, report) + f"\n\nStored: `{stored}`",
-                    f"gate {verdict}")
+    record_markdown(
+        model, "gate", render_markdown(model, report) + f"\n\nStored: `{stored}`", f"gate {verdict}"
+    )
     create_table_artifact(
-        key=artifact_key(model, "gate-table"), description=f"gate {verdict}: {report.rule}",
-        table=[{"task": t.task, "metric": t.metric, "n": t.n, "baseline": round(t.baseline, 4),
-                "candidate": round(t.candidate, 4), "delta": round(t.delta, 4),
-                "threshold": round(t.threshold, 4), "measured": round(t.measured, 4),
-                "verdict": "pass" if t.passed else "FAIL"} for t in report.tasks])
+        key=artifact_key(model, "gate-table"),
+        description=f"gate {verdict}: {report.rule}",
+        table=[
+            {
+                "task": t.task,
+                "metric": t.metric,
+                "n": t.n,
+                "baseline": round(t.baseline, 4),
+                "candidate": round(t.candidate, 4),
+                "delta": round(t.delta, 4),
+                "threshold": round(t.threshold, 4),
+                "measured": round(t.measured, 4),
+                "verdict": "pass" if t.passed else "FAIL",
+            }
+            for t in report.tasks
+        ],
+    )
 
 
 def calibration_file_of(candidate: Build) -> Path | None:
@@ -143,11 +223,16 @@ def calibration_file_of(candidate: Build) -> Path | None:
     return dataset_dir(dataset) / name
 
 
-@task(name="gate", persist_result=True,
-      cache_key_fn=cache_key(lambda p: gate_key(p["candidate"], p["baseline"], p["config"],
-                                                resolve_tasks(p["config"]))))
-def gate_task(candidate: Build, baseline: Build, config: GateConfig, model: str,
-              perf_follows: bool = False) -> GateReport:
+@task(
+    name="gate",
+    persist_result=True,
+    cache_key_fn=cache_key(
+        lambda p: gate_key(p["candidate"], p["baseline"], p["config"], resolve_tasks(p["config"]))
+    ),
+)
+def gate_task(
+    candidate: Build, baseline: Build, config: GateConfig, model: str, perf_follows: bool = False
+) -> GateReport:
     """Evaluate both builds (each evaluation cached on its own) and apply the rule.
     perf_follows: keep the baseline's server up for the performance gate."""
     settings = get_settings()
@@ -160,30 +245,54 @@ def gate_task(candidate: Build, baseline: Build, config: GateConfig, model: str,
     # would be rolled back with a failing gate, and the rerun after its alert would evaluate
     # both builds again: two model loads, minutes for 70B.
     with transaction(commit_mode=CommitMode.EAGER):
-        base_eval = evaluate_task(baseline, Side.BASELINE, tasks, config, model,
-                                  keep_for_perf=perf_follows)
+        base_eval = evaluate_task(
+            baseline, Side.BASELINE, tasks, config, model, keep_for_perf=perf_follows
+        )
         cand_eval = evaluate_task(candidate, Side.CANDIDATE, tasks, config, model)
     verdicts = judge(base_eval, cand_eval, config, tasks)
     report = GateReport(
-        passed=all(v.passed for v in verdicts), rule=rule_of(config), strict=config.strict,
-        confidence=config.confidence if config.strict else None, backend=config.backend,
-        rtol=config.rtol, atol=config.atol, dataset=config.dataset,
-        eval_data_sha256=tasks.eval_data_sha256, candidate=candidate.prefix,
-        candidate_version=candidate.version, baseline=baseline.prefix, tasks=verdicts,
+        passed=all(v.passed for v in verdicts),
+        rule=rule_of(config),
+        strict=config.strict,
+        confidence=config.confidence if config.strict else None,
+        backend=config.backend,
+        rtol=config.rtol,
+        atol=config.atol,
+        dataset=config.dataset,
+        eval_data_sha256=tasks.eval_data_sha256,
+        candidate=candidate.prefix,
+        candidate_version=candidate.version,
+        baseline=baseline.prefix,
+        tasks=verdicts,
         harness=tool_versions(settings.quantize_python, TOOLS),
         seconds={"baseline": base_eval.seconds, "candidate": cand_eval.seconds},
     )
     stored = store(gate_key(candidate, baseline, config, tasks), model, report)
     record_report(model, report, stored)
     if not report.passed:
-        failing = ", ".join(f"{t.task} {t.measured:.3f} < {t.threshold:.3f} "
-                            f"(baseline {t.baseline:.3f})" for t in report.failing)
-        refuse_candidate(model, candidate, baseline, events.GATE_FAILED, {
-            "report": stored, "rule": report.rule,
-            "failing": [t.model_dump() for t in report.failing]},
-            GateFailed(f"accuracy gate failed for {model} candidate {candidate.version}: "
-                       f"{failing}; nothing was published (report: "
-                       f"s3://{settings.artifacts_bucket}/{stored}/)"))
-    get_run_logger().info("gate passed (%s): %s", report.rule, ", ".join(
-        f"{t.task} {t.candidate:.3f} vs {t.baseline:.3f}" for t in report.tasks))
+        failing = ", ".join(
+            f"{t.task} {t.measured:.3f} < {t.threshold:.3f} (baseline {t.baseline:.3f})"
+            for t in report.failing
+        )
+        refuse_candidate(
+            model,
+            candidate,
+            baseline,
+            events.GATE_FAILED,
+            {
+                "report": stored,
+                "rule": report.rule,
+                "failing": [t.model_dump() for t in report.failing],
+            },
+            GateFailed(
+                f"accuracy gate failed for {model} candidate {candidate.version}: "
+                f"{failing}; nothing was published (report: "
+                f"s3://{settings.artifacts_bucket}/{stored}/)"
+            ),
+        )
+    get_run_logger().info(
+        "gate passed (%s): %s",
+        report.rule,
+        ", ".join(f"{t.task} {t.candidate:.3f} vs {t.baseline:.3f}" for t in report.tasks),
+    )
     return report

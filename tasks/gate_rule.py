@@ -22,11 +22,17 @@ from llmship.settings import EvalBackend, GateConfig, TaskPolicy
 
 DOMAIN_METRIC = "exact_match,strip"
 # The metric a standard task is judged on when its policy names none: the first one it reports.
-STANDARD_METRICS = ("acc,none", "exact_match,strict-match", "exact_match,flexible-extract",
-                    "exact_match,none", "acc_norm,none")
+STANDARD_METRICS = (
+    "acc,none",
+    "exact_match,strict-match",
+    "exact_match,flexible-extract",
+    "exact_match,none",
+    "acc_norm,none",
+)
 RULE = "candidate >= max(baseline * (1 - rtol) - atol, floor)"
-STRICT_RULE = ("wilson_lower(candidate, n, {confidence:.0%}) "
-               ">= max(baseline * (1 - rtol) - atol, floor)")
+STRICT_RULE = (
+    "wilson_lower(candidate, n, {confidence:.0%}) >= max(baseline * (1 - rtol) - atol, floor)"
+)
 
 
 class TaskVerdict(BaseModel):
@@ -75,27 +81,39 @@ def resolve_tasks(config: GateConfig) -> TaskSet:
     domain = kinds if config.domain_tasks is None else config.domain_tasks
     unknown = sorted(set(domain) - set(kinds))
     if unknown:
-        raise GateConfigError(f"gate.domain_tasks names {unknown}, which {eval_file} does not "
-                              f"have: its task kinds are {kinds}")
+        raise GateConfigError(
+            f"gate.domain_tasks names {unknown}, which {eval_file} does not "
+            f"have: its task kinds are {kinds}"
+        )
     if not domain and not config.standard_tasks:
-        raise GateConfigError("the gate has no tasks: set gate.domain_tasks to some of "
-                              f"{kinds}, or gate.standard_tasks")
-    tasks = TaskSet(dataset=config.dataset, eval_file=str(eval_file),
-                    eval_data_sha256=file_digest(eval_file), domain=list(domain),
-                    standard=list(config.standard_tasks))
+        raise GateConfigError(
+            "the gate has no tasks: set gate.domain_tasks to some of "
+            f"{kinds}, or gate.standard_tasks"
+        )
+    tasks = TaskSet(
+        dataset=config.dataset,
+        eval_file=str(eval_file),
+        eval_data_sha256=file_digest(eval_file),
+        domain=list(domain),
+        standard=list(config.standard_tasks),
+    )
     known = set(tasks.names) | set(tasks.domain)
     stray = sorted(set(config.per_task) - known)
     if stray:
-        raise GateConfigError(f"gate.per_task names {stray}, which the gate does not run: "
-                              f"use one of {sorted(known)}")
+        raise GateConfigError(
+            f"gate.per_task names {stray}, which the gate does not run: use one of {sorted(known)}"
+        )
     return tasks
 
 
 def policy_for(config: GateConfig, tasks: TaskSet, name: str) -> TaskPolicy:
     own = config.per_task.get(name) or config.per_task.get(tasks.kind_of(name)) or TaskPolicy()
-    return TaskPolicy(rtol=config.rtol if own.rtol is None else own.rtol,
-                      atol=config.atol if own.atol is None else own.atol,
-                      floor=own.floor, metric=own.metric)
+    return TaskPolicy(
+        rtol=config.rtol if own.rtol is None else own.rtol,
+        atol=config.atol if own.atol is None else own.atol,
+        floor=own.floor,
+        metric=own.metric,
+    )
 
 
 def wilson_lower(p: float, n: int, confidence: float) -> float:
@@ -111,8 +129,9 @@ def wilson_lower(p: float, n: int, confidence: float) -> float:
 def pick_metric(score: TaskScore, wanted: str | None, task_name: str) -> str:
     if wanted:
         if wanted not in score.metrics:
-            raise GateConfigError(f"task {task_name} reports no metric {wanted!r}: it reports "
-                                  f"{sorted(score.metrics)}")
+            raise GateConfigError(
+                f"task {task_name} reports no metric {wanted!r}: it reports {sorted(score.metrics)}"
+            )
         return wanted
     for name in (DOMAIN_METRIC, *STANDARD_METRICS):
         if name in score.metrics:
@@ -122,8 +141,9 @@ def pick_metric(score: TaskScore, wanted: str | None, task_name: str) -> str:
     return sorted(score.metrics)[0]
 
 
-def judge(baseline: Evaluation, candidate: Evaluation, config: GateConfig,
-          tasks: TaskSet) -> list[TaskVerdict]:
+def judge(
+    baseline: Evaluation, candidate: Evaluation, config: GateConfig, tasks: TaskSet
+) -> list[TaskVerdict]:
     """Apply the rule to every task; the verdicts carry every number the rule used."""
     verdicts = []
     for name in tasks.names:
@@ -133,11 +153,22 @@ def judge(baseline: Evaluation, candidate: Evaluation, config: GateConfig,
         b, c = base.metrics[metric], cand.metrics[metric]
         threshold = max(0.0, b * (1 - policy.rtol) - policy.atol, policy.floor or 0.0)
         measured = wilson_lower(c, cand.n, config.confidence) if config.strict else c
-        verdicts.append(TaskVerdict(
-            task=name, metric=metric, n=cand.n, baseline=b, candidate=c, delta=c - b,
-            rtol=policy.rtol, atol=policy.atol, floor=policy.floor, threshold=threshold,
-            measured=measured, passed=measured >= threshold - 1e-12,
-        ))
+        verdicts.append(
+            TaskVerdict(
+                task=name,
+                metric=metric,
+                n=cand.n,
+                baseline=b,
+                candidate=c,
+                delta=c - b,
+                rtol=policy.rtol,
+                atol=policy.atol,
+                floor=policy.floor,
+                threshold=threshold,
+                measured=measured,
+                passed=measured >= threshold - 1e-12,
+            )
+        )
     return verdicts
 
 
@@ -148,22 +179,32 @@ def rule_of(config: GateConfig) -> str:
 def render_markdown(model: str, report: GateReport) -> str:
     verdict = "PASSED" if report.passed else "FAILED"
     lines = [
-        f"# Accuracy gate {verdict}: {model}", "",
+        f"# Accuracy gate {verdict}: {model}",
+        "",
         f"Rule, per task: `{report.rule}`; defaults rtol = {report.rtol}, atol = {report.atol}"
         f"; evaluated with the `{report.backend.value}` backend on `{report.dataset}` "
-        f"(eval data sha256 `{report.eval_data_sha256[:16]}`).", "",
+        f"(eval data sha256 `{report.eval_data_sha256[:16]}`).",
+        "",
         "| task | metric | n | baseline | candidate | delta | rtol | atol | floor | threshold "
         "| measured | verdict |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for t in report.tasks:
         floor = "-" if t.floor is None else f"{t.floor:.3f}"
-        lines.append(f"| {t.task} | {t.metric} | {t.n} | {t.baseline:.3f} | {t.candidate:.3f} "
-                     f"| {t.delta:+.3f} | {t.rtol} | {t.atol} | {floor} | {t.threshold:.3f} "
-                     f"| {t.measured:.3f} | {'pass' if t.passed else '**FAIL**'} |")
-    lines += ["", "```", *score_chart(report), "```", "",
-              f"Candidate: `{report.candidate}` (version `{report.candidate_version}`)",
-              f"Baseline: `{report.baseline}`"]
+        lines.append(
+            f"| {t.task} | {t.metric} | {t.n} | {t.baseline:.3f} | {t.candidate:.3f} "
+            f"| {t.delta:+.3f} | {t.rtol} | {t.atol} | {floor} | {t.threshold:.3f} "
+            f"| {t.measured:.3f} | {'pass' if t.passed else '**FAIL**'} |"
+        )
+    lines += [
+        "",
+        "```",
+        *score_chart(report),
+        "```",
+        "",
+        f"Candidate: `{report.candidate}` (version `{report.candidate_version}`)",
+        f"Baseline: `{report.baseline}`",
+    ]
     return "\n".join(lines)
 
 

@@ -35,7 +35,12 @@ from llmship.subprocess_stage import run_stage, tool_versions
 from serving import fleet
 from serving.engines import python_for
 from tasks.common import (
-    RETRIES, RETRY_DELAYS, artifact_key, cache_key, record_markdown, retry_unless_permanent,
+    RETRIES,
+    RETRY_DELAYS,
+    artifact_key,
+    cache_key,
+    record_markdown,
+    retry_unless_permanent,
     store_report,
 )
 from tasks.gate import SERVE_TOOLS
@@ -50,18 +55,26 @@ def measurement_key(build: Build, config: PerfConfig) -> str:
     baseline is measured once however many candidates are compared with it."""
     settings = get_settings()
     target = build.details.serve.target
-    return digest_of({
-        "stage": "measure", "build": build.digest,
-        "loads": [load.model_dump() for load in loads(config)],
-        "engine": tool_versions(python_for(settings, target), SERVE_TOOLS[target]),
-        "client": tool_versions(settings.serve_python, CLIENT_TOOLS),
-        "device": settings.device,
-    })[:24]
+    return digest_of(
+        {
+            "stage": "measure",
+            "build": build.digest,
+            "loads": [load.model_dump() for load in loads(config)],
+            "engine": tool_versions(python_for(settings, target), SERVE_TOOLS[target]),
+            "client": tool_versions(settings.serve_python, CLIENT_TOOLS),
+            "device": settings.device,
+        }
+    )[:24]
 
 
-@task(name="measure", retries=RETRIES, retry_delay_seconds=RETRY_DELAYS,
-      retry_condition_fn=retry_unless_permanent, persist_result=True,
-      cache_key_fn=cache_key(lambda p: measurement_key(p["build"], p["config"])))
+@task(
+    name="measure",
+    retries=RETRIES,
+    retry_delay_seconds=RETRY_DELAYS,
+    retry_condition_fn=retry_unless_permanent,
+    persist_result=True,
+    cache_key_fn=cache_key(lambda p: measurement_key(p["build"], p["config"])),
+)
 def measure_task(build: Build, side: Side, config: PerfConfig, model: str) -> list[LoadFigures]:
     """Every load against the build's server, as the gates serve it. The server the accuracy
     gate kept is reused, and kept as it was for the candidate (for the rollout); the
@@ -73,9 +86,19 @@ def measure_task(build: Build, side: Side, config: PerfConfig, model: str) -> li
     server, started, was_kept = take_server(settings, spec)
     try:
         model_dir = ArtifactStore(settings).materialize(build.prefix)
-        return run_stage(settings, settings.serve_python, "jobs.benchmark", MeasureRequest(
-            base_url=server.url, served_name=model, tokenizer_dir=str(model_dir),
-            loads=loads(config)), Measurement, log).figures
+        return run_stage(
+            settings,
+            settings.serve_python,
+            "jobs.benchmark",
+            MeasureRequest(
+                base_url=server.url,
+                served_name=model,
+                tokenizer_dir=str(model_dir),
+                loads=loads(config),
+            ),
+            Measurement,
+            log,
+        ).figures
     finally:
         # acquire cancelled any warm period: the one the accuracy gate set is put back.
         if started or was_kept:
@@ -86,47 +109,79 @@ def measure_task(build: Build, side: Side, config: PerfConfig, model: str) -> li
 
 
 def perf_key(candidate: Build, baseline: Build, config: PerfConfig) -> str:
-    return digest_of({"stage": "perf", "candidate": measurement_key(candidate, config),
-                      "baseline": measurement_key(baseline, config),
-                      "policy": config.model_dump(mode="json")})[:24]
+    return digest_of(
+        {
+            "stage": "perf",
+            "candidate": measurement_key(candidate, config),
+            "baseline": measurement_key(baseline, config),
+            "policy": config.model_dump(mode="json"),
+        }
+    )[:24]
 
 
 def store(key: str, model: str, report: PerfReport) -> str:
     """Every performance report stays in the store, failing ones too."""
-    prefix, earlier = store_report("perf", key, report, render_markdown(model, report), Manifest(
-        kind="perf", key=key, inputs={"candidate": report.candidate,
-                                      "baseline": report.baseline},
-        parameters=report.policy.model_dump(mode="json"), tool_versions=report.client,
-        details={"passed": report.passed, "model": model}))
+    prefix, earlier = store_report(
+        "perf",
+        key,
+        report,
+        render_markdown(model, report),
+        Manifest(
+            kind="perf",
+            key=key,
+            inputs={"candidate": report.candidate, "baseline": report.baseline},
+            parameters=report.policy.model_dump(mode="json"),
+            tool_versions=report.client,
+            details={"passed": report.passed, "model": model},
+        ),
+    )
     if earlier is not None:
         # Measured again (a failed run rerun after its alert): timings differ from run to run;
         # the report first stored stays, the new one is this run's.
-        get_run_logger().info("a performance report for the same builds and policy is stored "
-                              "at %s already: it stays", prefix)
+        get_run_logger().info(
+            "a performance report for the same builds and policy is stored at %s already: it stays",
+            prefix,
+        )
     return prefix
 
 
 def record_report(model: str, report: PerfReport, stored: str) -> None:
     verdict = "passed" if report.passed else "FAILED"
-    record_markdown(model, "perf", render_markdown(model, report) + f"\n\nStored: `{stored}`",
-                    f"performance gate {verdict}")
+    record_markdown(
+        model,
+        "perf",
+        render_markdown(model, report) + f"\n\nStored: `{stored}`",
+        f"performance gate {verdict}",
+    )
     create_table_artifact(
-        key=artifact_key(model, "perf-table"), description=f"performance gate {verdict}",
-        table=[{"load": v.load, "figure": v.metric, "baseline": round(v.baseline, 3),
+        key=artifact_key(model, "perf-table"),
+        description=f"performance gate {verdict}",
+        table=[
+            {
+                "load": v.load,
+                "figure": v.metric,
+                "baseline": round(v.baseline, 3),
                 "candidate": round(v.candidate, 3),
                 "ratio": None if v.ratio is None else round(v.ratio, 4),
                 "limit": v.limit,
-                "verdict": "-" if v.passed is None else ("pass" if v.passed else "FAIL")}
-               for v in report.verdicts])
+                "verdict": "-" if v.passed is None else ("pass" if v.passed else "FAIL"),
+            }
+            for v in report.verdicts
+        ],
+    )
 
 
 # ------------------------------------------------------------------ the Prefect task
 
 
-@task(name="perf", persist_result=True,
-      cache_key_fn=cache_key(lambda p: perf_key(p["candidate"], p["baseline"], p["config"])))
-def perf_task(candidate: Build, baseline: Build, config: PerfConfig,
-              model: str) -> PerfReport | None:
+@task(
+    name="perf",
+    persist_result=True,
+    cache_key_fn=cache_key(lambda p: perf_key(p["candidate"], p["baseline"], p["config"])),
+)
+def perf_task(
+    candidate: Build, baseline: Build, config: PerfConfig, model: str
+) -> PerfReport | None:
     """Measure both builds under the same load and judge the candidate; None when the
     deployment turns the gate off."""
     log = get_run_logger()
@@ -137,26 +192,47 @@ def perf_task(candidate: Build, baseline: Build, config: PerfConfig,
     # Each measurement commits as it ends, not with this task: a failing gate's rerun after
     # its alert measures nothing again.
     with transaction(commit_mode=CommitMode.EAGER):
-        figures = {side.value: measure_task(build, side, config, model)
-                   for side, build in ((Side.BASELINE, baseline), (Side.CANDIDATE, candidate))}
+        figures = {
+            side.value: measure_task(build, side, config, model)
+            for side, build in ((Side.BASELINE, baseline), (Side.CANDIDATE, candidate))
+        }
     verdicts = judge(figures["baseline"], figures["candidate"], config)
     report = PerfReport(
-        passed=all(v.passed is not False for v in verdicts), policy=config,
-        candidate=candidate.prefix, candidate_version=candidate.version,
-        baseline=baseline.prefix, figures=figures, verdicts=verdicts,
-        client=tool_versions(settings.serve_python, CLIENT_TOOLS), device=settings.device)
+        passed=all(v.passed is not False for v in verdicts),
+        policy=config,
+        candidate=candidate.prefix,
+        candidate_version=candidate.version,
+        baseline=baseline.prefix,
+        figures=figures,
+        verdicts=verdicts,
+        client=tool_versions(settings.serve_python, CLIENT_TOOLS),
+        device=settings.device,
+    )
     stored = store(perf_key(candidate, baseline, config), model, report)
     record_report(model, report, stored)
     if not report.passed:
-        failing = "; ".join(f"{v.load} {v.metric}: {v.candidate:.2f} against the baseline's "
-                            f"{v.baseline:.2f} ({v.ratio:.2f}x, limit {v.limit})"
-                            for v in report.failing)
-        refuse_candidate(model, candidate, baseline, events.PERF_FAILED, {
-            "report": stored, "failing": [v.model_dump() for v in report.failing]},
-            PerfGateFailed(f"performance gate failed for {model} candidate "
-                           f"{candidate.version}: {failing}; nothing was published (report: "
-                           f"s3://{settings.artifacts_bucket}/{stored}/)"))
+        failing = "; ".join(
+            f"{v.load} {v.metric}: {v.candidate:.2f} against the baseline's "
+            f"{v.baseline:.2f} ({v.ratio:.2f}x, limit {v.limit})"
+            for v in report.failing
+        )
+        refuse_candidate(
+            model,
+            candidate,
+            baseline,
+            events.PERF_FAILED,
+            {"report": stored, "failing": [v.model_dump() for v in report.failing]},
+            PerfGateFailed(
+                f"performance gate failed for {model} candidate "
+                f"{candidate.version}: {failing}; nothing was published (report: "
+                f"s3://{settings.artifacts_bucket}/{stored}/)"
+            ),
+        )
     production = next(v for v in verdicts if v.metric == "output tokens/s")
-    log.info("performance gate passed: %.1f output tokens/s against the baseline's %.1f "
-             "at %d streams", production.candidate, production.baseline, config.concurrency)
+    log.info(
+        "performance gate passed: %.1f output tokens/s against the baseline's %.1f at %d streams",
+        production.candidate,
+        production.baseline,
+        config.concurrency,
+    )
     return report

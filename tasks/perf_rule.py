@@ -48,31 +48,74 @@ class PerfReport(BaseModel):
 
 def loads(config: PerfConfig) -> list[Load]:
     shape = dict(input_len=config.input_len, output_len=config.output_len, seed=config.seed)
-    out = [Load(name="production", concurrency=config.concurrency,
-                num_prompts=config.num_prompts, **shape)]
+    out = [
+        Load(
+            name="production",
+            concurrency=config.concurrency,
+            num_prompts=config.num_prompts,
+            **shape,
+        )
+    ]
     if config.single_stream_prompts:
-        out.append(Load(name="single-stream", concurrency=1,
-                        num_prompts=config.single_stream_prompts, **shape))
+        out.append(
+            Load(
+                name="single-stream",
+                concurrency=1,
+                num_prompts=config.single_stream_prompts,
+                **shape,
+            )
+        )
     return out
 
 
-def judge(baseline: list[LoadFigures], candidate: list[LoadFigures],
-          config: PerfConfig) -> list[PerfVerdict]:
+def judge(
+    baseline: list[LoadFigures], candidate: list[LoadFigures], config: PerfConfig
+) -> list[PerfVerdict]:
     """Every figure of every load, side by side, with its limit where the policy sets one."""
     verdicts = []
     for base, cand in zip(baseline, candidate, strict=True):
         name = base.load.name
         if cand.failed or base.failed:
-            verdicts.append(PerfVerdict(
-                load=name, metric="failed requests", baseline=base.failed,
-                candidate=cand.failed, ratio=cand.failed / max(base.failed, 1), limit="0",
-                passed=cand.failed == 0 and base.failed == 0))
-        rows = [("output tokens/s", base.output_tokens_per_s, cand.output_tokens_per_s,
-                 config.min_throughput_ratio, True)]
-        rows += [(f"TTFT {p} (ms)", getattr(base, f"ttft_{p}_ms"), getattr(cand, f"ttft_{p}_ms"),
-                  config.max_ttft_regression, False) for p in ("p50", "p99")]
-        rows += [(f"ITL {p} (ms)", getattr(base, f"itl_{p}_ms"), getattr(cand, f"itl_{p}_ms"),
-                  config.max_itl_regression, False) for p in ("p50", "p99")]
+            verdicts.append(
+                PerfVerdict(
+                    load=name,
+                    metric="failed requests",
+                    baseline=base.failed,
+                    candidate=cand.failed,
+                    ratio=cand.failed / max(base.failed, 1),
+                    limit="0",
+                    passed=cand.failed == 0 and base.failed == 0,
+                )
+            )
+        rows = [
+            (
+                "output tokens/s",
+                base.output_tokens_per_s,
+                cand.output_tokens_per_s,
+                config.min_throughput_ratio,
+                True,
+            )
+        ]
+        rows += [
+            (
+                f"TTFT {p} (ms)",
+                getattr(base, f"ttft_{p}_ms"),
+                getattr(cand, f"ttft_{p}_ms"),
+                config.max_ttft_regression,
+                False,
+            )
+            for p in ("p50", "p99")
+        ]
+        rows += [
+            (
+                f"ITL {p} (ms)",
+                getattr(base, f"itl_{p}_ms"),
+                getattr(cand, f"itl_{p}_ms"),
+                config.max_itl_regression,
+                False,
+            )
+            for p in ("p50", "p99")
+        ]
         for metric, b, c, limit, higher_is_better in rows:
             floor = 0.0 if higher_is_better else LATENCY_RESOLUTION_MS
             ratio = c / b if b > floor else None
@@ -80,18 +123,43 @@ def judge(baseline: list[LoadFigures], candidate: list[LoadFigures],
                 # A baseline latency under the resolution has no ratio worth judging: on a
                 # CPU, say, an API server that falls behind its engine streams tokens in
                 # bursts, and the gaps inside a burst (ITL) measure microseconds.
-                verdicts.append(PerfVerdict(
-                    load=name, metric=metric, baseline=b, candidate=c, ratio=ratio,
-                    limit="-" if limit is None else
-                    f"not judged: the baseline's is under {floor:g} ms", passed=None))
+                verdicts.append(
+                    PerfVerdict(
+                        load=name,
+                        metric=metric,
+                        baseline=b,
+                        candidate=c,
+                        ratio=ratio,
+                        limit="-"
+                        if limit is None
+                        else f"not judged: the baseline's is under {floor:g} ms",
+                        passed=None,
+                    )
+                )
             elif higher_is_better:
-                verdicts.append(PerfVerdict(load=name, metric=metric, baseline=b, candidate=c,
-                                            ratio=ratio, limit=f">= {limit:g}x",
-                                            passed=ratio >= limit - 1e-9))
+                verdicts.append(
+                    PerfVerdict(
+                        load=name,
+                        metric=metric,
+                        baseline=b,
+                        candidate=c,
+                        ratio=ratio,
+                        limit=f">= {limit:g}x",
+                        passed=ratio >= limit - 1e-9,
+                    )
+                )
             else:
-                verdicts.append(PerfVerdict(load=name, metric=metric, baseline=b, candidate=c,
-                                            ratio=ratio, limit=f"<= {1 + limit:g}x",
-                                            passed=ratio <= 1 + limit + 1e-9))
+                verdicts.append(
+                    PerfVerdict(
+                        load=name,
+                        metric=metric,
+                        baseline=b,
+                        candidate=c,
+                        ratio=ratio,
+                        limit=f"<= {1 + limit:g}x",
+                        passed=ratio <= 1 + limit + 1e-9,
+                    )
+                )
     return verdicts
 
 
@@ -99,24 +167,34 @@ def render_markdown(model: str, report: PerfReport) -> str:
     verdict = "PASSED" if report.passed else "FAILED"
     p = report.policy
     lines = [
-        f"# Performance gate {verdict}: {model}", "",
+        f"# Performance gate {verdict}: {model}",
+        "",
         f"The same load on both builds' servers, sent by vLLM's benchmark client "
         f"({', '.join(f'{k} {v}' for k, v in report.client.items() if v != 'absent')}): "
         f"{p.input_len} random tokens in, {p.output_len} out (EOS ignored), seed {p.seed}; "
         f"production load {p.num_prompts} requests at {p.concurrency} at once"
         + (f", then {p.single_stream_prompts} one at a time" if p.single_stream_prompts else "")
-        + f"; device `{report.device}`.", "",
+        + f"; device `{report.device}`.",
+        "",
         "| load | figure | baseline | candidate | candidate / baseline | limit | verdict |",
         "|---|---|---:|---:|---:|---|---|",
     ]
     for v in report.verdicts:
         mark = "-" if v.passed is None else ("pass" if v.passed else "**FAIL**")
         ratio = "-" if v.ratio is None else f"{v.ratio:.3f}"
-        lines.append(f"| {v.load} | {v.metric} | {v.baseline:.2f} | {v.candidate:.2f} "
-                     f"| {ratio} | {v.limit} | {mark} |")
-    lines += ["", "```", *throughput_chart(report), "```", "",
-              f"Candidate: `{report.candidate}` (version `{report.candidate_version}`)",
-              f"Baseline: `{report.baseline}`"]
+        lines.append(
+            f"| {v.load} | {v.metric} | {v.baseline:.2f} | {v.candidate:.2f} "
+            f"| {ratio} | {v.limit} | {mark} |"
+        )
+    lines += [
+        "",
+        "```",
+        *throughput_chart(report),
+        "```",
+        "",
+        f"Candidate: `{report.candidate}` (version `{report.candidate_version}`)",
+        f"Baseline: `{report.baseline}`",
+    ]
     return "\n".join(lines)
 
 
@@ -129,6 +207,8 @@ def throughput_chart(report: PerfReport, width: int = 40) -> list[str]:
     for v in rows:
         for side, value in (("baseline ", v.baseline), ("candidate", v.candidate)):
             bar = "#" * round(value / top * width)
-            out.append(f"{v.load if side == 'baseline ' else '':<{label}}  {side} "
-                       f"{bar:<{width}} {value:,.1f} tok/s")
+            out.append(
+                f"{v.load if side == 'baseline ' else '':<{label}}  {side} "
+                f"{bar:<{width}} {value:,.1f} tok/s"
+            )
     return out

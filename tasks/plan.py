@@ -44,8 +44,10 @@ class PlanAssumptions(BaseModel):
     s3_gbit_s: float = Field(4.0, description="worker to S3, upload and fetch (assumed)")
     load_gib_s: float = Field(2.0, description="a server reading its weights (assumed)")
     server_start_seconds: float = Field(
-        90.0, description="beside the weights (measured at 8B on an H200, caches warm: 57-72 s "
-                          "to healthy; a host's first start, with FlashInfer's JIT: 240 s)")
+        90.0,
+        description="beside the weights (measured at 8B on an H200, caches warm: 57-72 s "
+        "to healthy; a host's first start, with FlashInfer's JIT: 240 s)",
+    )
 
 
 class ModelShape(BaseModel):
@@ -58,12 +60,13 @@ class ModelShape(BaseModel):
     head_dim: int
 
     @classmethod
-    def from_config(cls, config: dict) -> "ModelShape":
+    def from_config(cls, config: dict) -> ModelShape:
         if "LlamaForCausalLM" not in config.get("architectures", ["LlamaForCausalLM"]):
             raise UnsupportedConfiguration(
                 f"architecture {config.get('architectures')} is not supported: llmship's "
                 "recipes (ModelOpt's llama export, the FP8 ignore lists) and estimates are for "
-                "LlamaForCausalLM models")
+                "LlamaForCausalLM models"
+            )
         h, layers, v = config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]
         heads = config["num_attention_heads"]
         kv_heads = config.get("num_key_value_heads", heads)
@@ -72,8 +75,13 @@ class ModelShape(BaseModel):
         attention = h * heads * head_dim * 2 + h * kv_heads * head_dim * 2  # q, o; k, v
         per_layer = attention + 3 * h * inter + 2 * h  # + gate/up/down, two norms
         tables = v * h * (1 if config.get("tie_word_embeddings") else 2)
-        return cls(parameters=layers * per_layer + tables + h, embedding_parameters=tables,
-                   layers=layers, kv_heads=kv_heads, head_dim=head_dim)
+        return cls(
+            parameters=layers * per_layer + tables + h,
+            embedding_parameters=tables,
+            layers=layers,
+            kv_heads=kv_heads,
+            head_dim=head_dim,
+        )
 
     @property
     def billions(self) -> float:
@@ -126,8 +134,7 @@ def needs_gpu(config: PipelineConfig) -> str | None:
     return None
 
 
-def calibration_peak_gib(config: PipelineConfig, shape: ModelShape,
-                         a: PlanAssumptions) -> float:
+def calibration_peak_gib(config: PipelineConfig, shape: ModelShape, a: PlanAssumptions) -> float:
     if config.calibration.scheme is Scheme.UNQUANTIZED:
         return 0.0
     if config.target is Target.VLLM:
@@ -139,8 +146,9 @@ def calibration_peak_gib(config: PipelineConfig, shape: ModelShape,
     return shape.weights_gib(Scheme.UNQUANTIZED) * factor
 
 
-def estimate_stages(config: PipelineConfig, shape: ModelShape,
-                    a: PlanAssumptions | None = None) -> list[StagePlan]:
+def estimate_stages(
+    config: PipelineConfig, shape: ModelShape, a: PlanAssumptions | None = None
+) -> list[StagePlan]:
     a = a or PlanAssumptions()
     bf16 = shape.weights_gib(Scheme.UNQUANTIZED)
     cand = shape.weights_gib(config.calibration.scheme)
@@ -148,107 +156,192 @@ def estimate_stages(config: PipelineConfig, shape: ModelShape,
     tp = config.serving.tensor_parallel_size
     kv = shape.kv_gib_per_token(cal.kv_cache_fp8) * config.serving.max_model_len
     gbit = 2**30 * 8 / 1e9  # GiB -> Gbit
-    calib_s = shape.billions * (a.calibration_fixed_seconds_per_b
-                                + a.calibration_sample_seconds_per_b * cal.num_samples / 512
-                                * cal.max_seq_length / 512)
+    calib_s = shape.billions * (
+        a.calibration_fixed_seconds_per_b
+        + a.calibration_sample_seconds_per_b * cal.num_samples / 512 * cal.max_seq_length / 512
+    )
     serve_s = a.server_start_seconds + cand / tp / a.load_gib_s
     return [
-        StagePlan(stage="download", where="hub or mirror -> worker", disk_gib=bf16,
-                  seconds=bf16 * gbit / a.download_gbit_s),
-        StagePlan(stage="calibrate", where=f"{config.target.quantizer}, {cal.scheme.value}, all GPUs",
-                  gpu_memory_gib=calibration_peak_gib(config, shape, a), disk_gib=cand,
-                  seconds=0 if cal.scheme is Scheme.UNQUANTIZED else calib_s),
-        StagePlan(stage="build", where=f"{config.target.value}: candidate and BF16 baseline",
-                  disk_gib=cand if builds_engine(config.target, config.serving) else 0.0,
-                  seconds=(bf16 + cand) / a.load_gib_s),
-        StagePlan(stage="gate", where=f"{tp} GPU(s) per server, " + (
-                      "both builds at once" if config.perf.enabled else "one build at a time"),
-                  gpu_memory_gib=bf16 + kv + a.serving_overhead_gib * tp + (
-                      cand + kv + a.serving_overhead_gib * tp if config.perf.enabled else 0),
-                  seconds=2 * (a.server_start_seconds + bf16 / tp / a.load_gib_s)),
+        StagePlan(
+            stage="download",
+            where="hub or mirror -> worker",
+            disk_gib=bf16,
+            seconds=bf16 * gbit / a.download_gbit_s,
+        ),
+        StagePlan(
+            stage="calibrate",
+            where=f"{config.target.quantizer}, {cal.scheme.value}, all GPUs",
+            gpu_memory_gib=calibration_peak_gib(config, shape, a),
+            disk_gib=cand,
+            seconds=0 if cal.scheme is Scheme.UNQUANTIZED else calib_s,
+        ),
+        StagePlan(
+            stage="build",
+            where=f"{config.target.value}: candidate and BF16 baseline",
+            disk_gib=cand if builds_engine(config.target, config.serving) else 0.0,
+            seconds=(bf16 + cand) / a.load_gib_s,
+        ),
+        StagePlan(
+            stage="gate",
+            where=f"{tp} GPU(s) per server, "
+            + ("both builds at once" if config.perf.enabled else "one build at a time"),
+            gpu_memory_gib=bf16
+            + kv
+            + a.serving_overhead_gib * tp
+            + (cand + kv + a.serving_overhead_gib * tp if config.perf.enabled else 0),
+            seconds=2 * (a.server_start_seconds + bf16 / tp / a.load_gib_s),
+        ),
         StagePlan(stage="publish", where="worker -> S3", seconds=cand * gbit / a.s3_gbit_s),
-        StagePlan(stage="rollout", where=f"{tp} GPU(s) beside the live version's",
-                  gpu_memory_gib=cand + kv + a.serving_overhead_gib * tp, seconds=serve_s),
+        StagePlan(
+            stage="rollout",
+            where=f"{tp} GPU(s) beside the live version's",
+            gpu_memory_gib=cand + kv + a.serving_overhead_gib * tp,
+            seconds=serve_s,
+        ),
     ]
 
 
-def check_resources(config: PipelineConfig, shape: ModelShape, gpus: list[Gpu], device: str,
-                    free_disk_gib: float, live: bool, settings: Settings,
-                    a: PlanAssumptions | None = None) -> list[Check]:
+def check_resources(
+    config: PipelineConfig,
+    shape: ModelShape,
+    gpus: list[Gpu],
+    device: str,
+    free_disk_gib: float,
+    live: bool,
+    settings: Settings,
+    a: PlanAssumptions | None = None,
+) -> list[Check]:
     """GPU count, memory and compute capability, and disk: arithmetic only (tested as such)."""
     a = a or PlanAssumptions()
     checks: list[Check] = []
     stages = {s.stage: s for s in estimate_stages(config, shape, a)}
     disk = sum(s.disk_gib or 0 for s in stages.values()) * settings.disk_headroom
-    checks.append(Check(
-        name="disk", ok=free_disk_gib >= disk,
-        detail=f"{free_disk_gib:.0f} GiB free in {settings.state_dir}; {disk:.0f} GiB needed "
-               f"(snapshot, calibrated checkpoint, builds, x{settings.disk_headroom} headroom)"
-               + ("" if free_disk_gib >= disk else ": free space or point LLMSHIP_STATE_DIR "
-                  "at a larger volume")))
+    checks.append(
+        Check(
+            name="disk",
+            ok=free_disk_gib >= disk,
+            detail=f"{free_disk_gib:.0f} GiB free in {settings.state_dir}; {disk:.0f} GiB needed "
+            f"(snapshot, calibrated checkpoint, builds, x{settings.disk_headroom} headroom)"
+            + (
+                ""
+                if free_disk_gib >= disk
+                else ": free space or point LLMSHIP_STATE_DIR at a larger volume"
+            ),
+        )
+    )
     why_gpu = needs_gpu(config)
     if device != "cuda":
-        checks.append(Check(
-            name="GPUs", ok=why_gpu is None,
-            detail="CPU run" if why_gpu is None else
-            f"this deployment needs CUDA GPUs ({why_gpu}); LLMSHIP_DEVICE is {device!r}: run it "
-            "on a GPU work pool whose workers set LLMSHIP_DEVICE=cuda (README, 'GPU path')"))
+        checks.append(
+            Check(
+                name="GPUs",
+                ok=why_gpu is None,
+                detail="CPU run"
+                if why_gpu is None
+                else f"this deployment needs CUDA GPUs ({why_gpu}); LLMSHIP_DEVICE is "
+                f"{device!r}: run it on a GPU work pool whose workers set "
+                "LLMSHIP_DEVICE=cuda (README, 'GPU path')",
+            )
+        )
         return checks
     tp = config.serving.tensor_parallel_size
     # Two servers at once, either the live version's and the candidate's, or, in the
     # performance gate of a baseline not measured before (no version is live then, as a rule),
     # the baseline's and the candidate's (kept for the rollout).
     needed = tp * (2 if live or config.perf.enabled else 1)
-    names = ", ".join(sorted({f"{g.name} ({g.memory_gib:.0f} GiB, cc "
-                              f"{g.compute_capability[0]}.{g.compute_capability[1]})"
-                              for g in gpus})) or "none"
-    checks.append(Check(
-        name="GPU count", ok=len(gpus) >= needed,
-        detail=f"{len(gpus)} found: {names}; {needed} needed (tensor parallel {tp}"
-               + (f", beside the {tp} of the live version, which keeps serving until the "
-                  "switch" if live else (", for the baseline's and the candidate's servers at "
-                                         "once in the performance gate" if needed > tp else ""))
-               + ")"))
+    names = (
+        ", ".join(
+            sorted(
+                {
+                    f"{g.name} ({g.memory_gib:.0f} GiB, cc "
+                    f"{g.compute_capability[0]}.{g.compute_capability[1]})"
+                    for g in gpus
+                }
+            )
+        )
+        or "none"
+    )
+    checks.append(
+        Check(
+            name="GPU count",
+            ok=len(gpus) >= needed,
+            detail=f"{len(gpus)} found: {names}; {needed} needed (tensor parallel {tp}"
+            + (
+                f", beside the {tp} of the live version, which keeps serving until the switch"
+                if live
+                else (
+                    ", for the baseline's and the candidate's servers at "
+                    "once in the performance gate"
+                    if needed > tp
+                    else ""
+                )
+            )
+            + ")",
+        )
+    )
     if not gpus:
         return checks
     per_gpu = min(g.memory_gib for g in gpus)
     util = config.serving.gpu_memory_utilization or a.gpu_memory_utilization
     bf16 = shape.weights_gib(Scheme.UNQUANTIZED)
-    kv_seq = shape.kv_gib_per_token(config.calibration.kv_cache_fp8) * \
-        config.serving.max_model_len
+    kv_seq = shape.kv_gib_per_token(config.calibration.kv_cache_fp8) * config.serving.max_model_len
     need_per_gpu = (bf16 + kv_seq) / tp + a.serving_overhead_gib
     room = per_gpu * util
     seqs = int((room - bf16 / tp - a.serving_overhead_gib) * tp / kv_seq) if kv_seq else 0
-    checks.append(Check(
-        name="GPU memory (serving)", ok=need_per_gpu <= room,
-        detail=f"the BF16 baseline needs {need_per_gpu:.1f} GiB per GPU (weights {bf16:.0f} GiB "
-               f"/ {tp}, one {config.serving.max_model_len}-token sequence's KV cache, "
-               f"{a.serving_overhead_gib:g} GiB overhead); {room:.1f} GiB usable of "
-               f"{per_gpu:.0f}" + (f": room for {seqs} full-length sequences"
-                                   if need_per_gpu <= room else
-                                   ": raise tensor_parallel_size or lower max_model_len")))
-    usable = gpus[tp if live else 0:]
+    checks.append(
+        Check(
+            name="GPU memory (serving)",
+            ok=need_per_gpu <= room,
+            detail=f"the BF16 baseline needs {need_per_gpu:.1f} GiB per GPU "
+            f"(weights {bf16:.0f} GiB / {tp}, one {config.serving.max_model_len}-token "
+            "sequence's KV cache, "
+            f"{a.serving_overhead_gib:g} GiB overhead); {room:.1f} GiB usable of "
+            f"{per_gpu:.0f}"
+            + (
+                f": room for {seqs} full-length sequences"
+                if need_per_gpu <= room
+                else ": raise tensor_parallel_size or lower max_model_len"
+            ),
+        )
+    )
+    usable = gpus[tp if live else 0 :]
     calib = calibration_peak_gib(config, shape, a)
     total = sum(g.memory_gib for g in usable)
-    checks.append(Check(
-        name="GPU memory (calibration)", ok=calib <= total,
-        detail=f"peak {calib:.0f} GiB estimated, {total:.0f} GiB on the {len(usable)} GPU(s) "
-               "not serving" + ("" if calib <= total else
-                                ": calibrate on a larger node, or with llmcompressor "
-                                "(target vllm), whose peak is lower")))
+    checks.append(
+        Check(
+            name="GPU memory (calibration)",
+            ok=calib <= total,
+            detail=f"peak {calib:.0f} GiB estimated, {total:.0f} GiB on the {len(usable)} GPU(s) "
+            "not serving"
+            + (
+                ""
+                if calib <= total
+                else ": calibrate on a larger node, or with llmcompressor "
+                "(target vllm), whose peak is lower"
+            ),
+        )
+    )
     low = min(g.compute_capability for g in gpus)
     fp8 = config.calibration.scheme.needs_fp8_tensor_cores or (
-        config.target is Target.TRTLLM and config.calibration.scheme is Scheme.FP8)
+        config.target is Target.TRTLLM and config.calibration.scheme is Scheme.FP8
+    )
     if fp8:
         ok = low >= FP8_MIN_COMPUTE_CAPABILITY
-        checks.append(Check(
-            name="compute capability", ok=ok,
-            detail=f"{config.calibration.scheme.value} on {config.target.value} computes in FP8 "
-                   f"(W8A8): it needs compute capability 8.9 or higher (Ada, Hopper); the "
-                   f"lowest here is {low[0]}.{low[1]}" + ("" if ok else
-                   ". On A100 (8.0) use calibration.scheme FP8_WEIGHT_ONLY (FP8 weights, "
-                   "vLLM's Marlin kernels) or W8A8 (INT8) with target vllm, or UNQUANTIZED "
-                   "for the FP16/BF16 build")))
+        checks.append(
+            Check(
+                name="compute capability",
+                ok=ok,
+                detail=f"{config.calibration.scheme.value} on {config.target.value} computes "
+                f"in FP8 (W8A8): it needs compute capability 8.9 or higher (Ada, Hopper); the "
+                f"lowest here is {low[0]}.{low[1]}"
+                + (
+                    ""
+                    if ok
+                    else ". On A100 (8.0) use calibration.scheme FP8_WEIGHT_ONLY (FP8 weights, "
+                    "vLLM's Marlin kernels) or W8A8 (INT8) with target vllm, or UNQUANTIZED "
+                    "for the FP16/BF16 build"
+                ),
+            )
+        )
     return checks
 
 
@@ -260,14 +353,19 @@ def render(plan_: Plan, config: PipelineConfig) -> str:
         return "-" if not s else (f"{s / 60:.0f} min" if s >= 90 else f"{s:.0f} s")
 
     s = config.serving
-    lines = [f"{plan_.model}: {plan_.source}, {plan_.billions:.1f} B parameters",
-             f"target {config.target.value}, {config.calibration.scheme.value}"
-             f"{' + FP8 KV cache' if config.calibration.kv_cache_fp8 else ''}, tensor parallel "
-             f"{s.tensor_parallel_size}, max_model_len {s.max_model_len}", "",
-             f"{'stage':10s} {'where':44s} {'GPU memory':>12s} {'disk':>11s} {'time':>8s}"]
+    lines = [
+        f"{plan_.model}: {plan_.source}, {plan_.billions:.1f} B parameters",
+        f"target {config.target.value}, {config.calibration.scheme.value}"
+        f"{' + FP8 KV cache' if config.calibration.kv_cache_fp8 else ''}, tensor parallel "
+        f"{s.tensor_parallel_size}, max_model_len {s.max_model_len}",
+        "",
+        f"{'stage':10s} {'where':44s} {'GPU memory':>12s} {'disk':>11s} {'time':>8s}",
+    ]
     for st in plan_.stages:
-        lines.append(f"{st.stage:10s} {st.where[:44]:44s} {num(st.gpu_memory_gib, 'GiB'):>12s} "
-                     f"{num(st.disk_gib, 'GiB'):>11s} {dur(st.seconds):>8s}")
+        lines.append(
+            f"{st.stage:10s} {st.where[:44]:44s} {num(st.gpu_memory_gib, 'GiB'):>12s} "
+            f"{num(st.disk_gib, 'GiB'):>11s} {dur(st.seconds):>8s}"
+        )
     lines += ["", "(estimates: tasks/plan.py, PlanAssumptions)", ""]
     for c in plan_.checks:
         mark = {True: "ok  ", False: "FAIL", None: "--  "}[c.ok]

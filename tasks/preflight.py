@@ -45,8 +45,13 @@ def read_model_config(source: str, settings: Settings, *, offline: bool = False)
         repo, revision = split_hf(source)
         offline = offline or hub_offline()
         with hub_errors(repo, revision, "config.json", offline=offline):
-            return json.loads(Path(hf_hub_download(repo, "config.json", revision=revision,
-                                                   local_files_only=offline)).read_text())
+            return json.loads(
+                Path(
+                    hf_hub_download(
+                        repo, "config.json", revision=revision, local_files_only=offline
+                    )
+                ).read_text()
+            )
     if source.startswith("s3://"):
         from llmship.store import ArtifactStore, parse_s3_uri
 
@@ -77,16 +82,23 @@ def check_hub_access(source: str) -> Check:
         with hub_errors(repo, revision, "the repository", offline=False):
             info = HfApi().model_info(repo, revision=revision, token=get_token())
     except HubUnreachable:
-        return Check(name="Hugging Face", ok=None, detail="hub not reachable from here: "
-                     "not checked")
+        return Check(
+            name="Hugging Face", ok=None, detail="hub not reachable from here: not checked"
+        )
     except LlmshipError as exc:
         return Check(name="Hugging Face", ok=False, detail=str(exc))
     except OSError as exc:
-        return Check(name="Hugging Face", ok=None,
-                     detail=f"hub not reachable from here ({type(exc).__name__}): not checked")
-    return Check(name="Hugging Face", ok=True,
-                 detail=f"{repo}@{revision} reachable" + (" (gated; the token has access)"
-                                                          if info.gated else ""))
+        return Check(
+            name="Hugging Face",
+            ok=None,
+            detail=f"hub not reachable from here ({type(exc).__name__}): not checked",
+        )
+    return Check(
+        name="Hugging Face",
+        ok=True,
+        detail=f"{repo}@{revision} reachable"
+        + (" (gated; the token has access)" if info.gated else ""),
+    )
 
 
 def check_store(settings: Settings) -> Check:
@@ -104,23 +116,30 @@ def check_store(settings: Settings) -> Check:
         store.client.head_bucket(Bucket=store.bucket)
     except ClientError as exc:
         if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket"):
-            return Check(name="S3", ok=False, detail=f"cannot write to {where}: NoSuchBucket: "
-                         "create it, or set LLMSHIP_ARTIFACTS_BUCKET to the bucket to use")
+            return Check(
+                name="S3",
+                ok=False,
+                detail=f"cannot write to {where}: NoSuchBucket: "
+                "create it, or set LLMSHIP_ARTIFACTS_BUCKET to the bucket to use",
+            )
     except (LlmshipError, BotoCoreError) as exc:
-        return Check(name="S3", ok=False,
-                     detail=f"cannot write to {where}: {type(exc).__name__}: {exc}")
+        return Check(
+            name="S3", ok=False, detail=f"cannot write to {where}: {type(exc).__name__}: {exc}"
+        )
     try:
         store.client.put_object(Bucket=store.bucket, Key=key, Body=b"preflight")
         store.client.delete_object(Bucket=store.bucket, Key=key)
     except (LlmshipError, BotoCoreError, ClientError) as exc:
-        return Check(name="S3", ok=False,
-                     detail=f"cannot write to {where}: {type(exc).__name__}: {exc}")
+        return Check(
+            name="S3", ok=False, detail=f"cannot write to {where}: {type(exc).__name__}: {exc}"
+        )
     return Check(name="S3", ok=True, detail=f"{where} takes writes")
 
 
 def overwrites_denied_by(policy: dict, bucket: str) -> bool:
     """Whether a bucket policy denies every PutObject under versions/ that does not carry
     If-None-Match (so a published key can be written once, never replaced)."""
+
     def as_list(value) -> list:
         return value if isinstance(value, list) else [value]
 
@@ -128,10 +147,12 @@ def overwrites_denied_by(policy: dict, bucket: str) -> bool:
     for statement in as_list(policy.get("Statement", [])):
         actions = as_list(statement.get("Action", []))
         null = statement.get("Condition", {}).get("Null", {})
-        if (statement.get("Effect") == "Deny"
-                and any(a in ("s3:PutObject", "s3:*", "*") for a in actions)
-                and any(fnmatch.fnmatchcase(key, r) for r in as_list(statement.get("Resource", [])))
-                and str(null.get("s3:if-none-match", "")).lower() == "true"):
+        if (
+            statement.get("Effect") == "Deny"
+            and any(a in ("s3:PutObject", "s3:*", "*") for a in actions)
+            and any(fnmatch.fnmatchcase(key, r) for r in as_list(statement.get("Resource", [])))
+            and str(null.get("s3:if-none-match", "")).lower() == "true"
+        ):
             return True
     return False
 
@@ -145,13 +166,18 @@ def check_published_immutable(settings: Settings) -> Check:
     from llmship.store import ArtifactStore
 
     name, bucket = "published versions", settings.artifacts_bucket
-    advice = ("apply the bucket policy in docs/SECURITY.md (deny s3:PutObject on versions/* "
-              "without If-None-Match), or create the bucket with S3 Object Lock")
+    advice = (
+        "apply the bucket policy in docs/SECURITY.md (deny s3:PutObject on versions/* "
+        "without If-None-Match), or create the bucket with S3 Object Lock"
+    )
     client = ArtifactStore(settings).client
 
     def error_code(exc: Exception) -> str:
-        return exc.response.get("Error", {}).get("Code", "?") if isinstance(exc, ClientError) \
+        return (
+            exc.response.get("Error", {}).get("Code", "?")
+            if isinstance(exc, ClientError)
             else type(exc).__name__
+        )
 
     try:
         lock = client.get_object_lock_configuration(Bucket=bucket)
@@ -159,31 +185,46 @@ def check_published_immutable(settings: Settings) -> Check:
     except (ClientError, BotoCoreError) as exc:
         lock_state = error_code(exc)
     if lock_state == "Enabled":
-        return Check(name=name, ok=True, detail=f"s3://{bucket} has Object Lock: every written "
-                     "version of a key is kept, an overwrite destroys nothing")
+        return Check(
+            name=name,
+            ok=True,
+            detail=f"s3://{bucket} has Object Lock: every written "
+            "version of a key is kept, an overwrite destroys nothing",
+        )
     try:
         policy = json.loads(client.get_bucket_policy(Bucket=bucket)["Policy"])
     except (ClientError, BotoCoreError, ValueError, KeyError) as exc:
         policy, policy_state = None, error_code(exc)
     if policy is not None and overwrites_denied_by(policy, bucket):
-        return Check(name=name, ok=True, detail=f"s3://{bucket}'s policy denies overwrites "
-                     "under versions/ (s3:if-none-match)")
+        return Check(
+            name=name,
+            ok=True,
+            detail=f"s3://{bucket}'s policy denies overwrites under versions/ (s3:if-none-match)",
+        )
     seen = f"Object Lock: {lock_state}; bucket policy: " + (
-        "denies no overwrite" if policy is not None else policy_state)
+        "denies no overwrite" if policy is not None else policy_state
+    )
     unreadable = "AccessDenied" in seen and (
         "; these credentials may not read the bucket's settings (grant "
-        "s3:GetBucketObjectLockConfiguration and s3:GetBucketPolicy to check)")
-    return Check(name=name, ok=None, detail=f"s3://{bucket} does not deny overwrites under "
-                 f"versions/ ({seen}){unreadable or ''}; only llmship's own code keeps "
-                 f"published versions immutable: {advice}")
+        "s3:GetBucketObjectLockConfiguration and s3:GetBucketPolicy to check)"
+    )
+    return Check(
+        name=name,
+        ok=None,
+        detail=f"s3://{bucket} does not deny overwrites under "
+        f"versions/ ({seen}){unreadable or ''}; only llmship's own code keeps "
+        f"published versions immutable: {advice}",
+    )
 
 
 def importable(python: Path, modules: list[str]) -> list[str] | None:
     """The modules that python cannot find; None if there is no such python."""
     if not python.exists():
         return None
-    code = ("import importlib.util, sys\n"
-            "print(','.join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))")
+    code = (
+        "import importlib.util, sys\n"
+        "print(','.join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))"
+    )
     out = subprocess.run([str(python), "-c", code, *modules], capture_output=True, text=True)
     return [m for m in out.stdout.strip().split(",") if m]
 
@@ -191,33 +232,56 @@ def importable(python: Path, modules: list[str]) -> list[str] | None:
 def check_environments(config: PipelineConfig, settings: Settings) -> list[Check]:
     quantizer = config.target.quantizer
     engine = "tensorrt_llm" if config.target is Target.TRTLLM else "vllm"
-    wanted = [("quantize", settings.quantize_python, [quantizer, "lm_eval"]),
-              (f"serving ({config.target.value})", python_for(settings, config.target),
-               [engine])]
+    wanted = [
+        ("quantize", settings.quantize_python, [quantizer, "lm_eval"]),
+        (f"serving ({config.target.value})", python_for(settings, config.target), [engine]),
+    ]
     checks = []
     for label, python, modules in wanted:
         missing = importable(python, modules)
-        setting = "LLMSHIP_TRTLLM_PYTHON" if engine == "tensorrt_llm" and "serv" in label \
+        setting = (
+            "LLMSHIP_TRTLLM_PYTHON"
+            if engine == "tensorrt_llm" and "serv" in label
             else "`make setup`"
+        )
         if missing is None:
-            checks.append(Check(name=f"{label} environment", ok=False,
-                                detail=f"{python} does not exist: {setting}"))
+            checks.append(
+                Check(
+                    name=f"{label} environment",
+                    ok=False,
+                    detail=f"{python} does not exist: {setting}",
+                )
+            )
         else:
-            checks.append(Check(
-                name=f"{label} environment", ok=not missing,
-                detail=f"{python}: " + (f"{', '.join(modules)} import" if not missing else
-                                        f"{', '.join(missing)} missing ({setting})")))
+            checks.append(
+                Check(
+                    name=f"{label} environment",
+                    ok=not missing,
+                    detail=f"{python}: "
+                    + (
+                        f"{', '.join(modules)} import"
+                        if not missing
+                        else f"{', '.join(missing)} missing ({setting})"
+                    ),
+                )
+            )
     return checks
 
 
-def plan(config: PipelineConfig, settings: Settings, gpus: list[Gpu] | None = None,
-         free_disk_gib: float | None = None, check_services: bool = True) -> Plan:
+def plan(
+    config: PipelineConfig,
+    settings: Settings,
+    gpus: list[Gpu] | None = None,
+    free_disk_gib: float | None = None,
+    check_services: bool = True,
+) -> Plan:
     """Every check, with the estimates; raises SourceNotFound when the model's config.json
     cannot be read (nothing else can be estimated without it)."""
     from llmship.store import ArtifactStore
 
-    shape = ModelShape.from_config(read_model_config(config.source, settings,
-                                                     offline=not check_services))
+    shape = ModelShape.from_config(
+        read_model_config(config.source, settings, offline=not check_services)
+    )
     gpus = detect_gpus() if gpus is None else gpus
     if free_disk_gib is None:
         settings.state_dir.mkdir(parents=True, exist_ok=True)
@@ -231,21 +295,30 @@ def plan(config: PipelineConfig, settings: Settings, gpus: list[Gpu] | None = No
             checks.append(check_published_immutable(settings))
         checks.append(check_hub_access(config.source))
         checks += check_environments(config, settings)
-    checks = check_resources(config, shape, gpus, settings.device, free_disk_gib, live,
-                             settings) + checks
-    return Plan(model=config.name, source=config.source, billions=round(shape.billions, 2),
-                stages=estimate_stages(config, shape), checks=checks)
+    checks = (
+        check_resources(config, shape, gpus, settings.device, free_disk_gib, live, settings)
+        + checks
+    )
+    return Plan(
+        model=config.name,
+        source=config.source,
+        billions=round(shape.billions, 2),
+        stages=estimate_stages(config, shape),
+        checks=checks,
+    )
 
 
 # ------------------------------------------------------------------ the Prefect task
+
 
 def preflight(config: PipelineConfig) -> Plan:
     settings = get_settings()
     plan_ = plan(config, settings)
     if plan_.refusals:
         raise PreflightFailed(
-            f"{config.name} cannot run on this worker; nothing was downloaded:\n" +
-            "\n".join(f"- {c.name}: {c.detail}" for c in plan_.refusals))
+            f"{config.name} cannot run on this worker; nothing was downloaded:\n"
+            + "\n".join(f"- {c.name}: {c.detail}" for c in plan_.refusals)
+        )
     return plan_
 
 

@@ -24,20 +24,26 @@ from llmship.settings import get_settings
 from llmship.store import ArtifactStore, version_prefix
 from llmship.versions import PublishedVersion, VersionDetails, VersionInputs
 from tasks.common import (
-    RETRIES, RETRY_DELAYS, cache_key, record_stage_artifact, retry_unless_permanent,
+    RETRIES,
+    RETRY_DELAYS,
+    cache_key,
+    record_stage_artifact,
+    retry_unless_permanent,
 )
 from tasks.gate_rule import GateReport, render_markdown
 from tasks.perf_rule import PerfReport
 from tasks.perf_rule import render_markdown as render_perf
 
 
-def publish(model: str, build: Build, report: GateReport,
-            perf: PerfReport | None = None) -> PublishedVersion:
+def publish(
+    model: str, build: Build, report: GateReport, perf: PerfReport | None = None
+) -> PublishedVersion:
     if not report.passed:
         raise GateFailed(f"refusing to publish {build.prefix}: its gate report did not pass")
     if perf is not None and not perf.passed:
-        raise PerfGateFailed(f"refusing to publish {build.prefix}: its performance report did "
-                             "not pass")
+        raise PerfGateFailed(
+            f"refusing to publish {build.prefix}: its performance report did not pass"
+        )
     store = ArtifactStore(get_settings())
     version = build.version
     prefix = version_prefix(model, version)
@@ -49,7 +55,9 @@ def publish(model: str, build: Build, report: GateReport,
             # The managed copy: S3's single CopyObject stops at 5 GiB, a 70B shard can pass it.
             store.client.copy(
                 {"Bucket": store.bucket, "Key": f"{build.prefix}/files/{entry.path}"},
-                store.bucket, f"{prefix}/files/{entry.path}", Config=store.transfer,
+                store.bucket,
+                f"{prefix}/files/{entry.path}",
+                Config=store.transfer,
             )
         store.put_json(f"{prefix}/gate-report.json", report.model_dump(mode="json"))
         store.put_text(f"{prefix}/gate-report.md", render_markdown(model, report))
@@ -57,37 +65,83 @@ def publish(model: str, build: Build, report: GateReport,
             store.put_json(f"{prefix}/perf-report.json", perf.model_dump(mode="json"))
             store.put_text(f"{prefix}/perf-report.md", render_perf(model, perf))
         inputs = VersionInputs(
-            build=build.prefix, build_digest=build.digest,
+            build=build.prefix,
+            build_digest=build.digest,
             gate_report=f"{prefix}/gate-report.json",
-            perf_report=f"{prefix}/perf-report.json" if perf else None)
+            perf_report=f"{prefix}/perf-report.json" if perf else None,
+        )
         details = VersionDetails(
-            model=model, version=version, gate_passed=report.passed,
-            perf_passed=perf.passed if perf else None, scheme=build.details.scheme.value,
-            precision=build.details.precision, serve=build.details.serve,
-            gate={t.task: {"baseline": t.baseline, "candidate": t.candidate,
-                           "threshold": t.threshold} for t in report.tasks},
-            perf={f"{v.load} {v.metric}": {"baseline": v.baseline, "candidate": v.candidate,
-                                           "limit": v.limit}
-                  for v in perf.verdicts} if perf else None)
-        manifest = store.commit_manifest(prefix, Manifest(
-            kind="version", key=version, inputs=inputs.model_dump(mode="json"),
-            details=details.model_dump(mode="json"),
-            timings_s={"publish": round(time.monotonic() - started, 3)}, files=source.files))
+            model=model,
+            version=version,
+            gate_passed=report.passed,
+            perf_passed=perf.passed if perf else None,
+            scheme=build.details.scheme.value,
+            precision=build.details.precision,
+            serve=build.details.serve,
+            gate={
+                t.task: {"baseline": t.baseline, "candidate": t.candidate, "threshold": t.threshold}
+                for t in report.tasks
+            },
+            perf={
+                f"{v.load} {v.metric}": {
+                    "baseline": v.baseline,
+                    "candidate": v.candidate,
+                    "limit": v.limit,
+                }
+                for v in perf.verdicts
+            }
+            if perf
+            else None,
+        )
+        manifest = store.commit_manifest(
+            prefix,
+            Manifest(
+                kind="version",
+                key=version,
+                inputs=inputs.model_dump(mode="json"),
+                details=details.model_dump(mode="json"),
+                timings_s={"publish": round(time.monotonic() - started, 3)},
+                files=source.files,
+            ),
+        )
     return PublishedVersion.from_manifest(model, manifest)
 
 
-@task(name="publish", retries=RETRIES, retry_delay_seconds=RETRY_DELAYS,
-      retry_condition_fn=retry_unless_permanent, persist_result=True,
-      cache_key_fn=cache_key(lambda p: f"publish-{p['model']}-{p['build'].version}"))
-def publish_task(model: str, build: Build, report: GateReport,
-                 perf: PerfReport | None = None) -> PublishedVersion:
+@task(
+    name="publish",
+    retries=RETRIES,
+    retry_delay_seconds=RETRY_DELAYS,
+    retry_condition_fn=retry_unless_permanent,
+    persist_result=True,
+    cache_key_fn=cache_key(lambda p: f"publish-{p['model']}-{p['build'].version}"),
+)
+def publish_task(
+    model: str, build: Build, report: GateReport, perf: PerfReport | None = None
+) -> PublishedVersion:
     published = publish(model, build, report, perf)
-    get_run_logger().info("published %s version %s: s3://%s/%s", model, published.version,
-                          get_settings().artifacts_bucket, published.prefix)
-    record_stage_artifact(model, StageOutput(
-        stage="publish", key=published.version, prefix=published.prefix,
-        digest=published.digest, files=published.files, bytes=published.bytes), {
-        "version": published.version, "scheme": published.scheme, "gate": "passed",
-        "performance gate": {None: "off", True: "passed"}[published.perf_passed]},
-        f"{model} version {published.version}, immutable")
+    get_run_logger().info(
+        "published %s version %s: s3://%s/%s",
+        model,
+        published.version,
+        get_settings().artifacts_bucket,
+        published.prefix,
+    )
+    record_stage_artifact(
+        model,
+        StageOutput(
+            stage="publish",
+            key=published.version,
+            prefix=published.prefix,
+            digest=published.digest,
+            files=published.files,
+            bytes=published.bytes,
+        ),
+        {
+            "version": published.version,
+            "scheme": published.scheme,
+            "gate": "passed",
+            "performance gate": {None: "off", True: "passed"}[published.perf_passed],
+        },
+        f"{model} version {published.version}, immutable",
+    )
     return published

@@ -25,10 +25,15 @@ def keeps_for_rollout(side: Side) -> bool:
 def server_spec(build: Build, model: str, side: Side) -> ReplicaSpec:
     keep = keeps_for_rollout(side)
     return ReplicaSpec(
-        app=fleet.app_name(model, build.version) if keep else
-        fleet.eval_app_name(model, build.version),
-        model=model, version=build.version, role="serving" if keep else "evaluation",
-        prefix=build.prefix, serve=build.details.serve)
+        app=fleet.app_name(model, build.version)
+        if keep
+        else fleet.eval_app_name(model, build.version),
+        model=model,
+        version=build.version,
+        role="serving" if keep else "evaluation",
+        prefix=build.prefix,
+        serve=build.details.serve,
+    )
 
 
 def take_server(settings: Settings, spec: ReplicaSpec) -> tuple[fleet.Server, bool, bool]:
@@ -36,8 +41,9 @@ def take_server(settings: Settings, spec: ReplicaSpec) -> tuple[fleet.Server, bo
     taken as it runs: a live version's replicas stay as they are."""
     before = fleet.find(settings, spec.model, spec.version, spec.app)
     as_it_runs = before is not None and before.status == "RUNNING"
-    server, started = fleet.acquire(settings, spec,
-                                    None if as_it_runs else ServingConfig(replicas=1))
+    server, started = fleet.acquire(
+        settings, spec, None if as_it_runs else ServingConfig(replicas=1)
+    )
     return server, started, before is not None and before.warm_until is not None
 
 
@@ -50,12 +56,26 @@ def release_kept(settings: Settings, model: str, candidate: Build, baseline: Bui
             fleet.release(settings, kept)
 
 
-def refuse_candidate(model: str, candidate: Build, baseline: Build, event: str,
-                     payload: dict[str, Any], error: LlmshipError) -> NoReturn:
+def refuse_candidate(
+    model: str,
+    candidate: Build,
+    baseline: Build,
+    event: str,
+    payload: dict[str, Any],
+    error: LlmshipError,
+) -> NoReturn:
     """A gate refused the candidate: the servers kept for the next stages stop (no rollout
     will take them), the event the alert automation listens for goes out (llmship/alerts.py),
     and the flow run fails with the error."""
     release_kept(get_settings(), model, candidate, baseline)
-    events.emit(event, model, {"model": model, "candidate": candidate.prefix,
-                               "candidate_version": candidate.version, **payload})
+    events.emit(
+        event,
+        model,
+        {
+            "model": model,
+            "candidate": candidate.prefix,
+            "candidate_version": candidate.version,
+            **payload,
+        },
+    )
     raise error

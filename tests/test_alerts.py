@@ -16,8 +16,9 @@ def settings(**alerts) -> Settings:
 
 def test_slack_url_makes_a_slack_block_and_wins_over_a_webhook():
     url = "https://hooks.slack.com/services/T000/B000/XXXX"
-    block = notification_block(settings(alert_slack_webhook_url=url,
-                                        alert_webhook_url="http://127.0.0.1:9/x"))
+    block = notification_block(
+        settings(alert_slack_webhook_url=url, alert_webhook_url="http://127.0.0.1:9/x")
+    )
     assert isinstance(block, SlackWebhook)
     assert block.url.get_secret_value() == url
     assert url not in repr(block)  # a secret: kept out of logs and reprs
@@ -27,8 +28,11 @@ def test_webhook_url_makes_a_custom_webhook_posting_subject_and_body():
     block = notification_block(settings(alert_webhook_url="http://127.0.0.1:9/alerts"))
     assert isinstance(block, CustomWebhookNotificationBlock)
     assert block.url == "http://127.0.0.1:9/alerts"
-    assert block.json_data == {"text": "{{subject}}\n{{body}}", "subject": "{{subject}}",
-                               "body": "{{body}}"}
+    assert block.json_data == {
+        "text": "{{subject}}\n{{body}}",
+        "subject": "{{subject}}",
+        "body": "{{body}}",
+    }
 
 
 def test_no_url_no_alerts():
@@ -39,8 +43,11 @@ def test_automations_cover_failed_gates_and_every_failed_run_of_the_flows():
     gate, perf, run = alert_automations(uuid.uuid4())
     assert gate.trigger.expect == {"llmship.gate.failed"}
     assert perf.trigger.expect == {"llmship.perf.failed"}
-    assert run.trigger.expect == RUN_END_STATES >= {"prefect.flow-run.Failed",
-                                                    "prefect.flow-run.Crashed"}
+    assert (
+        run.trigger.expect
+        == RUN_END_STATES
+        >= {"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}
+    )
     assert run.trigger.match_related.root["prefect.resource.name"] == FLOWS
     assert set(FLOWS) == {"build-and-serve", "recalibrate", "rollback"}
     assert "{{ flow_run|ui_url }}" in run.actions[0].body
@@ -75,8 +82,11 @@ def test_a_run_whose_heartbeats_stop_is_marked_crashed_after_three():
     assert trigger.posture == "Proactive" and trigger.within == timedelta(seconds=90)
     assert trigger.after == {"prefect.flow-run.heartbeat"}
     # A run that ends (any final state) is not a zombie.
-    assert {"prefect.flow-run.Completed", "prefect.flow-run.Failed",
-            "prefect.flow-run.Crashed"} <= trigger.expect
+    assert {
+        "prefect.flow-run.Completed",
+        "prefect.flow-run.Failed",
+        "prefect.flow-run.Crashed",
+    } <= trigger.expect
     assert automation.actions[0].state.value == "CRASHED"
 
 
@@ -87,11 +97,28 @@ def test_a_failed_performance_gate_alert_names_each_figure_against_its_limit():
     from llmship.alerts import PERF_BODY
     from tasks.perf_rule import PerfVerdict
 
-    failing = [PerfVerdict(load="production", metric="output tokens/s", baseline=1000.0,
-                           candidate=1100.0, ratio=1.1, limit=">= 1.2x", passed=False)]
-    body = jinja2.Template(PERF_BODY).render(event={"payload": {
-        "model": "llama3-70b", "candidate_version": "abc123", "report": "stages/perf/k",
-        "failing": [v.model_dump() for v in failing]}})
+    failing = [
+        PerfVerdict(
+            load="production",
+            metric="output tokens/s",
+            baseline=1000.0,
+            candidate=1100.0,
+            ratio=1.1,
+            limit=">= 1.2x",
+            passed=False,
+        )
+    ]
+    body = jinja2.Template(PERF_BODY).render(
+        event={
+            "payload": {
+                "model": "llama3-70b",
+                "candidate_version": "abc123",
+                "report": "stages/perf/k",
+                "failing": [v.model_dump() for v in failing],
+            }
+        }
+    )
     assert body.startswith("Candidate abc123 of llama3-70b is slower than its policy allows")
-    assert ("production output tokens/s: candidate 1100.00, baseline 1000.00 (1.10x, limit "
-            ">= 1.2x)") in body and body.endswith("report: stages/perf/k")
+    assert (
+        "production output tokens/s: candidate 1100.00, baseline 1000.00 (1.10x, limit >= 1.2x)"
+    ) in body and body.endswith("report: stages/perf/k")

@@ -16,13 +16,22 @@ class Gateway:
 
     def __init__(self):
         self.registry = CollectorRegistry()
-        self.requests = Counter("llmship_gateway_requests", "", ["model", "version", "endpoint",
-                                                                 "status"], registry=self.registry)
-        self.errors = Counter("llmship_gateway_errors", "", ["model", "version", "endpoint"],
-                              registry=self.registry)
-        self.latency = Histogram("llmship_gateway_request_seconds", "",
-                                 ["model", "version", "endpoint"], registry=self.registry,
-                                 buckets=BUCKETS)
+        self.requests = Counter(
+            "llmship_gateway_requests",
+            "",
+            ["model", "version", "endpoint", "status"],
+            registry=self.registry,
+        )
+        self.errors = Counter(
+            "llmship_gateway_errors", "", ["model", "version", "endpoint"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "llmship_gateway_request_seconds",
+            "",
+            ["model", "version", "endpoint"],
+            registry=self.registry,
+            buckets=BUCKETS,
+        )
 
     def serve(self, version, seconds, status=200, endpoint="/v1/completions", n=1):
         for _ in range(n):
@@ -61,12 +70,16 @@ def test_a_window_sums_every_gateway_including_one_that_started_or_restarted_mea
     restarted.serve("new", 0.1, n=3)
     restarted.serve("new", 0.1, status=503, n=2)
     joined.serve("new", 0.1, n=4)
-    window = traffic_since(before, {"a": steady.traffic("new"), "b": restarted.traffic("new"),
-                                    "c": joined.traffic("new")})
+    window = traffic_since(
+        before,
+        {"a": steady.traffic("new"), "b": restarted.traffic("new"), "c": joined.traffic("new")},
+    )
     assert (window.requests, window.errors) == (5 + 5 + 4, 2)
     assert window.buckets[float("inf")] == 14
-    assert judge(window, RolloutConfig(max_error_rate=0.1), finished=False) == \
-        "error rate 14.3% (2 of 14 requests) > 10.0%"
+    assert (
+        judge(window, RolloutConfig(max_error_rate=0.1), finished=False)
+        == "error rate 14.3% (2 of 14 requests) > 10.0%"
+    )
 
 
 def test_p99_follows_prometheus_histogram_quantile():
@@ -115,7 +128,8 @@ def test_too_little_traffic_is_a_breach_only_when_the_step_ends():
     gw.serve("v", 0.1, n=5)
     assert judge(gw.traffic("v"), cfg, finished=False) is None
     assert "only 5 requests in 30 s, fewer than min_requests 20" in judge(
-        gw.traffic("v"), cfg, finished=True)
+        gw.traffic("v"), cfg, finished=True
+    )
     assert judge(Traffic(), RolloutConfig(), finished=True) is None  # the default asks none
 
 

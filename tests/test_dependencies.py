@@ -31,9 +31,17 @@ def pins(lines: list[str]) -> dict[str, str]:
 def test_every_installed_package_is_the_version_its_lock_names(env):
     lock = pins((REPO / "envs" / f"{env}.lock").read_text().splitlines())
     frozen = subprocess.run(
-        [str(REPO / ".venv" / "uv" / "bin" / "uv"), "pip", "freeze", "--python",
-         str(REPO / ".venv" / env / "bin" / "python")],
-        capture_output=True, text=True, check=True).stdout.splitlines()
+        [
+            str(REPO / ".venv" / "uv" / "bin" / "uv"),
+            "pip",
+            "freeze",
+            "--python",
+            str(REPO / ".venv" / env / "bin" / "python"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
     installed = {n: v for n, v in pins(frozen).items() if n not in VENV_BOOTSTRAP}
     assert len(installed) > 20
     assert {n: v for n, v in installed.items() if lock.get(n) != v} == {}
@@ -48,5 +56,6 @@ def test_every_direct_requirement_has_a_pin(env):
             requirement = Requirement(line)
             name = canonicalize_name(requirement.name)
             assert name in lock, f"{env}: {requirement.name} has no pin in envs/{env}.lock"
-            assert requirement.specifier.contains(lock[name], prereleases=True), \
+            assert requirement.specifier.contains(lock[name], prereleases=True), (
                 f"{env}: the lock's {requirement.name}=={lock[name]} is outside {line!r}"
+            )

@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 
 from llmship.domain_data import (
-    check_disjoint, dataset_dir, load_calibration_texts, load_eval_items,
+    check_disjoint,
+    dataset_dir,
+    load_calibration_texts,
+    load_eval_items,
 )
 from llmship.errors import CalibrationDataError
 
@@ -22,8 +25,11 @@ def write(tmp_path: Path, name: str, data: bytes) -> Path:
 
 
 def test_malformed_json_names_file_and_line(tmp_path):
-    path = write(tmp_path, "calibration.jsonl",
-                 b'{"text": "a"}\n{"text": "b"}\n{"text": "c"\n{"text": "d"}\n')
+    path = write(
+        tmp_path,
+        "calibration.jsonl",
+        b'{"text": "a"}\n{"text": "b"}\n{"text": "c"\n{"text": "d"}\n',
+    )
     with pytest.raises(CalibrationDataError, match=rf"{path}:3: not valid JSON"):
         load_calibration_texts(path)
 
@@ -52,14 +58,20 @@ def test_blank_lines_are_skipped_and_texts_kept(tmp_path):
 
 
 def test_eval_item_missing_answer_and_duplicate_id(tmp_path):
-    missing = write(tmp_path, "eval.jsonl",
-                    b'{"id": "1", "task": "t", "prompt": "p", "answer": "a"}\n'
-                    b'{"id": "2", "task": "t", "prompt": "p"}\n')
+    missing = write(
+        tmp_path,
+        "eval.jsonl",
+        b'{"id": "1", "task": "t", "prompt": "p", "answer": "a"}\n'
+        b'{"id": "2", "task": "t", "prompt": "p"}\n',
+    )
     with pytest.raises(CalibrationDataError, match=r"eval.jsonl:2: answer: Field required"):
         load_eval_items(missing)
-    dup = write(tmp_path, "eval2.jsonl",
-                b'{"id": "1", "task": "t", "prompt": "p", "answer": "a"}\n'
-                b'{"id": "1", "task": "t", "prompt": "q", "answer": "b"}\n')
+    dup = write(
+        tmp_path,
+        "eval2.jsonl",
+        b'{"id": "1", "task": "t", "prompt": "p", "answer": "a"}\n'
+        b'{"id": "1", "task": "t", "prompt": "q", "answer": "b"}\n',
+    )
     with pytest.raises(CalibrationDataError, match=r"eval2.jsonl:2: duplicate id '1'"):
         load_eval_items(dup)
 
@@ -95,11 +107,16 @@ def test_evaluation_items_seen_in_calibration_are_refused(tmp_path):
     check_disjoint(data / "calibration.jsonl", data / "eval.jsonl")  # the committed sets pass
     item = json.loads((data / "eval.jsonl").read_text().splitlines()[4])
     leaky = tmp_path / "calibration.jsonl"
-    leaky.write_text((data / "calibration.jsonl").read_text()
-                     + json.dumps({"text": f"{item['prompt']} {item['answer']}"}) + "\n")
-    with pytest.raises(CalibrationDataError,
-                       match=rf"item '{item['id']}' .* also appears in .*calibration.jsonl "
-                             r"\(sample 513\)"):
+    leaky.write_text(
+        (data / "calibration.jsonl").read_text()
+        + json.dumps({"text": f"{item['prompt']} {item['answer']}"})
+        + "\n"
+    )
+    with pytest.raises(
+        CalibrationDataError,
+        match=rf"item '{item['id']}' .* also appears in .*calibration.jsonl "
+        r"\(sample 513\)",
+    ):
         check_disjoint(leaky, data / "eval.jsonl")
 
 

@@ -67,16 +67,22 @@ def test_hub_revision_pinned(hub_cache, stack, store):
 
 def test_wrong_hub_revision_names_the_revision(hub_cache, stack):
     # Offline here: a revision not in the cache is named, with how to fill the cache.
-    with pytest.raises(SourceNotFound, match=r"the snapshot of llmship/tiny-llama@deadbeef is "
-                                             r"not in the local hub cache .*`hf download "
-                                             r"llmship/tiny-llama --revision deadbeef`"):
+    with pytest.raises(
+        SourceNotFound,
+        match=r"the snapshot of llmship/tiny-llama@deadbeef is "
+        r"not in the local hub cache .*`hf download "
+        r"llmship/tiny-llama --revision deadbeef`",
+    ):
         download("hf://llmship/tiny-llama@deadbeef")
 
 
 def test_an_unknown_hub_model_names_the_repository(hub_cache, stack):
-    with pytest.raises(SourceNotFound, match=r"of nobody/no-such-model@[0-9a-f]{40} is not in the "
-                                             r"local hub cache and this worker does not go to "
-                                             r"the hub \(offline: HF_HUB_OFFLINE"):
+    with pytest.raises(
+        SourceNotFound,
+        match=r"of nobody/no-such-model@[0-9a-f]{40} is not in the "
+        r"local hub cache and this worker does not go to "
+        r"the hub \(offline: HF_HUB_OFFLINE",
+    ):
         download(f"hf://nobody/no-such-model@{SHA}")
 
 
@@ -95,8 +101,13 @@ def disk_of(folder: Path, size_bytes: int):
     root mount one (the write fails with ENOSPC), else a file-size limit on this process
     (EFBIG): either way a real write of the stage fails the way a full disk makes it fail."""
     folder.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs",
-                              str(folder)], capture_output=True).returncode == 0
+    mounted = (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(folder)],
+            capture_output=True,
+        ).returncode
+        == 0
+    )
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)
     if not mounted:
         resource.setrlimit(resource.RLIMIT_FSIZE, (size_bytes, limit[1]))
@@ -129,6 +140,7 @@ def test_a_full_disk_during_download_is_named_and_leaves_nothing(stack, store):
     assert "free space there or point LLMSHIP_STATE_DIR at a larger disk" in message
     # Not retried: the task's retry condition lets a permanent error through at once.
     from llmship.errors import PermanentError
+
     assert isinstance(refused.value, PermanentError)
     # With room again, the same download works.
     assert download(source).files == len(list(DEMO.iterdir()))

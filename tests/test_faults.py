@@ -43,12 +43,12 @@ def sha256(path: Path) -> str:
 
 
 @pytest.mark.parametrize("mode", ["503", "reset"])
-def test_uploads_survive_s3_errors_and_dropped_connections(mode, stack, store, model_dir,
-                                                           tmp_path):
+def test_uploads_survive_s3_errors_and_dropped_connections(mode, stack, store, model_dir, tmp_path):
     prefix = f"test/faults/upload-{mode}-{uuid.uuid4().hex[:8]}"  # new each run: uploaded
     with FaultProxy(stack.s3_port, mode) as proxy:
-        manifest = through(proxy, stack).upload_dir(model_dir, prefix,
-                                                    Manifest(kind="test", key=mode))
+        manifest = through(proxy, stack).upload_dir(
+            model_dir, prefix, Manifest(kind="test", key=mode)
+        )
     assert proxy.faults, "the proxy injected nothing: the test proves nothing"
     # Read back directly from SeaweedFS: every object whole, the manifest last and complete.
     got = store.download_dir(prefix, tmp_path / "back")
@@ -58,8 +58,9 @@ def test_uploads_survive_s3_errors_and_dropped_connections(mode, stack, store, m
 
 
 @pytest.mark.parametrize("mode", ["503", "reset", "truncate"])
-def test_downloads_survive_faults_and_never_keep_a_cut_file(mode, stack, store, model_dir,
-                                                            tmp_path):
+def test_downloads_survive_faults_and_never_keep_a_cut_file(
+    mode, stack, store, model_dir, tmp_path
+):
     prefix = "test/faults/download"
     if store.read_manifest(prefix) is None:
         store.upload_dir(model_dir, prefix, Manifest(kind="test", key="download"))
@@ -67,19 +68,23 @@ def test_downloads_survive_faults_and_never_keep_a_cut_file(mode, stack, store, 
     # its retry passes: each file, small and large, is fetched through a retry, every run.
     with FaultProxy(stack.s3_port, mode, first_get=True) as proxy:
         got = through(proxy, stack).download_dir(prefix, tmp_path / "dest")
-    faulted_files = {fault.split("?")[0].rsplit("/", 1)[-1] for fault in proxy.faults
-                     if "/files/" in fault}
+    faulted_files = {
+        fault.split("?")[0].rsplit("/", 1)[-1] for fault in proxy.faults if "/files/" in fault
+    }
     assert faulted_files == set(FILES), proxy.faults
     assert got.digest == store.read_manifest(prefix).digest
     for name in FILES:
         assert sha256(tmp_path / "dest" / name) == sha256(model_dir / name)
 
 
-@pytest.mark.parametrize("change, expected", [
-    ({"s3_secret_key": "not-the-secret-key-at-all"}, "SignatureDoesNotMatch"),
-    ({"s3_access_key": "NOSUCHKEY", "s3_secret_key": "x" * 40}, "InvalidAccessKeyId"),
-    ({"artifacts_bucket": "no-such-bucket-here"}, "NoSuchBucket"),
-])
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"s3_secret_key": "not-the-secret-key-at-all"}, "SignatureDoesNotMatch"),
+        ({"s3_access_key": "NOSUCHKEY", "s3_secret_key": "x" * 40}, "InvalidAccessKeyId"),
+        ({"artifacts_bucket": "no-such-bucket-here"}, "NoSuchBucket"),
+    ],
+)
 def test_wrong_credentials_or_a_missing_bucket_are_refused_before_a_run(change, expected, stack):
     """The preflight's store check: an S3 that will not take the run's writes refuses the run
     before anything is downloaded, naming the bucket, the endpoint and S3's own error code."""
@@ -96,20 +101,41 @@ def test_wrong_credentials_or_a_missing_bucket_are_refused_before_a_run(change, 
 def passing_report(build):
     from tasks.gate_rule import GateReport, TaskVerdict
 
-    verdict = TaskVerdict(task="clause_type", metric="acc", n=100, baseline=0.9, candidate=0.9,
-                          delta=0.0, rtol=0.05, atol=0.0, floor=None, threshold=0.855,
-                          measured=0.9, passed=True)
-    return GateReport(passed=True, rule="test: a report that passed", rtol=0.05,
-                      dataset="contracts", eval_data_sha256="0" * 64, candidate=build.prefix,
-                      baseline="stages/build/none", tasks=[verdict], harness={}, seconds={})
+    verdict = TaskVerdict(
+        task="clause_type",
+        metric="acc",
+        n=100,
+        baseline=0.9,
+        candidate=0.9,
+        delta=0.0,
+        rtol=0.05,
+        atol=0.0,
+        floor=None,
+        threshold=0.855,
+        measured=0.9,
+        passed=True,
+    )
+    return GateReport(
+        passed=True,
+        rule="test: a report that passed",
+        rtol=0.05,
+        dataset="contracts",
+        eval_data_sha256="0" * 64,
+        candidate=build.prefix,
+        baseline="stages/build/none",
+        tasks=[verdict],
+        harness={},
+        seconds={},
+    )
 
 
-def test_seaweedfs_killed_during_publish_leaves_no_version_or_a_complete_one(stack, store,
-                                                                            tmp_path):
+def test_seaweedfs_killed_during_publish_leaves_no_version_or_a_complete_one(
+    stack, store, tmp_path
+):
     from llmship import processes
     from llmship import stack as local_stack
-    from llmship.errors import SourceNotFound
     from llmship.contracts import Build, BuildDetails, ServeSpec
+    from llmship.errors import SourceNotFound
     from llmship.settings import Scheme
     from llmship.store import version_prefix
     from llmship.versions import list_versions
@@ -123,11 +149,23 @@ def test_seaweedfs_killed_during_publish_leaves_no_version_or_a_complete_one(sta
         (build_dir / f"shard-{i:03d}.bin").write_bytes(os.urandom(32 * 1024))
     run = uuid.uuid4().hex[:8]  # the test's own names: it can run again on the same stack
     build_prefix = f"stages/build/killed-during-publish-{run}"
-    details = BuildDetails(scheme=Scheme.UNQUANTIZED, precision="bfloat16",
-                           quantization_format=None, serve=ServeSpec(), smoke_output="")
-    build = Build.from_manifest(build_prefix, store.upload_dir(
-        build_dir, build_prefix, Manifest(kind="build", key="killed-during-publish",
-                                          details=details.model_dump(mode="json"))))
+    details = BuildDetails(
+        scheme=Scheme.UNQUANTIZED,
+        precision="bfloat16",
+        quantization_format=None,
+        serve=ServeSpec(),
+        smoke_output="",
+    )
+    build = Build.from_manifest(
+        build_prefix,
+        store.upload_dir(
+            build_dir,
+            build_prefix,
+            Manifest(
+                kind="build", key="killed-during-publish", details=details.model_dump(mode="json")
+            ),
+        ),
+    )
     model, version = f"store-killed-{run}", build.version
     prefix = version_prefix(model, version)
 
@@ -152,8 +190,7 @@ def test_seaweedfs_killed_during_publish_leaves_no_version_or_a_complete_one(sta
     # retries come next, minutes apart).
     assert type(outcome.get("error")).__name__ == "EndpointConnectionError", outcome
 
-    local_stack.start_s3(stack, local_stack.ensure_credentials(stack),
-                         local_stack.child_env(stack))
+    local_stack.start_s3(stack, local_stack.ensure_credentials(stack), local_stack.child_env(stack))
     # Some files were copied, but without its manifest the version does not exist: not
     # listed, not servable, not fetchable.
     copied = store.list_keys(f"{prefix}/files/")

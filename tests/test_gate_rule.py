@@ -5,26 +5,39 @@ import json
 
 import pytest
 
+from jobs.evaluate import Evaluation, TaskScore, TaskSet
 from llmship.errors import GateConfigError
 from llmship.settings import GateConfig, TaskPolicy
-from jobs.evaluate import Evaluation, TaskScore, TaskSet
 from tasks.gate_rule import (
-    DOMAIN_METRIC, GateReport, judge, render_markdown, resolve_tasks, rule_of, wilson_lower,
+    DOMAIN_METRIC,
+    GateReport,
+    judge,
+    render_markdown,
+    resolve_tasks,
+    rule_of,
+    wilson_lower,
 )
 
-TASKS = TaskSet(dataset="d", eval_file="-", eval_data_sha256="0" * 64, domain=["a", "b"],
-                standard=[])
+TASKS = TaskSet(
+    dataset="d", eval_file="-", eval_data_sha256="0" * 64, domain=["a", "b"], standard=[]
+)
 
 
 def scores(n=100, **by_kind: float) -> Evaluation:
-    return Evaluation(backend="vllm", seconds=0.0, scores={
-        TASKS.domain_task(kind): TaskScore(metrics={DOMAIN_METRIC: value}, n=n)
-        for kind, value in by_kind.items()})
+    return Evaluation(
+        backend="vllm",
+        seconds=0.0,
+        scores={
+            TASKS.domain_task(kind): TaskScore(metrics={DOMAIN_METRIC: value}, n=n)
+            for kind, value in by_kind.items()
+        },
+    )
 
 
 def verdicts(base, cand, **policy):
-    return {v.task.removeprefix("llmship_d_"): v
-            for v in judge(base, cand, GateConfig(**policy), TASKS)}
+    return {
+        v.task.removeprefix("llmship_d_"): v for v in judge(base, cand, GateConfig(**policy), TASKS)
+    }
 
 
 def test_a_drop_past_rtol_fails_only_that_task():
@@ -34,8 +47,9 @@ def test_a_drop_past_rtol_fails_only_that_task():
 
 
 def test_equal_scores_pass_and_gains_pass():
-    assert all(v.passed for v in verdicts(scores(a=0.69, b=0.5), scores(a=0.69, b=0.7),
-                                          rtol=0.0).values())
+    assert all(
+        v.passed for v in verdicts(scores(a=0.69, b=0.5), scores(a=0.69, b=0.7), rtol=0.0).values()
+    )
 
 
 def test_atol_absorbs_one_item_on_a_near_zero_baseline():
@@ -44,8 +58,9 @@ def test_atol_absorbs_one_item_on_a_near_zero_baseline():
     b = verdicts(base, cand, rtol=0.05, atol=0.02)["b"]
     assert b.passed and b.threshold == 0.0
     # atol does not hide a real loss on a task the baseline does well.
-    assert not verdicts(scores(a=0.9, b=0.5), scores(a=0.8, b=0.5), rtol=0.05,
-                        atol=0.02)["a"].passed
+    assert not verdicts(scores(a=0.9, b=0.5), scores(a=0.8, b=0.5), rtol=0.05, atol=0.02)[
+        "a"
+    ].passed
 
 
 def test_per_task_tolerance_and_floor_override_the_defaults():
@@ -81,22 +96,39 @@ def test_strict_mode_needs_enough_items_to_be_sure():
 def test_report_names_the_rule_and_every_number(tmp_path):
     config = GateConfig(rtol=0.05, atol=0.01, per_task={"a": TaskPolicy(floor=0.5)})
     tasks = judge(scores(a=1.0, b=0.8), scores(a=0.7, b=0.8), config, TASKS)
-    report = GateReport(passed=False, rule=rule_of(config), backend="vllm", rtol=0.05, atol=0.01,
-                        dataset="d", eval_data_sha256="0" * 64, candidate="stages/build/c",
-                        candidate_version="abc", baseline="stages/build/b", tasks=tasks,
-                        harness={}, seconds={})
+    report = GateReport(
+        passed=False,
+        rule=rule_of(config),
+        backend="vllm",
+        rtol=0.05,
+        atol=0.01,
+        dataset="d",
+        eval_data_sha256="0" * 64,
+        candidate="stages/build/c",
+        candidate_version="abc",
+        baseline="stages/build/b",
+        tasks=tasks,
+        harness={},
+        seconds={},
+    )
     md = render_markdown("m", report)
     assert "Accuracy gate FAILED: m" in md and rule_of(config) in md
-    assert "| llmship_d_a | exact_match,strip | 100 | 1.000 | 0.700 | -0.300 | 0.05 | 0.01 " \
-           "| 0.500 | 0.940 | 0.700 | **FAIL** |" in md
+    assert (
+        "| llmship_d_a | exact_match,strip | 100 | 1.000 | 0.700 | -0.300 | 0.05 | 0.01 "
+        "| 0.500 | 0.940 | 0.700 | **FAIL** |" in md
+    )
     assert "version `abc`" in md
 
 
 def write_eval(root, name, kinds):
     (root / name).mkdir()
-    (root / name / "eval.jsonl").write_text("".join(
-        json.dumps({"id": f"{k}-{i}", "task": k, "prompt": f"{k} {i}?", "answer": "x"}) + "\n"
-        for k in kinds for i in range(3)))
+    (root / name / "eval.jsonl").write_text(
+        "".join(
+            json.dumps({"id": f"{k}-{i}", "task": k, "prompt": f"{k} {i}?", "answer": "x"}) + "\n"
+            for k in kinds
+            for i in range(3)
+        )
+    )
 
 
 @pytest.fixture
@@ -111,27 +143,40 @@ def data_root(tmp_path, monkeypatch):
 
 
 def test_task_set_is_every_kind_by_default_or_the_ones_named(data_root):
-    assert resolve_tasks(GateConfig(dataset="ds")).names == ["llmship_ds_amount",
-                                                            "llmship_ds_date"]
-    picked = resolve_tasks(GateConfig(dataset="ds", domain_tasks=["date"],
-                                      standard_tasks=["gsm8k"]))
+    assert resolve_tasks(GateConfig(dataset="ds")).names == ["llmship_ds_amount", "llmship_ds_date"]
+    picked = resolve_tasks(
+        GateConfig(dataset="ds", domain_tasks=["date"], standard_tasks=["gsm8k"])
+    )
     assert picked.names == ["llmship_ds_date", "gsm8k"]
 
 
-@pytest.mark.parametrize("policy, message", [
-    ({"domain_tasks": ["amount", "clause"]}, "gate.domain_tasks names ['clause']"),
-    ({"domain_tasks": []}, "the gate has no tasks"),
-    ({"per_task": {"amount": {"rtol": 0.1}, "mmlu": {"floor": 0.5}}},
-     "gate.per_task names ['mmlu'], which the gate does not run"),
-])
+@pytest.mark.parametrize(
+    "policy, message",
+    [
+        ({"domain_tasks": ["amount", "clause"]}, "gate.domain_tasks names ['clause']"),
+        ({"domain_tasks": []}, "the gate has no tasks"),
+        (
+            {"per_task": {"amount": {"rtol": 0.1}, "mmlu": {"floor": 0.5}}},
+            "gate.per_task names ['mmlu'], which the gate does not run",
+        ),
+    ],
+)
 def test_a_policy_naming_what_the_gate_cannot_run_is_refused(data_root, policy, message):
     with pytest.raises(GateConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         resolve_tasks(GateConfig(dataset="ds", **policy))
 
 
-@pytest.mark.parametrize("bad", [{"rtol": -0.1}, {"rtol": 1.5}, {"confidence": 1.0},
-                                 {"per_task": {"a": {"floor": 2}}}, {"backend": "tensorrt"},
-                                 {"tolerance": 0.1}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"rtol": -0.1},
+        {"rtol": 1.5},
+        {"confidence": 1.0},
+        {"per_task": {"a": {"floor": 2}}},
+        {"backend": "tensorrt"},
+        {"tolerance": 0.1},
+    ],
+)
 def test_out_of_range_or_unknown_gate_settings_are_refused(bad):
     from pydantic import ValidationError
 

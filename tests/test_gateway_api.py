@@ -48,53 +48,67 @@ def assert_openai_error(resp, status, param=None):
     return err
 
 
-@pytest.mark.parametrize("body,param", [
-    ({"model": "m", "prompt": "x", "max_tokens": -1}, "max_tokens"),
-    ({"model": "m", "prompt": "x", "max_tokens": 0}, "max_tokens"),
-    ({"model": "m", "prompt": "x", "temperature": -0.5}, "temperature"),
-    ({"model": "m", "prompt": "x", "top_p": 0}, "top_p"),
-    ({"model": "m"}, "prompt"),
-    ({"prompt": "x"}, "model"),
-    ({"model": "m", "prompt": "x", "n": 0}, "n"),
-])
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"model": "m", "prompt": "x", "max_tokens": -1}, "max_tokens"),
+        ({"model": "m", "prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"model": "m", "prompt": "x", "temperature": -0.5}, "temperature"),
+        ({"model": "m", "prompt": "x", "top_p": 0}, "top_p"),
+        ({"model": "m"}, "prompt"),
+        ({"prompt": "x"}, "model"),
+        ({"model": "m", "prompt": "x", "n": 0}, "n"),
+    ],
+)
 def test_bad_completion_fields_are_400(client, body, param):
     err = assert_openai_error(client.post("/v1/completions", json=body), 400, param)
     assert err["type"] == "invalid_request_error"
 
 
 def test_bad_chat_requests_are_400(client):
-    assert_openai_error(client.post("/v1/chat/completions", json={"model": "m", "messages": []}),
-                        400, "messages")
-    assert_openai_error(client.post("/v1/chat/completions", content=b"{not json",
-                                    headers={"content-type": "application/json"}), 400)
+    assert_openai_error(
+        client.post("/v1/chat/completions", json={"model": "m", "messages": []}), 400, "messages"
+    )
+    assert_openai_error(
+        client.post(
+            "/v1/chat/completions",
+            content=b"{not json",
+            headers={"content-type": "application/json"},
+        ),
+        400,
+    )
     assert_openai_error(client.post("/v1/chat/completions", json=[1, 2]), 400)
 
 
 def test_unknown_model_is_404_and_lists_nothing_served(client):
-    err = assert_openai_error(client.post("/v1/completions", json={"model": "nope", "prompt": "x"}),
-                              404, "model")
+    err = assert_openai_error(
+        client.post("/v1/completions", json={"model": "nope", "prompt": "x"}), 404, "model"
+    )
     assert err["code"] == "model_not_found"
     assert client.get("/v1/models").json() == {"object": "list", "data": []}
 
 
 def test_admin_needs_the_token(client):
     assert_openai_error(client.get("/admin/routes"), 401)
-    assert_openai_error(client.get("/admin/routes", headers={"authorization": "Bearer wrong"}),
-                        403)
+    assert_openai_error(client.get("/admin/routes", headers={"authorization": "Bearer wrong"}), 403)
     ok = client.get("/admin/routes", headers={"authorization": "Bearer right-token"})
     assert ok.status_code == 200 and ok.json() == {}
 
 
 def test_route_to_a_version_without_replicas_is_refused(client):
     replicas(client, {"m--v2": ["http://127.0.0.1:9"]})
-    resp = client.put("/admin/routes/m", headers={"authorization": "Bearer right-token"},
-                      json={"version": "v1"})
+    resp = client.put(
+        "/admin/routes/m", headers={"authorization": "Bearer right-token"}, json={"version": "v1"}
+    )
     err = assert_openai_error(resp, 409)
     assert "m v1 has no running replica" in err["message"]
     assert client.get("/v1/models").json()["data"] == []
     # The old shape, with an upstream URL the gateway would trust blindly, is refused.
-    old = client.put("/admin/routes/m", headers={"authorization": "Bearer right-token"},
-                     json={"version": "v2", "upstream": "http://127.0.0.1:9"})
+    old = client.put(
+        "/admin/routes/m",
+        headers={"authorization": "Bearer right-token"},
+        json={"version": "v2", "upstream": "http://127.0.0.1:9"},
+    )
     assert_openai_error(old, 400)
 
 
@@ -126,13 +140,14 @@ def test_ready_is_503_while_a_routed_version_has_no_replica(monkeypatch, tmp_pat
         refused = c.post("/v1/completions", json={"model": "m", "prompt": "x"})
         assert_openai_error(refused, 503)
         assert refused.json()["error"]["code"] == "upstream_unavailable"
-        assert 'llmship_gateway_errors_total{endpoint="/v1/completions",model="m",' \
-               'version="v1"} 2.0' in c.get("/metrics").text
+        assert (
+            'llmship_gateway_errors_total{endpoint="/v1/completions",model="m",'
+            'version="v1"} 2.0' in c.get("/metrics").text
+        )
     get_settings.cache_clear()
 
 
-def test_a_live_version_left_without_replicas_is_declared_down_once(
-        monkeypatch, tmp_path, caplog):
+def test_a_live_version_left_without_replicas_is_declared_down_once(monkeypatch, tmp_path, caplog):
     """The watcher: after LLMSHIP_GATEWAY_DOWN_AFTER checks in a row with no replica the
     live version is declared down (the log says so and asks for the rollback, which the
     stack tests follow through Prefect); its clients get 503s that say a rollback was asked
@@ -158,10 +173,10 @@ def test_a_live_version_left_without_replicas_is_declared_down_once(
         time.sleep(0.5)  # a few more misses: still one declaration
         declared = [r for r in caplog.records if "declared down" in r.getMessage()]
         assert len(declared) == 1 and "wm's live version v1" in declared[0].getMessage()
-        assert 'llmship_gateway_upstream_up{model="wm",version="v1"} 0.0' in \
-            c.get("/metrics").text
-        err = assert_openai_error(c.post("/v1/completions", json={"model": "wm",
-                                                                  "prompt": "x"}), 503)
+        assert 'llmship_gateway_upstream_up{model="wm",version="v1"} 0.0' in c.get("/metrics").text
+        err = assert_openai_error(
+            c.post("/v1/completions", json={"model": "wm", "prompt": "x"}), 503
+        )
         assert "a rollback to the previous version was asked for" in err["message"]
         for _ in range(3):  # a crash loop: a replica registers, and is gone a check later
             replicas(c, {"wm--v1": [url]})
@@ -171,10 +186,10 @@ def test_a_live_version_left_without_replicas_is_declared_down_once(
         assert len([r for r in caplog.records if "declared down" in r.getMessage()]) == 1
         replicas(c, {"wm--v1": [url]})
         time.sleep(0.5)
-        assert c.post("/v1/completions", json={"model": "wm", "prompt": "x"}).json() == \
-            {"choices": [{"text": "m-v1"}]}
-        assert 'llmship_gateway_upstream_up{model="wm",version="v1"} 1.0' in \
-            c.get("/metrics").text
+        assert c.post("/v1/completions", json={"model": "wm", "prompt": "x"}).json() == {
+            "choices": [{"text": "m-v1"}]
+        }
+        assert 'llmship_gateway_upstream_up{model="wm",version="v1"} 1.0' in c.get("/metrics").text
     server.shutdown()
     get_settings.cache_clear()
 
@@ -220,8 +235,7 @@ def slow_upstream():
     server.shutdown()
 
 
-def test_past_its_in_flight_limit_the_gateway_sheds_with_429(monkeypatch, tmp_path,
-                                                             slow_upstream):
+def test_past_its_in_flight_limit_the_gateway_sheds_with_429(monkeypatch, tmp_path, slow_upstream):
     from concurrent.futures import ThreadPoolExecutor
 
     from llmship.processes import write_json
@@ -236,17 +250,19 @@ def test_past_its_in_flight_limit_the_gateway_sheds_with_429(monkeypatch, tmp_pa
 
     with TestClient(app) as c:
         with ThreadPoolExecutor(8) as pool:
-            answers = list(pool.map(lambda _: c.post("/v1/completions",
-                                                     json={"model": "m", "prompt": "x"}),
-                                    range(8)))
+            answers = list(
+                pool.map(
+                    lambda _: c.post("/v1/completions", json={"model": "m", "prompt": "x"}),
+                    range(8),
+                )
+            )
         statuses = sorted(a.status_code for a in answers)
         assert set(statuses) == {200, 429} and statuses.count(200) >= 2, statuses
         shed = [a for a in answers if a.status_code == 429]
         assert all(a.headers["retry-after"] == "1" for a in shed)
         assert assert_openai_error(shed[0], 429)["code"] == "overloaded"
         metrics = c.get("/metrics").text
-        assert f'llmship_gateway_shed_total{{endpoint="/v1/completions"}} {len(shed)}.0' \
-            in metrics
+        assert f'llmship_gateway_shed_total{{endpoint="/v1/completions"}} {len(shed)}.0' in metrics
         assert "llmship_gateway_in_flight 0.0" in metrics  # every slot given back
     get_settings.cache_clear()
 
@@ -258,31 +274,39 @@ def test_a_canary_takes_its_share_and_a_dead_one_costs_clients_nothing(client):
     old, old_url = fake_model_server("old")
     new, new_url = fake_model_server("new")
     replicas(client, {"m--v1": [old_url], "m--v2": [new_url]})
-    resp = client.put("/admin/routes/m", headers=ADMIN, json={
-        "version": "v1", "canary": {"version": "v2", "percent": 30}})
+    resp = client.put(
+        "/admin/routes/m",
+        headers=ADMIN,
+        json={"version": "v1", "canary": {"version": "v2", "percent": 30}},
+    )
     assert resp.status_code == 200, resp.text
-    assert client.get("/v1/models").json()["data"][0]["canary"] == {"version": "v2",
-                                                                   "percent": 30}
-    served = [client.post("/v1/completions", json={"model": "m", "prompt": "x"})
-              for _ in range(200)]
+    assert client.get("/v1/models").json()["data"][0]["canary"] == {"version": "v2", "percent": 30}
+    served = [
+        client.post("/v1/completions", json={"model": "m", "prompt": "x"}) for _ in range(200)
+    ]
     assert all(r.status_code == 200 for r in served)
     by_version = [r.headers["x-llmship-version"] for r in served]
-    assert all(r.json()["choices"][0]["text"] == {"v1": "old", "v2": "new"}[v]
-               for r, v in zip(served, by_version))
+    assert all(
+        r.json()["choices"][0]["text"] == {"v1": "old", "v2": "new"}[v]
+        for r, v in zip(served, by_version, strict=True)
+    )
     share = by_version.count("v2") / len(served)
     assert 0.18 < share < 0.42, share  # 30 %, give or take four standard deviations
 
     new.shutdown()
     new.server_close()  # the canary's server dies: its port refuses connections
-    after = [client.post("/v1/completions", json={"model": "m", "prompt": "x"})
-             for _ in range(60)]
+    after = [client.post("/v1/completions", json={"model": "m", "prompt": "x"}) for _ in range(60)]
     assert [r.status_code for r in after] == [200] * 60
     assert {r.headers["x-llmship-version"] for r in after} == {"v1"}
     metrics = client.get("/metrics").text
     # Each refused attempt is an error of the canary's version: what rolls it back.
-    failed = [line for line in metrics.splitlines()
-              if line.startswith('llmship_gateway_errors_total{endpoint="/v1/completions",'
-                                 'model="m",version="v2"}')]
+    failed = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith(
+            'llmship_gateway_errors_total{endpoint="/v1/completions",model="m",version="v2"}'
+        )
+    ]
     assert failed and float(failed[0].split()[-1]) >= 5, failed
     old.shutdown()
 
@@ -290,14 +314,20 @@ def test_a_canary_takes_its_share_and_a_dead_one_costs_clients_nothing(client):
 def test_canary_route_needs_a_canary_with_replicas(client):
     old, old_url = fake_model_server("old")
     replicas(client, {"m--v1": [old_url]})
-    resp = client.put("/admin/routes/m", headers=ADMIN, json={
-        "version": "v1", "canary": {"version": "v2", "percent": 10}})
+    resp = client.put(
+        "/admin/routes/m",
+        headers=ADMIN,
+        json={"version": "v1", "canary": {"version": "v2", "percent": 10}},
+    )
     assert_openai_error(resp, 409)
     assert client.get("/v1/models").json()["data"] == []
     replicas(client, {"m--v1": [old_url], "m--v2": [old_url]})
     for percent in (0, 100):
-        bad = client.put("/admin/routes/m", headers=ADMIN, json={
-            "version": "v1", "canary": {"version": "v2", "percent": percent}})
+        bad = client.put(
+            "/admin/routes/m",
+            headers=ADMIN,
+            json={"version": "v1", "canary": {"version": "v2", "percent": percent}},
+        )
         assert_openai_error(bad, 400)
     old.shutdown()
 
@@ -308,15 +338,17 @@ def test_requests_spread_over_a_versions_replicas_and_skip_a_dead_one(client):
     first, first_url = fake_model_server("first")
     second, second_url = fake_model_server("second")
     replicas(client, {"m--v1": [first_url, second_url]})
-    assert client.put("/admin/routes/m", headers=ADMIN,
-                      json={"version": "v1"}).status_code == 200
-    texts = [client.post("/v1/completions", json={"model": "m", "prompt": "x"})
-             .json()["choices"][0]["text"] for _ in range(60)]
+    assert client.put("/admin/routes/m", headers=ADMIN, json={"version": "v1"}).status_code == 200
+    texts = [
+        client.post("/v1/completions", json={"model": "m", "prompt": "x"}).json()["choices"][0][
+            "text"
+        ]
+        for _ in range(60)
+    ]
     assert 10 < texts.count("first") < 50, texts.count("first")
     second.shutdown()
     second.server_close()
-    after = [client.post("/v1/completions", json={"model": "m", "prompt": "x"})
-             for _ in range(30)]
+    after = [client.post("/v1/completions", json={"model": "m", "prompt": "x"}) for _ in range(30)]
     assert [r.status_code for r in after] == [200] * 30
     assert {r.json()["choices"][0]["text"] for r in after} == {"first"}
     first.shutdown()
@@ -331,8 +363,9 @@ def test_a_body_past_the_limit_is_413_before_it_reaches_a_server(monkeypatch, tm
     from serving.gateway import app
 
     with TestClient(app) as c:
-        err = assert_openai_error(c.post("/v1/completions", json={
-            "model": "m", "prompt": "clause " * 500}), 413)
+        err = assert_openai_error(
+            c.post("/v1/completions", json={"model": "m", "prompt": "clause " * 500}), 413
+        )
         assert err["code"] == "request_too_large" and "at most 2048" in err["message"]
         # Under the limit the same request goes on to routing (no such model here).
         assert_openai_error(c.post("/v1/completions", json={"model": "m", "prompt": "x"}), 404)
@@ -342,18 +375,22 @@ def test_a_body_past_the_limit_is_413_before_it_reaches_a_server(monkeypatch, tm
 def test_a_relayed_stream_gives_its_slot_back_and_is_counted(client):
     server, url = fake_model_server("streamed")
     replicas(client, {"m--v1": [url]})
-    assert client.put("/admin/routes/m", headers=ADMIN,
-                      json={"version": "v1"}).status_code == 200
+    assert client.put("/admin/routes/m", headers=ADMIN, json={"version": "v1"}).status_code == 200
     for _ in range(3):
-        with client.stream("POST", "/v1/completions",
-                           json={"model": "m", "prompt": "x", "stream": True}) as resp:
+        with client.stream(
+            "POST", "/v1/completions", json={"model": "m", "prompt": "x", "stream": True}
+        ) as resp:
             assert resp.status_code == 200 and b"streamed" in resp.read()
     metrics = client.get("/metrics").text
     assert "llmship_gateway_in_flight 0.0" in metrics
-    assert 'llmship_gateway_requests_total{endpoint="/v1/completions",model="m",' \
-           'status="200",version="v1"} 3.0' in metrics
-    assert 'llmship_gateway_time_to_first_token_seconds_count{endpoint="/v1/completions",' \
-           'model="m",version="v1"} 3.0' in metrics
+    assert (
+        'llmship_gateway_requests_total{endpoint="/v1/completions",model="m",'
+        'status="200",version="v1"} 3.0' in metrics
+    )
+    assert (
+        'llmship_gateway_time_to_first_token_seconds_count{endpoint="/v1/completions",'
+        'model="m",version="v1"} 3.0' in metrics
+    )
     server.shutdown()
 
 
@@ -377,9 +414,13 @@ def dying_stream_server():
                     conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
                     continue
                 event = b'data: {"choices": [{"text": "half"}]}\n\n'
-                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-                             b"transfer-encoding: chunked\r\n\r\n"
-                             + f"{len(event):x}\r\n".encode() + event + b"\r\n")
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                    b"transfer-encoding: chunked\r\n\r\n"
+                    + f"{len(event):x}\r\n".encode()
+                    + event
+                    + b"\r\n"
+                )
 
     threading.Thread(target=serve, daemon=True).start()
     return listener, f"http://127.0.0.1:{listener.getsockname()[1]}"
@@ -388,35 +429,47 @@ def dying_stream_server():
 def test_a_stream_its_server_drops_ends_with_an_openai_error_event(client):
     listener, url = dying_stream_server()
     replicas(client, {"m--v1": [url]})
-    assert client.put("/admin/routes/m", headers=ADMIN,
-                      json={"version": "v1"}).status_code == 200
-    with client.stream("POST", "/v1/completions",
-                       json={"model": "m", "prompt": "x", "stream": True}) as resp:
+    assert client.put("/admin/routes/m", headers=ADMIN, json={"version": "v1"}).status_code == 200
+    with client.stream(
+        "POST", "/v1/completions", json={"model": "m", "prompt": "x", "stream": True}
+    ) as resp:
         events = [line for line in resp.iter_lines() if line]
     assert resp.status_code == 200
     # What the server sent arrives, then an error event, and no [DONE]: no client can take
     # the half answer for a whole one, and none sees a connection reset.
     assert events[0] == 'data: {"choices": [{"text": "half"}]}'
     assert events[-1].startswith("data: ") and "[DONE]" not in events
-    error = json.loads(events[-1][len("data: "):])["error"]
+    error = json.loads(events[-1][len("data: ") :])["error"]
     assert error["code"] == "upstream_unavailable" and error["type"] == "server_error"
     assert "m v1 failed mid-answer" in error["message"]
     metrics = client.get("/metrics").text
-    assert 'llmship_gateway_requests_total{endpoint="/v1/completions",model="m",' \
-           'status="broken",version="v1"} 1.0' in metrics
+    assert (
+        'llmship_gateway_requests_total{endpoint="/v1/completions",model="m",'
+        'status="broken",version="v1"} 1.0' in metrics
+    )
     listener.close()
 
 
-@pytest.mark.parametrize("body,param", [
-    ({"model": "m", "prompt": "x", "max_tokens": "16"}, "max_tokens"),
-    ({"model": "m", "prompt": "x", "max_tokens": True}, "max_tokens"),
-    ({"model": "m", "prompt": "x", "stream": "yes"}, "stream"),
-    ({"model": "m", "prompt": "x", "stream": True, "stream_options": {"include_usage": "yes"}},
-     "stream_options.include_usage"),
-    ({"model": "m", "prompt": 5}, "prompt"),
-    ({"model": "m", "prompt": [1, "two"]}, "prompt[0]"),
-    ({"model": 7, "prompt": "x"}, "model"),
-])
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"model": "m", "prompt": "x", "max_tokens": "16"}, "max_tokens"),
+        ({"model": "m", "prompt": "x", "max_tokens": True}, "max_tokens"),
+        ({"model": "m", "prompt": "x", "stream": "yes"}, "stream"),
+        (
+            {
+                "model": "m",
+                "prompt": "x",
+                "stream": True,
+                "stream_options": {"include_usage": "yes"},
+            },
+            "stream_options.include_usage",
+        ),
+        ({"model": "m", "prompt": 5}, "prompt"),
+        ({"model": "m", "prompt": [1, "two"]}, "prompt[0]"),
+        ({"model": 7, "prompt": "x"}, "model"),
+    ],
+)
 def test_values_of_the_wrong_type_are_refused_not_coerced(client, body, param):
     """OpenAI's API and vLLM refuse "16" for max_tokens and "yes" for stream; so does the
     gateway, naming the field as the client wrote it (not pydantic's `prompt.str`)."""
@@ -424,38 +477,56 @@ def test_values_of_the_wrong_type_are_refused_not_coerced(client, body, param):
     assert err["message"].startswith(f"{param}: ")
 
 
-@pytest.mark.parametrize("messages,param", [
-    ([{"role": "hacker", "content": "x"}], "messages[0].role"),
-    ([{"role": "user", "content": 5}], "messages[0].content"),
-    ([{"role": "user", "content": "x"}, {"content": "y"}], "messages[1].role"),
-])
+@pytest.mark.parametrize(
+    "messages,param",
+    [
+        ([{"role": "hacker", "content": "x"}], "messages[0].role"),
+        ([{"role": "user", "content": 5}], "messages[0].content"),
+        ([{"role": "user", "content": "x"}, {"content": "y"}], "messages[1].role"),
+    ],
+)
 def test_chat_messages_are_checked_and_named_as_sent(client, messages, param):
-    err = assert_openai_error(client.post("/v1/chat/completions",
-                                          json={"model": "m", "messages": messages}), 400, param)
+    err = assert_openai_error(
+        client.post("/v1/chat/completions", json={"model": "m", "messages": messages}), 400, param
+    )
     assert err["message"].startswith(f"{param}: ")
 
 
 def test_accepted_types_still_pass(client):
     """What clients do send: an int temperature, token-id prompts, a null max_tokens, content
     parts, engine extensions: through to the routing (404 here: no model is served)."""
-    for body in ({"model": "m", "prompt": "x", "temperature": 0, "max_tokens": None},
-                 {"model": "m", "prompt": [[1, 2], [3]], "seed": 7, "logprobs": 2},
-                 {"model": "m", "prompt": ["a", "b"], "stream": True,
-                  "stream_options": {"include_usage": True}}):
+    for body in (
+        {"model": "m", "prompt": "x", "temperature": 0, "max_tokens": None},
+        {"model": "m", "prompt": [[1, 2], [3]], "seed": 7, "logprobs": 2},
+        {
+            "model": "m",
+            "prompt": ["a", "b"],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    ):
         assert client.post("/v1/completions", json=body).status_code == 404, body
-    chat = {"model": "m", "messages": [{"role": "system", "content": "s"},
-                                      {"role": "user", "content": [{"type": "text", "text": "x"}]}]}
+    chat = {
+        "model": "m",
+        "messages": [
+            {"role": "system", "content": "s"},
+            {"role": "user", "content": [{"type": "text", "text": "x"}]},
+        ],
+    }
     assert client.post("/v1/chat/completions", json=chat).status_code == 404
 
 
-@pytest.mark.parametrize("raw", [
-    b'{"model": "m", "prompt": ' + b"[" * 200_000 + b"]" * 200_000 + b"}",
-    b'{"model": "m", "prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}",
-    b'{"model": "m", "prompt": "\xff\xfe"}',
-], ids=["nested-200000-deep", "int-5000-digits", "invalid-utf8"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"model": "m", "prompt": ' + b"[" * 200_000 + b"]" * 200_000 + b"}",
+        b'{"model": "m", "prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}",
+        b'{"model": "m", "prompt": "\xff\xfe"}',
+    ],
+    ids=["nested-200000-deep", "int-5000-digits", "invalid-utf8"],
+)
 def test_bodies_that_break_json_parsers_are_400_not_500(client, raw):
-    resp = client.post("/v1/completions", content=raw,
-                       headers={"content-type": "application/json"})
+    resp = client.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
     err = assert_openai_error(resp, 400)
     assert err["type"] == "invalid_request_error"
 
@@ -478,12 +549,15 @@ def test_unknown_model_names_do_not_become_metric_labels(client):
     """Every name a client makes up would be a Prometheus series kept for ever (30 requests
     with 3 MB names made /metrics 220 MB): they are counted under one label."""
     for i in range(30):
-        client.post("/v1/completions", json={"model": f"made-up-{i}-" + "x" * 100_000,
-                                             "prompt": "x"})
+        client.post(
+            "/v1/completions", json={"model": f"made-up-{i}-" + "x" * 100_000, "prompt": "x"}
+        )
     text = client.get("/metrics").text
     assert "made-up" not in text and len(text) < 100_000, len(text)
-    assert ('llmship_gateway_requests_total{endpoint="/v1/completions",model="(unknown)",'
-            'status="404",version=""} 30.0') in text
+    assert (
+        'llmship_gateway_requests_total{endpoint="/v1/completions",model="(unknown)",'
+        'status="404",version=""} 30.0'
+    ) in text
 
 
 def test_the_public_api_description_leaves_the_admin_api_out(client):

@@ -16,6 +16,7 @@ import pytest
 
 from tests.helpers.gateway_process import gateway_process
 from tests.test_gateway_api import fake_model_server
+
 PORT = 18791
 LIMIT = 3  # requests in flight
 HEADER_TIMEOUT_S, BODY_TIMEOUT_S = 2.0, 3.0
@@ -33,12 +34,16 @@ def rss_mb(pid: int) -> float:
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory):
     upstream, upstream_url = fake_model_server("ok")
-    with gateway_process(tmp_path_factory.mktemp("gateway-limits"), PORT, upstream_url,
-                         gateway_max_in_flight=str(LIMIT),
-                         gateway_header_timeout_s=str(HEADER_TIMEOUT_S),
-                         gateway_body_timeout_s=str(BODY_TIMEOUT_S),
-                         gateway_max_request_bytes=str(MAX_BODY),
-                         gateway_max_header_bytes=str(MAX_HEAD)) as (url, proc):
+    with gateway_process(
+        tmp_path_factory.mktemp("gateway-limits"),
+        PORT,
+        upstream_url,
+        gateway_max_in_flight=str(LIMIT),
+        gateway_header_timeout_s=str(HEADER_TIMEOUT_S),
+        gateway_body_timeout_s=str(BODY_TIMEOUT_S),
+        gateway_max_request_bytes=str(MAX_BODY),
+        gateway_max_header_bytes=str(MAX_HEAD),
+    ) as (url, proc):
         yield url, proc
     upstream.shutdown()
 
@@ -53,7 +58,7 @@ def read_response(sock: socket.socket, timeout_s: float) -> bytes:
     try:
         while chunk := sock.recv(65536):
             data += chunk
-    except (socket.timeout, ConnectionResetError):
+    except (TimeoutError, ConnectionResetError):
         pass
     return data
 
@@ -65,8 +70,13 @@ def status_of(raw: bytes) -> int:
 def error_of(raw: bytes) -> dict:
     """The OpenAI-style error of the first response in raw."""
     head, _, rest = raw.partition(b"\r\n\r\n")
-    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                      if line.lower().startswith(b"content-length:")))
+    length = int(
+        next(
+            line.split(b":")[1]
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+    )
     return json.loads(rest[:length])["error"]
 
 
@@ -92,8 +102,10 @@ def test_slow_bodies_take_no_slot_and_are_cut_off(gateway):
     slow = []
     for _ in range(LIMIT):
         sock = socket.create_connection(("127.0.0.1", PORT))
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\n"
-                     b"content-type: application/json\r\ncontent-length: 1000\r\n\r\n{")
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nhost: x\r\n"
+            b"content-type: application/json\r\ncontent-length: 1000\r\n\r\n{"
+        )
         slow.append(sock)
     stop = threading.Event()
 
@@ -161,8 +173,10 @@ def test_a_huge_head_is_refused_while_it_is_read(gateway):
 def test_a_chunked_body_is_cut_off_at_the_limit(gateway):
     url, proc = gateway
     sock = socket.create_connection(("127.0.0.1", PORT))
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json"
-                 b"\r\ntransfer-encoding: chunked\r\n\r\n")
+    sock.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json"
+        b"\r\ntransfer-encoding: chunked\r\n\r\n"
+    )
     piece = b"a" * 16384
     sent = send_until_answered(sock, b"%x\r\n" % len(piece) + piece + b"\r\n")
     raw = read_response(sock, 5)

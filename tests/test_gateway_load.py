@@ -66,15 +66,22 @@ def gateway(tmp_path):
     upstream = WideBacklog(("127.0.0.1", 0), Streaming)
     upstream.daemon_threads = True
     threading.Thread(target=upstream.serve_forever, daemon=True).start()
-    with gateway_process(tmp_path, 18790, f"http://127.0.0.1:{upstream.server_address[1]}",
-                         gateway_max_in_flight=str(LIMIT)) as (url, proc):
+    with gateway_process(
+        tmp_path,
+        18790,
+        f"http://127.0.0.1:{upstream.server_address[1]}",
+        gateway_max_in_flight=str(LIMIT),
+    ) as (url, proc):
         yield url, proc
     upstream.shutdown()
 
 
 async def one_stream(client: httpx.AsyncClient, url: str) -> tuple[int, str]:
-    async with client.stream("POST", f"{url}/v1/completions", json={
-            "model": "m", "prompt": "x", "stream": True, "max_tokens": CHUNKS}) as resp:
+    async with client.stream(
+        "POST",
+        f"{url}/v1/completions",
+        json={"model": "m", "prompt": "x", "stream": True, "max_tokens": CHUNKS},
+    ) as resp:
         body = b"".join([chunk async for chunk in resp.aiter_bytes()])
         return resp.status_code, body.decode()
 
@@ -82,8 +89,9 @@ async def one_stream(client: httpx.AsyncClient, url: str) -> tuple[int, str]:
 async def wave(url: str) -> list:
     limits = httpx.Limits(max_connections=CLIENTS + 10, max_keepalive_connections=0)
     async with httpx.AsyncClient(limits=limits, timeout=60) as client:
-        return await asyncio.gather(*(one_stream(client, url) for _ in range(CLIENTS)),
-                                    return_exceptions=True)
+        return await asyncio.gather(
+            *(one_stream(client, url) for _ in range(CLIENTS)), return_exceptions=True
+        )
 
 
 def test_hundreds_of_streams_are_served_or_shed_never_failed(gateway):
@@ -115,12 +123,16 @@ def test_hundreds_of_streams_are_served_or_shed_never_failed(gateway):
     served = [body for status, body in results if status == 200]
     shed = [body for status, body in results if status == 429]
     assert len(served) >= LIMIT and shed, (len(served), len(shed))
-    assert all(body.rstrip().endswith("data: [DONE]") and body.count("data: ") == CHUNKS + 1
-               for body in served)  # every relayed stream whole
+    assert all(
+        body.rstrip().endswith("data: [DONE]") and body.count("data: ") == CHUNKS + 1
+        for body in served
+    )  # every relayed stream whole
     assert all(json.loads(body)["error"]["code"] == "overloaded" for body in shed)
     metrics = httpx.get(f"{url}/metrics").text
     assert "llmship_gateway_in_flight 0.0" in metrics
     # Memory bounded: three waves of 600 streams grow the process by less than 50 MB.
     assert max(peaks) - before < 50, (before, max(peaks))
-    print(f"{len(results)} streams in {elapsed:.1f} s: {len(served)} served, {len(shed)} shed;"
-          f" gateway RSS {before:.0f} MB before, peak {max(peaks):.0f} MB")
+    print(
+        f"{len(results)} streams in {elapsed:.1f} s: {len(served)} served, {len(shed)} shed;"
+        f" gateway RSS {before:.0f} MB before, peak {max(peaks):.0f} MB"
+    )

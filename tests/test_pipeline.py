@@ -42,7 +42,8 @@ def task_states(prefect_client, flow_run, timeout: float = 30) -> dict[str, list
     deadline = time.monotonic() + timeout
     while True:
         runs = prefect_client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id={"any_": [flow_run.id]}))
+            flow_run_filter=FlowRunFilter(id={"any_": [flow_run.id]})
+        )
         if all(tr.state.is_final() for tr in runs) or time.monotonic() > deadline:
             break
         time.sleep(1)
@@ -53,8 +54,12 @@ def task_states(prefect_client, flow_run, timeout: float = 30) -> dict[str, list
 
 
 def held_out(task: str, n: int) -> list[dict]:
-    items = [json.loads(line) for line in
-             (REPO / "calibration_data" / "contracts" / "eval.jsonl").read_text().splitlines()]
+    items = [
+        json.loads(line)
+        for line in (REPO / "calibration_data" / "contracts" / "eval.jsonl")
+        .read_text()
+        .splitlines()
+    ]
     return [it for it in items if it["task"] == task][:n]
 
 
@@ -72,8 +77,7 @@ def test_build_and_serve_serves_the_calibrated_version(first_run, stack, store, 
     from serving import fleet
 
     [server] = fleet.running(stack)
-    assert (server.app, server.role, server.status) == (f"tiny-llama--{live}", "serving",
-                                                        "RUNNING")
+    assert (server.app, server.role, server.status) == (f"tiny-llama--{live}", "serving", "RUNNING")
     [replica] = server.endpoints
     assert replica.node_ip == "127.0.0.1" and server.warm_until is None
     assert Path(replica.log).is_file() and "vllm" in Path(replica.log).read_text()
@@ -84,22 +88,38 @@ def test_build_and_serve_serves_the_calibrated_version(first_run, stack, store, 
     items = held_out("clause_type", 6)
     correct = 0
     for item in items:
-        resp = httpx.post(f"{stack.gateway_url}/v1/completions", timeout=60, json={
-            "model": "tiny-llama", "prompt": item["prompt"], "max_tokens": 12,
-            "temperature": 0})
+        resp = httpx.post(
+            f"{stack.gateway_url}/v1/completions",
+            timeout=60,
+            json={
+                "model": "tiny-llama",
+                "prompt": item["prompt"],
+                "max_tokens": 12,
+                "temperature": 0,
+            },
+        )
         assert resp.status_code == 200, resp.text
         assert resp.headers["x-llmship-version"] == live
         correct += resp.json()["choices"][0]["text"].strip() == item["answer"]
     assert correct >= 5, f"{correct}/6 held-out clause types right"
 
-    chat = httpx.post(f"{stack.gateway_url}/v1/chat/completions", timeout=60, json={
-        "model": "tiny-llama", "max_tokens": 12, "temperature": 0,
-        "messages": [{"role": "user", "content": items[0]["prompt"]}]})
+    chat = httpx.post(
+        f"{stack.gateway_url}/v1/chat/completions",
+        timeout=60,
+        json={
+            "model": "tiny-llama",
+            "max_tokens": 12,
+            "temperature": 0,
+            "messages": [{"role": "user", "content": items[0]["prompt"]}],
+        },
+    )
     assert chat.status_code == 200, chat.text
     assert chat.json()["choices"][0]["message"]["content"].strip() == items[0]["answer"]
 
-    bad = httpx.post(f"{stack.gateway_url}/v1/completions",
-                     json={"model": "tiny-llama", "prompt": "x", "max_tokens": -5})
+    bad = httpx.post(
+        f"{stack.gateway_url}/v1/completions",
+        json={"model": "tiny-llama", "prompt": "x", "max_tokens": -5},
+    )
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"
 
 
@@ -110,7 +130,8 @@ def test_published_version_is_complete_in_s3(first_run, store):
     keys = set(store.list_keys(prefix + "/"))
     assert {f"{prefix}/files/{f.path}" for f in manifest.files} <= keys
     assert {"config.json", "model.safetensors", "llmship-build.json"} <= {
-        f.path for f in manifest.files}
+        f.path for f in manifest.files
+    }
     for f in manifest.files:
         head = store.client.head_object(Bucket=store.bucket, Key=f"{prefix}/files/{f.path}")
         assert head["ContentLength"] == f.size
@@ -120,8 +141,11 @@ def test_published_version_is_complete_in_s3(first_run, store):
     assert report["backend"] == "served" and report["candidate_version"] == version
     assert (report["rtol"], report["atol"]) == (0.05, 0.02)
     tasks = {t["task"]: t for t in report["tasks"]}
-    assert set(tasks) == {"llmship_contracts_clause_type", "llmship_contracts_extract_amount",
-                          "llmship_contracts_extract_date"}
+    assert set(tasks) == {
+        "llmship_contracts_clause_type",
+        "llmship_contracts_extract_amount",
+        "llmship_contracts_extract_date",
+    }
     clause = tasks["llmship_contracts_clause_type"]
     assert clause["floor"] == 0.9 and clause["threshold"] >= 0.9 and clause["n"] == 100
     assert clause["candidate"] >= clause["threshold"]
@@ -161,12 +185,22 @@ def test_published_version_is_complete_in_s3(first_run, store):
 
 def test_every_stage_leaves_a_keyed_artifact(first_run, prefect_client):
     artifacts = prefect_client.read_artifacts(
-        artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_="tiny-llama-")))
+        artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_="tiny-llama-"))
+    )
     keys = {a.key for a in artifacts}
-    assert {"tiny-llama-preflight", "tiny-llama-download", "tiny-llama-calibrate", "tiny-llama-build-candidate",
-            "tiny-llama-build-baseline", "tiny-llama-gate", "tiny-llama-gate-table",
-            "tiny-llama-perf", "tiny-llama-perf-table", "tiny-llama-publish",
-            "tiny-llama-rollout"} <= keys
+    assert {
+        "tiny-llama-preflight",
+        "tiny-llama-download",
+        "tiny-llama-calibrate",
+        "tiny-llama-build-candidate",
+        "tiny-llama-build-baseline",
+        "tiny-llama-gate",
+        "tiny-llama-gate-table",
+        "tiny-llama-perf",
+        "tiny-llama-perf-table",
+        "tiny-llama-publish",
+        "tiny-llama-rollout",
+    } <= keys
 
 
 def test_rerun_reuses_every_stage(first_run, prefect_client, store):
@@ -184,7 +218,8 @@ def test_rerun_reuses_every_stage(first_run, prefect_client, store):
 
 
 def test_a_candidate_slower_than_its_performance_policy_is_not_published(
-        first_run, alert_receiver, prefect_client, stack, store):
+    first_run, alert_receiver, prefect_client, stack, store
+):
     """The same builds under a policy no build can meet (50x the baseline's tokens/s): the
     measurements are reused, the performance gate fails, the team is alerted with the figures,
     and what is live stays as it was."""
@@ -199,8 +234,9 @@ def test_a_candidate_slower_than_its_performance_policy_is_not_published(
     states = task_states(prefect_client, flow_run)
     assert states["measure"] == ["Cached", "Cached"] and states["perf"] == ["Failed"]
     assert "publish" not in states and "rollout" not in states
-    alert = wait_for_alert(alert_receiver, "llmship: performance gate failed for tiny-llama",
-                           since=started)
+    alert = wait_for_alert(
+        alert_receiver, "llmship: performance gate failed for tiny-llama", since=started
+    )
     assert "production output tokens/s: candidate" in alert["body"]
     assert "limit >= 50x" in alert["body"] and "ITL" not in alert["body"]
     prefix = flow_run.state.message.split("report: s3://")[1].split("/", 1)[1].rstrip("/)")
@@ -208,15 +244,20 @@ def test_a_candidate_slower_than_its_performance_policy_is_not_published(
     assert report["passed"] is False and report["policy"]["min_throughput_ratio"] == 50
     assert store.read_alias("tiny-llama", "live") == live
     assert [v.version for v in list_versions(store, "tiny-llama")] == [live]
-    resp = httpx.post(f"{stack.gateway_url}/v1/completions", timeout=60, json={
-        "model": "tiny-llama", "prompt": "x", "max_tokens": 2})
+    resp = httpx.post(
+        f"{stack.gateway_url}/v1/completions",
+        timeout=60,
+        json={"model": "tiny-llama", "prompt": "x", "max_tokens": 2},
+    )
     assert resp.status_code == 200 and resp.headers["x-llmship-version"] == live
 
 
 def test_malformed_calibration_line_fails_fast_and_names_it(first_run, prefect_client, stack):
     broken = stack.calibration_data_dir / "broken"
     broken.mkdir(exist_ok=True)
-    lines = (stack.calibration_data_dir / "contracts" / "calibration.jsonl").read_text().splitlines()
+    lines = (
+        (stack.calibration_data_dir / "contracts" / "calibration.jsonl").read_text().splitlines()
+    )
     lines[6] = lines[6][:-2]  # line 7 loses its closing quote and brace
     (broken / "calibration.jsonl").write_text("\n".join(lines) + "\n")
     config = default_config(prefect_client)
@@ -229,8 +270,7 @@ def test_malformed_calibration_line_fails_fast_and_names_it(first_run, prefect_c
     assert "publish" not in states
 
 
-def test_a_worker_that_cannot_run_the_config_refuses_before_any_download(first_run,
-                                                                        prefect_client):
+def test_a_worker_that_cannot_run_the_config_refuses_before_any_download(first_run, prefect_client):
     """Static FP8 cannot run on this CPU worker: the preflight says so, with what to do,
     and no stage after it starts."""
     config = default_config(prefect_client)
@@ -245,8 +285,17 @@ def test_a_worker_that_cannot_run_the_config_refuses_before_any_download(first_r
 @pytest.fixture(scope="module")
 def outlier_model(stack) -> Path:
     dest = stack.state_dir / "outlier-model"
-    subprocess.run([str(stack.quantize_python), str(REPO / "demo" / "inject_outliers.py"),
-                    str(REPO / "demo" / "tiny-llama"), str(dest), "--shift", "12"], check=True)
+    subprocess.run(
+        [
+            str(stack.quantize_python),
+            str(REPO / "demo" / "inject_outliers.py"),
+            str(REPO / "demo" / "tiny-llama"),
+            str(dest),
+            "--shift",
+            "12",
+        ],
+        check=True,
+    )
     return dest
 
 
@@ -266,12 +315,16 @@ def stage_process(stack, stage: str) -> int | None:
     from llmship import processes
 
     worker = processes.find(stack, "prefect-worker")
-    return next((pid for pid in descendants(worker.pid) if f"-m tasks.{stage} " in
-                 cmdline(pid)), None) if worker else None
+    return (
+        next((pid for pid in descendants(worker.pid) if f"-m tasks.{stage} " in cmdline(pid)), None)
+        if worker
+        else None
+    )
 
 
 def test_a_killed_worker_loses_nothing_and_a_rerun_resumes_through_a_prefect_restart(
-        first_run, outlier_model, prefect_client, stack, store):
+    first_run, outlier_model, prefect_client, stack, store
+):
     from prefect.client.schemas.objects import StateType
 
     from llmship import processes
@@ -279,8 +332,13 @@ def test_a_killed_worker_loses_nothing_and_a_rerun_resumes_through_a_prefect_res
 
     config = outlier_config(prefect_client, outlier_model)
     killed = run({"config": config}, timeout=0)
-    wait_for("calibrating", lambda: stage_process(stack, "calibrate"), timeout=300, every=0.5,
-             retry_on=(httpx.HTTPError,))
+    wait_for(
+        "calibrating",
+        lambda: stage_process(stack, "calibrate"),
+        timeout=300,
+        every=0.5,
+        retry_on=(httpx.HTTPError,),
+    )
     time.sleep(2)
     # The host dies: the worker, the flow-run process and the calibration, all at once.
     worker = processes.find(stack, "prefect-worker")
@@ -292,19 +350,29 @@ def test_a_killed_worker_loses_nothing_and_a_rerun_resumes_through_a_prefect_res
 
     local_stack.start_worker(stack, local_stack.child_env(stack))
     rerun = run({"config": config}, timeout=0)
-    wait_for("calibrating again", lambda: stage_process(stack, "calibrate"), timeout=300,
-             every=0.5, retry_on=(httpx.HTTPError,))
+    wait_for(
+        "calibrating again",
+        lambda: stage_process(stack, "calibrate"),
+        timeout=300,
+        every=0.5,
+        retry_on=(httpx.HTTPError,),
+    )
     # The Prefect server restarts while the rerun calibrates: the run goes on.
     server = processes.find(stack, "prefect-server")
     processes.stop(stack, server)
     local_stack.start_prefect(stack, local_stack.child_env(stack))
-    done = wait_for("the rerun finished", lambda: (
-        r if (r := prefect_client.read_flow_run(rerun.id)).state.is_final() else None),
-        timeout=900, every=2, retry_on=(httpx.HTTPError,))
+    done = wait_for(
+        "the rerun finished",
+        lambda: r if (r := prefect_client.read_flow_run(rerun.id)).state.is_final() else None,
+        timeout=900,
+        every=2,
+        retry_on=(httpx.HTTPError,),
+    )
     # It ends where this model's runs end, at the gate (test_gate_failure_publishes_nothing),
     # having downloaded nothing again and calibrated from the start.
-    assert done.state.is_failed() and "accuracy gate failed for outlier-llama" in \
-        done.state.message, done.state.message
+    assert (
+        done.state.is_failed() and "accuracy gate failed for outlier-llama" in done.state.message
+    ), done.state.message
     states = task_states(prefect_client, done)
     assert states["download"] == ["Cached"] and states["calibrate"] == ["Completed"]
     assert states["gate"] == ["Failed"] and "publish" not in states
@@ -319,15 +387,24 @@ def test_a_killed_worker_loses_nothing_and_a_rerun_resumes_through_a_prefect_res
     # the restart: Prefect orders a run's state events, and the server that saw the run's
     # earlier states is gone; docs/RELIABILITY.md. Runs that start after a restart alert
     # within seconds: test_gate_failure_publishes_nothing.)
-    crashed = wait_for("marked Crashed", lambda: (
-        r if (r := prefect_client.read_flow_run(killed.id)).state.type == StateType.CRASHED
-        else None), timeout=240, every=3, retry_on=(httpx.HTTPError,))
+    crashed = wait_for(
+        "marked Crashed",
+        lambda: (
+            r
+            if (r := prefect_client.read_flow_run(killed.id)).state.type == StateType.CRASHED
+            else None
+        ),
+        timeout=240,
+        every=3,
+        retry_on=(httpx.HTTPError,),
+    )
     assert "no heartbeat for 90 s" in crashed.state.message
     assert crashed.state.timestamp.timestamp() - killed_at < 90 + 30 + 30
 
 
-def test_gate_failure_publishes_nothing(first_run, outlier_model, alert_receiver, prefect_client,
-                                        stack, store):
+def test_gate_failure_publishes_nothing(
+    first_run, outlier_model, alert_receiver, prefect_client, stack, store
+):
     config = outlier_config(prefect_client, outlier_model)
     started = time.time()
     flow_run = run({"config": config})
@@ -351,17 +428,18 @@ def test_gate_failure_publishes_nothing(first_run, outlier_model, alert_receiver
     assert served == {"tiny-llama"}
     # An event for automations to alert on, naming the model and the failing tasks.
     payloads = gate_failed_events(stack, "outlier-llama")
-    assert "llmship_contracts_clause_type" in {
-        t["task"] for t in payloads[0]["failing"]}
+    assert "llmship_contracts_clause_type" in {t["task"] for t in payloads[0]["failing"]}
     # The automations created by `llmship up` deliver two alerts to the team's webhook, within
     # seconds: the gate's own, with the numbers, and the failed run's.
     failed_at = flow_run.state.timestamp.timestamp()
-    gate_alert = wait_for_alert(alert_receiver, "llmship: accuracy gate failed for outlier-llama",
-                                since=started)
+    gate_alert = wait_for_alert(
+        alert_receiver, "llmship: accuracy gate failed for outlier-llama", since=started
+    )
     assert "llmship_contracts_clause_type 0.000 <" in gate_alert["body"]
     assert any(p["candidate_version"] in gate_alert["body"] for p in payloads)
-    run_alert = wait_for_alert(alert_receiver, f"llmship: build-and-serve run {flow_run.name} "
-                                               "Failed")
+    run_alert = wait_for_alert(
+        alert_receiver, f"llmship: build-and-serve run {flow_run.name} Failed"
+    )
     assert "accuracy gate failed for outlier-llama" in run_alert["body"]
     assert f"/runs/flow-run/{flow_run.id}" in run_alert["body"]
     for alert in (gate_alert, run_alert):
@@ -379,26 +457,29 @@ def gate_failed_events(stack, model: str, timeout: float = 30) -> list[dict]:
     a few seconds after automations have already acted on them."""
     deadline = time.monotonic() + timeout
     while True:
-        events = httpx.post(f"{stack.prefect_api_url}/events/filter",
-                            auth=prefect_auth(stack), json={
-            "filter": {"event": {"name": ["llmship.gate.failed"]}}, "limit": 50}).json()["events"]
+        events = httpx.post(
+            f"{stack.prefect_api_url}/events/filter",
+            auth=prefect_auth(stack),
+            json={"filter": {"event": {"name": ["llmship.gate.failed"]}}, "limit": 50},
+        ).json()["events"]
         found = [e["payload"] for e in events if e["resource"]["llmship.model"] == model]
         if found or time.monotonic() > deadline:
             return found
         time.sleep(1)
 
 
-def wait_for_alert(receiver: list[dict], subject: str, timeout: float = 30,
-                   since: float = 0) -> dict:
+def wait_for_alert(
+    receiver: list[dict], subject: str, timeout: float = 30, since: float = 0
+) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        found = [a for a in receiver
-                 if a.get("subject") == subject and a["received_at"] >= since]
+        found = [a for a in receiver if a.get("subject") == subject and a["received_at"] >= since]
         if found:
             return found[-1]
         time.sleep(0.5)
-    raise AssertionError(f"no alert {subject!r} within {timeout:.0f} s; got "
-                         f"{[a.get('subject') for a in receiver]}")
+    raise AssertionError(
+        f"no alert {subject!r} within {timeout:.0f} s; got {[a.get('subject') for a in receiver]}"
+    )
 
 
 def gate_dataset(stack, name: str, eval_lines: list[str] | None) -> str:
@@ -419,8 +500,9 @@ def contracts_lines(stack, file: str) -> list[str]:
 # eval.jsonl and a policy naming a task not run are refused by the same code before any
 # evaluation: test_gate_rule.py checks them without a flow run (each run costs some 20 s).
 @pytest.mark.parametrize("case", ["overlap", "malformed", "unknown-standard-task"])
-def test_gate_refuses_bad_task_data_or_policy_before_evaluating(case, first_run, prefect_client,
-                                                                stack):
+def test_gate_refuses_bad_task_data_or_policy_before_evaluating(
+    case, first_run, prefect_client, stack
+):
     config = default_config(prefect_client)
     evals = contracts_lines(stack, "eval.jsonl")
     if case == "overlap":
@@ -447,14 +529,16 @@ def test_gate_refuses_bad_task_data_or_policy_before_evaluating(case, first_run,
     assert states.get("evaluate", ["Failed"]) == ["Failed"]
 
 
-def test_strict_mode_fails_where_the_items_are_too_few_to_be_sure(first_run, prefect_client,
-                                                                  store):
+def test_strict_mode_fails_where_the_items_are_too_few_to_be_sure(first_run, prefect_client, store):
     live = store.read_alias("tiny-llama", "live")
     passed = store.get_json(f"versions/tiny-llama/{live}/gate-report.json")[0]
     # Under the point-estimate rule every task passed; the 99% Wilson lower bound of the
     # candidate's score over 100 items is some 0.1 lower where the score is near 0.7.
-    unsure = {t["task"] for t in passed["tasks"]
-              if wilson_lower(t["candidate"], t["n"], 0.99) < t["threshold"]}
+    unsure = {
+        t["task"]
+        for t in passed["tasks"]
+        if wilson_lower(t["candidate"], t["n"], 0.99) < t["threshold"]
+    }
     assert "llmship_contracts_extract_amount" in unsure, passed["tasks"]
     config = default_config(prefect_client)
     config["gate"].update(strict=True, confidence=0.99)
@@ -470,20 +554,38 @@ def test_strict_mode_fails_where_the_items_are_too_few_to_be_sure(first_run, pre
 
 @pytest.fixture(scope="module")
 def gsm8k_cached(stack):
-    subprocess.run([str(stack.quantize_python), str(REPO / "tests" / "helpers" / "plant_gsm8k.py"),
-                    os.environ["HF_DATASETS_CACHE"]], check=True, capture_output=True)
+    subprocess.run(
+        [
+            str(stack.quantize_python),
+            str(REPO / "tests" / "helpers" / "plant_gsm8k.py"),
+            os.environ["HF_DATASETS_CACHE"],
+        ],
+        check=True,
+        capture_output=True,
+    )
 
 
-def test_a_standard_lm_eval_task_gates_beside_the_domain_tasks(first_run, gsm8k_cached,
-                                                                prefect_client, store):
+def test_a_standard_lm_eval_task_gates_beside_the_domain_tasks(
+    first_run, gsm8k_cached, prefect_client, store
+):
     config = default_config(prefect_client)
-    config["gate"].update(domain_tasks=["clause_type"], standard_tasks=["gsm8k"], backend="hf",
-                          limit=10, per_task={"gsm8k": {"metric": "exact_match,flexible-extract"}})
+    config["gate"].update(
+        domain_tasks=["clause_type"],
+        standard_tasks=["gsm8k"],
+        backend="hf",
+        limit=10,
+        per_task={"gsm8k": {"metric": "exact_match,flexible-extract"}},
+    )
     flow_run = run({"config": config})
     assert flow_run.state.is_completed(), flow_run.state.message
-    reports = [store.get_json(f"{m}files/gate-report.json")[0]
-               for m in {k.rsplit("files/", 1)[0] for k in store.list_keys("stages/gate/")
-                         if k.endswith("gate-report.json")}]
+    reports = [
+        store.get_json(f"{m}files/gate-report.json")[0]
+        for m in {
+            k.rsplit("files/", 1)[0]
+            for k in store.list_keys("stages/gate/")
+            if k.endswith("gate-report.json")
+        }
+    ]
     report = next(r for r in reports if any(t["task"] == "gsm8k" for t in r["tasks"]))
     assert report["backend"] == "hf" and report["passed"]
     tasks = {t["task"]: t for t in report["tasks"]}
@@ -508,14 +610,26 @@ def test_rollback_without_a_previous_version_says_so(first_run, store):
 
 def test_llmship_rollback_runs_the_deployment_and_reports_its_outcome(first_run, store):
     assert store.read_alias("tiny-llama", "previous") is None
-    cli = subprocess.run([str(REPO / ".venv" / "orchestrator" / "bin" / "llmship"), "rollback",
-                          "tiny-llama", "--reason", "cli test"],
-                         capture_output=True, text=True, timeout=600)
+    cli = subprocess.run(
+        [
+            str(REPO / ".venv" / "orchestrator" / "bin" / "llmship"),
+            "rollback",
+            "tiny-llama",
+            "--reason",
+            "cli test",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert cli.returncode == 2
     assert "of rollback/tiny-llama ended Failed" in cli.stderr
     assert "tiny-llama has no previous version to roll back to" in cli.stderr
-    missing = subprocess.run([str(REPO / ".venv" / "orchestrator" / "bin" / "llmship"),
-                              "rollback", "no-such-model"], capture_output=True, text=True)
+    missing = subprocess.run(
+        [str(REPO / ".venv" / "orchestrator" / "bin" / "llmship"), "rollback", "no-such-model"],
+        capture_output=True,
+        text=True,
+    )
     assert missing.returncode == 2
     assert "there is no deployment rollback/no-such-model" in missing.stderr
 
@@ -534,21 +648,39 @@ def test_gateway_restart_restores_the_routing_from_the_s3_aliases(first_run, sta
     models = httpx.get(f"{stack.gateway_url}/v1/models").json()["data"]
     assert [(m["id"], m["version"]) for m in models] == [("tiny-llama", live)]
     item = held_out("clause_type", 1)[0]
-    resp = httpx.post(f"{stack.gateway_url}/v1/completions", timeout=60, json={
-        "model": "tiny-llama", "prompt": item["prompt"], "max_tokens": 12, "temperature": 0,
-        "stream": True})
+    resp = httpx.post(
+        f"{stack.gateway_url}/v1/completions",
+        timeout=60,
+        json={
+            "model": "tiny-llama",
+            "prompt": item["prompt"],
+            "max_tokens": 12,
+            "temperature": 0,
+            "stream": True,
+        },
+    )
     assert resp.status_code == 200 and resp.headers["x-llmship-version"] == live
     assert httpx.get(f"{stack.gateway_url}/ready").status_code == 200
     metrics = httpx.get(f"{stack.gateway_url}/metrics").text
-    assert f'llmship_gateway_time_to_first_token_seconds_count{{endpoint="/v1/completions",' \
-           f'model="tiny-llama",version="{live}"}} 1.0' in metrics
+    assert (
+        f'llmship_gateway_time_to_first_token_seconds_count{{endpoint="/v1/completions",'
+        f'model="tiny-llama",version="{live}"}} 1.0' in metrics
+    )
 
 
-@pytest.mark.parametrize("where, typo", [
-    ("calibration", "num_sample"), ("serving", "max_model_length"), (None, "targt"),
-    ("gate.per_task.clause_type", "flor"), ("rollout", "canary_step")])
-def test_a_typo_in_the_parameters_is_refused_before_a_run_exists(where, typo, first_run,
-                                                                 prefect_client):
+@pytest.mark.parametrize(
+    "where, typo",
+    [
+        ("calibration", "num_sample"),
+        ("serving", "max_model_length"),
+        (None, "targt"),
+        ("gate.per_task.clause_type", "flor"),
+        ("rollout", "canary_step"),
+    ],
+)
+def test_a_typo_in_the_parameters_is_refused_before_a_run_exists(
+    where, typo, first_run, prefect_client
+):
     """A misspelt field anywhere in the config (as `prefect deployment run --params` or the
     UI's form send it) is refused by the server's schema check, naming the field, and no
     flow run is created; before, it was dropped silently and the defaults ran."""
@@ -556,15 +688,24 @@ def test_a_typo_in_the_parameters_is_refused_before_a_run_exists(where, typo, fi
 
     config = default_config(prefect_client)
     block = config
-    for key in (where.split(".") if where else []):
+    for key in where.split(".") if where else []:
         block = block.setdefault(key, {})
     block[typo] = 8
     deployment = prefect_client.read_deployment_by_name(DEPLOYMENT)
     before = len(prefect_client.read_flow_runs())
     proc = subprocess.run(
-        [str(Path(sys.executable).parent / "prefect"), "deployment", "run", DEPLOYMENT,
-         "--params", json.dumps({"config": config})],
-        capture_output=True, text=True, timeout=120)
+        [
+            str(Path(sys.executable).parent / "prefect"),
+            "deployment",
+            "run",
+            DEPLOYMENT,
+            "--params",
+            json.dumps({"config": config}),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     output = " ".join((proc.stdout + proc.stderr).split())
     assert proc.returncode != 0, output
     assert f"'{typo}' was unexpected" in output, output
@@ -572,8 +713,7 @@ def test_a_typo_in_the_parameters_is_refused_before_a_run_exists(where, typo, fi
     assert deployment.enforce_parameter_schema
 
 
-def test_a_stale_live_alias_is_finished_by_the_next_run_not_taken_as_live(first_run, store,
-                                                                          stack):
+def test_a_stale_live_alias_is_finished_by_the_next_run_not_taken_as_live(first_run, store, stack):
     """The live alias is the commit point: a rollout whose alias move failed after the switch
     left the gateway on the new version and the alias on the old one, and "already live"
     looked only at the gateway, so every rerun returned at once and a gateway restart would
@@ -593,8 +733,9 @@ def test_a_stale_live_alias_is_finished_by_the_next_run_not_taken_as_live(first_
     if previous:
         store.move_alias("tiny-llama", "previous", previous, reason="test: clean-up")
     else:
-        store.client.delete_object(Bucket=store.bucket,
-                                   Key=store.alias_key("tiny-llama", "previous"))
+        store.client.delete_object(
+            Bucket=store.bucket, Key=store.alias_key("tiny-llama", "previous")
+        )
 
 
 def test_an_unknown_top_level_parameter_is_refused_by_the_api_too(first_run, prefect_client):
@@ -604,8 +745,9 @@ def test_an_unknown_top_level_parameter_is_refused_by_the_api_too(first_run, pre
 
     before = len(prefect_client.read_flow_runs())
     with pytest.raises(PrefectHTTPStatusError, match="'reasn' was unexpected"):
-        run_deployment("rollback/tiny-llama", parameters={"reason": "test", "reasn": "typo"},
-                       timeout=0)
+        run_deployment(
+            "rollback/tiny-llama", parameters={"reason": "test", "reasn": "typo"}, timeout=0
+        )
     with pytest.raises(PrefectHTTPStatusError, match="'confg' was unexpected"):
         run_deployment(DEPLOYMENT, parameters={"confg": {}}, timeout=0)
     assert len(prefect_client.read_flow_runs()) == before

@@ -30,19 +30,31 @@ SPEC = yaml.safe_load((REPO / "prefect.yaml").read_text())
 REVISION = "7129260dd854a80eb10ace5f61c20324b472b31c"
 # Meta-Llama-3-70B-Instruct's config.json, as the hub serves it.
 LLAMA3_70B_CONFIG = {
-    "architectures": ["LlamaForCausalLM"], "hidden_size": 8192, "intermediate_size": 28672,
-    "max_position_embeddings": 8192, "model_type": "llama", "num_attention_heads": 64,
-    "num_hidden_layers": 80, "num_key_value_heads": 8, "rms_norm_eps": 1e-05,
-    "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-    "vocab_size": 128256, "bos_token_id": 128000, "eos_token_id": 128009,
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 8192,
+    "intermediate_size": 28672,
+    "max_position_embeddings": 8192,
+    "model_type": "llama",
+    "num_attention_heads": 64,
+    "num_hidden_layers": 80,
+    "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "vocab_size": 128256,
+    "bos_token_id": 128000,
+    "eos_token_id": 128009,
 }
 H200_RUN = json.loads((REPO / "docs" / "gpu" / "h200-8b-stages.json").read_text())
 
 
 def deployment(flow: str, name: str) -> dict:
-    entry = {"build-and-serve": "flows/build_and_serve.py:build_and_serve",
-             "recalibrate": "flows/recalibrate.py:recalibrate",
-             "rollback": "flows/rollback.py:rollback"}[flow]
+    entry = {
+        "build-and-serve": "flows/build_and_serve.py:build_and_serve",
+        "recalibrate": "flows/recalibrate.py:recalibrate",
+        "rollback": "flows/rollback.py:rollback",
+    }[flow]
     return next(d for d in SPEC["deployments"] if d["entrypoint"] == entry and d["name"] == name)
 
 
@@ -51,8 +63,10 @@ def config_of(flow: str, name: str) -> PipelineConfig:
 
 
 def gpus(n: int, memory_gib: float = 80.0, cc: tuple[int, int] = (9, 0)) -> list[Gpu]:
-    return [Gpu(index=i, name="NVIDIA H100 80GB HBM3", memory_gib=memory_gib,
-                compute_capability=cc) for i in range(n)]
+    return [
+        Gpu(index=i, name="NVIDIA H100 80GB HBM3", memory_gib=memory_gib, compute_capability=cc)
+        for i in range(n)
+    ]
 
 
 SHAPE_70B = ModelShape.from_config(LLAMA3_70B_CONFIG)
@@ -66,8 +80,9 @@ def refusals(checks) -> dict[str, str]:
 # ------------------------------------------------------------------ the deployments
 
 
-@pytest.mark.parametrize("d", SPEC["deployments"], ids=lambda d: d["entrypoint"].split(":")[1]
-                         + "/" + d["name"])
+@pytest.mark.parametrize(
+    "d", SPEC["deployments"], ids=lambda d: d["entrypoint"].split(":")[1] + "/" + d["name"]
+)
 def test_every_deployment_matches_its_flows_parameter_schema(d):
     """What `enforce_parameter_schema` checks on the server, checked here: a deployment the
     server would refuse to run never reaches a cluster."""
@@ -97,22 +112,33 @@ def test_llama3_70b_is_pinned_fp8_tensor_parallel_on_the_gpu_pool():
     assert config_of("recalibrate", "llama3-70b").rollout.require_approval
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"target": "trtllm", "calibration": {"scheme": "W8A8"}}, "target trtllm takes"),
-    ({"source": "hf://meta-llama/Meta-Llama-3-70B-Instruct"}, "has no revision"),
-    ({"serving": {"trtllm": {"backend": "tensorrt"}}}, "vLLM cannot load"),
-    ({"calibration": {"scheme": "UNQUANTIZED", "kv_cache_fp8": True}}, "needs a calibrated"),
-    ({"serving": {"tensor_parallel_size": 0}}, "greater than or equal to 1"),
-    ({"serving": {"trtllm": {"backend": "onnx"}}}, "pytorch"),
-    ({"serving": {"autoscaling": {"min_replicas": 3, "max_replicas": 2}}},
-     "max_replicas 2 is below min_replicas 3"),
-    ({"target": "trtllm", "serving": {"autoscaling": {"max_replicas": 2}}},
-     "trtllm-serve does not report"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"target": "trtllm", "calibration": {"scheme": "W8A8"}}, "target trtllm takes"),
+        ({"source": "hf://meta-llama/Meta-Llama-3-70B-Instruct"}, "has no revision"),
+        ({"serving": {"trtllm": {"backend": "tensorrt"}}}, "vLLM cannot load"),
+        ({"calibration": {"scheme": "UNQUANTIZED", "kv_cache_fp8": True}}, "needs a calibrated"),
+        ({"serving": {"tensor_parallel_size": 0}}, "greater than or equal to 1"),
+        ({"serving": {"trtllm": {"backend": "onnx"}}}, "pytorch"),
+        (
+            {"serving": {"autoscaling": {"min_replicas": 3, "max_replicas": 2}}},
+            "max_replicas 2 is below min_replicas 3",
+        ),
+        (
+            {"target": "trtllm", "serving": {"autoscaling": {"max_replicas": 2}}},
+            "trtllm-serve does not report",
+        ),
+    ],
+)
 def test_impossible_combinations_are_refused_before_a_run(change, message):
     params = deployment("build-and-serve", "llama3-70b")["parameters"]["config"]
-    merged = {**params, **{k: ({**params.get(k, {}), **v} if isinstance(v, dict) else v)
-                           for k, v in change.items()}}
+    merged = {
+        **params,
+        **{
+            k: ({**params.get(k, {}), **v} if isinstance(v, dict) else v) for k, v in change.items()
+        },
+    }
     with pytest.raises(ValidationError, match=message):
         PipelineConfig.model_validate(merged)
 
@@ -124,51 +150,121 @@ def test_vllm_command_line_for_the_70b_fp8_candidate():
     config = config_of("build-and-serve", "llama3-70b")
     args = engines.engine_args(Target.VLLM, config.serving, kv_cache_fp8=True)
     cmd = engines.server_command(SETTINGS, Target.VLLM, Path("/art/v1"), "llama3-70b", 8101, args)
-    assert cmd == [str(SETTINGS.serve_python), "-m", "vllm.entrypoints.openai.api_server",
-                   "--model", "/art/v1", "--served-model-name", "llama3-70b",
-                   "--host", "127.0.0.1", "--port", "8101",
-                   "--dtype", "bfloat16", "--max-model-len", "8192",
-                   "--tensor-parallel-size", "4", "--gpu-memory-utilization", "0.9",
-                   "--kv-cache-dtype", "fp8"]
+    assert cmd == [
+        str(SETTINGS.serve_python),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        "/art/v1",
+        "--served-model-name",
+        "llama3-70b",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "8101",
+        "--dtype",
+        "bfloat16",
+        "--max-model-len",
+        "8192",
+        "--tensor-parallel-size",
+        "4",
+        "--gpu-memory-utilization",
+        "0.9",
+        "--kv-cache-dtype",
+        "fp8",
+    ]
 
 
 def test_tiny_llama_engine_arguments_are_unchanged_by_the_gpu_options():
     config = config_of("build-and-serve", "tiny-llama")
     assert engines.engine_args(Target.VLLM, config.serving) == [
-        "--dtype", "bfloat16", "--max-model-len", "512", "--enforce-eager"]
+        "--dtype",
+        "bfloat16",
+        "--max-model-len",
+        "512",
+        "--enforce-eager",
+    ]
 
 
 def test_trtllm_serve_command_line_for_the_modelopt_checkpoint():
     config = config_of("build-and-serve", "llama3-70b-trtllm")
     settings = Settings(trtllm_python=Path("/opt/trt/bin/python"))
     args = engines.engine_args(Target.TRTLLM, config.serving, kv_cache_fp8=True)
-    cmd = engines.server_command(settings, Target.TRTLLM, Path("/state/serving/x/llama3-70b"),
-                                 "llama3-70b", 8102, args)
+    cmd = engines.server_command(
+        settings, Target.TRTLLM, Path("/state/serving/x/llama3-70b"), "llama3-70b", 8102, args
+    )
     # No KV-cache flag: trtllm-serve reads FP8 KV from hf_quant_config.json.
-    assert cmd == ["/opt/trt/bin/trtllm-serve", "serve", "/state/serving/x/llama3-70b",
-                   "--host", "127.0.0.1", "--port", "8102",
-                   "--backend", "pytorch", "--tp_size", "4", "--max_seq_len", "8192",
-                   "--max_batch_size", "256", "--max_num_tokens", "8192",
-                   "--kv_cache_free_gpu_memory_fraction", "0.9"]
+    assert cmd == [
+        "/opt/trt/bin/trtllm-serve",
+        "serve",
+        "/state/serving/x/llama3-70b",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "8102",
+        "--backend",
+        "pytorch",
+        "--tp_size",
+        "4",
+        "--max_seq_len",
+        "8192",
+        "--max_batch_size",
+        "256",
+        "--max_num_tokens",
+        "8192",
+        "--kv_cache_free_gpu_memory_fraction",
+        "0.9",
+    ]
 
 
 def test_trtllm_engine_build_and_serve_command_lines():
-    serving = ServingConfig(max_model_len=8192, tensor_parallel_size=4,
-                            trtllm={"backend": "tensorrt"})
-    settings = Settings(trtllm_python=Path("/usr/bin/python3"),
-                        trtllm_bin_dir=Path("/usr/local/bin"))
+    serving = ServingConfig(
+        max_model_len=8192, tensor_parallel_size=4, trtllm={"backend": "tensorrt"}
+    )
+    settings = Settings(
+        trtllm_python=Path("/usr/bin/python3"), trtllm_bin_dir=Path("/usr/local/bin")
+    )
     assert engines.builds_engine(Target.TRTLLM, serving)
-    assert engines.trtllm_build_command(settings, Path("/c/trtllm-checkpoint"),
-                                        Path("/c/engine"), serving) == [
-        "/usr/local/bin/trtllm-build", "--checkpoint_dir", "/c/trtllm-checkpoint",
-        "--output_dir", "/c/engine", "--gemm_plugin", "auto", "--max_batch_size", "256",
-        "--max_num_tokens", "8192", "--max_seq_len", "8192", "--workers", "4",
-        "--use_fp8_context_fmha", "enable"]
+    assert engines.trtllm_build_command(
+        settings, Path("/c/trtllm-checkpoint"), Path("/c/engine"), serving
+    ) == [
+        "/usr/local/bin/trtllm-build",
+        "--checkpoint_dir",
+        "/c/trtllm-checkpoint",
+        "--output_dir",
+        "/c/engine",
+        "--gemm_plugin",
+        "auto",
+        "--max_batch_size",
+        "256",
+        "--max_num_tokens",
+        "8192",
+        "--max_seq_len",
+        "8192",
+        "--workers",
+        "4",
+        "--use_fp8_context_fmha",
+        "enable",
+    ]
     args = engines.engine_args(Target.TRTLLM, serving)
-    cmd = engines.server_command(settings, Target.TRTLLM, Path("/s/llama3-70b"), "llama3-70b",
-                                 8103, args, tokenizer_dir=Path("/c"))
-    assert cmd[:7] == ["/usr/local/bin/trtllm-serve", "serve", "/s/llama3-70b", "--host",
-                       "127.0.0.1", "--port", "8103"]
+    cmd = engines.server_command(
+        settings,
+        Target.TRTLLM,
+        Path("/s/llama3-70b"),
+        "llama3-70b",
+        8103,
+        args,
+        tokenizer_dir=Path("/c"),
+    )
+    assert cmd[:7] == [
+        "/usr/local/bin/trtllm-serve",
+        "serve",
+        "/s/llama3-70b",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "8103",
+    ]
     assert cmd[7:11] == ["--tokenizer", "/c", "--backend", "tensorrt"]
     assert engines.tensor_parallel_size(args) == 4
 
@@ -178,8 +274,7 @@ def test_trtllm_serves_through_a_link_named_after_the_model(tmp_path):
     served name, and for an engine points into the artifact."""
     artifact = tmp_path / "artifact"
     (artifact / "engine").mkdir(parents=True)
-    link = replica.trtllm_model_path(tmp_path / "links" / "r1", "llama3-70b", artifact,
-                                     "engine")
+    link = replica.trtllm_model_path(tmp_path / "links" / "r1", "llama3-70b", artifact, "engine")
     assert link.name == "llama3-70b" and link.resolve() == (artifact / "engine").resolve()
 
 
@@ -219,8 +314,9 @@ def test_a_missing_trtllm_environment_is_a_refusal_that_says_which_setting(tmp_p
 
 def test_nvidia_smi_output_from_the_lent_h200_parses():
     text = (REPO / "docs" / "gpu" / "nvidia-smi-h200.csv").read_text()
-    assert parse_nvidia_smi(text) == [Gpu(index=0, name="NVIDIA H200", memory_gib=140.4,
-                                          compute_capability=(9, 0))]
+    assert parse_nvidia_smi(text) == [
+        Gpu(index=0, name="NVIDIA H200", memory_gib=140.4, compute_capability=(9, 0))
+    ]
 
 
 # ------------------------------------------------------------------ estimates and refusals
@@ -243,29 +339,45 @@ def test_the_70b_plan_fits_eight_h100s_and_not_fewer():
     config = config_of("build-and-serve", "llama3-70b")
     ok = check_resources(config, SHAPE_70B, gpus(8), "cuda", 2000, live=True, settings=SETTINGS)
     assert refusals(ok) == {}
-    tight = check_resources(config, SHAPE_70B, gpus(4), "cuda", 2000, live=True,
-                            settings=SETTINGS)
+    tight = check_resources(config, SHAPE_70B, gpus(4), "cuda", 2000, live=True, settings=SETTINGS)
     assert "8 needed" in refusals(tight)["GPU count"]
     assert "beside the 4 of the live version" in refusals(tight)["GPU count"]
 
 
 def test_gpus_without_fp8_tensor_cores_are_told_what_to_use_instead():
     config = config_of("build-and-serve", "llama3-70b")
-    a100 = check_resources(config, SHAPE_70B, gpus(8, cc=(8, 0)), "cuda", 2000, live=False,
-                           settings=SETTINGS)
+    a100 = check_resources(
+        config, SHAPE_70B, gpus(8, cc=(8, 0)), "cuda", 2000, live=False, settings=SETTINGS
+    )
     detail = refusals(a100)["compute capability"]
     assert "8.9" in detail and "8.0" in detail and "FP8_WEIGHT_ONLY" in detail
     assert "UNQUANTIZED" in detail
-    weight_only = config.model_copy(update={"calibration": config.calibration.model_copy(
-        update={"scheme": Scheme.FP8_WEIGHT_ONLY})})
-    assert refusals(check_resources(weight_only, SHAPE_70B, gpus(8, cc=(8, 0)), "cuda", 2000,
-                                    live=False, settings=SETTINGS)) == {}
+    weight_only = config.model_copy(
+        update={
+            "calibration": config.calibration.model_copy(update={"scheme": Scheme.FP8_WEIGHT_ONLY})
+        }
+    )
+    assert (
+        refusals(
+            check_resources(
+                weight_only,
+                SHAPE_70B,
+                gpus(8, cc=(8, 0)),
+                "cuda",
+                2000,
+                live=False,
+                settings=SETTINGS,
+            )
+        )
+        == {}
+    )
 
 
 def test_small_gpus_are_refused_for_serving_with_the_numbers():
     config = config_of("build-and-serve", "llama3-70b")
-    checks = check_resources(config, SHAPE_70B, gpus(8, memory_gib=40), "cuda", 2000,
-                             live=False, settings=SETTINGS)
+    checks = check_resources(
+        config, SHAPE_70B, gpus(8, memory_gib=40), "cuda", 2000, live=False, settings=SETTINGS
+    )
     detail = refusals(checks)["GPU memory (serving)"]
     assert "37.5 GiB per GPU" in detail and "36.0 GiB usable of 40" in detail
     assert "raise tensor_parallel_size" in detail
@@ -277,29 +389,74 @@ def test_modelopt_calibration_needs_more_gpu_memory_than_llmcompressor():
     trt = config_of("build-and-serve", "llama3-70b-trtllm")
     vllm = config_of("build-and-serve", "llama3-70b")
     two = gpus(2, memory_gib=94)  # H100 NVL: 188 GiB in all, between the two peaks
-    assert "GPU memory (calibration)" in refusals(check_resources(
-        trt.model_copy(update={"serving": trt.serving.model_copy(
-            update={"tensor_parallel_size": 2})}), SHAPE_70B, two, "cuda", 2000, False,
-        SETTINGS))
-    assert "GPU memory (calibration)" not in refusals(check_resources(
-        vllm.model_copy(update={"serving": vllm.serving.model_copy(
-            update={"tensor_parallel_size": 2})}), SHAPE_70B, two, "cuda", 2000, False,
-        SETTINGS))
+    assert "GPU memory (calibration)" in refusals(
+        check_resources(
+            trt.model_copy(
+                update={"serving": trt.serving.model_copy(update={"tensor_parallel_size": 2})}
+            ),
+            SHAPE_70B,
+            two,
+            "cuda",
+            2000,
+            False,
+            SETTINGS,
+        )
+    )
+    assert "GPU memory (calibration)" not in refusals(
+        check_resources(
+            vllm.model_copy(
+                update={"serving": vllm.serving.model_copy(update={"tensor_parallel_size": 2})}
+            ),
+            SHAPE_70B,
+            two,
+            "cuda",
+            2000,
+            False,
+            SETTINGS,
+        )
+    )
 
 
 def test_a_cpu_worker_is_refused_for_the_gpu_profile_but_not_for_the_demo():
-    checks = check_resources(config_of("build-and-serve", "llama3-70b"), SHAPE_70B, [], "cpu",
-                             2000, live=False, settings=SETTINGS)
+    checks = check_resources(
+        config_of("build-and-serve", "llama3-70b"),
+        SHAPE_70B,
+        [],
+        "cpu",
+        2000,
+        live=False,
+        settings=SETTINGS,
+    )
     assert "LLMSHIP_DEVICE=cuda" in refusals(checks)["GPUs"]
-    tiny = ModelShape(parameters=1_000_000, embedding_parameters=100_000, layers=4,
-                      kv_heads=2, head_dim=64)
-    assert refusals(check_resources(config_of("build-and-serve", "tiny-llama"), tiny, [],
-                                    "cpu", 10, live=True, settings=SETTINGS)) == {}
+    tiny = ModelShape(
+        parameters=1_000_000, embedding_parameters=100_000, layers=4, kv_heads=2, head_dim=64
+    )
+    assert (
+        refusals(
+            check_resources(
+                config_of("build-and-serve", "tiny-llama"),
+                tiny,
+                [],
+                "cpu",
+                10,
+                live=True,
+                settings=SETTINGS,
+            )
+        )
+        == {}
+    )
 
 
 def test_too_little_disk_is_refused_with_the_size_needed():
-    checks = check_resources(config_of("build-and-serve", "llama3-70b"), SHAPE_70B, gpus(8),
-                             "cuda", 100, live=False, settings=SETTINGS)
+    checks = check_resources(
+        config_of("build-and-serve", "llama3-70b"),
+        SHAPE_70B,
+        gpus(8),
+        "cuda",
+        100,
+        live=False,
+        settings=SETTINGS,
+    )
     assert re.search(r"100 GiB free in /srv/llmship; 239 GiB needed", refusals(checks)["disk"])
 
 
@@ -324,14 +481,27 @@ def hub_cache(monkeypatch, tmp_path):
 
 
 def plan_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", "plan", *args],
-                          capture_output=True, text=True, cwd=REPO, env=dict(os.environ),
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", "plan", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=dict(os.environ),
+        timeout=120,
+    )
 
 
 def test_plan_prints_stages_and_passes_on_the_planned_cluster(hub_cache):
-    out = plan_cli("build-and-serve/llama3-70b", "--gpus", "8", "--gpu-memory-gib", "80",
-                   "--free-disk-gib", "1000", "--offline")
+    out = plan_cli(
+        "build-and-serve/llama3-70b",
+        "--gpus",
+        "8",
+        "--gpu-memory-gib",
+        "80",
+        "--free-disk-gib",
+        "1000",
+        "--offline",
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     for stage in ("download", "calibrate", "build", "gate", "publish", "rollout"):
         assert re.search(rf"^{stage} ", out.stdout, re.M), out.stdout
@@ -340,11 +510,26 @@ def test_plan_prints_stages_and_passes_on_the_planned_cluster(hub_cache):
 
 
 def test_plan_refuses_with_every_reason_and_exit_status_2(hub_cache):
-    out = plan_cli("build-and-serve/llama3-70b-trtllm", "--gpus", "4", "--gpu-memory-gib", "40",
-                   "--compute-capability", "8.0", "--free-disk-gib", "50", "--offline")
+    out = plan_cli(
+        "build-and-serve/llama3-70b-trtllm",
+        "--gpus",
+        "4",
+        "--gpu-memory-gib",
+        "40",
+        "--compute-capability",
+        "8.0",
+        "--free-disk-gib",
+        "50",
+        "--offline",
+    )
     assert out.returncode == 2
-    for name in ("disk", "GPU count", "GPU memory (serving)", "GPU memory (calibration)",
-                 "compute capability"):
+    for name in (
+        "disk",
+        "GPU count",
+        "GPU memory (serving)",
+        "GPU memory (calibration)",
+        "compute capability",
+    ):
         assert f"FAIL {name}:" in out.stdout, out.stdout
     # Tensor parallel 4 twice: the performance gate's baseline and candidate at once.
     assert "8 needed (tensor parallel 4, for the baseline's and the candidate's" in out.stdout
@@ -368,11 +553,28 @@ def test_modelopt_fp8_checkpoints_are_made_and_checked_on_cpu(tmp_path):
     for trtllm-build is written."""
     out = tmp_path / "results.json"
     proc = subprocess.run(
-        [str(Settings().quantize_python), str(REPO / "bench" / "gpu_stages.py"), "--shape",
-         "tiny", "--device", "cpu", "--work", str(tmp_path / "work"), "--out", str(out),
-         "--samples", "16", "--seq", "64",
-         "--steps", "make-model,calibrate-mo,calibrate-mo-trt,build-trtllm,dequant-check"],
-        capture_output=True, text=True, timeout=600)
+        [
+            str(Settings().quantize_python),
+            str(REPO / "bench" / "gpu_stages.py"),
+            "--shape",
+            "tiny",
+            "--device",
+            "cpu",
+            "--work",
+            str(tmp_path / "work"),
+            "--out",
+            str(out),
+            "--samples",
+            "16",
+            "--seq",
+            "64",
+            "--steps",
+            "make-model,calibrate-mo,calibrate-mo-trt,build-trtllm,dequant-check",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     steps = json.loads(out.read_text())["steps"]
     assert all(s["ok"] for s in steps.values()), steps
@@ -429,12 +631,21 @@ def test_plan_offline_makes_no_network_call_and_says_how_to_fill_the_cache(tmp_p
             connections.append(conn)
 
     threading.Thread(target=count, daemon=True).start()
-    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "0",
-           "HF_ENDPOINT": f"http://127.0.0.1:{hub.getsockname()[1]}"}
+    env = {
+        **os.environ,
+        "HF_HUB_CACHE": str(tmp_path),
+        "HF_HUB_OFFLINE": "0",
+        "HF_ENDPOINT": f"http://127.0.0.1:{hub.getsockname()[1]}",
+    }
     started = time.monotonic()
-    out = subprocess.run([sys.executable, "-m", "flows.cli", "plan",
-                          "build-and-serve/llama3-70b", "--offline"], capture_output=True,
-                         text=True, cwd=REPO, env=env, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "plan", "build-and-serve/llama3-70b", "--offline"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=120,
+    )
     elapsed = time.monotonic() - started
     hub.close()
     assert out.returncode == 2, out.stdout + out.stderr
@@ -446,12 +657,16 @@ def test_plan_offline_makes_no_network_call_and_says_how_to_fill_the_cache(tmp_p
 
 
 def test_an_offline_worker_is_told_the_file_is_not_cached_not_that_the_name_is_wrong(
-        monkeypatch, tmp_path):
+    monkeypatch, tmp_path
+):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(SourceNotFound, match=r"config.json of org/never-cached@main is not in "
-                                             r"the local hub cache .*`hf download "
-                                             r"org/never-cached"):
+    with pytest.raises(
+        SourceNotFound,
+        match=r"config.json of org/never-cached@main is not in "
+        r"the local hub cache .*`hf download "
+        r"org/never-cached",
+    ):
         read_model_config("hf://org/never-cached@main", SETTINGS)
 
 

@@ -20,7 +20,10 @@ from pathlib import Path
 import httpx
 import pytest
 from prefect.client.schemas.filters import (
-    ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterState,
+    ArtifactFilter,
+    ArtifactFilterKey,
+    FlowRunFilter,
+    FlowRunFilterState,
     FlowRunFilterStateType,
 )
 from prefect.client.schemas.objects import StateType
@@ -29,7 +32,10 @@ from prefect.flow_runs import resume_flow_run
 
 from llmship.versions import list_versions, read_version
 from tests.helpers.engines import (
-    engine_pids, kill_engines, live_groups, replica_actor_pids,
+    engine_pids,
+    kill_engines,
+    live_groups,
+    replica_actor_pids,
 )
 from tests.helpers.load import SteadyLoad
 from tests.helpers.prefect_api import prefect_auth
@@ -50,15 +56,21 @@ def recalibrate_config(prefect_client, **rollout) -> dict:
     config = prefect_client.read_deployment_by_name(RECALIBRATE).parameters["config"]
     config = json.loads(json.dumps(config))
     # Shorter than the demo's two 30 s steps; a p99 limit loose enough for 2 busy cores.
-    config["rollout"].update({"canary_steps": [50], "bake_seconds": 8, "max_p99_seconds": 20,
-                              **rollout})
+    config["rollout"].update(
+        {"canary_steps": [50], "bake_seconds": 8, "max_p99_seconds": 20, **rollout}
+    )
     return config
 
 
 def finished(prefect_client, flow_run, timeout: float):
-    return wait_for(f"{flow_run.name} finished", lambda: (
-        run if (run := prefect_client.read_flow_run(flow_run.id)).state.is_final() else None),
-        timeout, every=2.0)
+    return wait_for(
+        f"{flow_run.name} finished",
+        lambda: (
+            run if (run := prefect_client.read_flow_run(flow_run.id)).state.is_final() else None
+        ),
+        timeout,
+        every=2.0,
+    )
 
 
 def servers(stack, version: str):
@@ -86,11 +98,20 @@ def second_gateway(stack):
 
     settings = stack.model_copy(update={"gateway_port": stack.gateway_port + 1})
     env = {**local_stack.child_env(settings), "LLMSHIP_S3_IDENTITY": "reader"}
-    proc = subprocess.Popen(local_stack.gateway_argv(BIN / "python", settings), env=env,
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        local_stack.gateway_argv(BIN / "python", settings),
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
-        wait_for("the second gateway known to the fleet",
-                 lambda: settings.gateway_url in fleet.gateways(stack), timeout=90, every=1.0)
+        wait_for(
+            "the second gateway known to the fleet",
+            lambda: settings.gateway_url in fleet.gateways(stack),
+            timeout=90,
+            every=1.0,
+        )
         yield settings.gateway_url
     finally:
         proc.send_signal(signal.SIGINT)
@@ -106,7 +127,8 @@ def versions(first_run, stack, store) -> dict:
 
 
 def test_recalibration_waits_for_approval_then_canaries_without_a_failed_request(
-        versions, stack, store, prefect_client, second_gateway):
+    versions, stack, store, prefect_client, second_gateway
+):
     """Behind two gateways: the rollout moves the route on both, and judges the canary on
     the requests of both."""
     a = versions["A"]
@@ -115,12 +137,18 @@ def test_recalibration_waits_for_approval_then_canaries_without_a_failed_request
     lines = data.read_text().splitlines()
     data.write_text("\n".join(lines[256:] + lines[:256]) + "\n")
 
-    parent = run_deployment(RECALIBRATE, timeout=0,
-                            parameters={"config": recalibrate_config(prefect_client)})
-    paused_filter = FlowRunFilter(state=FlowRunFilterState(
-        type=FlowRunFilterStateType(any_=[StateType.PAUSED])))
-    paused = wait_for("paused for approval", lambda: prefect_client.read_flow_runs(
-        flow_run_filter=paused_filter), timeout=600, every=3.0)[0]
+    parent = run_deployment(
+        RECALIBRATE, timeout=0, parameters={"config": recalibrate_config(prefect_client)}
+    )
+    paused_filter = FlowRunFilter(
+        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))
+    )
+    paused = wait_for(
+        "paused for approval",
+        lambda: prefect_client.read_flow_runs(flow_run_filter=paused_filter),
+        timeout=600,
+        every=3.0,
+    )[0]
     # Published and gated, but nobody has approved: A still takes all the traffic.
     published = [v.version for v in list_versions(store, "tiny-llama")]
     assert len(published) == 2 and a in published
@@ -130,9 +158,10 @@ def test_recalibration_waits_for_approval_then_canaries_without_a_failed_request
         assert httpx.get(f"{gateway}/v1/models").json()["data"][0]["version"] == a
 
     # Steady, not saturating: on 2 cores a saturating load would starve B's server start.
-    with SteadyLoad(stack.gateway_url, "tiny-llama", prompts(), workers=1, pause_s=0.25) as load, \
-            SteadyLoad(second_gateway, "tiny-llama", prompts(), workers=1,
-                       pause_s=0.25) as load2:
+    with (
+        SteadyLoad(stack.gateway_url, "tiny-llama", prompts(), workers=1, pause_s=0.25) as load,
+        SteadyLoad(second_gateway, "tiny-llama", prompts(), workers=1, pause_s=0.25) as load2,
+    ):
         time.sleep(3)
         resume_flow_run(paused.id, run_input={"approve": True, "note": "looks good"})
         done = finished(prefect_client, parent, timeout=600)
@@ -150,23 +179,32 @@ def test_recalibration_waits_for_approval_then_canaries_without_a_failed_request
         assert clients.failures() == [], clients.failures()[:5]
         seen = [o.version for o in clients.outcomes]
         assert len(seen) > 15 and {a, b} <= set(seen)
-        tail = [o.version for o in clients.outcomes
-                if o.started > done.state.timestamp.timestamp()]
+        tail = [o.version for o in clients.outcomes if o.started > done.state.timestamp.timestamp()]
         assert tail and set(tail) == {b}
     # The step was judged on both gateways' requests: more of B's than either one relayed
     # while it was a canary (its requests started before the last of A's).
-    in_canary = [sum(1 for o in clients.outcomes if o.version == b and o.started < max(
-        p.started for p in clients.outcomes if p.version == a)) for clients in (load, load2)]
+    in_canary = [
+        sum(
+            1
+            for o in clients.outcomes
+            if o.version == b
+            and o.started < max(p.started for p in clients.outcomes if p.version == a)
+        )
+        for clients in (load, load2)
+    ]
     assert min(in_canary) > 0 and step.requests > max(in_canary), (step.requests, in_canary)
-    assert (store.read_alias("tiny-llama", "live"),
-            store.read_alias("tiny-llama", "previous")) == (b, a)
+    assert (store.read_alias("tiny-llama", "live"), store.read_alias("tiny-llama", "previous")) == (
+        b,
+        a,
+    )
     # A stays warm: its servers keep running, the fleet stopping them 15 minutes out.
     warm = servers(stack, a)
     assert warm and warm.endpoints and warm.warm_until
     assert 800 < warm.warm_until - time.time() <= 900
 
-    listing = subprocess.run([str(BIN / "llmship"), "versions", "tiny-llama"],
-                             capture_output=True, text=True, check=True).stdout
+    listing = subprocess.run(
+        [str(BIN / "llmship"), "versions", "tiny-llama"], capture_output=True, text=True, check=True
+    ).stdout
     rows = {line.split()[0]: line for line in listing.splitlines()[1:]}
     assert rows[b].rstrip().endswith("live") and rows[a].rstrip().endswith("previous")
     # Both gates' verdicts, and the candidate's tokens/s over the baseline's (measured, not
@@ -177,25 +215,41 @@ def test_recalibration_waits_for_approval_then_canaries_without_a_failed_request
 
 
 def test_rollback_through_prefect_deployment_run_takes_the_warm_version(
-        versions, stack, store, prefect_client):
+    versions, stack, store, prefect_client
+):
     a, b = versions["A"], versions["B"]
     a_replicas = replica_ids(stack, a)
     assert a_replicas
     run = subprocess.run(
-        [str(BIN / "prefect"), "deployment", "run", "rollback/tiny-llama",
-         "--param", "reason=B answers dates worse on the new contracts", "--watch",
-         "--watch-timeout", "300"], capture_output=True, text=True, timeout=400)
+        [
+            str(BIN / "prefect"),
+            "deployment",
+            "run",
+            "rollback/tiny-llama",
+            "--param",
+            "reason=B answers dates worse on the new contracts",
+            "--watch",
+            "--watch-timeout",
+            "300",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
-    assert (store.read_alias("tiny-llama", "live"),
-            store.read_alias("tiny-llama", "previous")) == (a, b)
+    assert (store.read_alias("tiny-llama", "live"), store.read_alias("tiny-llama", "previous")) == (
+        a,
+        b,
+    )
     alias = store.get_json("aliases/tiny-llama/live.json")[0]
     assert alias["reason"] == "rollback: B answers dates worse on the new contracts"
     # The kept-warm servers took the traffic: no start, the same replicas, no longer retiring.
     assert replica_ids(stack, a) == a_replicas and servers(stack, a).warm_until is None
     models = httpx.get(f"{stack.gateway_url}/v1/models").json()["data"]
     assert [(m["id"], m["version"]) for m in models] == [("tiny-llama", a)]
-    artifact = prefect_client.read_artifacts(artifact_filter=ArtifactFilter(
-        key=ArtifactFilterKey(any_=["tiny-llama-rollback"])))[0]
+    artifact = prefect_client.read_artifacts(
+        artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["tiny-llama-rollback"]))
+    )[0]
     assert "B answers dates worse" in artifact.data and f"| from | {b} |" in artifact.data
 
 
@@ -211,6 +265,7 @@ def test_a_canary_that_dies_is_rolled_back_by_itself(versions, stack, store, pre
         def has_canary():
             routes = httpx.get(f"{stack.gateway_url}/v1/models").json()["data"]
             return bool(routes and routes[0].get("canary"))
+
         wait_for("a canary route", has_canary, timeout=300, every=0.5)
         time.sleep(3)
         killed["at"] = time.time()
@@ -226,34 +281,41 @@ def test_a_canary_that_dies_is_rolled_back_by_itself(versions, stack, store, pre
     done_at = flow_run.state.timestamp.timestamp()
     # Judged on the gateway's metrics within seconds, not at the end of the 300 s bake.
     assert done_at - killed["at"] < 60
-    assert f"CanaryFailed: canary of tiny-llama {b} at 50% breached after" in \
-        flow_run.state.message
+    assert f"CanaryFailed: canary of tiny-llama {b} at 50% breached after" in flow_run.state.message
     assert "error rate" in flow_run.state.message
     assert f"traffic is back on {a}" in flow_run.state.message
     assert store.read_alias("tiny-llama", "live") == a
     models = httpx.get(f"{stack.gateway_url}/v1/models").json()["data"]
-    assert [(m["id"], m["version"], m.get("canary")) for m in models] == [
-        ("tiny-llama", a, None)]
+    assert [(m["id"], m["version"], m.get("canary")) for m in models] == [("tiny-llama", a, None)]
     # B's servers are stopped (Ray was replacing the crashed one: that stops too).
-    wait_for("B's servers gone", lambda: servers(stack, b) is None and not engine_pids(
-        digest_of(store, b)), timeout=60, every=1.0)
+    wait_for(
+        "B's servers gone",
+        lambda: servers(stack, b) is None and not engine_pids(digest_of(store, b)),
+        timeout=60,
+        every=1.0,
+    )
     # Clients: only requests B had in hand when it died can fail; all after went to A.
     failures = load.failures()
     assert all(abs(f.started - killed["at"]) < 5 for f in failures), failures
     assert len(failures) <= load.workers
     after = [o for o in load.outcomes if o.started > killed["at"] + 5]
     assert after and all(o.ok and o.version == a for o in after)
+
     def rolled_back_event():
-        events = httpx.post(f"{stack.prefect_api_url}/events/filter",
-                            auth=prefect_auth(stack), json={
-            "filter": {"event": {"name": ["llmship.rollout.rolled-back"]}}, "limit": 5}).json()
+        events = httpx.post(
+            f"{stack.prefect_api_url}/events/filter",
+            auth=prefect_auth(stack),
+            json={"filter": {"event": {"name": ["llmship.rollout.rolled-back"]}}, "limit": 5},
+        ).json()
         return [e["payload"] for e in events["events"] if e["payload"]["version"] == b]
+
     [payload] = wait_for("a rolled-back event", rolled_back_event, timeout=30)
     assert payload["back_on"] == a and payload["steps"][0]["errors"] >= 1
 
 
 def test_an_ungated_version_needs_the_override_and_one_that_cannot_start_changes_nothing(
-        versions, stack, store):
+    versions, stack, store
+):
     from serving import fleet
 
     a = versions["A"]
@@ -267,18 +329,31 @@ def test_an_ungated_version_needs_the_override_and_one_that_cannot_start_changes
     manifest["key"] = ungated
     for f in manifest["files"]:
         source = {"Bucket": store.bucket, "Key": f"versions/tiny-llama/{a}/files/{f['path']}"}
-        store.client.copy_object(Bucket=store.bucket, CopySource=source,
-                                 Key=f"versions/tiny-llama/{ungated}/files/{f['path']}")
+        store.client.copy_object(
+            Bucket=store.bucket,
+            CopySource=source,
+            Key=f"versions/tiny-llama/{ungated}/files/{f['path']}",
+        )
     store.put_json(f"versions/tiny-llama/{ungated}/manifest.json", manifest)
 
-    refused = run_deployment("rollback/tiny-llama", timeout=300, parameters={
-        "reason": "try the imported build", "target_version": ungated})
+    refused = run_deployment(
+        "rollback/tiny-llama",
+        timeout=300,
+        parameters={"reason": "try the imported build", "target_version": ungated},
+    )
     assert refused.state.is_failed()
     assert f"tiny-llama {ungated} has no passing gate record" in refused.state.message
     assert "allow_ungated" in refused.state.message
 
-    overridden = run_deployment("rollback/tiny-llama", timeout=600, parameters={
-        "reason": "try the imported build", "target_version": ungated, "allow_ungated": True})
+    overridden = run_deployment(
+        "rollback/tiny-llama",
+        timeout=600,
+        parameters={
+            "reason": "try the imported build",
+            "target_version": ungated,
+            "allow_ungated": True,
+        },
+    )
     assert overridden.state.is_failed()
     # vLLM refused to start it: the message says so in vLLM's words; nothing moved.
     message = overridden.state.message
@@ -286,14 +361,20 @@ def test_an_ungated_version_needs_the_override_and_one_that_cannot_start_changes
     assert "max_model_len" in message or "max-model-len" in message, message
     assert store.read_alias("tiny-llama", "live") == a
     assert [s.version for s in fleet.running(stack, "tiny-llama")] == [a]
-    resp = httpx.post(f"{stack.gateway_url}/v1/completions", timeout=60, json={
-        "model": "tiny-llama", "prompt": prompts(1)[0], "max_tokens": 8, "temperature": 0})
+    resp = httpx.post(
+        f"{stack.gateway_url}/v1/completions",
+        timeout=60,
+        json={"model": "tiny-llama", "prompt": prompts(1)[0], "max_tokens": 8, "temperature": 0},
+    )
     assert resp.status_code == 200 and resp.headers["x-llmship-version"] == a
 
 
 def test_a_prompt_past_the_context_is_an_openai_400(versions, stack):
-    resp = httpx.post(f"{stack.gateway_url}/v1/completions", timeout=60, json={
-        "model": "tiny-llama", "prompt": "clause " * 2000, "max_tokens": 8})
+    resp = httpx.post(
+        f"{stack.gateway_url}/v1/completions",
+        timeout=60,
+        json={"model": "tiny-llama", "prompt": "clause " * 2000, "max_tokens": 8},
+    )
     assert resp.status_code == 400, resp.text
     err = resp.json()["error"]
     assert "context length" in err["message"] or "maximum" in err["message"], err
@@ -301,13 +382,16 @@ def test_a_prompt_past_the_context_is_an_openai_400(versions, stack):
 
 
 def test_a_live_version_that_cannot_stay_up_is_replaced_by_the_previous_version(
-        versions, stack, store, prefect_client, alert_receiver):
+    versions, stack, store, prefect_client, alert_receiver
+):
     """Ray replaces a replica that crashes; a version whose every replica keeps crashing
     (here: killed whenever one comes up, as a bad GPU or an OOM at load would) has no replica
     at all for a while: the gateway declares it down and the automation rolls back."""
     a, b = versions["A"], versions["B"]
-    assert (store.read_alias("tiny-llama", "live"),
-            store.read_alias("tiny-llama", "previous")) == (a, b)
+    assert (store.read_alias("tiny-llama", "live"), store.read_alias("tiny-llama", "previous")) == (
+        a,
+        b,
+    )
     a_digest = digest_of(store, a)
     crashing, first_kill = threading.Event(), {}
 
@@ -323,21 +407,32 @@ def test_a_live_version_that_cannot_stay_up_is_replaced_by_the_previous_version(
         killer.start()
         # Once its first round has killed every process of A's engines: a stream that
         # began while one still ran may fail mid-answer.
-        killed_at = wait_for("A's engines killed", lambda: first_kill.get("at"), timeout=30,
-                             every=0.05)
+        killed_at = wait_for(
+            "A's engines killed", lambda: first_kill.get("at"), timeout=30, every=0.05
+        )
         # The gateway says so at once to a load balancer, and on its metrics.
-        wait_for("/ready answering 503", lambda: httpx.get(
-            f"{stack.gateway_url}/ready", timeout=10).status_code == 503, timeout=30)
-        assert a in httpx.get(f"{stack.gateway_url}/ready", timeout=10).json()["error"][
-            "message"]
+        wait_for(
+            "/ready answering 503",
+            lambda: httpx.get(f"{stack.gateway_url}/ready", timeout=10).status_code == 503,
+            timeout=30,
+        )
+        assert a in httpx.get(f"{stack.gateway_url}/ready", timeout=10).json()["error"]["message"]
         # Declared down after 3 missed checks; the automation rolls back to B, with no one
         # at the keyboard. B's server was stopped when its canary died: it starts again.
-        wait_for("B live again", lambda: store.read_alias("tiny-llama", "live") == b,
-                 timeout=420, every=2.0)
+        wait_for(
+            "B live again",
+            lambda: store.read_alias("tiny-llama", "live") == b,
+            timeout=420,
+            every=2.0,
+        )
         restored_at = time.time()
         crashing.set()
-        wait_for("B serving", lambda: any(o.ok and o.version == b and o.started > restored_at
-                                          for o in load.outcomes), timeout=30, every=0.5)
+        wait_for(
+            "B serving",
+            lambda: any(o.ok and o.version == b and o.started > restored_at for o in load.outcomes),
+            timeout=30,
+            every=0.5,
+        )
         time.sleep(5)
     metrics = httpx.get(f"{stack.gateway_url}/metrics").text
     assert f'llmship_gateway_upstream_up{{model="tiny-llama",version="{a}"}} 0.0' in metrics
@@ -358,16 +453,26 @@ def test_a_live_version_that_cannot_stay_up_is_replaced_by_the_previous_version(
     # What happened is on record: the event, the rollback run with its reason, the alert.
     alias = store.get_json("aliases/tiny-llama/live.json")[0]
     assert f"the gateway declared the live version {a} down" in alias["reason"]
-    events = httpx.post(f"{stack.prefect_api_url}/events/filter",
-                        auth=prefect_auth(stack), json={
-        "filter": {"event": {"name": ["llmship.serving.down"]}}, "limit": 5}).json()["events"]
-    assert [e["payload"]["version"] for e in events
-            if e["payload"]["model"] == "tiny-llama"] == [a]
-    wait_for("the alert", lambda: [
-        x for x in alert_receiver if x.get("subject") == "llmship: tiny-llama's live version is "
-        "down; rolling back" and a in x["body"]], timeout=30)
-    print(f"killed -> B live: {restored_at - killed_at:.0f} s; {len(failures)} requests "
-          f"answered 503 meanwhile")
+    events = httpx.post(
+        f"{stack.prefect_api_url}/events/filter",
+        auth=prefect_auth(stack),
+        json={"filter": {"event": {"name": ["llmship.serving.down"]}}, "limit": 5},
+    ).json()["events"]
+    assert [e["payload"]["version"] for e in events if e["payload"]["model"] == "tiny-llama"] == [a]
+    wait_for(
+        "the alert",
+        lambda: [
+            x
+            for x in alert_receiver
+            if x.get("subject") == "llmship: tiny-llama's live version is down; rolling back"
+            and a in x["body"]
+        ],
+        timeout=30,
+    )
+    print(
+        f"killed -> B live: {restored_at - killed_at:.0f} s; {len(failures)} requests "
+        f"answered 503 meanwhile"
+    )
 
 
 def test_two_identical_runs_at_once_end_as_one_rollout(versions, stack, store, prefect_client):
@@ -380,12 +485,19 @@ def test_two_identical_runs_at_once_end_as_one_rollout(versions, stack, store, p
     rolls the new version out, the other finds it made and live."""
     from prefect.client.schemas.objects import FlowRun
 
-    config = json.loads(json.dumps(prefect_client.read_deployment_by_name(
-        "build-and-serve/tiny-llama").parameters["config"]))
+    config = json.loads(
+        json.dumps(
+            prefect_client.read_deployment_by_name("build-and-serve/tiny-llama").parameters[
+                "config"
+            ]
+        )
+    )
     config["calibration"]["num_samples"] = 96  # a new candidate: nothing of it is cached
     config["rollout"].update({"canary_steps": [], "require_approval": False})
-    runs = [run_deployment("build-and-serve/tiny-llama", parameters={"config": config},
-                           timeout=0) for _ in range(2)]
+    runs = [
+        run_deployment("build-and-serve/tiny-llama", parameters={"config": config}, timeout=0)
+        for _ in range(2)
+    ]
     done: list[FlowRun] = [finished(prefect_client, r, timeout=900) for r in runs]
     for flow_run in done:
         assert flow_run.state.is_completed(), (flow_run.name, flow_run.state.message)
@@ -404,7 +516,8 @@ def test_two_identical_runs_at_once_end_as_one_rollout(versions, stack, store, p
 # Last of the module: it leaves the live version as the tests above left it, at one replica,
 # but with a replica's worker killed along the way.
 def test_an_autoscaled_version_scales_out_and_back_and_a_killed_replica_leaves_nothing(
-        versions, stack, store):
+    versions, stack, store
+):
     """serving.autoscaling: Ray Serve's autoscaler on the engines' own queues (requests go
     to the engines directly, so Serve's count of them stays 0). The live version, switched in
     place to autoscale between 1 and 2, gets a second replica while a client keeps its engine
@@ -419,13 +532,20 @@ def test_an_autoscaled_version_scales_out_and_back_and_a_killed_replica_leaves_n
     from serving import fleet
 
     live = store.read_alias("tiny-llama", "live")
-    spec = fleet.spec_for_version("tiny-llama", live,
-                                  read_version(store, "tiny-llama", live).serve)
+    spec = fleet.spec_for_version("tiny-llama", live, read_version(store, "tiny-llama", live).serve)
     # Half a request per engine: one client asks for two. (Two clients at a target of one
     # did too, but on 2 cores they starved the second engine's start past four minutes.)
-    autoscaled = ServingConfig(autoscaling=AutoscalingBlock(
-        min_replicas=1, max_replicas=2, target_ongoing_requests=0.5, upscale_delay_s=0,
-        downscale_delay_s=10, metrics_interval_s=1, look_back_period_s=5))
+    autoscaled = ServingConfig(
+        autoscaling=AutoscalingBlock(
+            min_replicas=1,
+            max_replicas=2,
+            target_ongoing_requests=0.5,
+            upscale_delay_s=0,
+            downscale_delay_s=10,
+            metrics_interval_s=1,
+            look_back_period_s=5,
+        )
+    )
     before = replica_ids(stack, live)
     server, started = fleet.acquire(stack, spec, autoscaled)
     # In place: the running replica serves on. (A second one may be starting already: the
@@ -437,9 +557,16 @@ def test_an_autoscaled_version_scales_out_and_back_and_a_killed_replica_leaves_n
     def client() -> None:
         with httpx.Client(timeout=120) as http:
             while not stop.is_set():
-                resp = http.post(f"{stack.gateway_url}/v1/completions", json={
-                    "model": "tiny-llama", "prompt": prompts(1)[0], "max_tokens": 100,
-                    "ignore_eos": True, "temperature": 0})
+                resp = http.post(
+                    f"{stack.gateway_url}/v1/completions",
+                    json={
+                        "model": "tiny-llama",
+                        "prompt": prompts(1)[0],
+                        "max_tokens": 100,
+                        "ignore_eos": True,
+                        "temperature": 0,
+                    },
+                )
                 (answered if resp.status_code == 200 else failed).append(resp.text)
 
     clients = [threading.Thread(target=client)]
@@ -451,9 +578,12 @@ def test_an_autoscaled_version_scales_out_and_back_and_a_killed_replica_leaves_n
         # 200 s here in the whole suite, once about 400 s with this module alone. (The second
         # may be up at once, from the gate's load: then the wait is for the client's first
         # answer through the pair.)
-        wait_for("a second replica under load, and an answer",
-                 lambda: len(replica_ids(stack, live)) == 2 and answered,
-                 timeout=600, every=1.0)
+        wait_for(
+            "a second replica under load, and an answer",
+            lambda: len(replica_ids(stack, live)) == 2 and answered,
+            timeout=600,
+            every=1.0,
+        )
     finally:
         stop.set()
         for thread in clients:
@@ -466,17 +596,27 @@ def test_an_autoscaled_version_scales_out_and_back_and_a_killed_replica_leaves_n
     assert len(groups) == len(actors) == 2
     os.kill(actors[0], signal.SIGKILL)
     killed = time.time()
-    wait_for("the killed replica's whole engine process group gone",
-             lambda: len(live_groups(groups)) == 1, timeout=30, every=0.5)
+    wait_for(
+        "the killed replica's whole engine process group gone",
+        lambda: len(live_groups(groups)) == 1,
+        timeout=30,
+        every=0.5,
+    )
     gone = time.time() - killed
-    wait_for("one replica, once idle", lambda: len(replica_ids(stack, live)) == 1,
-             timeout=120, every=1.0)
+    wait_for(
+        "one replica, once idle", lambda: len(replica_ids(stack, live)) == 1, timeout=120, every=1.0
+    )
     assert set(replica_ids(stack, live)) < set(two)  # the survivor: Ray did not replace it
-    resp = httpx.post(f"{stack.gateway_url}/v1/completions", timeout=60, json={
-        "model": "tiny-llama", "prompt": prompts(1)[0], "max_tokens": 8, "temperature": 0})
+    resp = httpx.post(
+        f"{stack.gateway_url}/v1/completions",
+        timeout=60,
+        json={"model": "tiny-llama", "prompt": prompts(1)[0], "max_tokens": 8, "temperature": 0},
+    )
     assert resp.status_code == 200 and resp.headers["x-llmship-version"] == live
-    print(f"autoscaling: 2 replicas {scaled_out:.0f} s after the load began; the killed "
-          f"replica's engine gone {gone:.1f} s after its worker; 1 replica after "
-          f"{time.time() - killed:.0f} s")
+    print(
+        f"autoscaling: 2 replicas {scaled_out:.0f} s after the load began; the killed "
+        f"replica's engine gone {gone:.1f} s after its worker; 1 replica after "
+        f"{time.time() - killed:.0f} s"
+    )
     fleet.acquire(stack, spec, ServingConfig())  # a fixed replica again, for what follows
     assert len(replica_ids(stack, live)) == 1

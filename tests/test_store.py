@@ -40,8 +40,10 @@ def test_files_of_many_parts_are_hashed_as_sent_and_checked_as_received(store, t
     src = make_dir(tmp_path / "src", {"shard.bin": data, "empty": b""})
     manifest = small_parts.upload_dir(src, "test/parts", Manifest(kind="test", key="k4"))
     sizes = {f.path: (f.size, f.sha256) for f in manifest.files}
-    assert sizes == {"shard.bin": (len(data), hashlib.sha256(data).hexdigest()),
-                     "empty": (0, hashlib.sha256(b"").hexdigest())}
+    assert sizes == {
+        "shard.bin": (len(data), hashlib.sha256(data).hexdigest()),
+        "empty": (0, hashlib.sha256(b"").hexdigest()),
+    }
     head = store.client.head_object(Bucket=store.bucket, Key="test/parts/files/shard.bin")
     assert head["ETag"].endswith('-5"')  # stored as a multipart object of five parts
     small_parts.download_dir("test/parts", tmp_path / "dest")
@@ -59,8 +61,9 @@ def test_no_manifest_means_absent(store, tmp_path):
 def test_tampered_file_is_refused_and_not_left_behind(store, tmp_path):
     src = make_dir(tmp_path / "src", {"weights.bin": b"\x01" * 4096})
     store.upload_dir(src, "test/tamper", Manifest(kind="test", key="k2"))
-    store.client.put_object(Bucket=store.bucket, Key="test/tamper/files/weights.bin",
-                            Body=b"\x02" * 4096)
+    store.client.put_object(
+        Bucket=store.bucket, Key="test/tamper/files/weights.bin", Body=b"\x02" * 4096
+    )
     with pytest.raises(IntegrityError, match="weights.bin has sha256"):
         store.download_dir("test/tamper", tmp_path / "dest")
     assert not (tmp_path / "dest").exists()
@@ -93,19 +96,29 @@ def test_a_manifest_whose_paths_leave_the_directory_is_refused(store, tmp_path):
     src = make_dir(tmp_path / "src", {"config.json": b"{}"})
     good = store.upload_dir(src, "test/escape", Manifest(kind="test", key="k3"))
     evil = good.model_dump(mode="json")
-    evil["files"].append({"path": "../../escaped.sh", "size": 3,
-                          "sha256": good.files[0].sha256})
+    evil["files"].append({"path": "../../escaped.sh", "size": 3, "sha256": good.files[0].sha256})
     store.put_json("test/escape/manifest.json", evil)
     dest = tmp_path / "deep" / "er" / "dest"
-    with pytest.raises(IntegrityError, match=r"test/escape/manifest.json is not a manifest "
-                                             r"llmship can trust .*'\.\./\.\./escaped.sh' "
-                                             r"would leave its directory"):
+    with pytest.raises(
+        IntegrityError,
+        match=r"test/escape/manifest.json is not a manifest "
+        r"llmship can trust .*'\.\./\.\./escaped.sh' "
+        r"would leave its directory",
+    ):
         store.download_dir("test/escape", dest)
     assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["config.json"]
 
 
-@pytest.mark.parametrize("model, version", [("../stages", "v1"), ("some-model", "../../x"),
-                                            ("a/b", "v1"), ("some-model", ""), ("..", "v1")])
+@pytest.mark.parametrize(
+    "model, version",
+    [
+        ("../stages", "v1"),
+        ("some-model", "../../x"),
+        ("a/b", "v1"),
+        ("some-model", ""),
+        ("..", "v1"),
+    ],
+)
 def test_names_that_would_leave_their_prefix_are_refused(store, model, version):
     from llmship.errors import UnsafeKey
     from tasks.publish import version_prefix
@@ -117,8 +130,9 @@ def test_names_that_would_leave_their_prefix_are_refused(store, model, version):
     assert store.list_keys("aliases/some-model/") == [] and store.list_keys("stages/v1") == []
 
 
-@pytest.mark.parametrize("path", ["../x", "a/../../x", "/etc/passwd", "a//b", "./a", "a\\b",
-                                  "a/.", ""])
+@pytest.mark.parametrize(
+    "path", ["../x", "a/../../x", "/etc/passwd", "a//b", "./a", "a\\b", "a/.", ""]
+)
 def test_stored_paths_that_would_leave_their_directory_are_refused(path):
     """What download_dir (through the manifest) and download_mirror (for each key) check.
     SeaweedFS itself refuses keys with '.' or '..' segments; AWS S3 stores them."""
@@ -136,16 +150,38 @@ def test_a_gate_report_stored_again_for_the_same_inputs_keeps_the_first(store):
     from tasks.gate import store as store_report
     from tasks.gate_rule import GateReport, TaskVerdict
 
-    verdict = TaskVerdict(task="clause_type", metric="acc", n=100, baseline=0.9, candidate=0.5,
-                          delta=-0.4, rtol=0.05, atol=0.0, floor=None, threshold=0.855,
-                          measured=0.5, passed=False)
-    report = GateReport(passed=False, rule="rtol 0.05", rtol=0.05, dataset="contracts",
-                        eval_data_sha256="0" * 64, candidate="stages/build/c",
-                        baseline="stages/build/b", tasks=[verdict], harness={},
-                        seconds={"baseline": 1.0, "candidate": 2.0})
+    verdict = TaskVerdict(
+        task="clause_type",
+        metric="acc",
+        n=100,
+        baseline=0.9,
+        candidate=0.5,
+        delta=-0.4,
+        rtol=0.05,
+        atol=0.0,
+        floor=None,
+        threshold=0.855,
+        measured=0.5,
+        passed=False,
+    )
+    report = GateReport(
+        passed=False,
+        rule="rtol 0.05",
+        rtol=0.05,
+        dataset="contracts",
+        eval_data_sha256="0" * 64,
+        candidate="stages/build/c",
+        baseline="stages/build/b",
+        tasks=[verdict],
+        harness={},
+        seconds={"baseline": 1.0, "candidate": 2.0},
+    )
     first = store_report("same-inputs", "m", report)
-    again = store_report("same-inputs", "m", report.model_copy(
-        update={"seconds": {"baseline": 3.0, "candidate": 4.0}}))
+    again = store_report(
+        "same-inputs",
+        "m",
+        report.model_copy(update={"seconds": {"baseline": 3.0, "candidate": 4.0}}),
+    )
     assert again == first
     assert store.get_json(f"{first}/files/gate-report.json")[0]["seconds"]["baseline"] == 1.0
     other = report.model_copy(update={"tasks": [verdict.model_copy(update={"candidate": 0.6})]})
@@ -160,8 +196,9 @@ def test_unsigned_requests_are_refused(stack):
     assert resp.status_code == 403
 
 
-def test_no_secret_reaches_a_log_an_artifact_a_command_line_or_an_object(first_run, stack,
-                                                                         store, prefect_client):
+def test_no_secret_reaches_a_log_an_artifact_a_command_line_or_an_object(
+    first_run, stack, store, prefect_client
+):
     """After a build-and-serve run and whatever else the suite ran on this stack (this module
     runs last): the S3 keys and the
     gateway's admin token appear in no log file, no flow-run log, no Prefect artifact, no
@@ -172,8 +209,11 @@ def test_no_secret_reaches_a_log_an_artifact_a_command_line_or_an_object(first_r
     from prefect.client.schemas.sorting import LogSort
 
     creds = json.loads(stack.credentials_file.read_text())
-    secrets = {k: v for k, v in creds.items()
-               if k.endswith(("_secret_key", "_token", "_auth_string")) or "jwt" in k}
+    secrets = {
+        k: v
+        for k, v in creds.items()
+        if k.endswith(("_secret_key", "_token", "_auth_string")) or "jwt" in k
+    }
     assert len(secrets) >= 8, sorted(secrets)
     assert all(len(v) >= 16 for v in secrets.values())
     places: dict[str, str] = {}
@@ -196,8 +236,12 @@ def test_no_secret_reaches_a_log_an_artifact_a_command_line_or_an_object(first_r
             body = store.client.get_object(Bucket=store.bucket, Key=key)["Body"].read()
             places[f"s3://{store.bucket}/{key}"] = body.decode(errors="replace")
     assert offset > 100 and len(places) > 50, "too little was read to prove anything"
-    leaks = [(name, where) for where, text in places.items()
-             for name, secret in secrets.items() if secret in text]
+    leaks = [
+        (name, where)
+        for where, text in places.items()
+        for name, secret in secrets.items()
+        if secret in text
+    ]
     assert leaks == []
 
 
@@ -222,8 +266,7 @@ def test_every_server_of_the_stack_listens_on_loopback_only(first_run, stack):
             if target.startswith("socket:["):
                 inodes[target[8:-1]] = pid
     # 127.0.0.1, ::1, and 127.0.0.1 as an IPv6-mapped address (Ray's gRPC servers).
-    loopback = {"0100007F", "00000000000000000000000001000000",
-                "0000000000000000FFFF00000100007F"}
+    loopback = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
     listening = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
@@ -233,12 +276,16 @@ def test_every_server_of_the_stack_listens_on_loopback_only(first_run, stack):
                 listening.append((inodes[cols[9]], addr, int(port, 16)))
     ports = {port for _, _, port in listening}
     assert {stack.s3_port, stack.prefect_port, stack.gateway_port} <= ports, listening
+
     def name(pid: int) -> str:
         return Path(f"/proc/{pid}/comm").read_text().strip()
 
     exposed = [(pid, name(pid), port) for pid, addr, port in listening if addr not in loopback]
     assert [e for e in exposed if not e[1].startswith("ray::ServeRepli")] == []
     # The replicas' engines themselves are on loopback.
-    engines = [port for pid, _, port in listening if "vllm" in Path(
-        f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")]
+    engines = [
+        port
+        for pid, _, port in listening
+        if "vllm" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    ]
     assert engines

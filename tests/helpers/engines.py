@@ -22,8 +22,11 @@ def engine_pids(digest: str) -> list[int]:
         except OSError:
             continue
         text = b" ".join(argv).decode(errors="replace")
-        if "vllm.entrypoints.openai.api_server" in text and "serving.engine_guard" not in text \
-                and digest in text:
+        if (
+            "vllm.entrypoints.openai.api_server" in text
+            and "serving.engine_guard" not in text
+            and digest in text
+        ):
             pids.append(int(proc.name))
     return pids
 

@@ -16,8 +16,10 @@ import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
-             b'<Message>Please reduce your request rate.</Message></Error>')
+SLOW_DOWN = (
+    b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+    b"<Message>Please reduce your request rate.</Message></Error>"
+)
 
 
 class FaultProxy:
@@ -47,7 +49,8 @@ class FaultProxy:
                             proxy._gets_seen.add(target)
                     else:
                         faulty = proxy.requests % proxy.every == 0 and (
-                            proxy.mode != "truncate" or self.command == "GET")
+                            proxy.mode != "truncate" or self.command == "GET"
+                        )
                     if faulty:
                         proxy.faults.append(f"{self.command} {self.path}")
                 if faulty and proxy.mode == "503":
@@ -58,14 +61,15 @@ class FaultProxy:
                     self.wfile.write(SLOW_DOWN)
                     return
                 if faulty and proxy.mode == "reset":
-                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                               b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    self.connection.setsockopt(
+                        socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+                    )
                     self.close_connection = True
                     return
-                upstream = http.client.HTTPConnection("127.0.0.1", proxy.upstream_port,
-                                                      timeout=120)
-                upstream.putrequest(self.command, self.path, skip_host=True,
-                                    skip_accept_encoding=True)
+                upstream = http.client.HTTPConnection("127.0.0.1", proxy.upstream_port, timeout=120)
+                upstream.putrequest(
+                    self.command, self.path, skip_host=True, skip_accept_encoding=True
+                )
                 for name, value in self.headers.items():
                     upstream.putheader(name, value)
                 upstream.endheaders(body or None)
@@ -97,7 +101,7 @@ class FaultProxy:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def __enter__(self) -> "FaultProxy":
+    def __enter__(self) -> FaultProxy:
         self.thread.start()
         return self
 

@@ -21,18 +21,27 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @contextmanager
-def gateway_process(state: Path, port: int, upstream_url: str,
-                    **settings: str) -> Iterator[tuple[str, subprocess.Popen]]:
+def gateway_process(
+    state: Path, port: int, upstream_url: str, **settings: str
+) -> Iterator[tuple[str, subprocess.Popen]]:
     """(url, process) of a gateway with state in state and LLMSHIP_<NAME> settings, healthy."""
     # Routed from the saved state (no S3, no Ray here): model m's version v1, one replica.
     write_json(state / "gateway" / str(port) / "routes.json", {"m": {"version": "v1"}})
     write_json(state / "gateway" / str(port) / "endpoints.json", {"m--v1": [upstream_url]})
-    env = {**os.environ, "LLMSHIP_STATE_DIR": str(state), "LLMSHIP_S3_PORT": "1",
-           "LLMSHIP_GATEWAY_PORT": str(port),
-           **{f"LLMSHIP_{name.upper()}": value for name, value in settings.items()}}
-    proc = subprocess.Popen(gateway_argv(Path(sys.executable), Settings(gateway_port=port)),
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    env = {
+        **os.environ,
+        "LLMSHIP_STATE_DIR": str(state),
+        "LLMSHIP_S3_PORT": "1",
+        "LLMSHIP_GATEWAY_PORT": str(port),
+        **{f"LLMSHIP_{name.upper()}": value for name, value in settings.items()},
+    }
+    proc = subprocess.Popen(
+        gateway_argv(Path(sys.executable), Settings(gateway_port=port)),
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

@@ -36,7 +36,7 @@ class TestHosts:
     def ip(self, name: str) -> str:
         return f"{SUBNET}.{self.names.index(name) + 1}"
 
-    def __enter__(self) -> "TestHosts":
+    def __enter__(self) -> TestHosts:
         try:
             _ip("link", "add", self.bridge, "type", "bridge")
             _ip("addr", "add", f"{SUBNET}.254/24", "dev", self.bridge)

@@ -46,8 +46,11 @@ def main(argv: list[str]) -> int:
         server, _ = fleet.acquire(get_settings(), spec, ServingConfig(replicas=1))
         print(server.model_dump_json())
         return 0
-    cfg = RolloutConfig(canary_steps=[args.canary] if args.canary else [],
-                        bake_seconds=args.bake, max_p99_seconds=30)
+    cfg = RolloutConfig(
+        canary_steps=[args.canary] if args.canary else [],
+        bake_seconds=args.bake,
+        max_p99_seconds=30,
+    )
     serving = ServingConfig(replicas=args.replicas, max_replicas_per_node=args.per_node)
     result = rollout(version, cfg, serving=serving, log=logging.getLogger("rollout"))
     print(result.model_dump_json())

@@ -17,9 +17,13 @@ import datasets
 
 
 def main(cache: Path) -> None:
-    rows = [{"question": f"Tom has {i} apples and buys {i + 2} more. How many does he have?",
-             "answer": f"He has {i} + {i + 2} = {2 * i + 2} apples.\n#### {2 * i + 2}"}
-            for i in range(40)]
+    rows = [
+        {
+            "question": f"Tom has {i} apples and buys {i + 2} more. How many does he have?",
+            "answer": f"He has {i} + {i + 2} = {2 * i + 2} apples.\n#### {2 * i + 2}",
+        }
+        for i in range(40)
+    ]
     splits = {"train": rows[:20], "test": rows[20:]}
     with tempfile.TemporaryDirectory() as tmp:
         files = {}

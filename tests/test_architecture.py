@@ -1,0 +1,101 @@
+"""The floors of docs/ARCHITECTURE.md, read from the code: no import runs from a lower floor
+to a higher one, the jobs load neither prefect nor boto3 nor Ray in their environments, and no
+stage reads another's manifest by string key."""
+
+import ast
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FLOORS = ["llmship", "serving", "jobs", "tasks", "flows"]
+# jobs/ sit above serving/ only for the engines' pure command lines and health check.
+ONLY_FROM = {"jobs": {"serving": {"serving.engines"}}}
+
+
+def imports_of(path: Path) -> list[tuple[int, str]]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            # `from serving import engines` imports serving.engines.
+            found += [(node.lineno, f"{node.module}.{alias.name}") for alias in node.names]
+    return found
+
+
+def package_modules(package: str) -> list[Path]:
+    return sorted((REPO / package).rglob("*.py"))
+
+
+@pytest.mark.parametrize("package", FLOORS)
+def test_no_import_runs_up_a_floor(package):
+    floor = FLOORS.index(package)
+    above = set(FLOORS[floor + 1 :])
+    wrong = []
+    for path in package_modules(package):
+        for line, module in imports_of(path):
+            top = module.split(".")[0]
+            if top in above:
+                wrong.append(f"{path.relative_to(REPO)}:{line} imports {module}")
+            for lower, allowed in ONLY_FROM.get(package, {}).items():
+                if top == lower and not any(
+                    module == a or module.startswith(a + ".") for a in allowed
+                ):
+                    wrong.append(
+                        f"{path.relative_to(REPO)}:{line} imports {module} "
+                        f"(only {sorted(allowed)} of {lower})"
+                    )
+    assert wrong == []
+
+
+@pytest.mark.parametrize(
+    "env, jobs",
+    [
+        ("quantize", ["jobs.calibrate", "jobs.build", "jobs.evaluate"]),
+        ("serve", ["jobs.benchmark"]),
+    ],
+)
+def test_jobs_load_no_orchestration_in_their_environment(env, jobs):
+    code = (
+        f"import sys; import {', '.join(jobs)}; "
+        "print(sorted(m for m in ('prefect', 'boto3', 'ray') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [str(REPO / ".venv" / env / "bin" / "python"), "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=True,
+    )
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_quantize_environment_installs_no_orchestration():
+    out = subprocess.run(
+        [
+            str(REPO / ".venv" / "quantize" / "bin" / "python"),
+            "-c",
+            "import importlib.util as u; print([m for m in ('prefect', 'boto3', "
+            "'ray') if u.find_spec(m)])",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == "[]"
+
+
+def test_no_stage_reads_a_manifest_by_string_key():
+    """Stages hand each other typed models (llmship/contracts.py, llmship/versions.py)."""
+    keyed = re.compile(r"\.(details|inputs)(\[|\.get\()")
+    wrong = [
+        f"{path.relative_to(REPO)}:{n}: {line.strip()}"
+        for package in ("tasks", "flows", "serving", "jobs", "llmship")
+        for path in package_modules(package)
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if keyed.search(line)
+    ]
+    assert wrong == []
