@@ -1,7 +1,7 @@
-"""Run a stage's pure function in its own Python environment, as a subprocess.
+"""Run a stage's job (jobs/) in its own Python environment, as a subprocess.
 
 The orchestrator side (`run_stage`) writes the typed request to a JSON file, starts
-`<env python> -m tasks.<stage> --request R --result S`, streams the stage's output into the
+`<env python> -m jobs.<job> --request R --result S`, streams the stage's output into the
 Prefect log line by line (progress on long work), and reads back the typed result. The stage
 side (`stage_main`) does the reverse. A stage that fails with one of llmship's own errors
 reports its type and message, and the same exception is raised here: a malformed calibration
@@ -77,7 +77,7 @@ def run_stage(
 
 
 def stage_main(fn: Callable[[Req], Res], request_type: type[Req]) -> None:
-    """The `python -m tasks.<stage>` entry point, run in the stage's environment."""
+    """The `python -m jobs.<job>` entry point, run in the stage's environment."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--request", type=Path, required=True)
     parser.add_argument("--result", type=Path, required=True)

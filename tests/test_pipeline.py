@@ -316,7 +316,7 @@ def stage_process(stack, stage: str) -> int | None:
 
     worker = processes.find(stack, "prefect-worker")
     return (
-        next((pid for pid in descendants(worker.pid) if f"-m tasks.{stage} " in cmdline(pid)), None)
+        next((pid for pid in descendants(worker.pid) if f"-m jobs.{stage} " in cmdline(pid)), None)
         if worker
         else None
     )
