@@ -156,7 +156,7 @@ def build_slot(model: str) -> AbstractContextManager[None]:
     stage outputs side by side: twice the GPU time, and the second upload of an output whose
     bytes differ (calibration is not bit-for-bit repeatable) failed with VersionConflict, or
     overwrote files the first one's manifest lists. In turn, the second finds each output
-    made (Prefect's cache, or the store: stored_output)."""
+    made (Prefect's cache, or the store: produce)."""
     # A one-minute lease: the rerun after a host died mid-calibration waits that long at most.
     return model_slot("build", model, get_settings().build_slot_timeout_s, lease_s=60.0)
 

@@ -27,10 +27,25 @@ def test_mirror_download_hashes_every_file(stack, store):
     assert out.digest == manifest.digest and out.files == len(local)
 
 
-def test_same_source_same_key(stack):
+def test_same_source_same_key_and_the_manifest_records_what_it_is_the_digest_of(
+    stack, store, tmp_path
+):
+    from llmship.contracts import DownloadInputs
+    from tasks.download import download_inputs
+
     a = download(str(DEMO))
-    b = download(str(DEMO))
-    assert (a.key, a.digest) == (b.key, b.digest)
+    b = download(str(DEMO))  # in the store already: used, not fetched again
+    assert (a.key, a.digest, a.prefix) == (b.key, b.digest, b.prefix)
+    manifest = store.read_manifest(a.prefix)
+    # The content address is the digest of the inputs model the manifest records.
+    recorded = DownloadInputs.model_validate(manifest.inputs)
+    assert recorded == download_inputs(str(DEMO)) and recorded.key == a.key == manifest.key
+    assert recorded.source == str(DEMO.resolve())
+    # A changed file is a changed source: another key.
+    changed = tmp_path / "model"
+    shutil.copytree(DEMO, changed)
+    (changed / "generation_config.json").write_text("{}")
+    assert download_inputs(str(changed)).key != a.key
 
 
 def test_missing_mirror_prefix_and_bucket(stack):
