@@ -124,7 +124,7 @@ def train(args) -> None:
         contracts.clause_of(json.loads(line)["prompt"])
         for line in eval_path.read_text().splitlines()
     }
-    data = contracts.generate(args.examples, seed=args.seed, exclude=held_out)
+    data = contracts.generate(args.examples, seed=args.seed, exclude=held_out, skills=args.skills)
     tokenizer = build_tokenizer(
         [f"{it.prompt} {it.answer}" for it in data], vocab_size=args.vocab_size, digits=args.digits
     )
@@ -189,6 +189,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--digits", action="store_true")
+    p.add_argument("--skills", nargs="+", default=contracts.SKILLS)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--evaluate", action="store_true", help="only score the saved model")
     args = p.parse_args()
