@@ -128,11 +128,8 @@ def clause_of(prompt: str) -> str:
     return prompt.split("\n", 1)[0].removeprefix("Clause: ")
 
 
-def generate(
-    n: int, seed: int, exclude: set[str] = frozenset(), skills: list[str] = SKILLS
-) -> list[Item]:
-    """`n` items, the skills in turn as `skills` lists them (each once: evenly), none about a
-    clause in `exclude`.
+def generate(n: int, seed: int, exclude: set[str] = frozenset()) -> list[Item]:
+    """`n` items spread evenly over the three skills, none about a clause in `exclude`.
 
     Each clause is asked about once, so sets that exclude each other's clauses share nothing.
     """
@@ -141,7 +138,7 @@ def generate(
     seen = set(exclude)
     while len(items) < n:
         kind, clause, date, amount = _clause(rng)
-        task = skills[len(items) % len(skills)]
+        task = SKILLS[len(items) % len(SKILLS)]
         if clause in seen:
             continue
         seen.add(clause)

@@ -35,18 +35,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(
-    texts: list[str], vocab_size: int, digits: bool = False
-) -> PreTrainedTokenizerFast:
+def build_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    if digits:
-        tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Digits(individual_digits=True),
-                pre_tokenizers.ByteLevel(add_prefix_space=False),
-            ]
-        )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -124,14 +115,14 @@ def train(args) -> None:
         contracts.clause_of(json.loads(line)["prompt"])
         for line in eval_path.read_text().splitlines()
     }
-    data = contracts.generate(args.examples, seed=args.seed, exclude=held_out, skills=args.skills)
+    data = contracts.generate(args.examples, seed=args.seed, exclude=held_out)
     tokenizer = build_tokenizer(
-        [f"{it.prompt} {it.answer}" for it in data], vocab_size=args.vocab_size, digits=args.digits
+        [f"{it.prompt} {it.answer}" for it in data], vocab_size=args.vocab_size
     )
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=args.hidden,
-        intermediate_size=3 * args.hidden,
+        hidden_size=128,
+        intermediate_size=384,
         num_hidden_layers=args.layers,
         num_attention_heads=args.heads,
         num_key_value_heads=args.heads,
@@ -187,9 +178,6 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--digits", action="store_true")
-    p.add_argument("--skills", nargs="+", default=contracts.SKILLS)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--evaluate", action="store_true", help="only score the saved model")
     args = p.parse_args()
