@@ -116,6 +116,13 @@ def train(args) -> None:
         for line in eval_path.read_text().splitlines()
     }
     data = contracts.generate(args.examples, seed=args.seed, exclude=held_out)
+    # A validation set apart from both: the checkpoint kept is the one that does best on its
+    # weakest skill here (the held-out set stays unseen until the end).
+    validation = contracts.generate(
+        args.validation,
+        seed=args.seed + 1,
+        exclude=held_out | {contracts.clause_of(it.prompt) for it in data},
+    )
     tokenizer = build_tokenizer(
         [f"{it.prompt} {it.answer}" for it in data], vocab_size=args.vocab_size
     )
@@ -145,6 +152,7 @@ def train(args) -> None:
         optimizer, max_lr=args.lr, total_steps=total_steps, pct_start=0.05
     )
     started, step = time.time(), 0
+    best, best_state = -1.0, None
     model.train()
     for epoch in range(args.epochs):
         for ids, labels, mask in batches(encoded, args.batch_size, tokenizer.pad_token_id, rng):
@@ -161,6 +169,17 @@ def train(args) -> None:
                     f"({time.time() - started:.0f}s)",
                     flush=True,
                 )
+            if args.validate_every and step % args.validate_every == 0:
+                scores = evaluate(model, tokenizer, validation)
+                model.train()
+                weakest = min(scores.values())
+                print(f"  validation: {scores}", flush=True)
+                if weakest > best:
+                    best = weakest
+                    best_state = {k: v.clone() for k, v in model.state_dict().items()}
+    if best_state is not None:
+        print(f"keeping the checkpoint whose weakest skill scored {best:.0%} on validation")
+        model.load_state_dict(best_state)
     out = Path(args.out)
     model.to(torch.bfloat16).save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -178,6 +197,10 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--validation", type=int, default=150)
+    # 0: keep the last checkpoint (how the committed weights were made); N: score the
+    # validation set every N steps and keep the checkpoint whose weakest skill did best.
+    p.add_argument("--validate-every", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--evaluate", action="store_true", help="only score the saved model")
     args = p.parse_args()
