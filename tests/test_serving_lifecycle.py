@@ -591,6 +591,18 @@ def test_an_autoscaled_version_scales_out_and_back_and_a_killed_replica_leaves_n
     scaled_out = time.time() - loaded
     assert answered and not failed, failed
     two = replica_ids(stack, live)
+    # A replica the autoscaler stopped moments ago (it may have scaled out and back on the
+    # gate's load) leaves its worker process for a few seconds: wait for the two serving.
+    wait_for(
+        "two replica processes, each with its engine",
+        lambda: (
+            len(engine_pids(digest_of(store, live)))
+            == len(replica_actor_pids(fleet.app_name("tiny-llama", live)))
+            == 2
+        ),
+        timeout=60,
+        every=0.5,
+    )
     groups = engine_pids(digest_of(store, live))
     actors = replica_actor_pids(fleet.app_name("tiny-llama", live))
     assert len(groups) == len(actors) == 2
