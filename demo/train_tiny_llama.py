@@ -155,6 +155,8 @@ def train(args) -> None:
     best, best_state = -1.0, None
     model.train()
     for epoch in range(args.epochs):
+        if best >= args.stop_at:
+            break
         for ids, labels, mask in batches(encoded, args.batch_size, tokenizer.pad_token_id, rng):
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             loss.backward()
@@ -177,6 +179,9 @@ def train(args) -> None:
                 if weakest > best:
                     best = weakest
                     best_state = {k: v.clone() for k, v in model.state_dict().items()}
+                if best >= args.stop_at:
+                    print(f"every skill at {best:.0%} or more on validation: stopping", flush=True)
+                    break
     if best_state is not None:
         print(f"keeping the checkpoint whose weakest skill scored {best:.0%} on validation")
         model.load_state_dict(best_state)
@@ -201,6 +206,8 @@ def main() -> None:
     # 0: keep the last checkpoint (how the committed weights were made); N: score the
     # validation set every N steps and keep the checkpoint whose weakest skill did best.
     p.add_argument("--validate-every", type=int, default=0)
+    # With --validate-every: stop once the weakest skill scores this on validation.
+    p.add_argument("--stop-at", type=float, default=1.01)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--evaluate", action="store_true", help="only score the saved model")
     args = p.parse_args()

@@ -5,6 +5,9 @@ Alerts, through one notification block; the team hears within seconds:
   failing tasks with their numbers, where the report is);
 - `llmship-perf-failed`, on the performance gate's `llmship.perf.failed` (the same, with each
   failing figure against its limit);
+- `llmship-rolled-back`, on the rollout's `llmship.rollout.rolled-back` (a canary step
+  breached: its error rate, latency or, with the quality policy, the agreement of its
+  shadowed answers with the live version's, with the numbers; traffic went back);
 - `llmship-run-failed`, on any flow run of build-and-serve, recalibrate or rollback that ends
   Failed, Crashed or TimedOut.
 
@@ -46,6 +49,7 @@ BLOCK_NAME = "llmship-alerts"
 GATE_FAILED = "llmship-gate-failed"
 PERF_FAILED = "llmship-perf-failed"
 RUN_FAILED = "llmship-run-failed"
+ROLLED_BACK = "llmship-rolled-back"
 CRASHED_RUNS = "llmship-crashed-runs"
 RESTORE = "llmship-restore-{model}"
 FLOWS = ["build-and-serve", "recalibrate", "rollback"]
@@ -71,6 +75,10 @@ PERF_BODY = (
     "{{ '%.2f' % v.candidate }}, baseline {{ '%.2f' % v.baseline }} ({{ '%.2f' % v.ratio }}x, "
     "limit {{ v.limit }}); {% endfor %}report: {{ event.payload.report }}"
 )
+ROLLED_BACK_SUBJECT = (
+    "llmship: canary of {{ event.payload.model }} {{ event.payload.version }} rolled back"
+)
+ROLLED_BACK_BODY = "{{ event.payload.reason }}"
 # No deployment in these: a recalibrate run's build-and-serve subflow run has none.
 RUN_SUBJECT = "llmship: {{ flow.name }} run {{ flow_run.name }} {{ flow_run.state.name }}"
 RUN_BODY = (
@@ -122,6 +130,21 @@ def alert_automations(block_id) -> list[Automation]:
             ),
             actions=[
                 SendNotification(block_document_id=block_id, subject=PERF_SUBJECT, body=PERF_BODY)
+            ],
+        ),
+        Automation(
+            name=ROLLED_BACK,
+            description="Notify the team when a canary breaches and traffic goes back",
+            trigger=EventTrigger(
+                expect={events.ROLLED_BACK},
+                posture=Posture.Reactive,
+                threshold=1,
+                match={"prefect.resource.id": events.MODEL_RESOURCE.format(model="*")},
+            ),
+            actions=[
+                SendNotification(
+                    block_document_id=block_id, subject=ROLLED_BACK_SUBJECT, body=ROLLED_BACK_BODY
+                )
             ],
         ),
         Automation(

@@ -77,6 +77,10 @@ class RollbackFailed(LlmshipError):
 class CanaryFailed(PermanentError):
     """A canary step breached its limits; traffic went back to the version serving before."""
 
+    def __init__(self, message: str, steps: list | None = None) -> None:
+        super().__init__(message)
+        self.steps = steps or []  # tasks.canary_rule.StepResult, each step so far
+
 
 class UngatedVersion(PermanentError):
     """A version with no passing gate record was asked to take traffic without an override."""

@@ -115,6 +115,18 @@ class Settings(BaseSettings):
     # (llmship/alerts.py). 3 x 5 s: a replica Ray is restarting does not start a rollback.
     gateway_health_interval_s: float = Field(5.0, gt=0)
     gateway_down_after: int = Field(3, ge=1)
+    # Shadow traffic (serving/shadow.py), during a rollout whose policy asks for it: copies
+    # wait in a queue of this many (past it they are dropped, never waited for), this many
+    # are sent to the candidate at once, each may take this long, and a request or streamed
+    # live answer past this many bytes is not copied: the queue holds at most
+    # queue x max_bytes.
+    gateway_shadow_queue: int = Field(64, ge=1)
+    gateway_shadow_concurrency: int = Field(2, ge=1)
+    gateway_shadow_timeout_s: float = Field(60.0, gt=0)
+    gateway_shadow_max_bytes: int = Field(256 * 1024, ge=1024)
+    # The hashes of this many scored pairs per shadowed version are kept for the rollout
+    # to read (GET /admin/shadow/<model>); the oldest go first.
+    gateway_shadow_kept_pairs: int = Field(2000, ge=1)
     # Flow runs send a heartbeat this often (Prefect's minimum is 30 s); a run that misses 3
     # (its worker or host died) is marked Crashed by the automation llmship-crashed-runs,
     # which makes the run-failed alert fire. Prefect's own default is 180 s.
@@ -447,6 +459,43 @@ class ServingConfig(BaseModel, extra="forbid"):
         )
 
 
+class QualityPolicy(BaseModel, extra="forbid"):
+    """Shadow traffic scored against the live version: a canary that answers 200 OK, fast
+    and wrong is rolled back (serving/shadow.py)."""
+
+    enabled: bool = Field(False, description="copy live requests to the new version and score")
+    sample_fraction: float = Field(
+        0.1, gt=0, le=1, description="share of the live version's requests copied, by request id"
+    )
+    min_pairs: int = Field(
+        30, ge=1, description="a step that scored fewer pairs is a breach: too little evidence"
+    )
+    agreement_floor: float = Field(
+        0.9, ge=0, le=1, description="the agreement rate's lower bound must stay above this"
+    )
+    confidence: float = Field(
+        0.95, gt=0.5, lt=1, description="of the one-sided Wilson lower bound of the agreement"
+    )
+    compare: Literal["answer", "exact"] = Field(
+        "answer",
+        description="answer: the same answer as the accuracy gate extracts it (the first "
+        "line, stripped); exact: the whole text, whitespace normalised",
+    )
+    shadow_bake_seconds: float = Field(
+        0.0, ge=0, description="a shadow-only step before any traffic moves; 0: none"
+    )
+    max_shadow_rps: float = Field(
+        5.0, gt=0, description="copies per second each gateway sends at most: the shadow's cost"
+    )
+    keep_examples: int = Field(
+        0,
+        ge=0,
+        le=100,
+        description="disagreeing prompts and answers kept per step, in the artifacts bucket; "
+        "0: counts and hashes only",
+    )
+
+
 class RolloutConfig(BaseModel, extra="forbid"):
     """How traffic moves to a new version, and what makes it go back."""
 
@@ -483,6 +532,7 @@ class RolloutConfig(BaseModel, extra="forbid"):
         "the Prefect UI",
     )
     approval_timeout_seconds: int = Field(86400, ge=1)
+    quality: QualityPolicy = Field(default_factory=QualityPolicy)
 
     @field_validator("canary_steps")
     @classmethod

@@ -164,6 +164,11 @@ def version_prefix(model: str, version: str) -> str:
     return f"versions/{key_part(model, 'model')}/{key_part(version, 'version')}"
 
 
+def shadow_prefix(model: str, version: str) -> str:
+    """Where a rollout keeps what it scored of a version's shadow traffic, per step."""
+    return f"shadow/{key_part(model, 'model')}/{key_part(version, 'version')}"
+
+
 def parse_s3_uri(uri: str) -> tuple[str, str]:
     bucket, _, prefix = uri.removeprefix("s3://").partition("/")
     return bucket, prefix.strip("/")

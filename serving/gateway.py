@@ -59,11 +59,12 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from llmship import events
 from llmship.processes import write_json
 from llmship.settings import Settings, get_settings
+from serving.shadow import Shadow, Shadower, answer_text, streamed_text
 
 log = logging.getLogger("llmship.gateway")
 UNKNOWN_MODEL = "(unknown)"  # the metrics' label for every model name the gateway does not serve
@@ -118,6 +119,17 @@ class Route(BaseModel, extra="forbid"):
     version: str
     since: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
     canary: Canary | None = None
+    # Copies of a share of the live version's requests, scored against the candidate's
+    # answers (serving/shadow.py): during a canary, and in a shadow-only step before it.
+    shadow: Shadow | None = None
+
+    @model_validator(mode="after")
+    def _shadow_is_the_candidate(self) -> Route:
+        if self.shadow and self.shadow.version == self.version:
+            raise ValueError("the shadow must be another version than the live one")
+        if self.shadow and self.canary and self.shadow.version != self.canary.version:
+            raise ValueError("the shadow must be the canary's version")
+        return self
 
 
 def openai_error_body(
@@ -232,6 +244,35 @@ class GatewayState:
             auto_decompress=False,
             skip_auto_headers=("User-Agent",),
         )
+        self.shadower = Shadower(
+            self.registry,
+            queue_size=settings.gateway_shadow_queue,
+            concurrency=settings.gateway_shadow_concurrency,
+            timeout_s=settings.gateway_shadow_timeout_s,
+            max_bytes=settings.gateway_shadow_max_bytes,
+            kept_pairs=settings.gateway_shadow_kept_pairs,
+            send=self.send_copy,
+            shadow_of=lambda model: (route := self.routes.get(model)) and route.shadow,
+        )
+
+    async def send_copy(
+        self, model: str, version: str, endpoint: str, body: bytes
+    ) -> tuple[int, bytes]:
+        """A shadow copy to the least busy of version's replicas: (status, body)."""
+        urls = self.replicas_of(model, version)
+        if not urls:
+            raise ConnectionError(f"{model} {version} has no running replica")
+        url = min(urls, key=lambda u: (self.upstream_in_flight.get(u, 0), random.random()))
+        self.upstream_in_flight[url] = self.upstream_in_flight.get(url, 0) + 1
+        try:
+            async with self.client.post(
+                f"{url}{endpoint}", data=body, headers={"content-type": "application/json"}
+            ) as resp:
+                return resp.status, await resp.read()
+        finally:
+            self.upstream_in_flight[url] -= 1
+            if not self.upstream_in_flight[url]:
+                del self.upstream_in_flight[url]
 
     def count_unanswered(self, model: str, version: str, endpoint: str) -> None:
         """A request the gateway answered 503 for version: a request and an error, so the
@@ -402,7 +443,10 @@ def declare_down(gw: GatewayState, model: str, route: Route, failed_checks: int)
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     app.state.gw = gw = GatewayState()
-    tasks = [asyncio.create_task(watch_live_versions(gw))]
+    tasks = [
+        asyncio.create_task(watch_live_versions(gw)),
+        asyncio.create_task(gw.shadower.run()),
+    ]
     if uses_ray(gw.settings):
         tasks.append(asyncio.create_task(follow_fleet(gw)))
         # A gateway (re)started under traffic relays nothing until it knows the replicas:
@@ -552,7 +596,7 @@ async def _proxy(request: Request, endpoint: str, schema: type[_OpenAIRequest]) 
     gw.in_flight += 1
     streaming = False
     try:
-        response = await _forward(gw, body, parsed, endpoint)
+        response = await _forward(gw, body, parsed, endpoint, request.headers.get("x-request-id"))
         streaming = isinstance(response, _RelayResponse)
         return response
     finally:
@@ -670,7 +714,11 @@ def _backends(gw: GatewayState, model: str, route: Route) -> list[tuple[str, str
 
 
 async def _forward(
-    gw: GatewayState, body: bytes, parsed: _OpenAIRequest, endpoint: str
+    gw: GatewayState,
+    body: bytes,
+    parsed: _OpenAIRequest,
+    endpoint: str,
+    request_id: str | None = None,
 ) -> Response:
     model = parsed.model
     route = gw.routes.get(model)
@@ -745,8 +793,12 @@ async def _forward(
             gw.errors.labels(model, version, endpoint).inc()
 
     headers = {"x-llmship-version": version}
+    copy = None  # a copy for the route's shadow, offered once the live answer is whole
+    if route.shadow and version == route.version and resp.status == 200:
+        copy = gw.shadower.choose(model, route.shadow, endpoint, body, parsed, request_id)
     if parsed.stream and resp.status == 200:
         outcome = {"status": "200"}
+        answer = bytearray() if copy else None
 
         async def relay():
             first = True
@@ -757,6 +809,8 @@ async def _forward(
                             time.perf_counter() - started
                         )
                         first = False
+                    if answer is not None and len(answer) <= gw.shadower.max_bytes:
+                        answer.extend(chunk)
                     yield chunk
                 outcome["whole"] = True
             except UPSTREAM_ERRORS as exc:
@@ -780,6 +834,9 @@ async def _forward(
             gw.in_flight -= 1
             release_upstream()
             record(outcome["status"])
+            if copy:
+                whole = outcome.get("whole") and len(answer) <= gw.shadower.max_bytes
+                gw.shadower.offer(copy, streamed_text(bytes(answer)) if whole else None)
 
         return _RelayResponse(
             relay(),
@@ -802,12 +859,21 @@ async def _forward(
         resp.release()
         release_upstream()
     record(str(resp.status))
+    if copy:
+        gw.shadower.offer(copy, _answer_of(content))
     return Response(
         content,
         status_code=resp.status,
         headers=headers,
         media_type=resp.headers.get("content-type", "application/json"),
     )
+
+
+def _answer_of(content: bytes) -> str | None:
+    try:
+        return answer_text(json.loads(content))
+    except ValueError:
+        return None
 
 
 def _too_large(gw: GatewayState, size: str) -> JSONResponse:
@@ -887,8 +953,8 @@ async def set_route(model: str, request: Request, authorization: str | None = He
             "expected {'version': ..., 'canary': {'version': ..., "
             "'percent': ...} or null}: " + exc.errors()[0]["msg"],
         )
-    versions = [route.version] + ([route.canary.version] if route.canary else [])
-    for version in versions:
+    versions = {route.version, *(v.version for v in (route.canary, route.shadow) if v)}
+    for version in sorted(versions):
         if not gw.replicas_of(model, version):
             return openai_error(
                 409,
@@ -898,5 +964,18 @@ async def set_route(model: str, request: Request, authorization: str | None = He
     gw.routes[model] = route
     if gw.down.get(model) != route.version:
         gw.down.pop(model, None)
+    gw.shadower.forget_all_but(model, route.shadow.version if route.shadow else None)
     gw.save()
     return route.model_dump()
+
+
+@app.get("/admin/shadow/{model}", include_in_schema=False)
+async def get_shadow(
+    model: str, request: Request, since: float = 0.0, authorization: str | None = Header(None)
+):
+    """What this gateway kept of model's shadow pairs scored since a time (unix seconds):
+    hashes, and the disagreeing examples when the route's shadow keeps them."""
+    gw = _gw(request)
+    if denied := _authorize(gw, authorization):
+        return denied
+    return gw.shadower.kept(model, since)

@@ -53,9 +53,11 @@ def route_traffic(
     version: str,
     canary: dict | None = None,
     urls: list[str] | None = None,
+    shadow: dict | None = None,
 ) -> None:
     """All of model's traffic to version's replicas, or canary['percent'] of it to
-    canary['version']'s, on every gateway (or those of urls)."""
+    canary['version']'s, on every gateway (or those of urls); with a shadow
+    (serving/shadow.py: Shadow), copies of a share of version's requests to shadow['version']."""
     refused = []
     for url in urls or gateway_urls(settings):
         try:
@@ -63,7 +65,7 @@ def route_traffic(
                 f"{url}/admin/routes/{model}",
                 timeout=10.0,
                 headers=_auth(settings),
-                json={"version": version, "canary": canary},
+                json={"version": version, "canary": canary, "shadow": shadow},
             )
         except httpx.HTTPError as exc:
             refused.append(f"{url}: {type(exc).__name__}: {exc}")
@@ -77,11 +79,16 @@ def route_traffic(
 
 
 def keep_routed(
-    settings: Settings, gateways: list[str], model: str, version: str, canary: dict | None
+    settings: Settings,
+    gateways: list[str],
+    model: str,
+    version: str,
+    canary: dict | None,
+    shadow: dict | None = None,
 ) -> list[str]:
     """Give the route to each of gateways that lacks it (one that started or restarted since
     it moved: a restart routes by the live alias); the URLs it was given to."""
-    wanted = (version, canary and (canary["version"], canary["percent"]))
+    wanted = (version, canary and (canary["version"], canary["percent"]), shadow)
     lacking = []
     for url in gateways:
         try:
@@ -89,8 +96,31 @@ def keep_routed(
         except httpx.HTTPError:
             continue  # gone: it drops out of the fleet's list (read_traffic leaves it out)
         now = route.get("canary")
-        if (route.get("version"), now and (now["version"], now["percent"])) != wanted:
+        shadowed = route.get("shadow")
+        if (route.get("version"), now and (now["version"], now["percent"]), shadowed) != wanted:
             lacking.append(url)
     if lacking:
-        route_traffic(settings, model, version, canary, urls=lacking)
+        route_traffic(settings, model, version, canary, urls=lacking, shadow=shadow)
     return lacking
+
+
+def shadow_kept(settings: Settings, gateways: list[str], model: str, since: float) -> dict:
+    """What the gateways kept of model's shadow pairs since a time: {version: {pairs,
+    examples}}, every gateway's together. One that does not answer is left out."""
+    kept: dict[str, dict[str, list]] = {}
+    for url in gateways:
+        try:
+            resp = httpx.get(
+                f"{url}/admin/shadow/{model}",
+                params={"since": since},
+                timeout=10.0,
+                headers=_auth(settings),
+            )
+            resp.raise_for_status()
+        except httpx.HTTPError:
+            continue
+        for version, found in resp.json().items():
+            mine = kept.setdefault(version, {"pairs": [], "examples": []})
+            mine["pairs"] += found["pairs"]
+            mine["examples"] += found["examples"]
+    return kept

@@ -20,17 +20,34 @@ from datetime import UTC, datetime
 import httpx
 from prefect import get_run_logger, pause_flow_run, task
 from prefect.input import RunInput
-from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, Field
 
 from llmship import events
 from llmship.contracts import StageOutput
 from llmship.errors import CanaryFailed, ServingError, UngatedVersion
-from llmship.settings import RolloutConfig, ServingConfig, Settings, get_settings
-from llmship.store import ArtifactStore
+from llmship.settings import QualityPolicy, RolloutConfig, ServingConfig, Settings, get_settings
+from llmship.store import ArtifactStore, shadow_prefix
 from llmship.versions import PublishedVersion, read_version
 from serving import fleet
-from serving.gateway_admin import gateway_urls, keep_routed, model_route, route_traffic
+from serving.gateway_admin import (
+    gateway_urls,
+    keep_routed,
+    model_route,
+    route_traffic,
+    shadow_kept,
+)
+from serving.shadow import Shadow
+from tasks.canary_rule import (
+    ShadowScore,
+    StepResult,
+    Traffic,
+    judge,
+    parse_traffic,
+    quantile,
+    render_steps,
+    shadow_score,
+    traffic_since,
+)
 from tasks.common import (
     record_markdown,
     record_stage_artifact,
@@ -38,17 +55,6 @@ from tasks.common import (
 )
 
 SMOKE_PROMPT = "Hello"
-
-
-class StepResult(BaseModel):
-    """One canary step: the new version's traffic at the gateway over its bake."""
-
-    percent: float
-    seconds: float
-    requests: int
-    errors: int
-    p99_seconds: float | None
-    breach: str | None = None
 
 
 class RolloutResult(BaseModel):
@@ -75,88 +81,7 @@ class RolloutApproval(RunInput):
     note: str = Field("", description="why; kept in the run's logs")
 
 
-# ------------------------------------------------------------------ judging a canary step
-
-
-class Traffic(BaseModel):
-    """A version's requests at the gateway, as counters: subtract two to get a window."""
-
-    requests: float = 0.0
-    errors: float = 0.0
-    buckets: dict[float, float] = {}  # latency histogram: upper bound -> cumulative count
-
-    def minus(self, before: Traffic) -> Traffic:
-        return Traffic(
-            requests=self.requests - before.requests,
-            errors=self.errors - before.errors,
-            buckets={le: n - before.buckets.get(le, 0.0) for le, n in self.buckets.items()},
-        )
-
-    def plus(self, other: Traffic) -> Traffic:
-        return Traffic(
-            requests=self.requests + other.requests,
-            errors=self.errors + other.errors,
-            buckets={
-                le: self.buckets.get(le, 0.0) + other.buckets.get(le, 0.0)
-                for le in {*self.buckets, *other.buckets}
-            },
-        )
-
-
-def parse_traffic(metrics_text: str, model: str, version: str) -> Traffic:
-    """The version's totals over every endpoint, from the gateway's /metrics."""
-    traffic = Traffic()
-    for family in text_string_to_metric_families(metrics_text):
-        for sample in family.samples:
-            labels = sample.labels
-            if labels.get("model") != model or labels.get("version") != version:
-                continue
-            if sample.name == "llmship_gateway_requests_total":
-                traffic.requests += sample.value
-            elif sample.name == "llmship_gateway_errors_total":
-                traffic.errors += sample.value
-            elif sample.name == "llmship_gateway_request_seconds_bucket":
-                le = float(labels["le"])
-                traffic.buckets[le] = traffic.buckets.get(le, 0.0) + sample.value
-    return traffic
-
-
-def quantile(q: float, buckets: dict[float, float]) -> float | None:
-    """Prometheus's histogram_quantile: linear within the bucket the rank falls in; the
-    largest finite bound when it falls in +Inf."""
-    bounds = sorted(buckets)
-    total = buckets.get(float("inf"), 0.0)
-    if total <= 0:
-        return None
-    rank, lower, below = q * total, 0.0, 0.0
-    for le in bounds:
-        count = buckets[le]
-        if count >= rank:
-            if le == float("inf"):
-                return lower
-            return lower + (le - lower) * (rank - below) / max(count - below, 1e-12)
-        lower, below = le, count
-    return lower
-
-
-def judge(window: Traffic, cfg: RolloutConfig, *, finished: bool) -> str | None:
-    """Why a step breaches its limits, or None. Error rate and latency are judged as soon as
-    there is traffic (a failing canary stops early); too little traffic only at the end."""
-    n = int(window.requests)
-    if n and window.errors / n > cfg.max_error_rate:
-        return (
-            f"error rate {window.errors / n:.1%} ({int(window.errors)} of {n} requests) > "
-            f"{cfg.max_error_rate:.1%}"
-        )
-    p99 = quantile(0.99, window.buckets)
-    if cfg.max_p99_seconds is not None and p99 is not None and p99 > cfg.max_p99_seconds:
-        return f"p99 latency {p99:.2f} s > {cfg.max_p99_seconds:.2f} s over {n} requests"
-    if finished and n < cfg.min_requests:
-        return (
-            f"only {n} requests in {cfg.bake_seconds:.0f} s, fewer than min_requests "
-            f"{cfg.min_requests}: too little evidence to go on"
-        )
-    return None
+# ------------------------------------------------------------------ watching a canary step
 
 
 def read_traffic(gateways: list[str], model: str, version: str) -> dict[str, Traffic]:
@@ -177,40 +102,36 @@ def read_traffic(gateways: list[str], model: str, version: str) -> dict[str, Tra
     return traffic
 
 
-def traffic_since(before: dict[str, Traffic], now: dict[str, Traffic]) -> Traffic:
-    """The requests every gateway relayed between two readings. A gateway that started since
-    (or restarted: its counters went back) counts from zero; one that stopped keeps what it
-    counted before it went."""
-    total = Traffic()
-    for url, counted in now.items():
-        earlier = before.get(url)
-        restarted = earlier is None or counted.requests < earlier.requests
-        total = total.plus(counted if restarted else counted.minus(earlier))
-    return total
-
-
 def bake(
-    settings: Settings, server: fleet.Server, live: str, percent: float, cfg: RolloutConfig, log
+    settings: Settings,
+    server: fleet.Server,
+    live: str,
+    percent: float,
+    cfg: RolloutConfig,
+    log,
+    shadow: Shadow | None = None,
 ) -> StepResult:
-    """Watch the new version's share of traffic, on every gateway, for cfg.bake_seconds,
-    stopping at the first breach."""
-    canary = {"version": server.version, "percent": percent}
+    """Watch the new version's share of traffic (percent 0: shadow copies only), on every
+    gateway, for the step's bake, stopping at the first breach."""
+    canary = {"version": server.version, "percent": percent} if percent else None
+    copies = shadow and shadow.model_dump()
+    seconds = cfg.bake_seconds if percent else cfg.quality.shadow_bake_seconds
     before = read_traffic(gateway_urls(settings), server.model, server.version)
     started = time.monotonic()
     while True:
         time.sleep(
             min(
                 settings.rollout_check_interval_s,
-                max(0.0, cfg.bake_seconds - (time.monotonic() - started)),
+                max(0.0, seconds - (time.monotonic() - started)),
             )
         )
         elapsed = time.monotonic() - started
         gateways = gateway_urls(settings)
-        for url in keep_routed(settings, gateways, server.model, live, canary):
-            log.info("canary %s%%: gateway %s had not the canary's route: given", percent, url)
+        for url in keep_routed(settings, gateways, server.model, live, canary, copies):
+            log.info("step %s%%: gateway %s had not the step's route: given", percent, url)
         window = traffic_since(before, read_traffic(gateways, server.model, server.version))
-        finished = elapsed >= cfg.bake_seconds
-        breach = judge(window, cfg, finished=finished)
+        finished = elapsed >= seconds
+        breach = judge(window, cfg, finished=finished, shadow_only=not percent)
         if breach is None:
             now = fleet.find(settings, server.model, server.version)
             if now is None or not now.endpoints:
@@ -222,16 +143,50 @@ def bake(
             errors=int(window.errors),
             p99_seconds=quantile(0.99, window.buckets),
             breach=breach,
+            quality=shadow_score(window, cfg.quality) if shadow else None,
         )
         if breach or finished:
             return step
         log.info(
-            "canary %s%%: %d requests, %d errors after %.0f s",
+            "step %s%%: %d requests, %d errors%s after %.0f s",
             percent,
             step.requests,
             step.errors,
+            f", {step.quality.agreed} of {step.quality.pairs} shadowed answers agreed"
+            if step.quality
+            else "",
             elapsed,
         )
+
+
+def keep_shadow_record(
+    settings: Settings,
+    store: ArtifactStore,
+    server: fleet.Server,
+    step: StepResult,
+    number: int,
+    since: float,
+) -> None:
+    """The step's scored pairs, as hashes (and the disagreeing examples the policy keeps), in
+    the artifacts bucket under the version; the first ten examples go into the step's result
+    for the report."""
+    kept = shadow_kept(settings, gateway_urls(settings), server.model, since).get(
+        server.version, {"pairs": [], "examples": []}
+    )
+    stamp = datetime.fromtimestamp(since, UTC).strftime("%Y%m%dT%H%M%SZ")
+    key = f"{shadow_prefix(server.model, server.version)}/{stamp}-step{number}.json"
+    store.put_json(
+        key,
+        {
+            "model": server.model,
+            "version": server.version,
+            "step": step.model_dump(exclude={"quality"}),
+            "score": step.quality.model_dump(exclude={"examples", "stored"}),
+            **kept,
+        },
+    )
+    step.quality.stored = f"s3://{store.bucket}/{key}"
+    step.quality.examples = kept["examples"][:10]
 
 
 # ------------------------------------------------------------------ the rollout
@@ -306,34 +261,46 @@ def rollout(
         smoke = fleet.smoke_test(server, SMOKE_PROMPT)
         # A canary needs a version to compare with and to fall back on (and one that takes
         # all the traffic already has nothing left to prove).
-        for percent in cfg.canary_steps if current and previous and not routed else []:
+        shadow = shadow_of(cfg.quality, version.version)
+        for number, percent in enumerate(
+            canary_plan(cfg) if current and previous and not routed else [], start=1
+        ):
             route_traffic(
                 settings,
                 model,
                 current["version"],
-                canary={"version": version.version, "percent": percent},
+                canary={"version": version.version, "percent": percent} if percent else None,
+                shadow=shadow and shadow.model_dump(),
             )
             log.info(
-                "canary: %s%% of %s's traffic to %s for %.0f s",
+                "step %d: %s%% of %s's traffic to %s%s for %.0f s",
+                number,
                 percent,
                 model,
                 version.version,
-                cfg.bake_seconds,
+                f", {shadow.fraction:.0%} of the live requests copied to it" if shadow else "",
+                cfg.bake_seconds if percent else cfg.quality.shadow_bake_seconds,
             )
-            step = bake(settings, server, current["version"], percent, cfg, log)
+            step_started = time.time()
+            step = bake(settings, server, current["version"], percent, cfg, log, shadow)
             steps.append(step)
+            if shadow:
+                keep_shadow_record(settings, store, server, step, number, step_started)
             if step.breach:
+                what = f"canary of {model} {version.version}"
+                step_name = f"{what} at {percent:g}%" if percent else f"shadow step of {what}"
                 raise CanaryFailed(
-                    f"canary of {model} {version.version} at {percent:g}% "
-                    f"breached after {step.seconds:.0f} s: {step.breach}; "
-                    f"traffic is back on {previous}"
+                    f"{step_name} breached after {step.seconds:.0f} s: {step.breach}; "
+                    f"traffic is back on {previous}",
+                    steps=steps,
                 )
             log.info(
-                "canary %s%% passed: %d requests, %d errors, p99 %s",
+                "step %s%% passed: %d requests, %d errors, p99 %s%s",
                 percent,
                 step.requests,
                 step.errors,
                 _seconds(step.p99_seconds),
+                f", {_agreement(step.quality)}" if step.quality else "",
             )
         switch_started = time.monotonic()
         route_traffic(settings, model, version.version)
@@ -358,7 +325,8 @@ def rollout(
                     "version": version.version,
                     "back_on": previous,
                     "reason": str(exc),
-                    "steps": [s.model_dump() for s in steps],
+                    # No prompts or answers in an event: the examples stay in the bucket.
+                    "steps": [s.model_dump(exclude={"quality": {"examples"}}) for s in steps],
                 },
             )
         raise
@@ -384,6 +352,32 @@ def rollout(
         previous_warm_until=warm_until,
         smoke_output=smoke,
         seconds=round(time.monotonic() - started, 3),
+    )
+
+
+def canary_plan(cfg: RolloutConfig) -> list[float]:
+    """The steps' percentages: a shadow-only step (0 %) first when the quality policy asks."""
+    q = cfg.quality
+    return ([0.0] if q.enabled and q.shadow_bake_seconds > 0 else []) + cfg.canary_steps
+
+
+def shadow_of(q: QualityPolicy, version: str) -> Shadow | None:
+    if not q.enabled:
+        return None
+    return Shadow(
+        version=version,
+        fraction=q.sample_fraction,
+        max_rps=q.max_shadow_rps,
+        keep_examples=q.keep_examples,
+    )
+
+
+def _agreement(score: ShadowScore) -> str:
+    if not score.pairs:
+        return "no shadowed answers scored"
+    return (
+        f"{score.agreed} of {score.pairs} shadowed answers agreed ({score.agreement:.1%}, "
+        f"{score.confidence:.0%} lower bound {score.lower_bound:.3f}, floor {score.floor:.3f})"
     )
 
 
@@ -446,7 +440,23 @@ def rollout_task(
     allow_ungated: bool = False,
     reason: str = "",
 ) -> RolloutResult:
-    result = rollout(version, cfg, serving=serving, allow_ungated=allow_ungated, reason=reason)
+    try:
+        result = rollout(version, cfg, serving=serving, allow_ungated=allow_ungated, reason=reason)
+    except CanaryFailed as exc:
+        record_markdown(
+            version.model,
+            "rollout-steps",
+            render_steps(version.model, version.version, exc.steps, str(exc)),
+            f"{version.version} rolled back",
+        )
+        raise
+    if result.steps:
+        record_markdown(
+            version.model,
+            "rollout-steps",
+            render_steps(version.model, version.version, result.steps, "passed"),
+            f"{version.version} passed its canary",
+        )
     logger = get_run_logger()
     if result.changed:
         logger.info(

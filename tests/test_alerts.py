@@ -39,10 +39,12 @@ def test_no_url_no_alerts():
     assert notification_block(settings()) is None
 
 
-def test_automations_cover_failed_gates_and_every_failed_run_of_the_flows():
-    gate, perf, run = alert_automations(uuid.uuid4())
+def test_automations_cover_failed_gates_rolled_back_canaries_and_every_failed_run():
+    gate, perf, rolled_back, run = alert_automations(uuid.uuid4())
     assert gate.trigger.expect == {"llmship.gate.failed"}
     assert perf.trigger.expect == {"llmship.perf.failed"}
+    assert rolled_back.trigger.expect == {"llmship.rollout.rolled-back"}
+    assert "{{ event.payload.reason }}" in rolled_back.actions[0].body
     assert (
         run.trigger.expect
         == RUN_END_STATES

@@ -6,7 +6,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from pydantic import ValidationError
 
 from llmship.settings import RolloutConfig
-from tasks.rollout import Traffic, judge, parse_traffic, quantile, traffic_since
+from tasks.canary_rule import Traffic, judge, parse_traffic, quantile, traffic_since
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
