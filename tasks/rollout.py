@@ -287,8 +287,11 @@ def rollout(
             if shadow:
                 keep_shadow_record(settings, store, server, step, number, step_started)
             if step.breach:
-                what = f"canary of {model} {version.version}"
-                step_name = f"{what} at {percent:g}%" if percent else f"shadow step of {what}"
+                step_name = (
+                    f"canary of {model} {version.version} at {percent:g}%"
+                    if percent
+                    else f"shadow-only step of {model} {version.version}"
+                )
                 raise CanaryFailed(
                     f"{step_name} breached after {step.seconds:.0f} s: {step.breach}; "
                     f"traffic is back on {previous}",

@@ -279,6 +279,9 @@ def test_the_steps_report_shows_pairs_agreement_bound_floor_and_examples():
     ]
     report = render_steps("m", "v2", steps, "rolled back")
     assert "| 1 | 0% | 0 | 0 | - | 40 | 40 | 100.0% | 0.937 | 0.900 | - |" in report
-    assert "| 2 | 50% | 9 | 0 | 0.200 | 30 | 18 | 60.0% | 0.451 | 0.900 | agreement below the floor |" in report
+    assert (
+        "| 2 | 50% | 9 | 0 | 0.200 | 30 | 18 | 60.0% | 0.451 | 0.900 | agreement below the floor |"
+        in report
+    )
     assert report.count("  - new: 'termination'") == 10  # ten examples at most
     assert "`s3://artifacts/shadow/m/v2/step2.json`" in report
