@@ -11,6 +11,12 @@ token and to the whole answer (target <= 2 ms), and the gateway's CPU time per t
 
     .venv/orchestrator/bin/python bench/gateway_relay.py [--tokens 64 --token-ms 20]
 
+With --shadow, what shadow traffic (serving/shadow.py) costs the clients: a second stand-in
+serves version v2, and round by round the same waves go through the gateway with the route
+plain and with a shadow copying every request (fraction 1, the worst case) to v2; printed per
+concurrency: throughput ratio with/without, p50 added to the first token and to the whole
+answer, and the copies the gateway sent and scored.
+
 Starts and stops everything it uses; needs no stack.
 """
 
@@ -78,9 +84,19 @@ async def serve_stand_in(port: int, tokens: int, token_s: float) -> None:
                 for line in head.split(b"\r\n"):
                     if line.lower().startswith(b"content-length:"):
                         length = int(line.split(b":")[1])
-                await reader.readexactly(length)
+                body = await reader.readexactly(length)
                 if head.startswith(b"GET"):
                     writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                    continue
+                if length and not json.loads(body).get("stream"):  # a shadow copy: whole
+                    await asyncio.sleep(tokens * token_s)
+                    text = "".join(f" t{i}" for i in range(tokens))
+                    whole = json.dumps({"choices": [{"index": 0, "text": text}]}).encode()
+                    writer.write(
+                        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                        b"content-length: %d\r\n\r\n%s" % (len(whole), whole)
+                    )
+                    await writer.drain()
                     continue
                 writer.write(
                     b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
@@ -142,6 +158,44 @@ def compare(
     }
 
 
+def compare_shadow(
+    through: str, route, concurrency: int, requests: int, tokens: int, rounds: int
+) -> dict:
+    """The same wave through the gateway with the route plain and with a shadow, round by
+    round: medians of each side, their ratio and what the shadow added."""
+    per = {"plain": [], "shadow": []}
+    for _ in range(rounds):
+        for side in ("plain", "shadow"):
+            route(shadow=side == "shadow")
+            per[side].append(asyncio.run(wave(through, "relay", concurrency, requests, tokens)))
+    route(shadow=False)
+    p, s = (
+        {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+        for rs in (per["plain"], per["shadow"])
+    )
+    return {
+        "plain_rps": round(p["rps"], 3),
+        "shadow_rps": round(s["rps"], 3),
+        "ratio": round(s["rps"] / p["rps"], 4),
+        "added_ttft_p50_ms": round((s["ttft_p50"] - p["ttft_p50"]) * 1000, 2),
+        "added_total_p50_ms": round((s["total_p50"] - p["total_p50"]) * 1000, 2),
+    }
+
+
+def shadow_copies(through: str) -> dict[str, float]:
+    """The gateway's shadow counters for relay v2, by outcome."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{through}/metrics").text):
+        for sample in family.samples:
+            if sample.name == "llmship_gateway_shadow_requests_total":
+                counts[sample.labels["outcome"]] = sample.value
+            elif sample.name == "llmship_gateway_shadow_pairs_total":
+                counts[f"pairs {sample.labels['agreement']}"] = sample.value
+    return counts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=64)
@@ -158,25 +212,36 @@ def main() -> None:
         "line (llmship.stack.gateway_argv: uvloop, httptools with the "
         "head limits), e.g. '--loop uvloop --http httptools'",
     )
-    args = parser.parse_args()
-    upstream_port, gateway_port = free_port(), free_port()
-    stand_in = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            (
-                "import asyncio, sys; sys.path.insert(0, 'bench'); import gateway_relay as g; "
-                f"asyncio.run(g.serve_stand_in({upstream_port}, {args.tokens}, "
-                f"{args.token_ms / 1000}))"
-            ),
-        ],
-        cwd=REPO,
+    parser.add_argument(
+        "--shadow", action="store_true", help="compare the route with and without a shadow"
     )
+    args = parser.parse_args()
+    upstream_port, shadow_port, gateway_port = free_port(), free_port(), free_port()
+
+    def start_stand_in(port: int) -> subprocess.Popen:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                (
+                    "import asyncio, sys; sys.path.insert(0, 'bench'); import gateway_relay as g;"
+                    f" asyncio.run(g.serve_stand_in({port}, {args.tokens}, "
+                    f"{args.token_ms / 1000}))"
+                ),
+            ],
+            cwd=REPO,
+        )
+
+    stand_in = start_stand_in(upstream_port)
+    shadow_stand_in = start_stand_in(shadow_port) if args.shadow else None
     state = tempfile.mkdtemp(prefix="llmship-bench-relay-")
-    # The replica the fleet would report for relay v1: the stand-in (no Ray needed here).
+    # The replicas the fleet would report for relay v1 (and v2): the stand-ins (no Ray here).
     write_json(
         gateway_state_dir(Settings(state_dir=state, gateway_port=gateway_port)) / "endpoints.json",
-        {"relay--v1": [f"http://127.0.0.1:{upstream_port}"]},
+        {
+            "relay--v1": [f"http://127.0.0.1:{upstream_port}"],
+            "relay--v2": [f"http://127.0.0.1:{shadow_port}"],
+        },
     )
     env = os.environ | {
         "LLMSHIP_STATE_DIR": state,
@@ -229,6 +294,29 @@ def main() -> None:
         )
         for url in (direct, through):
             asyncio.run(wave(url, "relay", 4, 8, args.tokens))
+        if args.shadow:
+
+            def route(shadow: bool) -> None:
+                copies = {"version": "v2", "fraction": 1.0, "max_rps": 10000.0}
+                httpx.put(
+                    f"{through}/admin/routes/relay",
+                    json={"version": "v1", "shadow": copies if shadow else None},
+                    headers={"authorization": f"Bearer {TOKEN}"},
+                ).raise_for_status()
+
+            for concurrency in map(int, args.concurrency.split(",")):
+                row = compare_shadow(
+                    through, route, concurrency, args.requests, args.tokens, args.rounds
+                )
+                print(
+                    f"c={concurrency:2d}  plain {row['plain_rps']:6.2f} req/s  with shadow "
+                    f"{row['shadow_rps']:6.2f} req/s  ratio {row['ratio']:.3f}  added p50: "
+                    f"first token {row['added_ttft_p50_ms']:+.2f} ms, whole answer "
+                    f"{row['added_total_p50_ms']:+.2f} ms",
+                    flush=True,
+                )
+            print(f"shadow copies by outcome: {shadow_copies(through)}")
+            return
         for concurrency in map(int, args.concurrency.split(",")):
             row = compare(
                 direct,
@@ -248,10 +336,9 @@ def main() -> None:
                 f"gateway CPU {row['gateway_cpu_us_per_token']:.0f} us per token"
             )
     finally:
-        gateway.terminate()
-        stand_in.terminate()
-        gateway.wait(10)
-        stand_in.wait(10)
+        for process in filter(None, (gateway, stand_in, shadow_stand_in)):
+            process.terminate()
+            process.wait(10)
 
 
 if __name__ == "__main__":

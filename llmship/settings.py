@@ -544,6 +544,15 @@ class RolloutConfig(BaseModel, extra="forbid"):
             )
         return v
 
+    @model_validator(mode="after")
+    def _quality_has_a_step_to_judge(self) -> RolloutConfig:
+        if self.quality.enabled and not (self.canary_steps or self.quality.shadow_bake_seconds):
+            raise ValueError(
+                "quality.enabled judges the new version's answers during a step, and this "
+                "rollout has none: set canary_steps or quality.shadow_bake_seconds"
+            )
+        return self
+
 
 class PipelineConfig(BaseModel, extra="forbid"):
     """What one build-and-serve run makes: a flow parameter, set per deployment."""

@@ -324,7 +324,9 @@ def restore_routes(settings: Settings, saved: dict[str, Route]) -> dict[str, Rou
         return saved
     return {
         model: saved[model]
-        if model in saved and saved[model].version == version and not saved[model].canary
+        if model in saved
+        and saved[model].version == version
+        and not (saved[model].canary or saved[model].shadow)
         else Route(version=version)
         for model, version in live.items()
     }

@@ -190,7 +190,7 @@ def test_copies_the_candidate_fails_are_its_errors():
     assert breach == "error rate 100.0% (4 of 4 requests, 4 of them shadow copies) > 1.0%"
 
 
-POLICY = QualityPolicy(enabled=True, min_pairs=30, agreement_floor=0.9)
+POLICY = QualityPolicy(enabled=True, min_pairs=30, agreement_floor=0.9, shadow_bake_seconds=60)
 
 
 def scored(exact=0, answer=0, none=0):
@@ -285,3 +285,9 @@ def test_the_steps_report_shows_pairs_agreement_bound_floor_and_examples():
     )
     assert report.count("  - new: 'termination'") == 10  # ten examples at most
     assert "`s3://artifacts/shadow/m/v2/step2.json`" in report
+
+
+def test_a_quality_policy_without_a_step_to_judge_is_refused():
+    with pytest.raises(ValidationError, match="set canary_steps or quality.shadow_bake_seconds"):
+        RolloutConfig(quality=QualityPolicy(enabled=True))
+    RolloutConfig(quality=QualityPolicy(enabled=True, shadow_bake_seconds=60))
