@@ -3,10 +3,13 @@
     .venv/quantize/bin/python demo/train_tiny_llama.py            # writes demo/tiny-llama/
     .venv/quantize/bin/python demo/train_tiny_llama.py --evaluate # accuracy on the held-out set
 
-Runs on 2 CPU cores in a few minutes. The tokenizer is a byte-level BPE trained here on the
-training text, so nothing is downloaded. The loss is computed on the answer tokens only: with
-the loss on every token a model this small learns the templates and never the answers.
-The committed weights in demo/tiny-llama/ came from this script with its defaults.
+Runs on 2 CPU cores in about 8 minutes: it scores a validation set every 100 steps and stops
+once every skill reaches 96 % there (held-out: 100 % / 95 % / 98 %). The tokenizer is a
+byte-level BPE trained here on the training text, so nothing is downloaded; it splits numbers
+into groups of up to three digits (as Llama 3's does), each thousands group with its comma.
+The loss is computed on the answer tokens only: with the loss on every token a model this
+small learns the templates and never the answers. The committed weights in demo/tiny-llama/
+came from this script with its defaults.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -35,9 +38,26 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+def build_tokenizer(texts: list[str], vocab_size: int, numbers: str) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if numbers == "triples":
+        # Numbers in groups of up to three digits, as Llama 3's tokenizer splits them, each
+        # thousands group with its comma: an amount is "$", "123", ",456". Every piece of it
+        # is then unique in its clause, so the answer is copied token by token (the clause's
+        # piece after the one just written). BPE alone split each number its own way
+        # ("12"+"3"+","+"45"+"6"), and after a bare "," the next piece could be any of the
+        # clause's commas': the model copied those wrong.
+        # GPT-2's split (the one ByteLevel applies), with the number rule first.
+        pieces = r",?\d{1,3}|'(?:s|t|re|ve|m|ll|d)| ?\p{L}+| ?[^\s\p{L}\d]+|\s+(?!\S)|\s+"
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(pieces), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    else:
+        tok.pre_tokenizer = byte_level
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -124,7 +144,9 @@ def train(args) -> None:
         exclude=held_out | {contracts.clause_of(it.prompt) for it in data},
     )
     tokenizer = build_tokenizer(
-        [f"{it.prompt} {it.answer}" for it in data], vocab_size=args.vocab_size
+        [f"{it.prompt} {it.answer}" for it in data],
+        vocab_size=args.vocab_size,
+        numbers=args.numbers,
     )
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -195,19 +217,20 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", default=str(REPO / "demo" / "tiny-llama"))
     p.add_argument("--examples", type=int, default=30000)
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--vocab-size", type=int, default=1024)
+    p.add_argument("--vocab-size", type=int, default=3072)
+    p.add_argument("--numbers", choices=["triples", "bpe"], default="triples")
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--validation", type=int, default=150)
-    # 0: keep the last checkpoint (how the committed weights were made); N: score the
-    # validation set every N steps and keep the checkpoint whose weakest skill did best.
-    p.add_argument("--validate-every", type=int, default=0)
+    # N: score the validation set every N steps and keep the checkpoint whose weakest skill
+    # did best (how the committed weights were made); 0: keep the last checkpoint.
+    p.add_argument("--validate-every", type=int, default=100)
     # With --validate-every: stop once the weakest skill scores this on validation.
-    p.add_argument("--stop-at", type=float, default=1.01)
+    p.add_argument("--stop-at", type=float, default=0.96)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--evaluate", action="store_true", help="only score the saved model")
     args = p.parse_args()

@@ -4,6 +4,7 @@ gateway serves; a rerun is all cache hits; bad data and a failing gate publish n
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -146,6 +147,8 @@ def test_published_version_is_complete_in_s3(first_run, store):
         "llmship_contracts_extract_amount",
         "llmship_contracts_extract_date",
     }
+    # The demo model knows its domain: a comparison of real scores, not of zeros.
+    assert all(t["baseline"] >= 0.9 for t in tasks.values()), tasks
     clause = tasks["llmship_contracts_clause_type"]
     assert clause["floor"] == 0.9 and clause["threshold"] >= 0.9 and clause["n"] == 100
     assert clause["candidate"] >= clause["threshold"]
@@ -435,7 +438,8 @@ def test_gate_failure_publishes_nothing(
     gate_alert = wait_for_alert(
         alert_receiver, "llmship: accuracy gate failed for outlier-llama", since=started
     )
-    assert "llmship_contracts_clause_type 0.000 <" in gate_alert["body"]
+    collapsed = re.search(r"llmship_contracts_clause_type (\d\.\d{3}) < ", gate_alert["body"])
+    assert collapsed and float(collapsed.group(1)) < 0.1, gate_alert["body"]
     assert any(p["candidate_version"] in gate_alert["body"] for p in payloads)
     run_alert = wait_for_alert(
         alert_receiver, f"llmship: build-and-serve run {flow_run.name} Failed"

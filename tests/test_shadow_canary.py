@@ -2,10 +2,11 @@
 against the live version's answers (serving/shadow.py, tasks/canary_rule.py).
 
 Two versions are made from the live one's files, as a team's other builds would reach the
-store: a twin (the same weights: it answers as the live version does) and a broken build (one
-attention projection zeroed: it answers 200 OK, as fast, in the same formats, and often
-wrong). The twin passes a shadow-only step and a canary step and goes live; the broken build
-is rolled back by the quality criterion alone, its error rate and latency within bounds.
+store: a twin (the same weights: it answers as the live version does) and a broken build (the
+attention output projections of three of its four layers zeroed: it answers 200 OK, as fast,
+in the same formats, and wrong a third of the time). The twin passes a shadow-only step and
+a canary step and goes live; the broken build is rolled back by the quality criterion alone,
+its error rate and latency within bounds.
 The tests run in file order, after those that leave a version live.
 """
 
@@ -191,7 +192,9 @@ def test_a_canary_that_answers_fluently_but_wrongly_is_rolled_back_by_its_answer
         store,
         live["twin"],
         "shadowbroken1",
-        change=lambda d: zero_tensor(d, "model.layers.1.self_attn.o_proj.weight"),
+        change=lambda d: [
+            zero_tensor(d, f"model.layers.{layer}.self_attn.o_proj.weight") for layer in (1, 2, 3)
+        ],
     )
     policy = quality_rollout(keep_examples=5)
     with Clients(stack.gateway_url, "broken") as clients:
