@@ -3,14 +3,19 @@
 Rounds alternate: in one the model's route has no shadow, in the next it copies every live
 request (fraction 1, the worst case) to another version's replicas; each round sends the same
 completions, one after another, through the gateway. Reported: the clients' p50 and p95
-latency with and without, and their ratio (target: p50 within the noise, ratio <= 1.05 where
-the candidate has GPUs of its own; on one CPU host the copies compete with the live engine for
-the same cores, which this shows too). Every answer must come from the live version.
+latency with and without, and their ratio. Every answer must come from the live version.
 
-    .venv/orchestrator/bin/python bench/shadow_overhead.py --model tiny-llama \
-        --shadow-version <a version with running replicas> [--rounds 6] [--requests 20]
+On one CPU host the shadow's engine computes on the same cores as the live one, so the ratio
+here is mostly two vLLM engines sharing 2 cores; `bench/gateway_relay.py --shadow` measures
+the gateway's own part against stand-in engines.
 
-tests/test_shadow_canary.py runs it on the test stack and prints the figures.
+    make demo   # the stack, with tiny-llama live
+    .venv/orchestrator/bin/python bench/shadow_overhead.py --model tiny-llama --make-twin \
+        [--rounds 6] [--requests 20]
+
+--make-twin publishes a copy of the live version's files as version `benchtwin0001` and
+starts its replicas (stopped again at the end); or name a version with running replicas with
+--shadow-version.
 """
 
 from __future__ import annotations
@@ -18,16 +23,22 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import httpx
 
-from llmship.settings import Settings, get_settings
+from llmship.settings import ServingConfig, Settings, get_settings
+from llmship.store import ArtifactStore, version_prefix
+from llmship.versions import read_version
+from serving import fleet
 from serving.gateway_admin import model_route, route_traffic
 from serving.shadow import Shadow
 
 PROMPT = "Clause: {a} shall pay {b} the sum of ${n},000 no later than May 2, 2027.\nQuestion: "
 QUESTION = "What amount does the clause state?\nAnswer:"
+TWIN = "benchtwin0001"
 
 
 def measure(
@@ -72,14 +83,43 @@ def measure(
     }
 
 
+def start_twin(settings: Settings, model: str) -> fleet.Server:
+    """The live version's files as version TWIN, published (once) and served."""
+    store = ArtifactStore(settings)
+    live = store.read_alias(model, "live")
+    if read_version(store, model, TWIN) is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            files = Path(tmp) / "files"
+            manifest = store.download_dir(version_prefix(model, live), files)
+            store.upload_dir(
+                files, version_prefix(model, TWIN), manifest.model_copy(update={"key": TWIN})
+            )
+    twin = read_version(store, model, TWIN)
+    server, _ = fleet.acquire(
+        settings, fleet.spec_for_version(model, TWIN, twin.serve), ServingConfig()
+    )
+    return server
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="tiny-llama")
-    p.add_argument("--shadow-version", required=True)
+    p.add_argument("--shadow-version")
+    p.add_argument("--make-twin", action="store_true")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--requests", type=int, default=20)
     args = p.parse_args()
-    result = measure(get_settings(), args.model, args.shadow_version, args.rounds, args.requests)
+    if not (args.shadow_version or args.make_twin):
+        p.error("name --shadow-version, or --make-twin")
+    settings = get_settings()
+    twin = start_twin(settings, args.model) if args.make_twin else None
+    try:
+        result = measure(
+            settings, args.model, args.shadow_version or TWIN, args.rounds, args.requests
+        )
+    finally:
+        if twin:
+            fleet.release(settings, twin)
     print(json.dumps(result, indent=2))
 
 
