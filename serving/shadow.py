@@ -275,6 +275,8 @@ class Shadower:
                 await self._score(copy, live_text)
             except Exception:  # noqa: BLE001 - a copy must never stop the workers
                 log.exception("scoring a shadow copy of %s failed", copy.model)
+            finally:
+                self.queue.task_done()
 
     async def _score(self, copy: Copy, live_text: str) -> None:
         version = copy.shadow.version

@@ -130,9 +130,7 @@ def run_shadower(requests, candidate, shadow=SHADOW, queue_size=64):
             if copy:
                 shadower.offer(copy, live)
         workers = asyncio.create_task(shadower.run())
-        while not shadower.queue.empty():
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.05)
+        await asyncio.wait_for(shadower.queue.join(), 30)  # every copy scored
         workers.cancel()
         return shadower
 
@@ -160,14 +158,14 @@ def test_the_gateway_keeps_counts_and_hashes_and_examples_only_when_asked():
 
 
 def test_copies_past_the_rate_cap_or_the_queue_are_dropped_never_waited_for():
-    everything = SHADOW.model_copy(update={"fraction": 1.0, "max_rps": 2})
+    everything = SHADOW.model_copy(update={"fraction": 1.0, "max_rps": 1})
     requests = [(f"q{i}", "a", f"id{i}") for i in range(10)]
     shadower, registry = run_shadower(
         requests, Candidate({f"q{i}": "a" for i in range(10)}), everything
     )
-    # A burst of 10 within a moment: the bucket holds 2.
+    # A burst of 10 within a moment: the bucket holds 1 (and refills at 1 a second).
     window = parse_traffic(generate_latest(registry).decode(), "m", "v2")
-    assert window.shadow == {"answered": 2.0, "capped": 8.0}
+    assert window.shadow == {"answered": 1.0, "capped": 9.0}
 
     _, registry = run_shadower(
         requests,
