@@ -104,48 +104,46 @@ def notification_block(settings: Settings) -> NotificationBlock | None:
     return None
 
 
+def notify_on(event: str, name: str, description: str, subject: str, body: str, block_id):
+    """An alert: one notification through the block for every `event` about any model."""
+    return Automation(
+        name=name,
+        description=description,
+        trigger=EventTrigger(
+            expect={event},
+            posture=Posture.Reactive,
+            threshold=1,
+            match={"prefect.resource.id": events.MODEL_RESOURCE.format(model="*")},
+        ),
+        actions=[SendNotification(block_document_id=block_id, subject=subject, body=body)],
+    )
+
+
 def alert_automations(block_id) -> list[Automation]:
     return [
-        Automation(
-            name=GATE_FAILED,
-            description="Notify the team when a candidate fails the accuracy gate",
-            trigger=EventTrigger(
-                expect={events.GATE_FAILED},
-                posture=Posture.Reactive,
-                threshold=1,
-                match={"prefect.resource.id": events.MODEL_RESOURCE.format(model="*")},
-            ),
-            actions=[
-                SendNotification(block_document_id=block_id, subject=GATE_SUBJECT, body=GATE_BODY)
-            ],
+        notify_on(
+            events.GATE_FAILED,
+            GATE_FAILED,
+            "Notify the team when a candidate fails the accuracy gate",
+            GATE_SUBJECT,
+            GATE_BODY,
+            block_id,
         ),
-        Automation(
-            name=PERF_FAILED,
-            description="Notify the team when a candidate fails the performance gate",
-            trigger=EventTrigger(
-                expect={events.PERF_FAILED},
-                posture=Posture.Reactive,
-                threshold=1,
-                match={"prefect.resource.id": events.MODEL_RESOURCE.format(model="*")},
-            ),
-            actions=[
-                SendNotification(block_document_id=block_id, subject=PERF_SUBJECT, body=PERF_BODY)
-            ],
+        notify_on(
+            events.PERF_FAILED,
+            PERF_FAILED,
+            "Notify the team when a candidate fails the performance gate",
+            PERF_SUBJECT,
+            PERF_BODY,
+            block_id,
         ),
-        Automation(
-            name=ROLLED_BACK,
-            description="Notify the team when a canary breaches and traffic goes back",
-            trigger=EventTrigger(
-                expect={events.ROLLED_BACK},
-                posture=Posture.Reactive,
-                threshold=1,
-                match={"prefect.resource.id": events.MODEL_RESOURCE.format(model="*")},
-            ),
-            actions=[
-                SendNotification(
-                    block_document_id=block_id, subject=ROLLED_BACK_SUBJECT, body=ROLLED_BACK_BODY
-                )
-            ],
+        notify_on(
+            events.ROLLED_BACK,
+            ROLLED_BACK,
+            "Notify the team when a canary breaches and traffic goes back",
+            ROLLED_BACK_SUBJECT,
+            ROLLED_BACK_BODY,
+            block_id,
         ),
         Automation(
             name=RUN_FAILED,
