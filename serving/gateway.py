@@ -259,20 +259,32 @@ class GatewayState:
         self, model: str, version: str, endpoint: str, body: bytes
     ) -> tuple[int, bytes]:
         """A shadow copy to the least busy of version's replicas: (status, body)."""
-        urls = self.replicas_of(model, version)
+        urls = self.least_busy(self.replicas_of(model, version))
         if not urls:
             raise ConnectionError(f"{model} {version} has no running replica")
-        url = min(urls, key=lambda u: (self.upstream_in_flight.get(u, 0), random.random()))
-        self.upstream_in_flight[url] = self.upstream_in_flight.get(url, 0) + 1
+        self.take_upstream(urls[0])
         try:
             async with self.client.post(
-                f"{url}{endpoint}", data=body, headers={"content-type": "application/json"}
+                f"{urls[0]}{endpoint}", data=body, headers={"content-type": "application/json"}
             ) as resp:
                 return resp.status, await resp.read()
         finally:
-            self.upstream_in_flight[url] -= 1
-            if not self.upstream_in_flight[url]:
-                del self.upstream_in_flight[url]
+            self.release_upstream(urls[0])
+
+    def least_busy(self, urls: list[str]) -> list[str]:
+        """Fewest requests in flight from this gateway first; among equals, a random one (a
+        fresh gateway spreads too)."""
+        return sorted(urls, key=lambda u: (self.upstream_in_flight.get(u, 0), random.random()))
+
+    def take_upstream(self, url: str) -> None:
+        self.upstream_in_flight[url] = self.upstream_in_flight.get(url, 0) + 1
+
+    def release_upstream(self, url: str) -> None:
+        left = self.upstream_in_flight.get(url, 1) - 1
+        if left > 0:
+            self.upstream_in_flight[url] = left
+        else:
+            self.upstream_in_flight.pop(url, None)
 
     def count_unanswered(self, model: str, version: str, endpoint: str) -> None:
         """A request the gateway answered 503 for version: a request and an error, so the
@@ -708,10 +720,7 @@ def _backends(gw: GatewayState, model: str, route: Route) -> list[tuple[str, str
         )
     order = []
     for version in versions:
-        urls = gw.replicas_of(model, version)
-        # Fewest in flight first; among equals, a random one (a fresh gateway spreads too).
-        ranked = sorted(urls, key=lambda u: (gw.upstream_in_flight.get(u, 0), random.random()))
-        order += [(version, url) for url in ranked]
+        order += [(version, url) for url in gw.least_busy(gw.replicas_of(model, version))]
     return order
 
 
@@ -779,14 +788,7 @@ async def _forward(
         )
         resp503.headers["retry-after"] = "5"
         return resp503
-    gw.upstream_in_flight[upstream] = gw.upstream_in_flight.get(upstream, 0) + 1
-
-    def release_upstream() -> None:
-        left = gw.upstream_in_flight.get(upstream, 1) - 1
-        if left > 0:
-            gw.upstream_in_flight[upstream] = left
-        else:
-            gw.upstream_in_flight.pop(upstream, None)
+    gw.take_upstream(upstream)
 
     def record(status: str) -> None:
         gw.requests.labels(model, version, endpoint, status).inc()
@@ -834,7 +836,7 @@ async def _forward(
             else:
                 resp.close()  # the client left or the engine failed: not reusable
             gw.in_flight -= 1
-            release_upstream()
+            gw.release_upstream(upstream)
             record(outcome["status"])
             if copy:
                 whole = outcome.get("whole") and len(answer) <= gw.shadower.max_bytes
@@ -859,7 +861,7 @@ async def _forward(
         )
     finally:
         resp.release()
-        release_upstream()
+        gw.release_upstream(upstream)
     record(str(resp.status))
     if copy:
         gw.shadower.offer(copy, _answer_of(content))

@@ -68,10 +68,6 @@ class Example(BaseModel):
 # ------------------------------------------------------------------ pure parts
 
 
-def request_id(header: str | None, body: bytes) -> str:
-    return header or hashlib.sha256(body).hexdigest()
-
-
 def is_sampled(request_id: str, shadow: Shadow) -> bool:
     digest = hashlib.sha256(f"{shadow.version}:{request_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < shadow.fraction
@@ -221,7 +217,8 @@ class Shadower:
     ) -> Copy | None:
         """Whether to copy this live request: a Copy to complete with its answer, or None."""
         extras = parsed.model_extra or {}
-        rid = request_id(request_id_header, body)
+        # The body's digest is the request's id when the client gave none: hashed once.
+        rid = request_id_header or sha256(body)
         if not is_sampled(rid, shadow):
             return None
         if why_not_comparable(parsed.temperature, extras.get("seed"), parsed.n):
@@ -236,7 +233,7 @@ class Shadower:
             endpoint=endpoint,
             body=body,
             streamed=parsed.stream,
-            request_sha256=sha256(body),
+            request_sha256=sha256(body) if request_id_header else rid,
         )
 
     def offer(self, copy: Copy, live_text: str | None) -> None:
