@@ -17,7 +17,7 @@ from prefect.deployments import run_deployment
 
 from llmship.versions import VersionDetails, list_versions
 from tasks.gate_rule import RULE, wilson_lower
-from tests.helpers.prefect_api import prefect_auth
+from tests.helpers.prefect_api import events_named
 from tests.helpers.procs import cmdline, descendants
 from tests.helpers.waiting import wait_for
 
@@ -461,11 +461,7 @@ def gate_failed_events(stack, model: str, timeout: float = 30) -> list[dict]:
     a few seconds after automations have already acted on them."""
     deadline = time.monotonic() + timeout
     while True:
-        events = httpx.post(
-            f"{stack.prefect_api_url}/events/filter",
-            auth=prefect_auth(stack),
-            json={"filter": {"event": {"name": ["llmship.gate.failed"]}}, "limit": 50},
-        ).json()["events"]
+        events = events_named(stack, "llmship.gate.failed", limit=50)
         found = [e["payload"] for e in events if e["resource"]["llmship.model"] == model]
         if found or time.monotonic() > deadline:
             return found

@@ -38,7 +38,7 @@ from tests.helpers.engines import (
     replica_actor_pids,
 )
 from tests.helpers.load import SteadyLoad
-from tests.helpers.prefect_api import prefect_auth
+from tests.helpers.prefect_api import events_named
 from tests.helpers.waiting import wait_for
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
@@ -302,12 +302,8 @@ def test_a_canary_that_dies_is_rolled_back_by_itself(versions, stack, store, pre
     assert after and all(o.ok and o.version == a for o in after)
 
     def rolled_back_event():
-        events = httpx.post(
-            f"{stack.prefect_api_url}/events/filter",
-            auth=prefect_auth(stack),
-            json={"filter": {"event": {"name": ["llmship.rollout.rolled-back"]}}, "limit": 5},
-        ).json()
-        return [e["payload"] for e in events["events"] if e["payload"]["version"] == b]
+        events = events_named(stack, "llmship.rollout.rolled-back", limit=5)
+        return [e["payload"] for e in events if e["payload"]["version"] == b]
 
     [payload] = wait_for("a rolled-back event", rolled_back_event, timeout=30)
     assert payload["back_on"] == a and payload["steps"][0]["errors"] >= 1
@@ -453,11 +449,7 @@ def test_a_live_version_that_cannot_stay_up_is_replaced_by_the_previous_version(
     # What happened is on record: the event, the rollback run with its reason, the alert.
     alias = store.get_json("aliases/tiny-llama/live.json")[0]
     assert f"the gateway declared the live version {a} down" in alias["reason"]
-    events = httpx.post(
-        f"{stack.prefect_api_url}/events/filter",
-        auth=prefect_auth(stack),
-        json={"filter": {"event": {"name": ["llmship.serving.down"]}}, "limit": 5},
-    ).json()["events"]
+    events = events_named(stack, "llmship.serving.down", limit=5)
     assert [e["payload"]["version"] for e in events if e["payload"]["model"] == "tiny-llama"] == [a]
     wait_for(
         "the alert",

@@ -20,7 +20,14 @@ from serving.shadow import (
     streamed_text,
     why_not_comparable,
 )
-from tasks.canary_rule import StepResult, judge, parse_traffic, render_steps, shadow_score
+from tasks.canary_rule import (
+    StepResult,
+    Traffic,
+    judge,
+    parse_traffic,
+    render_steps,
+    shadow_score,
+)
 
 SHADOW = Shadow(version="v2", fraction=0.25, max_rps=1000)
 
@@ -192,12 +199,7 @@ POLICY = QualityPolicy(enabled=True, min_pairs=30, agreement_floor=0.9, shadow_b
 
 
 def scored(exact=0, answer=0, none=0):
-    return shadow_score_window(exact, answer, none)
-
-
-def shadow_score_window(exact, answer, none):
-    from tasks.canary_rule import Traffic
-
+    """A step's window of shadowed pairs, by agreement."""
     pairs = {"exact": exact, "answer": answer, "none": none}
     return Traffic(
         shadow={"answered": float(exact + answer + none)},

@@ -27,7 +27,7 @@ from llmship.settings import QualityPolicy, RolloutConfig
 from llmship.store import version_prefix
 from llmship.versions import read_version
 from serving.shadow import Shadow, is_sampled, sha256
-from tests.helpers.prefect_api import prefect_auth
+from tests.helpers.prefect_api import events_named
 from tests.helpers.waiting import wait_for
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
@@ -223,12 +223,8 @@ def test_a_canary_that_answers_fluently_but_wrongly_is_rolled_back_by_its_answer
     assert example["prompt"].startswith("Clause: ") and example["live"] != example["candidate"]
 
     def rolled_back_event():
-        events = httpx.post(
-            f"{stack.prefect_api_url}/events/filter",
-            auth=prefect_auth(stack),
-            json={"filter": {"event": {"name": ["llmship.rollout.rolled-back"]}}, "limit": 10},
-        ).json()
-        return [e["payload"] for e in events["events"] if e["payload"]["version"] == broken.version]
+        events = events_named(stack, "llmship.rollout.rolled-back", limit=10)
+        return [e["payload"] for e in events if e["payload"]["version"] == broken.version]
 
     [payload] = wait_for("a rolled-back event", rolled_back_event, timeout=30)
     quality = payload["steps"][0]["quality"]

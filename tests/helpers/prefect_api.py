@@ -8,3 +8,15 @@ def prefect_auth(settings) -> tuple[str, str]:
     """httpx's `auth=` for the stack's Prefect API."""
     user, _, password = settings.prefect_api_auth_string.partition(":")
     return user, password
+
+
+def events_named(settings, name: str, limit: int = 50) -> list[dict]:
+    """The stack's stored events of one name, newest first. The server stores events in
+    batches, a few seconds after automations have acted on them: poll for one."""
+    import httpx
+
+    return httpx.post(
+        f"{settings.prefect_api_url}/events/filter",
+        auth=prefect_auth(settings),
+        json={"filter": {"event": {"name": [name]}}, "limit": limit},
+    ).json()["events"]
