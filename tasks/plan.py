@@ -134,6 +134,31 @@ def needs_gpu(config: PipelineConfig) -> str | None:
     return None
 
 
+def check_gpu_presence(config: PipelineConfig, gpus: list[Gpu], device: str) -> Check | None:
+    """The refusal of a GPU deployment on a worker without GPUs, or None. It needs nothing
+    of the model, so the preflight asks it before any hub or store call: a GPU run that
+    landed on the wrong worker says so first, not after a download or a hub error."""
+    why_gpu = needs_gpu(config)
+    if why_gpu is None:
+        return None
+    if device != "cuda":
+        return Check(
+            name="GPUs",
+            ok=False,
+            detail=f"this deployment needs CUDA GPUs ({why_gpu}); LLMSHIP_DEVICE is "
+            f"{device!r}: run it on a GPU work pool whose workers set "
+            "LLMSHIP_DEVICE=cuda (README, 'GPU path')",
+        )
+    if not gpus:
+        return Check(
+            name="GPUs",
+            ok=False,
+            detail=f"this deployment needs CUDA GPUs ({why_gpu}); LLMSHIP_DEVICE is 'cuda' but "
+            "nvidia-smi lists no GPU on this worker: start the worker on a GPU host",
+        )
+    return None
+
+
 def calibration_peak_gib(config: PipelineConfig, shape: ModelShape, a: PlanAssumptions) -> float:
     if config.calibration.scheme is Scheme.UNQUANTIZED:
         return 0.0
@@ -229,18 +254,10 @@ def check_resources(
             ),
         )
     )
-    why_gpu = needs_gpu(config)
     if device != "cuda":
         checks.append(
-            Check(
-                name="GPUs",
-                ok=why_gpu is None,
-                detail="CPU run"
-                if why_gpu is None
-                else f"this deployment needs CUDA GPUs ({why_gpu}); LLMSHIP_DEVICE is "
-                f"{device!r}: run it on a GPU work pool whose workers set "
-                "LLMSHIP_DEVICE=cuda (README, 'GPU path')",
-            )
+            check_gpu_presence(config, gpus, device)
+            or Check(name="GPUs", ok=True, detail="CPU run")
         )
         return checks
     tp = config.serving.tensor_parallel_size

@@ -31,7 +31,16 @@ from llmship.gpus import Gpu, detect_gpus
 from llmship.settings import PipelineConfig, Settings, Target, get_settings
 from serving.engines import python_for
 from tasks.common import record_markdown
-from tasks.plan import GIB, Check, ModelShape, Plan, check_resources, estimate_stages, render
+from tasks.plan import (
+    GIB,
+    Check,
+    ModelShape,
+    Plan,
+    check_gpu_presence,
+    check_resources,
+    estimate_stages,
+    render,
+)
 
 
 def read_model_config(source: str, settings: Settings, *, offline: bool = False) -> dict:
@@ -279,10 +288,18 @@ def plan(
     cannot be read (nothing else can be estimated without it)."""
     from llmship.store import ArtifactStore
 
+    gpus = detect_gpus() if gpus is None else gpus
+    no_gpus = check_gpu_presence(config, gpus, settings.device)
+    if no_gpus is not None:
+        # Before the hub is asked: without GPUs nothing else about this worker matters.
+        raise PreflightFailed(
+            f"{config.name} cannot run on this worker; nothing was downloaded:\n"
+            f"- {no_gpus.name}: {no_gpus.detail}\n"
+            "(`llmship plan DEPLOYMENT --gpus N` plans for a GPU host from here)"
+        )
     shape = ModelShape.from_config(
         read_model_config(config.source, settings, offline=not check_services)
     )
-    gpus = detect_gpus() if gpus is None else gpus
     if free_disk_gib is None:
         settings.state_dir.mkdir(parents=True, exist_ok=True)
         free_disk_gib = shutil.disk_usage(settings.state_dir).free / GIB
