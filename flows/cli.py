@@ -153,8 +153,18 @@ def cmd_rollback(args) -> None:
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
 
+    from llmship.forms import offer_published_versions
+    from llmship.versions import read_version
+
     settings = get_settings()
     name = f"rollback/{args.model}"
+    if args.to and read_version(ArtifactStore(settings), args.model, args.to) is None:
+        raise StackError(
+            f"{args.model} has no published version {args.to!r}; "
+            f"`llmship versions {args.model}` lists them"
+        )
+    # The deployment's form takes only the versions it lists: list every one published now.
+    offer_published_versions(settings, args.model)
     parameters = {
         "model": args.model,
         "reason": args.reason,

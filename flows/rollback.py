@@ -1,13 +1,15 @@
 """rollback: move a model's live traffic back to an earlier published version.
 
-Meant to be run from the Prefect UI's form: `target_version` (empty: the `previous` alias), a
-`reason` (kept in an artifact and in the alias's history), and `allow_ungated`, the override
-for a version that never passed the gate. All traffic moves at once: a warm version (kept by
-the last rollout) takes it within a second; a cold one after its server starts.
+Meant to be run from the Prefect UI's form: `target_version` (a list of the published
+versions; empty: the `previous` alias), a `reason` (kept in an artifact and in the alias's
+history), and `allow_ungated`, the override for a version that never passed the gate. All
+traffic moves at once: a warm version (kept by the last rollout) takes it within a second; a
+cold one after its server starts.
 
-The automation llmship-restore-<model> runs it when the gateway declares the live version's
-server down, with `only_if_live` set to that version: an alarm that arrives after someone
-else has already moved the traffic changes nothing.
+restore: what the automation llmship-restore-<model> runs when the gateway declares the live
+version's server down. It rolls back only while that version is still live: an alarm that
+arrives after someone else has already moved the traffic changes nothing. A flow of its own,
+so the people's form shows none of the automation's parameters.
 """
 
 from __future__ import annotations
@@ -37,20 +39,9 @@ def rollback_target(model: str, target_version: str | None) -> PublishedVersion:
     return version
 
 
-@flow(name="rollback", log_prints=True, persist_result=True)
-def rollback(
-    model: str,
-    reason: str,
-    target_version: str | None = None,
-    allow_ungated: bool = False,
-    only_if_live: str | None = None,
-) -> RolloutResult | None:
-    live = ArtifactStore(get_settings()).read_alias(model, "live")
-    if only_if_live and live != only_if_live:
-        get_run_logger().info(
-            "%s's live version is %s, not %s: nothing to roll back", model, live, only_if_live
-        )
-        return None
+def move_traffic_back(
+    model: str, live: str | None, target_version: str | None, reason: str, allow_ungated: bool
+) -> RolloutResult:
     target = rollback_target(model, target_version)
     override = allow_ungated and not target.gate_passed
     get_run_logger().info(
@@ -76,3 +67,43 @@ def rollback(
         return rollout_task(
             target, RolloutConfig(), allow_ungated=allow_ungated, reason=f"rollback: {reason}"
         )
+
+
+@flow(name="rollback", log_prints=True, persist_result=True)
+def rollback(
+    model: str,
+    reason: str,
+    target_version: str | None = None,
+    allow_ungated: bool = False,
+) -> RolloutResult:
+    """Move all of a model's traffic to an earlier published version, at once.
+
+    Args:
+        model: The model whose traffic moves (the deployment's own; leave it as it is).
+        reason: Why: kept with the live alias's history and in the rollback artifact.
+        target_version: The published version to serve. Empty: the version that was live
+            before the current one (the `previous` alias). `llmship versions MODEL` lists
+            each with its gate verdict.
+        allow_ungated: Serve the version even if it never passed the accuracy gate. An
+            override, recorded as such.
+    """
+    live = ArtifactStore(get_settings()).read_alias(model, "live")
+    return move_traffic_back(model, live, target_version, reason, allow_ungated)
+
+
+@flow(name="restore", log_prints=True, persist_result=True)
+def restore(model: str, down_version: str, reason: str) -> RolloutResult | None:
+    """Roll back to the previous version while `down_version` is still the live one.
+
+    Args:
+        model: The model whose live version went down.
+        down_version: The version the gateway declared down.
+        reason: What the gateway saw.
+    """
+    live = ArtifactStore(get_settings()).read_alias(model, "live")
+    if live != down_version:
+        get_run_logger().info(
+            "%s's live version is %s, not %s: nothing to roll back", model, live, down_version
+        )
+        return None
+    return move_traffic_back(model, live, None, reason, allow_ungated=False)

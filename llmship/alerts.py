@@ -8,16 +8,20 @@ Alerts, through one notification block; the team hears within seconds:
 - `llmship-rolled-back`, on the rollout's `llmship.rollout.rolled-back` (a canary step
   breached: its error rate, latency or, with the quality policy, the agreement of its
   shadowed answers with the live version's, with the numbers; traffic went back);
-- `llmship-run-failed`, on any flow run of build-and-serve, recalibrate or rollback that ends
-  Failed, Crashed or TimedOut.
+- `llmship-run-failed`, on any flow run of build-and-serve, recalibrate, rollback or restore
+  that ends Failed, Crashed or TimedOut.
+- `llmship-run-waiting`, on any such run that Prefect marks Late (due 15 s ago, no worker has
+  taken it): names its work pool, the pool's status (NOT_READY: no worker polls it) and the
+  command that starts one. A GPU deployment run where no GPU worker runs said nothing before.
 
 Acting, with or without an alert URL:
 - `llmship-crashed-runs`: a flow run whose heartbeats stop (its worker, pod or host died) is
   marked Crashed after three missed beats, Prefect's recipe for zombie runs; the run-failed
   alert then fires. Rerun it: every stage that finished is reused.
-- `llmship-restore-<model>`, one per rollback deployment: on the gateway's
-  `llmship.serving.down` for that model, run `rollback/<model>` with `only_if_live` set to the
-  version that went down (and alert, where alerts are set up).
+- `llmship-restore-<model>`, one per restore deployment: on the gateway's
+  `llmship.serving.down` for that model, run `restore/<model>` with the version that went
+  down, which rolls back while that version is still live (and alert, where alerts are set
+  up).
 
 The block is configured in one place, Settings: a Slack incoming webhook
 (LLMSHIP_ALERT_SLACK_WEBHOOK_URL, a SlackWebhook block) for teams on Slack, or any URL that
@@ -49,10 +53,11 @@ BLOCK_NAME = "llmship-alerts"
 GATE_FAILED = "llmship-gate-failed"
 PERF_FAILED = "llmship-perf-failed"
 RUN_FAILED = "llmship-run-failed"
+RUN_WAITING = "llmship-run-waiting"
 ROLLED_BACK = "llmship-rolled-back"
 CRASHED_RUNS = "llmship-crashed-runs"
 RESTORE = "llmship-restore-{model}"
-FLOWS = ["build-and-serve", "recalibrate", "rollback"]
+FLOWS = ["build-and-serve", "recalibrate", "rollback", "restore"]
 RUN_END_STATES = {
     "prefect.flow-run.Failed",
     "prefect.flow-run.Crashed",
@@ -84,6 +89,19 @@ RUN_SUBJECT = "llmship: {{ flow.name }} run {{ flow_run.name }} {{ flow_run.stat
 RUN_BODY = (
     "{{ flow.name }} run {{ flow_run.name }} "
     "ended {{ flow_run.state.name }}: {{ flow_run.state.message }}\n"
+    "{{ flow_run|ui_url }}"
+)
+WAITING_SUBJECT = (
+    "llmship: {{ flow.name }} run {{ flow_run.name }} is waiting for a worker of pool "
+    "{{ work_pool.name }}"
+)
+WAITING_BODY = (
+    "{{ flow.name }}/{{ deployment.name }} run {{ flow_run.name }} was due at "
+    "{{ flow_run.expected_start_time }} and no worker has taken it. Work pool "
+    "{{ work_pool.name }} is {{ work_pool.status }}"
+    "{% if work_pool.status == 'NOT_READY' %} (no worker polls it){% endif %}. Start one where "
+    "the deployment can run: `prefect worker start --pool {{ work_pool.name }}` (a GPU pool's "
+    "worker on a GPU host, with LLMSHIP_DEVICE=cuda: README, 'GPU path'), or cancel the run.\n"
     "{{ flow_run|ui_url }}"
 )
 
@@ -146,6 +164,23 @@ def alert_automations(block_id) -> list[Automation]:
             block_id,
         ),
         Automation(
+            name=RUN_WAITING,
+            description="Notify the team when a run of llmship's flows waits for a worker "
+            "(no worker on its pool)",
+            trigger=EventTrigger(
+                expect={"prefect.flow-run.Late"},
+                posture=Posture.Reactive,
+                threshold=1,
+                match={"prefect.resource.id": "prefect.flow-run.*"},
+                match_related={"prefect.resource.role": "flow", "prefect.resource.name": FLOWS},
+            ),
+            actions=[
+                SendNotification(
+                    block_document_id=block_id, subject=WAITING_SUBJECT, body=WAITING_BODY
+                )
+            ],
+        ),
+        Automation(
             name=RUN_FAILED,
             description="Notify the team when any run of llmship's flows fails",
             trigger=EventTrigger(
@@ -192,15 +227,14 @@ def crashed_runs_automation(heartbeat_s: int) -> Automation:
     )
 
 
-def restore_automation(model: str, rollback_deployment_id, block_id) -> Automation:
+def restore_automation(model: str, restore_deployment_id, block_id) -> Automation:
     actions = [
         RunDeployment(
             source="selected",
-            deployment_id=rollback_deployment_id,
+            deployment_id=restore_deployment_id,
             parameters={
                 "model": model,
-                "allow_ungated": False,
-                "only_if_live": "{{ event.payload.version }}",
+                "down_version": "{{ event.payload.version }}",
                 "reason": "the gateway declared the live version "
                 "{{ event.payload.version }} down after "
                 "{{ event.payload.seconds }} s without a running replica",
@@ -215,7 +249,7 @@ def restore_automation(model: str, rollback_deployment_id, block_id) -> Automati
                 body="{{ event.payload.model }} {{ event.payload.version }} has had no running "
                 "replica for {{ event.payload.seconds }} s (Ray could not keep one up: "
                 "`llmship status` names each replica's engine log). Clients get 503s until "
-                f"rollback/{model} has moved the traffic to the previous version.",
+                f"restore/{model} has moved the traffic to the previous version.",
             )
         )
     return Automation(
@@ -232,11 +266,11 @@ def restore_automation(model: str, rollback_deployment_id, block_id) -> Automati
     )
 
 
-def rollback_deployments() -> dict[str, object]:
-    """{model: deployment id} of every deployment of the rollback flow."""
+def restore_deployments() -> dict[str, object]:
+    """{model: deployment id} of every deployment of the restore flow."""
     with get_client(sync_client=True) as client:
         deployments = client.read_deployments(
-            flow_filter=FlowFilter(name=FlowFilterName(any_=["rollback"]))
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["restore"]))
         )
     return {d.parameters["model"]: d.id for d in deployments if d.parameters.get("model")}
 
@@ -259,7 +293,7 @@ def ensure_automations(settings: Settings) -> list[str]:
             automations += alert_automations(block_id)
         automations += [
             restore_automation(model, deployment_id, block_id)
-            for model, deployment_id in sorted(rollback_deployments().items())
+            for model, deployment_id in sorted(restore_deployments().items())
         ]
         for automation in automations:
             _replace(automation)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from llmship import processes, ray_cluster, seaweedfs
+from llmship import forms, processes, ray_cluster, seaweedfs
 from llmship.alerts import ensure_automations
 from llmship.credentials import ensure_credentials, prefect_client_settings, ray_env
 from llmship.errors import StackError
@@ -185,6 +185,8 @@ def register_deployments(settings: Settings, env: dict[str, str]) -> None:
             prefect_cli(env, "work-pool", "create", pool, "--type", "process")
     prefect_cli(env, "deploy", "--all", "--no-prompt")
     refuse_unknown_parameters(settings)
+    for model in forms.rollback_models(settings):
+        forms.offer_published_versions(settings, model)
 
 
 def refuse_unknown_parameters(settings: Settings) -> None:

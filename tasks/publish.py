@@ -17,6 +17,7 @@ import time
 
 from prefect import get_run_logger, task
 
+from llmship import forms
 from llmship.contracts import Build, StageOutput
 from llmship.errors import GateFailed, PerfGateFailed
 from llmship.manifest import Manifest
@@ -144,4 +145,14 @@ def publish_task(
         },
         f"{model} version {published.version}, immutable",
     )
+    try:
+        forms.offer_published_versions(get_settings(), model)
+    except Exception as exc:  # noqa: BLE001 - a stale form must not undo a publish
+        get_run_logger().warning(
+            "the rollback form still lists the versions before %s (%s: %s); `llmship up` "
+            "refreshes it",
+            published.version,
+            type(exc).__name__,
+            exc,
+        )
     return published

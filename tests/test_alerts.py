@@ -40,7 +40,8 @@ def test_no_url_no_alerts():
 
 
 def test_automations_cover_failed_gates_rolled_back_canaries_and_every_failed_run():
-    gate, perf, rolled_back, run = alert_automations(uuid.uuid4())
+    gate, perf, rolled_back, waiting, run = alert_automations(uuid.uuid4())
+    assert waiting.trigger.expect == {"prefect.flow-run.Late"}
     assert gate.trigger.expect == {"llmship.gate.failed"}
     assert perf.trigger.expect == {"llmship.perf.failed"}
     assert rolled_back.trigger.expect == {"llmship.rollout.rolled-back"}
@@ -51,7 +52,7 @@ def test_automations_cover_failed_gates_rolled_back_canaries_and_every_failed_ru
         >= {"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}
     )
     assert run.trigger.match_related.root["prefect.resource.name"] == FLOWS
-    assert set(FLOWS) == {"build-and-serve", "recalibrate", "rollback"}
+    assert set(FLOWS) == {"build-and-serve", "recalibrate", "rollback", "restore"}
     assert "{{ flow_run|ui_url }}" in run.actions[0].body
 
 
@@ -68,8 +69,13 @@ def test_a_restore_rolls_back_only_the_version_that_went_down():
     assert quiet.trigger.match.root["prefect.resource.id"] == "llmship.model.tiny-llama"
     [run] = quiet.actions  # no alert URL: the rollback still runs
     assert isinstance(run, RunDeployment) and run.deployment_id == deployment
-    assert run.parameters["only_if_live"] == "{{ event.payload.version }}"
-    assert run.parameters["allow_ungated"] is False
+    assert run.parameters["down_version"] == "{{ event.payload.version }}"
+    # Exactly what restore/<model> takes: the deployment's schema refuses anything else.
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.rollback import restore
+
+    assert set(run.parameters) == set(parameter_schema(restore).properties)
     loud = restore_automation("tiny-llama", deployment, block_id=uuid.uuid4())
     assert isinstance(loud.actions[1], SendNotification)
 

@@ -312,6 +312,7 @@ def test_a_canary_that_dies_is_rolled_back_by_itself(versions, stack, store, pre
 def test_an_ungated_version_needs_the_override_and_one_that_cannot_start_changes_nothing(
     versions, stack, store
 ):
+    from llmship.forms import offer_published_versions
     from serving import fleet
 
     a = versions["A"]
@@ -331,6 +332,9 @@ def test_an_ungated_version_needs_the_override_and_one_that_cannot_start_changes
             Key=f"versions/tiny-llama/{ungated}/files/{f['path']}",
         )
     store.put_json(f"versions/tiny-llama/{ungated}/manifest.json", manifest)
+    # Published by another writer: the rollback form lists it once refreshed (`llmship up`
+    # or the next publish does that; `llmship rollback` does it itself).
+    offer_published_versions(stack, "tiny-llama")
 
     refused = run_deployment(
         "rollback/tiny-llama",
