@@ -82,7 +82,8 @@ def cmd_status(args) -> None:
         print(
             "\ntry:\n  curl -s " + settings.gateway_url + "/v1/completions -H "
             "'content-type: application/json' -d '{\"model\": \"" + name + '", "prompt": '
-            '"Clause: The Vendor shall pay the Buyer $12,500 no later than March 3, 2027.'
+            '"Clause: The Vendor shall pay the Buyer the sum of $312,500 no later than March 3, '
+            "2027."
             '\\nQuestion: What amount does the clause state?\\nAnswer:", "max_tokens": 16, '
             '"temperature": 0}\''
         )

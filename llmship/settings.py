@@ -360,7 +360,8 @@ class PerfConfig(BaseModel, extra="forbid"):
     single_stream_prompts: int = Field(
         8, ge=0, description="requests sent one at a time after it (0: no one-stream load)"
     )
-    input_len: int = Field(512, ge=1, description="prompt tokens per request (random tokens)")
+    # With output_len, within the default max_model_len (512): the defaults pass their own check.
+    input_len: int = Field(384, ge=1, description="prompt tokens per request (random tokens)")
     output_len: int = Field(128, ge=1, description="tokens generated per request (EOS ignored)")
     min_throughput_ratio: float | None = Field(
         None,

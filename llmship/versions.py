@@ -26,7 +26,7 @@ class VersionDetails(BaseModel):
     model: str
     version: str
     gate_passed: bool
-    perf_passed: bool | None = None  # None: published without a performance gate
+    perf_passed: bool | None = None  # None: no performance limit judged it (off, or none set)
     scheme: str
     precision: str | None = None
     serve: ServeSpec
@@ -60,7 +60,7 @@ class PublishedVersion(BaseModel):
     files: int
     bytes: int
     gate_passed: bool
-    perf_passed: bool | None  # None: the version was published without a performance gate
+    perf_passed: bool | None  # None: no performance limit judged it (off, or none set)
     scheme: str
     serve: ServeSpec
     created_at: str

@@ -146,7 +146,7 @@ def store(key: str, model: str, report: PerfReport) -> str:
 
 
 def record_report(model: str, report: PerfReport, stored: str) -> None:
-    verdict = "passed" if report.passed else "FAILED"
+    verdict = report.verdict.lower() if report.passed else "FAILED"
     record_markdown(
         model,
         "perf",
@@ -230,7 +230,8 @@ def perf_task(
         )
     production = next(v for v in verdicts if v.metric == "output tokens/s")
     log.info(
-        "performance gate passed: %.1f output tokens/s against the baseline's %.1f at %d streams",
+        "performance gate %s: %.1f output tokens/s against the baseline's %.1f at %d streams",
+        "passed" if report.judged else "measured, not judged (no limit set)",
         production.candidate,
         production.baseline,
         config.concurrency,

@@ -45,6 +45,17 @@ class PerfReport(BaseModel):
     def failing(self) -> list[PerfVerdict]:
         return [v for v in self.verdicts if v.passed is False]
 
+    @property
+    def judged(self) -> bool:
+        """Whether any limit judged the candidate; a policy of none only measures."""
+        return any(v.passed is not None for v in self.verdicts)
+
+    @property
+    def verdict(self) -> str:
+        if not self.judged:
+            return "MEASURED, not judged (the policy sets no limit)"
+        return "PASSED" if self.passed else "FAILED"
+
 
 def loads(config: PerfConfig) -> list[Load]:
     shape = dict(input_len=config.input_len, output_len=config.output_len, seed=config.seed)
@@ -164,10 +175,9 @@ def judge(
 
 
 def render_markdown(model: str, report: PerfReport) -> str:
-    verdict = "PASSED" if report.passed else "FAILED"
     p = report.policy
     lines = [
-        f"# Performance gate {verdict}: {model}",
+        f"# Performance gate {report.verdict}: {model}",
         "",
         f"The same load on both builds' servers, sent by vLLM's benchmark client "
         f"({', '.join(f'{k} {v}' for k, v in report.client.items() if v != 'absent')}): "

@@ -75,7 +75,8 @@ def publish(
             model=model,
             version=version,
             gate_passed=report.passed,
-            perf_passed=perf.passed if perf else None,
+            # None where no limit judged it: "measured" is not "passed".
+            perf_passed=perf.passed if perf and perf.judged else None,
             scheme=build.details.scheme.value,
             precision=build.details.precision,
             serve=build.details.serve,
@@ -141,7 +142,7 @@ def publish_task(
             "version": published.version,
             "scheme": published.scheme,
             "gate": "passed",
-            "performance gate": {None: "off", True: "passed"}[published.perf_passed],
+            "performance gate": {None: "off or not judged", True: "passed"}[published.perf_passed],
         },
         f"{model} version {published.version}, immutable",
     )

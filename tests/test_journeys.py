@@ -220,3 +220,20 @@ def test_the_rollback_form_describes_its_fields_and_offers_the_published_version
         json={"parameters": {**form, "target_version": "nosuchversion"}},
     )
     assert bad.status_code == 409 and "target_version" in bad.text, bad.text
+
+
+def test_the_curl_the_readme_and_llmship_status_suggest_gets_the_right_answer(
+    first_run, stack, tmp_path
+):
+    import json
+
+    def answer(command: str) -> str:
+        out = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60)
+        return json.loads(out.stdout)["choices"][0]["text"].strip()
+
+    readme = (BIN.parents[2] / "README.md").read_text()
+    demo_url = "http://127.0.0.1:8000"
+    command = "curl -s " + readme.split(f"curl -s {demo_url}", 1)[1].split("```")[0]
+    assert answer(command.replace("-s ", f"-s {stack.gateway_url}", 1)) == "payment"
+    status = run_installed("llmship", "status", cwd=tmp_path).stdout
+    assert answer(status.split("try:\n", 1)[1].strip()) == "$312,500"

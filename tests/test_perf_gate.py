@@ -100,6 +100,36 @@ def test_failed_requests_fail_the_gate_whatever_the_limits():
     assert failed.passed is False and failed.candidate == 3
 
 
+def test_a_config_of_only_a_name_and_a_source_is_valid():
+    # The defaults pass their own checks: the UI's form and a two-line prefect.yaml entry run.
+    config = PipelineConfig(name="m", source="/models/m")
+    assert config.perf.input_len + config.perf.output_len <= config.serving.max_model_len
+
+
+def test_a_policy_without_limits_is_reported_as_measured_never_as_passed():
+    policy = PerfConfig()
+    [production, single] = loads(policy)
+    verdicts = judge(
+        [figures(production, 1000), figures(single, 100)],
+        [figures(production, 500), figures(single, 50)],
+        policy,
+    )
+    report = PerfReport(
+        passed=True,
+        policy=policy,
+        candidate="c",
+        candidate_version="v",
+        baseline="b",
+        figures={},
+        verdicts=verdicts,
+        client={},
+        device="cpu",
+    )
+    assert not report.judged
+    text = render_markdown("m", report)
+    assert text.startswith("# Performance gate MEASURED, not judged") and "PASSED" not in text
+
+
 def test_a_load_longer_than_the_servers_context_is_refused_with_the_numbers():
     with pytest.raises(ValidationError) as err:
         PipelineConfig(
