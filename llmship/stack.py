@@ -362,5 +362,26 @@ def down(settings: Settings, *, say=print) -> None:
         processes.stop(settings, rec)
 
 
+# Which setting each stack process's recorded port is.
+PORT_OF = {
+    "seaweedfs": "s3_port",
+    "prefect-server": "prefect_port",
+    "ray-head": "ray_port",
+    "gateway": "gateway_port",
+}
+
+
+def as_started(settings: Settings) -> Settings:
+    """settings with the ports the running stack in settings.state_dir was started on: a new
+    shell without the LLMSHIP_*_PORT variables of `make demo` still reaches that stack, not
+    the default ports (another stack, or nothing)."""
+    ports = {
+        PORT_OF[r.name]: r.port
+        for r in processes.records(settings)
+        if r.name in PORT_OF and r.port and processes.is_alive(r.pid)
+    }
+    return settings.model_copy(update=ports) if ports else settings
+
+
 def status(settings: Settings) -> list[tuple[str, int, bool, int | None]]:
     return [(r.name, r.pid, processes.is_alive(r.pid), r.port) for r in processes.records(settings)]

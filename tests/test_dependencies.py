@@ -13,6 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 ENVS = ["orchestrator", "quantize", "serve"]
 # What `python -m venv` puts in every environment, whatever is installed after.
 VENV_BOOTSTRAP = {"pip", "setuptools", "wheel"}
+# Metadata that `make setup` writes, no package of its own (envs/vllm_cpu_alias.py).
+SETUP_ALIASES = {"vllm"}
 
 
 def pins(lines: list[str]) -> dict[str, str]:
@@ -42,7 +44,7 @@ def test_every_installed_package_is_the_version_its_lock_names(env):
         text=True,
         check=True,
     ).stdout.splitlines()
-    installed = {n: v for n, v in pins(frozen).items() if n not in VENV_BOOTSTRAP}
+    installed = {n: v for n, v in pins(frozen).items() if n not in VENV_BOOTSTRAP | SETUP_ALIASES}
     assert len(installed) > 20
     assert {n: v for n, v in installed.items() if lock.get(n) != v} == {}
 
@@ -59,3 +61,16 @@ def test_every_direct_requirement_has_a_pin(env):
             assert requirement.specifier.contains(lock[name], prereleases=True), (
                 f"{env}: the lock's {requirement.name}=={lock[name]} is outside {line!r}"
             )
+
+
+def test_vllm_s_own_cli_runs_in_the_serve_environment():
+    """`vllm bench serve`, the benchmark client README points to, as a user types it."""
+    vllm = REPO / ".venv" / "serve" / "bin" / "vllm"
+    out = subprocess.run(
+        [str(vllm), "bench", "serve", "--help=max-concurrency"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "--max-concurrency" in out.stdout
