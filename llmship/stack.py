@@ -344,7 +344,9 @@ def up(settings: Settings, *, deployments: bool = True, say=print) -> None:
         + (
             " (existing cluster)"
             if settings.ray_address
-            else f" (dashboard http://{settings.host}:{settings.ray_port + 1})"
+            # The dashboard asks for the cluster's token (Ray's token authentication is on).
+            else f" (dashboard http://{settings.host}:{settings.ray_port + 1}: sign in with "
+            f"the token in {settings.ray_auth_token_file})"
         )
     )
     start_ray(settings, env)
