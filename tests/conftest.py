@@ -31,6 +31,9 @@ TEST_ENV = {
     "PREFECT_HOME": str(STATE / "prefect"),
     "PREFECT_LOCAL_STORAGE_PATH": str(STATE / "prefect" / "results"),
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # Prefect's scheduler looks for schedules to fill every 5 s here (60 s by default), so a
+    # test's schedule due in half a minute gets its run from the real scheduler service.
+    "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
     "HF_HUB_OFFLINE": "1",
     "HF_HUB_CACHE": str(STATE / "hf-cache"),
     "HF_DATASETS_CACHE": str(STATE / "datasets-cache"),

@@ -100,7 +100,7 @@ def test_prefect_s_scheduler_runs_the_recalibration_on_its_schedule(
     assert (nights[0].hour, nights[0].minute) == (3, 0) and all(r.auto_scheduled for r in upcoming)
 
     # A schedule due in seconds: the scheduler makes the run, the worker runs it.
-    due = datetime.now(UTC) + timedelta(seconds=20)
+    due = datetime.now(UTC) + timedelta(seconds=30)
     [added] = prefect_client.create_deployment_schedules(
         deployment.id, [(IntervalSchedule(interval=timedelta(days=1), anchor_date=due), True)]
     )
