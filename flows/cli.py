@@ -62,6 +62,8 @@ def cmd_status(args) -> None:
         f"S3           {settings.s3_url}  (bucket {settings.artifacts_bucket}; keys in "
         f"{settings.credentials_file})"
     )
+    for line in _waiting_runs(settings):
+        print(line)
     print(f"gateway      {settings.gateway_url}")
     for m in models:
         canary = m.get("canary")
@@ -92,6 +94,43 @@ def cmd_status(args) -> None:
             '\\nQuestion: What amount does the clause state?\\nAnswer:", "max_tokens": 16, '
             '"temperature": 0}\''
         )
+
+
+def _waiting_runs(settings) -> list[str]:
+    """Flow runs Prefect has marked Late (due, and no worker took them), with their pool and
+    what to start: a GPU run on a stack with no GPU worker waits there without a word."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateName,
+    )
+
+    try:
+        with prefect_client_settings(settings), get_client(sync_client=True) as client:
+            late = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    state=FlowRunFilterState(name=FlowRunFilterStateName(any_=["Late"]))
+                ),
+                limit=20,
+            )
+            pools = {p.name: p for p in client.read_work_pools()}
+    except Exception as exc:  # noqa: BLE001 - status must answer even with Prefect down
+        return [f"  (the Prefect API cannot be asked: {type(exc).__name__})"]
+    lines = []
+    for run in late:
+        pool = pools.get(run.work_pool_name)
+        state = pool.status.value if pool and pool.status else "unknown"
+        lines.append(
+            f"  waiting    flow run {run.name} since {run.expected_start_time:%H:%M:%S} UTC: "
+            f"work pool {run.work_pool_name} is {state}"
+            + (
+                f"; start a worker: prefect worker start --pool {run.work_pool_name}"
+                if state == "NOT_READY"
+                else ""
+            )
+        )
+    return lines
 
 
 def _fleet(settings) -> list:

@@ -153,6 +153,10 @@ def test_a_gpu_run_with_no_gpu_worker_says_what_to_start_and_refuses_on_gpus_fir
     assert "NOT_READY (no worker polls it)" in waiting["body"]
     assert "`prefect worker start --pool gpu`" in waiting["body"]
     assert prefect_client.read_flow_run(run_id).state.name == "Late"
+    # Without an alert channel, `llmship status` says the same.
+    status = run_installed("llmship", "status", cwd=tmp_path).stdout
+    assert f"waiting    flow run {name} since" in status
+    assert "work pool gpu is NOT_READY; start a worker: prefect worker start --pool gpu" in status
 
     # A worker of the gpu pool comes up on a host without GPUs, and no hub: the run is
     # refused for the GPUs, before any hub call, with what to do.
