@@ -6,6 +6,7 @@
     GET  /ready                                  200 when every live version has a running replica
     GET  /metrics                                Prometheus (tokens too: serving/observability.py)
     GET  /admin/routes, PUT /admin/routes/{model}  bearer token: what the rollout task drives
+    GET  /admin/sd/engines                       bearer token: the engines, as Prometheus http_sd
 
 A route sends a model's requests to its live version, or, during a canary step, a
 percentage of them to the new version. Each request goes to the version's replica with the
@@ -1119,3 +1120,13 @@ async def get_shadow(
     if denied := _authorize(gw, authorization):
         return denied
     return gw.shadower.kept(model, since)
+
+
+@app.get("/admin/sd/engines", include_in_schema=False)
+async def engines_sd(request: Request, authorization: str | None = Header(None)):
+    """The engines' scrape targets in Prometheus's http_sd format: the file's content, for a
+    Prometheus on another host than the gateway (its `authorization` holds the token)."""
+    gw = _gw(request)
+    if denied := _authorize(gw, authorization):
+        return denied
+    return [g.model_dump() for g in gw.scrape_targets or []]
