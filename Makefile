@@ -12,7 +12,7 @@ PREFECT_HOME_OF_STACK := $${LLMSHIP_STATE_DIR:-.llmship}/prefect
 # for every package. Keep the rest of its output.
 QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: help setup up demo lint test test-unit down clean
+.PHONY: help setup prometheus up demo lint test test-unit down clean
 
 help:
 	@echo "make demo   set up, start the local stack, run build-and-serve/tiny-llama, serve it"
@@ -31,8 +31,33 @@ UV := $(VENV)/uv/bin/uv
 # took 25 s to import, 13 s with them (every model server start, every stage subprocess).
 UV_INSTALL = $(UV) pip install -q --compile-bytecode --python $(VENV)/$(1)/bin/python -r envs/$(1).txt -c envs/$(1).lock
 
-setup: $(UV)
+setup: $(UV) prometheus
 	@$(MAKE) --no-print-directory -j3 $(VENV)/orchestrator/.ready $(VENV)/quantize/.ready $(VENV)/serve/.ready
+
+# Prometheus, for the test that asks a real one every query of the Grafana dashboard
+# (tests/test_observability.py; it skips without): Debian's package, when root on Debian.
+# Installing must start nothing: Debian starts a package's service at install (Prometheus on
+# every interface, port 9090), so a policy-rc.d that refuses every start is put in place for
+# the install where none exists (containers have one already), and the service is disabled
+# for later boots. --no-install-recommends: not prometheus-node-exporter either.
+prometheus:
+	@command -v prometheus >/dev/null && exit 0; \
+	if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+	  echo "== Prometheus is not installed: as root on Debian, make prometheus (its test skips)"; \
+	  exit 0; \
+	fi; \
+	echo "== installing Prometheus (Debian's package; its service is neither started nor enabled)"; \
+	policy=/usr/sbin/policy-rc.d; \
+	if [ ! -e $$policy ]; then \
+	  printf '#!/bin/sh\nexit 101\n' > $$policy && chmod 755 $$policy; \
+	  trap "rm -f $$policy" EXIT; \
+	fi; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	apt-get update -qq; \
+	apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	deb-systemd-helper disable prometheus.service >/dev/null 2>&1 || true; \
+	update-rc.d prometheus disable >/dev/null 2>&1 || true; \
+	prometheus --version 2>&1 | head -1
 
 $(UV):
 	$(PYTHON) -m venv $(VENV)/uv

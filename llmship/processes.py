@@ -197,9 +197,11 @@ def http_ok(url: str) -> Callable[[], bool]:
     return lambda: httpx.get(url, timeout=2.0).status_code == 200
 
 
-def write_json(path: Path, obj: dict) -> None:
+def write_json(path: Path, obj: dict | list) -> None:
+    """Written whole or not at all: readers (Prometheus, a gateway restarting) never see half a
+    file. The temporary name is this process's own, as several gateways can write one file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=2))
     tmp.replace(path)
 

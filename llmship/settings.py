@@ -56,6 +56,11 @@ class Settings(BaseSettings):
     # this long. A gateway stopped or dead drops out after it.
     gateway_seen_within_s: float = Field(10.0, gt=0)
     gateway_fleet_wait_s: float = Field(20.0, ge=0)
+    # Where the gateway writes the engines' scrape targets (Prometheus file_sd JSON) whenever
+    # the fleet's replicas change: each engine listens on a port of its own, picked when its
+    # replica starts. Default: <state>/prometheus/engines.json. A Prometheus running as
+    # another user cannot read the state folder (mode 700): point this where it can.
+    prometheus_sd_file_path: Path | None = None
 
     # S3: the local SeaweedFS by default; point these at AWS S3 in production.
     s3_endpoint_url: str | None = None
@@ -174,6 +179,10 @@ class Settings(BaseSettings):
     @property
     def node_cache(self) -> Path:
         return self.node_cache_dir or self.state_dir / "node-cache"
+
+    @property
+    def prometheus_sd_file(self) -> Path:
+        return self.prometheus_sd_file_path or self.state_dir / "prometheus" / "engines.json"
 
     @property
     def ray_auth_token_file(self) -> Path:

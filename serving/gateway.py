@@ -4,8 +4,9 @@
     GET  /v1/models                              the models served, with their live version
     GET  /health                                 the gateway itself
     GET  /ready                                  200 when every live version has a running replica
-    GET  /metrics                                Prometheus
+    GET  /metrics                                Prometheus (tokens too: serving/observability.py)
     GET  /admin/routes, PUT /admin/routes/{model}  bearer token: what the rollout task drives
+    GET  /admin/sd/engines                       bearer token: the engines, as Prometheus http_sd
 
 A route sends a model's requests to its live version, or, during a canary step, a
 percentage of them to the new version. Each request goes to the version's replica with the
@@ -32,6 +33,11 @@ So it runs as several replicas (one per host, or behind a load balancer): each t
 fleet's directory it is up, a rollout moves the route on every one of them and judges a
 canary on the sum of their metrics, and one that starts during a canary gets its route at the
 rollout's next check.
+
+Those who watch it get, beside /metrics: the engines' scrape targets, written to
+Settings.prometheus_sd_file whenever the replicas change; one line per request on the logger
+llmship.gateway.access, and one per route change on llmship.gateway.routes (INFO; the
+stack's command line sends them to the gateway's log: serving/gateway_logging.json).
 
     uvicorn serving.gateway:app --host 127.0.0.1 --port 8000
 """
@@ -64,9 +70,21 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from llmship import events
 from llmship.processes import write_json
 from llmship.settings import Settings, get_settings
+from serving.observability import (
+    AccessEntry,
+    EngineEndpoint,
+    ScrapeTargetGroup,
+    StreamTally,
+    TokenUsage,
+    access_line,
+    engine_scrape_targets,
+    usage_of_answer,
+)
 from serving.shadow import Shadow, Shadower, answer_text, streamed_text
 
 log = logging.getLogger("llmship.gateway")
+access_log = logging.getLogger("llmship.gateway.access")
+routes_log = logging.getLogger("llmship.gateway.routes")
 UNKNOWN_MODEL = "(unknown)"  # the metrics' label for every model name the gateway does not serve
 
 
@@ -130,6 +148,29 @@ class Route(BaseModel, extra="forbid"):
         if self.shadow and self.canary and self.shadow.version != self.canary.version:
             raise ValueError("the shadow must be the canary's version")
         return self
+
+
+def route_change(model: str, old: Route | None, new: Route) -> str | None:
+    """One line saying what a route change moved (`route m: live v1 -> v2; canary v2
+    ended`), or None when it moved nothing (a rollout gives a route again to a gateway that
+    has it)."""
+    moved = []
+    if old is None or old.version != new.version:
+        moved.append(f"live {old.version} -> {new.version}" if old else f"live {new.version}")
+    was, now = (old.canary if old else None), new.canary
+    if now and (was is None or (was.version, was.percent) != (now.version, now.percent)):
+        moved.append(f"canary {now.version} at {now.percent:g}%")
+    elif was and not now:
+        moved.append(f"canary {was.version} ended")
+    was_shadow, shadow = (old.shadow if old else None), new.shadow
+    if shadow and shadow != was_shadow:
+        moved.append(
+            f"shadow {shadow.version}: {shadow.fraction:.0%} of requests copied, "
+            f"at most {shadow.max_rps:g}/s"
+        )
+    elif was_shadow and not shadow:
+        moved.append(f"shadow {was_shadow.version} off")
+    return f"route {model}: " + "; ".join(moved) if moved else None
 
 
 def openai_error_body(
@@ -207,6 +248,21 @@ class GatewayState:
             ["endpoint"],
             registry=self.registry,
         )
+        for endpoint in RELAYED:  # a 0, not no data, on a dashboard until one is shed
+            self.shed.labels(endpoint)
+        self.prompt_tokens = Counter(
+            "llmship_gateway_prompt_tokens",
+            "Prompt tokens of the answers relayed (as the engine reported them)",
+            ["model", "version"],
+            registry=self.registry,
+        )
+        self.completion_tokens = Counter(
+            "llmship_gateway_completion_tokens",
+            "Completion tokens of the answers relayed (as the engine reported them; of a "
+            "stream without usage, its events counted)",
+            ["model", "version"],
+            registry=self.registry,
+        )
         self.in_flight_gauge = Gauge(
             "llmship_gateway_in_flight", "Requests being served", registry=self.registry
         )
@@ -229,6 +285,8 @@ class GatewayState:
             ["model", "version"],
             registry=self.registry,
         )
+        self.sd_file = settings.prometheus_sd_file
+        self.scrape_targets: list[ScrapeTargetGroup] | None = None  # as last written
         self.health_interval_s = settings.gateway_health_interval_s
         self.down_after = settings.gateway_down_after
         self.down: dict[str, str] = {}  # model -> its live version, declared down
@@ -298,6 +356,24 @@ class GatewayState:
     def save(self) -> None:
         write_json(self.routes_file, {m: r.model_dump() for m, r in self.routes.items()})
 
+    def set_scrape_targets(self, groups: list[ScrapeTargetGroup]) -> None:
+        """The engines' scrape targets, written for Prometheus when they change."""
+        if groups == self.scrape_targets:
+            return
+        try:
+            write_json(self.sd_file, [g.model_dump() for g in groups])
+        except OSError as exc:  # a full or read-only disk must not stop the relaying
+            log.warning("cannot write the engines' scrape targets to %s: %s", self.sd_file, exc)
+            return
+        self.scrape_targets = groups
+        log.info("engines' scrape targets: %d, in %s", len(groups), self.sd_file)
+
+    def count_tokens(self, model: str, version: str, usage: TokenUsage) -> None:
+        if usage.prompt_tokens is not None:
+            self.prompt_tokens.labels(model, version).inc(usage.prompt_tokens)
+        if usage.completion_tokens is not None:
+            self.completion_tokens.labels(model, version).inc(usage.completion_tokens)
+
     def set_endpoints(self, endpoints: dict[str, list[str]]) -> None:
         if endpoints != self.endpoints:
             self.endpoints = endpoints
@@ -364,6 +440,14 @@ async def follow_fleet(gw: GatewayState) -> None:
                 snap = await actor.snapshot.remote(gw.settings.gateway_url)
                 gw.set_endpoints(
                     {app: [e["url"] for e in reps] for app, reps in snap["endpoints"].items()}
+                )
+                gw.set_scrape_targets(
+                    engine_scrape_targets(
+                        {
+                            app: [EngineEndpoint.model_validate(e) for e in reps]
+                            for app, reps in snap["endpoints"].items()
+                        }
+                    )
                 )
                 gw.fleet_known.set()
                 if not reconciled:  # once: the live aliases are what should serve
@@ -457,6 +541,8 @@ def declare_down(gw: GatewayState, model: str, route: Route, failed_checks: int)
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     app.state.gw = gw = GatewayState()
+    for model, route in sorted(gw.routes.items()):
+        routes_log.info("%s (at start)", route_change(model, None, route))
     tasks = [
         asyncio.create_task(watch_live_versions(gw)),
         asyncio.create_task(gw.shadower.run()),
@@ -590,12 +676,42 @@ async def list_models(request: Request) -> dict:
 
 
 async def _proxy(request: Request, endpoint: str, schema: type[_OpenAIRequest]) -> Response:
+    started = time.perf_counter()
+    client_id = request.headers.get("x-request-id")
+    # The client's id, or one of the gateway's: in the access log and the answer's header.
+    request_id = client_id or secrets.token_hex(8)
+    response, model = await _answer(request, endpoint, schema, client_id, request_id)
+    response.headers["x-request-id"] = request_id
+    if "x-llmship-version" not in response.headers:  # a relayed answer is logged as it ends
+        access_log.info(
+            access_line(
+                AccessEntry(
+                    method=request.method,
+                    path=endpoint,
+                    model=model,
+                    status=str(response.status_code),
+                    duration_ms=(time.perf_counter() - started) * 1000,
+                    request_id=request_id,
+                )
+            )
+        )
+    return response
+
+
+async def _answer(
+    request: Request,
+    endpoint: str,
+    schema: type[_OpenAIRequest],
+    client_id: str | None,
+    request_id: str,
+) -> tuple[Response, str | None]:
+    """The answer, and the model asked for (None when the request did not say one)."""
     gw = _gw(request)
     # The request is read and checked before it takes an in-flight slot: a slow or broken
     # client holds its own connection, never a slot other clients need.
     checked = await _read_request(gw, request, schema)
     if isinstance(checked, Response):
-        return checked
+        return checked, None
     body, parsed = checked
     if gw.in_flight >= gw.max_in_flight:
         gw.shed.labels(endpoint).inc()
@@ -606,13 +722,13 @@ async def _proxy(request: Request, endpoint: str, schema: type[_OpenAIRequest]) 
             code="overloaded",
         )
         resp.headers["retry-after"] = "1"
-        return resp
+        return resp, parsed.model
     gw.in_flight += 1
     streaming = False
     try:
-        response = await _forward(gw, body, parsed, endpoint, request.headers.get("x-request-id"))
+        response = await _forward(gw, body, parsed, endpoint, client_id, request_id)
         streaming = isinstance(response, _RelayResponse)
-        return response
+        return response, parsed.model
     finally:
         if not streaming:  # a relayed stream gives its slot back when it closes
             gw.in_flight -= 1
@@ -730,7 +846,9 @@ async def _forward(
     parsed: _OpenAIRequest,
     endpoint: str,
     request_id: str | None = None,
+    log_id: str = "-",
 ) -> Response:
+    """request_id: the client's, which names a shadow pair; log_id: the access log's."""
     model = parsed.model
     route = gw.routes.get(model)
     if route is None:
@@ -790,11 +908,28 @@ async def _forward(
         return resp503
     gw.take_upstream(upstream)
 
-    def record(status: str) -> None:
+    def record(status: str, usage: TokenUsage) -> None:
+        seconds = time.perf_counter() - started
         gw.requests.labels(model, version, endpoint, status).inc()
-        gw.latency.labels(model, version, endpoint).observe(time.perf_counter() - started)
+        gw.latency.labels(model, version, endpoint).observe(seconds)
+        errors = gw.errors.labels(model, version, endpoint)  # a 0 until one: a rate, not none
         if not status.isdigit() or int(status) >= 500:
-            gw.errors.labels(model, version, endpoint).inc()
+            errors.inc()
+        gw.count_tokens(model, version, usage)
+        access_log.info(
+            access_line(
+                AccessEntry(
+                    method="POST",
+                    path=endpoint,
+                    model=model,
+                    version=version,
+                    status=status,
+                    duration_ms=seconds * 1000,
+                    usage=usage,
+                    request_id=log_id,
+                )
+            )
+        )
 
     headers = {"x-llmship-version": version}
     copy = None  # a copy for the route's shadow, offered once the live answer is whole
@@ -803,6 +938,7 @@ async def _forward(
     if parsed.stream and resp.status == 200:
         outcome = {"status": "200"}
         answer = bytearray() if copy else None
+        tally = StreamTally()
 
         async def relay():
             first = True
@@ -813,6 +949,7 @@ async def _forward(
                             time.perf_counter() - started
                         )
                         first = False
+                    tally.feed(chunk)
                     if answer is not None and len(answer) <= gw.shadower.max_bytes:
                         answer.extend(chunk)
                     yield chunk
@@ -837,7 +974,7 @@ async def _forward(
                 resp.close()  # the client left or the engine failed: not reusable
             gw.in_flight -= 1
             gw.release_upstream(upstream)
-            record(outcome["status"])
+            record(outcome["status"], tally.usage())
             if copy:
                 whole = outcome.get("whole") and len(answer) <= gw.shadower.max_bytes
                 gw.shadower.offer(copy, streamed_text(bytes(answer)) if whole else None)
@@ -852,7 +989,7 @@ async def _forward(
     try:
         content = await resp.read()
     except UPSTREAM_ERRORS as exc:
-        record("broken")
+        record("broken", TokenUsage())
         return openai_error(
             503,
             f"model server for {model} {version} failed mid-answer: {type(exc).__name__}",
@@ -862,22 +999,19 @@ async def _forward(
     finally:
         resp.release()
         gw.release_upstream(upstream)
-    record(str(resp.status))
+    try:
+        whole = json.loads(content)
+    except ValueError:
+        whole = None
+    record(str(resp.status), usage_of_answer(whole) if resp.status == 200 else TokenUsage())
     if copy:
-        gw.shadower.offer(copy, _answer_of(content))
+        gw.shadower.offer(copy, answer_text(whole))
     return Response(
         content,
         status_code=resp.status,
         headers=headers,
         media_type=resp.headers.get("content-type", "application/json"),
     )
-
-
-def _answer_of(content: bytes) -> str | None:
-    try:
-        return answer_text(json.loads(content))
-    except ValueError:
-        return None
 
 
 def _too_large(gw: GatewayState, size: str) -> JSONResponse:
@@ -965,7 +1099,10 @@ async def set_route(model: str, request: Request, authorization: str | None = He
                 f"{model} {version} has no running replica: traffic not moved",
                 code="upstream_unhealthy",
             )
+    moved = route_change(model, gw.routes.get(model), route)
     gw.routes[model] = route
+    if moved:
+        routes_log.info(moved)
     if gw.down.get(model) != route.version:
         gw.down.pop(model, None)
     gw.shadower.forget_all_but(model, route.shadow.version if route.shadow else None)
@@ -983,3 +1120,13 @@ async def get_shadow(
     if denied := _authorize(gw, authorization):
         return denied
     return gw.shadower.kept(model, since)
+
+
+@app.get("/admin/sd/engines", include_in_schema=False)
+async def engines_sd(request: Request, authorization: str | None = Header(None)):
+    """The engines' scrape targets in Prometheus's http_sd format: the file's content, for a
+    Prometheus on another host than the gateway (its `authorization` holds the token)."""
+    gw = _gw(request)
+    if denied := _authorize(gw, authorization):
+        return denied
+    return [g.model_dump() for g in gw.scrape_targets or []]

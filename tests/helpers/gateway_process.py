@@ -22,9 +22,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 @contextmanager
 def gateway_process(
-    state: Path, port: int, upstream_url: str, **settings: str
+    state: Path, port: int, upstream_url: str, log: Path | None = None, **settings: str
 ) -> Iterator[tuple[str, subprocess.Popen]]:
-    """(url, process) of a gateway with state in state and LLMSHIP_<NAME> settings, healthy."""
+    """(url, process) of a gateway with state in state and LLMSHIP_<NAME> settings, healthy;
+    its output goes to log, as the stack's goes to its log file."""
     # Routed from the saved state (no S3, no Ray here): model m's version v1, one replica.
     write_json(state / "gateway" / str(port) / "routes.json", {"m": {"version": "v1"}})
     write_json(state / "gateway" / str(port) / "endpoints.json", {"m--v1": [upstream_url]})
@@ -35,13 +36,16 @@ def gateway_process(
         "LLMSHIP_GATEWAY_PORT": str(port),
         **{f"LLMSHIP_{name.upper()}": value for name, value in settings.items()},
     }
+    output = log.open("ab") if log else subprocess.DEVNULL
     proc = subprocess.Popen(
         gateway_argv(Path(sys.executable), Settings(gateway_port=port)),
         cwd=REPO,
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=output,
+        stderr=subprocess.STDOUT,
     )
+    if log:
+        output.close()  # the process holds its own
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
