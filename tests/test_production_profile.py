@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import uuid
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
