@@ -1,10 +1,12 @@
 """Where alerts go is configured in one place (Settings): Slack for teams on Slack, any JSON
 webhook otherwise, nothing when neither is set. The delivery itself is tested on the stack
-(test_pipeline.py::test_gate_failure_publishes_nothing)."""
+(test_pipeline.py::test_gate_failure_publishes_nothing), and once per event under concurrent
+load below (issue 26)."""
 
 import uuid
 
-from prefect.blocks.notifications import CustomWebhookNotificationBlock, SlackWebhook
+from prefect.blocks.notifications import SlackWebhook
+from prefect.blocks.webhook import Webhook
 
 from llmship.alerts import FLOWS, RUN_END_STATES, alert_automations, notification_block
 from llmship.settings import Settings
@@ -24,15 +26,55 @@ def test_slack_url_makes_a_slack_block_and_wins_over_a_webhook():
     assert url not in repr(block)  # a secret: kept out of logs and reprs
 
 
-def test_webhook_url_makes_a_custom_webhook_posting_subject_and_body():
+def test_webhook_url_makes_a_webhook_posting_json():
     block = notification_block(settings(alert_webhook_url="http://127.0.0.1:9/alerts"))
-    assert isinstance(block, CustomWebhookNotificationBlock)
-    assert block.url == "http://127.0.0.1:9/alerts"
-    assert block.json_data == {
-        "text": "{{subject}}\n{{body}}",
-        "subject": "{{subject}}",
-        "body": "{{body}}",
-    }
+    assert isinstance(block, Webhook)
+    assert block.url.get_secret_value() == "http://127.0.0.1:9/alerts"
+    assert block.headers.get_secret_value() == {"Content-Type": "application/json"}
+
+
+def test_a_webhook_alert_carries_the_event_id_as_its_idempotency_key():
+    """The payload as Prefect renders it (Jinja) for one event: subject, body, text, and the
+    key a receiver drops Prefect's repeats of that event by (issue 26)."""
+    import json
+
+    import jinja2.sandbox
+
+    from prefect.events.actions import CallWebhook
+
+    gate = alert_automations(uuid.uuid4())[0]
+    [action] = gate.actions
+    assert isinstance(action, CallWebhook)  # its failures are never resent (llmship/alerts.py)
+    event_id = uuid.uuid4()
+    rendered = (
+        jinja2.sandbox.ImmutableSandboxedEnvironment()
+        .from_string(action.payload)
+        .render(
+            event={
+                "id": event_id,
+                "payload": {
+                    "model": "tiny-llama",
+                    "candidate_version": 'v"1',  # quoted in the JSON, not breaking it
+                    "rule": "r",
+                    "report": "stages/gate/k",
+                    "failing": [{"task": "t", "measured": 0.1, "threshold": 0.5, "baseline": 0.6}],
+                },
+            }
+        )
+    )
+    alert = json.loads(rendered)
+    assert alert["idempotency_key"] == f"llmship-gate-failed:{event_id}"
+    assert alert["event_id"] == str(event_id)
+    assert alert["subject"] == "llmship: accuracy gate failed for tiny-llama"
+    assert alert["body"].startswith('Candidate v"1 of tiny-llama failed the gate (r)')
+    assert alert["text"] == alert["subject"] + "\n" + alert["body"]
+
+
+def test_slack_alerts_are_notifications():
+    from prefect.events.actions import SendNotification
+
+    actions = [a.actions[0] for a in alert_automations(uuid.uuid4(), to_slack=True)]
+    assert all(isinstance(a, SendNotification) for a in actions)
 
 
 def test_no_url_no_alerts():
@@ -44,7 +86,7 @@ def test_automations_cover_failed_gates_rolled_back_canaries_and_every_failed_ru
     assert gate.trigger.expect == {"llmship.gate.failed"}
     assert perf.trigger.expect == {"llmship.perf.failed"}
     assert rolled_back.trigger.expect == {"llmship.rollout.rolled-back"}
-    assert "{{ event.payload.reason }}" in rolled_back.actions[0].body
+    assert "{{ event.payload.reason }}" in rolled_back.actions[0].payload
     assert (
         run.trigger.expect
         == RUN_END_STATES
@@ -52,11 +94,11 @@ def test_automations_cover_failed_gates_rolled_back_canaries_and_every_failed_ru
     )
     assert run.trigger.match_related.root["prefect.resource.name"] == FLOWS
     assert set(FLOWS) == {"build-and-serve", "recalibrate", "rollback"}
-    assert "{{ flow_run|ui_url }}" in run.actions[0].body
+    assert "{{ flow_run|ui_url }}" in run.actions[0].payload
 
 
 def test_a_restore_rolls_back_only_the_version_that_went_down():
-    from prefect.events.actions import RunDeployment, SendNotification
+    from prefect.events.actions import CallWebhook, RunDeployment
 
     from llmship.alerts import restore_automation
     from llmship.events import SERVING_DOWN
@@ -71,7 +113,7 @@ def test_a_restore_rolls_back_only_the_version_that_went_down():
     assert run.parameters["only_if_live"] == "{{ event.payload.version }}"
     assert run.parameters["allow_ungated"] is False
     loud = restore_automation("tiny-llama", deployment, block_id=uuid.uuid4())
-    assert isinstance(loud.actions[1], SendNotification)
+    assert isinstance(loud.actions[1], CallWebhook)
 
 
 def test_a_run_whose_heartbeats_stop_is_marked_crashed_after_three():
