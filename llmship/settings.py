@@ -43,7 +43,11 @@ def without_password(database_url: str) -> str:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="LLMSHIP_", extra="ignore")
+    # Settings hold secrets (keys, tokens, the database URL): a refused value is named, never
+    # echoed back in the error.
+    model_config = SettingsConfigDict(
+        env_prefix="LLMSHIP_", extra="ignore", hide_input_in_errors=True
+    )
 
     state_dir: Path = Field(REPO_ROOT / ".llmship", description="PIDs, logs, data, caches")
     host: str = Field("127.0.0.1", description="every local server binds here")

@@ -3,8 +3,10 @@ webhook otherwise, nothing when neither is set. The delivery itself is tested on
 (test_pipeline.py::test_gate_failure_publishes_nothing), and once per event under concurrent
 load below (issue 26)."""
 
+import time
 import uuid
 
+import pytest
 from prefect.blocks.notifications import SlackWebhook
 from prefect.blocks.webhook import Webhook
 
@@ -39,7 +41,6 @@ def test_a_webhook_alert_carries_the_event_id_as_its_idempotency_key():
     import json
 
     import jinja2.sandbox
-
     from prefect.events.actions import CallWebhook
 
     gate = alert_automations(uuid.uuid4())[0]
@@ -166,3 +167,37 @@ def test_a_failed_performance_gate_alert_names_each_figure_against_its_limit():
     assert (
         "production output tokens/s: candidate 1100.00, baseline 1000.00 (1.10x, limit >= 1.2x)"
     ) in body and body.endswith("report: stages/perf/k")
+
+
+@pytest.mark.stack
+def test_one_alert_per_event_while_the_server_is_busy_writing(alert_receiver, tmp_path):
+    """Issue 26: under concurrent runs one failed gate sent four identical alerts. Twenty
+    gate-failed events from four processes while eight threads create and move flow runs:
+    every event is alerted, and each alert arrives once (by its idempotency key)."""
+    from collections import Counter
+
+    from tests.helpers.control_plane import concurrent_load, prefect_only_stack, wait_for
+
+    with prefect_only_stack(
+        tmp_path / "state", 14310, alert_webhook_url="http://127.0.0.1:18900/alerts"
+    ) as settings:
+        from llmship.alerts import ensure_automations
+
+        ensure_automations(settings)
+        started = time.time()
+        load = concurrent_load(settings, events=20, emitters=4, writers=8, runs_per_writer=3)
+        emitted = set(load.event_ids)
+        assert len(emitted) == 20
+
+        def alerted() -> list[dict]:
+            return [
+                a
+                for a in alert_receiver
+                if a["received_at"] >= started and a.get("event_id") in emitted
+            ]
+
+        wait_for("alert for every event", lambda: {a["event_id"] for a in alerted()} == emitted, 90)
+        time.sleep(10)  # Prefect redelivers within seconds: give a repeat time to arrive
+        sent = Counter(a["idempotency_key"] for a in alerted())
+        assert {key for key, n in sent.items() if n > 1} == set(), sent
+        assert set(sent) == {f"llmship-gate-failed:{e}" for e in emitted}
