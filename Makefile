@@ -12,7 +12,7 @@ PREFECT_HOME_OF_STACK := $${LLMSHIP_STATE_DIR:-.llmship}/prefect
 # for every package. Keep the rest of its output.
 QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: help setup prometheus up demo lint test test-unit down clean
+.PHONY: help setup prometheus postgresql up demo lint test test-unit down clean
 
 help:
 	@echo "make demo   set up, start the local stack, run build-and-serve/tiny-llama, serve it"
@@ -31,7 +31,7 @@ UV := $(VENV)/uv/bin/uv
 # took 25 s to import, 13 s with them (every model server start, every stage subprocess).
 UV_INSTALL = $(UV) pip install -q --compile-bytecode --python $(VENV)/$(1)/bin/python -r envs/$(1).txt -c envs/$(1).lock
 
-setup: $(UV) prometheus
+setup: $(UV) prometheus postgresql
 	@$(MAKE) --no-print-directory -j3 $(VENV)/orchestrator/.ready $(VENV)/quantize/.ready $(VENV)/serve/.ready
 
 # Prometheus, for the test that asks a real one every query of the Grafana dashboard
@@ -58,6 +58,16 @@ prometheus:
 	deb-systemd-helper disable prometheus.service >/dev/null 2>&1 || true; \
 	update-rc.d prometheus disable >/dev/null 2>&1 || true; \
 	prometheus --version 2>&1 | head -1
+
+# PostgreSQL's binaries, for tests/test_control_plane.py (the production control plane): the
+# test starts a cluster of its own, so no service is started here. Debian's postinst does not
+# start one without systemd or a runlevel (invoke-rc.d declines), and exits 0. Root only (CI
+# runs as root on a fresh Debian machine); elsewhere the test skips, saying why.
+postgresql:
+	@if [ ! -d /usr/lib/postgresql ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "== installing PostgreSQL (Debian's postgresql; no service started)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	fi
 
 $(UV):
 	$(PYTHON) -m venv $(VENV)/uv

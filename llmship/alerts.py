@@ -24,9 +24,20 @@ Acting, with or without an alert URL:
   up).
 
 The block is configured in one place, Settings: a Slack incoming webhook
-(LLMSHIP_ALERT_SLACK_WEBHOOK_URL, a SlackWebhook block) for teams on Slack, or any URL that
-takes a JSON POST (LLMSHIP_ALERT_WEBHOOK_URL, a CustomWebhook block; the tests point it at a
-local receiver).
+(LLMSHIP_ALERT_SLACK_WEBHOOK_URL, a SlackWebhook block, sent by SendNotification) for teams on
+Slack, or any URL that takes a JSON POST (LLMSHIP_ALERT_WEBHOOK_URL, a Webhook block, called by
+CallWebhook; the tests point it at a local receiver).
+
+Once per event (issue 26). A JSON alert carries `idempotency_key`, `<automation>:<event id>`:
+whatever Prefect delivers twice for one event has the same key, and a receiver drops the
+repeat. Prefect may deliver twice: its event consumer redelivers a message up to 3 times when
+its handler raises (prefect/server/utilities/messaging/memory.py, `_consume_loop`), and each
+redelivery of an event that had already fired an automation fires it again, as a new action
+(prefect/server/events/triggers.py: `act` publishes the action before the bucket's transaction
+commits; docs/FINDINGS.md). CallWebhook, unlike SendNotification with a custom webhook block,
+turns every failure of the POST into the action's failure (a `prefect.automation.action.failed`
+event), never into a redelivery of the action: a POST that reached the receiver but whose
+answer came late (a server stalled on SQLite's lock) is not sent again.
 """
 
 from __future__ import annotations
@@ -34,15 +45,18 @@ from __future__ import annotations
 from datetime import timedelta
 
 from prefect.automations import Automation
-from prefect.blocks.notifications import (
-    CustomWebhookNotificationBlock,
-    NotificationBlock,
-    SlackWebhook,
-)
+from prefect.blocks.core import Block
+from prefect.blocks.notifications import SlackWebhook
+from prefect.blocks.webhook import Webhook
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 from prefect.client.schemas.objects import StateType
-from prefect.events.actions import ChangeFlowRunState, RunDeployment, SendNotification
+from prefect.events.actions import (
+    CallWebhook,
+    ChangeFlowRunState,
+    RunDeployment,
+    SendNotification,
+)
 from prefect.events.schemas.automations import EventTrigger, Posture
 
 from llmship import events
@@ -91,6 +105,7 @@ RUN_BODY = (
     "ended {{ flow_run.state.name }}: {{ flow_run.state.message }}\n"
     "{{ flow_run|ui_url }}"
 )
+
 WAITING_SUBJECT = (
     "llmship: {{ flow.name }} run {{ flow_run.name }} is waiting for a worker of pool "
     "{{ work_pool.name }}"
@@ -106,23 +121,48 @@ WAITING_BODY = (
 )
 
 
-def notification_block(settings: Settings) -> NotificationBlock | None:
+def notification_block(settings: Settings) -> Block | None:
+    """Where alerts go: a Slack webhook, or a Webhook block for any JSON receiver; None: no
+    alerts."""
     if settings.alert_slack_webhook_url:
         return SlackWebhook(url=settings.alert_slack_webhook_url)
     if settings.alert_webhook_url:
-        return CustomWebhookNotificationBlock(
-            name=BLOCK_NAME,
+        return Webhook(
+            method="POST",
             url=settings.alert_webhook_url,
-            json_data={
-                "text": "{{subject}}\n{{body}}",
-                "subject": "{{subject}}",
-                "body": "{{body}}",
-            },
+            headers={"Content-Type": "application/json"},
         )
     return None
 
 
-def notify_on(event: str, name: str, description: str, subject: str, body: str, block_id):
+def webhook_payload(automation: str, subject: str, body: str) -> str:
+    """The JSON an alert POSTs, as the template Prefect renders for each event: the rendered
+    subject and body (and both as `text`, what chat webhooks show), the event's id, and the
+    key a receiver drops repeats by. `tojson` quotes whatever the rendered text holds."""
+    return (
+        "{% set subject %}" + subject + "{% endset %}"
+        "{% set body %}" + body + "{% endset %}"
+        "{{ {'subject': subject, 'body': body, 'text': subject ~ '\\n' ~ body, "
+        "'event_id': event.id|string, "
+        f"'idempotency_key': '{automation}:' ~ event.id}}|tojson }}}}"
+    )
+
+
+def alert_action(
+    automation: str, subject: str, body: str, block_id, *, to_slack: bool
+) -> SendNotification | CallWebhook:
+    """One alert through the block: Slack renders subject and body itself; a JSON receiver
+    gets webhook_payload."""
+    if to_slack:
+        return SendNotification(block_document_id=block_id, subject=subject, body=body)
+    return CallWebhook(
+        block_document_id=block_id, payload=webhook_payload(automation, subject, body)
+    )
+
+
+def notify_on(
+    event: str, name: str, description: str, subject: str, body: str, block_id, to_slack: bool
+):
     """An alert: one notification through the block for every `event` about any model."""
     return Automation(
         name=name,
@@ -133,11 +173,11 @@ def notify_on(event: str, name: str, description: str, subject: str, body: str, 
             threshold=1,
             match={"prefect.resource.id": events.MODEL_RESOURCE.format(model="*")},
         ),
-        actions=[SendNotification(block_document_id=block_id, subject=subject, body=body)],
+        actions=[alert_action(name, subject, body, block_id, to_slack=to_slack)],
     )
 
 
-def alert_automations(block_id) -> list[Automation]:
+def alert_automations(block_id, to_slack: bool = False) -> list[Automation]:
     return [
         notify_on(
             events.GATE_FAILED,
@@ -146,6 +186,7 @@ def alert_automations(block_id) -> list[Automation]:
             GATE_SUBJECT,
             GATE_BODY,
             block_id,
+            to_slack,
         ),
         notify_on(
             events.PERF_FAILED,
@@ -154,6 +195,7 @@ def alert_automations(block_id) -> list[Automation]:
             PERF_SUBJECT,
             PERF_BODY,
             block_id,
+            to_slack,
         ),
         notify_on(
             events.ROLLED_BACK,
@@ -162,6 +204,7 @@ def alert_automations(block_id) -> list[Automation]:
             ROLLED_BACK_SUBJECT,
             ROLLED_BACK_BODY,
             block_id,
+            to_slack,
         ),
         Automation(
             name=RUN_WAITING,
@@ -175,8 +218,8 @@ def alert_automations(block_id) -> list[Automation]:
                 match_related={"prefect.resource.role": "flow", "prefect.resource.name": FLOWS},
             ),
             actions=[
-                SendNotification(
-                    block_document_id=block_id, subject=WAITING_SUBJECT, body=WAITING_BODY
+                alert_action(
+                    RUN_WAITING, WAITING_SUBJECT, WAITING_BODY, block_id, to_slack=to_slack
                 )
             ],
         ),
@@ -190,9 +233,7 @@ def alert_automations(block_id) -> list[Automation]:
                 match={"prefect.resource.id": "prefect.flow-run.*"},
                 match_related={"prefect.resource.role": "flow", "prefect.resource.name": FLOWS},
             ),
-            actions=[
-                SendNotification(block_document_id=block_id, subject=RUN_SUBJECT, body=RUN_BODY)
-            ],
+            actions=[alert_action(RUN_FAILED, RUN_SUBJECT, RUN_BODY, block_id, to_slack=to_slack)],
         ),
     ]
 
@@ -227,7 +268,9 @@ def crashed_runs_automation(heartbeat_s: int) -> Automation:
     )
 
 
-def restore_automation(model: str, restore_deployment_id, block_id) -> Automation:
+def restore_automation(
+    model: str, restore_deployment_id, block_id, to_slack: bool = False
+) -> Automation:
     actions = [
         RunDeployment(
             source="selected",
@@ -243,13 +286,15 @@ def restore_automation(model: str, restore_deployment_id, block_id) -> Automatio
     ]
     if block_id:
         actions.append(
-            SendNotification(
-                block_document_id=block_id,
+            alert_action(
+                RESTORE.format(model=model),
                 subject="llmship: {{ event.payload.model }}'s live version is down; rolling back",
                 body="{{ event.payload.model }} {{ event.payload.version }} has had no running "
                 "replica for {{ event.payload.seconds }} s (Ray could not keep one up: "
                 "`llmship status` names each replica's engine log). Clients get 503s until "
                 f"restore/{model} has moved the traffic to the previous version.",
+                block_id=block_id,
+                to_slack=to_slack,
             )
         )
     return Automation(
@@ -289,10 +334,11 @@ def ensure_automations(settings: Settings) -> list[str]:
     automations = [crashed_runs_automation(settings.run_heartbeat_s)]
     with prefect_client_settings(settings):
         block_id = block.save(BLOCK_NAME, overwrite=True) if block else None
+        to_slack = isinstance(block, SlackWebhook)
         if block_id:
-            automations += alert_automations(block_id)
+            automations += alert_automations(block_id, to_slack)
         automations += [
-            restore_automation(model, deployment_id, block_id)
+            restore_automation(model, deployment_id, block_id, to_slack)
             for model, deployment_id in sorted(restore_deployments().items())
         ]
         for automation in automations:

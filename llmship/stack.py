@@ -21,7 +21,7 @@ from llmship.alerts import ensure_automations
 from llmship.credentials import ensure_credentials, prefect_client_settings, ray_env
 from llmship.errors import StackError
 from llmship.processes import http_ok, wait_until
-from llmship.settings import REPO_ROOT, S3_IDENTITY_KEY_PREFIX, Settings
+from llmship.settings import REPO_ROOT, S3_IDENTITY_KEY_PREFIX, Settings, without_password
 from llmship.store import ArtifactStore
 
 BIN = Path(sys.executable).parent
@@ -41,6 +41,7 @@ def child_env(settings: Settings) -> dict[str, str]:
         "gateway_admin_token",
         "alert_slack_webhook_url",
         "prefect_api_auth_string",
+        "prefect_database_url",
     }
     env.update(
         {
@@ -127,6 +128,22 @@ def start_s3(settings: Settings, creds: dict[str, str], env: dict[str, str]) -> 
     )
 
 
+def prefect_database_env(settings: Settings) -> dict[str, str]:
+    """What points the Prefect server at PostgreSQL, when settings name one: only the server's
+    environment gets it (never a command line, nor the environment of the other processes).
+    Unset, the server keeps its SQLite database in PREFECT_HOME."""
+    if settings.prefect_database_url is None:
+        return {}
+    return {"PREFECT_API_DATABASE_CONNECTION_URL": settings.prefect_database_url.get_secret_value()}
+
+
+def database_description(settings: Settings) -> str:
+    """Where the Prefect server keeps its state, fit to print (no password)."""
+    if settings.prefect_database_url is None:
+        return f"SQLite {settings.state_dir / 'prefect' / 'prefect.db'}"
+    return f"PostgreSQL {without_password(settings.prefect_database_url.get_secret_value())}"
+
+
 def start_prefect(settings: Settings, env: dict[str, str]) -> None:
     if processes.find(settings, "prefect-server"):
         return
@@ -144,6 +161,7 @@ def start_prefect(settings: Settings, env: dict[str, str]) -> None:
         "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": (
             "prefect.server.concurrency.lease_storage.filesystem"
         ),
+        **prefect_database_env(settings),
     }
     rec = processes.start(
         settings,
@@ -330,7 +348,10 @@ def up(settings: Settings, *, deployments: bool = True, say=print) -> None:
     admin = as_identity(settings, creds, "admin")
     ArtifactStore(admin).ensure_bucket()
     say(f"demo model       {mirror_demo_model(admin)}")
-    say(f"Prefect          http://{settings.host}:{settings.prefect_port}")
+    say(
+        f"Prefect          http://{settings.host}:{settings.prefect_port} "
+        f"({database_description(settings)})"
+    )
     start_prefect(settings, env)
     if deployments:
         say(f"deployments      registered from prefect.yaml, pool {settings.work_pool}")
