@@ -186,9 +186,9 @@ class ResponsesRequest(RelayedRequest):
         AfterValidator(
             _refused(
                 "stateful",
-                "previous_response_id is not supported by this gateway: responses are not "
-                "stored (each replica would keep its own, and the next request may go to "
-                "another). Send the conversation so far in `input` instead",
+                "not supported by this gateway: responses are not stored (each replica "
+                "would keep its own, and the next request may go to another). Send the "
+                "conversation so far in `input` instead",
             )
         ),
     ] = None
@@ -197,8 +197,8 @@ class ResponsesRequest(RelayedRequest):
         AfterValidator(
             _refused(
                 "stateful",
-                "background responses are not supported by this gateway: they are kept by "
-                "one replica, and polling may reach another. Send the request without "
+                "not supported by this gateway: a background response is kept by one "
+                "replica, and polling may reach another. Send the request without "
                 "`background`, or stream it",
             )
         ),

@@ -253,6 +253,7 @@ def test_stateful_responses_are_refused_with_the_reason(gateway):
         400,
         "previous_response_id",
     )
+    assert err["message"].startswith("previous_response_id: not supported by this gateway")
     assert "not stored" in err["message"] and "`input`" in err["message"]
     # `store` passes (the engines ignore it), as does an explicit null or false of the rest.
     for extra in (
@@ -341,3 +342,71 @@ def test_stream_tally_of_responses_events():
     tally.feed(sse(*STREAM_EVENTS[3]))
     whole = tally.usage()
     assert (whole.prompt_tokens, whole.completion_tokens, whole.counted) == (9, 2, False)
+
+
+@pytest.mark.stack
+def test_the_real_engine_answers_the_new_endpoints_through_the_gateway(stack, first_run):
+    """The demo model live in the test stack: vLLM's own /tokenize, /detokenize and
+    /v1/responses, reached through the gateway (the model is tiny: shapes, not quality)."""
+    settings = stack
+    prompt = "Clause: The Vendor shall pay the Buyer $12,500 no later than March 3, 2027."
+    with httpx.Client(base_url=settings.gateway_url, timeout=120) as gw:
+        served = gw.get("/v1/models").json()["data"]
+        version = next(m for m in served if m["id"] == "tiny-llama")["version"]
+
+        tokenized = gw.post("/tokenize", json={"model": "tiny-llama", "prompt": prompt})
+        assert tokenized.status_code == 200, tokenized.text
+        assert tokenized.headers["x-llmship-version"] == version
+        tokens = tokenized.json()["tokens"]
+        assert tokenized.json()["count"] == len(tokens) > 5
+        assert all(isinstance(t, int) for t in tokens)
+
+        back = gw.post("/detokenize", json={"model": "tiny-llama", "tokens": tokens})
+        assert back.status_code == 200, back.text
+        assert back.headers["x-llmship-version"] == version
+        assert prompt in back.json()["prompt"]  # after the BOS token's text, if any
+
+        ask = {
+            "model": "tiny-llama",
+            "input": prompt + "\nQuestion: What type of clause is this?",
+            "max_output_tokens": 8,
+            "temperature": 0,
+        }
+        answer = gw.post("/v1/responses", json=ask)
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["x-llmship-version"] == version
+        whole = answer.json()
+        assert whole["object"] == "response" and whole["status"] in ("completed", "incomplete")
+        texts = [
+            part["text"]
+            for item in whole["output"]
+            if item["type"] == "message"
+            for part in item["content"]
+            if part["type"] == "output_text"
+        ]
+        assert texts and all(isinstance(t, str) for t in texts), whole["output"]
+        assert whole["usage"]["input_tokens"] > 0
+
+        with gw.stream("POST", "/v1/responses", json={**ask, "stream": True}) as streamed:
+            assert streamed.status_code == 200
+            assert streamed.headers["x-llmship-version"] == version
+            events = [line.removeprefix("event: ") for line in streamed.iter_lines() if line]
+        named = [e for e in events if not e.startswith("data: ")]
+        assert named[0] == "response.created" and named[-1] == "response.completed", named
+
+        refused = gw.post("/v1/responses", json={**ask, "previous_response_id": whole["id"]})
+        assert_openai_error(refused, 400, "previous_response_id")
+
+        metrics = gw.get("/metrics").text
+    for path in ("/tokenize", "/detokenize", "/v1/responses"):
+        assert (
+            metric(
+                metrics,
+                f'llmship_gateway_requests_total{{endpoint="{path}",model="tiny-llama",'
+                f'status="200",version="{version}"}}',
+            )
+            >= 1
+        )
+    log = (settings.state_dir / "logs" / "gateway.log").read_text()
+    assert f"POST /tokenize model=tiny-llama version={version} status=200" in log
+    assert f"POST /v1/responses model=tiny-llama version={version} status=200" in log
