@@ -1,6 +1,7 @@
 """The gateway clients talk to: OpenAI-compatible, in front of each version's replicas.
 
     POST /v1/completions, /v1/chat/completions   proxied to the live version (streams unbuffered)
+    POST /v1/responses, /tokenize, /detokenize   the same way (no shadow copies of these)
     GET  /v1/models                              the models served, with their live version
     GET  /health                                 the gateway itself
     GET  /ready                                  200 when every live version has a running replica
@@ -52,7 +53,7 @@ import secrets
 import time
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import aiohttp
 from fastapi import FastAPI, Header, Request
@@ -65,7 +66,15 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from llmship import events
 from llmship.processes import write_json
@@ -96,19 +105,39 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = None
 
 
-class _OpenAIRequest(BaseModel):
-    # Unknown fields pass through to the engine, which knows its own extensions. Strict: a
-    # "16" for max_tokens or "yes" for stream is refused, as OpenAI's API and vLLM refuse it,
-    # not read as 16 or true.
+class RelayedRequest(BaseModel):
+    """What the gateway reads of every relayed request: the model, which routes it. Unknown
+    fields pass through to the engine, which knows its own extensions. Strict: a "16" for
+    max_tokens or "yes" for stream is refused, as OpenAI's API and vLLM refuse it, not read
+    as 16 or true."""
+
     model_config = ConfigDict(extra="allow", strict=True)
 
+    # Whether the route's shadow may copy it (serving/shadow.py scores completions only).
+    shadowed: ClassVar[bool] = False
+    # What marks an event that carries a generated token, in a relayed stream.
+    token_event: ClassVar[bytes] = StreamTally.EVENT
+
     model: str = Field(min_length=1)
+
+    def streamed(self) -> bool:
+        """Whether the engine answers it as a stream of events (a method: a client's
+        `stream` field on an endpoint that does not stream is only passed through)."""
+        return False
+
+
+class _OpenAIRequest(RelayedRequest):
+    shadowed: ClassVar[bool] = True
+
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     n: int | None = Field(None, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
+
+    def streamed(self) -> bool:
+        return self.stream
 
 
 class CompletionRequest(_OpenAIRequest):
@@ -124,6 +153,80 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_OpenAIRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+
+
+def _refused(kind: str, message: str):
+    """A validator's refusal, in the client's words: no pydantic "Value error, " before it."""
+
+    def check(value: Any) -> Any:
+        if value is not None and value is not False:
+            raise PydanticCustomError(kind, message)
+        return value
+
+    return check
+
+
+class ResponsesRequest(RelayedRequest):
+    """OpenAI's Responses API (vLLM's /v1/responses). Only what routing needs is checked;
+    the rest is the engine's to check.
+
+    Refused: what would make the answer depend on state one replica keeps. vLLM 0.32 keeps a
+    stored response in its own process's memory, and only when the engine runs with
+    VLLM_ENABLE_RESPONSES_API_STORE=1 (its entrypoints/openai/responses/serving.py; otherwise
+    `store` is ignored), which serving/replica.py turns off: a `previous_response_id` could
+    only be found on the replica that answered it, which the gateway cannot send the request
+    to, and a `background` response can only be polled there. `store` itself passes: the
+    engine ignores it."""
+
+    token_event: ClassVar[bytes] = b"event: response.output_text.delta"
+
+    stream: bool | None = None
+    previous_response_id: Annotated[
+        str | None,
+        AfterValidator(
+            _refused(
+                "stateful",
+                "not supported by this gateway: responses are not stored (each replica "
+                "would keep its own, and the next request may go to another). Send the "
+                "conversation so far in `input` instead",
+            )
+        ),
+    ] = None
+    background: Annotated[
+        bool | None,
+        AfterValidator(
+            _refused(
+                "stateful",
+                "not supported by this gateway: a background response is kept by one "
+                "replica, and polling may reach another. Send the request without "
+                "`background`, or stream it",
+            )
+        ),
+    ] = None
+
+    def streamed(self) -> bool:
+        return bool(self.stream)
+
+
+class TokenizeRequest(RelayedRequest):
+    """vLLM's /tokenize: a prompt, or chat messages rendered with the model's template."""
+
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise PydanticCustomError(
+                "prompt_or_messages", "give one of `prompt` (a string) and `messages`"
+            )
+        return self
+
+
+class DetokenizeRequest(RelayedRequest):
+    """vLLM's /detokenize: token ids back to text."""
+
+    tokens: list[Annotated[int, Field(ge=0)]]
 
 
 class Canary(BaseModel, extra="forbid"):
@@ -575,7 +678,7 @@ async def lifespan(app: FastAPI):
 
 
 class _Gateway(FastAPI):
-    """FastAPI, with the two relayed endpoints answered before its middleware and router:
+    """FastAPI, with the relayed endpoints (RELAYED) answered before its middleware and router:
     each layer wraps every relayed chunk's send in a call of its own, and resolves every
     request's route and dependencies, a good part of the gateway's CPU per token. What they
     add there (a 500 for an unexpected error) is done here."""
@@ -675,7 +778,7 @@ async def list_models(request: Request) -> dict:
     }
 
 
-async def _proxy(request: Request, endpoint: str, schema: type[_OpenAIRequest]) -> Response:
+async def _proxy(request: Request, endpoint: str, schema: type[RelayedRequest]) -> Response:
     started = time.perf_counter()
     client_id = request.headers.get("x-request-id")
     # The client's id, or one of the gateway's: in the access log and the answer's header.
@@ -701,7 +804,7 @@ async def _proxy(request: Request, endpoint: str, schema: type[_OpenAIRequest]) 
 async def _answer(
     request: Request,
     endpoint: str,
-    schema: type[_OpenAIRequest],
+    schema: type[RelayedRequest],
     client_id: str | None,
     request_id: str,
 ) -> tuple[Response, str | None]:
@@ -778,8 +881,8 @@ def _param(loc: tuple, payload: Any) -> str:
 
 
 async def _read_request(
-    gw: GatewayState, request: Request, schema: type[_OpenAIRequest]
-) -> tuple[bytes, _OpenAIRequest] | Response:
+    gw: GatewayState, request: Request, schema: type[RelayedRequest]
+) -> tuple[bytes, RelayedRequest] | Response:
     body = await _read_body(gw, request)
     if isinstance(body, Response):
         return body
@@ -798,6 +901,8 @@ async def _read_request(
         # the client sent says most: prompt[1], not prompt.
         errors = [(_param(e["loc"], payload), e["msg"]) for e in exc.errors()]
         param, msg = max(errors, key=lambda e: e[0].count("[") + e[0].count("."))
+        if not param:  # a refusal of the request as a whole
+            return openai_error(400, msg)
         return openai_error(400, f"{param}: {msg}", param=param)
 
 
@@ -843,7 +948,7 @@ def _backends(gw: GatewayState, model: str, route: Route) -> list[tuple[str, str
 async def _forward(
     gw: GatewayState,
     body: bytes,
-    parsed: _OpenAIRequest,
+    parsed: RelayedRequest,
     endpoint: str,
     request_id: str | None = None,
     log_id: str = "-",
@@ -933,12 +1038,12 @@ async def _forward(
 
     headers = {"x-llmship-version": version}
     copy = None  # a copy for the route's shadow, offered once the live answer is whole
-    if route.shadow and version == route.version and resp.status == 200:
+    if parsed.shadowed and route.shadow and version == route.version and resp.status == 200:
         copy = gw.shadower.choose(model, route.shadow, endpoint, body, parsed, request_id)
-    if parsed.stream and resp.status == 200:
+    if parsed.streamed() and resp.status == 200:
         outcome = {"status": "200"}
         answer = bytearray() if copy else None
-        tally = StreamTally()
+        tally = StreamTally(parsed.token_event)
 
         async def relay():
             first = True
@@ -1042,9 +1147,27 @@ async def chat_completions(request: Request) -> Response:
     return await _proxy(request, "/v1/chat/completions", ChatCompletionRequest)
 
 
-RELAYED: dict[str, type[_OpenAIRequest]] = {
+@app.post("/v1/responses")
+async def responses(request: Request) -> Response:
+    return await _proxy(request, "/v1/responses", ResponsesRequest)
+
+
+@app.post("/tokenize")
+async def tokenize(request: Request) -> Response:
+    return await _proxy(request, "/tokenize", TokenizeRequest)
+
+
+@app.post("/detokenize")
+async def detokenize(request: Request) -> Response:
+    return await _proxy(request, "/detokenize", DetokenizeRequest)
+
+
+RELAYED: dict[str, type[RelayedRequest]] = {
     "/v1/completions": CompletionRequest,
     "/v1/chat/completions": ChatCompletionRequest,
+    "/v1/responses": ResponsesRequest,
+    "/tokenize": TokenizeRequest,
+    "/detokenize": DetokenizeRequest,
 }
 
 

@@ -80,40 +80,52 @@ class TokenUsage(BaseModel):
 
 
 def usage_of_answer(answer: Any) -> TokenUsage:
-    """The `usage` object of a whole (non-streamed) answer, or of a stream's usage event."""
+    """The `usage` object of a whole (non-streamed) answer, or of a stream's usage event. Of
+    the Responses API: its `input_tokens` and `output_tokens`, and of a stream, its
+    `response.completed` event's response."""
+    if isinstance(answer, dict) and answer.get("type") == "response.completed":
+        answer = answer.get("response")
     usage = answer.get("usage") if isinstance(answer, dict) else None
     if not isinstance(usage, dict):
         return TokenUsage()
 
-    def count(name: str) -> int | None:
-        value = usage.get(name)
-        return value if isinstance(value, int) and value >= 0 else None
+    def count(*names: str) -> int | None:
+        for name in names:
+            value = usage.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                return value
+        return None
 
     return TokenUsage(
-        prompt_tokens=count("prompt_tokens"), completion_tokens=count("completion_tokens")
+        prompt_tokens=count("prompt_tokens", "input_tokens"),
+        completion_tokens=count("completion_tokens", "output_tokens"),
     )
 
 
 class StreamTally:
     """What a relayed stream says of its tokens, read as it passes: the events that carry a
-    choice are counted (one C-level scan per chunk), and the last few chunks are kept, as
-    the usage event, when there is one, comes last before `data: [DONE]`."""
+    token are counted (one C-level scan per chunk), and the last few chunks are kept, as
+    the usage event, when there is one, comes last (before `data: [DONE]`).
 
-    __slots__ = ("events", "tail")
+    event: what marks an event that carries a token. Of completions, every `data: {` event;
+    of the Responses API, whose events are named, `event: response.output_text.delta`."""
+
+    __slots__ = ("events", "marker", "tail")
     EVENT = b"data: {"
     TAIL_CHUNKS = 4
 
-    def __init__(self) -> None:
+    def __init__(self, event: bytes = EVENT) -> None:
         self.events = 0
+        self.marker = event
         self.tail: deque[bytes] = deque(maxlen=self.TAIL_CHUNKS)
 
     def feed(self, chunk: bytes) -> None:
-        self.events += chunk.count(self.EVENT)
+        self.events += chunk.count(self.marker)
         self.tail.append(chunk)
 
     def usage(self) -> TokenUsage:
         for event in reversed(b"".join(self.tail).split(b"\n\n")):
-            event = event.strip()
+            event = event.strip().rpartition(b"\n")[2]  # the data line of a named event
             if not event.startswith(self.EVENT):
                 continue
             try:

@@ -312,6 +312,13 @@ def test_an_engine_gets_none_of_the_stacks_secrets(monkeypatch):
     assert not [k for k in env if k.startswith(("RAY_AUTH", "AWS_")) or "SECRET" in k]
 
 
+def test_an_engine_keeps_no_responses_whatever_the_host_says(monkeypatch):
+    """A stored response would live in one engine's memory, out of the gateway's reach
+    (serving/gateway.py: ResponsesRequest): the store is off even where the host turns it on."""
+    monkeypatch.setenv("VLLM_ENABLE_RESPONSES_API_STORE", "1")
+    assert replica.server_env(Settings(), Target.VLLM)["VLLM_ENABLE_RESPONSES_API_STORE"] == "0"
+
+
 def test_a_missing_trtllm_environment_is_a_refusal_that_says_which_setting(tmp_path):
     config = config_of("build-and-serve", "llama3-70b-trtllm")
     settings = Settings(trtllm_python=tmp_path / "none" / "python")
