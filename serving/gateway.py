@@ -1136,32 +1136,6 @@ def _closing(resp: JSONResponse) -> JSONResponse:
     return resp
 
 
-# Answered by _Gateway.__call__; declared here too, for /openapi.json and /docs.
-@app.post("/v1/completions")
-async def completions(request: Request) -> Response:
-    return await _proxy(request, "/v1/completions", CompletionRequest)
-
-
-@app.post("/v1/chat/completions")
-async def chat_completions(request: Request) -> Response:
-    return await _proxy(request, "/v1/chat/completions", ChatCompletionRequest)
-
-
-@app.post("/v1/responses")
-async def responses(request: Request) -> Response:
-    return await _proxy(request, "/v1/responses", ResponsesRequest)
-
-
-@app.post("/tokenize")
-async def tokenize(request: Request) -> Response:
-    return await _proxy(request, "/tokenize", TokenizeRequest)
-
-
-@app.post("/detokenize")
-async def detokenize(request: Request) -> Response:
-    return await _proxy(request, "/detokenize", DetokenizeRequest)
-
-
 RELAYED: dict[str, type[RelayedRequest]] = {
     "/v1/completions": CompletionRequest,
     "/v1/chat/completions": ChatCompletionRequest,
@@ -1169,6 +1143,23 @@ RELAYED: dict[str, type[RelayedRequest]] = {
     "/tokenize": TokenizeRequest,
     "/detokenize": DetokenizeRequest,
 }
+
+
+def _relay_route(endpoint: str, schema: type[RelayedRequest]):
+    async def relay(request: Request) -> Response:
+        return await _proxy(request, endpoint, schema)
+
+    return relay
+
+
+# Answered by _Gateway.__call__; declared here too, for /openapi.json and /docs.
+for _endpoint, _schema in RELAYED.items():
+    app.add_api_route(
+        _endpoint,
+        _relay_route(_endpoint, _schema),
+        methods=["POST"],
+        name=_endpoint.strip("/").replace("/", "_"),
+    )
 
 
 # ------------------------------------------------------------------ admin
