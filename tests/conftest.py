@@ -130,3 +130,20 @@ def alert_receiver():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield received
     server.shutdown()
+
+
+@pytest.fixture()
+def client(monkeypatch, tmp_path):
+    """The gateway app in-process, on a state folder of its own, admin token `right-token`."""
+    from fastapi.testclient import TestClient
+
+    from llmship.settings import get_settings
+
+    monkeypatch.setenv("LLMSHIP_STATE_DIR", str(tmp_path))
+    monkeypatch.setenv("LLMSHIP_GATEWAY_ADMIN_TOKEN", "right-token")
+    get_settings.cache_clear()
+    from serving.gateway import app
+
+    with TestClient(app) as c:
+        yield c
+    get_settings.cache_clear()

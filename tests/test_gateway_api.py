@@ -11,20 +11,6 @@ import pytest
 from fastapi.testclient import TestClient
 
 
-@pytest.fixture()
-def client(monkeypatch, tmp_path):
-    from llmship.settings import get_settings
-
-    monkeypatch.setenv("LLMSHIP_STATE_DIR", str(tmp_path))
-    monkeypatch.setenv("LLMSHIP_GATEWAY_ADMIN_TOKEN", "right-token")
-    get_settings.cache_clear()
-    from serving.gateway import app
-
-    with TestClient(app) as c:
-        yield c
-    get_settings.cache_clear()
-
-
 def saved_state(state):
     """Where a gateway of the tests' settings keeps its routes and replicas."""
     from llmship.settings import Settings

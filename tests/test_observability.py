@@ -24,7 +24,6 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from fastapi.testclient import TestClient
 
 from tests.helpers.gateway_process import gateway_process
 
@@ -82,20 +81,6 @@ def engine():
     server, url = engine_like_server()
     yield url
     server.shutdown()
-
-
-@pytest.fixture()
-def client(monkeypatch, tmp_path):
-    from llmship.settings import get_settings
-
-    monkeypatch.setenv("LLMSHIP_STATE_DIR", str(tmp_path))
-    monkeypatch.setenv("LLMSHIP_GATEWAY_ADMIN_TOKEN", "right-token")
-    get_settings.cache_clear()
-    from serving.gateway import app
-
-    with TestClient(app) as c:
-        yield c
-    get_settings.cache_clear()
 
 
 def route(client, model: str, body: dict) -> None:

@@ -34,14 +34,18 @@ def by_metric(verdicts) -> dict:
     return {(v.load, v.metric): v for v in verdicts}
 
 
-def test_without_limits_every_figure_is_recorded_and_none_judged():
-    policy = PerfConfig()
+def half_as_fast(policy: PerfConfig):
+    """The verdicts on a candidate at half the baseline's tokens/s, at both loads."""
     [production, single] = loads(policy)
-    verdicts = judge(
+    return judge(
         [figures(production, 1000), figures(single, 100)],
         [figures(production, 500), figures(single, 50)],
         policy,
     )
+
+
+def test_without_limits_every_figure_is_recorded_and_none_judged():
+    verdicts = half_as_fast(PerfConfig())
     assert {v.passed for v in verdicts} == {None}
     throughput = by_metric(verdicts)[("production", "output tokens/s")]
     assert throughput.ratio == 0.5 and throughput.limit == "-"
@@ -108,12 +112,7 @@ def test_a_config_of_only_a_name_and_a_source_is_valid():
 
 def test_a_policy_without_limits_is_reported_as_measured_never_as_passed():
     policy = PerfConfig()
-    [production, single] = loads(policy)
-    verdicts = judge(
-        [figures(production, 1000), figures(single, 100)],
-        [figures(production, 500), figures(single, 50)],
-        policy,
-    )
+    verdicts = half_as_fast(policy)
     report = PerfReport(
         passed=True,
         policy=policy,
