@@ -46,12 +46,10 @@ def target_version_field(
     }
 
 
-def offer_published_versions(settings: Settings, model: str) -> list[str]:
-    """Refresh the target_version choices of `model`'s rollback deployments; the names of the
-    deployments refreshed."""
+def offer_published_versions(settings: Settings, model: str | None = None) -> list[str]:
+    """Refresh the target_version choices of `model`'s rollback deployments (every model's,
+    when None); the names of the deployments refreshed."""
     store = ArtifactStore(settings)
-    versions = list_versions(store, model)
-    live, previous = store.read_alias(model, "live"), store.read_alias(model, "previous")
     refreshed = []
     with prefect_client_settings(settings), get_client(sync_client=True) as client:
         for deployment in client.read_deployments(
@@ -59,10 +57,14 @@ def offer_published_versions(settings: Settings, model: str) -> list[str]:
         ):
             schema = dict(deployment.parameter_openapi_schema or {})
             properties = dict(schema.get("properties", {}))
-            if deployment.parameters.get("model") != model or TARGET_FIELD not in properties:
+            of = deployment.parameters.get("model")
+            if not of or model not in (None, of) or TARGET_FIELD not in properties:
                 continue
             properties[TARGET_FIELD] = target_version_field(
-                properties[TARGET_FIELD], versions, live, previous
+                properties[TARGET_FIELD],
+                list_versions(store, of),
+                store.read_alias(of, "live"),
+                store.read_alias(of, "previous"),
             )
             schema["properties"] = properties
             client.update_deployment(
@@ -70,12 +72,3 @@ def offer_published_versions(settings: Settings, model: str) -> list[str]:
             )
             refreshed.append(deployment.name)
     return refreshed
-
-
-def rollback_models(settings: Settings) -> list[str]:
-    """The models that have a rollback deployment."""
-    with prefect_client_settings(settings), get_client(sync_client=True) as client:
-        deployments = client.read_deployments(
-            flow_filter=FlowFilter(name=FlowFilterName(any_=[ROLLBACK_FLOW]))
-        )
-    return sorted({d.parameters["model"] for d in deployments if d.parameters.get("model")})

@@ -203,8 +203,7 @@ def register_deployments(settings: Settings, env: dict[str, str]) -> None:
             prefect_cli(env, "work-pool", "create", pool, "--type", "process")
     prefect_cli(env, "deploy", "--all", "--no-prompt")
     refuse_unknown_parameters(settings)
-    for model in forms.rollback_models(settings):
-        forms.offer_published_versions(settings, model)
+    forms.offer_published_versions(settings)  # every model's rollback form
 
 
 def refuse_unknown_parameters(settings: Settings) -> None:
