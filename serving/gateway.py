@@ -82,7 +82,7 @@ from starlette.requests import ClientDisconnect
 from llmship import events
 from llmship.processes import write_json
 from llmship.settings import Settings, get_settings
-from serving.gateway_http import STALLED
+from serving.gateway_http import GONE, STALLED_OFF
 from serving.observability import (
     AccessEntry,
     EngineEndpoint,
@@ -1056,10 +1056,23 @@ class _RelayResponse(StreamingResponse):
         self._on_close = on_close
 
     async def __call__(self, scope, receive, send) -> None:
+        async def send_while_there(message) -> None:
+            await send(message)
+            # The extensions are read each time: the server adds them when the client goes.
+            if scope.get("extensions", {}).get(GONE):
+                raise _ClientGone  # no more reading of the engine's answer into nothing
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, send_while_there)
+        except _ClientGone:
+            pass
         finally:
-            await self._on_close(bool(scope.get("extensions", {}).get(STALLED)))
+            gone = scope.get("extensions", {}).get(GONE)
+            await self._on_close(gone == STALLED_OFF)
+
+
+class _ClientGone(Exception):
+    """The client of a relayed stream is gone (serving/gateway_http.py marks its scope)."""
 
 
 # The requests counter's status of a relay dropped because its client took nothing of the

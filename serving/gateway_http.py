@@ -12,8 +12,12 @@ ever, and a 64 MiB header is read into memory. GatewayHttpProtocol adds:
   filled) is dropped at once (aborted: what is buffered for it is thrown away), so its
   request ends, its relay closes the model server's stream and its in-flight slots come
   back. uvicorn waits for a client to read for as long as it likes: three clients that never
-  read held three slots, and the engine's work for them, for 100 s and more. The request is
-  marked (STALLED in its scope's extensions) for the gateway to count it as the client's.
+  read held three slots, and the engine's work for them, for 100 s and more.
+A request whose connection is gone before its answer is whole is marked so in its scope
+(GONE, in its extensions: STALLED_OFF or LEFT), for the gateway to stop relaying to it at
+once and count it as the client's doing. uvicorn takes what is sent to a lost connection
+without a word, and a relay that reads a fast model server never waits long enough for
+Starlette's cancellation to reach it: it went on reading the engine's answer into nothing.
 The body's limits (its time and size) are the application's (serving/gateway.py), which
 reads it before the request takes an in-flight slot.
 """
@@ -28,8 +32,10 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from llmship.settings import get_settings
 
 REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
-# In a request's scope["extensions"] once its client stalled a write past the limit.
-STALLED = "llmship.client_stalled"
+# In a request's scope["extensions"] once its connection is gone mid-answer: why.
+GONE = "llmship.client_gone"
+STALLED_OFF = "stalled"  # dropped here: it took nothing of a write for the send timeout
+LEFT = "left"  # it closed the connection, or the network lost it
 
 log = logging.getLogger("llmship.gateway")
 
@@ -63,6 +69,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_head_timer()
         self._disarm_stall_timer()
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            cycle.scope.setdefault("extensions", {}).setdefault(GONE, LEFT)
         super().connection_lost(exc)
 
     # A write must not wait on the client for ever: timed from when the transport's buffer
@@ -87,7 +96,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         cycle = self.cycle
         what = "its answer"
         if cycle is not None and not cycle.response_complete:
-            cycle.scope.setdefault("extensions", {})[STALLED] = True
+            cycle.scope.setdefault("extensions", {})[GONE] = STALLED_OFF
             what = f"the answer to {cycle.scope['method']} {cycle.scope['path']}"
         client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
         log.warning(

@@ -709,8 +709,8 @@ def test_every_admin_route_asks_for_the_token_before_anything_else(live):
 
 
 ROUTE_FIELDS_BAD = {
-    "version": [1, "", None, ["v1"], True],
     "since": ["x", 1, None, "2026-13-01T00:00:00+00:00", "0001-01-01T00:00:00"],
+    "version": [1, "", None, ["v1"], True],
     "canary": ["v2", 5, [], {"version": "v2"}],
     "canary.version": [2, "", None],
     "canary.percent": ["10", 0, 100, -1, True, None],
@@ -752,8 +752,8 @@ def test_every_admin_field_is_checked_and_a_bad_one_breaks_nothing(live):
                 body[field] = value
             resp = httpx.put(f"{url}/admin/routes/m", headers=ADMIN, json=body)
             assert resp.status_code == 400, (field, value, resp.text)
-            assert_openai_error(resp, 400)
-            assert resp.json()["error"]["param"].startswith(field.split(".")[0]), resp.text
+            param = assert_openai_error(resp, 400)["param"] or ""
+            assert param.startswith(field.split(".")[0]), (field, value, resp.text)
             models = httpx.get(f"{url}/v1/models")
             assert models.status_code == 200, (field, value, models.text)
     for extra in ({"upstream": "http://127.0.0.1:9"}, {"canary": {**good_canary, "x": 1}}):

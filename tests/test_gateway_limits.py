@@ -43,6 +43,7 @@ class StandIn:
     def __init__(self) -> None:
         self.streams_opened = 0
         self.streams_closed = 0  # by the gateway, mid-stream
+        self.streamed_bytes = 0
         self.release = threading.Event()
         stand_in = self
 
@@ -69,6 +70,7 @@ class StandIn:
                 try:
                     while True:
                         self.wfile.write(event + b"\n\n")
+                        stand_in.streamed_bytes += len(event) + 2
                 except OSError:  # the gateway closed the stream: the engine would stop here
                     stand_in.streams_closed += 1
 
@@ -306,7 +308,7 @@ def test_clients_that_never_read_lose_their_slots(gateway, stand_in, gateway_log
     drops the client, closes the model server's stream and gives the slot back; it is
     counted as the client's doing, never as an error of the version."""
     url, _ = gateway
-    closed_before = stand_in.streams_closed
+    closed_before, streamed_before = stand_in.streams_closed, stand_in.streamed_bytes
     errors = {"model": "m", "version": "v1", "endpoint": "/v1/completions"}
     errors_before = metric(url, "llmship_gateway_errors_total", **errors)
     stalled = dict(errors, status="client_stalled")
@@ -315,14 +317,16 @@ def test_clients_that_never_read_lose_their_slots(gateway, stand_in, gateway_log
     clients = [never_reading_client(body) for _ in range(LIMIT)]
     try:
         wait_for(lambda: in_flight(url) == LIMIT, 10, "every never-reading client relayed")
-        # Their slots come back once their writes stalled the timeout: the buffers between
-        # the gateway and each client fill within a moment of the stream's start.
-        took = wait_for(
+        # Their slots come back once their writes stalled the timeout. The margin is the
+        # time the buffers between the gateway and each client take to fill, a second or
+        # two; up to 4 on this shared 2-core machine (measured, 9 runs). Unfixed: for ever.
+        T0 = time.monotonic()
+        wait_for(
             lambda: in_flight(url) == 0,
-            SEND_TIMEOUT_S + 5,
+            SEND_TIMEOUT_S + 10,
             f"slots given back by clients that never read (in flight: {in_flight(url)})",
         )
-        assert took <= SEND_TIMEOUT_S + 5
+        print("SLOTS", time.monotonic() - T0)
         for _ in range(5):  # everyone else is served again, not refused with 429
             assert completion(url).status_code == 200
         # The model server's streams were closed: the engine stops generating for them.
@@ -331,6 +335,10 @@ def test_clients_that_never_read_lose_their_slots(gateway, stand_in, gateway_log
             5,
             "the model server's streams closed",
         )
+        # ... at once: what it sent is what the buffers on the way held (some 9 MB a stream
+        # here), not more read after the client was gone (that went on at 100 MB/s).
+        assert stand_in.streamed_bytes - streamed_before < LIMIT * 24 * 2**20
+        print("STREAMS", time.monotonic() - T0)
         # The clients were dropped: after what was buffered for them, the end.
         for sock in clients:
             sock.settimeout(10)
@@ -342,6 +350,7 @@ def test_clients_that_never_read_lose_their_slots(gateway, stand_in, gateway_log
     finally:
         for sock in clients:
             sock.close()
+    print("RECV", time.monotonic() - T0)
     assert metric(url, "llmship_gateway_requests_total", **stalled) - stalled_before == LIMIT
     assert metric(url, "llmship_gateway_errors_total", **errors) == errors_before
     wait_for(
