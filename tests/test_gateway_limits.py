@@ -318,15 +318,13 @@ def test_clients_that_never_read_lose_their_slots(gateway, stand_in, gateway_log
     try:
         wait_for(lambda: in_flight(url) == LIMIT, 10, "every never-reading client relayed")
         # Their slots come back once their writes stalled the timeout. The margin is the
-        # time the buffers between the gateway and each client take to fill, a second or
-        # two; up to 4 on this shared 2-core machine (measured, 9 runs). Unfixed: for ever.
-        T0 = time.monotonic()
+        # time the buffers between the gateway and each client take to fill (under a second
+        # here) and a loaded machine's. Unfixed: never.
         wait_for(
             lambda: in_flight(url) == 0,
-            SEND_TIMEOUT_S + 10,
+            SEND_TIMEOUT_S + 5,
             f"slots given back by clients that never read (in flight: {in_flight(url)})",
         )
-        print("SLOTS", time.monotonic() - T0)
         for _ in range(5):  # everyone else is served again, not refused with 429
             assert completion(url).status_code == 200
         # The model server's streams were closed: the engine stops generating for them.
@@ -338,7 +336,6 @@ def test_clients_that_never_read_lose_their_slots(gateway, stand_in, gateway_log
         # ... at once: what it sent is what the buffers on the way held (some 9 MB a stream
         # here), not more read after the client was gone (that went on at 100 MB/s).
         assert stand_in.streamed_bytes - streamed_before < LIMIT * 24 * 2**20
-        print("STREAMS", time.monotonic() - T0)
         # The clients were dropped: after what was buffered for them, the end.
         for sock in clients:
             sock.settimeout(10)
@@ -350,7 +347,6 @@ def test_clients_that_never_read_lose_their_slots(gateway, stand_in, gateway_log
     finally:
         for sock in clients:
             sock.close()
-    print("RECV", time.monotonic() - T0)
     assert metric(url, "llmship_gateway_requests_total", **stalled) - stalled_before == LIMIT
     assert metric(url, "llmship_gateway_errors_total", **errors) == errors_before
     wait_for(
