@@ -964,20 +964,27 @@ def _lone_surrogate(body: bytes, payload: Any) -> tuple[str, bool] | None:
     string anywhere, as any field may reach the engine's tokenizer or its logs."""
     if body.isascii() and b"\\u" not in body:
         return None  # no escape and no byte past ASCII: no surrogate can be in it
+    try:  # in C, a few ms for the largest body: the walk below is for the bad ones only
+        json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        return None
+    except UnicodeEncodeError:
+        pass
     stack: list[tuple[Any, str]] = [(payload, "")]
     while stack:  # not recursive: a body may nest as deep as the JSON parser allows
         value, path = stack.pop()
-        if isinstance(value, str):
-            if _has_surrogate(value):
-                return path, False
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                here = f"{path}.{key}" if path else key
-                if _has_surrogate(key):
-                    return path, True
-                stack.append((item, here))
-        elif isinstance(value, list):
-            stack.extend((item, f"{path}[{i}]") for i, item in enumerate(value))
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            if isinstance(key, str) and _has_surrogate(key):
+                return path, True
+            if isinstance(item, str | dict | list):  # a path only for what may hold one
+                if isinstance(key, str):
+                    here = f"{path}.{key}" if path else key
+                else:
+                    here = f"{path}[{key}]"
+                if not isinstance(item, str):
+                    stack.append((item, here))
+                elif _has_surrogate(item):
+                    return here, False
     return None
 
 
