@@ -125,8 +125,18 @@ class Settings(BaseSettings):
     # `llmship up` into the credentials file, which is where processes read it from.
     prefect_api_auth_string: str | None = None
     # Past this many requests in flight the gateway answers 429 at once rather than queueing
-    # without bound: memory stays bounded and clients back off (Retry-After).
+    # without bound: memory stays bounded and clients back off (Retry-After). A request takes
+    # one slot per completion it asks for (prompts x n): the engine's work, not the request,
+    # is what fills the batch everyone shares.
     gateway_max_in_flight: int = Field(256, ge=1)
+    # At most this many completions (prompts x n) in one request, else 400: one request of
+    # 512 prompts x n=2 made a concurrent 8-token request wait 10 s. Clients split a big batch
+    # into several requests, which the in-flight limit then shares out fairly.
+    gateway_max_choices_per_request: int = Field(64, ge=1)
+    # A response write (a relayed chunk, an answer) the client does not take within this is
+    # given up: the connection is dropped, the model server's answer abandoned, the slot
+    # freed. A client that never reads held its slots, and the engine's work, for ever.
+    gateway_send_timeout_s: float = Field(30.0, gt=0)
     # A request body past this is refused with 413 before it is read into memory. A long
     # context (128k tokens) of text is some 0.5 MB: this leaves room for that and no more.
     gateway_max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024)

@@ -29,17 +29,20 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry, Counter
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 log = logging.getLogger("llmship.gateway.shadow")
 
 Agreement = Literal["exact", "answer", "none"]
 
 
-class Shadow(BaseModel, extra="forbid"):
-    """A route's shadow: what share of the live version's requests is copied to whom."""
+class Shadow(BaseModel):
+    """A route's shadow: what share of the live version's requests is copied to whom.
+    Strict: it comes in the gateway's admin API, which converts no field's type."""
 
-    version: str
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    version: str = Field(min_length=1)
     fraction: float = Field(gt=0, le=1)
     max_rps: float = Field(gt=0)
     keep_examples: int = Field(0, ge=0, le=100)

@@ -551,3 +551,241 @@ def test_the_public_api_description_leaves_the_admin_api_out(client):
     assert "/v1/completions" in schema["paths"]
     assert not [p for p in schema["paths"] if p.startswith("/admin")], list(schema["paths"])
     assert client.get("/docs").status_code == 200
+
+
+# ------------------------------------------------------------------ issue 27, through a real
+# uvicorn gateway (the stack's own command line) in front of a stand-in model server
+
+LIVE_PORT = 18792
+
+
+def vllm_like_server():
+    """A stand-in for vLLM: it answers 500 to a request holding a lone surrogate (as vLLM
+    0.32 does, failing to encode it), "ok" to any other; it keeps the requests it got."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    got: list[bytes] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers.get("content-length", 0)))
+            got.append(body)
+            try:
+                json.dumps(json.loads(body), ensure_ascii=False).encode()
+                status, answer = 200, {"choices": [{"text": "ok"}]}
+            except UnicodeEncodeError as exc:
+                status = 500
+                answer = {"error": {"message": str(exc), "type": "InternalServerError"}}
+            raw = json.dumps(answer).encode()
+            self.send_response(status)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}", got
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    """(gateway URL, the requests its model server got): model m's v1 on the stand-in."""
+    from tests.helpers.gateway_process import gateway_process
+
+    server, upstream, got = vllm_like_server()
+    with gateway_process(
+        tmp_path_factory.mktemp("gateway-api-live"),
+        LIVE_PORT,
+        upstream,
+        gateway_admin_token="right-token",
+    ) as (url, _):
+        yield url, got
+    server.shutdown()
+
+
+def version_errors(url: str) -> float:
+    """The v1 errors a canary judge would read (every endpoint)."""
+    import httpx
+
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in httpx.get(f"{url}/metrics").text.splitlines()
+        if line.startswith("llmship_gateway_errors_total{") and 'version="v1"' in line
+    )
+
+
+SURROGATE = "\ud800"
+
+
+@pytest.mark.parametrize(
+    "endpoint,body,param",
+    [
+        ("/v1/completions", {"prompt": "x", "stop": [SURROGATE]}, "stop[0]"),
+        ("/v1/completions", {"prompt": "x", "request_id": SURROGATE}, "request_id"),
+        ("/v1/completions", {"prompt": "x", "bad_words": ["a" + SURROGATE]}, "bad_words[0]"),
+        (
+            "/v1/completions",
+            {"prompt": "x", "kv_transfer_params": {"k": [SURROGATE]}},
+            "kv_transfer_params.k[0]",
+        ),
+        ("/v1/completions", {"prompt": "x", "vllm_xargs": {SURROGATE: 1}}, "vllm_xargs"),
+        ("/v1/completions", {"prompt": "x", SURROGATE: 1}, None),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "stop": SURROGATE},
+            "stop",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "\udfff"}]},
+            "messages[0].content",
+        ),
+        ("/v1/responses", {"input": SURROGATE}, "input"),
+        ("/tokenize", {"prompt": "x" + SURROGATE}, "prompt"),
+        ("/detokenize", {"tokens": [1], "extra": SURROGATE}, "extra"),
+    ],
+)
+def test_a_lone_surrogate_anywhere_is_refused_before_the_engine(live, endpoint, body, param):
+    """Issue 27: a lone surrogate escape in any string made vLLM answer 500, which the
+    gateway relayed and counted against the version: anyone could fail a canary. It is the
+    client's 400 now, naming the parameter, and the engine never sees it."""
+    import httpx
+
+    url, got = live
+    errors, requests = version_errors(url), len(got)
+    raw = json.dumps({"model": "m", **body}).encode()  # ASCII: the surrogate as \ud800
+    assert b"\\ud800" in raw or b"\\udfff" in raw
+    resp = httpx.post(f"{url}{endpoint}", content=raw, headers={"content-type": "application/json"})
+    err = assert_openai_error(resp, 400, param)
+    assert err["param"] == param and err["code"] == "invalid_unicode", err
+    assert "lone UTF-16 surrogate" in err["message"]
+    assert len(got) == requests and version_errors(url) == errors
+    # The same surrogate as raw bytes (which Python's JSON parser also takes), and a valid
+    # pair, which is a character and goes through.
+    raw_bytes = raw.replace(b"\\ud800", "\ud800".encode("utf-8", "surrogatepass"))
+    if raw_bytes != raw:
+        resp = httpx.post(
+            f"{url}{endpoint}", content=raw_bytes, headers={"content-type": "application/json"}
+        )
+        assert assert_openai_error(resp, 400, param)["code"] == "invalid_unicode"
+    pair = httpx.post(
+        f"{url}/v1/completions",
+        content=b'{"model": "m", "prompt": "x", "stop": ["\\ud83d\\ude00"]}',
+        headers={"content-type": "application/json"},
+    )
+    assert pair.status_code == 200, pair.text
+
+
+def test_every_admin_route_asks_for_the_token_before_anything_else(live):
+    """Issue 27: /admin/shadow/<model>?since=abc without a token answered FastAPI's 422,
+    describing the parameter. Every admin route (as the app declares them) answers 401
+    without the token, 403 with a wrong one, whatever its parameters; with the token a bad
+    parameter is an OpenAI-style 400."""
+    import httpx
+
+    from serving.gateway import app
+
+    url, _ = live
+    admin = [r for r in app.routes if getattr(r, "path", "").startswith("/admin")]
+    assert len(admin) >= 4, admin
+    for route in admin:
+        path = route.path.replace("{model}", "m")
+        for method in route.methods:
+            for headers, status in (({}, 401), ({"authorization": "Bearer wrong"}, 403)):
+                resp = httpx.request(
+                    method,
+                    f"{url}{path}?since=abc&limit=-1",
+                    headers=headers,
+                    content=b"{not json",
+                )
+                assert_openai_error(resp, status)
+    bad = httpx.get(f"{url}/admin/shadow/m?since=abc", headers=ADMIN)
+    assert assert_openai_error(bad, 400, "since")
+
+
+ROUTE_FIELDS_BAD = {
+    "since": ["x", 1, None, "2026-13-01T00:00:00+00:00", "0001-01-01T00:00:00"],
+    "version": [1, "", None, ["v1"], True],
+    "canary": ["v2", 5, [], {"version": "v2"}],
+    "canary.version": [2, "", None],
+    "canary.percent": ["10", 0, 100, -1, True, None],
+    "shadow": ["v2", 1, []],
+    "shadow.version": [2, "", None],
+    "shadow.fraction": ["0.5", 0, 1.5, None],
+    "shadow.max_rps": ["1", 0, -1, None],
+    "shadow.keep_examples": [1.5, "1", 101, -1, True],
+}
+
+
+def test_every_admin_field_is_checked_and_a_bad_one_breaks_nothing(live):
+    """Issue 27: PUT /admin/routes/m took `"since": "x"`, and every GET /v1/models after it
+    answered 500. Each field of the admin body, set to a bad value (a wrong type, out of
+    range, missing), is a 400 naming it; the route stays as it was, and /v1/models answers."""
+    import httpx
+
+    from serving.gateway import Canary, Route
+    from serving.shadow import Shadow
+
+    url, _ = live
+    fields = {*Route.model_fields}
+    fields |= {f"canary.{f}" for f in Canary.model_fields}
+    fields |= {f"shadow.{f}" for f in Shadow.model_fields}
+    assert fields <= set(ROUTE_FIELDS_BAD), (
+        f"no bad values tried for {fields - set(ROUTE_FIELDS_BAD)}"
+    )
+    before = httpx.get(f"{url}/admin/routes", headers=ADMIN).json()
+    good_canary = {"version": "v2", "percent": 10}
+    good_shadow = {"version": "v2", "fraction": 0.5, "max_rps": 1}
+    for field, values in ROUTE_FIELDS_BAD.items():
+        for value in values:
+            body = {"version": "v1"}
+            if field.startswith("canary."):
+                body["canary"] = {**good_canary, field.split(".")[1]: value}
+            elif field.startswith("shadow."):
+                body["shadow"] = {**good_shadow, field.split(".")[1]: value}
+            else:
+                body[field] = value
+            resp = httpx.put(f"{url}/admin/routes/m", headers=ADMIN, json=body)
+            assert resp.status_code == 400, (field, value, resp.text)
+            param = assert_openai_error(resp, 400)["param"] or ""
+            assert param.startswith(field.split(".")[0]), (field, value, resp.text)
+            models = httpx.get(f"{url}/v1/models")
+            assert models.status_code == 200, (field, value, models.text)
+    for extra in ({"upstream": "http://127.0.0.1:9"}, {"canary": {**good_canary, "x": 1}}):
+        resp = httpx.put(f"{url}/admin/routes/m", headers=ADMIN, json={"version": "v1", **extra})
+        assert_openai_error(resp, 400)
+    assert httpx.get(f"{url}/admin/routes", headers=ADMIN).json() == before
+    ok = httpx.put(
+        f"{url}/admin/routes/m",
+        headers=ADMIN,
+        json={"version": "v1", "since": "2026-01-31T12:00:00+00:00"},
+    )
+    assert ok.status_code == 200, ok.text
+    models = httpx.get(f"{url}/v1/models")
+    assert models.status_code == 200 and models.json()["data"][0]["created"] == 1769860800
+
+
+@pytest.mark.parametrize(
+    "method,path",
+    [("POST", "/v1/completions/"), ("POST", "/v1/chat/completions/"), ("GET", "/v1/models/")],
+)
+def test_a_trailing_slash_is_a_404_not_a_redirect_to_the_clients_host(live, method, path):
+    """Issue 27: POST /v1/completions/ answered 307 to a Location built from the client's
+    Host header. Each endpoint has one path: another is an OpenAI-style 404 that says which."""
+    import httpx
+
+    url, _ = live
+    resp = httpx.request(
+        method,
+        f"{url}{path}",
+        headers={"host": "evil.example"},
+        json={"model": "m", "prompt": "x"},
+    )
+    assert "location" not in resp.headers
+    err = assert_openai_error(resp, 404)
+    assert f"did you mean {path.rstrip('/')}?" in err["message"]
