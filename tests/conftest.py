@@ -147,3 +147,24 @@ def client(monkeypatch, tmp_path):
     with TestClient(app) as c:
         yield c
     get_settings.cache_clear()
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run each selected test this many times in a row (the fault tests' 5 runs)",
+    )
+
+
+def pytest_generate_tests(metafunc):
+    count = metafunc.config.getoption("repeat")
+    if count > 1:
+        metafunc.fixturenames.append("repetition")
+        metafunc.parametrize("repetition", range(count), indirect=True)
+
+
+@pytest.fixture
+def repetition(request):
+    return getattr(request, "param", 0)
