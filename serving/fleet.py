@@ -30,7 +30,7 @@ from pydantic import BaseModel
 
 from llmship import ray_cluster
 from llmship.contracts import ServeSpec
-from llmship.errors import ServingError
+from llmship.errors import EngineArgumentRefused, ServingError
 from llmship.manifest import digest_of
 from llmship.settings import AutoscalingBlock, ServingConfig, Settings, get_settings
 from serving import engines
@@ -374,6 +374,12 @@ def _deploy(settings: Settings, spec: ReplicaSpec, serving: ServingConfig) -> No
 
     from serving.replica import deployment as replica_deployment
 
+    # Refused here, before Serve is asked, as the replica refuses them again at the command
+    # line (serving/engines.py): every path that deploys (rollout, rollback, restore, the
+    # gateway's reconcile, scale) comes through here.
+    engines.checked_engine_args(
+        spec.serve.target, spec.serve.engine_args, f"{spec.model} {spec.version}"
+    )
     # The build's engine arguments say how many GPUs one engine spans: they are what it runs.
     gpus = engines.tensor_parallel_size(spec.serve.engine_args) if settings.device == "cuda" else 0
     # Serve's autoscaler on the engines' queues (serving/autoscale.py), a fixed count as
@@ -447,7 +453,11 @@ def reconcile(settings: Settings, live: dict[str, str]) -> list[str]:
             continue
         spec = spec_for_version(model, version, published.serve)
         log.warning("%s's live version %s has no servers: deploying it", model, version)
-        _deploy(settings, spec, _placement_like(model))
+        try:
+            _deploy(settings, spec, _placement_like(model))
+        except EngineArgumentRefused as exc:
+            log.error("%s's live version is not served: %s", model, exc)
+            continue
         started.append(spec.app)
     return started
 
