@@ -83,19 +83,24 @@ def server_of(stack, version: str):
 
 
 def start_rollback_to(prefect_client, stack, target: str):
-    """A rollback run to target, returned once the fleet is deploying target's replica."""
+    """A rollback run to target, returned once it runs and the fleet deploys target's replica
+    (the engine not yet healthy)."""
+    assert server_of(stack, target) is None, f"{target} has servers before the test"
     run = run_deployment(
         f"rollback/{MODEL}",
         parameters={"reason": "issue 27: a run that does not finish", "target_version": target},
         timeout=0,
     )
-    wait_for(
-        f"{target}'s replica deploying",
-        lambda: server_of(stack, target) is not None,
-        timeout=120,
-        every=0.5,
-    )
-    assert prefect_client.read_flow_run(run.id).state.is_running()
+
+    def deploying() -> bool:
+        server = server_of(stack, target)
+        return (
+            server is not None
+            and server.status != "RUNNING"
+            and prefect_client.read_flow_run(run.id).state.is_running()
+        )
+
+    wait_for(f"{target}'s replica deploying", deploying, timeout=120, every=0.5)
     return run
 
 
