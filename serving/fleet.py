@@ -393,8 +393,9 @@ def acquire(
             running_spec = ReplicaSpec.model_validate(deployed["spec"]) if deployed else spec
             return _redeploy(settings, running_spec, serving), False
         return _wait_ready(settings, spec.app, timeout_s or 60.0), False
-    hold(settings, spec.app)  # first: a run killed while the replicas start lets them go
     _deploy(settings, spec, serving or _placement_like(spec.model))
+    # Before the wait: a run killed or cancelled while the replicas start lets them go.
+    hold(settings, spec.app)
     # Fetching the version to each node and the engine's start, on top of Serve's own.
     return _wait_ready(settings, spec.app, timeout_s or settings.server_start_timeout_s + 120), True
 
