@@ -156,11 +156,17 @@ def pytest_addoption(parser):
         default=1,
         help="run each selected test this many times in a row (the fault tests' 5 runs)",
     )
+    parser.addoption(
+        "--repeat-only",
+        default="",
+        help="comma-separated parts of test names: only those tests are repeated",
+    )
 
 
 def pytest_generate_tests(metafunc):
     count = metafunc.config.getoption("repeat")
-    if count > 1:
+    only = [p for p in metafunc.config.getoption("repeat_only").split(",") if p]
+    if count > 1 and (not only or any(p in metafunc.function.__name__ for p in only)):
         metafunc.fixturenames.append("repetition")
         metafunc.parametrize("repetition", range(count), indirect=True)
 
