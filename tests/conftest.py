@@ -159,14 +159,21 @@ def pytest_addoption(parser):
     parser.addoption(
         "--repeat-only",
         default="",
-        help="comma-separated parts of test names: only those tests are repeated",
+        help="comma-separated parts of test names: only those tests are repeated (part:N, "
+        "N times instead)",
     )
 
 
 def pytest_generate_tests(metafunc):
     count = metafunc.config.getoption("repeat")
-    only = [p for p in metafunc.config.getoption("repeat_only").split(",") if p]
-    if count > 1 and (not only or any(p in metafunc.function.__name__ for p in only)):
+    only = dict(
+        (part.partition(":")[0], int(part.partition(":")[2] or count))
+        for part in metafunc.config.getoption("repeat_only").split(",")
+        if part
+    )
+    if only:
+        count = next((n for part, n in only.items() if part in metafunc.function.__name__), 1)
+    if count > 1:
         metafunc.fixturenames.append("repetition")
         metafunc.parametrize("repetition", range(count), indirect=True)
 
