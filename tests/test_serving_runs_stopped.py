@@ -173,6 +173,9 @@ def test_a_rollback_whose_worker_dies_crashes_and_gives_back_its_slot_and_server
         except ProcessLookupError:
             pass
     killed_at = time.monotonic()
+    # Once it is gone (a SIGKILLed process is not dead at once): a worker that still looks
+    # alive is not started again.
+    wait_for("the worker gone", lambda: not processes.find(stack, "prefect-worker"), timeout=30)
     local_stack.start_worker(stack, local_stack.child_env(stack))
     # Watched together, each within its bound: the heartbeats stop (Crashed after 3 missed
     # beats of 30 s), the slot's lease runs out, the target's hold in the fleet runs out.
