@@ -66,6 +66,11 @@ class ServerExited(ServingError, PermanentError):
     """A model server exited while starting: its configuration or its weights need a fix."""
 
 
+class EngineArgumentRefused(PermanentError):
+    """A version's engine arguments hold one llmship does not set (or a value out of its
+    range): the manifest was written by something other than build-and-serve."""
+
+
 class StackError(PermanentError):
     """The local stack is not running, or could not be started."""
 

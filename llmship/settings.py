@@ -188,6 +188,16 @@ class Settings(BaseSettings):
     # version's serving name: the rollout that follows takes it rather than loading the model
     # again. 0: stopped at once (the GPUs it holds are needed back before then).
     keep_evaluated_server_s: float = Field(600.0, ge=0)
+    # A run holds the servers it acquires (serving/fleet.py: hold) while it brings them into
+    # service, renewing the hold every third of this from a thread of its process. A hold
+    # not renewed for this long (the run's process was killed, or its run cancelled) gives
+    # the servers a warm deadline of now: the fleet's directory stops them unless traffic is
+    # on them. Before, a cancelled or killed rollout's target ran on, with no deadline.
+    server_hold_lease_s: float = Field(30.0, gt=0)
+    # The serving slot's lease (tasks/common.py: serving_slot), renewed by the run while it
+    # runs: a run whose process dies gives the slot back this long after (plus up to 15 s of
+    # Prefect's repossessor). 300 s kept the model's next rollback waiting five minutes.
+    serving_slot_lease_s: float = Field(60.0, ge=10)
     # How long a run waits for its model's serving slot (tasks/common.py: serving_slot) while
     # another run of the same model evaluates or rolls out: a 70B gate takes a while.
     serving_slot_timeout_s: float = Field(4 * 3600.0, gt=0)

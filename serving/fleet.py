@@ -6,6 +6,7 @@ status` and the gateway ask it; nothing else starts or stops a model server.
     release(server)      stop a version's servers
     keep_warm(server, s) stop them in s seconds unless traffic comes back (a rollback's
                          warm target); cancelled by the next acquire
+    let_go(server)       the run that acquired them is done with them (they serve)
     scale(server, n)     change the replica count in place
 
 Each served version is a Ray Serve application of ModelReplica (serving/replica.py) named
@@ -18,19 +19,27 @@ record of its own.
 The directory is a detached Ray actor that knows the engine address of every replica (each
 registers itself once its engine is healthy), drops replicas that are gone, and stops versions
 whose warm period is over. The gateway reads it to relay requests straight to an engine.
+
+Holds: the process that acquires a version's servers holds them until it releases them, keeps
+them warm or lets them go (they serve), renewing the hold from a thread of its own
+(settings.server_hold_lease_s). A run cancelled, or whose process is killed, while its
+target's replica deploys stops renewing: its hold runs out, the directory gives the servers a
+warm deadline of now and stops them, unless a gateway routes traffic to them (issue 27: such
+servers ran on with no deadline, a model's worth of memory each).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 
 from pydantic import BaseModel
 
 from llmship import ray_cluster
 from llmship.contracts import ServeSpec
-from llmship.errors import ServingError
+from llmship.errors import EngineArgumentRefused, ServingError
 from llmship.manifest import digest_of
 from llmship.settings import AutoscalingBlock, ServingConfig, Settings, get_settings
 from serving import engines
@@ -126,6 +135,7 @@ class Directory:
         self.warm_until: dict[str, float] = {}
         self.deployments: dict[str, dict] = {}  # app -> the spec and serving config it runs
         self.gateways: dict[str, float] = {}  # gateway URL -> when it last said it was up
+        self.held_until: dict[str, float] = {}  # app -> until when its acquirer holds it
         self._loop = asyncio.get_event_loop().create_task(self._maintain())
 
     async def register(self, app: str, endpoint: dict, actor) -> None:
@@ -140,6 +150,7 @@ class Directory:
         for replica in list(self.endpoints.pop(app, {})):
             self.actors.pop((app, replica), None)
         self.warm_until.pop(app, None)
+        self.held_until.pop(app, None)
         self.deployments.pop(app, None)
 
     async def set_deployed(self, app: str, deployed: dict) -> None:
@@ -172,6 +183,15 @@ class Directory:
             self.warm_until.pop(app, None)
         else:
             self.warm_until[app] = deadline
+            self.held_until.pop(app, None)  # kept warm: the deadline decides now
+
+    async def hold(self, app: str, lease_s: float) -> None:
+        """app's acquirer holds it for lease_s more (this actor's clock: no skew between
+        hosts)."""
+        self.held_until[app] = time.time() + lease_s
+
+    async def let_go(self, app: str) -> None:
+        self.held_until.pop(app, None)
 
     async def _maintain(self) -> None:
         while True:
@@ -199,6 +219,15 @@ class Directory:
         from ray import serve
 
         now = time.time()
+        for app, until in list(self.held_until.items()):
+            if until > now:
+                continue
+            # Its acquirer stopped renewing: its process was killed, or its run cancelled,
+            # before the servers took traffic or were released.
+            del self.held_until[app]
+            if app not in self.warm_until:
+                log.warning("%s: the run that held it is gone; retiring it", app)
+                self.warm_until[app] = now
         for app, deadline in list(self.warm_until.items()):
             if deadline > now:
                 continue
@@ -353,6 +382,7 @@ def acquire(
     existing = find(settings, spec.model, spec.version, spec.app)
     if existing and existing.status == "RUNNING":
         ray.get(directory().set_warm_until.remote(spec.app, None))
+        hold(settings, spec.app)
         deployed = ray.get(directory().deployed.remote(spec.app))
         if serving is not None and (
             deployed is None
@@ -364,6 +394,8 @@ def acquire(
             return _redeploy(settings, running_spec, serving), False
         return _wait_ready(settings, spec.app, timeout_s or 60.0), False
     _deploy(settings, spec, serving or _placement_like(spec.model))
+    # Before the wait: a run killed or cancelled while the replicas start lets them go.
+    hold(settings, spec.app)
     # Fetching the version to each node and the engine's start, on top of Serve's own.
     return _wait_ready(settings, spec.app, timeout_s or settings.server_start_timeout_s + 120), True
 
@@ -374,6 +406,12 @@ def _deploy(settings: Settings, spec: ReplicaSpec, serving: ServingConfig) -> No
 
     from serving.replica import deployment as replica_deployment
 
+    # Refused here, before Serve is asked, as the replica refuses them again at the command
+    # line (serving/engines.py): every path that deploys (rollout, rollback, restore, the
+    # gateway's reconcile, scale) comes through here.
+    engines.checked_engine_args(
+        spec.serve.target, spec.serve.engine_args, f"{spec.model} {spec.version}"
+    )
     # The build's engine arguments say how many GPUs one engine spans: they are what it runs.
     gpus = engines.tensor_parallel_size(spec.serve.engine_args) if settings.device == "cuda" else 0
     # Serve's autoscaler on the engines' queues (serving/autoscale.py), a fixed count as
@@ -447,7 +485,11 @@ def reconcile(settings: Settings, live: dict[str, str]) -> list[str]:
             continue
         spec = spec_for_version(model, version, published.serve)
         log.warning("%s's live version %s has no servers: deploying it", model, version)
-        _deploy(settings, spec, _placement_like(model))
+        try:
+            _deploy(settings, spec, _placement_like(model))
+        except EngineArgumentRefused as exc:
+            log.error("%s's live version is not served: %s", model, exc)
+            continue
         started.append(spec.app)
     return started
 
@@ -484,6 +526,7 @@ def _delete(app: str) -> None:
     import ray
     from ray import serve
 
+    _unheld(app)
     serve.delete(app, _blocking=True)
     ray.get(directory().forget.remote(app))
 
@@ -504,9 +547,63 @@ def keep_warm(settings: Settings, server: Server, seconds: float) -> float | Non
     _connect(settings)
     import ray
 
+    _unheld(server.app)
     deadline = time.time() + seconds
     ray.get(directory().set_warm_until.remote(server.app, deadline))
     return deadline
+
+
+# ------------------------------------------------------------------ holds
+
+_holds_lock = threading.Lock()
+_held: set[str] = set()  # the applications this process holds
+_renewer: threading.Thread | None = None
+
+
+def hold(settings: Settings, app: str) -> None:
+    """This process holds app's servers until it releases them, keeps them warm or lets them
+    go: renewed every third of server_hold_lease_s while the process lives. A hold that runs
+    out has the directory stop them, unless traffic is on them."""
+    import ray
+
+    global _renewer
+    lease_s = settings.server_hold_lease_s
+    ray.get(directory().hold.remote(app, lease_s))
+    with _holds_lock:
+        _held.add(app)
+        if _renewer is None or not _renewer.is_alive():
+            _renewer = threading.Thread(
+                target=_renew_holds, args=(lease_s,), name="llmship-fleet-holds", daemon=True
+            )
+            _renewer.start()
+
+
+def let_go(settings: Settings, server: Server) -> None:
+    """The caller is done with server (it serves now): no hold on it any more."""
+    _connect(settings)
+    import ray
+
+    _unheld(server.app)
+    ray.get(directory().let_go.remote(server.app))
+
+
+def _unheld(app: str) -> None:
+    with _holds_lock:
+        _held.discard(app)
+
+
+def _renew_holds(lease_s: float) -> None:
+    import ray
+
+    while True:
+        time.sleep(lease_s / 3)
+        with _holds_lock:
+            apps = sorted(_held)
+        for app in apps:
+            try:
+                ray.get(directory().hold.remote(app, lease_s), timeout=lease_s / 3)
+            except Exception as exc:  # noqa: BLE001 - the next round tries again
+                log.warning("could not renew the hold on %s: %s", app, exc)
 
 
 def scale(settings: Settings, server: Server, replicas: int) -> Server:

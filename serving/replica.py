@@ -147,6 +147,7 @@ def start_engine(
         port,
         serve.engine_args,
         tokenizer_dir=model_dir if serve.serve_subdir else None,
+        source=f"{spec.model} {spec.version}",
     )
     with log_path.open("ab") as out:
         engine = subprocess.Popen(

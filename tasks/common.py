@@ -164,7 +164,13 @@ def build_slot(model: str) -> AbstractContextManager[None]:
 def serving_slot(model: str) -> AbstractContextManager[None]:
     """One run at a time evaluates or serves a model: the gate's evaluation servers and a
     rollout's are the model's, and two runs interleaving them stop each other's."""
-    return model_slot("serving", model, get_settings().serving_slot_timeout_s)
+    settings = get_settings()
+    return model_slot(
+        "serving",
+        model,
+        settings.serving_slot_timeout_s,
+        lease_s=settings.serving_slot_lease_s,
+    )
 
 
 def stage_logger() -> logging.Logger | logging.LoggerAdapter:

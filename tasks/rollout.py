@@ -315,7 +315,9 @@ def rollout(
         store.move_alias(model, "live", version.version, reason=reason)
     except Exception as exc:
         if routed:
-            raise  # it served before this rollout and serves still: only the alias failed
+            # It served before this rollout and serves still: only the alias failed.
+            fleet.let_go(settings, server)
+            raise
         if current:  # all traffic back where it was, before anything else
             route_traffic(settings, model, current["version"])
         fleet.release(settings, server)
@@ -333,6 +335,7 @@ def rollout(
                 },
             )
         raise
+    fleet.let_go(settings, server)  # it serves: the directory's warm rule no longer applies
     warm_until = None
     for other in fleet.running(settings, model):
         if other.version == version.version or other.role != "serving":

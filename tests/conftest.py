@@ -147,3 +147,37 @@ def client(monkeypatch, tmp_path):
     with TestClient(app) as c:
         yield c
     get_settings.cache_clear()
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run each selected test this many times in a row (the fault tests' 5 runs)",
+    )
+    parser.addoption(
+        "--repeat-only",
+        default="",
+        help="comma-separated parts of test names: only those tests are repeated (part:N, "
+        "N times instead)",
+    )
+
+
+def pytest_generate_tests(metafunc):
+    count = metafunc.config.getoption("repeat")
+    only = dict(
+        (part.partition(":")[0], int(part.partition(":")[2] or count))
+        for part in metafunc.config.getoption("repeat_only").split(",")
+        if part
+    )
+    if only:
+        count = next((n for part, n in only.items() if part in metafunc.function.__name__), 1)
+    if count > 1:
+        metafunc.fixturenames.append("repetition")
+        metafunc.parametrize("repetition", range(count), indirect=True)
+
+
+@pytest.fixture
+def repetition(request):
+    return getattr(request, "param", 0)
