@@ -19,7 +19,6 @@ import httpx
 import pytest
 from prefect.deployments import run_deployment
 
-from llmship.errors import UnpublishedVersion
 from tests.helpers.prefect_api import events_named
 from tests.helpers.waiting import wait_for
 
@@ -270,6 +269,8 @@ def test_a_restore_goes_to_a_gated_published_version_a_warm_one_first(state, sta
     assert resp.status_code == 200 and resp.headers["x-llmship-version"] == earlier
     rollback_to(live)
     # The alias writer itself refuses what the hand edit above wrote.
+    from llmship.errors import UnpublishedVersion
+
     with pytest.raises(UnpublishedVersion, match="no published version 'gone00000000'"):
         store.move_alias(MODEL, "previous", "gone00000000", reason="test")
 
