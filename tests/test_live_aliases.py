@@ -109,7 +109,15 @@ class StoreState:
             self.added.append(key)
         self.put(f"versions/{MODEL}/{version}/manifest.json", manifest)
         self.versions.append(version)
+        self.offer()
         return version
+
+    def offer(self) -> None:
+        """The rollback form's list of versions, as published now (`llmship up` or the next
+        publish would refresh it)."""
+        from llmship.forms import offer_published_versions
+
+        offer_published_versions(self.store.settings, MODEL)
 
     def restore(self, stack) -> None:
         from serving import fleet
@@ -126,6 +134,8 @@ class StoreState:
                 store.client.delete_object(Bucket=store.bucket, Key=key)
             else:
                 store.put_json(key, body)
+        if self.versions:
+            self.offer()
 
 
 @pytest.fixture
