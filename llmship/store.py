@@ -535,6 +535,7 @@ class ArtifactStore:
         an operator's allow_ungated override put a version without a passing gate there: a
         gateway that starts serves such a version only with that record."""
         key = self.alias_key(model, alias)
+        key_part(version, "version")  # a name that would leave its prefix: UnsafeKey first
         if not self.is_published(model, version):
             raise UnpublishedVersion(
                 f"{model} has no published version {version!r}: the {alias} alias can name "
