@@ -23,7 +23,7 @@ import httpx
 
 from llmship import stack
 from llmship.credentials import prefect_client_settings
-from llmship.errors import LlmshipError, RollbackFailed, StackError
+from llmship.errors import BadAlias, LlmshipError, RollbackFailed, StackError
 from llmship.settings import get_settings
 from llmship.store import ArtifactStore
 
@@ -54,8 +54,11 @@ def cmd_status(args) -> None:
         print(f"{name:32s} pid {pid:<8d} {'running' if alive else 'DEAD':8s} {where}")
     try:
         models = httpx.get(f"{settings.gateway_url}/v1/models", timeout=3).json()["data"]
-    except httpx.HTTPError:
-        models = []
+        # What the gateway refused at its start: a bad alias, a version that may not serve.
+        problems = httpx.get(f"{settings.gateway_url}/ready", timeout=3).json()
+        problems = problems.get("alias_problems", {})
+    except (httpx.HTTPError, ValueError):
+        models, problems = [], {}
     print()
     print(f"Prefect UI   http://{settings.host}:{settings.prefect_port}")
     print(
@@ -71,6 +74,8 @@ def cmd_status(args) -> None:
             f"  serving    {m['id']} version {m['version']}"
             + (f", canary {canary['version']} at {canary['percent']:g}%" if canary else "")
         )
+    for what, problem in sorted(problems.items()):
+        print(f"  REFUSED    {what}: {problem}")
     for server in _fleet(settings):
         role = (
             f"kept warm until {time.strftime('%H:%M:%S', time.localtime(server.warm_until))}"
@@ -166,22 +171,27 @@ def cmd_scale(args) -> None:
 
 
 def cmd_versions(args) -> None:
-    from llmship.versions import list_versions
+    from llmship.versions import scan_versions
 
     settings = running_stack_settings()
     store = ArtifactStore(settings)
-    live = store.read_alias(args.model, "live")
-    previous = store.read_alias(args.model, "previous")
-    versions = list_versions(store, args.model)
-    if not versions:
+    aliases, notes = {}, []
+    for name in ("live", "previous"):
+        try:
+            aliases[name] = store.read_alias(args.model, name)
+        except BadAlias as exc:  # the versions are worth listing all the same
+            aliases[name] = None
+            notes.append(f"{name} alias: {exc}")
+    scan = scan_versions(store, args.model)
+    if not scan.versions and not scan.unreadable:
         print(f"{args.model} has no published versions")
         return
     print(
         f"{'version':14s} {'created (UTC)':20s} {'scheme':12s} {'gate':6s} {'perf':6s} "
         f"{'tok/s x':>8s} {'MB':>8s}  alias"
     )
-    for v in versions:
-        alias = "live" if v.version == live else ("previous" if v.version == previous else "")
+    for v in scan.versions:
+        alias = next((n for n, named in aliases.items() if named == v.version), "")
         perf = {None: "-", True: "pass", False: "FAIL"}[v.perf_passed]
         # The candidate's output tokens/s over the baseline's, at the production load.
         ratio = "-" if v.throughput_ratio is None else f"{v.throughput_ratio:.2f}"
@@ -190,6 +200,11 @@ def cmd_versions(args) -> None:
             f"{'pass' if v.gate_passed else 'FAIL':6s} {perf:6s} "
             f"{ratio:>8s} {v.bytes / 1e6:8.1f}  {alias}"
         )
+    # One bad manifest is named, not a reason to list nothing (nor to fail the command).
+    for version, problem in sorted(scan.unreadable.items()):
+        print(f"{version:14s} UNREADABLE: {problem}")
+    for note in notes:
+        print(note)
 
 
 def cmd_rollback(args) -> None:

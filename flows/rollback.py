@@ -8,7 +8,8 @@ cold one after its server starts.
 
 restore: what the automation llmship-restore-<model> runs when the gateway declares the live
 version's server down. It rolls back only while that version is still live: an alarm that
-arrives after someone else has already moved the traffic changes nothing. A flow of its own,
+arrives after someone else has already moved the traffic changes nothing. It goes to a
+published version whose gate passed, one already running first (restore_target). A flow of its own,
 so the people's form shows none of the automation's parameters.
 """
 
@@ -16,10 +17,11 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from llmship.errors import PermanentError
+from llmship.errors import BadAlias, PermanentError
 from llmship.settings import RolloutConfig, get_settings
 from llmship.store import ArtifactStore
-from llmship.versions import PublishedVersion, read_version
+from llmship.versions import PublishedVersion, read_version, scan_versions
+from serving import fleet
 from tasks.common import record_markdown, serving_slot
 from tasks.rollout import RolloutResult, rollout_task
 
@@ -39,10 +41,63 @@ def rollback_target(model: str, target_version: str | None) -> PublishedVersion:
     return version
 
 
+def restore_target(model: str, down_version: str, log) -> PublishedVersion:
+    """Where a restore sends the traffic: a published version before the one that went down
+    (or the `previous` alias's), whose gate passed; one with running servers first (it takes
+    the traffic at once), then the `previous` alias, then the newest. The `previous` alias
+    alone was not enough: it could name a version that does not exist, and clients got 503s
+    while a warm earlier server sat there."""
+    settings = get_settings()
+    store = ArtifactStore(settings)
+    scan = scan_versions(store, model)
+    for version, problem in scan.unreadable.items():
+        log.warning("%s %s cannot be restored to: %s", model, version, problem)
+    try:
+        previous = store.read_alias(model, "previous")
+    except BadAlias as exc:
+        log.warning("%s", exc)
+        previous = None
+    try:
+        warm = {
+            s.version
+            for s in fleet.running(settings, model)
+            if s.status == "RUNNING" and s.endpoints
+        }
+    except Exception as exc:  # noqa: BLE001 - Ray not answering: choose without it
+        log.warning("cannot ask the fleet which versions run (%s): choosing without", exc)
+        warm = set()
+    # Back, not forward: versions published before the one that went down, or the previous
+    # alias's (after a rollback it is the newer one). A newer candidate that waits for its
+    # approval, its evaluation server still warm, is not restored to.
+    down = next((v for v in scan.versions if v.version == down_version), None)
+    candidates = [
+        v
+        for v in scan.versions
+        if v.gate_passed
+        and v.version != down_version
+        and (v.version == previous or down is None or v.created_at < down.created_at)
+    ]
+    if previous and previous not in {v.version for v in candidates}:
+        log.warning(
+            "%s's previous alias names %s, which is not a published version with a passing "
+            "gate: not restoring to it",
+            model,
+            previous,
+        )
+    candidates.sort(key=lambda v: v.created_at, reverse=True)  # newest first, then:
+    candidates.sort(key=lambda v: (v.version not in warm, v.version != previous))
+    if not candidates:
+        raise PermanentError(
+            f"{model} has no published version other than {down_version} with a passing gate "
+            f"to restore to: roll one out, or `llmship rollback {model} --to VERSION "
+            "--allow-ungated`"
+        )
+    return candidates[0]
+
+
 def move_traffic_back(
-    model: str, live: str | None, target_version: str | None, reason: str, allow_ungated: bool
+    model: str, live: str | None, target: PublishedVersion, reason: str, allow_ungated: bool
 ) -> RolloutResult:
-    target = rollback_target(model, target_version)
     override = allow_ungated and not target.gate_passed
     get_run_logger().info(
         "rolling %s back from %s to %s%s: %s",
@@ -88,7 +143,8 @@ def rollback(
             override, recorded as such.
     """
     live = ArtifactStore(get_settings()).read_alias(model, "live")
-    return move_traffic_back(model, live, target_version, reason, allow_ungated)
+    target = rollback_target(model, target_version)
+    return move_traffic_back(model, live, target, reason, allow_ungated)
 
 
 @flow(name="restore", log_prints=True, persist_result=True)
@@ -106,4 +162,5 @@ def restore(model: str, down_version: str, reason: str) -> RolloutResult | None:
             "%s's live version is %s, not %s: nothing to roll back", model, live, down_version
         )
         return None
-    return move_traffic_back(model, live, None, reason, allow_ungated=False)
+    target = restore_target(model, down_version, get_run_logger())
+    return move_traffic_back(model, live, target, reason, allow_ungated=False)

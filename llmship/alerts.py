@@ -69,6 +69,7 @@ PERF_FAILED = "llmship-perf-failed"
 RUN_FAILED = "llmship-run-failed"
 RUN_WAITING = "llmship-run-waiting"
 ROLLED_BACK = "llmship-rolled-back"
+SERVING_REFUSED = "llmship-serving-refused"
 CRASHED_RUNS = "llmship-crashed-runs"
 RESTORE = "llmship-restore-{model}"
 FLOWS = ["build-and-serve", "recalibrate", "rollback", "restore"]
@@ -98,6 +99,16 @@ ROLLED_BACK_SUBJECT = (
     "llmship: canary of {{ event.payload.model }} {{ event.payload.version }} rolled back"
 )
 ROLLED_BACK_BODY = "{{ event.payload.reason }}"
+REFUSED_SUBJECT = (
+    "llmship: a gateway refused {{ event.payload.model }}'s live version "
+    "{{ event.payload.version }}"
+)
+REFUSED_BODY = (
+    "{{ event.payload.reason }}. "
+    "{% if event.payload.serving %}It serves {{ event.payload.serving }}, the version live "
+    "before it.{% else %}Nothing else may serve the model: its requests are refused.{% endif %} "
+    "Move the live alias with `llmship rollback {{ event.payload.model }} --to VERSION`."
+)
 # No deployment in these: a recalibrate run's build-and-serve subflow run has none.
 RUN_SUBJECT = "llmship: {{ flow.name }} run {{ flow_run.name }} {{ flow_run.state.name }}"
 RUN_BODY = (
@@ -234,6 +245,15 @@ def alert_automations(block_id, to_slack: bool = False) -> list[Automation]:
                 match_related={"prefect.resource.role": "flow", "prefect.resource.name": FLOWS},
             ),
             actions=[alert_action(RUN_FAILED, RUN_SUBJECT, RUN_BODY, block_id, to_slack=to_slack)],
+        ),
+        notify_on(
+            events.SERVING_REFUSED,
+            SERVING_REFUSED,
+            "Notify the team when a starting gateway refuses a live alias's version",
+            REFUSED_SUBJECT,
+            REFUSED_BODY,
+            block_id,
+            to_slack,
         ),
     ]
 

@@ -54,6 +54,20 @@ class VersionConflict(PermanentError):
     """A published version or alias was changed by someone else (a conditional write failed)."""
 
 
+class BadAlias(PermanentError):
+    """An alias document in the store cannot be read (not JSON, no version, a version that
+    cannot be a name): move the alias again, or delete it."""
+
+
+class UnpublishedVersion(PermanentError):
+    """An alias was asked to name a version that is not published (no readable manifest)."""
+
+
+class BadVersionManifest(IntegrityError):
+    """A published version's manifest lacks what serving it needs (its details): the message
+    names the version and what is wrong. Publish it again from its build."""
+
+
 class StageFailed(LlmshipError):
     """A stage subprocess failed for a reason it did not classify; its log tail is attached."""
 

@@ -13,6 +13,9 @@ GATE_FAILED = "llmship.gate.failed"  # the accuracy gate refused a candidate
 PERF_FAILED = "llmship.perf.failed"  # the performance gate refused a candidate
 ROLLED_BACK = "llmship.rollout.rolled-back"  # a canary breached; traffic went back
 SERVING_DOWN = "llmship.serving.down"  # the live version has had no replica for too long
+# A starting gateway refused a live alias's version (not published, or ungated without an
+# override recorded): it serves the version before it, or nothing, for that model.
+SERVING_REFUSED = "llmship.serving.refused"
 
 MODEL_RESOURCE = "llmship.model.{model}"
 

@@ -571,10 +571,17 @@ class QualityPolicy(BaseModel, extra="forbid"):
 class RolloutConfig(BaseModel, extra="forbid"):
     """How traffic moves to a new version, and what makes it go back."""
 
+    # The validator's rule, as far as JSON schema can say it (each step's bounds, no step
+    # twice), is in the schema too: the deployment's parameter schema, which Prefect's UI and
+    # `prefect deployment run` check, refuses [50, 150] or [-5] before a flow run exists.
     canary_steps: list[float] = Field(
         default_factory=list,
         description="percent of the traffic sent to the new version, step by step, before all "
         "of it, e.g. [10, 50]; empty: all at once (blue/green)",
+        json_schema_extra={
+            "items": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 100},
+            "uniqueItems": True,
+        },
     )
     bake_seconds: float = Field(60.0, ge=0, description="how long each canary step is watched")
     max_error_rate: float = Field(

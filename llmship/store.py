@@ -25,20 +25,22 @@ import shutil
 from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import boto3
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config
 from botocore.exceptions import ClientError
-from pydantic import ValidationError
+from pydantic import AfterValidator, BaseModel, ValidationError, model_validator
 from s3transfer.subscribers import BaseSubscriber
 from s3transfer.utils import S3_RETRYABLE_DOWNLOAD_ERRORS
 
 from llmship.errors import (
+    BadAlias,
     IntegrityError,
     SourceNotFound,
     StackError,
+    UnpublishedVersion,
     UnsafeKey,
     VersionConflict,
 )
@@ -157,6 +159,43 @@ def key_part(value: str, what: str) -> str:
             "digits, '.', '_' and '-' (no '/' and no '..'), at most 128"
         )
     return value
+
+
+class Alias(BaseModel):
+    """An alias document, aliases/<model>/<alias>.json, as move_alias writes it."""
+
+    model: str | None = None
+    alias: str | None = None
+    version: Annotated[str, AfterValidator(lambda v: key_part(v, "version"))]
+    previous: str | None = None  # what the alias named before this move
+    updated_at: str | None = None
+    reason: str = ""
+    # An operator's allow_ungated override put a version without a passing gate record here.
+    ungated_override: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _only_the_version_must_be_right(cls, data: Any) -> Any:
+        """What routes is `version`; a hand-edited note beside it (a number as the reason)
+        drops that note, not the alias."""
+        if not isinstance(data, dict):
+            return data
+        kept = dict(data)
+        for name, kind in (("model", str), ("alias", str), ("previous", str), ("updated_at", str)):
+            if not isinstance(kept.get(name), kind | None):
+                kept[name] = None
+        if not isinstance(kept.get("reason", ""), str):
+            kept["reason"] = str(kept["reason"])
+        if not isinstance(kept.get("ungated_override", False), bool):
+            kept["ungated_override"] = False
+        return kept
+
+
+class AliasScan(BaseModel):
+    """Every `live` alias that could be read, and what is wrong with each one that could not."""
+
+    aliases: dict[str, Alias] = {}  # model -> its live alias
+    problems: dict[str, str] = {}  # key -> what is wrong with it
 
 
 def version_prefix(model: str, version: str) -> str:
@@ -417,33 +456,106 @@ class ArtifactStore:
     # ------------------------------------------------------------------ aliases
 
     def live_aliases(self) -> dict[str, str]:
-        """Every model's live version: {model: version}."""
-        models = {
-            key.split("/")[1] for key in self.list_keys("aliases/") if key.endswith("/live.json")
-        }
-        return {m: v for m in sorted(models) if (v := self.read_alias(m, "live"))}
+        """Every model's live version: {model: version}. Aliases that cannot be read are left
+        out (read_live_aliases says which, and why)."""
+        return {m: a.version for m, a in self.read_live_aliases().aliases.items()}
+
+    def read_live_aliases(self) -> AliasScan:
+        """Every model's `live` alias, each checked on its own: one malformed alias document
+        (a careless hand edit, a key that names no model) must not hide the others."""
+        scan = AliasScan()
+        for key in sorted(self.list_keys("aliases/")):
+            parts = key.split("/")
+            if not key.endswith("/live.json"):
+                continue
+            if len(parts) != 3:
+                scan.problems[key] = "not an alias key: expected aliases/<model>/live.json"
+                continue
+            try:
+                model = key_part(parts[1], "model")
+                alias = self.read_alias_record(model, "live")
+            except (UnsafeKey, BadAlias) as exc:
+                scan.problems[key] = str(exc)
+                continue
+            if alias is not None:
+                scan.aliases[model] = alias
+        return scan
 
     @staticmethod
     def alias_key(model: str, alias: str) -> str:
         return f"aliases/{key_part(model, 'model')}/{key_part(alias, 'alias')}.json"
 
-    def read_alias(self, model: str, alias: str) -> str | None:
-        found = self.get_json(self.alias_key(model, alias))
-        return found[0]["version"] if found else None
-
-    def move_alias(self, model: str, alias: str, version: str, reason: str = "") -> None:
-        """Point an alias at a version: compare-and-swap, so two rollouts cannot interleave."""
+    def read_alias_record(self, model: str, alias: str) -> Alias | None:
+        """The alias document, checked; None where the alias does not exist."""
         key = self.alias_key(model, alias)
-        key_part(version, "version")
+        try:
+            found = self.get_json(key)
+        except ValueError as exc:  # not JSON, or not UTF-8
+            raise BadAlias(self._bad_alias(key, f"not JSON ({exc})")) from exc
+        if found is None:
+            return None
+        try:
+            return Alias.model_validate(found[0])
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "the document"
+            raise BadAlias(self._bad_alias(key, f"{where}: {first['msg']}")) from exc
+
+    def _bad_alias(self, key: str, problem: str) -> str:
+        return (
+            f"s3://{self.bucket}/{key} is not an alias llmship can follow ({problem}); "
+            "move it again with a rollback (`llmship rollback MODEL --to VERSION`) or delete it"
+        )
+
+    def read_alias(self, model: str, alias: str) -> str | None:
+        found = self.read_alias_record(model, alias)
+        return found.version if found else None
+
+    def is_published(self, model: str, version: str) -> bool:
+        """Whether version is a published version of model: its manifest exists and can be
+        read as one. An alias may name nothing else."""
+        try:
+            return self.read_manifest(version_prefix(model, version)) is not None
+        except (UnsafeKey, IntegrityError):
+            return False
+
+    def move_alias(
+        self,
+        model: str,
+        alias: str,
+        version: str,
+        reason: str = "",
+        *,
+        ungated_override: bool = False,
+    ) -> None:
+        """Point an alias at a version: compare-and-swap, so two rollouts cannot interleave.
+
+        Only a published version can be named: an alias on a version that does not exist is
+        a rollback (or a restore) that fails when it is needed. ungated_override records that
+        an operator's allow_ungated override put a version without a passing gate there: a
+        gateway that starts serves such a version only with that record."""
+        key = self.alias_key(model, alias)
+        key_part(version, "version")  # a name that would leave its prefix: UnsafeKey first
+        if not self.is_published(model, version):
+            raise UnpublishedVersion(
+                f"{model} has no published version {version!r}: the {alias} alias can name "
+                f"only a published one (`llmship versions {model}` lists them)"
+            )
         found = self.get_json(key)
-        body = {
-            "model": model,
-            "alias": alias,
-            "version": version,
-            "previous": found[0]["version"] if found else None,
-            "updated_at": datetime.now(UTC).isoformat(),
-            "reason": reason,
-        }
+        earlier = found[0].get("version") if found and isinstance(found[0], dict) else None
+        body = Alias(
+            model=model,
+            alias=alias,
+            version=version,
+            # What the alias named before, if that is a version (a hand-edited or stale
+            # alias may name one that does not exist: never carried on).
+            previous=earlier
+            if isinstance(earlier, str) and self.is_published(model, earlier)
+            else None,
+            updated_at=datetime.now(UTC).isoformat(),
+            reason=reason,
+            ungated_override=ungated_override,
+        ).model_dump(mode="json")
         if found:
             self.put_json(key, body, if_match=found[1])
         else:

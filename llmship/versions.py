@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, model_validator
+from pydantic import BaseModel, ValidationError, model_validator
 
 from llmship.contracts import BuildInputs, CalibrateInputs, ServeSpec
+from llmship.errors import BadAlias, BadVersionManifest, IntegrityError, UngatedVersion, UnsafeKey
 from llmship.manifest import Manifest
-from llmship.store import MANIFEST, ArtifactStore, key_part, version_prefix
+from llmship.store import MANIFEST, Alias, ArtifactStore, key_part, version_prefix
 
 
 class VersionInputs(BaseModel):
@@ -69,7 +70,18 @@ class PublishedVersion(BaseModel):
     @classmethod
     def from_manifest(cls, model: str, manifest: Manifest) -> PublishedVersion:
         """A published version as its manifest in the store describes it."""
-        details = VersionDetails.model_validate(manifest.details)
+        try:
+            details = VersionDetails.model_validate(manifest.details)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in ("details", *first["loc"]))
+            raise BadVersionManifest(
+                f"{model} version {manifest.key} cannot be served: its manifest "
+                f"({version_prefix(model, manifest.key)}/{MANIFEST}) has no valid {where} "
+                f"({first['msg']}; {exc.error_count()} problem(s)). Publish it again from its "
+                "build, or pick another version (`llmship versions "
+                f"{model}`)"
+            ) from exc
         return cls(
             model=model,
             version=manifest.key,
@@ -92,15 +104,86 @@ def read_version(store: ArtifactStore, model: str, version: str) -> PublishedVer
     return PublishedVersion.from_manifest(model, manifest) if manifest else None
 
 
-def list_versions(store: ArtifactStore, model: str) -> list[PublishedVersion]:
-    """Published versions of a model, oldest first: those whose manifest exists."""
-    found = []
+class VersionScan(BaseModel):
+    """A model's published versions that can be read, oldest first, and what is wrong with
+    each one that cannot (its id -> the problem)."""
+
+    versions: list[PublishedVersion] = []
+    unreadable: dict[str, str] = {}
+
+
+def scan_versions(store: ArtifactStore, model: str) -> VersionScan:
+    """Every published version of a model, each read on its own: one bad manifest is named,
+    not a reason to show none."""
+    scan = VersionScan()
     for key in store.list_keys(f"versions/{key_part(model, 'model')}/"):
         if key.endswith(f"/{MANIFEST}") and key.count("/") == 3:
-            manifest = store.read_manifest(key.rsplit("/", 1)[0])
-            if manifest:
-                found.append(PublishedVersion.from_manifest(model, manifest))
-    return sorted(found, key=lambda v: v.created_at)
+            name = key.split("/")[2]
+            try:
+                manifest = store.read_manifest(key.rsplit("/", 1)[0])
+                if manifest:
+                    scan.versions.append(PublishedVersion.from_manifest(model, manifest))
+            except (IntegrityError, ValueError) as exc:  # ValueError: not JSON at all
+                scan.unreadable[name] = str(exc)
+    scan.versions.sort(key=lambda v: v.created_at)
+    return scan
+
+
+def list_versions(store: ArtifactStore, model: str) -> list[PublishedVersion]:
+    """Published versions of a model, oldest first: those whose manifest exists and reads."""
+    return scan_versions(store, model).versions
+
+
+def check_servable(
+    stored: PublishedVersion | None, model: str, version: str, allow_ungated: bool
+) -> PublishedVersion:
+    """The one rule for what may take traffic, for a rollout or rollback and for a gateway
+    that starts from the live alias: a published version whose gate passed, or one an
+    operator's allow_ungated override put there. UngatedVersion says why not."""
+    if stored is None:
+        raise UngatedVersion(
+            f"{model} {version} is not a published version (no manifest under "
+            f"{version_prefix(model, version)}): nothing reaches traffic without one"
+        )
+    if not stored.gate_passed and not allow_ungated:
+        raise UngatedVersion(
+            f"{model} {version} has no passing gate record: nothing reaches "
+            "traffic without one. Pass allow_ungated=true (the rollback form's override) to "
+            "serve it anyway"
+        )
+    return stored
+
+
+class LiveChoice(BaseModel):
+    """What a gateway that starts serves of a model, from its live alias: the version, or
+    None, and each version refused on the way, with why."""
+
+    version: str | None = None
+    refused: dict[str, str] = {}  # version -> why it may not serve
+    ungated_override: bool = False  # the version is served by an operator's override
+
+
+def choose_live(store: ArtifactStore, model: str, alias: Alias) -> LiveChoice:
+    """The alias's version if check_servable lets it serve (the alias's own record of an
+    allow_ungated override counts as the override); else the version live before it (the
+    alias's `previous`, then the `previous` alias), which must have passed its gate."""
+    choice = LiveChoice()
+    candidates = [(alias.version, alias.ungated_override)]
+    try:
+        earlier = [alias.previous, store.read_alias(model, "previous")]
+    except BadAlias as exc:
+        earlier = [alias.previous]
+        choice.refused["previous alias"] = str(exc)
+    candidates += [(v, False) for v in earlier if v and v != alias.version]
+    for version, override in dict.fromkeys(candidates):
+        try:
+            check_servable(read_version(store, model, version), model, version, override)
+        except (UngatedVersion, IntegrityError, UnsafeKey) as exc:
+            choice.refused[version] = str(exc)
+            continue
+        choice.version, choice.ungated_override = version, override
+        break
+    return choice
 
 
 def calibration_of_build(store: ArtifactStore, build_prefix: str) -> CalibrateInputs | None:

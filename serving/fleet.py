@@ -34,12 +34,13 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Collection
 
 from pydantic import BaseModel
 
 from llmship import ray_cluster
 from llmship.contracts import ServeSpec
-from llmship.errors import EngineArgumentRefused, ServingError
+from llmship.errors import EngineArgumentRefused, IntegrityError, ServingError, UngatedVersion
 from llmship.manifest import digest_of
 from llmship.settings import AutoscalingBlock, ServingConfig, Settings, get_settings
 from serving import engines
@@ -465,12 +466,16 @@ def _placement_like(model: str) -> ServingConfig:
     return ServingConfig()
 
 
-def reconcile(settings: Settings, live: dict[str, str]) -> list[str]:
+def reconcile(
+    settings: Settings, live: dict[str, str], ungated_override: Collection[str] = ()
+) -> list[str]:
     """Deploy every live version that has no servers (after the cluster restarted, or the
-    servers of a version were lost): the S3 `live` aliases are what should serve. Returns
-    the applications deployed; does not wait for them."""
+    servers of a version were lost): the S3 `live` aliases are what should serve, by the
+    rollout's own rule (versions.check_servable): a version without a passing gate only for
+    the models in ungated_override, whose alias records an operator's override. Returns the
+    applications deployed; does not wait for them."""
     from llmship.store import ArtifactStore
-    from llmship.versions import read_version
+    from llmship.versions import check_servable, read_version
 
     _connect(settings)
     apps = {s.app for s in running(settings)}
@@ -479,9 +484,12 @@ def reconcile(settings: Settings, live: dict[str, str]) -> list[str]:
     for model, version in live.items():
         if app_name(model, version) in apps:
             continue
-        published = read_version(store, model, version)
-        if published is None:
-            log.error("%s's live version %s has no manifest: not served", model, version)
+        try:
+            published = check_servable(
+                read_version(store, model, version), model, version, model in ungated_override
+            )
+        except (UngatedVersion, IntegrityError) as exc:
+            log.error("%s's live version %s is not deployed: %s", model, version, exc)
             continue
         spec = spec_for_version(model, version, published.serve)
         log.warning("%s's live version %s has no servers: deploying it", model, version)

@@ -359,11 +359,12 @@ class GatewayState:
         self.body_timeout_s = settings.gateway_body_timeout_s
         self.in_flight = 0  # slots taken (one per completion); one event loop: plain counters
         self.upstream_in_flight: dict[str, int] = {}  # engine URL -> requests relayed now
-        saved: dict[str, Route] = {}
-        if self.routes_file.exists():
-            raw = json.loads(self.routes_file.read_text())
-            saved = {m: Route.model_validate(r) for m, r in raw.items()}
-        self.routes = restore_routes(settings, saved)
+        restored = restore_routes(settings, read_saved_routes(self.routes_file))
+        self.routes = restored.routes
+        # What the start refused (a bad alias, a version that may not serve): on /ready.
+        self.alias_problems = restored.problems
+        self.ungated_override = restored.ungated_override
+        self.refused = restored.refused
         # Serving application (serving/fleet.py: app_name) -> its replicas' engine URLs.
         self.endpoints: dict[str, list[str]] = {}
         if self.endpoints_file.exists():
@@ -535,6 +536,19 @@ class GatewayState:
                 self.replicas.labels(model, version).set(len(self.replicas_of(model, version)))
 
 
+def read_saved_routes(path) -> dict[str, Route]:
+    """The routes saved at the last change; none where the file is missing or unreadable (a
+    starting gateway then routes by the aliases alone: it always starts)."""
+    if not path.exists():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+        return {m: Route.model_validate(r) for m, r in raw.items()}
+    except (ValueError, AttributeError, OSError) as exc:  # ValidationError is a ValueError
+        log.error("saved routes %s ignored: %s", path, exc)
+        return {}
+
+
 def gateway_state_dir(settings: Settings):
     """This gateway's saved routes and replicas: one folder per port, as several can run."""
     return settings.state_dir / "gateway" / str(settings.gateway_port)
@@ -545,29 +559,99 @@ def app_name(model: str, version: str) -> str:
     return f"{model}--{version}"
 
 
-def restore_routes(settings: Settings, saved: dict[str, Route]) -> dict[str, Route]:
-    """Each model's live alias, as a route (what was saved, when S3 cannot be read)."""
+class RestoredRoutes(BaseModel):
+    """What a starting gateway routes by: each model's route, and what it refused on the way
+    (reported in its log, on /ready and as an event), keyed by alias key or model."""
+
+    routes: dict[str, Route] = {}
+    problems: dict[str, str] = {}
+    # Models whose live version an operator's allow_ungated override put there (its alias
+    # says so): the fleet's reconcile deploys them too.
+    ungated_override: set[str] = set()
+    # (model, refused version, why, what serves instead): one event each.
+    refused: list[tuple[str, str, str, str | None]] = []
+
+
+def restore_routes(settings: Settings, saved: dict[str, Route]) -> RestoredRoutes:
+    """Each model's live alias, as a route (what was saved, when S3 cannot be read).
+
+    Each alias is taken on its own, so one bad one costs only its own model: an alias that
+    cannot be read is skipped, and a version the rollout's rule (versions.check_servable)
+    would refuse (not published, no passing gate and no override recorded) gives way to the
+    version live before it, if that one may serve."""
     from llmship.store import ArtifactStore
+    from llmship.versions import choose_live
 
     if not (settings.s3_access_key and settings.s3_secret_key):
-        return saved
+        return RestoredRoutes(routes=saved)
     try:
-        live = ArtifactStore(settings).live_aliases()
+        store = ArtifactStore(settings)
+        scan = store.read_live_aliases()
     except Exception as exc:  # noqa: BLE001 - S3 down: keep serving what was routed before
         log.warning(
             "cannot read the live aliases from S3 (%s: %s): keeping the last saved routes",
             type(exc).__name__,
             exc,
         )
-        return saved
-    return {
-        model: saved[model]
-        if model in saved
-        and saved[model].version == version
-        and not (saved[model].canary or saved[model].shadow)
-        else Route(version=version)
-        for model, version in live.items()
-    }
+        return RestoredRoutes(routes=saved)
+    restored = RestoredRoutes(problems=dict(scan.problems))
+    for key, problem in scan.problems.items():
+        log.error("alias %s skipped: %s", key, problem)
+    for model, alias in scan.aliases.items():
+        try:
+            choice = choose_live(store, model, alias)
+        except Exception as exc:  # noqa: BLE001 - S3 failed now: what was routed, if anything
+            log.warning(
+                "cannot check %s's live version %s (%s: %s): keeping its saved route",
+                model,
+                alias.version,
+                type(exc).__name__,
+                exc,
+            )
+            if model in saved:
+                restored.routes[model] = saved[model]
+            continue
+        if choice.version != alias.version:
+            why = choice.refused[alias.version]
+            instead = (
+                f"serving {choice.version}, the version live before it, instead"
+                if choice.version
+                else "nothing else may serve it: requests for it are refused"
+            )
+            restored.problems[model] = f"live version {alias.version} refused: {why}; {instead}"
+            restored.refused.append((model, alias.version, why, choice.version))
+            log.error("%s: %s", model, restored.problems[model])
+        if choice.version is None:
+            continue
+        if choice.ungated_override:
+            restored.ungated_override.add(model)
+        kept = saved.get(model)
+        restored.routes[model] = (
+            kept
+            if kept and kept.version == choice.version and not (kept.canary or kept.shadow)
+            else Route(version=choice.version)
+        )
+    return restored
+
+
+def report_refused(gw: GatewayState) -> None:
+    """The event llmship.serving.refused for each live version a starting gateway would not
+    serve (the alert llmship-serving-refused tells the team)."""
+    for model, version, why, instead in gw.refused:
+        try:
+            events.emit(
+                events.SERVING_REFUSED,
+                model,
+                {"model": model, "version": version, "reason": why, "serving": instead},
+                version=version,
+            )
+        except Exception as exc:  # noqa: BLE001 - no Prefect: the log line and /ready remain
+            log.error(
+                "could not send %s to Prefect (%s: %s)",
+                events.SERVING_REFUSED,
+                type(exc).__name__,
+                exc,
+            )
 
 
 def uses_ray(settings: Settings) -> bool:
@@ -602,7 +686,9 @@ async def follow_fleet(gw: GatewayState) -> None:
                 gw.fleet_known.set()
                 if not reconciled:  # once: the live aliases are what should serve
                     live = {m: r.version for m, r in gw.routes.items()}
-                    for app in await asyncio.to_thread(fleet.reconcile, gw.settings, live):
+                    for app in await asyncio.to_thread(
+                        fleet.reconcile, gw.settings, live, gw.ungated_override
+                    ):
                         log.warning("deployed %s: a live version without servers", app)
                     reconciled = True
                 await asyncio.sleep(gw.settings.gateway_endpoint_refresh_s)
@@ -693,6 +779,7 @@ async def lifespan(app: FastAPI):
     app.state.gw = gw = GatewayState()
     for model, route in sorted(gw.routes.items()):
         routes_log.info("%s (at start)", route_change(model, None, route))
+    await asyncio.to_thread(report_refused, gw)
     tasks = [
         asyncio.create_task(watch_live_versions(gw)),
         asyncio.create_task(gw.shadower.run()),
@@ -806,15 +893,26 @@ async def ready(request: Request) -> JSONResponse:
         for model, route in gw.routes.items()
         if not gw.replicas_of(model, route.version)
     }
+    # Aliases a starting gateway skipped or whose version it refused: every other model
+    # still serves, so these do not make it unready; they are for whoever reads /ready.
+    problems = gw.alias_problems
     if unserved:
-        return openai_error(
+        resp = openai_error(
             503,
             f"not ready: no running replica for {unserved}",
             type_="server_error",
             code="not_ready",
         )
+        if problems:
+            body = json.loads(resp.body)
+            resp = JSONResponse(status_code=503, content=body | {"alias_problems": problems})
+        return resp
     return JSONResponse(
-        {"status": "ready", "models": {m: r.version for m, r in sorted(gw.routes.items())}}
+        {
+            "status": "ready",
+            "models": {m: r.version for m, r in sorted(gw.routes.items())},
+            **({"alias_problems": problems} if problems else {}),
+        }
     )
 
 

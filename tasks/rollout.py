@@ -24,10 +24,10 @@ from pydantic import BaseModel, Field
 
 from llmship import events
 from llmship.contracts import StageOutput
-from llmship.errors import CanaryFailed, ServingError, UngatedVersion
+from llmship.errors import CanaryFailed, ServingError
 from llmship.settings import QualityPolicy, RolloutConfig, ServingConfig, Settings, get_settings
 from llmship.store import ArtifactStore, shadow_prefix
-from llmship.versions import PublishedVersion, read_version
+from llmship.versions import PublishedVersion, check_servable, read_version
 from serving import fleet
 from serving.gateway_admin import (
     gateway_urls,
@@ -196,15 +196,7 @@ def check_gated(
     stored: PublishedVersion | None, version: PublishedVersion, allow_ungated: bool
 ) -> PublishedVersion:
     """The version as the store has it now (not as the run that published it saw it)."""
-    if stored is None:
-        raise UngatedVersion(f"{version.prefix} is not a published version")
-    if not stored.gate_passed and not allow_ungated:
-        raise UngatedVersion(
-            f"{version.model} {version.version} has no passing gate record: nothing reaches "
-            "traffic without one. Pass allow_ungated=true (the rollback form's override) to "
-            "serve it anyway"
-        )
-    return stored
+    return check_servable(stored, version.model, version.version, allow_ungated)
 
 
 def rollout(
@@ -310,9 +302,17 @@ def rollout(
         switch_seconds = time.monotonic() - switch_started
         # The commit point: the live alias is what a restarted gateway routes by. Until it has
         # moved, a failure puts traffic back where it was.
-        if previous:
+        # Aliases name only published versions: traffic may leave one that is not (a route
+        # from a hand-edited alias), and the previous alias then stays where it was.
+        if previous and store.is_published(model, previous):
             store.move_alias(model, "previous", previous, reason=reason)
-        store.move_alias(model, "live", version.version, reason=reason)
+        store.move_alias(
+            model,
+            "live",
+            version.version,
+            reason=reason,
+            ungated_override=allow_ungated and not stored.gate_passed,
+        )
     except Exception as exc:
         if routed:
             # It served before this rollout and serves still: only the alias failed.

@@ -83,7 +83,8 @@ def test_no_url_no_alerts():
 
 
 def test_automations_cover_failed_gates_rolled_back_canaries_and_every_failed_run():
-    gate, perf, rolled_back, waiting, run = alert_automations(uuid.uuid4())
+    gate, perf, rolled_back, waiting, run, refused = alert_automations(uuid.uuid4())
+    assert refused.trigger.expect == {"llmship.serving.refused"}
     assert waiting.trigger.expect == {"prefect.flow-run.Late"}
     assert gate.trigger.expect == {"llmship.gate.failed"}
     assert perf.trigger.expect == {"llmship.perf.failed"}

@@ -102,6 +102,22 @@ def test_every_deployment_matches_its_flows_parameter_schema(d):
     assert validate(parameters, schema, raise_on_error=False) == []
 
 
+@pytest.mark.parametrize("flow_name", ["build-and-serve", "recalibrate"])
+@pytest.mark.parametrize("steps", [[50, 150], [-5], [10, 10]])
+def test_canary_steps_out_of_range_are_refused_by_the_parameter_schema(flow_name, steps):
+    """What the server's `enforce_parameter_schema` (the UI's form, `prefect deployment run`)
+    checks: before, [50, 150] and [-5] passed it and made a flow run that then failed."""
+    import importlib
+
+    d = deployment(flow_name, "tiny-llama" if flow_name == "build-and-serve" else "llama3-70b")
+    module, _, fn = d["entrypoint"].partition(":")
+    flow = getattr(importlib.import_module(module.removesuffix(".py").replace("/", ".")), fn)
+    parameters = json.loads(json.dumps(d["parameters"]))
+    parameters["config"].setdefault("rollout", {})["canary_steps"] = steps
+    errors = validate(parameters, parameter_schema(flow).model_dump_for_openapi(), False)
+    assert errors and all("canary_steps" in list(e.path) for e in errors), errors
+
+
 def test_llama3_70b_is_pinned_fp8_tensor_parallel_on_the_gpu_pool():
     d = deployment("build-and-serve", "llama3-70b")
     config = config_of("build-and-serve", "llama3-70b")

@@ -82,6 +82,10 @@ def test_published_content_cannot_be_replaced(store, tmp_path):
 
 
 def test_alias_compare_and_swap(store):
+    for version in ("v1", "v2", "v3"):  # an alias names only published versions
+        store.commit_manifest(
+            f"versions/cas-model/{version}", Manifest(kind="version", key=version)
+        )
     store.move_alias("cas-model", "live", "v1")
     store.move_alias("cas-model", "live", "v2")
     assert store.read_alias("cas-model", "live") == "v2"
