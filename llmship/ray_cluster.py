@@ -5,7 +5,7 @@ Every port the local head opens is fixed from settings.ray_port, so two stacks o
 (`make demo` and `make test`) never collide and nothing takes a random port:
 
     ray_port      GCS                      +5  runtime-env agent
-    +1            dashboard (loopback)     +6  metrics export (off: METRICS_OFF)
+    +1            dashboard (loopback)     +6  metrics export (off, below)
     +2            Ray Client server        +7  object manager
     +3            dashboard agent (HTTP)   +8  node manager
     +4            dashboard agent (gRPC)   +100 .. +299  worker processes
@@ -13,14 +13,15 @@ Every port the local head opens is fixed from settings.ray_port, so two stacks o
 Token authentication is on (llmship/credentials.py: RAY_AUTH_MODE=token and the token's file):
 a process without the token cannot join the cluster, submit work or read its state.
 
-Ray's Prometheus exporter (the dashboard agent's, on the metrics export port) takes no token
-and named every Serve application in its labels, every served and evaluated build: the head
-turns Ray's metrics off for the whole cluster (METRICS_OFF; a node that joins reads it from
-the GCS). llmship scrapes the gateway and the engines (docs/grafana/prometheus.yml), never Ray,
-and Serve's autoscaling takes the replicas' stats by actor calls, not from these metrics. Two
-small exporters Ray starts regardless, on ports of its own (the dashboard's, 44227, and the
-autoscaler monitor's, 44217), count API requests and nodes: no build is named there
-(tests/test_host_security.py asks every port).
+Ray's Prometheus exporter (the dashboard agent's, on the metrics export port) takes no token and
+named every Serve application in its labels, every served and evaluated build: the head turns
+Ray's metrics off for the whole cluster (METRICS_OFF; a node that joins reads the cluster's
+system config from the GCS, ray/_private/node.py), so each raylet starts its agent with
+--disable-metrics-collection and nothing listens there. llmship scrapes the gateway and the
+engines (docs/grafana/prometheus.yml), never Ray, and Serve's autoscaling takes the replicas'
+stats by actor calls, not from these metrics. Two small exporters Ray starts regardless, on
+ports of its own (the dashboard's, 44227, and the autoscaler monitor's, 44217), count API
+requests and nodes: no build is named there (tests/test_host_security.py asks every port).
 """
 
 from __future__ import annotations
