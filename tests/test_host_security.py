@@ -533,14 +533,33 @@ def test_no_port_of_the_ray_cluster_names_the_served_builds_without_the_token(st
     from llmship import ray_cluster
 
     model = "tiny-llama"
-    every = subprocess.run(["ss", "-ltnH"], capture_output=True, text=True, check=True).stdout
+
+    def model_server(line: str) -> bool:
+        """A replica's engine (vLLM's OpenAI server): it serves the model without credentials,
+        as vLLM does, and is not Ray's (docs/SECURITY.md, "Not covered")."""
+        pids = [p.split("=")[1] for p in line.split("users:")[1].split(",") if "pid=" in p]
+        cmdlines = []
+        for pid in pids:
+            try:
+                cmdlines.append(open(f"/proc/{pid}/cmdline", "rb").read())
+            except OSError:
+                continue
+        return any(b"vllm.entrypoints" in c or b"trtllm-serve" in c for c in cmdlines)
+
+    every = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
     ports = sorted(
-        {int(line.split()[3].rsplit(":", 1)[1]) for line in ray_sockets(stack)}
+        {
+            int(line.split()[3].rsplit(":", 1)[1])
+            for line in ray_sockets(stack)
+            if not model_server(line)
+        }
         # ... and the drivers' (the gateway's, a flow run's) in the cluster's worker ports
         | {
             port
             for line in every.splitlines()
-            if stack.ray_port
+            if "users:" in line
+            and not model_server(line)
+            and stack.ray_port
             <= (port := int(line.split()[3].rsplit(":", 1)[1]))
             < stack.ray_port + ray_cluster.WORKER_PORTS[1] + 1
         }
