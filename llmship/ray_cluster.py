@@ -5,18 +5,29 @@ Every port the local head opens is fixed from settings.ray_port, so two stacks o
 (`make demo` and `make test`) never collide and nothing takes a random port:
 
     ray_port      GCS                      +5  runtime-env agent
-    +1            dashboard (loopback)     +6  metrics export
+    +1            dashboard (loopback)     +6  metrics export (off, below)
     +2            Ray Client server        +7  object manager
     +3            dashboard agent (HTTP)   +8  node manager
     +4            dashboard agent (gRPC)   +100 .. +299  worker processes
 
 Token authentication is on (llmship/credentials.py: RAY_AUTH_MODE=token and the token's file):
 a process without the token cannot join the cluster, submit work or read its state.
+
+Ray's Prometheus exporter (the dashboard agent's, on the metrics export port) takes no token and
+named every Serve application in its labels, every served and evaluated build: the head turns
+Ray's metrics off for the whole cluster (METRICS_OFF; a node that joins reads the cluster's
+system config from the GCS, ray/_private/node.py), so each raylet starts its agent with
+--disable-metrics-collection and nothing listens there. llmship scrapes the gateway and the
+engines (docs/grafana/prometheus.yml), never Ray, and Serve's autoscaling takes the replicas'
+stats by actor calls, not from these metrics. Two small exporters Ray starts regardless, on
+ports of its own (the dashboard's, 44227, and the autoscaler monitor's, 44217), count API
+requests and nodes: no build is named there (tests/test_host_security.py asks every port).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import socket
@@ -35,6 +46,10 @@ class ClusterError(StackError):
 # Named actors and Serve applications of llmship live here (serving/fleet.py).
 NAMESPACE = "llmship"
 WORKER_PORTS = (100, 299)  # offsets from ray_port
+# Ray's system config (`ray start --head --system-config`, the cluster's): with metrics
+# collection off the raylet starts its dashboard agent with --disable-metrics-collection, so
+# no exporter listens on the metrics export port.
+METRICS_OFF = {"enable_metrics_collection": False}
 
 
 def address(settings: Settings) -> str:
@@ -97,6 +112,8 @@ def head_argv(ray_bin: Path, settings: Settings) -> list[str]:
         *(["--num-gpus", "0"] if settings.device == "cpu" else []),
         "--temp-dir",
         str(temp_dir(settings)),
+        "--system-config",
+        json.dumps(METRICS_OFF),
         "--port",
         str(settings.ray_port),
         "--dashboard-port",

@@ -5,8 +5,8 @@ with an HTTP and a gRPC port. Out of the box every one of them reads and writes 
 without credentials. Here:
 
 - S3 takes only requests signed by one of three identities (IDENTITIES): the pipeline's
-  writer, a reader for what only serves, and an admin that `llmship up` uses to create the
-  buckets. None can change another's rights.
+  writer (objects only: no bucket's configuration), a reader for what only serves, and an
+  admin that `llmship up` uses to create the buckets. None can change another's rights.
 - HTTP is off on the master and the filer (`-disableHttp`); the volume server's reads and
   writes need JWTs signed with keys only this process has (SeaweedFS's `jwt.signing` and
   `jwt.signing.read`; `jwt.filer_signing` too, should the filer's HTTP come back on).
@@ -33,9 +33,19 @@ from llmship.settings import S3_IDENTITY_KEY_PREFIX, Settings
 # identity -> its SeaweedFS actions (its keys' names: settings.S3_IDENTITY_KEY_PREFIX)
 IDENTITIES: dict[str, list[str]] = {
     "admin": ["Admin", "Read", "Write", "List", "Tagging"],
-    "writer": ["Read", "Write", "List", "Tagging"],
+    "writer": ["Read", "List", "Write:*/*"],
     "reader": ["Read", "List"],
 }
+# Why the writer's Write is "Write:*/*" and it has no Tagging: SeaweedFS checks one coarse
+# action per route (weed/s3api/s3api_server.go), and the same "Write" that a PUT of an object
+# needs also guards PUT/DELETE ?lifecycle, ?versioning, ?cors and ?object-lock of the bucket
+# ("Tagging" guards the bucket's ?tagging). A scoped action is matched against
+# "<action>:<bucket>/<key>" (Identity.CanDo in weed/s3api/auth_credentials.go), and a bucket's
+# own configuration has no key: its target is "Write:<bucket>", which "*/*" does not match.
+# So the writer writes, copies, deletes and uploads in parts (objects and aliases) but changes
+# no bucket's configuration; policy, ACL, encryption, public access, ownership, request payment
+# and the bucket itself want actions (PutBucketPolicy, WriteAcp, Admin, DeleteBucket) it never
+# had. tests/test_host_security.py tries every one.
 # key in the credentials file -> the security.toml table that takes it
 JWT_KEYS = {
     "seaweedfs_jwt_write": "jwt.signing",

@@ -201,6 +201,149 @@ def test_the_serving_identity_reads_and_never_writes(stack, store, creds):
         store.client.create_bucket(Bucket="writer-made-this")
 
 
+def _with_prefix(client, operation: str):
+    """A bucket-level request with ?prefix= added and signed: SeaweedFS's auth takes a prefix
+    as the object key a scoped action is matched against, where a request names none."""
+
+    def add(request, **_):
+        request.url += ("&" if "?" in request.url else "?") + "prefix=versions%2F"
+
+    client.meta.events.register_first(f"before-sign.s3.{operation}", add)
+    return add
+
+
+def test_the_writer_publishes_but_cannot_change_the_bucket_s_configuration(stack, store, creds):
+    """The pipeline's writer could set a lifecycle rule that expires versions/, turn versioning
+    on, or open CORS (issue 27). Every change of the bucket's configuration is refused to it,
+    and what publishing does (a conditional create, parts, a copy, a delete) still works."""
+    bucket = store.bucket
+    writer = store.client
+    lifecycle = {
+        "Rules": [
+            {
+                "ID": "expire",
+                "Status": "Enabled",
+                "Filter": {"Prefix": ""},
+                "Expiration": {"Days": 1},
+            }
+        ]
+    }
+    cors = {"CORSRules": [{"AllowedMethods": ["GET", "PUT"], "AllowedOrigins": ["*"]}]}
+    policy = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Principal": "*",
+                "Action": "s3:*",
+                "Resource": [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"],
+            }
+        ],
+    }
+    attempts = {
+        "PutBucketLifecycleConfiguration": lambda: writer.put_bucket_lifecycle_configuration(
+            Bucket=bucket, LifecycleConfiguration=lifecycle
+        ),
+        "DeleteBucketLifecycle": lambda: writer.delete_bucket_lifecycle(Bucket=bucket),
+        "PutBucketVersioning": lambda: writer.put_bucket_versioning(
+            Bucket=bucket, VersioningConfiguration={"Status": "Enabled"}
+        ),
+        "PutBucketCors": lambda: writer.put_bucket_cors(Bucket=bucket, CORSConfiguration=cors),
+        "DeleteBucketCors": lambda: writer.delete_bucket_cors(Bucket=bucket),
+        "PutBucketPolicy": lambda: writer.put_bucket_policy(
+            Bucket=bucket, Policy=json.dumps(policy)
+        ),
+        "DeleteBucketPolicy": lambda: writer.delete_bucket_policy(Bucket=bucket),
+        "PutObjectLockConfiguration": lambda: writer.put_object_lock_configuration(
+            Bucket=bucket, ObjectLockConfiguration={"ObjectLockEnabled": "Enabled"}
+        ),
+        "PutBucketTagging": lambda: writer.put_bucket_tagging(
+            Bucket=bucket, Tagging={"TagSet": [{"Key": "owner", "Value": "attacker"}]}
+        ),
+        "DeleteBucketTagging": lambda: writer.delete_bucket_tagging(Bucket=bucket),
+        "PutBucketAcl": lambda: writer.put_bucket_acl(Bucket=bucket, ACL="public-read-write"),
+        "PutBucketEncryption": lambda: writer.put_bucket_encryption(
+            Bucket=bucket,
+            ServerSideEncryptionConfiguration={
+                "Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]
+            },
+        ),
+        "PutPublicAccessBlock": lambda: writer.put_public_access_block(
+            Bucket=bucket, PublicAccessBlockConfiguration={"BlockPublicAcls": False}
+        ),
+        "PutBucketOwnershipControls": lambda: writer.put_bucket_ownership_controls(
+            Bucket=bucket,
+            OwnershipControls={"Rules": [{"ObjectOwnership": "BucketOwnerEnforced"}]},
+        ),
+        "PutBucketRequestPayment": lambda: writer.put_bucket_request_payment(
+            Bucket=bucket, RequestPaymentConfiguration={"Payer": "Requester"}
+        ),
+        "DeleteBucket": lambda: writer.delete_bucket(Bucket=bucket),
+    }
+    allowed = []
+    for operation, attempt in attempts.items():
+        for with_prefix in (False, True):
+            hook = _with_prefix(writer, operation) if with_prefix else None
+            try:
+                attempt()
+                allowed.append(operation + (" ?prefix=" if with_prefix else ""))
+            except ClientError as exc:
+                status = exc.response["ResponseMetadata"]["HTTPStatusCode"]
+                assert status == 403, (operation, with_prefix, exc.response["Error"])
+            finally:
+                if hook:
+                    writer.meta.events.unregister(f"before-sign.s3.{operation}", hook)
+    assert not allowed, f"the writer changed the bucket's configuration: {allowed}"
+    # The bucket is as `llmship up` made it (read as the admin, which alone may read it all).
+    admin = ArtifactStore(as_identity(stack, creds, "admin")).client
+    assert "Status" not in admin.get_bucket_versioning(Bucket=bucket)
+    for read in (admin.get_bucket_lifecycle_configuration, admin.get_bucket_cors):
+        with pytest.raises(ClientError, match="NoSuch"):
+            read(Bucket=bucket)
+
+    # Publishing: files in parts (one copied), a conditional create, an alias moved, a delete.
+    key = "versions/security-writer/v1"
+    upload = writer.create_multipart_upload(Bucket=bucket, Key=f"{key}/files/big")
+    part = writer.upload_part(
+        Bucket=bucket,
+        Key=f"{key}/files/big",
+        UploadId=upload["UploadId"],
+        PartNumber=1,
+        Body=b"w" * (5 * 1024 * 1024),
+    )
+    store.put_json(f"{key}/files/small.json", {"n": 1})
+    copied = writer.upload_part_copy(
+        Bucket=bucket,
+        Key=f"{key}/files/big",
+        UploadId=upload["UploadId"],
+        PartNumber=2,
+        CopySource={"Bucket": bucket, "Key": f"{key}/files/small.json"},
+    )
+    writer.complete_multipart_upload(
+        Bucket=bucket,
+        Key=f"{key}/files/big",
+        UploadId=upload["UploadId"],
+        MultipartUpload={
+            "Parts": [
+                {"PartNumber": 1, "ETag": part["ETag"]},
+                {"PartNumber": 2, "ETag": copied["CopyPartResult"]["ETag"]},
+            ]
+        },
+    )
+    store.put_json(f"{key}/manifest.json", {"published": True}, if_none_match=True)
+    from llmship.errors import VersionConflict
+
+    with pytest.raises(VersionConflict):
+        store.put_json(f"{key}/manifest.json", {"published": False}, if_none_match=True)
+    store.put_json("aliases/security-writer/live.json", {"version": "v1"})
+    small = writer.head_object(Bucket=bucket, Key=f"{key}/files/small.json")["ContentLength"]
+    store.client.delete_object(Bucket=bucket, Key=f"{key}/files/small.json")
+    assert store.list_keys(f"{key}/") == [f"{key}/files/big", f"{key}/manifest.json"]
+    size = writer.head_object(Bucket=bucket, Key=f"{key}/files/big")["ContentLength"]
+    assert size == 5 * 1024 * 1024 + small
+    assert store.get_json("aliases/security-writer/live.json")[0] == {"version": "v1"}
+
+
 def test_the_gateway_signs_as_the_reader(stack, first_run):
     gateway = processes.find(stack, "gateway")
     environ = dict(
@@ -273,6 +416,24 @@ def test_the_state_folder_is_its_owner_s_only(stack):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
 
 
+def ray_sockets(stack) -> list[str]:
+    """`ss` lines of every TCP port the Ray head and its processes listen on, now."""
+    head = processes.find(stack, "ray-head")
+    assert head, "the stack's Ray head is not running"
+    ray_pids = {head.pid, *descendants(head.pid)}
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    lines = []
+    for line in out.splitlines():
+        if "users:" not in line:
+            continue  # a socket ss cannot name a process for: not one of Ray's
+        pids = {
+            int(p.split("=")[1]) for p in line.split("users:")[1].split(",") if p.startswith("pid=")
+        }
+        if pids & ray_pids:
+            lines.append(line)
+    return lines
+
+
 def test_the_ray_cluster_refuses_clients_without_its_token(stack, first_run):
     """The cluster listens on 127.0.0.1, but for each Serve replica's own gRPC server (on
     every interface, Ray 2.60; docs/SECURITY.md): the cluster token is what keeps others out.
@@ -281,17 +442,7 @@ def test_the_ray_cluster_refuses_clients_without_its_token(stack, first_run):
     folder (its logs and Unix sockets), are the owner's only."""
     from llmship import ray_cluster
 
-    head = processes.find(stack, "ray-head")
-    ray_pids = {head.pid, *descendants(head.pid)}
-    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
-    for line in out.splitlines():
-        if "users:" not in line:
-            continue  # a socket ss cannot name a process for: not one of Ray's
-        pids = {
-            int(p.split("=")[1]) for p in line.split("users:")[1].split(",") if p.startswith("pid=")
-        }
-        if not pids & ray_pids:
-            continue
+    for line in ray_sockets(stack):
         address = line.split()[3].rsplit(":", 1)[0]
         if address not in ("127.0.0.1", "[::ffff:127.0.0.1]"):
             assert '"ray::ServeRepli' in line, line  # Serve's own, token-checked
@@ -332,3 +483,135 @@ def test_the_ray_cluster_refuses_clients_without_its_token(stack, first_run):
     # Ray makes its session folder everyone's (777): the folder around it is the owner's.
     assert ray_cluster.private_dir(stack) in ray_cluster.temp_dir(stack).parents
     assert stat.S_IMODE(ray_cluster.private_dir(stack).stat().st_mode) == 0o700
+
+
+# What a client of each of Ray's servers may ask, read-only, with an empty request: the GCS,
+# the raylet, the workers, the dashboard agent, the Ray Client server and a Serve replica.
+RAY_GRPC_READS = [
+    "/ray.rpc.ActorInfoGcsService/GetAllActorInfo",
+    "/ray.rpc.ActorInfoGcsService/ListNamedActors",
+    "/ray.rpc.JobInfoGcsService/GetAllJobInfo",
+    "/ray.rpc.NodeInfoGcsService/GetAllNodeInfo",
+    "/ray.rpc.WorkerInfoGcsService/GetAllWorkerInfo",
+    "/ray.rpc.TaskInfoGcsService/GetTaskEvents",
+    "/ray.rpc.PlacementGroupInfoGcsService/GetAllPlacementGroup",
+    "/ray.rpc.InternalKVGcsService/InternalKVKeys",
+    "/ray.rpc.autoscaler.AutoscalerStateService/GetClusterStatus",
+    "/ray.rpc.NodeManagerService/GetNodeStats",
+    "/ray.rpc.NodeManagerService/GetObjectsInfo",
+    "/ray.rpc.CoreWorkerService/GetCoreWorkerStats",
+    "/ray.rpc.LogService/ListLogs",
+    "/ray.rpc.RayletDriver/ClusterInfo",
+    "/ray.rpc.RayletDriver/ListNamedActors",
+    "/ray.serve.ASGIService/HandleRequest",
+    "/ray.rpc.ObjectManagerService/Pull",  # of no object: the object manager serves no read
+]
+# ... and of each HTTP server: the dashboard's, its agent's, the runtime-env agent's, and a
+# Prometheus exporter's.
+RAY_HTTP_READS = [
+    ("GET", "/"),
+    ("GET", "/metrics"),
+    ("GET", "/api/serve/applications/"),
+    ("GET", "/api/jobs/"),
+    ("GET", "/api/job_agent/jobs/"),
+    ("GET", "/api/v0/actors"),
+    ("GET", "/api/v0/logs"),
+    ("GET", "/logical/actors"),
+    ("GET", "/nodes?view=summary"),
+    ("GET", "/api/cluster_status"),
+    ("POST", "/get_runtime_envs_info"),
+]
+
+
+def test_no_port_of_the_ray_cluster_names_the_served_builds_without_the_token(stack, first_run):
+    """Ray's metrics port (ray_port + 6, a Prometheus exporter) answered anyone on the host
+    with every served and evaluated build (issue 27). Every TCP port the Ray processes listen
+    on, found now, is asked over HTTP and gRPC without the token: every gRPC server refuses,
+    and no HTTP answer names a build. With the token the GCS does (the probe can see one)."""
+    import grpc
+
+    from llmship import ray_cluster
+
+    model = "tiny-llama"
+
+    def model_server(line: str) -> bool:
+        """A replica's engine (vLLM's OpenAI server): it serves the model without credentials,
+        as vLLM does, and is not Ray's (docs/SECURITY.md, "Not covered")."""
+        pids = [p.split("=")[1] for p in line.split("users:")[1].split(",") if "pid=" in p]
+        cmdlines = []
+        for pid in pids:
+            try:
+                cmdlines.append(open(f"/proc/{pid}/cmdline", "rb").read())
+            except OSError:
+                continue
+        return any(b"vllm.entrypoints" in c or b"trtllm-serve" in c for c in cmdlines)
+
+    every = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    ports = sorted(
+        {
+            int(line.split()[3].rsplit(":", 1)[1])
+            for line in ray_sockets(stack)
+            if not model_server(line)
+        }
+        # ... and the drivers' (the gateway's, a flow run's) in the cluster's worker ports
+        | {
+            port
+            for line in every.splitlines()
+            if "users:" in line
+            and not model_server(line)
+            and stack.ray_port
+            <= (port := int(line.split()[3].rsplit(":", 1)[1]))
+            < stack.ray_port + ray_cluster.WORKER_PORTS[1] + 1
+        }
+    )
+    # The GCS, dashboard, Ray Client, both agents' ports, object manager, raylet, at least.
+    assert {stack.ray_port + k for k in (0, 1, 2, 3, 4, 5, 7, 8)} <= set(ports), ports
+
+    def speaks_grpc(port: int) -> bool:
+        with grpc.insecure_channel(f"{stack.host}:{port}") as channel:
+            try:  # an HTTP/1.1-only server never gets an HTTP/2 connection ready
+                grpc.channel_ready_future(channel).result(timeout=3)
+                return True
+            except grpc.FutureTimeoutError:
+                return False
+
+    def grpc_answers(port: int, metadata=()) -> dict[str, bytes | str]:
+        answers: dict[str, bytes | str] = {}
+        with grpc.insecure_channel(f"{stack.host}:{port}") as channel:
+            for method in RAY_GRPC_READS:
+                call = channel.unary_unary(method)
+                try:
+                    answers[method] = call(b"", timeout=3, metadata=metadata)
+                except grpc.RpcError as exc:
+                    answers[method] = f"{exc.code()} {exc.details()}"
+        return answers
+
+    leaks, asked = [], {"gRPC": 0, "HTTP": 0}
+    for port in ports:
+        if speaks_grpc(port):
+            asked["gRPC"] += 1
+            answers = grpc_answers(port)
+            # Refused, every one: no answer at all without the token, built or not.
+            leaks += [
+                f"{port} gRPC {m}: {a[:200]!r}" for m, a in answers.items() if isinstance(a, bytes)
+            ]
+            if not any(str(a).startswith("StatusCode.UNAUTHENTICATED") for a in answers.values()):
+                leaks.append(f"{port} gRPC: none of its methods asked for the token: {answers}")
+            continue
+        for method, path in RAY_HTTP_READS:
+            try:
+                resp = httpx.request(method, f"http://{stack.host}:{port}{path}", timeout=5)
+            except httpx.HTTPError:
+                break  # not HTTP/1.1 either: nothing more to ask there
+            asked["HTTP"] += 1
+            if model in resp.text:
+                leaks.append(f"{port} {method} {path}: {resp.status_code} {resp.text[:200]!r}")
+    assert not leaks, "\n".join(leaks)
+    # The GCS, raylet, workers, agent, Ray Client were asked over gRPC; the dashboard, agents,
+    # exporters over HTTP.
+    assert asked["gRPC"] >= 5 and asked["HTTP"] >= 3 * len(RAY_HTTP_READS), asked
+
+    token = open(stack.ray_auth_token_file).read().strip()
+    with_token = grpc_answers(stack.ray_port, metadata=(("authorization", f"Bearer {token}"),))
+    answer = with_token["/ray.rpc.ActorInfoGcsService/GetAllActorInfo"]
+    assert isinstance(answer, bytes) and model.encode() in answer, answer
