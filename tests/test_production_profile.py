@@ -736,3 +736,16 @@ def test_a_gpu_worker_waits_long_enough_for_vllms_first_start(monkeypatch):
     monkeypatch.delenv("LLMSHIP_DEVICE")
     monkeypatch.delenv("LLMSHIP_SERVER_START_TIMEOUT_S")
     assert Settings().server_start_timeout_s == 240
+
+
+def test_gpu_deployments_beat_as_often_as_the_crash_automation_expects():
+    """A GPU worker is started by hand (docs/GPU.md), without the environment `llmship up`
+    gives its own worker: at Prefect's default heartbeat (180 s) the crash automation, which
+    waits three beats of LLMSHIP_RUN_HEARTBEAT_S, would mark every healthy run Crashed."""
+    gpu = [d for d in SPEC["deployments"] if d["work_pool"]["name"] != "local-process"]
+    assert gpu, "no deployment on a GPU pool"
+    expected = Settings.model_fields["run_heartbeat_s"].default
+    for d in gpu:
+        env = d["work_pool"]["job_variables"]["env"]
+        beat = int(env.get("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", 180))
+        assert beat <= expected, (d["name"], d["entrypoint"], beat)
