@@ -342,6 +342,11 @@ def test_the_writer_publishes_but_cannot_change_the_bucket_s_configuration(stack
     size = writer.head_object(Bucket=bucket, Key=f"{key}/files/big")["ContentLength"]
     assert size == 5 * 1024 * 1024 + small
     assert store.get_json("aliases/security-writer/live.json")[0] == {"version": "v1"}
+    # Leave no model behind: a starting gateway reports this alias (its manifest is no
+    # llmship manifest) on /ready, and later tests expect a clean /ready.
+    for gone in ("aliases/security-writer/live.json", f"{key}/manifest.json", f"{key}/files/big"):
+        store.client.delete_object(Bucket=bucket, Key=gone)
+    assert not store.list_keys(f"{key}/") and not store.list_keys("aliases/security-writer/")
 
 
 def test_the_gateway_signs_as_the_reader(stack, first_run):
