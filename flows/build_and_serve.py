@@ -30,17 +30,17 @@ from tasks.rollout import RolloutResult, approve_rollout, rollout_task
 
 @flow(name="build-and-serve", log_prints=True, persist_result=True)
 def build_and_serve(config: PipelineConfig) -> RolloutResult | None:
-    preflight_task(config)  # refuses before any download or GPU time is spent
+    # Refuses before any download or GPU time is spent. plan.serving is config.serving, with
+    # each server's share of a GPU where the servers outnumber the GPUs (tasks/plan.py).
+    plan = preflight_task(config)
     with build_slot(config.name):  # one run at a time builds a model
         snapshot = download_task(config.source, config.name)
         calibrated = calibrate_task(
-            snapshot, config.calibration, config.target, config.serving, config.name
+            snapshot, config.calibration, config.target, plan.serving, config.name
         )
-        candidate = build_task(
-            calibrated, config.target, config.serving, config.name, Side.CANDIDATE
-        )
+        candidate = build_task(calibrated, config.target, plan.serving, config.name, Side.CANDIDATE)
         baseline = build_task(
-            unquantized(snapshot), config.target, config.serving, config.name, Side.BASELINE
+            unquantized(snapshot), config.target, plan.serving, config.name, Side.BASELINE
         )
     with serving_slot(config.name):  # one run at a time evaluates or serves a model
         report = gate_task(
@@ -51,4 +51,4 @@ def build_and_serve(config: PipelineConfig) -> RolloutResult | None:
     if not approve_rollout(version, config.rollout):
         return None  # declined: published, not served
     with serving_slot(config.name):
-        return rollout_task(version, config.rollout, config.serving)
+        return rollout_task(version, config.rollout, plan.serving)

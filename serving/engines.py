@@ -243,12 +243,31 @@ def trtllm_build_command(
     return cmd
 
 
+def _flag_value(args: list[str], *flags: str) -> str | None:
+    """The value of the last of flags in args, `--flag value` or `--flag=value`."""
+    found = None
+    for i, arg in enumerate(args):
+        flag, eq, inline = arg.partition("=")
+        if flag in flags:
+            found = inline if eq else (args[i + 1] if i + 1 < len(args) else None)
+    return found
+
+
 def tensor_parallel_size(args: list[str]) -> int:
     """GPUs a server started with these engine arguments spans."""
-    for flag in ("--tensor-parallel-size", "--tp_size", "--tensor_parallel_size"):
-        if flag in args:
-            return int(args[args.index(flag) + 1])
-    return 1
+    value = _flag_value(args, "--tensor-parallel-size", "--tp_size", "--tensor_parallel_size")
+    return int(value) if value is not None else 1
+
+
+def gpus_per_server(args: list[str]) -> float:
+    """What a server started with these engine arguments asks Ray for: its tensor parallel
+    size in whole GPUs; or, at tensor parallel 1 with vLLM's --gpu-memory-utilization, that
+    share of one GPU. Ray's count of a GPU then follows its memory: servers at 0.3 share a GPU
+    three at a time, and a fourth waits for room rather than start and fail on memory the
+    others hold (the one-GPU fit: tasks/plan.py, fit_servers)."""
+    tp = tensor_parallel_size(args)
+    share = _flag_value(args, "--gpu-memory-utilization")
+    return float(share) if tp == 1 and share is not None else float(tp)
 
 
 def builds_engine(target: Target, serving: ServingConfig) -> bool:

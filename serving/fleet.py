@@ -414,7 +414,7 @@ def _deploy(settings: Settings, spec: ReplicaSpec, serving: ServingConfig) -> No
         spec.serve.target, spec.serve.engine_args, f"{spec.model} {spec.version}"
     )
     # The build's engine arguments say how many GPUs one engine spans: they are what it runs.
-    gpus = engines.tensor_parallel_size(spec.serve.engine_args) if settings.device == "cuda" else 0
+    gpus = engines.gpus_per_server(spec.serve.engine_args) if settings.device == "cuda" else 0
     # Serve's autoscaler on the engines' queues (serving/autoscale.py), a fixed count as
     # min = max: a replica reports its engine's load only if it started autoscaled, and a
     # version switched to autoscaling in place (its running replicas kept) must report.
@@ -439,7 +439,7 @@ def _deploy(settings: Settings, spec: ReplicaSpec, serving: ServingConfig) -> No
     deployment = deployment.options(
         version=digest_of(spec.model_dump(mode="json"))[:16], _internal=True
     )
-    log.info("deploying %s: %s, %d GPU(s) each", spec.app, describe_count(serving), gpus)
+    log.info("deploying %s: %s, %g GPU(s) each", spec.app, describe_count(serving), gpus)
     ray.get(
         directory().set_deployed.remote(
             spec.app,

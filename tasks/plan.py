@@ -8,11 +8,21 @@ docs/gpu/h200-8b-serve.json) or stated as assumptions.
 
 from __future__ import annotations
 
+import math
+
 from pydantic import BaseModel, Field
 
 from llmship.errors import UnsupportedConfiguration
 from llmship.gpus import Gpu
-from llmship.settings import FP8_MIN_COMPUTE_CAPABILITY, PipelineConfig, Scheme, Settings, Target
+from llmship.settings import (
+    FP8_MIN_COMPUTE_CAPABILITY,
+    EvalBackend,
+    PipelineConfig,
+    Scheme,
+    ServingConfig,
+    Settings,
+    Target,
+)
 from serving.engines import builds_engine
 
 GIB = 2**30
@@ -117,6 +127,9 @@ class Plan(BaseModel):
     billions: float
     stages: list[StagePlan]
     checks: list[Check]
+    # What the run builds and serves with: the deployment's serving, with each server's share
+    # of a GPU where the servers share GPUs (fitted_serving).
+    serving: ServingConfig
 
     @property
     def refusals(self) -> list[Check]:
@@ -226,6 +239,107 @@ def estimate_stages(
     ]
 
 
+def servers_at_once(config: PipelineConfig) -> int:
+    """The model's servers up together at the busiest moment of a run: the gate's (the
+    candidate's, kept for the rollout, and the baseline's; or the new version's replicas in
+    the rollout), beside the live version's replicas and, kept warm after the last switch, the
+    previous version's."""
+    s = config.serving
+    replicas = s.autoscaling.max_replicas if s.autoscaling else s.replicas
+    two_builds = config.perf.enabled or config.gate.backend is EvalBackend.SERVED
+    new = max(2 if two_builds else 1, replicas)
+    warm = replicas if config.rollout.keep_previous_warm_seconds > 0 else 0
+    return new + replicas + warm
+
+
+def whole_gpus_needed(config: PipelineConfig, live: bool) -> int:
+    """GPUs the run needs when each server has tensor_parallel_size GPUs of its own: two
+    servers' worth, the live version's and the candidate's, or, in the performance gate of a
+    baseline not measured before (no version is live then, as a rule), the baseline's and the
+    candidate's (kept for the rollout)."""
+    tp = config.serving.tensor_parallel_size
+    return tp * (2 if live or config.perf.enabled else 1)
+
+
+def shares_gpus(config: PipelineConfig, gpus: list[Gpu], device: str, live: bool) -> bool:
+    """Servers share GPUs where they outnumber them and each fits on one (tensor parallel 1):
+    Ray counts each at its memory share (serving/engines.py, gpus_per_server)."""
+    return (
+        device == "cuda"
+        and bool(gpus)
+        and config.serving.tensor_parallel_size == 1
+        and len(gpus) < whole_gpus_needed(config, live)
+    )
+
+
+def fitted_serving(
+    config: PipelineConfig,
+    gpus: list[Gpu],
+    device: str,
+    live: bool,
+    a: PlanAssumptions | None = None,
+) -> ServingConfig:
+    """The serving config a run builds with. Where servers share GPUs and the deployment names
+    no gpu_memory_utilization, each server's share is vLLM's default over the servers one GPU
+    holds at once (two at 0.45, four at 0.22): the engine takes that share of the GPU's memory
+    and Ray counts it as that share of the GPU, so a server that would not fit waits for room
+    instead of failing on memory the others hold. Every version served on these GPUs carries its
+    share in its engine arguments: a rollback or a restore comes back at the share it had."""
+    a = a or PlanAssumptions()
+    s = config.serving
+    if s.gpu_memory_utilization is not None or not shares_gpus(config, gpus, device, live):
+        return s
+    per_gpu = math.ceil(servers_at_once(config) / len(gpus))
+    share = math.floor(a.gpu_memory_utilization / per_gpu * 100) / 100
+    return s.model_copy(update={"gpu_memory_utilization": share})
+
+
+def _gpu_count_check(
+    config: PipelineConfig, gpus: list[Gpu], live: bool, serving: ServingConfig, names: str
+) -> Check:
+    tp = config.serving.tensor_parallel_size
+    needed = whole_gpus_needed(config, live)
+    if not shares_gpus(config, gpus, "cuda", live):
+        return Check(
+            name="GPU count",
+            ok=len(gpus) >= needed,
+            detail=f"{len(gpus)} found: {names}; {needed} needed (tensor parallel {tp}"
+            + (
+                f", beside the {tp} of the live version, which keeps serving until the switch"
+                if live
+                else (
+                    ", for the baseline's and the candidate's servers at "
+                    "once in the performance gate"
+                    if needed > tp
+                    else ""
+                )
+            )
+            + ")",
+        )
+    at_once = servers_at_once(config)
+    per_gpu = math.ceil(at_once / len(gpus))
+    share = serving.gpu_memory_utilization or 0.0
+    ok = share * per_gpu <= 1.0
+    warm = config.rollout.keep_previous_warm_seconds > 0
+    return Check(
+        name="GPU sharing",
+        ok=ok,
+        detail=f"{len(gpus)} found: {names}; {at_once} servers at once (the gate's or the new "
+        "version's, the live version's"
+        + (", the previous version's kept warm" if warm else "")
+        + f"), {per_gpu} to a GPU, each held to {share:g} of its memory "
+        "(--gpu-memory-utilization, and Ray's count of the GPU)"
+        + (
+            ""
+            if ok
+            else f": {per_gpu} x {share:g} is more than one GPU; leave "
+            "serving.gpu_memory_utilization unset (llmship sizes it), lower it to "
+            f"{math.floor(0.9 / per_gpu * 100) / 100:g}, or set "
+            "rollout.keep_previous_warm_seconds to 0"
+        ),
+    )
+
+
 def check_resources(
     config: PipelineConfig,
     shape: ModelShape,
@@ -261,10 +375,6 @@ def check_resources(
         )
         return checks
     tp = config.serving.tensor_parallel_size
-    # Two servers at once, either the live version's and the candidate's, or, in the
-    # performance gate of a baseline not measured before (no version is live then, as a rule),
-    # the baseline's and the candidate's (kept for the rollout).
-    needed = tp * (2 if live or config.perf.enabled else 1)
     names = (
         ", ".join(
             sorted(
@@ -277,28 +387,13 @@ def check_resources(
         )
         or "none"
     )
-    checks.append(
-        Check(
-            name="GPU count",
-            ok=len(gpus) >= needed,
-            detail=f"{len(gpus)} found: {names}; {needed} needed (tensor parallel {tp}"
-            + (
-                f", beside the {tp} of the live version, which keeps serving until the switch"
-                if live
-                else (
-                    ", for the baseline's and the candidate's servers at "
-                    "once in the performance gate"
-                    if needed > tp
-                    else ""
-                )
-            )
-            + ")",
-        )
-    )
+    serving = fitted_serving(config, gpus, device, live, a)
+    shared = shares_gpus(config, gpus, device, live)
+    checks.append(_gpu_count_check(config, gpus, live, serving, names))
     if not gpus:
         return checks
     per_gpu = min(g.memory_gib for g in gpus)
-    util = config.serving.gpu_memory_utilization or a.gpu_memory_utilization
+    util = serving.gpu_memory_utilization or a.gpu_memory_utilization
     bf16 = shape.weights_gib(Scheme.UNQUANTIZED)
     kv_seq = shape.kv_gib_per_token(config.calibration.kv_cache_fp8) * config.serving.max_model_len
     need_per_gpu = (bf16 + kv_seq) / tp + a.serving_overhead_gib
@@ -313,22 +408,38 @@ def check_resources(
             "sequence's KV cache, "
             f"{a.serving_overhead_gib:g} GiB overhead); {room:.1f} GiB usable of "
             f"{per_gpu:.0f}"
+            + (f" (its share, {util:g}, of a GPU it shares)" if shared else "")
             + (
                 f": room for {seqs} full-length sequences"
                 if need_per_gpu <= room
-                else ": raise tensor_parallel_size or lower max_model_len"
+                else (
+                    ": give the servers GPUs of their own (more GPUs), set "
+                    "rollout.keep_previous_warm_seconds to 0 (one server fewer), or lower "
+                    "max_model_len"
+                    if shared
+                    else ": raise tensor_parallel_size or lower max_model_len"
+                )
             ),
         )
     )
-    usable = gpus[tp if live else 0 :]
+    if shared:
+        # Calibration runs beside the live version's servers and the warm previous one's.
+        serving_now = servers_at_once(config) - max(
+            2 if config.perf.enabled or config.gate.backend is EvalBackend.SERVED else 1,
+            config.serving.replicas,
+        )
+        total = max(0.0, sum(g.memory_gib for g in gpus) - serving_now * util * per_gpu)
+        where = f"beside {serving_now} serving share(s) of {util:g}"
+    else:
+        usable = gpus[tp if live else 0 :]
+        total = sum(g.memory_gib for g in usable)
+        where = f"on the {len(usable)} GPU(s) not serving"
     calib = calibration_peak_gib(config, shape, a)
-    total = sum(g.memory_gib for g in usable)
     checks.append(
         Check(
             name="GPU memory (calibration)",
             ok=calib <= total,
-            detail=f"peak {calib:.0f} GiB estimated, {total:.0f} GiB on the {len(usable)} GPU(s) "
-            "not serving"
+            detail=f"peak {calib:.0f} GiB estimated, {total:.0f} GiB {where}"
             + (
                 ""
                 if calib <= total
@@ -375,6 +486,13 @@ def render(plan_: Plan, config: PipelineConfig) -> str:
         f"target {config.target.value}, {config.calibration.scheme.value}"
         f"{' + FP8 KV cache' if config.calibration.kv_cache_fp8 else ''}, tensor parallel "
         f"{s.tensor_parallel_size}, max_model_len {s.max_model_len}",
+    ]
+    if plan_.serving.gpu_memory_utilization != s.gpu_memory_utilization:
+        lines.append(
+            f"servers share GPUs: each takes {plan_.serving.gpu_memory_utilization:g} of one "
+            "(its engine's gpu_memory_utilization, and Ray's count)"
+        )
+    lines += [
         "",
         f"{'stage':10s} {'where':44s} {'GPU memory':>12s} {'disk':>11s} {'time':>8s}",
     ]

@@ -39,6 +39,7 @@ from tasks.plan import (
     check_gpu_presence,
     check_resources,
     estimate_stages,
+    fitted_serving,
     render,
 )
 
@@ -322,6 +323,7 @@ def plan(
         billions=round(shape.billions, 2),
         stages=estimate_stages(config, shape),
         checks=checks,
+        serving=fitted_serving(config, gpus, settings.device, live),
     )
 
 
