@@ -296,7 +296,12 @@ def stage_env(settings: Settings) -> dict[str, str]:
             "PYTHONUNBUFFERED": "1",
             # Progress bars in the flow-run log: one line every 10 s, not one per refresh.
             "TQDM_MININTERVAL": "10",
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])),
+            # The checkout alone: a stage runs in another environment than the orchestrator's,
+            # and packages the orchestrator's PYTHONPATH names (a host whose environments are
+            # sites on PYTHONPATH, not virtual environments) would shadow its own (seen: the
+            # orchestrator's huggingface-hub 2.4 broke transformers in the quantize
+            # environment). An environment of that kind sets its own in its Python's wrapper.
+            "PYTHONPATH": str(REPO_ROOT),
         }
     )
     return env

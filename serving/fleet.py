@@ -61,6 +61,10 @@ class Endpoint(BaseModel):
     node_id: str
     gpus: list[str] = []
     log: str = ""  # the engine's log, on its node
+    # The replica's cold start, seconds: the version fetched to the node's cache (0 when a
+    # replica before it on the node fetched it), then the engine started to healthy.
+    fetch_s: float | None = None
+    engine_start_s: float | None = None
 
 
 class Server(BaseModel):

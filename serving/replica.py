@@ -221,7 +221,9 @@ class ModelReplica:
         self.replica_id = context.replica_id.unique_id
         node_ip = ray.util.get_node_ip_address()
         settings = get_settings().model_copy(update={"host": node_ip})
+        started = time.monotonic()
         model_dir = fetch_to_node(settings, self.spec.prefix)
+        fetched = time.monotonic()
         logs = settings.state_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         self.log_path = logs / f"engine-{self.spec.app}-{self.replica_id}.log"
@@ -234,6 +236,13 @@ class ModelReplica:
             settings.node_cache / "links" / self.replica_id,
         )
         wait_healthy(settings, self.spec, self.engine, self.url, self.log_path)
+        healthy = time.monotonic()
+        log.info(
+            "%s healthy: fetch %.1f s, engine start %.1f s",
+            self.spec.app,
+            fetched - started,
+            healthy - fetched,
+        )
         from serving.fleet import Endpoint, directory
 
         self.endpoint = Endpoint(
@@ -243,6 +252,8 @@ class ModelReplica:
             node_id=ray.get_runtime_context().get_node_id(),
             gpus=[str(g) for g in ray.get_gpu_ids()],
             log=str(self.log_path),
+            fetch_s=round(fetched - started, 3),
+            engine_start_s=round(healthy - fetched, 3),
         )
         self.directory = directory()
         self.actor = ray.get_runtime_context().current_actor

@@ -150,3 +150,26 @@ def test_enough_gpus_keep_whole_gpus_and_the_build_unchanged():
 )
 def test_ray_is_asked_for_what_the_engine_arguments_say(args, expected):
     assert engines.gpus_per_server(args) == expected
+
+
+def test_a_stage_does_not_inherit_the_orchestrator_s_packages(monkeypatch):
+    """On a host whose environments are sites on PYTHONPATH (the GPU host of
+    bench/gpu_flow.py), the orchestrator's PYTHONPATH reached the quantize environment's jobs:
+    its huggingface-hub 2.4 shadowed the quantize environment's, and transformers refused to
+    import. A stage's PYTHONPATH is the checkout alone; its interpreter brings the rest."""
+    import subprocess
+
+    from llmship.settings import REPO_ROOT, stage_env
+
+    monkeypatch.setenv("PYTHONPATH", "/opt/orchestrator-site")
+    env = stage_env(SETTINGS)
+    assert env["PYTHONPATH"] == str(REPO_ROOT)
+    quantize = REPO_ROOT / ".venv" / "quantize" / "bin" / "python"
+    shown = subprocess.run(
+        [str(quantize), "-c", "import sys; print(sys.path)"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "/opt/orchestrator-site" not in shown and str(REPO_ROOT) in shown
