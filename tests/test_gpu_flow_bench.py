@@ -1,0 +1,89 @@
+"""bench/gpu_flow.py, the whole flow on a GPU host, checked where CI runs (no GPU): how it
+reads Prefect's task runs, lays out the GPU host's commands, and the shape of the results
+docs/GPU.md quotes (docs/gpu/flow-*.json)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+import gpu_flow  # noqa: E402
+
+
+def task_run(name: str, state: str, seconds: float | None, start_min: int):
+    start = datetime(2026, 12, 6, 12, start_min, tzinfo=UTC)
+    return SimpleNamespace(
+        name=name,
+        state=SimpleNamespace(name=state),
+        total_run_time=timedelta(seconds=seconds) if seconds is not None else None,
+        start_time=start,
+        expected_start_time=start,
+    )
+
+
+def test_task_runs_are_read_in_start_order_and_summed_per_stage():
+    rows = gpu_flow.task_run_rows(
+        [
+            task_run("gate-1f2", "Completed", 12.0, 9),
+            task_run("preflight-a1b", "Completed", 2.5, 1),
+            task_run("evaluate-77c", "Completed", 30.0, 5),
+            task_run("evaluate-88d", "Cached", None, 6),
+            task_run("build-9ab", "Completed", 4.0, 3),
+            task_run("build-9ac", "Completed", 6.0, 4),
+        ]
+    )
+    assert [r["name"] for r in rows][:2] == ["preflight-a1b", "build-9ab"]
+    assert rows[4]["state"] == "Cached" and rows[4]["seconds"] == 0.0
+    stages = gpu_flow.stage_seconds(rows)
+    assert stages == {"preflight": 2.5, "build": 10.0, "evaluate": 30.0, "gate": 12.0}
+    # Beside the plan: the evaluations run inside the gate's task, not added twice.
+    compared = gpu_flow.against_plan(stages, {"build": 8.0, "gate": 240.0})
+    assert compared["build"] == {"flow_run_s": 10.0, "plan_s": 8.0}
+    assert compared["gate"] == {"flow_run_s": 12.0, "plan_s": 240.0}
+    assert compared["rollout"] == {"flow_run_s": 0.0, "plan_s": None}
+
+
+def test_the_gpu_host_layout_stands_in_for_the_orchestrator_environment(tmp_path):
+    """On the GPU host the orchestrator is a site on PYTHONPATH, not a virtual environment:
+    the bin folder the stack takes its commands from runs prefect and ray from that site."""
+    site = REPO / ".venv" / "orchestrator" / "lib"
+    site = next(site.glob("python3*/site-packages"))
+    weed_site = tmp_path / "site"
+    (weed_site / "bin").mkdir(parents=True)
+    (weed_site / "bin" / "weed").symlink_to(REPO / ".venv" / "orchestrator" / "bin" / "weed")
+    bin_dir = gpu_flow.orchestrator_bin(tmp_path, f"{weed_site}:{site}")
+    env = {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}
+    ray = subprocess.run(
+        [str(bin_dir / "ray"), "--version"], env=env, capture_output=True, text=True
+    )
+    assert ray.returncode == 0 and "2.60.0" in ray.stdout, ray.stderr
+    prefect = subprocess.run(
+        [str(bin_dir / "prefect"), "--version"], env=env, capture_output=True, text=True
+    )
+    assert prefect.returncode == 0 and prefect.stdout.strip().startswith("3."), prefect.stderr
+    assert (bin_dir / "weed").resolve() == (REPO / ".venv/orchestrator/bin/weed").resolve()
+
+
+RESULTS = sorted((REPO / "docs" / "gpu").glob("flow-*.json"))
+
+
+@pytest.mark.parametrize("path", RESULTS, ids=lambda p: p.name)
+def test_the_recorded_gpu_run_has_what_docs_gpu_quotes(path):
+    run = json.loads(path.read_text())
+    assert run["device"] == "cuda" and "NVIDIA" in run["gpu"]
+    flow = run["steps"]["flow-v1"]
+    assert flow["state"] == "Completed"
+    names = {row["name"].split("-")[0] for row in flow["task_runs"]}
+    assert {"preflight", "download", "calibrate", "build", "gate", "publish", "rollout"} <= names
+    assert set(flow["stage_vs_plan"]) == set(gpu_flow.PLAN_STAGE_TASKS)
+    replica = run["steps"]["cold-start"]["replicas"][0]
+    assert replica["fetch_s"] is not None and replica["engine_start_s"] > 0
