@@ -24,6 +24,8 @@ Steps, each recorded in --out as it ends (a run cut short keeps what it measured
   flow-v2      a second version (other calibration samples) rolled out with canary steps and
                shadow traffic while a client sends requests through the gateway.
   rollback     `rollback/<model>` through Prefect's API while the client goes on.
+  flow-8b      (asked for by name) an 8B-shaped Llama with random weights made on the host,
+               through build-and-serve/llama3-70b's recipe and performance limits, TP 1.
 
 A dry run here on CPU (the tiny-llama deployment, INT8, the checkout's environments; stop the
 local stack first, the ports are the same):
@@ -560,6 +562,48 @@ def main() -> None:
         result.update({"live_before": before, "live_after": after, "client": client_outcomes(load)})
         return result
 
+    def flow_8b():
+        """An 8B-shaped Llama with random BF16 weights, made here (the hub is out of reach),
+        through build-and-serve/llama3-70b with its FP8 recipe and its performance limits, on
+        one GPU: tensor parallel 1, 4096 tokens, no warm previous version (three servers at
+        once), the accuracy gate mechanical (random weights score nothing on either build:
+        its domain tasks only, no floors) and blue/green."""
+        s = settings()
+        model_dir = args.work / "llama-8b-random"
+        made = {}
+        if not (model_dir / "config.json").exists():
+            t0 = time.monotonic()
+            make = (
+                "import sys, json; from pathlib import Path; sys.path.insert(0, 'bench'); "
+                "from gpu_stages import make_model; print(json.dumps(make_model('8b', "
+                f"{args.device!r}, Path({str(model_dir)!r}), Path('demo/tiny-llama'))))"
+            )
+            proc = subprocess.run(
+                [str(quant), "-c", make], cwd=REPO, capture_output=True, text=True, env=env
+            )
+            if proc.returncode != 0:
+                raise RuntimeError(proc.stderr[-3000:])
+            made = {**json.loads(proc.stdout.strip().splitlines()[-1])}
+            made["seconds"] = round(time.monotonic() - t0, 1)
+        params = deployment_parameters(s, "build-and-serve/llama3-70b")
+        config = params["config"]
+        config["name"] = "llama-8b-shape"
+        config["source"] = str(model_dir)
+        config["calibration"]["num_samples"] = 256
+        config["serving"].update(
+            {"tensor_parallel_size": 1, "max_model_len": 4096, "gpu_memory_utilization": None}
+        )
+        config["gate"].update({"standard_tasks": [], "per_task": {}, "limit": 20})
+        config["perf"]["num_prompts"] = 64
+        config["rollout"].update(
+            {"canary_steps": [], "keep_previous_warm_seconds": 0, "min_requests": 0}
+        )
+        result = run_deployment_and_wait(
+            s, "build-and-serve/llama3-70b", {"config": config}, args.flow_timeout
+        )
+        result["model"] = made
+        return result
+
     for name, fn in {
         "stack": stack,
         "plan": plan,
@@ -570,6 +614,7 @@ def main() -> None:
         "engine-kill": engine_kill,
         "flow-v2": flow_v2,
         "rollback": rollback,
+        "flow-8b": flow_8b,
     }.items():
         if name in steps:
             run.step(name, fn)
