@@ -261,23 +261,21 @@ def whole_gpus_needed(config: PipelineConfig, live: bool) -> int:
     return tp * (2 if live or config.perf.enabled else 1)
 
 
-def shares_gpus(config: PipelineConfig, gpus: list[Gpu], device: str, live: bool) -> bool:
-    """Servers share GPUs where they outnumber them and each fits on one (tensor parallel 1):
-    Ray counts each at its memory share (serving/engines.py, gpus_per_server)."""
+def shares_gpus(config: PipelineConfig, gpus: list[Gpu], device: str) -> bool:
+    """Servers share GPUs where they can outnumber them and each fits on one (tensor parallel
+    1): Ray counts each at its memory share (serving/engines.py, gpus_per_server). Whether a
+    version is live now does not enter: the share is in every build's engine arguments, and the
+    next run, beside this one's version, must find room at the same share."""
     return (
         device == "cuda"
         and bool(gpus)
         and config.serving.tensor_parallel_size == 1
-        and len(gpus) < whole_gpus_needed(config, live)
+        and len(gpus) < servers_at_once(config)
     )
 
 
 def fitted_serving(
-    config: PipelineConfig,
-    gpus: list[Gpu],
-    device: str,
-    live: bool,
-    a: PlanAssumptions | None = None,
+    config: PipelineConfig, gpus: list[Gpu], device: str, a: PlanAssumptions | None = None
 ) -> ServingConfig:
     """The serving config a run builds with. Where servers share GPUs and the deployment names
     no gpu_memory_utilization, each server's share is vLLM's default over the servers one GPU
@@ -287,7 +285,7 @@ def fitted_serving(
     share in its engine arguments: a rollback or a restore comes back at the share it had."""
     a = a or PlanAssumptions()
     s = config.serving
-    if s.gpu_memory_utilization is not None or not shares_gpus(config, gpus, device, live):
+    if s.gpu_memory_utilization is not None or not shares_gpus(config, gpus, device):
         return s
     per_gpu = math.ceil(servers_at_once(config) / len(gpus))
     share = math.floor(a.gpu_memory_utilization / per_gpu * 100) / 100
@@ -299,7 +297,7 @@ def _gpu_count_check(
 ) -> Check:
     tp = config.serving.tensor_parallel_size
     needed = whole_gpus_needed(config, live)
-    if not shares_gpus(config, gpus, "cuda", live):
+    if not shares_gpus(config, gpus, "cuda"):
         return Check(
             name="GPU count",
             ok=len(gpus) >= needed,
@@ -387,8 +385,8 @@ def check_resources(
         )
         or "none"
     )
-    serving = fitted_serving(config, gpus, device, live, a)
-    shared = shares_gpus(config, gpus, device, live)
+    serving = fitted_serving(config, gpus, device, a)
+    shared = shares_gpus(config, gpus, device)
     checks.append(_gpu_count_check(config, gpus, live, serving, names))
     if not gpus:
         return checks

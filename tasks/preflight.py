@@ -323,7 +323,7 @@ def plan(
         billions=round(shape.billions, 2),
         stages=estimate_stages(config, shape),
         checks=checks,
-        serving=fitted_serving(config, gpus, settings.device, live),
+        serving=fitted_serving(config, gpus, settings.device),
     )
 
 

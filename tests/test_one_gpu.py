@@ -74,7 +74,7 @@ def test_the_demo_deployment_shares_one_gpu_four_ways():
     assert all(ok for ok, _ in checks.values()), checks
     assert "4 servers at once" in checks["GPU sharing"][1]
     assert "each held to 0.22 of its memory" in checks["GPU sharing"][1]
-    serving = fitted_serving(config, one_h100(), "cuda", live=False)
+    serving = fitted_serving(config, one_h100(), "cuda")
     args = engines.engine_args(Target.VLLM, serving, kv_cache_fp8=True)
     assert args[args.index("--gpu-memory-utilization") + 1] == "0.22"
     # Ray counts each at its share: four fit on the one GPU Ray counts, a fifth would wait.
@@ -100,7 +100,7 @@ def test_an_8b_model_fits_one_h100_three_ways_but_not_four():
     )
     assert all(ok for ok, _ in three.values()), three
     assert "3 servers at once" in three["GPU sharing"][1]
-    assert fitted_serving(llama3_8b_on(), one_h100(), "cuda", False).gpu_memory_utilization == 0.3
+    assert fitted_serving(llama3_8b_on(), one_h100(), "cuda").gpu_memory_utilization == 0.3
 
 
 def test_a_share_set_by_hand_that_overfills_the_gpu_is_refused_with_the_share_that_fits():
@@ -110,7 +110,7 @@ def test_a_share_set_by_hand_that_overfills_the_gpu_is_refused_with_the_share_th
     assert ok is False
     assert "3 x 0.45 is more than one GPU" in detail and "lower it to 0.3" in detail
     # The deployment's own figure is kept, not resized behind the user's back.
-    assert fitted_serving(config, one_h100(), "cuda", False).gpu_memory_utilization == 0.45
+    assert fitted_serving(config, one_h100(), "cuda").gpu_memory_utilization == 0.45
 
 
 def test_servers_spanning_gpus_do_not_share_and_are_refused_on_one():
@@ -126,8 +126,8 @@ def test_enough_gpus_keep_whole_gpus_and_the_build_unchanged():
     """Whole GPUs where there are enough: the serving config (and so every build's key) is
     the deployment's, and Ray gives each server its tensor parallel size in GPUs."""
     config = llama3_8b_on()
-    assert fitted_serving(config, one_h100(2), "cuda", live=False) == config.serving
-    assert fitted_serving(config, [], "cpu", live=False) == config.serving
+    assert fitted_serving(config, one_h100(3), "cuda") == config.serving
+    assert fitted_serving(config, [], "cpu") == config.serving
     args = engines.engine_args(Target.VLLM, config.serving)
     assert "--gpu-memory-utilization" not in args and engines.gpus_per_server(args) == 1.0
     tp4 = engines.engine_args(
@@ -173,3 +173,18 @@ def test_a_stage_does_not_inherit_the_orchestrator_s_packages(monkeypatch):
         check=True,
     ).stdout
     assert "/opt/orchestrator-site" not in shown and str(REPO_ROOT) in shown
+
+
+def test_the_share_is_the_same_whether_a_version_is_live_or_not():
+    """The share is in every build's engine arguments: the first run (nothing live) must leave
+    room for the next one's servers beside its version at the same share. Two GPUs hold three
+    servers at once two to a GPU."""
+    config = llama3_8b_on()
+    config = config.model_copy(update={"perf": config.perf.model_copy(update={"enabled": False})})
+    first, next_ = (
+        by_name(check_resources(config, SHAPE_8B, one_h100(2), "cuda", 500, live, SETTINGS))
+        for live in (False, True)
+    )
+    assert first["GPU sharing"] == next_["GPU sharing"]
+    assert "2 to a GPU, each held to 0.45" in first["GPU sharing"][1]
+    assert fitted_serving(config, one_h100(2), "cuda").gpu_memory_utilization == 0.45
