@@ -545,6 +545,7 @@ def main() -> None:
             )
         after, _ = live_server(s, model)
         result.update({"live_before": before, "live_after": after, "client": client_outcomes(load)})
+        result["ok"] = result["state"] == "Completed" and after != before
         return result
 
     def rollback():
@@ -560,6 +561,7 @@ def main() -> None:
             time.sleep(3)
         after, _ = live_server(s, model)
         result.update({"live_before": before, "live_after": after, "client": client_outcomes(load)})
+        result["ok"] = result["state"] == "Completed" and after != before
         return result
 
     def flow_8b():
@@ -602,6 +604,7 @@ def main() -> None:
             s, "build-and-serve/llama3-70b", {"config": config}, args.flow_timeout
         )
         result["model"] = made
+        result["ok"] = result["state"] == "Completed"
         return result
 
     for name, fn in {
