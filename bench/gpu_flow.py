@@ -18,8 +18,8 @@ Steps, each recorded in --out as it ends (a run cut short keeps what it measured
                flow run's task runs and states as Prefect reports them, next to the plan.
   cold-start   the live replica's cold start: fetch to the node cache, engine start to
                healthy, and what vLLM's log says (weights, KV cache, compile, CUDA graphs).
-  replica-2    a second replica of the live version on the same host (`llmship scale`).
   gateway      the gateway against the engine direct, streamed, at 1, 8 and 64 clients.
+  replica-2    a second replica of the live version on the same host (`llmship scale`).
   engine-kill  one replica's engine killed (SIGKILL) while a client sends requests.
   flow-v2      a second version (other calibration samples) rolled out with canary steps and
                shadow traffic while a client sends requests through the gateway.
@@ -612,8 +612,8 @@ def main() -> None:
         "plan": plan,
         "flow-v1": flow_v1,
         "cold-start": cold_start,
-        "replica-2": replica_2,
         "gateway": gateway,
+        "replica-2": replica_2,
         "engine-kill": engine_kill,
         "flow-v2": flow_v2,
         "rollback": rollback,
