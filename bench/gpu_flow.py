@@ -345,7 +345,7 @@ def main() -> None:
     ap.add_argument("--serve-path", default="")
     ap.add_argument(
         "--steps",
-        default="stack,plan,flow-v1,cold-start,replica-2,gateway,engine-kill,flow-v2,rollback",
+        default="stack,plan,flow-v1,cold-start,gateway,replica-2,engine-kill,flow-v2,rollback",
     )
     ap.add_argument("--flow-timeout", type=float, default=1500)
     ap.add_argument("--rounds", type=int, default=3)
