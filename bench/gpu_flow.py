@@ -96,6 +96,13 @@ def orchestrator_bin(work: Path, orch_path: str) -> Path:
     return bin_dir
 
 
+def host_sites() -> list[str]:
+    """This interpreter's site-packages (a virtual environment's too)."""
+    import site
+
+    return [p for p in [*site.getsitepackages(), site.getusersitepackages()] if Path(p).is_dir()]
+
+
 def stack_env(args, bin_dir: Path, quant: Path, serve: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(GPU_HOST_ENV)
@@ -106,7 +113,11 @@ def stack_env(args, bin_dir: Path, quant: Path, serve: Path) -> dict[str, str]:
             "LLMSHIP_QUANTIZE_PYTHON": str(quant),
             "LLMSHIP_SERVE_PYTHON": str(serve),
             "PATH": f"{bin_dir}:{env.get('PATH', '')}",
-            "PYTHONPATH": ":".join(filter(None, [str(REPO), args.orch_path])),
+            # The host interpreter's own site-packages after the carried site: the stack's
+            # `python` is a link to this interpreter from another folder, and a link loses a
+            # virtual environment's packages (seen on the GPU host: Ray Serve's workers
+            # without numpy, which the host's Python has).
+            "PYTHONPATH": ":".join(filter(None, [str(REPO), args.orch_path, *host_sites()])),
         }
     )
     return env

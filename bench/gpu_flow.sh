@@ -14,7 +14,8 @@ if [ "$1" = start ]; then
     ${GPU_FLOW_ARGS:-} >"$W/bench.log" 2>&1 </dev/null &
 fi
 end=$((SECONDS + ${2:-540}))
-while [ $SECONDS -lt $end ] && ! grep -q '"ended"' "$W/flow.json" 2>/dev/null; do
+while [ $SECONDS -lt $end ] && ! grep -q '"ended"' "$W/flow.json" 2>/dev/null \
+  && pgrep -f "[b]ench/gpu_flow.py" >/dev/null; do
   sleep 10
 done
 cp "$W/flow.json" "$OUT/" 2>/dev/null

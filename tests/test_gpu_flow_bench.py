@@ -1,17 +1,14 @@
 """bench/gpu_flow.py, the whole flow on a GPU host, checked where CI runs (no GPU): how it
-reads Prefect's task runs, lays out the GPU host's commands, and the shape of the results
-docs/GPU.md quotes (docs/gpu/flow-*.json)."""
+reads Prefect's task runs and sets the stages beside the plan's estimates, and the commands
+it lays out for a host whose environments are sites on PYTHONPATH."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
-
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
@@ -71,19 +68,3 @@ def test_the_gpu_host_layout_stands_in_for_the_orchestrator_environment(tmp_path
     )
     assert prefect.returncode == 0 and prefect.stdout.strip().startswith("3."), prefect.stderr
     assert (bin_dir / "weed").resolve() == (REPO / ".venv/orchestrator/bin/weed").resolve()
-
-
-RESULTS = sorted((REPO / "docs" / "gpu").glob("flow-*.json"))
-
-
-@pytest.mark.parametrize("path", RESULTS, ids=lambda p: p.name)
-def test_the_recorded_gpu_run_has_what_docs_gpu_quotes(path):
-    run = json.loads(path.read_text())
-    assert run["device"] == "cuda" and "NVIDIA" in run["gpu"]
-    flow = run["steps"]["flow-v1"]
-    assert flow["state"] == "Completed"
-    names = {row["name"].split("-")[0] for row in flow["task_runs"]}
-    assert {"preflight", "download", "calibrate", "build", "gate", "publish", "rollout"} <= names
-    assert set(flow["stage_vs_plan"]) == set(gpu_flow.PLAN_STAGE_TASKS)
-    replica = run["steps"]["cold-start"]["replicas"][0]
-    assert replica["fetch_s"] is not None and replica["engine_start_s"] > 0

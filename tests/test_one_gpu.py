@@ -188,3 +188,20 @@ def test_the_share_is_the_same_whether_a_version_is_live_or_not():
     assert first["GPU sharing"] == next_["GPU sharing"]
     assert "2 to a GPU, each held to 0.45" in first["GPU sharing"][1]
     assert fitted_serving(config, one_h100(2), "cuda").gpu_memory_utilization == 0.45
+
+
+def test_a_missing_module_is_not_retried():
+    """On the GPU host the gate's server failed on `import numpy` (Ray Serve, an environment
+    missing a package) and the task retried it three times before the run failed."""
+    from prefect.states import Completed, Failed
+
+    from llmship.errors import GateFailed
+    from tasks.common import retry_unless_permanent
+
+    def failed(exc: BaseException):
+        return Failed(data=exc)
+
+    assert retry_unless_permanent(None, None, failed(ModuleNotFoundError("numpy"))) is False
+    assert retry_unless_permanent(None, None, failed(GateFailed("gate"))) is False
+    assert retry_unless_permanent(None, None, failed(ConnectionResetError("s3"))) is True
+    assert retry_unless_permanent(None, None, Completed()) is True
