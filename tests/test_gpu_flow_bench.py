@@ -68,3 +68,26 @@ def test_the_gpu_host_layout_stands_in_for_the_orchestrator_environment(tmp_path
     )
     assert prefect.returncode == 0 and prefect.stdout.strip().startswith("3."), prefect.stderr
     assert (bin_dir / "weed").resolve() == (REPO / ".venv/orchestrator/bin/weed").resolve()
+
+
+def test_the_stack_s_python_keeps_the_packages_of_the_interpreter_it_links_to(tmp_path):
+    """Seen on the GPU host: the stack's `python`, a link to the host's interpreter made in
+    another folder, lost that interpreter's virtual environment, and Ray Serve's workers could
+    not import numpy. Here the suite's own interpreter is a virtual environment's: linked the
+    same way it loses the environment's packages (prefect, which the base Python lacks), and
+    the stack's PYTHONPATH (host_sites) gives them back."""
+    assert sys.prefix != sys.base_prefix, "the suite runs in .venv/orchestrator"
+    weed_site = tmp_path / "site"
+    (weed_site / "bin").mkdir(parents=True)
+    (weed_site / "bin" / "weed").touch()
+    bin_dir = gpu_flow.orchestrator_bin(tmp_path, str(weed_site))
+    probe = [str(bin_dir / "python"), "-c", "import prefect"]
+    lost = subprocess.run(probe, env={"PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+    assert lost.returncode != 0 and "No module named 'prefect'" in lost.stderr
+    kept = subprocess.run(
+        probe,
+        env={"PYTHONPATH": ":".join([str(REPO), *gpu_flow.host_sites()])},
+        capture_output=True,
+        text=True,
+    )
+    assert kept.returncode == 0, kept.stderr
