@@ -239,17 +239,35 @@ def estimate_stages(
     ]
 
 
-def servers_at_once(config: PipelineConfig) -> int:
-    """The model's servers up together at the busiest moment of a run: the gate's (the
-    candidate's, kept for the rollout, and the baseline's; or the new version's replicas in
-    the rollout), beside the live version's replicas and, kept warm after the last switch, the
-    previous version's."""
+def new_servers(config: PipelineConfig) -> int:
+    """The run's own servers up together: the gate's (the candidate's, kept for the rollout,
+    and the baseline's), or the new version's replicas in the rollout."""
     s = config.serving
     replicas = s.autoscaling.max_replicas if s.autoscaling else s.replicas
     two_builds = config.perf.enabled or config.gate.backend is EvalBackend.SERVED
-    new = max(2 if two_builds else 1, replicas)
-    warm = replicas if config.rollout.keep_previous_warm_seconds > 0 else 0
-    return new + replicas + warm
+    return max(2 if two_builds else 1, replicas)
+
+
+def serving_servers(config: PipelineConfig) -> int:
+    """The servers already up beside a run: the live version's replicas and, kept warm after
+    the last switch, the previous version's."""
+    s = config.serving
+    replicas = s.autoscaling.max_replicas if s.autoscaling else s.replicas
+    return replicas * (2 if config.rollout.keep_previous_warm_seconds > 0 else 1)
+
+
+def servers_at_once(config: PipelineConfig) -> int:
+    """The model's servers up together at the busiest moment of a run."""
+    return new_servers(config) + serving_servers(config)
+
+
+def servers_per_gpu(config: PipelineConfig, gpus: list[Gpu]) -> int:
+    return math.ceil(servers_at_once(config) / len(gpus))
+
+
+def default_share(per_gpu: int, a: PlanAssumptions) -> float:
+    """vLLM's default share of a GPU over the servers it holds, down to a hundredth."""
+    return math.floor(a.gpu_memory_utilization / per_gpu * 100) / 100
 
 
 def whole_gpus_needed(config: PipelineConfig, live: bool) -> int:
@@ -287,13 +305,17 @@ def fitted_serving(
     s = config.serving
     if s.gpu_memory_utilization is not None or not shares_gpus(config, gpus, device):
         return s
-    per_gpu = math.ceil(servers_at_once(config) / len(gpus))
-    share = math.floor(a.gpu_memory_utilization / per_gpu * 100) / 100
+    share = default_share(servers_per_gpu(config, gpus), a)
     return s.model_copy(update={"gpu_memory_utilization": share})
 
 
 def _gpu_count_check(
-    config: PipelineConfig, gpus: list[Gpu], live: bool, serving: ServingConfig, names: str
+    config: PipelineConfig,
+    gpus: list[Gpu],
+    live: bool,
+    serving: ServingConfig,
+    names: str,
+    a: PlanAssumptions,
 ) -> Check:
     tp = config.serving.tensor_parallel_size
     needed = whole_gpus_needed(config, live)
@@ -315,7 +337,7 @@ def _gpu_count_check(
             + ")",
         )
     at_once = servers_at_once(config)
-    per_gpu = math.ceil(at_once / len(gpus))
+    per_gpu = servers_per_gpu(config, gpus)
     share = serving.gpu_memory_utilization or 0.0
     ok = share * per_gpu <= 1.0
     warm = config.rollout.keep_previous_warm_seconds > 0
@@ -332,7 +354,7 @@ def _gpu_count_check(
             if ok
             else f": {per_gpu} x {share:g} is more than one GPU; leave "
             "serving.gpu_memory_utilization unset (llmship sizes it), lower it to "
-            f"{math.floor(0.9 / per_gpu * 100) / 100:g}, or set "
+            f"{default_share(per_gpu, a):g}, or set "
             "rollout.keep_previous_warm_seconds to 0"
         ),
     )
@@ -387,7 +409,7 @@ def check_resources(
     )
     serving = fitted_serving(config, gpus, device, a)
     shared = shares_gpus(config, gpus, device)
-    checks.append(_gpu_count_check(config, gpus, live, serving, names))
+    checks.append(_gpu_count_check(config, gpus, live, serving, names, a))
     if not gpus:
         return checks
     per_gpu = min(g.memory_gib for g in gpus)
@@ -422,10 +444,7 @@ def check_resources(
     )
     if shared:
         # Calibration runs beside the live version's servers and the warm previous one's.
-        serving_now = servers_at_once(config) - max(
-            2 if config.perf.enabled or config.gate.backend is EvalBackend.SERVED else 1,
-            config.serving.replicas,
-        )
+        serving_now = serving_servers(config)
         total = max(0.0, sum(g.memory_gib for g in gpus) - serving_now * util * per_gpu)
         where = f"beside {serving_now} serving share(s) of {util:g}"
     else:
