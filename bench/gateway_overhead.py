@@ -70,6 +70,25 @@ async def wave(url: str, model: str, concurrency: int, requests: int, max_tokens
     }
 
 
+def side_by_side(
+    direct: str,
+    gateway: str,
+    model: str,
+    concurrency: int,
+    requests: int,
+    rounds: int,
+    max_tokens: int,
+) -> dict[str, dict[str, float]]:
+    """The medians of `rounds` waves to each, sent alternately: {"direct": ..., "gateway": ...}."""
+    per: dict[str, list[dict]] = {"direct": [], "gateway": []}
+    for _ in range(rounds):
+        for name, url in (("direct", direct), ("gateway", gateway)):
+            per[name].append(asyncio.run(wave(url, model, concurrency, requests, max_tokens)))
+    return {
+        name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in per.items()
+    }
+
+
 def live_upstream(gateway: str, model: str) -> str:
     from llmship.settings import get_settings
     from llmship.store import ArtifactStore
@@ -97,16 +116,15 @@ def main() -> None:
     asyncio.run(wave(direct, args.model, 4, 8, args.max_tokens))  # warm both paths
     asyncio.run(wave(args.gateway, args.model, 4, 8, args.max_tokens))
     for concurrency in (1, 8, 32):
-        per = {"direct": [], "gateway": []}
-        for _ in range(args.rounds):
-            for name, url in (("direct", direct), ("gateway", args.gateway)):
-                per[name].append(
-                    asyncio.run(wave(url, args.model, concurrency, args.requests, args.max_tokens))
-                )
-        med = {
-            name: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
-            for name, rs in per.items()
-        }
+        med = side_by_side(
+            direct,
+            args.gateway,
+            args.model,
+            concurrency,
+            args.requests,
+            args.rounds,
+            args.max_tokens,
+        )
         d, g = med["direct"], med["gateway"]
         print(
             f"c={concurrency:2d}  direct {d['rps']:6.2f} req/s  gateway {g['rps']:6.2f} req/s"

@@ -40,7 +40,6 @@ import json
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -288,21 +287,14 @@ def steady_load(settings, model: str):
 
 
 def gateway_against_direct(direct: str, gateway: str, model: str, rounds: int) -> dict:
-    from gateway_overhead import wave
+    from gateway_overhead import side_by_side, wave
 
     asyncio.run(wave(direct, model, 4, 8, 32))  # warm both paths
     asyncio.run(wave(gateway, model, 4, 8, 32))
     out = {}
     for concurrency in (1, 8, 64):
         requests = max(16, concurrency * 2)
-        per = {"direct": [], "gateway": []}
-        for _ in range(rounds):
-            for name, url in (("direct", direct), ("gateway", gateway)):
-                per[name].append(asyncio.run(wave(url, model, concurrency, requests, 32)))
-        med = {
-            name: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
-            for name, rs in per.items()
-        }
+        med = side_by_side(direct, gateway, model, concurrency, requests, rounds, 32)
         d, g = med["direct"], med["gateway"]
         out[str(concurrency)] = {
             "direct_rps": round(d["rps"], 2),
