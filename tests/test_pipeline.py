@@ -226,11 +226,13 @@ def test_a_candidate_slower_than_its_performance_policy_is_not_published(
     first_run, alert_receiver, prefect_client, stack, store
 ):
     """The same builds under a policy no build can meet (50x the baseline's tokens/s): the
-    measurements are reused, the performance gate fails, the team is alerted with the figures,
-    and what is live stays as it was."""
+    measurements are reused, the performance gate fails, the team is alerted with the failing
+    figures only (a TTFT limit of 1000x the baseline's holds), and what is live stays as it was.
+    (Not an ITL limit: on a CPU the API server streams tokens in bursts, and a burst's gaps
+    measure tenths of a millisecond, so an ITL ratio here is noise.)"""
     live = store.read_alias("tiny-llama", "live")
     config = default_config(prefect_client)
-    config["perf"].update(min_throughput_ratio=50, max_itl_regression=10)
+    config["perf"].update(min_throughput_ratio=50, max_ttft_regression=1000)
     started = time.time()
     flow_run = run({"config": config})
     assert flow_run.state.is_failed()
@@ -243,7 +245,7 @@ def test_a_candidate_slower_than_its_performance_policy_is_not_published(
         alert_receiver, "llmship: performance gate failed for tiny-llama", since=started
     )
     assert "production output tokens/s: candidate" in alert["body"]
-    assert "limit >= 50x" in alert["body"] and "ITL" not in alert["body"]
+    assert "limit >= 50x" in alert["body"] and "TTFT" not in alert["body"]
     prefix = flow_run.state.message.split("report: s3://")[1].split("/", 1)[1].rstrip("/)")
     report = store.get_json(f"{prefix}/files/perf-report.json")[0]
     assert report["passed"] is False and report["policy"]["min_throughput_ratio"] == 50
