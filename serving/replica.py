@@ -54,13 +54,9 @@ class ReplicaSpec(BaseModel):
 
 def server_env(settings: Settings, target: Target = Target.VLLM) -> dict[str, str]:
     env = stage_env(settings)
-    if target is Target.VLLM and settings.device == "cpu":
-        # Without it vLLM's CPU backend sizes its KV cache at 0.9 x RAM.
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        # vLLM pins each CPU server's threads to cores from 0 up: two servers of a rollout
-        # (old and new) would share core 0, and a busy old one starves the new one's start
-        # for minutes. Unpinned, the OS shares the cores between them.
-        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    # The engine's own (vLLM's CPU backend's: serving/engines.py), unless the host sets them.
+    for name, value in engines.engine_for(target).env_defaults(settings).items():
+        env.setdefault(name, value)
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     env.setdefault("DO_NOT_TRACK", "1")
     # Stored responses (/v1/responses with `store`) live in one engine's memory, never freed,
@@ -137,7 +133,7 @@ def start_engine(
     port = free_port(settings.host)
     load_path = model_dir
     serve = spec.serve
-    if serve.target is Target.TRTLLM:
+    if engines.engine_for(serve.target).names_model_by_directory:
         load_path = trtllm_model_path(link_dir, spec.model, model_dir, serve.serve_subdir)
     command = engines.server_command(
         settings,

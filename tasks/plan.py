@@ -23,7 +23,7 @@ from llmship.settings import (
     Settings,
     Target,
 )
-from serving.engines import builds_engine
+from serving.engines import builds_engine, engine_for
 
 GIB = 2**30
 
@@ -138,8 +138,8 @@ class Plan(BaseModel):
 
 def needs_gpu(config: PipelineConfig) -> str | None:
     """Why this deployment cannot run on CPUs, or None where it can."""
-    if config.target is Target.TRTLLM:
-        return "TensorRT-LLM runs on NVIDIA GPUs only"
+    if refusal := engine_for(config.target).cpu_refusal:
+        return refusal
     if config.calibration.scheme is Scheme.FP8:
         return "static FP8 has no CPU kernels in vLLM (docs/FINDINGS.md)"
     if config.serving.tensor_parallel_size > 1:

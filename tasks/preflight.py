@@ -28,8 +28,8 @@ from prefect import get_run_logger, task
 
 from llmship.errors import PreflightFailed, SourceNotFound
 from llmship.gpus import Gpu, detect_gpus
-from llmship.settings import PipelineConfig, Settings, Target, get_settings
-from serving.engines import python_for
+from llmship.settings import PipelineConfig, Settings, get_settings
+from serving.engines import engine_for
 from tasks.common import record_markdown
 from tasks.plan import (
     GIB,
@@ -241,19 +241,20 @@ def importable(python: Path, modules: list[str]) -> list[str] | None:
 
 def check_environments(config: PipelineConfig, settings: Settings) -> list[Check]:
     quantizer = config.target.quantizer
-    engine = "tensorrt_llm" if config.target is Target.TRTLLM else "vllm"
+    engine = engine_for(config.target)
+    # Each environment, what it must import, and what to fix when it is missing.
     wanted = [
-        ("quantize", settings.quantize_python, [quantizer, "lm_eval"]),
-        (f"serving ({config.target.value})", python_for(settings, config.target), [engine]),
+        ("quantize", settings.quantize_python, [quantizer, "lm_eval"], "`make setup`"),
+        (
+            f"serving ({config.target.value})",
+            engine.python(settings),
+            [engine.module],
+            engine.python_setting,
+        ),
     ]
     checks = []
-    for label, python, modules in wanted:
+    for label, python, modules, setting in wanted:
         missing = importable(python, modules)
-        setting = (
-            "LLMSHIP_TRTLLM_PYTHON"
-            if engine == "tensorrt_llm" and "serv" in label
-            else "`make setup`"
-        )
         if missing is None:
             checks.append(
                 Check(
