@@ -10,11 +10,11 @@ alert automation listens for.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_table_artifact
-from prefect.transactions import CommitMode, transaction
 
 from jobs.evaluate import EvaluateRequest, Evaluation, TaskSet
 from llmship import events
@@ -22,36 +22,33 @@ from llmship.contracts import Build, Side
 from llmship.domain_data import check_disjoint, dataset_dir
 from llmship.errors import GateFailed, VersionConflict
 from llmship.manifest import Manifest, digest_of
-from llmship.settings import EvalBackend, GateConfig, Target, get_settings
+from llmship.settings import EvalBackend, GateConfig, get_settings
 from llmship.store import ArtifactStore
 from llmship.subprocess_stage import run_stage, tool_versions
 from llmship.versions import calibration_of_build
 from serving import fleet
-from serving.engines import python_for
+from serving.engines import engine_for
 from tasks.common import (
     RETRIES,
     RETRY_DELAYS,
-    artifact_key,
     cache_key,
-    record_markdown,
     retry_unless_permanent,
-    store_report,
+    stage_logger,
 )
 from tasks.gate_rule import GateReport, judge, render_markdown, resolve_tasks, rule_of
-from tasks.servers import keeps_for_rollout, refuse_candidate, server_spec, take_server
+from tasks.gating import Judged, Refusal, judge_both, keep_report
+from tasks.servers import keeps_for_rollout, server_spec, take_server
 
 TOOLS = ("lm-eval", "transformers", "compressed-tensors", "torch")
-# What an evaluation through a served build depends on, per engine.
-SERVE_TOOLS = {Target.VLLM: ("vllm", "torch"), Target.TRTLLM: ("tensorrt-llm", "torch")}
 
 
 def evaluation_key(build: Build, tasks: TaskSet, config: GateConfig) -> str:
     """Once per (build, task set, harness and engine versions): the baseline, a BF16 build of
     the pinned snapshot, is evaluated once however many candidates are gated against it."""
     settings = get_settings()
-    target = build.details.serve.target
-    engine = (
-        tool_versions(python_for(settings, target), SERVE_TOOLS[target])
+    engine = engine_for(build.details.serve.target)
+    served_by = (
+        tool_versions(engine.python(settings), engine.tools)
         if config.backend is EvalBackend.SERVED
         else {}
     )
@@ -66,20 +63,26 @@ def evaluation_key(build: Build, tasks: TaskSet, config: GateConfig) -> str:
             "backend": config.backend.value,
             "device": settings.device,
             "tools": tool_versions(settings.quantize_python, TOOLS),
-            "engine": engine,
+            "engine": served_by,
         }
     )[:24]
 
 
-@task(
-    name="evaluate",
-    retries=RETRIES,
-    retry_delay_seconds=RETRY_DELAYS,
-    retry_condition_fn=retry_unless_permanent,
-    persist_result=True,
-    cache_key_fn=cache_key(lambda p: evaluation_key(p["build"], p["tasks"], p["config"])),
-)
-def evaluate_task(
+def gate_key(candidate: Build, baseline: Build, config: GateConfig, tasks: TaskSet) -> str:
+    return digest_of(
+        {
+            "stage": "gate",
+            "candidate": evaluation_key(candidate, tasks, config),
+            "baseline": evaluation_key(baseline, tasks, config),
+            "policy": config.model_dump(mode="json"),
+        }
+    )[:24]
+
+
+# ------------------------------------------------------------------ one build's evaluation
+
+
+def evaluate(
     build: Build,
     side: Side,
     tasks: TaskSet,
@@ -87,10 +90,11 @@ def evaluate_task(
     model: str,
     keep_for_perf: bool = False,
 ) -> Evaluation:
-    """keep_for_perf: the performance gate follows; the baseline's server stays up for it
-    (the candidate's stays anyway, for the rollout)."""
+    """The evaluate job on one build, through a server of its own engine (backend served).
+    keep_for_perf: the performance gate follows; the baseline's server stays up for it (the
+    candidate's stays anyway, for the rollout)."""
     settings = get_settings()
-    log = get_run_logger()
+    log = stage_logger()
     served = config.backend is EvalBackend.SERVED
     keep = served and (
         keeps_for_rollout(side) or (keep_for_perf and settings.keep_evaluated_server_s > 0)
@@ -143,25 +147,53 @@ def evaluate_task(
     return evaluation
 
 
-def gate_key(candidate: Build, baseline: Build, config: GateConfig, tasks: TaskSet) -> str:
-    return digest_of(
-        {
-            "stage": "gate",
-            "candidate": evaluation_key(candidate, tasks, config),
-            "baseline": evaluation_key(baseline, tasks, config),
-            "policy": config.model_dump(mode="json"),
-        }
-    )[:24]
+# ------------------------------------------------------------------ the verdict (pure)
 
 
-def store(key: str, model: str, report: GateReport) -> str:
-    """Every gate report stays in the store, failing ones too: they are what people read."""
-    prefix, earlier = store_report(
-        "gate",
-        key,
-        report,
-        render_markdown(model, report),
-        Manifest(
+def gate_report(
+    candidate: Build,
+    baseline: Build,
+    config: GateConfig,
+    tasks: TaskSet,
+    base_eval: Evaluation,
+    cand_eval: Evaluation,
+    harness: dict[str, str],
+) -> GateReport:
+    """The rule (tasks/gate_rule.py) applied to both builds' evaluations."""
+    verdicts = judge(base_eval, cand_eval, config, tasks)
+    return GateReport(
+        passed=all(v.passed for v in verdicts),
+        rule=rule_of(config),
+        strict=config.strict,
+        confidence=config.confidence if config.strict else None,
+        backend=config.backend,
+        rtol=config.rtol,
+        atol=config.atol,
+        dataset=config.dataset,
+        eval_data_sha256=tasks.eval_data_sha256,
+        candidate=candidate.prefix,
+        candidate_version=candidate.version,
+        baseline=baseline.prefix,
+        tasks=verdicts,
+        harness=harness,
+        seconds={"baseline": base_eval.seconds, "candidate": cand_eval.seconds},
+    )
+
+
+def judged(key: str, model: str, report: GateReport) -> Judged[GateReport]:
+    """What is stored and shown of a gate report, and what a failing one announces."""
+    verdict = "passed" if report.passed else "FAILED"
+    failing = ", ".join(
+        f"{t.task} {t.measured:.3f} < {t.threshold:.3f} (baseline {t.baseline:.3f})"
+        for t in report.failing
+    )
+    return Judged(
+        stage="gate",
+        key=key,
+        model=model,
+        report=report,
+        markdown=render_markdown(model, report),
+        manifest=Manifest(
             kind="gate",
             key=key,
             inputs={"candidate": report.candidate, "baseline": report.baseline},
@@ -176,27 +208,8 @@ def store(key: str, model: str, report: GateReport) -> str:
             timings_s=report.seconds,
             details={"passed": report.passed, "model": model},
         ),
-    )
-    # The same builds under the same policy gated before (a failed gate run again: its
-    # evaluations are reused, the report is made again): the stored report stays, and only
-    # a different verdict is a problem worth stopping for.
-    if earlier is not None and (earlier.passed, earlier.tasks) != (report.passed, report.tasks):
-        raise VersionConflict(
-            f"the gate of {model} gave a different verdict on the same builds and policy than "
-            f"the one stored at {prefix}/: the evaluation is not deterministic here; compare "
-            "the two reports before trusting either"
-        )
-    return prefix
-
-
-def record_report(model: str, report: GateReport, stored: str) -> None:
-    verdict = "passed" if report.passed else "FAILED"
-    record_markdown(
-        model, "gate", render_markdown(model, report) + f"\n\nStored: `{stored}`", f"gate {verdict}"
-    )
-    create_table_artifact(
-        key=artifact_key(model, "gate-table"),
-        description=f"gate {verdict}: {report.rule}",
+        title=f"gate {verdict}",
+        table_title=f"gate {verdict}: {report.rule}",
         table=[
             {
                 "task": t.task,
@@ -211,7 +224,33 @@ def record_report(model: str, report: GateReport, stored: str) -> None:
             }
             for t in report.tasks
         ],
+        refusal=None
+        if report.passed
+        else Refusal(
+            event=events.GATE_FAILED,
+            payload={"rule": report.rule, "failing": [t.model_dump() for t in report.failing]},
+            error=GateFailed,
+            message=f"accuracy gate failed for {model} candidate {report.candidate_version}: "
+            f"{failing}; nothing was published",
+        ),
     )
+
+
+def same_verdict(model: str, prefix: str, report: GateReport, earlier: GateReport) -> None:
+    """The same builds under the same policy gated before (a failed gate run again: its
+    evaluations are reused, the report is made again): the stored report stays, and only a
+    different verdict is a problem worth stopping for."""
+    if (earlier.passed, earlier.tasks) != (report.passed, report.tasks):
+        raise VersionConflict(
+            f"the gate of {model} gave a different verdict on the same builds and policy than "
+            f"the one stored at {prefix}/: the evaluation is not deterministic here; compare "
+            "the two reports before trusting either"
+        )
+
+
+def store(key: str, model: str, report: GateReport) -> str:
+    """Every gate report stays in the store, failing ones too: they are what people read."""
+    return keep_report(judged(key, model, report), partial(same_verdict, model))
 
 
 def calibration_file_of(candidate: Build) -> Path | None:
@@ -221,6 +260,64 @@ def calibration_file_of(candidate: Build) -> Path | None:
         return None
     dataset, name = calibration.calibration_data.split("/")
     return dataset_dir(dataset) / name
+
+
+def gate(
+    candidate: Build,
+    baseline: Build,
+    config: GateConfig,
+    model: str,
+    evaluate_one: Callable[[Build, Side, TaskSet], Evaluation],
+) -> GateReport:
+    """Evaluate both builds (evaluate_one: each cached on its own) and apply the rule; the
+    report stored and recorded; GateFailed when the candidate fails it."""
+    tasks = resolve_tasks(config)  # a policy naming unknown tasks fails here, before any work
+    # A malformed item fails here, naming file and line; so does one that calibration saw.
+    calibration_file = calibration_file_of(candidate)
+    if calibration_file is not None:
+        check_disjoint(calibration_file, Path(tasks.eval_file))
+    report, _ = judge_both(
+        candidate,
+        baseline,
+        lambda build, side: evaluate_one(build, side, tasks),
+        lambda base, cand: judged(
+            gate_key(candidate, baseline, config, tasks),
+            model,
+            gate_report(
+                candidate,
+                baseline,
+                config,
+                tasks,
+                base,
+                cand,
+                harness=tool_versions(get_settings().quantize_python, TOOLS),
+            ),
+        ),
+        partial(same_verdict, model),
+    )
+    return report
+
+
+# ------------------------------------------------------------------ the Prefect tasks
+
+
+@task(
+    name="evaluate",
+    retries=RETRIES,
+    retry_delay_seconds=RETRY_DELAYS,
+    retry_condition_fn=retry_unless_permanent,
+    persist_result=True,
+    cache_key_fn=cache_key(lambda p: evaluation_key(p["build"], p["tasks"], p["config"])),
+)
+def evaluate_task(
+    build: Build,
+    side: Side,
+    tasks: TaskSet,
+    config: GateConfig,
+    model: str,
+    keep_for_perf: bool = False,
+) -> Evaluation:
+    return evaluate(build, side, tasks, config, model, keep_for_perf)
 
 
 @task(
@@ -233,63 +330,16 @@ def calibration_file_of(candidate: Build) -> Path | None:
 def gate_task(
     candidate: Build, baseline: Build, config: GateConfig, model: str, perf_follows: bool = False
 ) -> GateReport:
-    """Evaluate both builds (each evaluation cached on its own) and apply the rule.
-    perf_follows: keep the baseline's server up for the performance gate."""
-    settings = get_settings()
-    tasks = resolve_tasks(config)  # a policy naming unknown tasks fails here, before any work
-    # A malformed item fails here, naming file and line; so does one that calibration saw.
-    calibration_file = calibration_file_of(candidate)
-    if calibration_file is not None:
-        check_disjoint(calibration_file, Path(tasks.eval_file))
-    # Each evaluation's result commits as it ends. Inside the gate's own transaction they
-    # would be rolled back with a failing gate, and the rerun after its alert would evaluate
-    # both builds again: two model loads, minutes for 70B.
-    with transaction(commit_mode=CommitMode.EAGER):
-        base_eval = evaluate_task(
-            baseline, Side.BASELINE, tasks, config, model, keep_for_perf=perf_follows
-        )
-        cand_eval = evaluate_task(candidate, Side.CANDIDATE, tasks, config, model)
-    verdicts = judge(base_eval, cand_eval, config, tasks)
-    report = GateReport(
-        passed=all(v.passed for v in verdicts),
-        rule=rule_of(config),
-        strict=config.strict,
-        confidence=config.confidence if config.strict else None,
-        backend=config.backend,
-        rtol=config.rtol,
-        atol=config.atol,
-        dataset=config.dataset,
-        eval_data_sha256=tasks.eval_data_sha256,
-        candidate=candidate.prefix,
-        candidate_version=candidate.version,
-        baseline=baseline.prefix,
-        tasks=verdicts,
-        harness=tool_versions(settings.quantize_python, TOOLS),
-        seconds={"baseline": base_eval.seconds, "candidate": cand_eval.seconds},
+    """perf_follows: keep the baseline's server up for the performance gate."""
+    report = gate(
+        candidate,
+        baseline,
+        config,
+        model,
+        lambda build, side, tasks: evaluate_task(
+            build, side, tasks, config, model, keep_for_perf=perf_follows and side is Side.BASELINE
+        ),
     )
-    stored = store(gate_key(candidate, baseline, config, tasks), model, report)
-    record_report(model, report, stored)
-    if not report.passed:
-        failing = ", ".join(
-            f"{t.task} {t.measured:.3f} < {t.threshold:.3f} (baseline {t.baseline:.3f})"
-            for t in report.failing
-        )
-        refuse_candidate(
-            model,
-            candidate,
-            baseline,
-            events.GATE_FAILED,
-            {
-                "report": stored,
-                "rule": report.rule,
-                "failing": [t.model_dump() for t in report.failing],
-            },
-            GateFailed(
-                f"accuracy gate failed for {model} candidate {candidate.version}: "
-                f"{failing}; nothing was published (report: "
-                f"s3://{settings.artifacts_bucket}/{stored}/)"
-            ),
-        )
     get_run_logger().info(
         "gate passed (%s): %s",
         report.rule,

