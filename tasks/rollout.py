@@ -199,6 +199,224 @@ def check_gated(
     return check_servable(stored, version.model, version.version, allow_ungated)
 
 
+class TrafficBefore(BaseModel):
+    """Where the model's traffic is as a rollout starts."""
+
+    route: dict | None  # the gateway's route for the model (serving/gateway_admin.py)
+    server: fleet.Server | None  # the version's own servers, if they run
+    live_alias: str | None
+    routed: bool  # the gateway sends all of the model's traffic to the version already
+
+    @property
+    def serving(self) -> str | None:
+        """The version that takes the traffic now, when it is not the new one."""
+        return self.route["version"] if self.route else None
+
+    def previous(self, version: str) -> str | None:
+        """The version traffic leaves. A live version with no running server is not routed,
+        but traffic still leaves it."""
+        was_live = self.serving if self.route and not self.routed else self.live_alias
+        return was_live if was_live != version else None
+
+
+def traffic_before(
+    settings: Settings, store: ArtifactStore, version: str, model: str
+) -> TrafficBefore:
+    current = model_route(settings, model)
+    return TrafficBefore(
+        route=current,
+        server=fleet.find(settings, model, version),
+        live_alias=store.read_alias(model, "live"),
+        routed=current is not None and current["version"] == version and not current.get("canary"),
+    )
+
+
+def is_live(before: TrafficBefore, version: str) -> bool:
+    """Already live: the gateway routes to its running servers AND the alias (what a gateway
+    restart routes by) says so. A gateway that routes it under a stale alias (an alias move
+    that failed after the switch) is finished by the rollout: the alias moves, nothing else."""
+    return (
+        before.routed
+        and before.live_alias == version
+        and before.server is not None
+        and fleet.is_healthy(before.server)
+    )
+
+
+def take_servers(
+    settings: Settings,
+    version: PublishedVersion,
+    stored: PublishedVersion,
+    serving: ServingConfig | None,
+    log,
+) -> tuple[fleet.Server, bool]:
+    """The version's servers from the fleet: (server, started here; False: a warm one)."""
+    spec = fleet.spec_for_version(version.model, version.version, stored.serve)
+    log.info("%s %s: asking the fleet for its servers", version.model, version.version)
+    server, started_server = fleet.acquire(settings, spec, serving)
+    log.info(
+        "%s %s %s: %s",
+        version.model,
+        version.version,
+        "started" if started_server else "was warm",
+        _engines(server),
+    )
+    return server, started_server
+
+
+def canary_step(
+    settings: Settings,
+    store: ArtifactStore,
+    server: fleet.Server,
+    live: str,
+    number: int,
+    percent: float,
+    cfg: RolloutConfig,
+    log,
+) -> StepResult:
+    """One step: percent of the live version's traffic (0: shadow copies only) to the new
+    one, baked and judged; its shadow's pairs kept."""
+    shadow = shadow_of(cfg.quality, server.version)
+    route_traffic(
+        settings,
+        server.model,
+        live,
+        canary={"version": server.version, "percent": percent} if percent else None,
+        shadow=shadow and shadow.model_dump(),
+    )
+    log.info(
+        "step %d: %s%% of %s's traffic to %s%s for %.0f s",
+        number,
+        percent,
+        server.model,
+        server.version,
+        f", {shadow.fraction:.0%} of the live requests copied to it" if shadow else "",
+        cfg.bake_seconds if percent else cfg.quality.shadow_bake_seconds,
+    )
+    step_started = time.time()
+    step = bake(settings, server, live, percent, cfg, log, shadow)
+    if shadow:
+        keep_shadow_record(settings, store, server, step, number, step_started)
+    return step
+
+
+def run_canary(
+    settings: Settings,
+    store: ArtifactStore,
+    server: fleet.Server,
+    before: TrafficBefore,
+    previous: str | None,
+    cfg: RolloutConfig,
+    log,
+) -> list[StepResult]:
+    """Every canary step; CanaryFailed (with the steps so far) at the first breach. A canary
+    needs a version to compare with and to fall back on (and one that takes all the traffic
+    already has nothing left to prove)."""
+    steps: list[StepResult] = []
+    plan = canary_plan(cfg) if before.route and previous and not before.routed else []
+    for number, percent in enumerate(plan, start=1):
+        step = canary_step(settings, store, server, before.serving, number, percent, cfg, log)
+        steps.append(step)
+        if step.breach:
+            step_name = (
+                f"canary of {server.model} {server.version} at {percent:g}%"
+                if percent
+                else f"shadow-only step of {server.model} {server.version}"
+            )
+            raise CanaryFailed(
+                f"{step_name} breached after {step.seconds:.0f} s: {step.breach}; "
+                f"traffic is back on {previous}",
+                steps=steps,
+            )
+        log.info(
+            "step %s%% passed: %d requests, %d errors, p99 %s%s",
+            percent,
+            step.requests,
+            step.errors,
+            _seconds(step.p99_seconds),
+            f", {_agreement(step.quality)}" if step.quality else "",
+        )
+    return steps
+
+
+def switch(
+    settings: Settings,
+    store: ArtifactStore,
+    stored: PublishedVersion,
+    previous: str | None,
+    allow_ungated: bool,
+    reason: str,
+) -> float:
+    """All traffic to the version, then the aliases; the seconds the gateway took to switch."""
+    model = stored.model
+    switch_started = time.monotonic()
+    route_traffic(settings, model, stored.version)
+    switch_seconds = time.monotonic() - switch_started
+    # The commit point: the live alias is what a restarted gateway routes by. Until it has
+    # moved, a failure puts traffic back where it was.
+    # Aliases name only published versions: traffic may leave one that is not (a route
+    # from a hand-edited alias), and the previous alias then stays where it was.
+    if previous and store.is_published(model, previous):
+        store.move_alias(model, "previous", previous, reason=reason)
+    store.move_alias(
+        model,
+        "live",
+        stored.version,
+        reason=reason,
+        ungated_override=allow_ungated and not stored.gate_passed,
+    )
+    return switch_seconds
+
+
+def roll_back(
+    settings: Settings,
+    version: PublishedVersion,
+    before: TrafficBefore,
+    server: fleet.Server,
+    previous: str | None,
+    exc: Exception,
+) -> None:
+    """A failure before the commit point: traffic back where it was, the new servers let go
+    of, and a breached canary announced (llmship.rollout.rolled-back)."""
+    if before.routed:
+        # It served before this rollout and serves still: only the alias failed.
+        fleet.let_go(settings, server)
+        return
+    if before.route:  # all traffic back where it was, before anything else
+        route_traffic(settings, version.model, before.serving)
+    fleet.release(settings, server)
+    if isinstance(exc, CanaryFailed):
+        events.emit(
+            events.ROLLED_BACK,
+            version.model,
+            {
+                "model": version.model,
+                "version": version.version,
+                "back_on": previous,
+                "reason": str(exc),
+                # No prompts or answers in an event: the examples stay in the bucket.
+                "steps": [s.model_dump(exclude={"quality": {"examples"}}) for s in exc.steps],
+            },
+        )
+
+
+def settle_others(
+    settings: Settings, model: str, version: str, previous: str | None, cfg: RolloutConfig
+) -> str | None:
+    """The previous version's servers kept warm for a while, older ones stopped; when the
+    previous one's warm period ends."""
+    warm_until = None
+    for other in fleet.running(settings, model):
+        if other.version == version or other.role != "serving":
+            continue
+        if other.version == previous:
+            deadline = fleet.keep_warm(settings, other, cfg.keep_previous_warm_seconds)
+            warm_until = _iso(deadline) if deadline else None
+        else:
+            fleet.release(settings, other)
+    return warm_until
+
+
 def rollout(
     version: PublishedVersion,
     cfg: RolloutConfig,
@@ -208,6 +426,7 @@ def rollout(
     reason: str = "",
     log=None,
 ) -> RolloutResult:
+    """The version live behind the gateway (module docstring); RolloutResult says how."""
     log = log or get_run_logger()
     settings = get_settings()
     store = ArtifactStore(settings)
@@ -215,150 +434,62 @@ def rollout(
     stored = check_gated(
         read_version(store, version.model, version.version), version, allow_ungated
     )
-    model = version.model
-    current = model_route(settings, model)
-    server = fleet.find(settings, model, version.version)
-    live_alias = store.read_alias(model, "live")
-    routed = (
-        current is not None and current["version"] == version.version and not current.get("canary")
+    before = traffic_before(settings, store, version.version, version.model)
+    result = RolloutResult(
+        model=version.model,
+        version=version.version,
+        previous=None,
+        upstream="",
+        gateway=settings.gateway_url,
+        changed=False,
+        seconds=0.0,
     )
-    # Already live: the gateway routes to its running servers AND the alias (what a gateway
-    # restart routes by) says so. A gateway that routes it under a stale alias (an alias move
-    # that failed after the switch) is finished below: the alias moves, nothing else.
-    if routed and live_alias == version.version and server and fleet.is_healthy(server):
-        return RolloutResult(
-            model=model,
-            version=version.version,
-            previous=None,
-            upstream=_engines(server),
-            gateway=settings.gateway_url,
-            changed=False,
-            seconds=round(time.monotonic() - started, 3),
-        )
-    spec = fleet.spec_for_version(model, version.version, stored.serve)
-    log.info("%s %s: asking the fleet for its servers", model, version.version)
-    server, started_server = fleet.acquire(settings, spec, serving)
-    log.info(
-        "%s %s %s: %s",
-        model,
-        version.version,
-        "started" if started_server else "was warm",
-        _engines(server),
-    )
-    # A live version with no running server is not routed, but traffic still leaves it.
-    was_live = current["version"] if current and not routed else live_alias
-    previous = was_live if was_live != version.version else None
-    steps: list[StepResult] = []
+    if is_live(before, version.version):
+        return finished(result, before.server, started, log)
+    server, started_server = take_servers(settings, version, stored, serving, log)
+    previous = before.previous(version.version)
     try:
         smoke = fleet.smoke_test(server, SMOKE_PROMPT)
-        # A canary needs a version to compare with and to fall back on (and one that takes
-        # all the traffic already has nothing left to prove).
-        shadow = shadow_of(cfg.quality, version.version)
-        for number, percent in enumerate(
-            canary_plan(cfg) if current and previous and not routed else [], start=1
-        ):
-            route_traffic(
-                settings,
-                model,
-                current["version"],
-                canary={"version": version.version, "percent": percent} if percent else None,
-                shadow=shadow and shadow.model_dump(),
-            )
-            log.info(
-                "step %d: %s%% of %s's traffic to %s%s for %.0f s",
-                number,
-                percent,
-                model,
-                version.version,
-                f", {shadow.fraction:.0%} of the live requests copied to it" if shadow else "",
-                cfg.bake_seconds if percent else cfg.quality.shadow_bake_seconds,
-            )
-            step_started = time.time()
-            step = bake(settings, server, current["version"], percent, cfg, log, shadow)
-            steps.append(step)
-            if shadow:
-                keep_shadow_record(settings, store, server, step, number, step_started)
-            if step.breach:
-                step_name = (
-                    f"canary of {model} {version.version} at {percent:g}%"
-                    if percent
-                    else f"shadow-only step of {model} {version.version}"
-                )
-                raise CanaryFailed(
-                    f"{step_name} breached after {step.seconds:.0f} s: {step.breach}; "
-                    f"traffic is back on {previous}",
-                    steps=steps,
-                )
-            log.info(
-                "step %s%% passed: %d requests, %d errors, p99 %s%s",
-                percent,
-                step.requests,
-                step.errors,
-                _seconds(step.p99_seconds),
-                f", {_agreement(step.quality)}" if step.quality else "",
-            )
-        switch_started = time.monotonic()
-        route_traffic(settings, model, version.version)
-        switch_seconds = time.monotonic() - switch_started
-        # The commit point: the live alias is what a restarted gateway routes by. Until it has
-        # moved, a failure puts traffic back where it was.
-        # Aliases name only published versions: traffic may leave one that is not (a route
-        # from a hand-edited alias), and the previous alias then stays where it was.
-        if previous and store.is_published(model, previous):
-            store.move_alias(model, "previous", previous, reason=reason)
-        store.move_alias(
-            model,
-            "live",
-            version.version,
-            reason=reason,
-            ungated_override=allow_ungated and not stored.gate_passed,
-        )
+        steps = run_canary(settings, store, server, before, previous, cfg, log)
+        switch_seconds = switch(settings, store, stored, previous, allow_ungated, reason)
     except Exception as exc:
-        if routed:
-            # It served before this rollout and serves still: only the alias failed.
-            fleet.let_go(settings, server)
-            raise
-        if current:  # all traffic back where it was, before anything else
-            route_traffic(settings, model, current["version"])
-        fleet.release(settings, server)
-        if isinstance(exc, CanaryFailed):
-            events.emit(
-                events.ROLLED_BACK,
-                model,
-                {
-                    "model": model,
-                    "version": version.version,
-                    "back_on": previous,
-                    "reason": str(exc),
-                    # No prompts or answers in an event: the examples stay in the bucket.
-                    "steps": [s.model_dump(exclude={"quality": {"examples"}}) for s in steps],
-                },
-            )
+        roll_back(settings, version, before, server, previous, exc)
         raise
     fleet.let_go(settings, server)  # it serves: the directory's warm rule no longer applies
-    warm_until = None
-    for other in fleet.running(settings, model):
-        if other.version == version.version or other.role != "serving":
-            continue
-        if other.version == previous:
-            deadline = fleet.keep_warm(settings, other, cfg.keep_previous_warm_seconds)
-            warm_until = _iso(deadline) if deadline else None
-        else:
-            fleet.release(settings, other)
-    return RolloutResult(
-        model=model,
-        version=version.version,
-        previous=previous,
-        upstream=_engines(server),
-        gateway=settings.gateway_url,
-        changed=True,
-        started_server=started_server,
-        steps=steps,
-        switch_seconds=round(switch_seconds, 4),
-        previous_warm_until=warm_until,
-        smoke_output=smoke,
-        seconds=round(time.monotonic() - started, 3),
+    result = result.model_copy(
+        update={
+            "previous": previous,
+            "changed": True,
+            "started_server": started_server,
+            "steps": steps,
+            "switch_seconds": round(switch_seconds, 4),
+            "previous_warm_until": settle_others(
+                settings, version.model, version.version, previous, cfg
+            ),
+            "smoke_output": smoke,
+        }
     )
+    return finished(result, server, started, log)
+
+
+def finished(result: RolloutResult, server: fleet.Server, started: float, log) -> RolloutResult:
+    """The result with its engines and time, logged."""
+    result = result.model_copy(
+        update={"upstream": _engines(server), "seconds": round(time.monotonic() - started, 3)}
+    )
+    if result.changed:
+        log.info(
+            "%s %s is live at %s (was %s), served by %s; switch %.3f s",
+            result.model,
+            result.version,
+            result.gateway,
+            result.previous or "nothing",
+            result.upstream,
+            result.switch_seconds,
+        )
+    else:
+        log.info("%s %s is already live and healthy: nothing to do", result.model, result.version)
+    return result
 
 
 def canary_plan(cfg: RolloutConfig) -> list[float]:
@@ -438,46 +569,17 @@ def approve_rollout(version: PublishedVersion, cfg: RolloutConfig) -> bool:
     return answer.approve
 
 
-@task(name="rollout", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_permanent)
-def rollout_task(
-    version: PublishedVersion,
-    cfg: RolloutConfig,
-    serving: ServingConfig | None = None,
-    allow_ungated: bool = False,
-    reason: str = "",
-) -> RolloutResult:
-    try:
-        result = rollout(version, cfg, serving=serving, allow_ungated=allow_ungated, reason=reason)
-    except CanaryFailed as exc:
-        record_markdown(
-            version.model,
-            "rollout-steps",
-            render_steps(version.model, version.version, exc.steps, str(exc)),
-            f"{version.version} rolled back",
-        )
-        raise
-    if result.steps:
-        record_markdown(
-            version.model,
-            "rollout-steps",
-            render_steps(version.model, version.version, result.steps, "passed"),
-            f"{version.version} passed its canary",
-        )
-    logger = get_run_logger()
-    if result.changed:
-        logger.info(
-            "%s %s is live at %s (was %s), served by %s; switch %.3f s",
-            result.model,
-            result.version,
-            result.gateway,
-            result.previous or "nothing",
-            result.upstream,
-            result.switch_seconds,
-        )
-    else:
-        logger.info(
-            "%s %s is already live and healthy: nothing to do", result.model, result.version
-        )
+def record_steps(version: PublishedVersion, steps: list[StepResult], outcome: str, title: str):
+    record_markdown(
+        version.model,
+        "rollout-steps",
+        render_steps(version.model, version.version, steps, outcome),
+        title,
+    )
+
+
+def record_rollout(version: PublishedVersion, result: RolloutResult) -> None:
+    """The rollout's keyed table: what is live now, and how it got there."""
     steps = (
         " -> ".join(f"{s.percent:g}% ({s.requests} req, {s.errors} err)" for s in result.steps)
         or "none"
@@ -506,4 +608,22 @@ def rollout_task(
         },
         f"{result.model} {result.version} live" + ("" if result.changed else " (unchanged)"),
     )
+
+
+@task(name="rollout", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_permanent)
+def rollout_task(
+    version: PublishedVersion,
+    cfg: RolloutConfig,
+    serving: ServingConfig | None = None,
+    allow_ungated: bool = False,
+    reason: str = "",
+) -> RolloutResult:
+    try:
+        result = rollout(version, cfg, serving=serving, allow_ungated=allow_ungated, reason=reason)
+    except CanaryFailed as exc:
+        record_steps(version, exc.steps, str(exc), f"{version.version} rolled back")
+        raise
+    if result.steps:
+        record_steps(version, result.steps, "passed", f"{version.version} passed its canary")
+    record_rollout(version, result)
     return result
