@@ -10,6 +10,9 @@ answering) sends all traffic back to the version that served before, stops the n
 fails with the numbers: a bad version goes back by itself. Any other failure before the live
 alias has moved (the commit point) does the same. A version already live (the alias says so
 and the gateway routes to its healthy server) is left alone.
+
+`rollout` is the stage, one named step per line of the picture above; `rollout_task` adds the
+retry and the Prefect artifacts.
 """
 
 from __future__ import annotations
@@ -81,7 +84,7 @@ class RolloutApproval(RunInput):
     note: str = Field("", description="why; kept in the run's logs")
 
 
-# ------------------------------------------------------------------ watching a canary step
+# ------------------------------------------------------------------ the canary steps
 
 
 def read_traffic(gateways: list[str], model: str, version: str) -> dict[str, Traffic]:
@@ -189,79 +192,21 @@ def keep_shadow_record(
     step.quality.examples = kept["examples"][:10]
 
 
-# ------------------------------------------------------------------ the rollout
+def canary_plan(cfg: RolloutConfig) -> list[float]:
+    """The steps' percentages: a shadow-only step (0 %) first when the quality policy asks."""
+    q = cfg.quality
+    return ([0.0] if q.enabled and q.shadow_bake_seconds > 0 else []) + cfg.canary_steps
 
 
-def check_gated(
-    stored: PublishedVersion | None, version: PublishedVersion, allow_ungated: bool
-) -> PublishedVersion:
-    """The version as the store has it now (not as the run that published it saw it)."""
-    return check_servable(stored, version.model, version.version, allow_ungated)
-
-
-class TrafficBefore(BaseModel):
-    """Where the model's traffic is as a rollout starts."""
-
-    route: dict | None  # the gateway's route for the model (serving/gateway_admin.py)
-    server: fleet.Server | None  # the version's own servers, if they run
-    live_alias: str | None
-    routed: bool  # the gateway sends all of the model's traffic to the version already
-
-    @property
-    def serving(self) -> str | None:
-        """The version that takes the traffic now, when it is not the new one."""
-        return self.route["version"] if self.route else None
-
-    def previous(self, version: str) -> str | None:
-        """The version traffic leaves. A live version with no running server is not routed,
-        but traffic still leaves it."""
-        was_live = self.serving if self.route and not self.routed else self.live_alias
-        return was_live if was_live != version else None
-
-
-def traffic_before(
-    settings: Settings, store: ArtifactStore, version: str, model: str
-) -> TrafficBefore:
-    current = model_route(settings, model)
-    return TrafficBefore(
-        route=current,
-        server=fleet.find(settings, model, version),
-        live_alias=store.read_alias(model, "live"),
-        routed=current is not None and current["version"] == version and not current.get("canary"),
+def shadow_of(q: QualityPolicy, version: str) -> Shadow | None:
+    if not q.enabled:
+        return None
+    return Shadow(
+        version=version,
+        fraction=q.sample_fraction,
+        max_rps=q.max_shadow_rps,
+        keep_examples=q.keep_examples,
     )
-
-
-def is_live(before: TrafficBefore, version: str) -> bool:
-    """Already live: the gateway routes to its running servers AND the alias (what a gateway
-    restart routes by) says so. A gateway that routes it under a stale alias (an alias move
-    that failed after the switch) is finished by the rollout: the alias moves, nothing else."""
-    return (
-        before.routed
-        and before.live_alias == version
-        and before.server is not None
-        and fleet.is_healthy(before.server)
-    )
-
-
-def take_servers(
-    settings: Settings,
-    version: PublishedVersion,
-    stored: PublishedVersion,
-    serving: ServingConfig | None,
-    log,
-) -> tuple[fleet.Server, bool]:
-    """The version's servers from the fleet: (server, started here; False: a warm one)."""
-    spec = fleet.spec_for_version(version.model, version.version, stored.serve)
-    log.info("%s %s: asking the fleet for its servers", version.model, version.version)
-    server, started_server = fleet.acquire(settings, spec, serving)
-    log.info(
-        "%s %s %s: %s",
-        version.model,
-        version.version,
-        "started" if started_server else "was warm",
-        _engines(server),
-    )
-    return server, started_server
 
 
 def canary_step(
@@ -337,6 +282,81 @@ def run_canary(
             f", {_agreement(step.quality)}" if step.quality else "",
         )
     return steps
+
+
+# ------------------------------------------------------------------ the rollout
+
+
+def check_gated(
+    stored: PublishedVersion | None, version: PublishedVersion, allow_ungated: bool
+) -> PublishedVersion:
+    """The version as the store has it now (not as the run that published it saw it)."""
+    return check_servable(stored, version.model, version.version, allow_ungated)
+
+
+class TrafficBefore(BaseModel):
+    """Where the model's traffic is as a rollout starts."""
+
+    route: dict | None  # the gateway's route for the model (serving/gateway_admin.py)
+    server: fleet.Server | None  # the version's own servers, if they run
+    live_alias: str | None
+    routed: bool  # the gateway sends all of the model's traffic to the version already
+
+    @property
+    def serving(self) -> str | None:
+        """The version that takes the traffic now, when it is not the new one."""
+        return self.route["version"] if self.route else None
+
+    def previous(self, version: str) -> str | None:
+        """The version traffic leaves. A live version with no running server is not routed,
+        but traffic still leaves it."""
+        was_live = self.serving if self.route and not self.routed else self.live_alias
+        return was_live if was_live != version else None
+
+
+def traffic_before(
+    settings: Settings, store: ArtifactStore, version: str, model: str
+) -> TrafficBefore:
+    current = model_route(settings, model)
+    return TrafficBefore(
+        route=current,
+        server=fleet.find(settings, model, version),
+        live_alias=store.read_alias(model, "live"),
+        routed=current is not None and current["version"] == version and not current.get("canary"),
+    )
+
+
+def is_live(before: TrafficBefore, version: str) -> bool:
+    """Already live: the gateway routes to its running servers AND the alias (what a gateway
+    restart routes by) says so. A gateway that routes it under a stale alias (an alias move
+    that failed after the switch) is finished by the rollout: the alias moves, nothing else."""
+    return (
+        before.routed
+        and before.live_alias == version
+        and before.server is not None
+        and fleet.is_healthy(before.server)
+    )
+
+
+def take_servers(
+    settings: Settings,
+    version: PublishedVersion,
+    stored: PublishedVersion,
+    serving: ServingConfig | None,
+    log,
+) -> tuple[fleet.Server, bool]:
+    """The version's servers from the fleet: (server, started here; False: a warm one)."""
+    spec = fleet.spec_for_version(version.model, version.version, stored.serve)
+    log.info("%s %s: asking the fleet for its servers", version.model, version.version)
+    server, started_server = fleet.acquire(settings, spec, serving)
+    log.info(
+        "%s %s %s: %s",
+        version.model,
+        version.version,
+        "started" if started_server else "was warm",
+        _engines(server),
+    )
+    return server, started_server
 
 
 def switch(
@@ -492,23 +512,6 @@ def finished(result: RolloutResult, server: fleet.Server, started: float, log) -
     return result
 
 
-def canary_plan(cfg: RolloutConfig) -> list[float]:
-    """The steps' percentages: a shadow-only step (0 %) first when the quality policy asks."""
-    q = cfg.quality
-    return ([0.0] if q.enabled and q.shadow_bake_seconds > 0 else []) + cfg.canary_steps
-
-
-def shadow_of(q: QualityPolicy, version: str) -> Shadow | None:
-    if not q.enabled:
-        return None
-    return Shadow(
-        version=version,
-        fraction=q.sample_fraction,
-        max_rps=q.max_shadow_rps,
-        keep_examples=q.keep_examples,
-    )
-
-
 def _agreement(score: ShadowScore) -> str:
     if not score.pairs:
         return "no shadowed answers scored"
@@ -569,7 +572,12 @@ def approve_rollout(version: PublishedVersion, cfg: RolloutConfig) -> bool:
     return answer.approve
 
 
-def record_steps(version: PublishedVersion, steps: list[StepResult], outcome: str, title: str):
+# ------------------------------------------------------------------ the Prefect task
+
+
+def record_steps(
+    version: PublishedVersion, steps: list[StepResult], outcome: str, title: str
+) -> None:
     record_markdown(
         version.model,
         "rollout-steps",
