@@ -65,7 +65,7 @@ def server_env(settings: Settings, target: Target = Target.VLLM) -> dict[str, st
     env.setdefault("DO_NOT_TRACK", "1")
     # Stored responses (/v1/responses with `store`) live in one engine's memory, never freed,
     # and the gateway cannot send a follow-up to the replica that holds one: off, whatever
-    # the host's environment says (serving/gateway.py: ResponsesRequest).
+    # the host's environment says (serving/gateway/schemas.py: ResponsesRequest).
     env["VLLM_ENABLE_RESPONSES_API_STORE"] = "0"
     # The engine reads nothing from S3 and joins no Ray cluster: none of the stack's secrets.
     for name in list(env):
