@@ -1,5 +1,7 @@
 """The gateway's admin API as its callers use it: the rollout (reads and moves routes) and the
-fleet (whether a version still takes traffic). Bearer token from Settings.
+gates (whether a version still takes traffic). Bearer token from Settings. A client only: it
+imports no server (the gateway's app, the fleet); the gateways it calls are those the fleet's
+directory heard from.
 
 There can be several gateways, each relaying to the same fleet (behind a load balancer, or one
 per host): every one tells the fleet's directory it is up, and a route moves on all of them.
@@ -7,10 +9,16 @@ Without a Ray cluster to ask (tests of the gateway alone), the stack's own gatew
 
 from __future__ import annotations
 
+import logging
+
 import httpx
 
 from llmship.errors import ServingError
+from llmship.ray_cluster import uses_ray
 from llmship.settings import Settings
+from serving import directory
+
+log = logging.getLogger("llmship.fleet")
 
 
 def _auth(settings: Settings) -> dict[str, str]:
@@ -19,12 +27,8 @@ def _auth(settings: Settings) -> dict[str, str]:
 
 def gateway_urls(settings: Settings) -> list[str]:
     """Every gateway that relays to the fleet now; the stack's own if none said so yet."""
-    from serving.gateway import uses_ray
-
     if uses_ray(settings):
-        from serving import fleet
-
-        urls = fleet.gateways(settings)
+        urls = directory.gateways(settings)
         if urls:
             return urls
     return [settings.gateway_url]
@@ -124,3 +128,26 @@ def shadow_kept(settings: Settings, gateways: list[str], model: str, since: floa
             mine["pairs"] += found["pairs"]
             mine["examples"] += found["examples"]
     return kept
+
+
+def serves_traffic(
+    settings: Settings, model: str, version: str, gateways: list[str] | None = None
+) -> bool | None:
+    """Whether a gateway (or, failing them, the live alias) sends traffic to version; None
+    when neither can be asked."""
+    try:
+        for routes in gateway_routes(settings, gateways).values():
+            route = routes.get(model) or {}
+            canary = route.get("canary") or {}
+            if version in (route.get("version"), canary.get("version")):
+                return True
+        return False
+    except httpx.HTTPError as exc:
+        log.warning("a gateway is not reachable (%s): asking S3 instead", exc)
+    try:
+        from llmship.store import ArtifactStore
+
+        return ArtifactStore(settings).read_alias(model, "live") == version
+    except Exception as exc:  # noqa: BLE001 - S3 down too: the caller keeps the server
+        log.warning("S3 not reachable either (%s)", exc)
+        return None

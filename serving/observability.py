@@ -34,7 +34,7 @@ EVAL_PREFIX = "eval--"  # serving/fleet.py's evaluation servers (the gateway doe
 
 
 class EngineEndpoint(BaseModel):
-    """One replica's engine as the fleet's directory lists it (serving/fleet.py: Endpoint)."""
+    """One replica's engine as the fleet's directory lists it (serving/directory.py: Endpoint)."""
 
     model_config = ConfigDict(extra="ignore")
     url: str

@@ -243,7 +243,7 @@ class ModelReplica:
             fetched - started,
             healthy - fetched,
         )
-        from serving.fleet import Endpoint, directory
+        from serving.directory import Endpoint, directory
 
         self.endpoint = Endpoint(
             url=self.url,
@@ -306,7 +306,7 @@ class ModelReplica:
         try:
             import ray
 
-            from serving.fleet import directory
+            from serving.directory import directory
 
             ray.get(directory().unregister.remote(self.spec.app, self.replica_id), timeout=5)
         except Exception:  # noqa: BLE001 - the directory drops replicas that are gone anyway

@@ -12,7 +12,7 @@
 A route sends a model's requests to its live version, or, during a canary step, a
 percentage of them to the new version. Each request goes to the version's replica with the
 fewest requests in flight from this gateway, on whatever node it runs: the fleet's directory
-(serving/fleet.py, on Ray) says where each replica's engine listens, and the gateway relays
+(serving/directory.py, on Ray) says where each replica's engine listens, and the gateway relays
 the bytes to it directly. A replica that refuses the connection is counted as an error of its
 version and the request goes to the next replica, then to the route's other version: a
 replica that dies costs its clients only the requests it had in flight, and a canary that
@@ -31,9 +31,9 @@ server. The gateway keeps no state of its own that matters: at start the routing
 serves from when S3 or the Ray cluster cannot be reached.
 
 So it runs as several replicas (one per host, or behind a load balancer): each tells the
-fleet's directory it is up, a rollout moves the route on every one of them and judges a
-canary on the sum of their metrics, and one that starts during a canary gets its route at the
-rollout's next check.
+fleet's directory it is up and what it routes (the directory retires a kept-warm version none
+routes to), a rollout moves the route on every one of them and judges a canary on the sum of
+their metrics, and one that starts during a canary gets its route at the rollout's next check.
 
 Those who watch it get, beside /metrics: the engines' scrape targets, written to
 Settings.prometheus_sd_file whenever the replicas change; one line per request on the logger
@@ -48,8 +48,8 @@ in, the engine's answer out), admin.py (the admin API), application.py (the app,
     uvicorn serving.gateway:app --host 127.0.0.1 --port 8000
 """
 
+from llmship.ray_cluster import uses_ray
 from serving.gateway.application import create_app
-from serving.gateway.loops import uses_ray
 from serving.gateway.routes import Canary, Route, route_change
 from serving.gateway.schemas import (
     ChatCompletionRequest,

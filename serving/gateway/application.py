@@ -17,9 +17,10 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import Headers
 
+from llmship.ray_cluster import uses_ray
 from llmship.settings import Settings, get_settings
 from serving.gateway import admin
-from serving.gateway.loops import follow_fleet, report_refused, uses_ray, watch_live_versions
+from serving.gateway.loops import follow_fleet, report_refused, watch_live_versions
 from serving.gateway.relay import relay_request
 from serving.gateway.routes import route_change
 from serving.gateway.schemas import RELAYED, RelayedRequest, openai_error
@@ -58,11 +59,9 @@ async def lifespan(app: FastAPI, settings: Settings | None = None):
         task.cancel()
     if gw.fleet_known.is_set():  # a gateway that stops drops out of rollouts at once
         try:
-            from serving import fleet
+            from serving.directory import directory
 
-            await asyncio.wait_for(
-                fleet.directory().gateway_down.remote(gw.settings.gateway_url), 5.0
-            )
+            await asyncio.wait_for(directory().gateway_down.remote(gw.settings.gateway_url), 5.0)
         except Exception as exc:  # noqa: BLE001 - it drops out after gateway_seen_within_s
             log.warning("could not tell the fleet this gateway stops (%s)", exc)
     await app.state.gw.client.close()

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from llmship import events
-from llmship.settings import Settings
+from llmship import events, ray_cluster
+from serving.directory import GatewayReport, Snapshot, directory
 from serving.gateway.routes import Route
 from serving.gateway.state import GatewayState
 from serving.observability import EngineEndpoint, engine_scrape_targets
@@ -35,32 +35,39 @@ def report_refused(gw: GatewayState) -> None:
             )
 
 
-def uses_ray(settings: Settings) -> bool:
-    """A cluster to ask: one named, or the local stack's (its token exists once it is up)."""
-    return bool(settings.ray_address) or settings.ray_auth_token_file.exists()
+def report_of(gw: GatewayState) -> GatewayReport:
+    """What this gateway routes, for the directory: the versions that take each model's
+    traffic (the directory retires a kept-warm version none of them routes to)."""
+    return GatewayReport(
+        url=gw.settings.gateway_url,
+        routed={
+            model: [route.version, *([route.canary.version] if route.canary else [])]
+            for model, route in gw.routes.items()
+        },
+    )
 
 
 async def follow_fleet(gw: GatewayState) -> None:
-    """Keep gw.endpoints to the fleet's directory: where every replica's engine listens."""
-    from llmship import ray_cluster
-
+    """Keep gw.endpoints to the fleet's directory (where every replica's engine listens),
+    reporting to it what this gateway routes at each refresh."""
     reconciled = False
     while True:
         try:
             await asyncio.to_thread(ray_cluster.connect, gw.settings)
+            # After connect: Ray reads the cluster's settings when it is imported.
             from serving import fleet
 
-            actor = await asyncio.to_thread(fleet.directory)
+            actor = await asyncio.to_thread(directory)
             while True:
-                snap = await actor.snapshot.remote(gw.settings.gateway_url)
+                snap: Snapshot = await actor.snapshot.remote(report_of(gw))
                 gw.set_endpoints(
-                    {app: [e["url"] for e in reps] for app, reps in snap["endpoints"].items()}
+                    {app: [e.url for e in reps] for app, reps in snap.endpoints.items()}
                 )
                 gw.set_scrape_targets(
                     engine_scrape_targets(
                         {
-                            app: [EngineEndpoint.model_validate(e) for e in reps]
-                            for app, reps in snap["endpoints"].items()
+                            app: [EngineEndpoint(url=e.url, replica=e.replica) for e in reps]
+                            for app, reps in snap.endpoints.items()
                         }
                     )
                 )

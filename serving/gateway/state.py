@@ -12,6 +12,7 @@ import aiohttp
 
 from llmship.processes import write_json
 from llmship.settings import Settings
+from serving.directory import app_name
 from serving.gateway.metrics import GatewayMetrics
 from serving.gateway.routes import read_saved_routes, restore_routes
 from serving.gateway.schemas import RELAYED
@@ -40,7 +41,7 @@ class GatewayState:
         self.alias_problems = restored.problems
         self.ungated_override = restored.ungated_override
         self.refused = restored.refused
-        # Serving application (serving/fleet.py: app_name) -> its replicas' engine URLs.
+        # Serving application (serving/directory.py: app_name) -> its replicas' engine URLs.
         self.endpoints: dict[str, list[str]] = {}
         if self.endpoints_file.exists():
             self.endpoints = json.loads(self.endpoints_file.read_text())
@@ -138,8 +139,3 @@ class GatewayState:
 def gateway_state_dir(settings: Settings):
     """This gateway's saved routes and replicas: one folder per port, as several can run."""
     return settings.state_dir / "gateway" / str(settings.gateway_port)
-
-
-def app_name(model: str, version: str) -> str:
-    # serving/fleet.py names applications so; the gateway does not import the fleet (Ray).
-    return f"{model}--{version}"
