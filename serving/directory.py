@@ -6,6 +6,7 @@ Control flows one way: replicas register with it, gateways report to it (in the 
 make every gateway_endpoint_refresh_s, they say what they route and get the replicas back),
 and it decides retirements from those reports. It calls no gateway and no replica back.
 
+Its records are llmship/serving_messages.py's (Endpoint, Snapshot, GatewayReport, Deployed).
 It also names what it keeps: a served version is the Serve application `<model>--<version>`
 (app_name), a gate's evaluation server of a build that will not serve `eval--<model>--<build
 key>` (eval_app_name).
@@ -16,11 +17,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
-
-from pydantic import BaseModel
 
 from llmship import ray_cluster
+from llmship.serving_messages import Deployed, Endpoint, GatewayReport, Snapshot
 from llmship.settings import Settings, get_settings
 
 log = logging.getLogger("llmship.fleet")
@@ -42,51 +41,6 @@ def parse_app_name(app: str) -> tuple[str, str, str] | None:
     role = "evaluation" if app.startswith(EVAL_PREFIX) else "serving"
     model, sep, version = app.removeprefix(EVAL_PREFIX).rpartition("--")
     return (model, version, role) if sep and model else None
-
-
-class Endpoint(BaseModel):
-    """One replica's engine, as the gateway reaches it."""
-
-    url: str
-    replica: str
-    node_ip: str
-    node_id: str
-    gpus: list[str] = []
-    log: str = ""  # the engine's log, on its node
-    # The replica's cold start, seconds: the version fetched to the node's cache (0 when a
-    # replica before it on the node fetched it), then the engine started to healthy.
-    fetch_s: float | None = None
-    engine_start_s: float | None = None
-
-
-class Snapshot(BaseModel):
-    """What the directory knows of the fleet: where each application's replicas' engines
-    listen, and until when the kept-warm ones are kept."""
-
-    endpoints: dict[str, list[Endpoint]] = {}
-    warm_until: dict[str, float] = {}
-
-
-class GatewayReport(BaseModel):
-    """What a gateway routes, as it tells the directory at each refresh: for each model, the
-    versions that take its traffic (the live one and a canary's)."""
-
-    url: str
-    routed: dict[str, list[str]] = {}
-
-
-class Deployed(BaseModel):
-    """How an application was last deployed: the replica's spec (serving/replica.py:
-    ReplicaSpec, as JSON) and its serving block (llmship/settings.py: ServingConfig, as
-    JSON); a redeploy in place runs the same."""
-
-    spec: dict[str, Any]
-    serving: dict[str, Any]
-
-
-def routes_to(reports: list[GatewayReport], model: str, version: str) -> bool:
-    """Whether any of the gateways' reports sends traffic to model's version."""
-    return any(version in report.routed.get(model, []) for report in reports)
 
 
 class Directory:
@@ -214,7 +168,7 @@ class Directory:
             model, version, _ = parse_app_name(app) or (app, "", "")
             if live:
                 reports = [self.reports[url] for url in live if url in self.reports]
-                serving = routes_to(reports, model, version)
+                serving = any(report.routes_to(model, version) for report in reports)
             else:  # no gateway relays to the fleet: S3 says what should serve
                 serving = await asyncio.to_thread(_live_alias_is, settings, model, version)
             if serving is False:

@@ -42,10 +42,11 @@ from llmship import ray_cluster
 from llmship.contracts import ServeSpec
 from llmship.errors import EngineArgumentRefused, IntegrityError, ServingError, UngatedVersion
 from llmship.manifest import digest_of
+from llmship.serving_messages import Deployed, Endpoint, Snapshot
 from llmship.settings import AutoscalingBlock, ServingConfig, Settings
 from serving import engines
 from serving.autoscale import ray_autoscaling_config
-from serving.directory import Deployed, Endpoint, Snapshot, app_name, directory, parse_app_name
+from serving.directory import app_name, directory, parse_app_name
 from serving.directory import gateways as gateways_heard
 from serving.replica import ReplicaSpec
 

@@ -243,7 +243,8 @@ class ModelReplica:
             fetched - started,
             healthy - fetched,
         )
-        from serving.directory import Endpoint, directory
+        from llmship.serving_messages import Endpoint
+        from serving.directory import directory
 
         self.endpoint = Endpoint(
             url=self.url,

@@ -160,3 +160,31 @@ def test_no_import_circle():
     it back (the fleet, the replica, the gateway and its admin client did, issue 29)."""
     found = circles(import_graph())
     assert found == [], "modules that import each other: " + "; ".join(map(" <-> ".join, found))
+
+
+# The serving control path's messages (llmship/serving_messages.py): routes, canaries,
+# shadows, shadow pairs, the directory's records and the alias documents.
+CONTROL_KEYS = (
+    "version|canary|percent|shadow|fraction|max_rps|keep_examples|since|pairs|examples"
+    "|endpoints|warm_until|routed|spec|serving|previous|ungated_override|alias"
+)
+
+
+def test_nothing_on_the_serving_control_path_is_read_by_string_key():
+    """The gateway, its admin client, the fleet, its directory and the aliases read their
+    messages through the models, never as dicts (issue 29)."""
+    keyed = re.compile(rf"""(\[|\.get\(|\.pop\(|\.setdefault\()\s*["']({CONTROL_KEYS})["']""")
+    paths = [
+        *package_modules("serving"),
+        REPO / "llmship" / "serving_messages.py",
+        REPO / "llmship" / "store.py",
+        REPO / "llmship" / "versions.py",
+    ]
+    wrong = [
+        f"{path.relative_to(REPO)}:{n}: {line.strip()}"
+        for path in paths
+        if path.exists()
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if keyed.search(line)
+    ]
+    assert wrong == []

@@ -49,8 +49,9 @@ in, the engine's answer out), admin.py (the admin API), application.py (the app,
 """
 
 from llmship.ray_cluster import uses_ray
+from llmship.serving_messages import Canary, Route
 from serving.gateway.application import create_app
-from serving.gateway.routes import Canary, Route, route_change
+from serving.gateway.routes import route_change
 from serving.gateway.schemas import (
     ChatCompletionRequest,
     CompletionRequest,

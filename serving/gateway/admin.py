@@ -10,8 +10,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
+from llmship.serving_messages import Route
 from serving.gateway.reading import read_body
-from serving.gateway.routes import Route, route_change
+from serving.gateway.routes import route_change
 from serving.gateway.schemas import openai_error
 from serving.gateway.state import GatewayState
 

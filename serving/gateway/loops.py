@@ -7,8 +7,8 @@ import asyncio
 import logging
 
 from llmship import events, ray_cluster
-from serving.directory import GatewayReport, Snapshot, directory
-from serving.gateway.routes import Route
+from llmship.serving_messages import GatewayReport, Route, Snapshot
+from serving.directory import directory
 from serving.gateway.state import GatewayState
 from serving.observability import EngineEndpoint, engine_scrape_targets
 
@@ -40,10 +40,7 @@ def report_of(gw: GatewayState) -> GatewayReport:
     traffic (the directory retires a kept-warm version none of them routes to)."""
     return GatewayReport(
         url=gw.settings.gateway_url,
-        routed={
-            model: [route.version, *([route.canary.version] if route.canary else [])]
-            for model, route in gw.routes.items()
-        },
+        routed={model: route.versions() for model, route in gw.routes.items()},
     )
 
 

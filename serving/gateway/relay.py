@@ -15,8 +15,8 @@ import aiohttp
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from llmship.serving_messages import Route
 from serving.gateway.reading import read_request, too_many_choices
-from serving.gateway.routes import Route
 from serving.gateway.schemas import RelayedRequest, openai_error, openai_error_body
 from serving.gateway.state import GatewayState
 from serving.gateway_http import GONE, STALLED_OFF

@@ -5,59 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import UTC, datetime
-from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel
 
+from llmship.serving_messages import Route
 from llmship.settings import Settings
-from serving.shadow import Shadow
 
 log = logging.getLogger("llmship.gateway")
-
-
-def _a_time(since: str) -> str:
-    """An ISO 8601 time /v1/models can give as a unix time: `since: "x"` was taken, and every
-    /v1/models after it answered 500."""
-    try:
-        datetime.fromisoformat(since).timestamp()
-    except (ValueError, OverflowError, OSError):
-        raise PydanticCustomError(
-            "iso_time", "an ISO 8601 time, as 2026-01-31T12:00:00+00:00"
-        ) from None
-    return since
-
-
-# Strict, as the requests are: an admin field of the wrong type is refused, never converted.
-class Canary(BaseModel):
-    """A new version taking a share of a model's traffic while a rollout watches it."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    version: str = Field(min_length=1)
-    percent: float = Field(gt=0, lt=100)
-
-
-class Route(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    version: str = Field(min_length=1)
-    since: Annotated[str, AfterValidator(_a_time)] = Field(
-        default_factory=lambda: datetime.now(UTC).isoformat()
-    )
-    canary: Canary | None = None
-    # Copies of a share of the live version's requests, scored against the candidate's
-    # answers (serving/shadow.py): during a canary, and in a shadow-only step before it.
-    shadow: Shadow | None = None
-
-    @model_validator(mode="after")
-    def _shadow_is_the_candidate(self) -> Route:
-        if self.shadow and self.shadow.version == self.version:
-            raise ValueError("the shadow must be another version than the live one")
-        if self.shadow and self.canary and self.shadow.version != self.canary.version:
-            raise ValueError("the shadow must be the canary's version")
-        return self
 
 
 def route_change(model: str, old: Route | None, new: Route) -> str | None:
