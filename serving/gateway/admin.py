@@ -14,13 +14,9 @@ from llmship.serving_messages import Route
 from serving.gateway.reading import read_body
 from serving.gateway.routes import route_change
 from serving.gateway.schemas import openai_error
-from serving.gateway.state import GatewayState
+from serving.gateway.state import GatewayState, gateway_of
 
 routes_log = logging.getLogger("llmship.gateway.routes")
-
-
-def _gw(request: Request) -> GatewayState:
-    return request.app.state.gw
 
 
 def authorize(gw: GatewayState, authorization: str | None) -> JSONResponse | None:
@@ -39,12 +35,12 @@ def authorize(gw: GatewayState, authorization: str | None) -> JSONResponse | Non
 
 
 async def get_routes(request: Request):
-    gw = _gw(request)
+    gw = gateway_of(request)
     return {m: r.model_dump() for m, r in gw.routes.items()}
 
 
 async def set_route(model: str, request: Request):
-    gw = _gw(request)
+    gw = gateway_of(request)
     body = await read_body(gw, request)
     if isinstance(body, Response):
         return body
@@ -81,14 +77,14 @@ async def set_route(model: str, request: Request):
 async def get_shadow(model: str, request: Request, since: float = 0.0):
     """What this gateway kept of model's shadow pairs scored since a time (unix seconds):
     hashes, and the disagreeing examples when the route's shadow keeps them."""
-    gw = _gw(request)
+    gw = gateway_of(request)
     return gw.shadower.kept(model, since)
 
 
 async def engines_sd(request: Request):
     """The engines' scrape targets in Prometheus's http_sd format: the file's content, for a
     Prometheus on another host than the gateway (its `authorization` holds the token)."""
-    gw = _gw(request)
+    gw = gateway_of(request)
     return [g.model_dump() for g in gw.scrape_targets or []]
 
 

@@ -24,7 +24,7 @@ from serving.gateway.loops import follow_fleet, report_refused, watch_live_versi
 from serving.gateway.relay import relay_request
 from serving.gateway.routes import route_change
 from serving.gateway.schemas import RELAYED, RelayedRequest, openai_error
-from serving.gateway.state import GatewayState
+from serving.gateway.state import GatewayState, gateway_of
 
 log = logging.getLogger("llmship.gateway")
 routes_log = logging.getLogger("llmship.gateway.routes")
@@ -134,10 +134,6 @@ def _relay_route(endpoint: str, schema: type[RelayedRequest]):
     return relay
 
 
-def _gw(request: Request) -> GatewayState:
-    return request.app.state.gw
-
-
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unexpected error answering %s %s", request.method, request.url.path)
     return openai_error(
@@ -166,13 +162,13 @@ async def _wrong_method(request: Request, exc) -> JSONResponse:
 
 
 async def health(request: Request) -> dict:
-    return {"status": "ok", "models": sorted(_gw(request).routes)}
+    return {"status": "ok", "models": sorted(gateway_of(request).routes)}
 
 
 async def ready(request: Request) -> JSONResponse:
     """Ready when every live version has a running replica: what a load balancer in front of
     the gateway should probe."""
-    gw = _gw(request)
+    gw = gateway_of(request)
     unserved = {
         model: route.version
         for model, route in gw.routes.items()
@@ -202,7 +198,9 @@ async def ready(request: Request) -> JSONResponse:
 
 
 async def metrics(request: Request) -> Response:
-    return Response(generate_latest(_gw(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(
+        generate_latest(gateway_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST
+    )
 
 
 async def list_models(request: Request) -> dict:
@@ -221,6 +219,6 @@ async def list_models(request: Request) -> dict:
                     else {}
                 ),
             }
-            for model, route in sorted(_gw(request).routes.items())
+            for model, route in sorted(gateway_of(request).routes.items())
         ],
     }

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from llmship.serving_messages import Route
 from serving.gateway.reading import read_request, too_many_choices
 from serving.gateway.schemas import RelayedRequest, openai_error, openai_error_body
-from serving.gateway.state import GatewayState
+from serving.gateway.state import GatewayState, gateway_of
 from serving.gateway_http import GONE, STALLED_OFF
 from serving.observability import (
     AccessEntry,
@@ -31,10 +31,6 @@ from serving.shadow import answer_text, streamed_text
 
 access_log = logging.getLogger("llmship.gateway.access")
 UNKNOWN_MODEL = "(unknown)"  # the metrics' label for every model name the gateway does not serve
-
-
-def _gw(request: Request) -> GatewayState:
-    return request.app.state.gw
 
 
 async def relay_request(request: Request, endpoint: str, schema: type[RelayedRequest]) -> Response:
@@ -68,7 +64,7 @@ async def _answer(
     request_id: str,
 ) -> tuple[Response, str | None]:
     """The answer, and the model asked for (None when the request did not say one)."""
-    gw = _gw(request)
+    gw = gateway_of(request)
     # The request is read and checked before it takes an in-flight slot: a slow or broken
     # client holds its own connection, never a slot other clients need.
     checked = await read_request(gw, request, schema)

@@ -9,6 +9,7 @@ import logging
 import random
 
 import aiohttp
+from fastapi import Request
 
 from llmship.processes import write_json
 from llmship.settings import Settings
@@ -134,6 +135,11 @@ class GatewayState:
                 self.metrics.replicas.labels(model, version).set(
                     len(self.replicas_of(model, version))
                 )
+
+
+def gateway_of(request: Request) -> GatewayState:
+    """The state of the gateway app that took request."""
+    return request.app.state.gw
 
 
 def gateway_state_dir(settings: Settings):
