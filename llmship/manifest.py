@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,23 @@ from pydantic import BaseModel, Field, field_validator
 from llmship.errors import UnsafeKey
 
 CHUNK = 8 * 1024 * 1024
+
+
+KEY_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def key_part(value: str, what: str) -> str:
+    """value, if it can be one segment of a store key (a model name, a version, an alias).
+
+    Keys are built from names that reach llmship from flow parameters and the CLI: 'a/../b'
+    or '..' would read or move another model's versions or aliases.
+    """
+    if not isinstance(value, str) or not KEY_PART.fullmatch(value) or ".." in value:
+        raise UnsafeKey(
+            f"{what} {value!r} cannot name anything in the store: use letters, "
+            "digits, '.', '_' and '-' (no '/' and no '..'), at most 128"
+        )
+    return value
 
 
 def inside_path(path: str, what: str = "file path") -> str:

@@ -158,6 +158,11 @@ def _check_reachable(gcs: str) -> None:
         ) from None
 
 
+def uses_ray(settings: Settings) -> bool:
+    """A cluster to ask: one named, or the local stack's (its token exists once it is up)."""
+    return bool(settings.ray_address) or settings.ray_auth_token_file.exists()
+
+
 def connect(settings: Settings) -> None:
     """Join this stack's cluster as a client (a driver), once per process."""
     env = ray_env(settings)

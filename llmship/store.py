@@ -20,18 +20,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
 from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import boto3
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config
 from botocore.exceptions import ClientError
-from pydantic import AfterValidator, BaseModel, ValidationError, model_validator
+from pydantic import ValidationError
 from s3transfer.subscribers import BaseSubscriber
 from s3transfer.utils import S3_RETRYABLE_DOWNLOAD_ERRORS
 
@@ -44,7 +43,15 @@ from llmship.errors import (
     UnsafeKey,
     VersionConflict,
 )
-from llmship.manifest import FileEntry, Manifest, hash_dir, inside_path, relative_files
+from llmship.manifest import (
+    FileEntry,
+    Manifest,
+    hash_dir,
+    inside_path,
+    key_part,
+    relative_files,
+)
+from llmship.serving_messages import Alias, AliasScan
 from llmship.settings import Settings
 
 MANIFEST = "manifest.json"
@@ -142,60 +149,6 @@ def _status(err: ClientError) -> int:
 
 def _code(err: ClientError) -> str:
     return str(err.response.get("Error", {}).get("Code", ""))
-
-
-KEY_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-
-
-def key_part(value: str, what: str) -> str:
-    """value, if it can be one segment of a store key (a model name, a version, an alias).
-
-    Keys are built from names that reach llmship from flow parameters and the CLI: 'a/../b'
-    or '..' would read or move another model's versions or aliases.
-    """
-    if not isinstance(value, str) or not KEY_PART.fullmatch(value) or ".." in value:
-        raise UnsafeKey(
-            f"{what} {value!r} cannot name anything in the store: use letters, "
-            "digits, '.', '_' and '-' (no '/' and no '..'), at most 128"
-        )
-    return value
-
-
-class Alias(BaseModel):
-    """An alias document, aliases/<model>/<alias>.json, as move_alias writes it."""
-
-    model: str | None = None
-    alias: str | None = None
-    version: Annotated[str, AfterValidator(lambda v: key_part(v, "version"))]
-    previous: str | None = None  # what the alias named before this move
-    updated_at: str | None = None
-    reason: str = ""
-    # An operator's allow_ungated override put a version without a passing gate record here.
-    ungated_override: bool = False
-
-    @model_validator(mode="before")
-    @classmethod
-    def _only_the_version_must_be_right(cls, data: Any) -> Any:
-        """What routes is `version`; a hand-edited note beside it (a number as the reason)
-        drops that note, not the alias."""
-        if not isinstance(data, dict):
-            return data
-        kept = dict(data)
-        for name, kind in (("model", str), ("alias", str), ("previous", str), ("updated_at", str)):
-            if not isinstance(kept.get(name), kind | None):
-                kept[name] = None
-        if not isinstance(kept.get("reason", ""), str):
-            kept["reason"] = str(kept["reason"])
-        if not isinstance(kept.get("ungated_override", False), bool):
-            kept["ungated_override"] = False
-        return kept
-
-
-class AliasScan(BaseModel):
-    """Every `live` alias that could be read, and what is wrong with each one that could not."""
-
-    aliases: dict[str, Alias] = {}  # model -> its live alias
-    problems: dict[str, str] = {}  # key -> what is wrong with it
 
 
 def version_prefix(model: str, version: str) -> str:
@@ -542,16 +495,14 @@ class ArtifactStore:
                 f"only a published one (`llmship versions {model}` lists them)"
             )
         found = self.get_json(key)
-        earlier = found[0].get("version") if found and isinstance(found[0], dict) else None
+        earlier = _named(found[0]) if found else None
         body = Alias(
             model=model,
             alias=alias,
             version=version,
             # What the alias named before, if that is a version (a hand-edited or stale
             # alias may name one that does not exist: never carried on).
-            previous=earlier
-            if isinstance(earlier, str) and self.is_published(model, earlier)
-            else None,
+            previous=earlier if earlier and self.is_published(model, earlier) else None,
             updated_at=datetime.now(UTC).isoformat(),
             reason=reason,
             ungated_override=ungated_override,
@@ -598,3 +549,11 @@ class ArtifactStore:
                 ExtraArgs={"ChecksumAlgorithm": "SHA256"},
                 Config=self.transfer,
             )
+
+
+def _named(document: Any) -> str | None:
+    """The version an alias document names, if it names one."""
+    try:
+        return Alias.model_validate(document).version
+    except ValidationError:
+        return None

@@ -16,9 +16,10 @@ check, and keeps the applications when the flow run that made them ends: a versi
 the run that rolled it out. The applications are the Serve controller's; llmship keeps no
 record of its own.
 
-The directory is a detached Ray actor that knows the engine address of every replica (each
-registers itself once its engine is healthy), drops replicas that are gone, and stops versions
-whose warm period is over. The gateway reads it to relay requests straight to an engine.
+The directory (serving/directory.py) is a detached Ray actor that knows the engine address of
+every replica (each registers itself once its engine is healthy), drops replicas that are
+gone, and stops versions whose warm period is over and that no gateway reports it routes to.
+The gateway reads it to relay requests straight to an engine.
 
 Holds: the process that acquires a version's servers holds them until it releases them, keeps
 them warm or lets them go (they serve), renewing the hold from a thread of its own
@@ -30,7 +31,6 @@ servers ran on with no deadline, a model's worth of memory each).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
@@ -42,29 +42,15 @@ from llmship import ray_cluster
 from llmship.contracts import ServeSpec
 from llmship.errors import EngineArgumentRefused, IntegrityError, ServingError, UngatedVersion
 from llmship.manifest import digest_of
-from llmship.settings import AutoscalingBlock, ServingConfig, Settings, get_settings
+from llmship.serving_messages import Deployed, Endpoint, Snapshot
+from llmship.settings import AutoscalingBlock, ServingConfig, Settings
 from serving import engines
 from serving.autoscale import ray_autoscaling_config
+from serving.directory import app_name, directory, parse_app_name
+from serving.directory import gateways as gateways_heard
 from serving.replica import ReplicaSpec
 
 log = logging.getLogger("llmship.fleet")
-DIRECTORY = "llmship-fleet-directory"
-EVAL_PREFIX = "eval--"
-
-
-class Endpoint(BaseModel):
-    """One replica's engine, as the gateway reaches it."""
-
-    url: str
-    replica: str
-    node_ip: str
-    node_id: str
-    gpus: list[str] = []
-    log: str = ""  # the engine's log, on its node
-    # The replica's cold start, seconds: the version fetched to the node's cache (0 when a
-    # replica before it on the node fetched it), then the engine started to healthy.
-    fetch_s: float | None = None
-    engine_start_s: float | None = None
 
 
 class Server(BaseModel):
@@ -88,202 +74,13 @@ class Server(BaseModel):
         return self.endpoints[0].url
 
 
-def app_name(model: str, version: str) -> str:
-    return f"{model}--{version}"
-
-
-def eval_app_name(model: str, build_key: str) -> str:
-    return f"{EVAL_PREFIX}{model}--{build_key}"
-
-
-# ------------------------------------------------------------------ the directory actor
-
-
-def serves_traffic(
-    settings: Settings, model: str, version: str, gateways: list[str] | None = None
-) -> bool | None:
-    """Whether a gateway (or, failing them, the live alias) sends traffic to version; None
-    when neither can be asked."""
-    import httpx
-
-    from serving.gateway_admin import gateway_routes
-
-    try:
-        for routes in gateway_routes(settings, gateways).values():
-            route = routes.get(model) or {}
-            canary = route.get("canary") or {}
-            if version in (route.get("version"), canary.get("version")):
-                return True
-        return False
-    except httpx.HTTPError as exc:
-        log.warning("a gateway is not reachable (%s): asking S3 instead", exc)
-    try:
-        from llmship.store import ArtifactStore
-
-        return ArtifactStore(settings).read_alias(model, "live") == version
-    except Exception as exc:  # noqa: BLE001 - S3 down too: the caller keeps the server
-        log.warning("S3 not reachable either (%s)", exc)
-        return None
-
-
-class Directory:
-    """Where each application's replicas' engines are, and which applications are kept warm
-    until when. Lives on the head node, detached: it outlives every client. Should it be
-    restarted, the replicas register again at their next health check (every 5 s); the warm
-    deadlines it held are lost, and those versions stay up until released."""
-
-    PRUNE_INTERVAL_S = 1.0
-
-    def __init__(self) -> None:
-        self.endpoints: dict[str, dict[str, dict]] = {}  # app -> replica -> endpoint
-        self.actors: dict[tuple[str, str], object] = {}
-        self.warm_until: dict[str, float] = {}
-        self.deployments: dict[str, dict] = {}  # app -> the spec and serving config it runs
-        self.gateways: dict[str, float] = {}  # gateway URL -> when it last said it was up
-        self.held_until: dict[str, float] = {}  # app -> until when its acquirer holds it
-        self._loop = asyncio.get_event_loop().create_task(self._maintain())
-
-    async def register(self, app: str, endpoint: dict, actor) -> None:
-        self.endpoints.setdefault(app, {})[endpoint["replica"]] = endpoint
-        self.actors[(app, endpoint["replica"])] = actor
-
-    async def unregister(self, app: str, replica: str) -> None:
-        self.endpoints.get(app, {}).pop(replica, None)
-        self.actors.pop((app, replica), None)
-
-    async def forget(self, app: str) -> None:
-        for replica in list(self.endpoints.pop(app, {})):
-            self.actors.pop((app, replica), None)
-        self.warm_until.pop(app, None)
-        self.held_until.pop(app, None)
-        self.deployments.pop(app, None)
-
-    async def set_deployed(self, app: str, deployed: dict) -> None:
-        self.deployments[app] = deployed
-
-    async def deployed(self, app: str) -> dict | None:
-        return self.deployments.get(app)
-
-    async def all_deployed(self) -> dict:
-        return dict(self.deployments)
-
-    async def gateway_down(self, url: str) -> None:
-        self.gateways.pop(url, None)
-
-    async def live_gateways(self, seen_within_s: float) -> list[str]:
-        now = time.time()
-        return sorted(url for url, seen in self.gateways.items() if now - seen <= seen_within_s)
-
-    async def snapshot(self, gateway: str | None = None) -> dict:
-        """Where every replica's engine listens; a gateway asking says so that it is up."""
-        if gateway:
-            self.gateways[gateway] = time.time()
-        return {
-            "endpoints": {app: list(reps.values()) for app, reps in self.endpoints.items() if reps},
-            "warm_until": dict(self.warm_until),
-        }
-
-    async def set_warm_until(self, app: str, deadline: float | None) -> None:
-        if deadline is None:
-            self.warm_until.pop(app, None)
-        else:
-            self.warm_until[app] = deadline
-            self.held_until.pop(app, None)  # kept warm: the deadline decides now
-
-    async def hold(self, app: str, lease_s: float) -> None:
-        """app's acquirer holds it for lease_s more (this actor's clock: no skew between
-        hosts)."""
-        self.held_until[app] = time.time() + lease_s
-
-    async def let_go(self, app: str) -> None:
-        self.held_until.pop(app, None)
-
-    async def _maintain(self) -> None:
-        while True:
-            await asyncio.sleep(self.PRUNE_INTERVAL_S)
-            try:
-                await self._prune()
-                await self._retire()
-            except Exception:  # noqa: BLE001 - the next round tries again
-                log.exception("directory maintenance failed")
-
-    async def _prune(self) -> None:
-        """Drop replicas whose actor is gone (killed, or its node lost): they cannot say so."""
-        import ray
-
-        for (app, replica), actor in list(self.actors.items()):
-            try:
-                await asyncio.wait_for(actor.__ray_ready__.remote(), timeout=5.0)
-            except TimeoutError:
-                continue  # busy, not gone
-            except ray.exceptions.RayActorError:
-                log.warning("replica %s of %s is gone", replica, app)
-                await self.unregister(app, replica)
-
-    async def _retire(self) -> None:
-        from ray import serve
-
-        now = time.time()
-        for app, until in list(self.held_until.items()):
-            if until > now:
-                continue
-            # Its acquirer stopped renewing: its process was killed, or its run cancelled,
-            # before the servers took traffic or were released.
-            del self.held_until[app]
-            if app not in self.warm_until:
-                log.warning("%s: the run that held it is gone; retiring it", app)
-                self.warm_until[app] = now
-        for app, deadline in list(self.warm_until.items()):
-            if deadline > now:
-                continue
-            model, version, _ = parse_app_name(app) or (app, "", "")
-            settings = get_settings()
-            gateways = await self.live_gateways(settings.gateway_seen_within_s)
-            serving = await asyncio.to_thread(
-                serves_traffic, settings, model, version, gateways or [settings.gateway_url]
-            )
-            if serving is False:
-                log.warning("stopping %s: its warm period is over", app)
-                await asyncio.to_thread(serve.delete, app, False)
-                await self.forget(app)
-            else:
-                log.warning(
-                    "%s keeps running: %s",
-                    app,
-                    "traffic is back on it" if serving else "cannot tell whether it serves",
-                )
-                self.warm_until.pop(app, None)
-
-
-def directory():
-    """The directory actor (started on first use, on the head node)."""
-    import ray
-
-    return (
-        ray.remote(Directory)
-        .options(
-            name=DIRECTORY,
-            namespace=ray_cluster.NAMESPACE,
-            lifetime="detached",
-            get_if_exists=True,
-            num_cpus=0,
-            max_restarts=-1,
-            # On the head, beside the Serve controller: it lives as long as the cluster does.
-            resources={"node:__internal_head__": 0.001},
-        )
-        .remote()
-    )
-
-
 # ------------------------------------------------------------------ what callers use
 
 
 def gateways(settings: Settings) -> list[str]:
     """The gateways relaying to this fleet: those heard from within gateway_seen_within_s."""
     _connect(settings)  # first: Ray reads the cluster's settings when it is imported
-    import ray
-
-    return ray.get(directory().live_gateways.remote(settings.gateway_seen_within_s))
+    return gateways_heard(settings)
 
 
 def _connect(settings: Settings) -> None:
@@ -303,14 +100,7 @@ def _statuses() -> dict:
     return serve.status().applications
 
 
-def parse_app_name(app: str) -> tuple[str, str, str] | None:
-    """(model, version or build key, role) of an application llmship made; None otherwise."""
-    role = "evaluation" if app.startswith(EVAL_PREFIX) else "serving"
-    model, sep, version = app.removeprefix(EVAL_PREFIX).rpartition("--")
-    return (model, version, role) if sep and model else None
-
-
-def _servers(statuses: dict, snap: dict, model: str | None = None) -> list[Server]:
+def _servers(statuses: dict, snap: Snapshot, model: str | None = None) -> list[Server]:
     servers = []
     for app, status in statuses.items():
         parsed = parse_app_name(app)
@@ -331,8 +121,8 @@ def _servers(statuses: dict, snap: dict, model: str | None = None) -> list[Serve
                 role=parsed[2],
                 status=str(getattr(status.status, "value", status.status)),
                 replicas=sum(counts.values()),
-                endpoints=[Endpoint.model_validate(e) for e in snap["endpoints"].get(app, [])],
-                warm_until=snap["warm_until"].get(app),
+                endpoints=snap.endpoints.get(app, []),
+                warm_until=snap.warm_until.get(app),
                 message=message,
             )
         )
@@ -391,11 +181,11 @@ def acquire(
         deployed = ray.get(directory().deployed.remote(spec.app))
         if serving is not None and (
             deployed is None
-            or placement(ServingConfig.model_validate(deployed["serving"])) != placement(serving)
+            or placement(ServingConfig.model_validate(deployed.serving)) != placement(serving)
         ):
             # In place: with the spec it runs (the gate's candidate server runs its build's
             # copy under the version's name), Serve only adds or removes replicas.
-            running_spec = ReplicaSpec.model_validate(deployed["spec"]) if deployed else spec
+            running_spec = ReplicaSpec.model_validate(deployed.spec) if deployed else spec
             return _redeploy(settings, running_spec, serving), False
         return _wait_ready(settings, spec.app, timeout_s or 60.0), False
     _deploy(settings, spec, serving or _placement_like(spec.model))
@@ -447,7 +237,7 @@ def _deploy(settings: Settings, spec: ReplicaSpec, serving: ServingConfig) -> No
     ray.get(
         directory().set_deployed.remote(
             spec.app,
-            {"spec": spec.model_dump(mode="json"), "serving": serving.model_dump(mode="json")},
+            Deployed(spec=spec.model_dump(mode="json"), serving=serving.model_dump(mode="json")),
         )
     )
     # Not serve.run: it waits for the application without a limit; _wait_ready has one and
@@ -466,7 +256,7 @@ def _placement_like(model: str) -> ServingConfig:
     for app, deployed in ray.get(directory().all_deployed.remote()).items():
         parsed = parse_app_name(app)
         if parsed and parsed[0] == model and parsed[2] == "serving":
-            return ServingConfig.model_validate(deployed["serving"])
+            return ServingConfig.model_validate(deployed.serving)
     return ServingConfig()
 
 
@@ -667,8 +457,8 @@ def _deployed(server: Server) -> tuple[ReplicaSpec, ServingConfig]:
             "cluster restarted under it): roll it out again"
         )
     return (
-        ReplicaSpec.model_validate(deployed["spec"]),
-        ServingConfig.model_validate(deployed["serving"]),
+        ReplicaSpec.model_validate(deployed.spec),
+        ServingConfig.model_validate(deployed.serving),
     )
 
 

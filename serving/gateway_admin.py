@@ -1,16 +1,34 @@
-"""The gateway's admin API as its callers use it: the rollout (reads and moves routes) and the
-fleet (whether a version still takes traffic). Bearer token from Settings.
+"""The gateway's admin API as its callers use it: the rollout (reads and moves routes, reads
+the shadow pairs) and the gates (whether a version still takes traffic). Bearer token from
+Settings. A client only: it imports no server (the gateway's app, the fleet); the gateways it
+calls are those the fleet's directory heard from.
 
 There can be several gateways, each relaying to the same fleet (behind a load balancer, or one
 per host): every one tells the fleet's directory it is up, and a route moves on all of them.
-Without a Ray cluster to ask (tests of the gateway alone), the stack's own gateway."""
+Without a Ray cluster to ask (tests of the gateway alone), the stack's own gateway.
+
+The messages are llmship/serving_messages.py's. model_route, shadow_kept and the dicts
+route_traffic and keep_routed take are their JSON, for callers that still read them by key
+(tasks/rollout.py); route_of and shadow_pairs give the models.
+"""
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import httpx
+from pydantic import TypeAdapter, ValidationError
 
 from llmship.errors import ServingError
+from llmship.ray_cluster import uses_ray
+from llmship.serving_messages import Canary, KeptPairs, Route, RouteOrder, Shadow
 from llmship.settings import Settings
+from serving import directory
+
+log = logging.getLogger("llmship.fleet")
+ROUTES = TypeAdapter(dict[str, Route])  # GET /admin/routes
+KEPT = TypeAdapter(dict[str, KeptPairs])  # GET /admin/shadow/{model}
 
 
 def _auth(settings: Settings) -> dict[str, str]:
@@ -19,45 +37,64 @@ def _auth(settings: Settings) -> dict[str, str]:
 
 def gateway_urls(settings: Settings) -> list[str]:
     """Every gateway that relays to the fleet now; the stack's own if none said so yet."""
-    from serving.gateway import uses_ray
-
     if uses_ray(settings):
-        from serving import fleet
-
-        urls = fleet.gateways(settings)
+        urls = directory.gateways(settings)
         if urls:
             return urls
     return [settings.gateway_url]
 
 
-def gateway_routes(settings: Settings, urls: list[str] | None = None) -> dict[str, dict]:
+def gateway_routes(
+    settings: Settings, urls: list[str] | None = None
+) -> dict[str, dict[str, Route]]:
     """{gateway URL: {model: route}} as each gateway routes now; raises httpx.HTTPError if
     one cannot say."""
     routes = {}
     for url in urls or gateway_urls(settings):
         resp = httpx.get(f"{url}/admin/routes", timeout=10.0, headers=_auth(settings))
         resp.raise_for_status()
-        routes[url] = resp.json()
+        routes[url] = ROUTES.validate_json(resp.content)
     return routes
 
 
-def model_route(settings: Settings, model: str) -> dict | None:
+def route_of(settings: Settings, model: str) -> Route | None:
     """model's route as the gateways route it: the first one's (they differ only while a
     route moves)."""
     return next(iter(gateway_routes(settings).values())).get(model)
+
+
+def model_route(settings: Settings, model: str) -> dict[str, Any] | None:
+    """route_of, as JSON."""
+    route = route_of(settings, model)
+    return route.model_dump() if route else None
+
+
+def _order(
+    model: str,
+    version: str,
+    canary: Canary | dict | None,
+    shadow: Shadow | dict | None,
+) -> RouteOrder:
+    try:
+        return RouteOrder(version=version, canary=canary, shadow=shadow)
+    except ValidationError as exc:
+        raise ServingError(
+            f"the route to {model} {version} is not one a gateway takes: {exc}"
+        ) from exc
 
 
 def route_traffic(
     settings: Settings,
     model: str,
     version: str,
-    canary: dict | None = None,
+    canary: Canary | dict | None = None,
     urls: list[str] | None = None,
-    shadow: dict | None = None,
+    shadow: Shadow | dict | None = None,
 ) -> None:
-    """All of model's traffic to version's replicas, or canary['percent'] of it to
-    canary['version']'s, on every gateway (or those of urls); with a shadow
-    (serving/shadow.py: Shadow), copies of a share of version's requests to shadow['version']."""
+    """All of model's traffic to version's replicas, or canary.percent of it to
+    canary.version's, on every gateway (or those of urls); with a shadow, copies of a share
+    of version's requests to shadow.version."""
+    order = _order(model, version, canary, shadow)
     refused = []
     for url in urls or gateway_urls(settings):
         try:
@@ -65,7 +102,7 @@ def route_traffic(
                 f"{url}/admin/routes/{model}",
                 timeout=10.0,
                 headers=_auth(settings),
-                json={"version": version, "canary": canary, "shadow": shadow},
+                json=order.model_dump(),
             )
         except httpx.HTTPError as exc:
             refused.append(f"{url}: {type(exc).__name__}: {exc}")
@@ -83,31 +120,31 @@ def keep_routed(
     gateways: list[str],
     model: str,
     version: str,
-    canary: dict | None,
-    shadow: dict | None = None,
+    canary: Canary | dict | None,
+    shadow: Shadow | dict | None = None,
 ) -> list[str]:
     """Give the route to each of gateways that lacks it (one that started or restarted since
     it moved: a restart routes by the live alias); the URLs it was given to."""
-    wanted = (version, canary and (canary["version"], canary["percent"]), shadow)
+    wanted = _order(model, version, canary, shadow)
     lacking = []
     for url in gateways:
         try:
-            route = gateway_routes(settings, [url])[url].get(model) or {}
+            route = gateway_routes(settings, [url])[url].get(model)
         except httpx.HTTPError:
             continue  # gone: it drops out of the fleet's list (read_traffic leaves it out)
-        now = route.get("canary")
-        shadowed = route.get("shadow")
-        if (route.get("version"), now and (now["version"], now["percent"]), shadowed) != wanted:
+        if route is None or route.order() != wanted:
             lacking.append(url)
     if lacking:
-        route_traffic(settings, model, version, canary, urls=lacking, shadow=shadow)
+        route_traffic(settings, model, version, wanted.canary, urls=lacking, shadow=wanted.shadow)
     return lacking
 
 
-def shadow_kept(settings: Settings, gateways: list[str], model: str, since: float) -> dict:
-    """What the gateways kept of model's shadow pairs since a time: {version: {pairs,
-    examples}}, every gateway's together. One that does not answer is left out."""
-    kept: dict[str, dict[str, list]] = {}
+def shadow_pairs(
+    settings: Settings, gateways: list[str], model: str, since: float
+) -> dict[str, KeptPairs]:
+    """What the gateways kept of model's shadow pairs since a time, by version, every
+    gateway's together. One that does not answer is left out."""
+    kept: dict[str, KeptPairs] = {}
     for url in gateways:
         try:
             resp = httpx.get(
@@ -119,8 +156,35 @@ def shadow_kept(settings: Settings, gateways: list[str], model: str, since: floa
             resp.raise_for_status()
         except httpx.HTTPError:
             continue
-        for version, found in resp.json().items():
-            mine = kept.setdefault(version, {"pairs": [], "examples": []})
-            mine["pairs"] += found["pairs"]
-            mine["examples"] += found["examples"]
+        for version, found in KEPT.validate_json(resp.content).items():
+            kept[version] = kept.get(version, KeptPairs()) + found
     return kept
+
+
+def shadow_kept(
+    settings: Settings, gateways: list[str], model: str, since: float
+) -> dict[str, dict[str, list]]:
+    """shadow_pairs, as JSON: {version: {pairs, examples}}."""
+    return {v: k.model_dump() for v, k in shadow_pairs(settings, gateways, model, since).items()}
+
+
+def serves_traffic(
+    settings: Settings, model: str, version: str, gateways: list[str] | None = None
+) -> bool | None:
+    """Whether a gateway (or, failing them, the live alias) sends traffic to version; None
+    when neither can be asked."""
+    try:
+        return any(
+            version in routes[model].versions()
+            for routes in gateway_routes(settings, gateways).values()
+            if model in routes
+        )
+    except httpx.HTTPError as exc:
+        log.warning("a gateway is not reachable (%s): asking S3 instead", exc)
+    try:
+        from llmship.store import ArtifactStore
+
+        return ArtifactStore(settings).read_alias(model, "live") == version
+    except Exception as exc:  # noqa: BLE001 - S3 down too: the caller keeps the server
+        log.warning("S3 not reachable either (%s)", exc)
+        return None

@@ -18,7 +18,7 @@ A request whose connection is gone before its answer is whole is marked so in it
 once and count it as the client's doing. uvicorn takes what is sent to a lost connection
 without a word, and a relay that reads a fast model server never waits long enough for
 Starlette's cancellation to reach it: it went on reading the engine's answer into nothing.
-The body's limits (its time and size) are the application's (serving/gateway.py), which
+The body's limits (its time and size) are the application's (serving/gateway/reading.py), which
 reads it before the request takes an in-flight slot.
 """
 

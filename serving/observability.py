@@ -1,6 +1,6 @@
 """What the gateway tells those who watch it, beside its request metrics: where the engines'
 own metrics are (a Prometheus file_sd file), how many tokens each answer carried, and one
-access-log line per request. Pure functions and small value types; serving/gateway.py calls
+access-log line per request. Pure functions and small value types; serving/gateway/ calls
 them.
 
 - Scrape targets: every engine listens on a port its replica picked when it started, so a
@@ -34,7 +34,7 @@ EVAL_PREFIX = "eval--"  # serving/fleet.py's evaluation servers (the gateway doe
 
 
 class EngineEndpoint(BaseModel):
-    """One replica's engine as the fleet's directory lists it (serving/fleet.py: Endpoint)."""
+    """One replica's engine as the fleet's directory lists it (serving/directory.py: Endpoint)."""
 
     model_config = ConfigDict(extra="ignore")
     url: str

@@ -61,7 +61,7 @@ def server_env(settings: Settings, target: Target = Target.VLLM) -> dict[str, st
     env.setdefault("DO_NOT_TRACK", "1")
     # Stored responses (/v1/responses with `store`) live in one engine's memory, never freed,
     # and the gateway cannot send a follow-up to the replica that holds one: off, whatever
-    # the host's environment says (serving/gateway.py: ResponsesRequest).
+    # the host's environment says (serving/gateway/schemas.py: ResponsesRequest).
     env["VLLM_ENABLE_RESPONSES_API_STORE"] = "0"
     # The engine reads nothing from S3 and joins no Ray cluster: none of the stack's secrets.
     for name in list(env):
@@ -239,7 +239,8 @@ class ModelReplica:
             fetched - started,
             healthy - fetched,
         )
-        from serving.fleet import Endpoint, directory
+        from llmship.serving_messages import Endpoint
+        from serving.directory import directory
 
         self.endpoint = Endpoint(
             url=self.url,
@@ -302,7 +303,7 @@ class ModelReplica:
         try:
             import ray
 
-            from serving.fleet import directory
+            from serving.directory import directory
 
             ray.get(directory().unregister.remote(self.spec.app, self.replica_id), timeout=5)
         except Exception:  # noqa: BLE001 - the directory drops replicas that are gone anyway

@@ -26,47 +26,14 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
+
+from llmship.serving_messages import Agreement, Example, KeptPairs, ScoredPair, Shadow
 
 log = logging.getLogger("llmship.gateway.shadow")
-
-Agreement = Literal["exact", "answer", "none"]
-
-
-class Shadow(BaseModel):
-    """A route's shadow: what share of the live version's requests is copied to whom.
-    Strict: it comes in the gateway's admin API, which converts no field's type."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    version: str = Field(min_length=1)
-    fraction: float = Field(gt=0, le=1)
-    max_rps: float = Field(gt=0)
-    keep_examples: int = Field(0, ge=0, le=100)
-
-
-class ScoredPair(BaseModel):
-    """One live request and the candidate's answer to its copy, as hashes."""
-
-    at: float
-    request_sha256: str
-    live_sha256: str
-    candidate_sha256: str
-    agreement: Agreement
-
-
-class Example(BaseModel):
-    """A disagreeing pair in full: kept only when the policy asks for examples."""
-
-    at: float
-    request_sha256: str
-    prompt: Any
-    live: str
-    candidate: str
-
 
 # ------------------------------------------------------------------ pure parts
 
@@ -324,15 +291,19 @@ class Shadower:
 
     # -- what the rollout reads
 
-    def kept(self, model: str, since: float) -> dict[str, dict[str, list[dict]]]:
-        """{version: {pairs, examples}} scored since a time, for every version of model."""
+    def kept(self, model: str, since: float) -> dict[str, dict[str, Any]]:
+        """kept_since as JSON, as GET /admin/shadow/{model} answers it."""
         return {
-            version: {
-                "pairs": [p.model_dump() for p in pairs if p.at >= since],
-                "examples": [
-                    e.model_dump() for e in self.examples.get((m, version), ()) if e.at >= since
-                ],
-            }
+            version: kept.model_dump() for version, kept in self.kept_since(model, since).items()
+        }
+
+    def kept_since(self, model: str, since: float) -> dict[str, KeptPairs]:
+        """What was scored since a time, for every version of model."""
+        return {
+            version: KeptPairs(
+                pairs=[p for p in pairs if p.at >= since],
+                examples=[e for e in self.examples.get((m, version), ()) if e.at >= since],
+            )
             for (m, version), pairs in self.pairs.items()
             if m == model
         }

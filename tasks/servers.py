@@ -15,6 +15,8 @@ from llmship.contracts import Build, Side
 from llmship.errors import LlmshipError
 from llmship.settings import ServingConfig, Settings, get_settings
 from serving import fleet
+from serving.directory import eval_app_name
+from serving.gateway_admin import serves_traffic
 from serving.replica import ReplicaSpec
 
 
@@ -25,9 +27,7 @@ def keeps_for_rollout(side: Side) -> bool:
 def server_spec(build: Build, model: str, side: Side) -> ReplicaSpec:
     keep = keeps_for_rollout(side)
     return ReplicaSpec(
-        app=fleet.app_name(model, build.version)
-        if keep
-        else fleet.eval_app_name(model, build.version),
+        app=fleet.app_name(model, build.version) if keep else eval_app_name(model, build.version),
         model=model,
         version=build.version,
         role="serving" if keep else "evaluation",
@@ -52,7 +52,7 @@ def release_kept(settings: Settings, model: str, candidate: Build, baseline: Bui
     for build, side in ((candidate, Side.CANDIDATE), (baseline, Side.BASELINE)):
         spec = server_spec(build, model, side)
         kept = fleet.find(settings, model, spec.version, spec.app)
-        if kept and fleet.serves_traffic(settings, model, kept.version) is False:
+        if kept and serves_traffic(settings, model, kept.version) is False:
             fleet.release(settings, kept)
 
 

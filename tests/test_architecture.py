@@ -99,3 +99,92 @@ def test_no_stage_reads_a_manifest_by_string_key():
         if keyed.search(line)
     ]
     assert wrong == []
+
+
+def module_of(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Each project module -> the project modules it imports, wherever the import is (inside a
+    function too: it hides a circle from Python at import time, it does not remove it)."""
+    paths = {module_of(p): p for package in FLOORS for p in package_modules(package)}
+
+    def resolve(name: str) -> str | None:
+        """The project module a dotted name is, or is in (`serving.fleet.acquire`)."""
+        while name and name not in paths:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {}
+    for module, path in paths.items():
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {resolve(alias.name) for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # `from . import x`, `from .y import x`
+                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join([*up, *([base] if base else [])])
+                found |= {resolve(f"{base}.{alias.name}") for alias in node.names}
+        graph[module] = found - {None, module}
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The groups of modules that import each other, directly or not (each sorted)."""
+
+    def reach(start: str) -> set[str]:
+        seen, todo = set(), list(graph[start])
+        while todo:
+            module = todo.pop()
+            if module not in seen:
+                seen.add(module)
+                todo += graph.get(module, ())
+        return seen
+
+    reached = {module: reach(module) for module in graph}
+    groups = {
+        tuple(sorted(m for m in reached[module] if module in reached[m]))
+        for module in graph
+        if module in reached[module]
+    }
+    return sorted(list(group) for group in groups)
+
+
+def test_no_import_circle():
+    """Control flows one way: no module imports, directly or through others, one that imports
+    it back (the fleet, the replica, the gateway and its admin client did, issue 29)."""
+    found = circles(import_graph())
+    assert found == [], "modules that import each other: " + "; ".join(map(" <-> ".join, found))
+
+
+# The serving control path's messages (llmship/serving_messages.py): routes, canaries,
+# shadows, shadow pairs, the directory's records and the alias documents.
+CONTROL_KEYS = (
+    "version|canary|percent|shadow|fraction|max_rps|keep_examples|since|pairs|examples"
+    "|endpoints|warm_until|routed|spec|serving|previous|ungated_override|alias"
+)
+
+
+def test_nothing_on_the_serving_control_path_is_read_by_string_key():
+    """The gateway, its admin client, the fleet, its directory and the aliases read their
+    messages through the models, never as dicts (issue 29)."""
+    keyed = re.compile(rf"""(\[|\.get\(|\.pop\(|\.setdefault\()\s*["']({CONTROL_KEYS})["']""")
+    paths = [
+        *package_modules("serving"),
+        REPO / "llmship" / "serving_messages.py",
+        REPO / "llmship" / "store.py",
+        REPO / "llmship" / "versions.py",
+    ]
+    wrong = [
+        f"{path.relative_to(REPO)}:{n}: {line.strip()}"
+        for path in paths
+        if path.exists()
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if keyed.search(line)
+    ]
+    assert wrong == []

@@ -12,7 +12,7 @@ BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
 class Gateway:
-    """The gateway's metric families, written the way serving/gateway.py writes them."""
+    """The gateway's metric families, written the way serving/gateway/metrics.py writes them."""
 
     def __init__(self):
         self.registry = CollectorRegistry()

@@ -330,7 +330,8 @@ def test_an_engine_gets_none_of_the_stacks_secrets(monkeypatch):
 
 def test_an_engine_keeps_no_responses_whatever_the_host_says(monkeypatch):
     """A stored response would live in one engine's memory, out of the gateway's reach
-    (serving/gateway.py: ResponsesRequest): the store is off even where the host turns it on."""
+    (serving/gateway/schemas.py: ResponsesRequest): the store is off even where the host turns
+    it on."""
     monkeypatch.setenv("VLLM_ENABLE_RESPONSES_API_STORE", "1")
     assert replica.server_env(Settings(), Target.VLLM)["VLLM_ENABLE_RESPONSES_API_STORE"] == "0"
 

@@ -1,0 +1,215 @@
+"""The messages of the serving control path, typed, in one place: the routes a rollout gives
+the gateways (Route, Canary, Shadow), the shadow pairs the gateways keep for it, the fleet's
+directory's records, and the `live`/`previous` alias documents in S3. The gateway, its admin
+client, the fleet and the rollout all read them through these models, never by string key.
+
+On the wire (JSON over HTTP, documents in S3) each dumps as the dicts it replaces did: a
+document an earlier llmship wrote still reads.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from llmship.manifest import key_part
+
+# ------------------------------------------------------------------ routes
+
+
+def _a_time(since: str) -> str:
+    """An ISO 8601 time /v1/models can give as a unix time: `since: "x"` was taken, and every
+    /v1/models after it answered 500."""
+    try:
+        datetime.fromisoformat(since).timestamp()
+    except (ValueError, OverflowError, OSError):
+        raise PydanticCustomError(
+            "iso_time", "an ISO 8601 time, as 2026-01-31T12:00:00+00:00"
+        ) from None
+    return since
+
+
+# Strict, as the requests are: an admin field of the wrong type is refused, never converted.
+class Canary(BaseModel):
+    """A new version taking a share of a model's traffic while a rollout watches it."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    version: str = Field(min_length=1)
+    percent: float = Field(gt=0, lt=100)
+
+
+class Shadow(BaseModel):
+    """A route's shadow: what share of the live version's requests is copied to whom.
+    Strict: it comes in the gateway's admin API, which converts no field's type."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    version: str = Field(min_length=1)
+    fraction: float = Field(gt=0, le=1)
+    max_rps: float = Field(gt=0)
+    keep_examples: int = Field(0, ge=0, le=100)
+
+
+class RouteOrder(BaseModel):
+    """What a rollout asks a gateway to route (PUT /admin/routes/{model}); the gateway stamps
+    the time it takes it (Route.since)."""
+
+    version: str
+    canary: Canary | None = None
+    shadow: Shadow | None = None
+
+
+class Route(BaseModel):
+    """A model's route on a gateway: its live version, a canary's share, a shadow."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    version: str = Field(min_length=1)
+    since: Annotated[str, AfterValidator(_a_time)] = Field(
+        default_factory=lambda: datetime.now(UTC).isoformat()
+    )
+    canary: Canary | None = None
+    # Copies of a share of the live version's requests, scored against the candidate's
+    # answers (serving/shadow.py): during a canary, and in a shadow-only step before it.
+    shadow: Shadow | None = None
+
+    @model_validator(mode="after")
+    def _shadow_is_the_candidate(self) -> Route:
+        if self.shadow and self.shadow.version == self.version:
+            raise ValueError("the shadow must be another version than the live one")
+        if self.shadow and self.canary and self.shadow.version != self.canary.version:
+            raise ValueError("the shadow must be the canary's version")
+        return self
+
+    def versions(self) -> list[str]:
+        """The versions that take the model's traffic: the live one and a canary's."""
+        return [self.version, *([self.canary.version] if self.canary else [])]
+
+    def order(self) -> RouteOrder:
+        return RouteOrder(version=self.version, canary=self.canary, shadow=self.shadow)
+
+
+# ------------------------------------------------------------------ shadow pairs
+
+Agreement = Literal["exact", "answer", "none"]
+
+
+class ScoredPair(BaseModel):
+    """One live request and the candidate's answer to its copy, as hashes."""
+
+    at: float
+    request_sha256: str
+    live_sha256: str
+    candidate_sha256: str
+    agreement: Agreement
+
+
+class Example(BaseModel):
+    """A disagreeing pair in full: kept only when the policy asks for examples."""
+
+    at: float
+    request_sha256: str
+    prompt: Any
+    live: str
+    candidate: str
+
+
+class KeptPairs(BaseModel):
+    """What gateways kept of one version's shadow pairs (GET /admin/shadow/{model}, one per
+    version), and what the rollout stores of a step's."""
+
+    pairs: list[ScoredPair] = []
+    examples: list[Example] = []
+
+    def __add__(self, other: KeptPairs) -> KeptPairs:
+        return KeptPairs(pairs=self.pairs + other.pairs, examples=self.examples + other.examples)
+
+
+# ------------------------------------------------------------------ the fleet's directory
+
+
+class Endpoint(BaseModel):
+    """One replica's engine, as the gateway reaches it."""
+
+    url: str
+    replica: str
+    node_ip: str
+    node_id: str
+    gpus: list[str] = []
+    log: str = ""  # the engine's log, on its node
+    # The replica's cold start, seconds: the version fetched to the node's cache (0 when a
+    # replica before it on the node fetched it), then the engine started to healthy.
+    fetch_s: float | None = None
+    engine_start_s: float | None = None
+
+
+class Snapshot(BaseModel):
+    """What the directory knows of the fleet: where each application's replicas' engines
+    listen, and until when the kept-warm ones are kept."""
+
+    endpoints: dict[str, list[Endpoint]] = {}
+    warm_until: dict[str, float] = {}
+
+
+class GatewayReport(BaseModel):
+    """What a gateway routes, as it tells the directory at each refresh: for each model, the
+    versions that take its traffic (Route.versions)."""
+
+    url: str
+    routed: dict[str, list[str]] = {}
+
+    def routes_to(self, model: str, version: str) -> bool:
+        return version in self.routed.get(model, [])
+
+
+class Deployed(BaseModel):
+    """How an application was last deployed: the replica's spec (serving/replica.py:
+    ReplicaSpec, as JSON) and its serving block (llmship/settings.py: ServingConfig, as
+    JSON); a redeploy in place runs the same."""
+
+    spec: dict[str, Any]
+    serving: dict[str, Any]
+
+
+# ------------------------------------------------------------------ aliases
+
+
+class Alias(BaseModel):
+    """An alias document, aliases/<model>/<alias>.json, as ArtifactStore.move_alias writes it.
+    What routes is `version`; a hand-edited note beside it (a number as the reason) drops that
+    note, not the alias."""
+
+    model: str | None = None
+    alias: str | None = None
+    version: Annotated[str, AfterValidator(lambda v: key_part(v, "version"))]
+    previous: str | None = None  # what the alias named before this move
+    updated_at: str | None = None
+    reason: str = ""
+    # An operator's allow_ungated override put a version without a passing gate record here.
+    ungated_override: bool = False
+
+    @field_validator("model", "alias", "previous", "updated_at", mode="before")
+    @classmethod
+    def _a_note(cls, value: Any) -> str | None:
+        return value if isinstance(value, str) else None
+
+    @field_validator("reason", mode="before")
+    @classmethod
+    def _a_reason(cls, value: Any) -> str:
+        return value if isinstance(value, str) else str(value)
+
+    @field_validator("ungated_override", mode="before")
+    @classmethod
+    def _an_override(cls, value: Any) -> bool:
+        return value if isinstance(value, bool) else False
+
+
+class AliasScan(BaseModel):
+    """Every `live` alias that could be read, and what is wrong with each one that could not."""
+
+    aliases: dict[str, Alias] = {}  # model -> its live alias
+    problems: dict[str, str] = {}  # key -> what is wrong with it
