@@ -33,7 +33,7 @@ from llmship.settings import ServingConfig, Settings, get_settings
 from llmship.store import ArtifactStore, version_prefix
 from llmship.versions import read_version
 from serving import fleet
-from serving.gateway_admin import model_route, route_traffic
+from serving.gateway_admin import route_of, route_traffic
 from serving.shadow import Shadow
 
 PROMPT = "Clause: {a} shall pay {b} the sum of ${n},000 no later than May 2, 2027.\nQuestion: "
@@ -44,8 +44,8 @@ TWIN = "benchtwin0001"
 def measure(
     settings: Settings, model: str, shadow_version: str, rounds: int = 6, requests: int = 20
 ) -> dict:
-    live = model_route(settings, model)["version"]
-    shadow = Shadow(version=shadow_version, fraction=1.0, max_rps=1000).model_dump()
+    live = route_of(settings, model).version
+    shadow = Shadow(version=shadow_version, fraction=1.0, max_rps=1000)
     latencies: dict[str, list[float]] = {"without": [], "with": []}
     answered_by: set[str] = set()
     failures = 0

@@ -7,18 +7,16 @@ There can be several gateways, each relaying to the same fleet (behind a load ba
 per host): every one tells the fleet's directory it is up, and a route moves on all of them.
 Without a Ray cluster to ask (tests of the gateway alone), the stack's own gateway.
 
-The messages are llmship/serving_messages.py's. model_route, shadow_kept and the dicts
-route_traffic and keep_routed take are their JSON, for callers that still read them by key
-(tasks/rollout.py); route_of and shadow_pairs give the models.
+The messages are llmship/serving_messages.py's: routes, canaries and shadows go out as models
+and come back as models (route_of, shadow_pairs); no caller reads them by key.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import httpx
-from pydantic import TypeAdapter, ValidationError
+from pydantic import TypeAdapter
 
 from llmship.errors import ServingError
 from llmship.ray_cluster import uses_ray
@@ -63,38 +61,18 @@ def route_of(settings: Settings, model: str) -> Route | None:
     return next(iter(gateway_routes(settings).values())).get(model)
 
 
-def model_route(settings: Settings, model: str) -> dict[str, Any] | None:
-    """route_of, as JSON."""
-    route = route_of(settings, model)
-    return route.model_dump() if route else None
-
-
-def _order(
-    model: str,
-    version: str,
-    canary: Canary | dict | None,
-    shadow: Shadow | dict | None,
-) -> RouteOrder:
-    try:
-        return RouteOrder(version=version, canary=canary, shadow=shadow)
-    except ValidationError as exc:
-        raise ServingError(
-            f"the route to {model} {version} is not one a gateway takes: {exc}"
-        ) from exc
-
-
 def route_traffic(
     settings: Settings,
     model: str,
     version: str,
-    canary: Canary | dict | None = None,
+    canary: Canary | None = None,
     urls: list[str] | None = None,
-    shadow: Shadow | dict | None = None,
+    shadow: Shadow | None = None,
 ) -> None:
     """All of model's traffic to version's replicas, or canary.percent of it to
     canary.version's, on every gateway (or those of urls); with a shadow, copies of a share
     of version's requests to shadow.version."""
-    order = _order(model, version, canary, shadow)
+    order = RouteOrder(version=version, canary=canary, shadow=shadow)
     refused = []
     for url in urls or gateway_urls(settings):
         try:
@@ -120,18 +98,18 @@ def keep_routed(
     gateways: list[str],
     model: str,
     version: str,
-    canary: Canary | dict | None,
-    shadow: Shadow | dict | None = None,
+    canary: Canary | None,
+    shadow: Shadow | None = None,
 ) -> list[str]:
     """Give the route to each of gateways that lacks it (one that started or restarted since
     it moved: a restart routes by the live alias); the URLs it was given to."""
-    wanted = _order(model, version, canary, shadow)
+    wanted = RouteOrder(version=version, canary=canary, shadow=shadow)
     lacking = []
     for url in gateways:
         try:
             route = gateway_routes(settings, [url])[url].get(model)
         except httpx.HTTPError:
-            continue  # gone: it drops out of the fleet's list (read_traffic leaves it out)
+            continue  # gone: it drops out of the fleet's list (tasks/canary.py leaves it out)
         if route is None or route.order() != wanted:
             lacking.append(url)
     if lacking:
@@ -159,13 +137,6 @@ def shadow_pairs(
         for version, found in KEPT.validate_json(resp.content).items():
             kept[version] = kept.get(version, KeptPairs()) + found
     return kept
-
-
-def shadow_kept(
-    settings: Settings, gateways: list[str], model: str, since: float
-) -> dict[str, dict[str, list]]:
-    """shadow_pairs, as JSON: {version: {pairs, examples}}."""
-    return {v: k.model_dump() for v, k in shadow_pairs(settings, gateways, model, since).items()}
 
 
 def serves_traffic(

@@ -1,4 +1,4 @@
-"""How a canary step is judged, from the gateways' counters (pure: tasks/rollout.py reads the
+"""How a canary step is judged, from the gateways' counters (pure: tasks/canary.py reads the
 counters and acts on the verdict).
 
 Per step, over the new version's requests since the step began, summed over every gateway:

@@ -1,7 +1,7 @@
 """Stage 6, rollout: serve a published version and move the gateway's traffic to it.
 
     the version's servers from the fleet (started, or the warm ones reused) -> smoke test of
-    every replica -> canary steps, each baked and judged on
+    every replica -> canary steps (tasks/canary.py), each baked and judged on
     the gateway's own metrics -> switch -> `live`/`previous` aliases (compare-and-swap) ->
     the old version kept warm for a while (the fleet stops it then), older ones stopped
 
@@ -20,37 +20,21 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 
-import httpx
 from prefect import get_run_logger, pause_flow_run, task
 from prefect.input import RunInput
 from pydantic import BaseModel, Field
 
 from llmship import events
 from llmship.contracts import StageOutput
-from llmship.errors import CanaryFailed, ServingError
-from llmship.settings import QualityPolicy, RolloutConfig, ServingConfig, Settings, get_settings
-from llmship.store import ArtifactStore, shadow_prefix
+from llmship.errors import CanaryFailed
+from llmship.serving_messages import Route
+from llmship.settings import RolloutConfig, ServingConfig, Settings, get_settings
+from llmship.store import ArtifactStore
 from llmship.versions import PublishedVersion, check_servable, read_version
 from serving import fleet
-from serving.gateway_admin import (
-    gateway_urls,
-    keep_routed,
-    model_route,
-    route_traffic,
-    shadow_kept,
-)
-from serving.shadow import Shadow
-from tasks.canary_rule import (
-    ShadowScore,
-    StepResult,
-    Traffic,
-    judge,
-    parse_traffic,
-    quantile,
-    render_steps,
-    shadow_score,
-    traffic_since,
-)
+from serving.gateway_admin import route_of, route_traffic
+from tasks.canary import run_canary
+from tasks.canary_rule import StepResult, render_steps
 from tasks.common import (
     record_markdown,
     record_stage_artifact,
@@ -84,206 +68,6 @@ class RolloutApproval(RunInput):
     note: str = Field("", description="why; kept in the run's logs")
 
 
-# ------------------------------------------------------------------ the canary steps
-
-
-def read_traffic(gateways: list[str], model: str, version: str) -> dict[str, Traffic]:
-    """The version's counters at each gateway. One that does not answer (it died: its
-    clients' requests went with it) is left out until it drops out of the fleet's list; none
-    answering is an error."""
-    traffic, unreachable = {}, []
-    for url in gateways:
-        try:
-            resp = httpx.get(f"{url}/metrics", timeout=10.0)
-            resp.raise_for_status()
-        except httpx.HTTPError as exc:
-            unreachable.append(f"{url}: {type(exc).__name__}")
-            continue
-        traffic[url] = parse_traffic(resp.text, model, version)
-    if not traffic:
-        raise ServingError(f"no gateway answered for its metrics: {'; '.join(unreachable)}")
-    return traffic
-
-
-def bake(
-    settings: Settings,
-    server: fleet.Server,
-    live: str,
-    percent: float,
-    cfg: RolloutConfig,
-    log,
-    shadow: Shadow | None = None,
-) -> StepResult:
-    """Watch the new version's share of traffic (percent 0: shadow copies only), on every
-    gateway, for the step's bake, stopping at the first breach."""
-    canary = {"version": server.version, "percent": percent} if percent else None
-    copies = shadow and shadow.model_dump()
-    seconds = cfg.bake_seconds if percent else cfg.quality.shadow_bake_seconds
-    before = read_traffic(gateway_urls(settings), server.model, server.version)
-    started = time.monotonic()
-    while True:
-        time.sleep(
-            min(
-                settings.rollout_check_interval_s,
-                max(0.0, seconds - (time.monotonic() - started)),
-            )
-        )
-        elapsed = time.monotonic() - started
-        gateways = gateway_urls(settings)
-        for url in keep_routed(settings, gateways, server.model, live, canary, copies):
-            log.info("step %s%%: gateway %s had not the step's route: given", percent, url)
-        window = traffic_since(before, read_traffic(gateways, server.model, server.version))
-        finished = elapsed >= seconds
-        breach = judge(window, cfg, finished=finished, shadow_only=not percent)
-        if breach is None:
-            now = fleet.find(settings, server.model, server.version)
-            if now is None or not now.endpoints:
-                breach = f"{server.app} has no running replica left"
-        step = StepResult(
-            percent=percent,
-            seconds=round(elapsed, 1),
-            requests=int(window.requests),
-            errors=int(window.errors),
-            p99_seconds=quantile(0.99, window.buckets),
-            breach=breach,
-            quality=shadow_score(window, cfg.quality) if shadow else None,
-        )
-        if breach or finished:
-            return step
-        log.info(
-            "step %s%%: %d requests, %d errors%s after %.0f s",
-            percent,
-            step.requests,
-            step.errors,
-            f", {step.quality.agreed} of {step.quality.pairs} shadowed answers agreed"
-            if step.quality
-            else "",
-            elapsed,
-        )
-
-
-def keep_shadow_record(
-    settings: Settings,
-    store: ArtifactStore,
-    server: fleet.Server,
-    step: StepResult,
-    number: int,
-    since: float,
-) -> None:
-    """The step's scored pairs, as hashes (and the disagreeing examples the policy keeps), in
-    the artifacts bucket under the version; the first ten examples go into the step's result
-    for the report."""
-    kept = shadow_kept(settings, gateway_urls(settings), server.model, since).get(
-        server.version, {"pairs": [], "examples": []}
-    )
-    stamp = datetime.fromtimestamp(since, UTC).strftime("%Y%m%dT%H%M%SZ")
-    key = f"{shadow_prefix(server.model, server.version)}/{stamp}-step{number}.json"
-    store.put_json(
-        key,
-        {
-            "model": server.model,
-            "version": server.version,
-            "step": step.model_dump(exclude={"quality"}),
-            "score": step.quality.model_dump(exclude={"examples", "stored"}),
-            **kept,
-        },
-    )
-    step.quality.stored = f"s3://{store.bucket}/{key}"
-    step.quality.examples = kept["examples"][:10]
-
-
-def canary_plan(cfg: RolloutConfig) -> list[float]:
-    """The steps' percentages: a shadow-only step (0 %) first when the quality policy asks."""
-    q = cfg.quality
-    return ([0.0] if q.enabled and q.shadow_bake_seconds > 0 else []) + cfg.canary_steps
-
-
-def shadow_of(q: QualityPolicy, version: str) -> Shadow | None:
-    if not q.enabled:
-        return None
-    return Shadow(
-        version=version,
-        fraction=q.sample_fraction,
-        max_rps=q.max_shadow_rps,
-        keep_examples=q.keep_examples,
-    )
-
-
-def canary_step(
-    settings: Settings,
-    store: ArtifactStore,
-    server: fleet.Server,
-    live: str,
-    number: int,
-    percent: float,
-    cfg: RolloutConfig,
-    log,
-) -> StepResult:
-    """One step: percent of the live version's traffic (0: shadow copies only) to the new
-    one, baked and judged; its shadow's pairs kept."""
-    shadow = shadow_of(cfg.quality, server.version)
-    route_traffic(
-        settings,
-        server.model,
-        live,
-        canary={"version": server.version, "percent": percent} if percent else None,
-        shadow=shadow and shadow.model_dump(),
-    )
-    log.info(
-        "step %d: %s%% of %s's traffic to %s%s for %.0f s",
-        number,
-        percent,
-        server.model,
-        server.version,
-        f", {shadow.fraction:.0%} of the live requests copied to it" if shadow else "",
-        cfg.bake_seconds if percent else cfg.quality.shadow_bake_seconds,
-    )
-    step_started = time.time()
-    step = bake(settings, server, live, percent, cfg, log, shadow)
-    if shadow:
-        keep_shadow_record(settings, store, server, step, number, step_started)
-    return step
-
-
-def run_canary(
-    settings: Settings,
-    store: ArtifactStore,
-    server: fleet.Server,
-    before: TrafficBefore,
-    previous: str | None,
-    cfg: RolloutConfig,
-    log,
-) -> list[StepResult]:
-    """Every canary step; CanaryFailed (with the steps so far) at the first breach. A canary
-    needs a version to compare with and to fall back on (and one that takes all the traffic
-    already has nothing left to prove)."""
-    steps: list[StepResult] = []
-    plan = canary_plan(cfg) if before.route and previous and not before.routed else []
-    for number, percent in enumerate(plan, start=1):
-        step = canary_step(settings, store, server, before.serving, number, percent, cfg, log)
-        steps.append(step)
-        if step.breach:
-            step_name = (
-                f"canary of {server.model} {server.version} at {percent:g}%"
-                if percent
-                else f"shadow-only step of {server.model} {server.version}"
-            )
-            raise CanaryFailed(
-                f"{step_name} breached after {step.seconds:.0f} s: {step.breach}; "
-                f"traffic is back on {previous}",
-                steps=steps,
-            )
-        log.info(
-            "step %s%% passed: %d requests, %d errors, p99 %s%s",
-            percent,
-            step.requests,
-            step.errors,
-            _seconds(step.p99_seconds),
-            f", {_agreement(step.quality)}" if step.quality else "",
-        )
-    return steps
-
-
 # ------------------------------------------------------------------ the rollout
 
 
@@ -297,7 +81,7 @@ def check_gated(
 class TrafficBefore(BaseModel):
     """Where the model's traffic is as a rollout starts."""
 
-    route: dict | None  # the gateway's route for the model (serving/gateway_admin.py)
+    route: Route | None  # the gateway's route for the model (serving/gateway_admin.py)
     server: fleet.Server | None  # the version's own servers, if they run
     live_alias: str | None
     routed: bool  # the gateway sends all of the model's traffic to the version already
@@ -305,7 +89,7 @@ class TrafficBefore(BaseModel):
     @property
     def serving(self) -> str | None:
         """The version that takes the traffic now, when it is not the new one."""
-        return self.route["version"] if self.route else None
+        return self.route.version if self.route and not self.routed else None
 
     def previous(self, version: str) -> str | None:
         """The version traffic leaves. A live version with no running server is not routed,
@@ -317,12 +101,12 @@ class TrafficBefore(BaseModel):
 def traffic_before(
     settings: Settings, store: ArtifactStore, version: str, model: str
 ) -> TrafficBefore:
-    current = model_route(settings, model)
+    current = route_of(settings, model)
     return TrafficBefore(
         route=current,
         server=fleet.find(settings, model, version),
         live_alias=store.read_alias(model, "live"),
-        routed=current is not None and current["version"] == version and not current.get("canary"),
+        routed=current is not None and current.version == version and not current.canary,
     )
 
 
@@ -470,7 +254,7 @@ def rollout(
     previous = before.previous(version.version)
     try:
         smoke = fleet.smoke_test(server, SMOKE_PROMPT)
-        steps = run_canary(settings, store, server, before, previous, cfg, log)
+        steps = run_canary(settings, store, server, before.serving, previous, cfg, log)
         switch_seconds = switch(settings, store, stored, previous, allow_ungated, reason)
     except Exception as exc:
         roll_back(settings, version, before, server, previous, exc)
@@ -512,21 +296,8 @@ def finished(result: RolloutResult, server: fleet.Server, started: float, log) -
     return result
 
 
-def _agreement(score: ShadowScore) -> str:
-    if not score.pairs:
-        return "no shadowed answers scored"
-    return (
-        f"{score.agreed} of {score.pairs} shadowed answers agreed ({score.agreement:.1%}, "
-        f"{score.confidence:.0%} lower bound {score.lower_bound:.3f}, floor {score.floor:.3f})"
-    )
-
-
 def _engines(server: fleet.Server) -> str:
     return ", ".join(f"{e.url} (node {e.node_ip})" for e in server.endpoints)
-
-
-def _seconds(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f} s"
 
 
 def _iso(unix: float) -> str:
