@@ -98,80 +98,59 @@ def judge(
                     passed=cand.failed == 0 and base.failed == 0,
                 )
             )
-        rows = [
-            (
-                "output tokens/s",
-                base.output_tokens_per_s,
-                cand.output_tokens_per_s,
-                config.min_throughput_ratio,
-                True,
-            )
+        verdicts += [
+            figure_verdict(name, metric, b, c, limit, higher_is_better)
+            for metric, b, c, limit, higher_is_better in figures(base, cand, config)
         ]
-        rows += [
-            (
-                f"TTFT {p} (ms)",
-                getattr(base, f"ttft_{p}_ms"),
-                getattr(cand, f"ttft_{p}_ms"),
-                config.max_ttft_regression,
-                False,
-            )
-            for p in ("p50", "p99")
-        ]
-        rows += [
-            (
-                f"ITL {p} (ms)",
-                getattr(base, f"itl_{p}_ms"),
-                getattr(cand, f"itl_{p}_ms"),
-                config.max_itl_regression,
-                False,
-            )
-            for p in ("p50", "p99")
-        ]
-        for metric, b, c, limit, higher_is_better in rows:
-            floor = 0.0 if higher_is_better else LATENCY_RESOLUTION_MS
-            ratio = c / b if b > floor else None
-            if limit is None or ratio is None:
-                # A baseline latency under the resolution has no ratio worth judging: on a
-                # CPU, say, an API server that falls behind its engine streams tokens in
-                # bursts, and the gaps inside a burst (ITL) measure microseconds.
-                verdicts.append(
-                    PerfVerdict(
-                        load=name,
-                        metric=metric,
-                        baseline=b,
-                        candidate=c,
-                        ratio=ratio,
-                        limit="-"
-                        if limit is None
-                        else f"not judged: the baseline's is under {floor:g} ms",
-                        passed=None,
-                    )
-                )
-            elif higher_is_better:
-                verdicts.append(
-                    PerfVerdict(
-                        load=name,
-                        metric=metric,
-                        baseline=b,
-                        candidate=c,
-                        ratio=ratio,
-                        limit=f">= {limit:g}x",
-                        passed=ratio >= limit - 1e-9,
-                    )
-                )
-            else:
-                verdicts.append(
-                    PerfVerdict(
-                        load=name,
-                        metric=metric,
-                        baseline=b,
-                        candidate=c,
-                        ratio=ratio,
-                        limit=f"<= {1 + limit:g}x",
-                        passed=ratio <= 1 + limit + 1e-9,
-                    )
-                )
     return verdicts
+
+
+def figures(
+    base: LoadFigures, cand: LoadFigures, config: PerfConfig
+) -> list[tuple[str, float, float, float | None, bool]]:
+    """(figure, baseline, candidate, the policy's limit, whether higher is better) of one load."""
+    rows = [
+        (
+            "output tokens/s",
+            base.output_tokens_per_s,
+            cand.output_tokens_per_s,
+            config.min_throughput_ratio,
+            True,
+        )
+    ]
+    for label, field, limit in (
+        ("TTFT", "ttft", config.max_ttft_regression),
+        ("ITL", "itl", config.max_itl_regression),
+    ):
+        rows += [
+            (
+                f"{label} {p} (ms)",
+                getattr(base, f"{field}_{p}_ms"),
+                getattr(cand, f"{field}_{p}_ms"),
+                limit,
+                False,
+            )
+            for p in ("p50", "p99")
+        ]
+    return rows
+
+
+def figure_verdict(
+    load: str, metric: str, b: float, c: float, limit: float | None, higher_is_better: bool
+) -> PerfVerdict:
+    """One figure judged: a floor on a ratio (throughput) or a ceiling on a regression (latency)."""
+    floor = 0.0 if higher_is_better else LATENCY_RESOLUTION_MS
+    ratio = c / b if b > floor else None
+    figure = dict(load=load, metric=metric, baseline=b, candidate=c, ratio=ratio)
+    if limit is None or ratio is None:
+        # A baseline latency under the resolution has no ratio worth judging: on a CPU, say,
+        # an API server that falls behind its engine streams tokens in bursts, and the gaps
+        # inside a burst (ITL) measure microseconds.
+        unjudged = "-" if limit is None else f"not judged: the baseline's is under {floor:g} ms"
+        return PerfVerdict(**figure, limit=unjudged, passed=None)
+    if higher_is_better:
+        return PerfVerdict(**figure, limit=f">= {limit:g}x", passed=ratio >= limit - 1e-9)
+    return PerfVerdict(**figure, limit=f"<= {1 + limit:g}x", passed=ratio <= 1 + limit + 1e-9)
 
 
 def render_markdown(model: str, report: PerfReport) -> str:
