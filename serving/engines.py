@@ -433,7 +433,7 @@ def gpus_per_server(args: list[str]) -> float:
     size in whole GPUs; or, at tensor parallel 1 with vLLM's --gpu-memory-utilization, that
     share of one GPU. Ray's count of a GPU then follows its memory: servers at 0.3 share a GPU
     three at a time, and a fourth waits for room rather than start and fail on memory the
-    others hold (the one-GPU fit: tasks/plan.py, fitted_serving)."""
+    others hold (the one-GPU fit: tasks/plan_gpus.py, fitted_serving)."""
     tp = tensor_parallel_size(args)
     share = _flag_value(args, "--gpu-memory-utilization")
     return float(share) if tp == 1 and share is not None else float(tp)

@@ -8,15 +8,12 @@ docs/gpu/h200-8b-serve.json) or stated as assumptions.
 
 from __future__ import annotations
 
-import math
-
 from pydantic import BaseModel, Field
 
 from llmship.errors import UnsupportedConfiguration
 from llmship.gpus import Gpu
 from llmship.settings import (
     FP8_MIN_COMPUTE_CAPABILITY,
-    EvalBackend,
     PipelineConfig,
     Scheme,
     ServingConfig,
@@ -24,6 +21,16 @@ from llmship.settings import (
     Target,
 )
 from serving.engines import builds_engine, engine_for
+from tasks.plan_gpus import (
+    VLLM_GPU_MEMORY_UTILIZATION,
+    default_share,
+    fitted_serving,
+    servers_at_once,
+    servers_per_gpu,
+    serving_servers,
+    shares_gpus,
+    whole_gpus_needed,
+)
 
 GIB = 2**30
 
@@ -49,7 +56,7 @@ class PlanAssumptions(BaseModel):
     # (Measured, 8B on one H200 at TP 1: 1.4 GiB, CUDA graphs 0.9-1.0 GiB of it; TP 4 adds
     # NCCL's buffers.)
     serving_overhead_gib: float = 4.0
-    gpu_memory_utilization: float = 0.9  # vLLM's default share of each GPU
+    gpu_memory_utilization: float = VLLM_GPU_MEMORY_UTILIZATION  # vLLM's default share
     download_gbit_s: float = Field(2.0, description="hub to worker (assumed)")
     s3_gbit_s: float = Field(4.0, description="worker to S3, upload and fetch (assumed)")
     load_gib_s: float = Field(2.0, description="a server reading its weights (assumed)")
@@ -239,103 +246,68 @@ def estimate_stages(
     ]
 
 
-def new_servers(config: PipelineConfig) -> int:
-    """The run's own servers up together: the gate's (the candidate's, kept for the rollout,
-    and the baseline's), or the new version's replicas in the rollout."""
-    s = config.serving
-    replicas = s.autoscaling.max_replicas if s.autoscaling else s.replicas
-    two_builds = config.perf.enabled or config.gate.backend is EvalBackend.SERVED
-    return max(2 if two_builds else 1, replicas)
-
-
-def serving_servers(config: PipelineConfig) -> int:
-    """The servers already up beside a run: the live version's replicas and, kept warm after
-    the last switch, the previous version's."""
-    s = config.serving
-    replicas = s.autoscaling.max_replicas if s.autoscaling else s.replicas
-    return replicas * (2 if config.rollout.keep_previous_warm_seconds > 0 else 1)
-
-
-def servers_at_once(config: PipelineConfig) -> int:
-    """The model's servers up together at the busiest moment of a run."""
-    return new_servers(config) + serving_servers(config)
-
-
-def servers_per_gpu(config: PipelineConfig, gpus: list[Gpu]) -> int:
-    return math.ceil(servers_at_once(config) / len(gpus))
-
-
-def default_share(per_gpu: int, a: PlanAssumptions) -> float:
-    """vLLM's default share of a GPU over the servers it holds, down to a hundredth."""
-    return math.floor(a.gpu_memory_utilization / per_gpu * 100) / 100
-
-
-def whole_gpus_needed(config: PipelineConfig, live: bool) -> int:
-    """GPUs the run needs when each server has tensor_parallel_size GPUs of its own: two
-    servers' worth, the live version's and the candidate's, or, in the performance gate of a
-    baseline not measured before (no version is live then, as a rule), the baseline's and the
-    candidate's (kept for the rollout)."""
-    tp = config.serving.tensor_parallel_size
-    return tp * (2 if live or config.perf.enabled else 1)
-
-
-def shares_gpus(config: PipelineConfig, gpus: list[Gpu], device: str) -> bool:
-    """Servers share GPUs where they can outnumber them and each fits on one (tensor parallel
-    1): Ray counts each at its memory share (serving/engines.py, gpus_per_server). Whether a
-    version is live now does not enter: the share is in every build's engine arguments, and the
-    next run, beside this one's version, must find room at the same share."""
-    return (
-        device == "cuda"
-        and bool(gpus)
-        and config.serving.tensor_parallel_size == 1
-        and len(gpus) < servers_at_once(config)
+def check_disk(
+    config: PipelineConfig,
+    shape: ModelShape,
+    free_disk_gib: float,
+    settings: Settings,
+    a: PlanAssumptions,
+) -> Check:
+    """Free disk in the state directory against every stage's new files, with headroom."""
+    stages = estimate_stages(config, shape, a)
+    disk = sum(s.disk_gib or 0 for s in stages) * settings.disk_headroom
+    return Check(
+        name="disk",
+        ok=free_disk_gib >= disk,
+        detail=f"{free_disk_gib:.0f} GiB free in {settings.state_dir}; {disk:.0f} GiB needed "
+        f"(snapshot, calibrated checkpoint, builds, x{settings.disk_headroom} headroom)"
+        + (
+            ""
+            if free_disk_gib >= disk
+            else ": free space or point LLMSHIP_STATE_DIR at a larger volume"
+        ),
     )
 
 
-def fitted_serving(
-    config: PipelineConfig, gpus: list[Gpu], device: str, a: PlanAssumptions | None = None
-) -> ServingConfig:
-    """The serving config a run builds with. Where servers share GPUs and the deployment names
-    no gpu_memory_utilization, each server's share is vLLM's default over the servers one GPU
-    holds at once (two at 0.45, four at 0.22): the engine takes that share of the GPU's memory
-    and Ray counts it as that share of the GPU, so a server that would not fit waits for room
-    instead of failing on memory the others hold. Every version served on these GPUs carries its
-    share in its engine arguments: a rollback or a restore comes back at the share it had."""
-    a = a or PlanAssumptions()
-    s = config.serving
-    if s.gpu_memory_utilization is not None or not shares_gpus(config, gpus, device):
-        return s
-    share = default_share(servers_per_gpu(config, gpus), a)
-    return s.model_copy(update={"gpu_memory_utilization": share})
+def check_cpu_run(config: PipelineConfig, gpus: list[Gpu], device: str) -> Check:
+    """On a worker that is not a CUDA one: the refusal of a GPU deployment, or a CPU run."""
+    return check_gpu_presence(config, gpus, device) or Check(name="GPUs", ok=True, detail="CPU run")
 
 
-def _gpu_count_check(
-    config: PipelineConfig,
-    gpus: list[Gpu],
-    live: bool,
-    serving: ServingConfig,
-    names: str,
-    a: PlanAssumptions,
-) -> Check:
+def gpu_names(gpus: list[Gpu]) -> str:
+    """The GPUs found, one entry per kind, as the GPU checks name them."""
+    kinds = {
+        f"{g.name} ({g.memory_gib:.0f} GiB, cc {g.compute_capability[0]}.{g.compute_capability[1]})"
+        for g in gpus
+    }
+    return ", ".join(sorted(kinds)) or "none"
+
+
+def check_gpu_count(config: PipelineConfig, gpus: list[Gpu], live: bool) -> Check:
+    """Where each server has GPUs of its own: enough of them for the run's servers at once."""
     tp = config.serving.tensor_parallel_size
     needed = whole_gpus_needed(config, live)
-    if not shares_gpus(config, gpus, "cuda"):
-        return Check(
-            name="GPU count",
-            ok=len(gpus) >= needed,
-            detail=f"{len(gpus)} found: {names}; {needed} needed (tensor parallel {tp}"
-            + (
-                f", beside the {tp} of the live version, which keeps serving until the switch"
-                if live
-                else (
-                    ", for the baseline's and the candidate's servers at "
-                    "once in the performance gate"
-                    if needed > tp
-                    else ""
-                )
+    return Check(
+        name="GPU count",
+        ok=len(gpus) >= needed,
+        detail=f"{len(gpus)} found: {gpu_names(gpus)}; {needed} needed (tensor parallel {tp}"
+        + (
+            f", beside the {tp} of the live version, which keeps serving until the switch"
+            if live
+            else (
+                ", for the baseline's and the candidate's servers at once in the performance gate"
+                if needed > tp
+                else ""
             )
-            + ")",
         )
+        + ")",
+    )
+
+
+def check_gpu_sharing(
+    config: PipelineConfig, gpus: list[Gpu], serving: ServingConfig, a: PlanAssumptions
+) -> Check:
+    """Where servers share GPUs: their shares of one GPU add up to no more than the GPU."""
     at_once = servers_at_once(config)
     per_gpu = servers_per_gpu(config, gpus)
     share = serving.gpu_memory_utilization or 0.0
@@ -344,8 +316,8 @@ def _gpu_count_check(
     return Check(
         name="GPU sharing",
         ok=ok,
-        detail=f"{len(gpus)} found: {names}; {at_once} servers at once (the gate's or the new "
-        "version's, the live version's"
+        detail=f"{len(gpus)} found: {gpu_names(gpus)}; {at_once} servers at once (the gate's or "
+        "the new version's, the live version's"
         + (", the previous version's kept warm" if warm else "")
         + f"), {per_gpu} to a GPU, each held to {share:g} of its memory "
         "(--gpu-memory-utilization, and Ray's count of the GPU)"
@@ -354,8 +326,108 @@ def _gpu_count_check(
             if ok
             else f": {per_gpu} x {share:g} is more than one GPU; leave "
             "serving.gpu_memory_utilization unset (llmship sizes it), lower it to "
-            f"{default_share(per_gpu, a):g}, or set "
+            f"{default_share(per_gpu, a.gpu_memory_utilization):g}, or set "
             "rollout.keep_previous_warm_seconds to 0"
+        ),
+    )
+
+
+def check_serving_memory(
+    config: PipelineConfig,
+    shape: ModelShape,
+    gpus: list[Gpu],
+    serving: ServingConfig,
+    shared: bool,
+    a: PlanAssumptions,
+) -> Check:
+    """The BF16 baseline's server (the larger build) in the usable memory of the smallest GPU."""
+    tp = config.serving.tensor_parallel_size
+    per_gpu = min(g.memory_gib for g in gpus)
+    util = serving.gpu_memory_utilization or a.gpu_memory_utilization
+    bf16 = shape.weights_gib(Scheme.UNQUANTIZED)
+    kv_seq = shape.kv_gib_per_token(config.calibration.kv_cache_fp8) * config.serving.max_model_len
+    need_per_gpu = (bf16 + kv_seq) / tp + a.serving_overhead_gib
+    room = per_gpu * util
+    seqs = int((room - bf16 / tp - a.serving_overhead_gib) * tp / kv_seq) if kv_seq else 0
+    return Check(
+        name="GPU memory (serving)",
+        ok=need_per_gpu <= room,
+        detail=f"the BF16 baseline needs {need_per_gpu:.1f} GiB per GPU "
+        f"(weights {bf16:.0f} GiB / {tp}, one {config.serving.max_model_len}-token "
+        "sequence's KV cache, "
+        f"{a.serving_overhead_gib:g} GiB overhead); {room:.1f} GiB usable of "
+        f"{per_gpu:.0f}"
+        + (f" (its share, {util:g}, of a GPU it shares)" if shared else "")
+        + (
+            f": room for {seqs} full-length sequences"
+            if need_per_gpu <= room
+            else (
+                ": give the servers GPUs of their own (more GPUs), set "
+                "rollout.keep_previous_warm_seconds to 0 (one server fewer), or lower "
+                "max_model_len"
+                if shared
+                else ": raise tensor_parallel_size or lower max_model_len"
+            )
+        ),
+    )
+
+
+def check_calibration_memory(
+    config: PipelineConfig,
+    shape: ModelShape,
+    gpus: list[Gpu],
+    live: bool,
+    serving: ServingConfig,
+    shared: bool,
+    a: PlanAssumptions,
+) -> Check:
+    """Calibration's peak in the GPU memory the servers up beside it leave."""
+    if shared:
+        # Calibration runs beside the live version's servers and the warm previous one's.
+        util = serving.gpu_memory_utilization or a.gpu_memory_utilization
+        serving_now = serving_servers(config)
+        per_gpu = min(g.memory_gib for g in gpus)
+        total = max(0.0, sum(g.memory_gib for g in gpus) - serving_now * util * per_gpu)
+        where = f"beside {serving_now} serving share(s) of {util:g}"
+    else:
+        usable = gpus[config.serving.tensor_parallel_size if live else 0 :]
+        total = sum(g.memory_gib for g in usable)
+        where = f"on the {len(usable)} GPU(s) not serving"
+    calib = calibration_peak_gib(config, shape, a)
+    return Check(
+        name="GPU memory (calibration)",
+        ok=calib <= total,
+        detail=f"peak {calib:.0f} GiB estimated, {total:.0f} GiB {where}"
+        + (
+            ""
+            if calib <= total
+            else ": calibrate on a larger node, or with llmcompressor "
+            "(target vllm), whose peak is lower"
+        ),
+    )
+
+
+def check_compute_capability(config: PipelineConfig, gpus: list[Gpu]) -> Check | None:
+    """FP8 tensor cores where the scheme computes in FP8; None where it does not."""
+    fp8 = config.calibration.scheme.needs_fp8_tensor_cores or (
+        config.target is Target.TRTLLM and config.calibration.scheme is Scheme.FP8
+    )
+    if not fp8:
+        return None
+    low = min(g.compute_capability for g in gpus)
+    ok = low >= FP8_MIN_COMPUTE_CAPABILITY
+    return Check(
+        name="compute capability",
+        ok=ok,
+        detail=f"{config.calibration.scheme.value} on {config.target.value} computes "
+        f"in FP8 (W8A8): it needs compute capability 8.9 or higher (Ada, Hopper); the "
+        f"lowest here is {low[0]}.{low[1]}"
+        + (
+            ""
+            if ok
+            else ". On A100 (8.0) use calibration.scheme FP8_WEIGHT_ONLY (FP8 weights, "
+            "vLLM's Marlin kernels) or W8A8 (INT8) with target vllm, or UNQUANTIZED "
+            "for the FP16/BF16 build"
         ),
     )
 
@@ -372,122 +444,25 @@ def check_resources(
 ) -> list[Check]:
     """GPU count, memory and compute capability, and disk: arithmetic only (tested as such)."""
     a = a or PlanAssumptions()
-    checks: list[Check] = []
-    stages = {s.stage: s for s in estimate_stages(config, shape, a)}
-    disk = sum(s.disk_gib or 0 for s in stages.values()) * settings.disk_headroom
-    checks.append(
-        Check(
-            name="disk",
-            ok=free_disk_gib >= disk,
-            detail=f"{free_disk_gib:.0f} GiB free in {settings.state_dir}; {disk:.0f} GiB needed "
-            f"(snapshot, calibrated checkpoint, builds, x{settings.disk_headroom} headroom)"
-            + (
-                ""
-                if free_disk_gib >= disk
-                else ": free space or point LLMSHIP_STATE_DIR at a larger volume"
-            ),
-        )
-    )
+    disk = check_disk(config, shape, free_disk_gib, settings, a)
     if device != "cuda":
-        checks.append(
-            check_gpu_presence(config, gpus, device)
-            or Check(name="GPUs", ok=True, detail="CPU run")
-        )
-        return checks
-    tp = config.serving.tensor_parallel_size
-    names = (
-        ", ".join(
-            sorted(
-                {
-                    f"{g.name} ({g.memory_gib:.0f} GiB, cc "
-                    f"{g.compute_capability[0]}.{g.compute_capability[1]})"
-                    for g in gpus
-                }
-            )
-        )
-        or "none"
-    )
-    serving = fitted_serving(config, gpus, device, a)
+        return [disk, check_cpu_run(config, gpus, device)]
+    serving = fitted_serving(config, gpus, device, a.gpu_memory_utilization)
     shared = shares_gpus(config, gpus, device)
-    checks.append(_gpu_count_check(config, gpus, live, serving, names, a))
-    if not gpus:
-        return checks
-    per_gpu = min(g.memory_gib for g in gpus)
-    util = serving.gpu_memory_utilization or a.gpu_memory_utilization
-    bf16 = shape.weights_gib(Scheme.UNQUANTIZED)
-    kv_seq = shape.kv_gib_per_token(config.calibration.kv_cache_fp8) * config.serving.max_model_len
-    need_per_gpu = (bf16 + kv_seq) / tp + a.serving_overhead_gib
-    room = per_gpu * util
-    seqs = int((room - bf16 / tp - a.serving_overhead_gib) * tp / kv_seq) if kv_seq else 0
-    checks.append(
-        Check(
-            name="GPU memory (serving)",
-            ok=need_per_gpu <= room,
-            detail=f"the BF16 baseline needs {need_per_gpu:.1f} GiB per GPU "
-            f"(weights {bf16:.0f} GiB / {tp}, one {config.serving.max_model_len}-token "
-            "sequence's KV cache, "
-            f"{a.serving_overhead_gib:g} GiB overhead); {room:.1f} GiB usable of "
-            f"{per_gpu:.0f}"
-            + (f" (its share, {util:g}, of a GPU it shares)" if shared else "")
-            + (
-                f": room for {seqs} full-length sequences"
-                if need_per_gpu <= room
-                else (
-                    ": give the servers GPUs of their own (more GPUs), set "
-                    "rollout.keep_previous_warm_seconds to 0 (one server fewer), or lower "
-                    "max_model_len"
-                    if shared
-                    else ": raise tensor_parallel_size or lower max_model_len"
-                )
-            ),
-        )
-    )
     if shared:
-        # Calibration runs beside the live version's servers and the warm previous one's.
-        serving_now = serving_servers(config)
-        total = max(0.0, sum(g.memory_gib for g in gpus) - serving_now * util * per_gpu)
-        where = f"beside {serving_now} serving share(s) of {util:g}"
+        count = check_gpu_sharing(config, gpus, serving, a)
     else:
-        usable = gpus[tp if live else 0 :]
-        total = sum(g.memory_gib for g in usable)
-        where = f"on the {len(usable)} GPU(s) not serving"
-    calib = calibration_peak_gib(config, shape, a)
-    checks.append(
-        Check(
-            name="GPU memory (calibration)",
-            ok=calib <= total,
-            detail=f"peak {calib:.0f} GiB estimated, {total:.0f} GiB {where}"
-            + (
-                ""
-                if calib <= total
-                else ": calibrate on a larger node, or with llmcompressor "
-                "(target vllm), whose peak is lower"
-            ),
-        )
-    )
-    low = min(g.compute_capability for g in gpus)
-    fp8 = config.calibration.scheme.needs_fp8_tensor_cores or (
-        config.target is Target.TRTLLM and config.calibration.scheme is Scheme.FP8
-    )
-    if fp8:
-        ok = low >= FP8_MIN_COMPUTE_CAPABILITY
-        checks.append(
-            Check(
-                name="compute capability",
-                ok=ok,
-                detail=f"{config.calibration.scheme.value} on {config.target.value} computes "
-                f"in FP8 (W8A8): it needs compute capability 8.9 or higher (Ada, Hopper); the "
-                f"lowest here is {low[0]}.{low[1]}"
-                + (
-                    ""
-                    if ok
-                    else ". On A100 (8.0) use calibration.scheme FP8_WEIGHT_ONLY (FP8 weights, "
-                    "vLLM's Marlin kernels) or W8A8 (INT8) with target vllm, or UNQUANTIZED "
-                    "for the FP16/BF16 build"
-                ),
-            )
-        )
-    return checks
+        count = check_gpu_count(config, gpus, live)
+    if not gpus:
+        return [disk, count]
+    checks = [
+        disk,
+        count,
+        check_serving_memory(config, shape, gpus, serving, shared, a),
+        check_calibration_memory(config, shape, gpus, live, serving, shared, a),
+        check_compute_capability(config, gpus),
+    ]
+    return [c for c in checks if c is not None]
 
 
 def render(plan_: Plan, config: PipelineConfig) -> str:
