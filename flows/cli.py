@@ -242,7 +242,9 @@ def cmd_rollback(args) -> None:
     }
     with prefect_client_settings(settings):
         try:
-            flow_run = run_deployment(name, parameters=parameters, timeout=args.timeout)
+            flow_run = run_deployment(
+                name, parameters=parameters, timeout=args.timeout, poll_interval=1
+            )
         except ObjectNotFound:
             raise StackError(
                 f"there is no deployment {name}: add one to prefect.yaml "

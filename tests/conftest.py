@@ -99,7 +99,7 @@ def prefect_client(stack):
 def first_run(stack):
     """The demo deployment's first run: the tiny model calibrated, gated, published and live.
     The stack tests build on it (and on each other, in file order)."""
-    from prefect.deployments import run_deployment
+    from tests.helpers.prefect_api import run_deployment
 
     flow_run = run_deployment("build-and-serve/tiny-llama", timeout=1200)
     assert flow_run.state.is_completed(), flow_run.state.message

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prefect.deployments import run_deployment
 
-from tests.helpers.prefect_api import events_named
+from tests.helpers.prefect_api import events_named, run_deployment
 from tests.helpers.waiting import wait_for
 
 pytestmark = [pytest.mark.stack]

@@ -13,11 +13,10 @@ from pathlib import Path
 import httpx
 import pytest
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter
-from prefect.deployments import run_deployment
 
 from llmship.versions import VersionDetails, list_versions
 from tasks.gate_rule import RULE, wilson_lower
-from tests.helpers.prefect_api import events_named
+from tests.helpers.prefect_api import events_named, run_deployment
 from tests.helpers.procs import cmdline, descendants
 from tests.helpers.waiting import wait_for
 

@@ -28,7 +28,6 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import StateType
 from prefect.client.schemas.sorting import ArtifactSort
-from prefect.deployments import run_deployment
 from prefect.flow_runs import resume_flow_run
 
 from llmship.versions import list_versions, read_version
@@ -39,7 +38,7 @@ from tests.helpers.engines import (
     replica_actor_pids,
 )
 from tests.helpers.load import SteadyLoad
-from tests.helpers.prefect_api import events_named
+from tests.helpers.prefect_api import events_named, run_deployment
 from tests.helpers.waiting import wait_for
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]

@@ -20,9 +20,9 @@ import time
 import httpx
 import pytest
 from prefect.client.schemas.objects import StateType
-from prefect.deployments import run_deployment
 from prefect.states import Cancelling
 
+from tests.helpers.prefect_api import run_deployment
 from tests.helpers.procs import descendants
 from tests.helpers.waiting import wait_for
 

@@ -20,3 +20,12 @@ def events_named(settings, name: str, limit: int = 50) -> list[dict]:
         auth=prefect_auth(settings),
         json={"filter": {"event": {"name": [name]}}, "limit": limit},
     ).json()["events"]
+
+
+def run_deployment(name, **kwargs):
+    """Prefect's run_deployment, checking on the run every second: its default of 5 s adds up
+    to 5 s to each of the suite's hundred-odd waits for a flow run."""
+    from prefect.deployments import run_deployment as prefect_run_deployment
+
+    kwargs.setdefault("poll_interval", 1)
+    return prefect_run_deployment(name, **kwargs)
