@@ -293,11 +293,8 @@ def test_a_lost_host_costs_only_its_in_flight_requests_and_its_replica_comes_bac
 
 
 def test_a_canary_across_hosts_and_a_rollback_through_prefect_lose_no_request(cluster):
-    # The new version's server is up before the load starts, as a gate leaves a candidate's
-    # (on 2 cores, a vLLM start beside two busy engines takes minutes).
+    # Ray places hostv1's lost replica on the returning worker host.
     rejoined = time.time()
-    cluster.driver("acquire", MODEL, "hostv2")
-    # Meanwhile Ray has placed hostv1's lost replica on the returning worker host.
     worker = cluster.hosts.ip("worker")
     wait_for(
         "a new replica of hostv1 on the worker host",
@@ -310,6 +307,11 @@ def test_a_canary_across_hosts_and_a_rollback_through_prefect_lose_no_request(cl
         every=2.0,
     )
     print(f"hostv1's replica re-placed on the returning host within {time.time() - rejoined:.0f} s")
+    # The new version's server is up before the load starts, as a gate leaves a candidate's
+    # (on 2 cores, a vLLM start beside two busy engines takes minutes). Started only now: the
+    # process that acquires it exits, and its hold lapses after server_hold_lease_s, as a
+    # killed run's does; a re-placement slower than that used to leave nothing to reuse.
+    cluster.driver("acquire", MODEL, "hostv2")
     with SteadyLoad(cluster.gateway, MODEL, PROMPTS, workers=2, pause_s=0.2) as load:
         result = cluster.driver(
             "rollout", MODEL, "hostv2", "--replicas", "1", "--canary", "50", "--bake", "8"
