@@ -170,7 +170,7 @@ class Directory:
                 reports = [self.reports[url] for url in live if url in self.reports]
                 serving = any(report.routes_to(model, version) for report in reports)
             else:  # no gateway relays to the fleet: S3 says what should serve
-                serving = await asyncio.to_thread(_live_alias_is, settings, model, version)
+                serving = await asyncio.to_thread(live_alias_is, settings, model, version)
             if serving is False:
                 log.warning("stopping %s: its warm period is over", app)
                 await asyncio.to_thread(serve.delete, app, False)
@@ -184,15 +184,15 @@ class Directory:
                 self.warm_until.pop(app, None)
 
 
-def _live_alias_is(settings: Settings, model: str, version: str) -> bool | None:
-    """Whether version is model's live alias (no gateway to ask: S3 says what should serve);
-    None when S3 cannot be read."""
+def live_alias_is(settings: Settings, model: str, version: str) -> bool | None:
+    """Whether version is model's live alias (where no gateway can say what it routes, S3 says
+    what should serve); None when S3 cannot be read either."""
     try:
         from llmship.store import ArtifactStore
 
         return ArtifactStore(settings).read_alias(model, "live") == version
     except Exception as exc:  # noqa: BLE001 - S3 down too: the caller keeps the server
-        log.warning("no gateway reports to the fleet, and S3 is not reachable (%s)", exc)
+        log.warning("S3 is not reachable (%s): cannot tell whether %s serves", exc, version)
         return None
 
 

@@ -152,10 +152,4 @@ def serves_traffic(
         )
     except httpx.HTTPError as exc:
         log.warning("a gateway is not reachable (%s): asking S3 instead", exc)
-    try:
-        from llmship.store import ArtifactStore
-
-        return ArtifactStore(settings).read_alias(model, "live") == version
-    except Exception as exc:  # noqa: BLE001 - S3 down too: the caller keeps the server
-        log.warning("S3 not reachable either (%s)", exc)
-        return None
+    return directory.live_alias_is(settings, model, version)
