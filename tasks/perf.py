@@ -41,7 +41,7 @@ from tasks.common import (
     retry_unless_permanent,
     stage_logger,
 )
-from tasks.gating import Judged, Refusal, judge_both, keep_report
+from tasks.gating import Judged, Refusal, judge_both
 from tasks.perf_rule import PerfReport, judge, loads, render_markdown
 from tasks.servers import keeps_for_rollout, server_spec, take_server
 
@@ -193,11 +193,6 @@ def measured_before(prefix: str, report: PerfReport, earlier: PerfReport) -> Non
         "a performance report for the same builds and policy is stored at %s already: it stays",
         prefix,
     )
-
-
-def store(key: str, model: str, report: PerfReport) -> str:
-    """Every performance report stays in the store, failing ones too."""
-    return keep_report(judged(key, model, report), measured_before)
 
 
 def perf(
