@@ -114,8 +114,17 @@ lint: setup
 	$(ORCH)/ruff check .
 	$(ORCH)/ruff format --check .
 
+# Two pytest processes at once: the tests on the session's stack, and the rest (no stack, or
+# servers of their own: the two-host tests' namespaces). The stack's tests spend much of their
+# time waiting on servers; the rest uses those cores. The rest's report follows the first's.
 test: lint
-	$(ORCH)/python -m pytest tests --durations=15
+	@rest_log=$$(mktemp); \
+	$(ORCH)/python -m pytest tests --part rest --durations=10 >"$$rest_log" 2>&1 & rest=$$!; \
+	main_rc=0; $(ORCH)/python -m pytest tests --part shared-stack --durations=15 || main_rc=$$?; \
+	rest_rc=0; wait $$rest || rest_rc=$$?; \
+	echo "======== the rest of the suite, run beside the stack's tests ========"; \
+	cat "$$rest_log"; rm -f "$$rest_log"; \
+	exit $$(( main_rc != 0 ? main_rc : rest_rc ))
 
 # Everything that needs no stack (no SeaweedFS, Prefect server, Ray or model server).
 test-unit: lint

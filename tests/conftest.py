@@ -162,6 +162,24 @@ def pytest_addoption(parser):
         help="comma-separated parts of test names: only those tests are repeated (part:N, "
         "N times instead)",
     )
+    parser.addoption(
+        "--part",
+        choices=["all", "shared-stack", "rest"],
+        default="all",
+        help="shared-stack: the tests on the session's stack (the `stack` fixture); rest: the "
+        "others, which start servers of their own or none. `make test` runs the two at once "
+        "in two processes: the rest keeps the cores busy while the stack's tests wait",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    part = config.getoption("part")
+    if part == "all":
+        return
+    on_stack = {item for item in items if "stack" in item.fixturenames}
+    keep = [i for i in items if (i in on_stack) == (part == "shared-stack")]
+    config.hook.pytest_deselected(items=[i for i in items if i not in keep])
+    items[:] = keep
 
 
 def pytest_generate_tests(metafunc):
