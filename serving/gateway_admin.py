@@ -30,7 +30,7 @@ KEPT = TypeAdapter(dict[str, KeptPairs])  # GET /admin/shadow/{model}
 
 
 def _auth(settings: Settings) -> dict[str, str]:
-    return {"authorization": f"Bearer {settings.gateway_admin_token}"}
+    return {"authorization": f"Bearer {settings.gateway.admin_token}"}
 
 
 def gateway_urls(settings: Settings) -> list[str]:

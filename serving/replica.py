@@ -83,7 +83,7 @@ def fetch_to_node(settings: Settings, prefix: str) -> Path:
     manifest = store.read_manifest(prefix)
     if manifest is None:
         raise ServingError(
-            f"s3://{settings.artifacts_bucket}/{prefix} has no manifest: nothing to serve"
+            f"s3://{settings.s3.artifacts_bucket}/{prefix} has no manifest: nothing to serve"
         )
     cache = settings.node_cache
     cache.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,7 @@ def build_inputs(checkpoint: Checkpoint, target: Target, serving: ServingConfig)
         target=target,
         serving=serving.build_inputs(),
         device=settings.device,
-        tools=tool_versions(settings.quantize_python, TOOLS),
+        tools=tool_versions(settings.stages.quantize_python, TOOLS),
     )
 
 
@@ -46,7 +46,7 @@ def build(inputs: BuildInputs, checkpoint: Checkpoint, serving: ServingConfig) -
     def make(out_dir: Path):
         result = run_stage(
             settings,
-            settings.quantize_python,
+            settings.stages.quantize_python,
             "jobs.build",
             BuildRequest(
                 checkpoint_dir=str(ArtifactStore(settings).materialize(checkpoint.prefix)),

@@ -55,7 +55,7 @@ def calibrate_inputs(
         calibration_data=f"{config.dataset}/{data.name}",
         calibration_data_sha256=file_digest(data),
         device=settings.device,
-        tools=tool_versions(settings.quantize_python, TOOLS),
+        tools=tool_versions(settings.stages.quantize_python, TOOLS),
     )
 
 
@@ -70,7 +70,7 @@ def calibrate(inputs: CalibrateInputs) -> Checkpoint:
     def make(out_dir: Path):
         result = run_stage(
             settings,
-            settings.quantize_python,
+            settings.stages.quantize_python,
             "jobs.calibrate",
             CalibrateRequest(
                 model_dir=str(ArtifactStore(settings).materialize(inputs.snapshot)),

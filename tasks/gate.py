@@ -62,7 +62,7 @@ def evaluation_key(build: Build, tasks: TaskSet, config: GateConfig) -> str:
             "limit": config.limit,
             "backend": config.backend.value,
             "device": settings.device,
-            "tools": tool_versions(settings.quantize_python, TOOLS),
+            "tools": tool_versions(settings.stages.quantize_python, TOOLS),
             "engine": served_by,
         }
     )[:24]
@@ -112,7 +112,7 @@ def evaluate(
     try:
         evaluation = run_stage(
             settings,
-            settings.quantize_python,
+            settings.stages.quantize_python,
             "jobs.evaluate",
             EvaluateRequest(
                 model_dir=str(ArtifactStore(settings).materialize(build.prefix)),
@@ -290,7 +290,7 @@ def gate(
                 tasks,
                 base,
                 cand,
-                harness=tool_versions(get_settings().quantize_python, TOOLS),
+                harness=tool_versions(get_settings().stages.quantize_python, TOOLS),
             ),
         ),
         partial(same_verdict, model),

@@ -59,7 +59,7 @@ def measurement_key(build: Build, config: PerfConfig) -> str:
             "build": build.digest,
             "loads": [load.model_dump() for load in loads(config)],
             "engine": tool_versions(engine.python(settings), engine.tools),
-            "client": tool_versions(settings.serve_python, CLIENT_TOOLS),
+            "client": tool_versions(settings.stages.serve_python, CLIENT_TOOLS),
             "device": settings.device,
         }
     )[:24]
@@ -92,7 +92,7 @@ def measure(build: Build, side: Side, config: PerfConfig, model: str) -> list[Lo
         model_dir = ArtifactStore(settings).materialize(build.prefix)
         return run_stage(
             settings,
-            settings.serve_python,
+            settings.stages.serve_python,
             "jobs.benchmark",
             MeasureRequest(
                 base_url=server.url,
@@ -217,7 +217,7 @@ def perf(
                 baseline,
                 config,
                 {Side.BASELINE.value: base, Side.CANDIDATE.value: cand},
-                client=tool_versions(settings.serve_python, CLIENT_TOOLS),
+                client=tool_versions(settings.stages.serve_python, CLIENT_TOOLS),
                 device=settings.device,
             ),
         ),

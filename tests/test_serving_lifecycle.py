@@ -96,7 +96,7 @@ def second_gateway(stack):
     from llmship import stack as local_stack
     from serving import fleet
 
-    settings = stack.model_copy(update={"gateway_port": stack.gateway_port + 1})
+    settings = stack.updated(gateway={"port": stack.gateway.port + 1})
     env = {**local_stack.child_env(settings), "LLMSHIP_S3_IDENTITY": "reader"}
     proc = subprocess.Popen(
         local_stack.gateway_argv(BIN / "python", settings),
@@ -133,7 +133,7 @@ def test_recalibration_waits_for_approval_then_canaries_without_a_failed_request
     the requests of both."""
     a = versions["A"]
     # The team's data was refreshed: the first 256 samples, the ones calibrated on, are new.
-    data = stack.calibration_data_dir / "contracts" / "calibration.jsonl"
+    data = stack.stages.calibration_data_dir / "contracts" / "calibration.jsonl"
     lines = data.read_text().splitlines()
     data.write_text("\n".join(lines[256:] + lines[:256]) + "\n")
 
