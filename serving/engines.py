@@ -30,7 +30,14 @@ from pathlib import Path
 from typing import Protocol
 
 from llmship.errors import EngineArgumentRefused
-from llmship.settings import ServingConfig, Settings, Target, TrtllmBackend, TrtllmConfig
+from llmship.settings import (
+    ServingConfig,
+    Settings,
+    StageSettings,
+    Target,
+    TrtllmBackend,
+    TrtllmConfig,
+)
 
 # A built TensorRT engine lives here inside the build's artifact, beside the tokenizer.
 ENGINE_SUBDIR = "engine"
@@ -255,7 +262,7 @@ class TensorRtLlm:
     ) -> list[str]:
         # No served-model-name flag: model_dir is a link named served_name (serving.replica).
         cmd = [
-            str(trtllm_script(settings, "trtllm-serve")),
+            str(trtllm_script(settings.stages, "trtllm-serve")),
             "serve",
             str(model_dir),
             "--host",
@@ -300,9 +307,9 @@ def python_for(settings: Settings, target: Target) -> Path:
     return engine_for(target).python(settings)
 
 
-def trtllm_script(settings: Settings, name: str) -> Path:
+def trtllm_script(stages: StageSettings, name: str) -> Path:
     """trtllm-serve or trtllm-build: console scripts of the TensorRT-LLM environment."""
-    return (settings.stages.trtllm_bin_dir or settings.stages.trtllm_python.parent) / name
+    return (stages.trtllm_bin_dir or stages.trtllm_python.parent) / name
 
 
 def engine_args(target: Target, serving: ServingConfig, kv_cache_fp8: bool = False) -> list[str]:
@@ -391,7 +398,7 @@ def trtllm_build_command(
     worker per GPU), sized by this deployment's serving limits."""
     trt: TrtllmConfig = serving.trtllm
     cmd = [
-        str(trtllm_script(settings, "trtllm-build")),
+        str(trtllm_script(settings.stages, "trtllm-build")),
         "--checkpoint_dir",
         str(checkpoint_dir),
         "--output_dir",

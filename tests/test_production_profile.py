@@ -311,7 +311,9 @@ def test_each_target_resolves_its_own_environment(monkeypatch):
     settings = Settings()
     assert engines.python_for(settings, Target.TRTLLM) == Path("/opt/trtllm/bin/python")
     assert engines.python_for(settings, Target.VLLM) == Path("/opt/vllm/bin/python")
-    assert engines.trtllm_script(settings, "trtllm-serve") == Path("/opt/trtllm/bin/trtllm-serve")
+    assert engines.trtllm_script(settings.stages, "trtllm-serve") == Path(
+        "/opt/trtllm/bin/trtllm-serve"
+    )
     cpu = replica.server_env(settings.model_copy(update={"device": "cpu"}), Target.VLLM)
     assert cpu["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
     gpu = replica.server_env(settings.model_copy(update={"device": "cuda"}), Target.VLLM)
