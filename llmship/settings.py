@@ -1,9 +1,11 @@
 """The one place llmship's configuration lives.
 
-`Settings` describes the machine-level stack (where state lives, ports, S3, the stage
-environments) and reads `LLMSHIP_*` environment variables. What a deployment builds (model,
-precision, gate, serving options) is a `PipelineConfig`: a flow parameter, set per deployment in
-prefect.yaml and editable in the Prefect UI's run form.
+`Settings` describes the machine-level stack (where state lives, the Prefect server, timings,
+alerts; in blocks of their own the gateway, S3, Ray and the stage environments) and reads
+`LLMSHIP_*` environment variables, a block's fields from flat ones (LLMSHIP_GATEWAY_PORT ->
+settings.gateway.port). What a deployment builds (model, precision, gate, serving options) is
+a `PipelineConfig`: a flow parameter, set per deployment in prefect.yaml and editable in the
+Prefect UI's run form.
 """
 
 from __future__ import annotations
