@@ -33,7 +33,8 @@ sys.path.insert(0, str(REPO))
 from llmship import processes  # noqa: E402
 from llmship.contracts import ServeSpec  # noqa: E402
 from llmship.manifest import Manifest, hash_dir  # noqa: E402
-from llmship.settings import ServingConfig, get_settings  # noqa: E402
+from llmship.pipeline_config import ServingConfig  # noqa: E402
+from llmship.settings import get_settings  # noqa: E402
 from llmship.store import ArtifactStore  # noqa: E402
 from llmship.versions import VersionDetails, read_version  # noqa: E402
 from tests.helpers.load import SteadyLoad  # noqa: E402

@@ -211,7 +211,7 @@ def calibrate_and_build(
     """jobs.calibrate then jobs.build, in the quantize environment, as the stages run them."""
     from jobs.build import BuildRequest, BuildResult
     from jobs.calibrate import CalibrateRequest, CalibrateResult
-    from llmship.settings import Scheme, Target
+    from llmship.pipeline_config import Scheme, Target
     from llmship.subprocess_stage import run_stage
 
     checkpoint = snapshot
@@ -281,7 +281,7 @@ def part_demo(run: Run, settings, args, work: Path) -> None:
     import yaml
 
     from jobs.evaluate import EvaluateRequest, Evaluation
-    from llmship.settings import EvalBackend, GateConfig, PipelineConfig, Scheme
+    from llmship.pipeline_config import EvalBackend, GateConfig, PipelineConfig, Scheme
     from llmship.subprocess_stage import run_stage
     from tasks.gate_rule import judge, resolve_tasks
 
@@ -375,7 +375,7 @@ def part_8b(run: Run, settings, args, work: Path) -> None:
     import yaml
 
     from jobs.benchmark import LoadFigures, Measurement, MeasureRequest
-    from llmship.settings import PerfConfig, Scheme, ServingConfig
+    from llmship.pipeline_config import PerfConfig, Scheme, ServingConfig
     from llmship.subprocess_stage import run_stage
     from tasks.perf_rule import judge as judge_perf
     from tasks.perf_rule import loads
@@ -577,7 +577,7 @@ def plan_against_run(results: dict, args) -> dict:
     """`llmship plan`'s estimates for this shape and deployment, beside what was measured."""
     from gpu_stages import SHAPES
 
-    from llmship.settings import PipelineConfig, Scheme
+    from llmship.pipeline_config import PipelineConfig, Scheme
     from tasks.plan import ModelShape, estimate_stages
 
     shape = ModelShape.from_config({**SHAPES[args.shape], "tie_word_embeddings": False})

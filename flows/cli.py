@@ -270,7 +270,8 @@ def deployment_config(name: str):
 
     import yaml
 
-    from llmship.settings import REPO_ROOT, PipelineConfig
+    from llmship.pipeline_config import PipelineConfig
+    from llmship.settings import REPO_ROOT
 
     flow_name, _, deployment = name.partition("/")
     spec = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())

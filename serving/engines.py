@@ -30,14 +30,8 @@ from pathlib import Path
 from typing import Protocol
 
 from llmship.errors import EngineArgumentRefused
-from llmship.settings import (
-    ServingConfig,
-    Settings,
-    StageSettings,
-    Target,
-    TrtllmBackend,
-    TrtllmConfig,
-)
+from llmship.pipeline_config import ServingConfig, Target, TrtllmBackend, TrtllmConfig
+from llmship.settings import Settings, StageSettings
 
 # A built TensorRT engine lives here inside the build's artifact, beside the tokenizer.
 ENGINE_SUBDIR = "engine"

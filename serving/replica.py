@@ -34,7 +34,8 @@ from pydantic import BaseModel
 
 from llmship.contracts import ServeSpec
 from llmship.errors import ServerExited, ServingError
-from llmship.settings import Settings, Target, get_settings, stage_env
+from llmship.pipeline_config import Target
+from llmship.settings import Settings, get_settings, stage_env
 from serving import engines
 from serving.autoscale import read_engine_load
 

@@ -12,7 +12,8 @@ from prefect import get_run_logger, task
 
 from jobs.build import BuildRequest, BuildResult
 from llmship.contracts import Build, BuildDetails, BuildInputs, Checkpoint, Side
-from llmship.settings import ServingConfig, Target, get_settings
+from llmship.pipeline_config import ServingConfig, Target
+from llmship.settings import get_settings
 from llmship.store import ArtifactStore
 from llmship.subprocess_stage import run_stage, tool_versions
 from tasks.common import (

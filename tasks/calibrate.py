@@ -13,7 +13,8 @@ from prefect import get_run_logger, task
 from jobs.calibrate import CalibrateRequest, CalibrateResult
 from llmship.contracts import CalibrateInputs, Checkpoint, CheckpointDetails, Snapshot
 from llmship.domain_data import count_calibration_texts, dataset_dir, file_digest
-from llmship.settings import CalibrationConfig, Scheme, ServingConfig, Target, get_settings
+from llmship.pipeline_config import CalibrationConfig, Scheme, ServingConfig, Target
+from llmship.settings import get_settings
 from llmship.store import ArtifactStore
 from llmship.subprocess_stage import run_stage, tool_versions
 from tasks.common import (

@@ -22,7 +22,8 @@ from llmship.contracts import Build, Side
 from llmship.domain_data import check_disjoint, dataset_dir
 from llmship.errors import GateFailed, VersionConflict
 from llmship.manifest import Manifest, digest_of
-from llmship.settings import EvalBackend, GateConfig, get_settings
+from llmship.pipeline_config import EvalBackend, GateConfig
+from llmship.settings import get_settings
 from llmship.store import ArtifactStore
 from llmship.subprocess_stage import run_stage, tool_versions
 from llmship.versions import calibration_of_build

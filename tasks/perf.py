@@ -29,7 +29,8 @@ from llmship import events
 from llmship.contracts import Build, Side
 from llmship.errors import PerfGateFailed
 from llmship.manifest import Manifest, digest_of
-from llmship.settings import PerfConfig, get_settings
+from llmship.pipeline_config import PerfConfig
+from llmship.settings import get_settings
 from llmship.store import ArtifactStore
 from llmship.subprocess_stage import run_stage, tool_versions
 from serving import fleet

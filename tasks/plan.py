@@ -12,14 +12,14 @@ from pydantic import BaseModel, Field
 
 from llmship.errors import UnsupportedConfiguration
 from llmship.gpus import Gpu
-from llmship.settings import (
+from llmship.pipeline_config import (
     FP8_MIN_COMPUTE_CAPABILITY,
     PipelineConfig,
     Scheme,
     ServingConfig,
-    Settings,
     Target,
 )
+from llmship.settings import Settings
 from serving.engines import builds_engine, engine_for
 from tasks.plan_gpus import (
     VLLM_GPU_MEMORY_UTILIZATION,

@@ -28,7 +28,8 @@ from prefect import get_run_logger, task
 
 from llmship.errors import PreflightFailed, SourceNotFound
 from llmship.gpus import Gpu, detect_gpus
-from llmship.settings import PipelineConfig, Settings, get_settings
+from llmship.pipeline_config import PipelineConfig
+from llmship.settings import Settings, get_settings
 from serving.engines import engine_for
 from tasks.common import record_markdown
 from tasks.plan import (

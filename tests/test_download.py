@@ -106,7 +106,7 @@ def test_an_unknown_hub_model_names_the_repository(hub_cache, stack):
 def test_source_without_revision_is_refused():
     from pydantic import ValidationError
 
-    from llmship.settings import PipelineConfig
+    from llmship.pipeline_config import PipelineConfig
 
     with pytest.raises(ValidationError, match="has no revision"):
         PipelineConfig(name="m", source="hf://org/model")

@@ -136,7 +136,7 @@ def test_seaweedfs_killed_during_publish_leaves_no_version_or_a_complete_one(
     from llmship import stack as local_stack
     from llmship.contracts import Build, BuildDetails, ServeSpec
     from llmship.errors import SourceNotFound
-    from llmship.settings import Scheme
+    from llmship.pipeline_config import Scheme
     from llmship.store import version_prefix
     from llmship.versions import list_versions
     from tasks.publish import publish

@@ -8,7 +8,8 @@ import pytest
 from pydantic import ValidationError
 
 from jobs.benchmark import Load, LoadFigures, LoadRequest, client_argv
-from llmship.settings import PerfConfig, PipelineConfig, get_settings
+from llmship.pipeline_config import PerfConfig, PipelineConfig
+from llmship.settings import get_settings
 from tasks.perf_rule import PerfReport, judge, loads, render_markdown
 
 

@@ -21,7 +21,8 @@ from pydantic import ValidationError
 from flows.cli import deployment_config
 from llmship.errors import SourceNotFound, UnsupportedConfiguration
 from llmship.gpus import Gpu, parse_nvidia_smi
-from llmship.settings import PipelineConfig, Scheme, ServingConfig, Settings, Target
+from llmship.pipeline_config import PipelineConfig, Scheme, ServingConfig, Target
+from llmship.settings import Settings
 from serving import autoscale, engines, replica
 from tasks.plan import ModelShape, check_resources
 from tasks.preflight import check_environments, read_model_config

@@ -525,7 +525,7 @@ def test_an_autoscaled_version_scales_out_and_back_and_a_killed_replica_leaves_n
     guard with it and the kernel the API server, and vLLM's engine core and workers (1.6 GB
     each on CPU) lived on, orphaned: 14 GB of them piled up on this machine. Now nothing of
     its engine is left, and the other replica serves on."""
-    from llmship.settings import AutoscalingBlock, ServingConfig
+    from llmship.pipeline_config import AutoscalingBlock, ServingConfig
     from serving import fleet
 
     live = store.read_alias("tiny-llama", "live")
