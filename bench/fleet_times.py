@@ -33,7 +33,8 @@ sys.path.insert(0, str(REPO))
 from llmship import processes  # noqa: E402
 from llmship.contracts import ServeSpec  # noqa: E402
 from llmship.manifest import Manifest, hash_dir  # noqa: E402
-from llmship.settings import ServingConfig, get_settings  # noqa: E402
+from llmship.pipeline_config import ServingConfig  # noqa: E402
+from llmship.settings import get_settings  # noqa: E402
 from llmship.store import ArtifactStore  # noqa: E402
 from llmship.versions import VersionDetails, read_version  # noqa: E402
 from tests.helpers.load import SteadyLoad  # noqa: E402
@@ -104,7 +105,7 @@ def main() -> None:
     started = time.monotonic()
     server, _ = fleet.acquire(settings, spec, ServingConfig(replicas=1))
     print(f"cold start, 1 replica (fetch + vLLM start): {time.monotonic() - started:.1f} s")
-    time.sleep(2 * settings.gateway_endpoint_refresh_s)
+    time.sleep(2 * settings.gateway.endpoint_refresh_s)
     route_traffic(settings, args.model, args.version)
 
     started = time.monotonic()
@@ -113,7 +114,7 @@ def main() -> None:
         f"scale 1 -> 2 (a warm version, in the node cache): "
         f"{time.monotonic() - started:.1f} s; replicas {[e.url for e in server.endpoints]}"
     )
-    time.sleep(2 * settings.gateway_endpoint_refresh_s)
+    time.sleep(2 * settings.gateway.endpoint_refresh_s)
 
     victim = server.endpoints[0]
     port_flag = f"--port {victim.url.rsplit(':', 1)[1]} "

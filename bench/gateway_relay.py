@@ -237,7 +237,8 @@ def main() -> None:
     state = tempfile.mkdtemp(prefix="llmship-bench-relay-")
     # The replicas the fleet would report for relay v1 (and v2): the stand-ins (no Ray here).
     write_json(
-        gateway_state_dir(Settings(state_dir=state, gateway_port=gateway_port)) / "endpoints.json",
+        gateway_state_dir(Settings(state_dir=state, gateway={"port": gateway_port}))
+        / "endpoints.json",
         {
             "relay--v1": [f"http://127.0.0.1:{upstream_port}"],
             "relay--v2": [f"http://127.0.0.1:{shadow_port}"],
@@ -262,7 +263,7 @@ def main() -> None:
             *args.uvicorn_args.split(),
         ]
     else:  # exactly as the stack starts it
-        argv = gateway_argv(Path(sys.executable), Settings(gateway_port=gateway_port))
+        argv = gateway_argv(Path(sys.executable), Settings(gateway={"port": gateway_port}))
     gateway = subprocess.Popen(
         argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )

@@ -429,7 +429,7 @@ def main() -> None:
             cwd=REPO,
         )
         ray_status = subprocess.run(
-            [str(bin_dir / "ray"), "status", "--address", f"{s.host}:{s.ray_port}"],
+            [str(bin_dir / "ray"), "status", "--address", f"{s.host}:{s.ray.port}"],
             env=child_env(s),
             capture_output=True,
             text=True,

@@ -56,8 +56,8 @@ log = logging.getLogger("gpu_serve")
 
 
 def wrapper(work: Path, name: str, python: str, paths: str) -> Path:
-    """A Python of one environment, as a path: what Settings.quantize_python and
-    serve_python name. Its PYTHONPATH is that environment's alone (the two sites pin different
+    """A Python of one environment, as a path: what Settings.stages.quantize_python
+    and serve_python name. Its PYTHONPATH is that environment's alone (the two sites pin different
     compressed-tensors)."""
     bin_dir = work / "bin"
     bin_dir.mkdir(parents=True, exist_ok=True)
@@ -211,7 +211,7 @@ def calibrate_and_build(
     """jobs.calibrate then jobs.build, in the quantize environment, as the stages run them."""
     from jobs.build import BuildRequest, BuildResult
     from jobs.calibrate import CalibrateRequest, CalibrateResult
-    from llmship.settings import Scheme, Target
+    from llmship.pipeline_config import Scheme, Target
     from llmship.subprocess_stage import run_stage
 
     checkpoint = snapshot
@@ -223,7 +223,7 @@ def calibrate_and_build(
             checkpoint.mkdir(parents=True)
             return run_stage(
                 settings,
-                settings.quantize_python,
+                settings.stages.quantize_python,
                 "jobs.calibrate",
                 CalibrateRequest(
                     model_dir=str(snapshot),
@@ -249,7 +249,7 @@ def calibrate_and_build(
         out.mkdir(parents=True)
         return run_stage(
             settings,
-            settings.quantize_python,
+            settings.stages.quantize_python,
             "jobs.build",
             BuildRequest(
                 checkpoint_dir=str(checkpoint),
@@ -281,7 +281,7 @@ def part_demo(run: Run, settings, args, work: Path) -> None:
     import yaml
 
     from jobs.evaluate import EvaluateRequest, Evaluation
-    from llmship.settings import EvalBackend, GateConfig, PipelineConfig, Scheme
+    from llmship.pipeline_config import EvalBackend, GateConfig, PipelineConfig, Scheme
     from llmship.subprocess_stage import run_stage
     from tasks.gate_rule import judge, resolve_tasks
 
@@ -337,7 +337,7 @@ def part_demo(run: Run, settings, args, work: Path) -> None:
                 f"gate-demo-{name}",
                 lambda: run_stage(
                     settings,
-                    settings.quantize_python,
+                    settings.stages.quantize_python,
                     "jobs.evaluate",
                     EvaluateRequest(
                         model_dir=str(engine.build_dir),
@@ -375,7 +375,7 @@ def part_8b(run: Run, settings, args, work: Path) -> None:
     import yaml
 
     from jobs.benchmark import LoadFigures, Measurement, MeasureRequest
-    from llmship.settings import PerfConfig, Scheme, ServingConfig
+    from llmship.pipeline_config import PerfConfig, Scheme, ServingConfig
     from llmship.subprocess_stage import run_stage
     from tasks.perf_rule import judge as judge_perf
     from tasks.perf_rule import loads
@@ -392,7 +392,7 @@ def part_8b(run: Run, settings, args, work: Path) -> None:
         lambda: json.loads(
             subprocess.run(
                 [
-                    str(settings.quantize_python),
+                    str(settings.stages.quantize_python),
                     "-c",
                     "import json, sys; from pathlib import Path; sys.path.insert(0, 'bench'); "
                     "from gpu_stages import make_model; "
@@ -457,7 +457,7 @@ def part_8b(run: Run, settings, args, work: Path) -> None:
                     lambda: (
                         run_stage(
                             settings,
-                            settings.serve_python,
+                            settings.stages.serve_python,
                             "jobs.benchmark",
                             MeasureRequest(
                                 base_url=engine.url,
@@ -506,7 +506,7 @@ def gateway_against_direct(settings, engine: Engine, args) -> dict:
 
     port, token = free_port(), "bench-token"
     state = settings.state_dir / "gateway-bench"
-    gateway_settings = Settings(state_dir=state, gateway_port=port)
+    gateway_settings = Settings(state_dir=state, gateway={"port": port})
     write_json(
         gateway_state_dir(gateway_settings) / "endpoints.json",
         {f"{engine.spec.model}--{engine.spec.version}": [engine.url]},
@@ -517,7 +517,7 @@ def gateway_against_direct(settings, engine: Engine, args) -> dict:
         "LLMSHIP_GATEWAY_PORT": str(port),
     }
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    python = Path(args.gateway_python) if args.gateway_python else settings.serve_python
+    python = Path(args.gateway_python) if args.gateway_python else settings.stages.serve_python
     gateway_log = settings.state_dir / "logs" / "gateway.log"
     with gateway_log.open("ab") as out:
         gateway = subprocess.Popen(
@@ -577,7 +577,7 @@ def plan_against_run(results: dict, args) -> dict:
     """`llmship plan`'s estimates for this shape and deployment, beside what was measured."""
     from gpu_stages import SHAPES
 
-    from llmship.settings import PipelineConfig, Scheme
+    from llmship.pipeline_config import PipelineConfig, Scheme
     from tasks.plan import ModelShape, estimate_stages
 
     shape = ModelShape.from_config({**SHAPES[args.shape], "tie_word_embeddings": False})
@@ -674,8 +674,10 @@ def main() -> None:
     settings = Settings(
         state_dir=work / "state",
         device=args.device,
-        quantize_python=wrapper(work, "quantize", args.quant_python, args.quant_path),
-        serve_python=wrapper(work, "serve", args.serve_python, args.serve_path),
+        stages={
+            "quantize_python": wrapper(work, "quantize", args.quant_python, args.quant_path),
+            "serve_python": wrapper(work, "serve", args.serve_python, args.serve_path),
+        },
         server_start_timeout_s=args.server_start_timeout_s,
     )
     meta = {

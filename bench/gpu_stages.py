@@ -187,7 +187,7 @@ def main() -> None:
     from jobs.build import BuildRequest, build
     from jobs.calibrate import CalibrateRequest, calibrate
     from jobs.evaluate import EvaluateRequest, evaluate
-    from llmship.settings import EvalBackend, GateConfig, Scheme, ServingConfig, Target
+    from llmship.pipeline_config import EvalBackend, GateConfig, Scheme, ServingConfig, Target
     from tasks.gate_rule import resolve_tasks
 
     work, data = args.work, REPO / "calibration_data" / "contracts" / "calibration.jsonl"

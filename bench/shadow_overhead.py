@@ -29,7 +29,8 @@ from pathlib import Path
 
 import httpx
 
-from llmship.settings import ServingConfig, Settings, get_settings
+from llmship.pipeline_config import ServingConfig
+from llmship.settings import Settings, get_settings
 from llmship.store import ArtifactStore, version_prefix
 from llmship.versions import read_version
 from serving import fleet

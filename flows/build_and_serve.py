@@ -16,7 +16,7 @@ from __future__ import annotations
 from prefect import flow
 
 from llmship.contracts import Side
-from llmship.settings import PipelineConfig
+from llmship.pipeline_config import PipelineConfig
 from tasks.build import build_task
 from tasks.calibrate import calibrate_task, unquantized
 from tasks.common import build_slot, serving_slot

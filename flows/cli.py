@@ -62,7 +62,7 @@ def cmd_status(args) -> None:
     print()
     print(f"Prefect UI   http://{settings.host}:{settings.prefect_port}")
     print(
-        f"S3           {settings.s3_url}  (bucket {settings.artifacts_bucket}; keys in "
+        f"S3           {settings.s3_url}  (bucket {settings.s3.artifacts_bucket}; keys in "
         f"{settings.credentials_file})"
     )
     for line in _waiting_runs(settings):
@@ -155,7 +155,7 @@ def _fleet(settings) -> list:
         return fleet.running(settings)
     except Exception as exc:  # noqa: BLE001 - status must answer even with Ray down
         print(
-            f"  (the Ray cluster at {settings.ray_address or 'the local stack'} cannot be "
+            f"  (the Ray cluster at {settings.ray.address or 'the local stack'} cannot be "
             f"asked: {type(exc).__name__}: {exc})"
         )
         return []
@@ -270,7 +270,8 @@ def deployment_config(name: str):
 
     import yaml
 
-    from llmship.settings import REPO_ROOT, PipelineConfig
+    from llmship.pipeline_config import PipelineConfig
+    from llmship.settings import REPO_ROOT
 
     flow_name, _, deployment = name.partition("/")
     spec = yaml.safe_load((REPO_ROOT / "prefect.yaml").read_text())

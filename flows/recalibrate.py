@@ -12,7 +12,8 @@ from prefect import flow, get_run_logger
 
 from flows.build_and_serve import build_and_serve
 from llmship.domain_data import dataset_dir, file_digest
-from llmship.settings import PipelineConfig, get_settings
+from llmship.pipeline_config import PipelineConfig
+from llmship.settings import get_settings
 from llmship.store import ArtifactStore
 from llmship.versions import calibration_of_version
 from tasks.rollout import RolloutResult

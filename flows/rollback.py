@@ -18,7 +18,8 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from llmship.errors import BadAlias, PermanentError
-from llmship.settings import RolloutConfig, get_settings
+from llmship.pipeline_config import RolloutConfig
+from llmship.settings import get_settings
 from llmship.store import ArtifactStore
 from llmship.versions import PublishedVersion, read_version, scan_versions
 from serving import fleet

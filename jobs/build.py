@@ -27,7 +27,8 @@ from pydantic import BaseModel
 
 from llmship.contracts import ServeSpec
 from llmship.errors import StageFailed
-from llmship.settings import ServingConfig, Target, get_settings
+from llmship.pipeline_config import ServingConfig, Target
+from llmship.settings import get_settings
 from llmship.subprocess_stage import stage_main
 from serving import engines
 

@@ -33,7 +33,7 @@ from pydantic import BaseModel
 
 from llmship.domain_data import load_calibration_texts
 from llmship.errors import UnsupportedConfiguration
-from llmship.settings import Scheme, Target
+from llmship.pipeline_config import Scheme, Target
 from llmship.subprocess_stage import stage_main
 
 

@@ -23,7 +23,7 @@ from pydantic import BaseModel
 
 from llmship.domain_data import load_eval_items
 from llmship.errors import GateConfigError, ServerExited
-from llmship.settings import EvalBackend
+from llmship.pipeline_config import EvalBackend
 from llmship.subprocess_stage import stage_main
 from serving.engines import answers_health
 

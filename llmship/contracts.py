@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel
 
 from llmship.manifest import Manifest, digest_of
-from llmship.settings import CalibrationConfig, Scheme, Target
+from llmship.pipeline_config import CalibrationConfig, Scheme, Target
 
 
 class ServeSpec(BaseModel):

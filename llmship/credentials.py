@@ -57,7 +57,7 @@ def ray_env(settings: Settings) -> dict[str, str]:
         "RAY_AUTH_TOKEN_PATH": str(settings.ray_auth_token_file),
         "RAY_USAGE_STATS_ENABLED": "0",
     }
-    if settings.host in ("127.0.0.1", "localhost", "::1") and not settings.ray_address:
+    if settings.host in ("127.0.0.1", "localhost", "::1") and not settings.ray.address:
         # `ray start` replaces a loopback --node-ip-address with the machine's outward address,
         # unless Ray is told this is a one-node cluster (its switch for laptops): the local
         # stack's cluster stays on loopback.

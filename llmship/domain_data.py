@@ -29,7 +29,7 @@ class EvalItem(BaseModel, extra="forbid"):
 
 
 def dataset_dir(name: str) -> Path:
-    root = get_settings().calibration_data_dir.resolve()
+    root = get_settings().stages.calibration_data_dir.resolve()
     path = (root / name).resolve()
     if root not in path.parents or not path.is_dir():
         known = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []

@@ -1,10 +1,10 @@
 """The Ray cluster the serving plane runs on: the local one-node head `llmship up` starts, or an
 existing cluster (LLMSHIP_RAY_ADDRESS: KubeRay's, or `ray start` on GPU hosts, docs/GPU.md).
 
-Every port the local head opens is fixed from settings.ray_port, so two stacks on one host
+Every port the local head opens is fixed from settings.ray.port, so two stacks on one host
 (`make demo` and `make test`) never collide and nothing takes a random port:
 
-    ray_port      GCS                      +5  runtime-env agent
+    ray.port      GCS                      +5  runtime-env agent
     +1            dashboard (loopback)     +6  metrics export (off, below)
     +2            Ray Client server        +7  object manager
     +3            dashboard agent (HTTP)   +8  node manager
@@ -45,7 +45,7 @@ class ClusterError(StackError):
 
 # Named actors and Serve applications of llmship live here (serving/fleet.py).
 NAMESPACE = "llmship"
-WORKER_PORTS = (100, 299)  # offsets from ray_port
+WORKER_PORTS = (100, 299)  # offsets from ray.port
 # Ray's system config (`ray start --head --system-config`, the cluster's): with metrics
 # collection off the raylet starts its dashboard agent with --disable-metrics-collection, so
 # no exporter listens on the metrics export port.
@@ -54,7 +54,7 @@ METRICS_OFF = {"enable_metrics_collection": False}
 
 def address(settings: Settings) -> str:
     """The GCS address clients connect to: the existing cluster's, or the local head's."""
-    return settings.ray_address or f"{settings.host}:{settings.ray_port}"
+    return settings.ray.address or f"{settings.host}:{settings.ray.port}"
 
 
 def private_dir(settings: Settings) -> Path:
@@ -107,7 +107,7 @@ def head_argv(ray_bin: Path, settings: Settings) -> list[str]:
         "--dashboard-host",
         settings.host,
         "--num-cpus",
-        str(settings.ray_num_cpus),
+        str(settings.ray.num_cpus),
         # On CUDA, Ray counts the GPUs itself and hands each replica its own.
         *(["--num-gpus", "0"] if settings.device == "cpu" else []),
         "--temp-dir",
@@ -115,12 +115,12 @@ def head_argv(ray_bin: Path, settings: Settings) -> list[str]:
         "--system-config",
         json.dumps(METRICS_OFF),
         "--port",
-        str(settings.ray_port),
+        str(settings.ray.port),
         "--dashboard-port",
-        str(settings.ray_port + 1),
+        str(settings.ray.port + 1),
         "--ray-client-server-port",
-        str(settings.ray_port + 2),
-        *_node_ports(settings.ray_port),
+        str(settings.ray.port + 2),
+        *_node_ports(settings.ray.port),
     ]
 
 
@@ -160,7 +160,7 @@ def _check_reachable(gcs: str) -> None:
 
 def uses_ray(settings: Settings) -> bool:
     """A cluster to ask: one named, or the local stack's (its token exists once it is up)."""
-    return bool(settings.ray_address) or settings.ray_auth_token_file.exists()
+    return bool(settings.ray.address) or settings.ray_auth_token_file.exists()
 
 
 def connect(settings: Settings) -> None:
@@ -178,7 +178,7 @@ def connect(settings: Settings) -> None:
 
     if ray.is_initialized():
         return
-    if not (settings.ray_address or "").startswith("ray://"):  # Ray Client: its own check
+    if not (settings.ray.address or "").startswith("ray://"):  # Ray Client: its own check
         _check_reachable(address(settings))
     ray.init(
         address=address(settings),
@@ -187,5 +187,5 @@ def connect(settings: Settings) -> None:
         logging_level=logging.WARNING,
         configure_logging=False,
         # A client of the local stack is on the head's node; elsewhere Ray finds it.
-        _node_ip_address=None if settings.ray_address else settings.host,
+        _node_ip_address=None if settings.ray.address else settings.host,
     )

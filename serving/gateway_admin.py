@@ -21,7 +21,7 @@ from pydantic import TypeAdapter
 from llmship.errors import ServingError
 from llmship.ray_cluster import uses_ray
 from llmship.serving_messages import Canary, KeptPairs, Route, RouteOrder, Shadow
-from llmship.settings import Settings
+from llmship.settings import GatewaySettings, Settings
 from serving import directory
 
 log = logging.getLogger("llmship.fleet")
@@ -29,8 +29,8 @@ ROUTES = TypeAdapter(dict[str, Route])  # GET /admin/routes
 KEPT = TypeAdapter(dict[str, KeptPairs])  # GET /admin/shadow/{model}
 
 
-def _auth(settings: Settings) -> dict[str, str]:
-    return {"authorization": f"Bearer {settings.gateway_admin_token}"}
+def _auth(gateway: GatewaySettings) -> dict[str, str]:
+    return {"authorization": f"Bearer {gateway.admin_token}"}
 
 
 def gateway_urls(settings: Settings) -> list[str]:
@@ -49,7 +49,7 @@ def gateway_routes(
     one cannot say."""
     routes = {}
     for url in urls or gateway_urls(settings):
-        resp = httpx.get(f"{url}/admin/routes", timeout=10.0, headers=_auth(settings))
+        resp = httpx.get(f"{url}/admin/routes", timeout=10.0, headers=_auth(settings.gateway))
         resp.raise_for_status()
         routes[url] = ROUTES.validate_json(resp.content)
     return routes
@@ -79,7 +79,7 @@ def route_traffic(
             resp = httpx.put(
                 f"{url}/admin/routes/{model}",
                 timeout=10.0,
-                headers=_auth(settings),
+                headers=_auth(settings.gateway),
                 json=order.model_dump(),
             )
         except httpx.HTTPError as exc:
@@ -129,7 +129,7 @@ def shadow_pairs(
                 f"{url}/admin/shadow/{model}",
                 params={"since": since},
                 timeout=10.0,
-                headers=_auth(settings),
+                headers=_auth(settings.gateway),
             )
             resp.raise_for_status()
         except httpx.HTTPError:

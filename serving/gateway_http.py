@@ -44,9 +44,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         settings = get_settings()
-        self._head_timeout_s = settings.gateway_header_timeout_s
-        self._max_head_bytes = settings.gateway_max_header_bytes
-        self._send_timeout_s = settings.gateway_send_timeout_s
+        self._head_timeout_s = settings.gateway.header_timeout_s
+        self._max_head_bytes = settings.gateway.max_header_bytes
+        self._send_timeout_s = settings.gateway.send_timeout_s
         self._head_bytes = 0
         self._head_timer = None
         self._stall_timer = None

@@ -34,7 +34,8 @@ from pydantic import BaseModel
 
 from llmship.contracts import ServeSpec
 from llmship.errors import ServerExited, ServingError
-from llmship.settings import Settings, Target, get_settings, stage_env
+from llmship.pipeline_config import Target
+from llmship.settings import Settings, get_settings, stage_env
 from serving import engines
 from serving.autoscale import read_engine_load
 
@@ -83,7 +84,7 @@ def fetch_to_node(settings: Settings, prefix: str) -> Path:
     manifest = store.read_manifest(prefix)
     if manifest is None:
         raise ServingError(
-            f"s3://{settings.artifacts_bucket}/{prefix} has no manifest: nothing to serve"
+            f"s3://{settings.s3.artifacts_bucket}/{prefix} has no manifest: nothing to serve"
         )
     cache = settings.node_cache
     cache.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,8 @@ from prefect import get_run_logger, task
 
 from jobs.build import BuildRequest, BuildResult
 from llmship.contracts import Build, BuildDetails, BuildInputs, Checkpoint, Side
-from llmship.settings import ServingConfig, Target, get_settings
+from llmship.pipeline_config import ServingConfig, Target
+from llmship.settings import get_settings
 from llmship.store import ArtifactStore
 from llmship.subprocess_stage import run_stage, tool_versions
 from tasks.common import (
@@ -35,7 +36,7 @@ def build_inputs(checkpoint: Checkpoint, target: Target, serving: ServingConfig)
         target=target,
         serving=serving.build_inputs(),
         device=settings.device,
-        tools=tool_versions(settings.quantize_python, TOOLS),
+        tools=tool_versions(settings.stages.quantize_python, TOOLS),
     )
 
 
@@ -46,7 +47,7 @@ def build(inputs: BuildInputs, checkpoint: Checkpoint, serving: ServingConfig) -
     def make(out_dir: Path):
         result = run_stage(
             settings,
-            settings.quantize_python,
+            settings.stages.quantize_python,
             "jobs.build",
             BuildRequest(
                 checkpoint_dir=str(ArtifactStore(settings).materialize(checkpoint.prefix)),

@@ -13,7 +13,8 @@ from prefect import get_run_logger, task
 from jobs.calibrate import CalibrateRequest, CalibrateResult
 from llmship.contracts import CalibrateInputs, Checkpoint, CheckpointDetails, Snapshot
 from llmship.domain_data import count_calibration_texts, dataset_dir, file_digest
-from llmship.settings import CalibrationConfig, Scheme, ServingConfig, Target, get_settings
+from llmship.pipeline_config import CalibrationConfig, Scheme, ServingConfig, Target
+from llmship.settings import get_settings
 from llmship.store import ArtifactStore
 from llmship.subprocess_stage import run_stage, tool_versions
 from tasks.common import (
@@ -55,7 +56,7 @@ def calibrate_inputs(
         calibration_data=f"{config.dataset}/{data.name}",
         calibration_data_sha256=file_digest(data),
         device=settings.device,
-        tools=tool_versions(settings.quantize_python, TOOLS),
+        tools=tool_versions(settings.stages.quantize_python, TOOLS),
     )
 
 
@@ -70,7 +71,7 @@ def calibrate(inputs: CalibrateInputs) -> Checkpoint:
     def make(out_dir: Path):
         result = run_stage(
             settings,
-            settings.quantize_python,
+            settings.stages.quantize_python,
             "jobs.calibrate",
             CalibrateRequest(
                 model_dir=str(ArtifactStore(settings).materialize(inputs.snapshot)),

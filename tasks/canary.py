@@ -17,8 +17,9 @@ from datetime import UTC, datetime
 import httpx
 
 from llmship.errors import CanaryFailed, ServingError
+from llmship.pipeline_config import QualityPolicy, RolloutConfig
 from llmship.serving_messages import Canary, KeptPairs, Shadow
-from llmship.settings import QualityPolicy, RolloutConfig, Settings
+from llmship.settings import Settings
 from llmship.store import ArtifactStore, shadow_prefix
 from serving import fleet
 from serving.gateway_admin import gateway_urls, keep_routed, route_traffic, shadow_pairs

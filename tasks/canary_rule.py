@@ -17,7 +17,7 @@ from __future__ import annotations
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel
 
-from llmship.settings import QualityPolicy, RolloutConfig
+from llmship.pipeline_config import QualityPolicy, RolloutConfig
 from tasks.gate_rule import wilson_lower
 
 

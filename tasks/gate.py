@@ -22,7 +22,8 @@ from llmship.contracts import Build, Side
 from llmship.domain_data import check_disjoint, dataset_dir
 from llmship.errors import GateFailed, VersionConflict
 from llmship.manifest import Manifest, digest_of
-from llmship.settings import EvalBackend, GateConfig, get_settings
+from llmship.pipeline_config import EvalBackend, GateConfig
+from llmship.settings import get_settings
 from llmship.store import ArtifactStore
 from llmship.subprocess_stage import run_stage, tool_versions
 from llmship.versions import calibration_of_build
@@ -62,7 +63,7 @@ def evaluation_key(build: Build, tasks: TaskSet, config: GateConfig) -> str:
             "limit": config.limit,
             "backend": config.backend.value,
             "device": settings.device,
-            "tools": tool_versions(settings.quantize_python, TOOLS),
+            "tools": tool_versions(settings.stages.quantize_python, TOOLS),
             "engine": served_by,
         }
     )[:24]
@@ -112,7 +113,7 @@ def evaluate(
     try:
         evaluation = run_stage(
             settings,
-            settings.quantize_python,
+            settings.stages.quantize_python,
             "jobs.evaluate",
             EvaluateRequest(
                 model_dir=str(ArtifactStore(settings).materialize(build.prefix)),
@@ -290,7 +291,7 @@ def gate(
                 tasks,
                 base,
                 cand,
-                harness=tool_versions(get_settings().quantize_python, TOOLS),
+                harness=tool_versions(get_settings().stages.quantize_python, TOOLS),
             ),
         ),
         partial(same_verdict, model),

@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from jobs.evaluate import Evaluation, TaskScore, TaskSet
 from llmship.domain_data import dataset_dir, file_digest, load_eval_items
 from llmship.errors import GateConfigError
-from llmship.settings import EvalBackend, GateConfig, TaskPolicy
+from llmship.pipeline_config import EvalBackend, GateConfig, TaskPolicy
 
 DOMAIN_METRIC = "exact_match,strip"
 # The metric a standard task is judged on when its policy names none: the first one it reports.

@@ -100,7 +100,7 @@ def judge_both(
             refusal.event,
             {"report": stored, **refusal.payload},
             refusal.error(
-                f"{refusal.message} (report: s3://{get_settings().artifacts_bucket}/{stored}/)"
+                f"{refusal.message} (report: s3://{get_settings().s3.artifacts_bucket}/{stored}/)"
             ),
         )
     return judged.report, stored

@@ -29,7 +29,8 @@ from llmship import events
 from llmship.contracts import Build, Side
 from llmship.errors import PerfGateFailed
 from llmship.manifest import Manifest, digest_of
-from llmship.settings import PerfConfig, get_settings
+from llmship.pipeline_config import PerfConfig
+from llmship.settings import get_settings
 from llmship.store import ArtifactStore
 from llmship.subprocess_stage import run_stage, tool_versions
 from serving import fleet
@@ -59,7 +60,7 @@ def measurement_key(build: Build, config: PerfConfig) -> str:
             "build": build.digest,
             "loads": [load.model_dump() for load in loads(config)],
             "engine": tool_versions(engine.python(settings), engine.tools),
-            "client": tool_versions(settings.serve_python, CLIENT_TOOLS),
+            "client": tool_versions(settings.stages.serve_python, CLIENT_TOOLS),
             "device": settings.device,
         }
     )[:24]
@@ -92,7 +93,7 @@ def measure(build: Build, side: Side, config: PerfConfig, model: str) -> list[Lo
         model_dir = ArtifactStore(settings).materialize(build.prefix)
         return run_stage(
             settings,
-            settings.serve_python,
+            settings.stages.serve_python,
             "jobs.benchmark",
             MeasureRequest(
                 base_url=server.url,
@@ -217,7 +218,7 @@ def perf(
                 baseline,
                 config,
                 {Side.BASELINE.value: base, Side.CANDIDATE.value: cand},
-                client=tool_versions(settings.serve_python, CLIENT_TOOLS),
+                client=tool_versions(settings.stages.serve_python, CLIENT_TOOLS),
                 device=settings.device,
             ),
         ),

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pydantic import BaseModel
 
 from jobs.benchmark import Load, LoadFigures
-from llmship.settings import PerfConfig
+from llmship.pipeline_config import PerfConfig
 
 # No engine streams one sequence at 10,000 tokens/s: a gap shorter than this is inside a burst
 # of tokens that arrived together, not a measure of the engine.

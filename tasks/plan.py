@@ -12,14 +12,14 @@ from pydantic import BaseModel, Field
 
 from llmship.errors import UnsupportedConfiguration
 from llmship.gpus import Gpu
-from llmship.settings import (
+from llmship.pipeline_config import (
     FP8_MIN_COMPUTE_CAPABILITY,
     PipelineConfig,
     Scheme,
     ServingConfig,
-    Settings,
     Target,
 )
+from llmship.settings import Settings
 from serving.engines import builds_engine, engine_for
 from tasks.plan_gpus import (
     VLLM_GPU_MEMORY_UTILIZATION,
@@ -255,12 +255,12 @@ def check_disk(
 ) -> Check:
     """Free disk in the state directory against every stage's new files, with headroom."""
     stages = estimate_stages(config, shape, a)
-    disk = sum(s.disk_gib or 0 for s in stages) * settings.disk_headroom
+    disk = sum(s.disk_gib or 0 for s in stages) * settings.stages.disk_headroom
     return Check(
         name="disk",
         ok=free_disk_gib >= disk,
         detail=f"{free_disk_gib:.0f} GiB free in {settings.state_dir}; {disk:.0f} GiB needed "
-        f"(snapshot, calibrated checkpoint, builds, x{settings.disk_headroom} headroom)"
+        f"(snapshot, calibrated checkpoint, builds, x{settings.stages.disk_headroom} headroom)"
         + (
             ""
             if free_disk_gib >= disk

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 from llmship.gpus import Gpu
-from llmship.settings import EvalBackend, PipelineConfig, ServingConfig
+from llmship.pipeline_config import EvalBackend, PipelineConfig, ServingConfig
 
 # vLLM's default share of each GPU (its --gpu-memory-utilization); tasks/plan.py's
 # PlanAssumptions starts from it.

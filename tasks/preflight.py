@@ -28,7 +28,8 @@ from prefect import get_run_logger, task
 
 from llmship.errors import PreflightFailed, SourceNotFound
 from llmship.gpus import Gpu, detect_gpus
-from llmship.settings import PipelineConfig, Settings, get_settings
+from llmship.pipeline_config import PipelineConfig
+from llmship.settings import Settings, get_settings
 from serving.engines import engine_for
 from tasks.common import record_markdown
 from tasks.plan import (
@@ -118,7 +119,7 @@ def check_store(settings: Settings) -> Check:
     from llmship.store import ArtifactStore
 
     key = f"preflight/{uuid.uuid4().hex}"
-    where = f"s3://{settings.artifacts_bucket} at {settings.s3_url}"
+    where = f"s3://{settings.s3.artifacts_bucket} at {settings.s3_url}"
     try:
         store = ArtifactStore(settings)
         # Asked first, without side effects: some stores (SeaweedFS) create a bucket on the
@@ -175,7 +176,7 @@ def check_published_immutable(settings: Settings) -> Check:
 
     from llmship.store import ArtifactStore
 
-    name, bucket = "published versions", settings.artifacts_bucket
+    name, bucket = "published versions", settings.s3.artifacts_bucket
     advice = (
         "apply the bucket policy in docs/SECURITY.md (deny s3:PutObject on versions/* "
         "without If-None-Match), or create the bucket with S3 Object Lock"
@@ -244,7 +245,7 @@ def check_environments(config: PipelineConfig, settings: Settings) -> list[Check
     engine = engine_for(config.target)
     # Each environment, what it must import, and what to fix when it is missing.
     wanted = [
-        ("quantize", settings.quantize_python, [quantizer, "lm_eval"], "`make setup`"),
+        ("quantize", settings.stages.quantize_python, [quantizer, "lm_eval"], "`make setup`"),
         (
             f"serving ({config.target.value})",
             engine.python(settings),

@@ -125,7 +125,7 @@ def publish_task(
         "published %s version %s: s3://%s/%s",
         model,
         published.version,
-        get_settings().artifacts_bucket,
+        get_settings().s3.artifacts_bucket,
         published.prefix,
     )
     record_stage_artifact(

@@ -27,8 +27,9 @@ from pydantic import BaseModel, Field
 from llmship import events
 from llmship.contracts import StageOutput
 from llmship.errors import CanaryFailed
+from llmship.pipeline_config import RolloutConfig, ServingConfig
 from llmship.serving_messages import Route
-from llmship.settings import RolloutConfig, ServingConfig, Settings, get_settings
+from llmship.settings import Settings, get_settings
 from llmship.store import ArtifactStore
 from llmship.versions import PublishedVersion, check_servable, read_version
 from serving import fleet

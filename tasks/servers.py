@@ -13,7 +13,8 @@ from typing import Any, NoReturn
 from llmship import events
 from llmship.contracts import Build, Side
 from llmship.errors import LlmshipError
-from llmship.settings import ServingConfig, Settings, get_settings
+from llmship.pipeline_config import ServingConfig
+from llmship.settings import Settings, get_settings
 from serving import fleet
 from serving.directory import eval_app_name
 from serving.gateway_admin import serves_traffic

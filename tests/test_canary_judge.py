@@ -5,7 +5,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import ValidationError
 
-from llmship.settings import RolloutConfig
+from llmship.pipeline_config import RolloutConfig
 from tasks.canary_rule import Traffic, judge, parse_traffic, quantile, traffic_since
 
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)

@@ -20,7 +20,7 @@ SHA = "0123456789abcdef0123456789abcdef01234567"
 
 
 def test_mirror_download_hashes_every_file(stack, store):
-    out = download(f"s3://{stack.mirror_bucket}/tiny-llama")
+    out = download(f"s3://{stack.s3.mirror_bucket}/tiny-llama")
     manifest = store.read_manifest(out.prefix)
     local = {p.name: sha256_file(p) for p in DEMO.iterdir()}
     assert {f.path: f.sha256 for f in manifest.files} == local
@@ -52,7 +52,7 @@ def test_same_source_same_key_and_the_manifest_records_what_it_is_the_digest_of(
 
 def test_missing_mirror_prefix_and_bucket(stack):
     with pytest.raises(SourceNotFound, match="holds no files"):
-        download(f"s3://{stack.mirror_bucket}/no-such-model")
+        download(f"s3://{stack.s3.mirror_bucket}/no-such-model")
     with pytest.raises(SourceNotFound, match="does not exist"):
         download("s3://no-such-bucket/tiny-llama")
 
@@ -106,7 +106,7 @@ def test_an_unknown_hub_model_names_the_repository(hub_cache, stack):
 def test_source_without_revision_is_refused():
     from pydantic import ValidationError
 
-    from llmship.settings import PipelineConfig
+    from llmship.pipeline_config import PipelineConfig
 
     with pytest.raises(ValidationError, match="has no revision"):
         PipelineConfig(name="m", source="hf://org/model")
@@ -142,7 +142,7 @@ def test_a_full_disk_during_download_is_named_and_leaves_nothing(stack, store):
     from llmship.store import MANIFEST
     from tasks.download import download_inputs
 
-    source = f"s3://{stack.mirror_bucket}/tiny-llama"
+    source = f"s3://{stack.s3.mirror_bucket}/tiny-llama"
     prefix = download_inputs(source).prefix
     # An earlier test stored this snapshot: without its manifest the store has none.
     store.client.delete_object(Bucket=store.bucket, Key=f"{prefix}/{MANIFEST}")

@@ -11,7 +11,8 @@ import pytest
 
 from flows.cli import deployment_config
 from llmship.errors import EngineArgumentRefused
-from llmship.settings import ServingConfig, Settings, Target
+from llmship.pipeline_config import ServingConfig, Target
+from llmship.settings import Settings
 from serving import engines
 
 SETTINGS = Settings(state_dir=Path("/srv/llmship"))

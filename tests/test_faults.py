@@ -35,7 +35,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 def through(proxy: FaultProxy, settings) -> ArtifactStore:
-    return ArtifactStore(settings.model_copy(update={"s3_endpoint_url": proxy.url}))
+    return ArtifactStore(settings.updated(s3={"endpoint_url": proxy.url}))
 
 
 def sha256(path: Path) -> str:
@@ -45,7 +45,7 @@ def sha256(path: Path) -> str:
 @pytest.mark.parametrize("mode", ["503", "reset"])
 def test_uploads_survive_s3_errors_and_dropped_connections(mode, stack, store, model_dir, tmp_path):
     prefix = f"test/faults/upload-{mode}-{uuid.uuid4().hex[:8]}"  # new each run: uploaded
-    with FaultProxy(stack.s3_port, mode) as proxy:
+    with FaultProxy(stack.s3.port, mode) as proxy:
         manifest = through(proxy, stack).upload_dir(
             model_dir, prefix, Manifest(kind="test", key=mode)
         )
@@ -66,7 +66,7 @@ def test_downloads_survive_faults_and_never_keep_a_cut_file(
         store.upload_dir(model_dir, prefix, Manifest(kind="test", key="download"))
     # Every object's first GET (each ranged part's, for the large file) gets the fault, and
     # its retry passes: each file, small and large, is fetched through a retry, every run.
-    with FaultProxy(stack.s3_port, mode, first_get=True) as proxy:
+    with FaultProxy(stack.s3.port, mode, first_get=True) as proxy:
         got = through(proxy, stack).download_dir(prefix, tmp_path / "dest")
     faulted_files = {
         fault.split("?")[0].rsplit("/", 1)[-1] for fault in proxy.faults if "/files/" in fault
@@ -80,8 +80,8 @@ def test_downloads_survive_faults_and_never_keep_a_cut_file(
 @pytest.mark.parametrize(
     "change, expected",
     [
-        ({"s3_secret_key": "not-the-secret-key-at-all"}, "SignatureDoesNotMatch"),
-        ({"s3_access_key": "NOSUCHKEY", "s3_secret_key": "x" * 40}, "InvalidAccessKeyId"),
+        ({"secret_key": "not-the-secret-key-at-all"}, "SignatureDoesNotMatch"),
+        ({"access_key": "NOSUCHKEY", "secret_key": "x" * 40}, "InvalidAccessKeyId"),
         ({"artifacts_bucket": "no-such-bucket-here"}, "NoSuchBucket"),
     ],
 )
@@ -90,12 +90,12 @@ def test_wrong_credentials_or_a_missing_bucket_are_refused_before_a_run(change, 
     before anything is downloaded, naming the bucket, the endpoint and S3's own error code."""
     from tasks.preflight import check_store
 
-    check = check_store(stack.model_copy(update=change))
+    check = check_store(stack.updated(s3=change))
     assert check.ok is False
-    bucket = change.get("artifacts_bucket", stack.artifacts_bucket)
+    bucket = change.get("artifacts_bucket", stack.s3.artifacts_bucket)
     assert f"cannot write to s3://{bucket} at {stack.s3_url}" in check.detail
     assert expected in check.detail, check.detail
-    assert stack.s3_secret_key not in check.detail
+    assert stack.s3.secret_key not in check.detail
 
 
 def passing_report(build):
@@ -136,7 +136,7 @@ def test_seaweedfs_killed_during_publish_leaves_no_version_or_a_complete_one(
     from llmship import stack as local_stack
     from llmship.contracts import Build, BuildDetails, ServeSpec
     from llmship.errors import SourceNotFound
-    from llmship.settings import Scheme
+    from llmship.pipeline_config import Scheme
     from llmship.store import version_prefix
     from llmship.versions import list_versions
     from tasks.publish import publish

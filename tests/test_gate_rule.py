@@ -7,7 +7,7 @@ import pytest
 
 from jobs.evaluate import Evaluation, TaskScore, TaskSet
 from llmship.errors import GateConfigError
-from llmship.settings import GateConfig, TaskPolicy
+from llmship.pipeline_config import GateConfig, TaskPolicy
 from tasks.gate_rule import (
     DOMAIN_METRIC,
     GateReport,

@@ -15,9 +15,9 @@ def test_two_apps_made_for_their_own_settings_serve_on_them(tmp_path):
         # No S3 and no Ray to ask, whatever the environment says: the routes saved, none.
         return Settings(
             state_dir=tmp_path / token,
-            gateway_admin_token=token,
-            s3_access_key=None,
-            ray_address=None,
+            gateway={"admin_token": token},
+            s3={"access_key": None},
+            ray={"address": None},
         )
 
     apps = {token: create_app(settings(token)) for token in ("first-token", "second-token")}

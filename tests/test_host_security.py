@@ -57,8 +57,8 @@ def test_no_port_of_the_store_reads_or_writes_a_bucket_without_a_signature(
 ):
     ports = listening_ports(weed.pid)
     # S3, its gRPC, and the master's, volume server's, filer's and admin's HTTP and gRPC.
-    assert len(ports) >= 10 and stack.s3_port in ports, ports
-    bucket = stack.artifacts_bucket
+    assert len(ports) >= 10 and stack.s3.port in ports, ports
+    bucket = stack.s3.artifacts_bucket
     store.put_json("test/security/live.json", {"version": "good"})
     attempts = [
         ("PUT", f"/buckets/{bucket}/test/security/live.json"),
@@ -95,7 +95,7 @@ def test_no_port_of_the_store_reads_or_writes_a_bucket_without_a_signature(
 def test_every_grpc_port_wants_a_client_certificate_of_the_stack(stack, weed):
     folder = security_dir(stack)
     grpc_ports = [
-        p for p in listening_ports(weed.pid) if p in {stack.s3_port + k for k in (1, 3, 5, 7, 9)}
+        p for p in listening_ports(weed.pid) if p in {stack.s3.port + k for k in (1, 3, 5, 7, 9)}
     ]
     assert len(grpc_ports) == 5, grpc_ports
 
@@ -126,14 +126,14 @@ def test_seaweedfs_own_grpc_tools_cannot_write_the_bucket(stack, store, tmp_path
     filer's gRPC port (from a folder without the stack's security.toml)."""
     store.put_json("test/security/grpc/live.json", {"version": "good"})
     (tmp_path / "live.json").write_text('{"version": "attacker"}')
-    filer = f"{stack.host}:{stack.s3_port + 6}.{stack.s3_port + 7}"
+    filer = f"{stack.host}:{stack.s3.port + 6}.{stack.s3.port + 7}"
     weed_bin = processes.find(stack, "seaweedfs").argv[0]
     proc = subprocess.run(
         [
             weed_bin,
             "filer.copy",
             "live.json",
-            f"http://{filer}/buckets/{stack.artifacts_bucket}/test/security/grpc/",
+            f"http://{filer}/buckets/{stack.s3.artifacts_bucket}/test/security/grpc/",
         ],
         cwd=tmp_path,
         capture_output=True,
@@ -152,10 +152,10 @@ def test_the_store_s_secrets_and_sockets_are_its_owner_s_only(stack, weed):
     sockets = [
         f"/tmp/seaweedfs-{kind}-{port}.sock"
         for kind, port in [
-            ("s3", stack.s3_port),
-            ("filer", stack.s3_port + 6),
-            ("filer-grpc", stack.s3_port + 7),
-            ("master-grpc", stack.s3_port + 3),
+            ("s3", stack.s3.port),
+            ("filer", stack.s3.port + 6),
+            ("filer-grpc", stack.s3.port + 7),
+            ("master-grpc", stack.s3.port + 3),
         ]
     ]
     present = [s for s in sockets if os.path.exists(s)]
@@ -379,7 +379,7 @@ def test_the_preflight_says_whether_the_bucket_itself_keeps_versions_immutable(s
         assert "BucketAlreadyOwnedByYou" in str(exc)
     # Read with the admin identity: SeaweedFS lets only it read a bucket's lock settings.
     locked = check_published_immutable(
-        admin.settings.model_copy(update={"artifacts_bucket": "llmship-locked"})
+        admin.settings.updated(s3={"artifacts_bucket": "llmship-locked"})
     )
     assert locked.ok is True and "Object Lock" in locked.detail, locked
 
@@ -474,7 +474,7 @@ def test_the_ray_cluster_refuses_clients_without_its_token(stack, first_run):
         )
         assert proc.returncode != 0 and "JOINED" not in proc.stdout
         assert "Authentication" in proc.stderr or "token" in proc.stderr, proc.stderr[-2000:]
-    dashboard = f"http://{stack.host}:{stack.ray_port + 1}"
+    dashboard = f"http://{stack.host}:{stack.ray.port + 1}"
     for path in ("/api/jobs/", "/api/serve/applications/", "/nodes?view=summary"):
         resp = httpx.get(dashboard + path, timeout=10)
         assert resp.status_code in (401, 403), (path, resp.status_code)
@@ -530,7 +530,7 @@ RAY_HTTP_READS = [
 
 
 def test_no_port_of_the_ray_cluster_names_the_served_builds_without_the_token(stack, first_run):
-    """Ray's metrics port (ray_port + 6, a Prometheus exporter) answered anyone on the host
+    """Ray's metrics port (ray.port + 6, a Prometheus exporter) answered anyone on the host
     with every served and evaluated build (issue 27). Every TCP port the Ray processes listen
     on, found now, is asked over HTTP and gRPC without the token: every gRPC server refuses,
     and no HTTP answer names a build. With the token the GCS does (the probe can see one)."""
@@ -565,13 +565,13 @@ def test_no_port_of_the_ray_cluster_names_the_served_builds_without_the_token(st
             for line in every.splitlines()
             if "users:" in line
             and not model_server(line)
-            and stack.ray_port
+            and stack.ray.port
             <= (port := int(line.split()[3].rsplit(":", 1)[1]))
-            < stack.ray_port + ray_cluster.WORKER_PORTS[1] + 1
+            < stack.ray.port + ray_cluster.WORKER_PORTS[1] + 1
         }
     )
     # The GCS, dashboard, Ray Client, both agents' ports, object manager, raylet, at least.
-    assert {stack.ray_port + k for k in (0, 1, 2, 3, 4, 5, 7, 8)} <= set(ports), ports
+    assert {stack.ray.port + k for k in (0, 1, 2, 3, 4, 5, 7, 8)} <= set(ports), ports
 
     def speaks_grpc(port: int) -> bool:
         with grpc.insecure_channel(f"{stack.host}:{port}") as channel:
@@ -626,6 +626,6 @@ def test_no_port_of_the_ray_cluster_names_the_served_builds_without_the_token(st
     assert asked["gRPC"] >= 5 and asked["HTTP"] >= 3 * len(RAY_HTTP_READS), asked
 
     token = open(stack.ray_auth_token_file).read().strip()
-    with_token = grpc_answers(stack.ray_port, metadata=(("authorization", f"Bearer {token}"),))
+    with_token = grpc_answers(stack.ray.port, metadata=(("authorization", f"Bearer {token}"),))
     answer = with_token["/ray.rpc.ActorInfoGcsService/GetAllActorInfo"]
     assert isinstance(answer, bytes) and model.encode() in answer, answer

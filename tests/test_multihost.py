@@ -81,7 +81,10 @@ class Cluster:
         return Settings(
             state_dir=self.state,
             host=self.head_ip,
-            **{k.removeprefix("LLMSHIP_").lower(): int(v) for k, v in PORTS.items()},
+            prefect_port=int(PORTS["LLMSHIP_PREFECT_PORT"]),
+            s3={"port": int(PORTS["LLMSHIP_S3_PORT"])},
+            gateway={"port": int(PORTS["LLMSHIP_GATEWAY_PORT"])},
+            ray={"port": int(PORTS["LLMSHIP_RAY_PORT"])},
         )
 
     def up(self) -> None:
@@ -119,7 +122,7 @@ class Cluster:
             BIN / "ray",
             ray_cluster.address(self.settings),
             self.hosts.ip("worker"),
-            self.settings.ray_port,
+            self.settings.ray.port,
             num_cpus=4,
         )
         log = (self.worker_state / "ray-worker.log").open("ab")

@@ -388,4 +388,4 @@ def test_prometheus_finds_the_engines_and_answers_every_dashboard_query(stack, f
     )
     assert len(relayed) >= 6
     assert "Vendor shall pay" not in log
-    assert settings.gateway_admin_token and settings.gateway_admin_token not in log
+    assert settings.gateway.admin_token and settings.gateway.admin_token not in log

@@ -17,7 +17,8 @@ import pytest
 
 from flows.cli import deployment_config
 from llmship.gpus import Gpu
-from llmship.settings import PipelineConfig, Settings, Target
+from llmship.pipeline_config import PipelineConfig, Target
+from llmship.settings import Settings
 from serving import engines
 from tasks.plan import ModelShape, check_resources, fitted_serving, servers_at_once
 

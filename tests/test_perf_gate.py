@@ -8,7 +8,8 @@ import pytest
 from pydantic import ValidationError
 
 from jobs.benchmark import Load, LoadFigures, LoadRequest, client_argv
-from llmship.settings import PerfConfig, PipelineConfig, get_settings
+from llmship.pipeline_config import PerfConfig, PipelineConfig
+from llmship.settings import get_settings
 from tasks.perf_rule import PerfReport, judge, loads, render_markdown
 
 
@@ -194,7 +195,7 @@ def test_the_client_options_are_vllm_bench_serves_own():
         " a.num_prompts, a.max_concurrency, a.ignore_eos, a.seed, a.temperature]))\n"
     )
     out = subprocess.run(
-        [str(get_settings().serve_python), "-c", code, json.dumps(client_argv(request))],
+        [str(get_settings().stages.serve_python), "-c", code, json.dumps(client_argv(request))],
         capture_output=True,
         text=True,
         timeout=300,

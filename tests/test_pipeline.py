@@ -259,10 +259,12 @@ def test_a_candidate_slower_than_its_performance_policy_is_not_published(
 
 
 def test_malformed_calibration_line_fails_fast_and_names_it(first_run, prefect_client, stack):
-    broken = stack.calibration_data_dir / "broken"
+    broken = stack.stages.calibration_data_dir / "broken"
     broken.mkdir(exist_ok=True)
     lines = (
-        (stack.calibration_data_dir / "contracts" / "calibration.jsonl").read_text().splitlines()
+        (stack.stages.calibration_data_dir / "contracts" / "calibration.jsonl")
+        .read_text()
+        .splitlines()
     )
     lines[6] = lines[6][:-2]  # line 7 loses its closing quote and brace
     (broken / "calibration.jsonl").write_text("\n".join(lines) + "\n")
@@ -293,7 +295,7 @@ def outlier_model(stack) -> Path:
     dest = stack.state_dir / "outlier-model"
     subprocess.run(
         [
-            str(stack.quantize_python),
+            str(stack.stages.quantize_python),
             str(REPO / "demo" / "inject_outliers.py"),
             str(REPO / "demo" / "tiny-llama"),
             str(dest),
@@ -487,7 +489,7 @@ def wait_for_alert(
 
 def gate_dataset(stack, name: str, eval_lines: list[str] | None) -> str:
     """A dataset folder whose eval.jsonl is eval_lines (None: no eval.jsonl at all)."""
-    folder = stack.calibration_data_dir / name
+    folder = stack.stages.calibration_data_dir / name
     folder.mkdir(exist_ok=True)
     if eval_lines is not None:
         (folder / "eval.jsonl").write_text("\n".join(eval_lines) + "\n")
@@ -495,7 +497,7 @@ def gate_dataset(stack, name: str, eval_lines: list[str] | None) -> str:
 
 
 def contracts_lines(stack, file: str) -> list[str]:
-    return (stack.calibration_data_dir / "contracts" / file).read_text().splitlines()
+    return (stack.stages.calibration_data_dir / "contracts" / file).read_text().splitlines()
 
 
 # Through the flow, three kinds of refusal: data that overlaps, data that is malformed, and
@@ -560,7 +562,7 @@ def test_strict_mode_fails_where_the_items_are_too_few_to_be_sure(first_run, pre
 def gsm8k_cached(stack):
     subprocess.run(
         [
-            str(stack.quantize_python),
+            str(stack.stages.quantize_python),
             str(REPO / "tests" / "helpers" / "plant_gsm8k.py"),
             os.environ["HF_DATASETS_CACHE"],
         ],
@@ -646,8 +648,8 @@ def test_gateway_restart_restores_the_routing_from_the_s3_aliases(first_run, sta
     assert httpx.get(f"{stack.gateway_url}/ready").json()["models"] == {"tiny-llama": live}
     processes.stop(stack, processes.find(stack, "gateway"))
     # The gateway's own files are gone too: the aliases and the fleet are the truth.
-    (stack.state_dir / "gateway" / str(stack.gateway_port) / "routes.json").unlink()
-    (stack.state_dir / "gateway" / str(stack.gateway_port) / "endpoints.json").unlink()
+    (stack.state_dir / "gateway" / str(stack.gateway.port) / "routes.json").unlink()
+    (stack.state_dir / "gateway" / str(stack.gateway.port) / "endpoints.json").unlink()
     start_gateway(stack, child_env(stack))
     models = httpx.get(f"{stack.gateway_url}/v1/models").json()["data"]
     assert [(m["id"], m["version"]) for m in models] == [("tiny-llama", live)]

@@ -21,7 +21,8 @@ from pydantic import ValidationError
 from flows.cli import deployment_config
 from llmship.errors import SourceNotFound, UnsupportedConfiguration
 from llmship.gpus import Gpu, parse_nvidia_smi
-from llmship.settings import PipelineConfig, Scheme, ServingConfig, Settings, Target
+from llmship.pipeline_config import PipelineConfig, Scheme, ServingConfig, Target
+from llmship.settings import Settings
 from serving import autoscale, engines, replica
 from tasks.plan import ModelShape, check_resources
 from tasks.preflight import check_environments, read_model_config
@@ -175,7 +176,7 @@ def test_vllm_command_line_for_the_70b_fp8_candidate():
     args = engines.engine_args(Target.VLLM, config.serving, kv_cache_fp8=True)
     cmd = engines.server_command(SETTINGS, Target.VLLM, Path("/art/v1"), "llama3-70b", 8101, args)
     assert cmd == [
-        str(SETTINGS.serve_python),
+        str(SETTINGS.stages.serve_python),
         "-m",
         "vllm.entrypoints.openai.api_server",
         "--model",
@@ -212,7 +213,7 @@ def test_tiny_llama_engine_arguments_are_unchanged_by_the_gpu_options():
 
 def test_trtllm_serve_command_line_for_the_modelopt_checkpoint():
     config = config_of("build-and-serve", "llama3-70b-trtllm")
-    settings = Settings(trtllm_python=Path("/opt/trt/bin/python"))
+    settings = Settings(stages={"trtllm_python": Path("/opt/trt/bin/python")})
     args = engines.engine_args(Target.TRTLLM, config.serving, kv_cache_fp8=True)
     cmd = engines.server_command(
         settings, Target.TRTLLM, Path("/state/serving/x/llama3-70b"), "llama3-70b", 8102, args
@@ -246,7 +247,7 @@ def test_trtllm_engine_build_and_serve_command_lines():
         max_model_len=8192, tensor_parallel_size=4, trtllm={"backend": "tensorrt"}
     )
     settings = Settings(
-        trtllm_python=Path("/usr/bin/python3"), trtllm_bin_dir=Path("/usr/local/bin")
+        stages={"trtllm_python": Path("/usr/bin/python3"), "trtllm_bin_dir": Path("/usr/local/bin")}
     )
     assert engines.builds_engine(Target.TRTLLM, serving)
     assert engines.trtllm_build_command(
@@ -311,7 +312,9 @@ def test_each_target_resolves_its_own_environment(monkeypatch):
     settings = Settings()
     assert engines.python_for(settings, Target.TRTLLM) == Path("/opt/trtllm/bin/python")
     assert engines.python_for(settings, Target.VLLM) == Path("/opt/vllm/bin/python")
-    assert engines.trtllm_script(settings, "trtllm-serve") == Path("/opt/trtllm/bin/trtllm-serve")
+    assert engines.trtllm_script(settings.stages, "trtllm-serve") == Path(
+        "/opt/trtllm/bin/trtllm-serve"
+    )
     cpu = replica.server_env(settings.model_copy(update={"device": "cpu"}), Target.VLLM)
     assert cpu["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
     gpu = replica.server_env(settings.model_copy(update={"device": "cuda"}), Target.VLLM)
@@ -338,7 +341,7 @@ def test_an_engine_keeps_no_responses_whatever_the_host_says(monkeypatch):
 
 def test_a_missing_trtllm_environment_is_a_refusal_that_says_which_setting(tmp_path):
     config = config_of("build-and-serve", "llama3-70b-trtllm")
-    settings = Settings(trtllm_python=tmp_path / "none" / "python")
+    settings = Settings(stages={"trtllm_python": tmp_path / "none" / "python"})
     checks = {c.name: c for c in check_environments(config, settings)}
     serving = checks["serving (trtllm) environment"]
     assert serving.ok is False and "LLMSHIP_TRTLLM_PYTHON" in serving.detail
@@ -586,7 +589,7 @@ def test_modelopt_fp8_checkpoints_are_made_and_checked_on_cpu(tmp_path):
     out = tmp_path / "results.json"
     proc = subprocess.run(
         [
-            str(Settings().quantize_python),
+            str(Settings().stages.quantize_python),
             str(REPO / "bench" / "gpu_stages.py"),
             "--shape",
             "tiny",

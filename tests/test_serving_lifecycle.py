@@ -96,7 +96,7 @@ def second_gateway(stack):
     from llmship import stack as local_stack
     from serving import fleet
 
-    settings = stack.model_copy(update={"gateway_port": stack.gateway_port + 1})
+    settings = stack.updated(gateway={"port": stack.gateway.port + 1})
     env = {**local_stack.child_env(settings), "LLMSHIP_S3_IDENTITY": "reader"}
     proc = subprocess.Popen(
         local_stack.gateway_argv(BIN / "python", settings),
@@ -133,7 +133,7 @@ def test_recalibration_waits_for_approval_then_canaries_without_a_failed_request
     the requests of both."""
     a = versions["A"]
     # The team's data was refreshed: the first 256 samples, the ones calibrated on, are new.
-    data = stack.calibration_data_dir / "contracts" / "calibration.jsonl"
+    data = stack.stages.calibration_data_dir / "contracts" / "calibration.jsonl"
     lines = data.read_text().splitlines()
     data.write_text("\n".join(lines[256:] + lines[:256]) + "\n")
 
@@ -525,7 +525,7 @@ def test_an_autoscaled_version_scales_out_and_back_and_a_killed_replica_leaves_n
     guard with it and the kernel the API server, and vLLM's engine core and workers (1.6 GB
     each on CPU) lived on, orphaned: 14 GB of them piled up on this machine. Now nothing of
     its engine is left, and the other replica serves on."""
-    from llmship.settings import AutoscalingBlock, ServingConfig
+    from llmship.pipeline_config import AutoscalingBlock, ServingConfig
     from serving import fleet
 
     live = store.read_alias("tiny-llama", "live")

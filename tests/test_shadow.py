@@ -9,7 +9,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from pydantic import ValidationError
 
-from llmship.settings import QualityPolicy, RolloutConfig
+from llmship.pipeline_config import QualityPolicy, RolloutConfig
 from serving.gateway import CompletionRequest, Route
 from serving.shadow import (
     Shadow,

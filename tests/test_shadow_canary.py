@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from llmship.errors import CanaryFailed
-from llmship.settings import QualityPolicy, RolloutConfig
+from llmship.pipeline_config import QualityPolicy, RolloutConfig
 from llmship.store import version_prefix
 from llmship.versions import read_version
 from serving.shadow import Shadow, is_sampled, sha256

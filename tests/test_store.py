@@ -35,7 +35,7 @@ def test_files_of_many_parts_are_hashed_as_sent_and_checked_as_received(store, t
 
     # 5 MiB parts (S3's smallest): a 23 MiB file goes up and comes down in five parts at
     # once, read and written in order through the hash.
-    small_parts = ArtifactStore(store.settings.model_copy(update={"s3_part_mib": 5}))
+    small_parts = ArtifactStore(store.settings.updated(s3={"part_mib": 5}))
     data = os.urandom(23 * 1024**2 + 17)
     src = make_dir(tmp_path / "src", {"shard.bin": data, "empty": b""})
     manifest = small_parts.upload_dir(src, "test/parts", Manifest(kind="test", key="k4"))
@@ -196,7 +196,7 @@ def test_a_gate_report_stored_again_for_the_same_inputs_keeps_the_first(store):
 def test_unsigned_requests_are_refused(stack):
     import httpx
 
-    resp = httpx.get(f"{stack.s3_url}/{stack.artifacts_bucket}?list-type=2")
+    resp = httpx.get(f"{stack.s3_url}/{stack.s3.artifacts_bucket}?list-type=2")
     assert resp.status_code == 403
 
 
@@ -279,7 +279,7 @@ def test_every_server_of_the_stack_listens_on_loopback_only(first_run, stack):
                 addr, port = cols[1].split(":")
                 listening.append((inodes[cols[9]], addr, int(port, 16)))
     ports = {port for _, _, port in listening}
-    assert {stack.s3_port, stack.prefect_port, stack.gateway_port} <= ports, listening
+    assert {stack.s3.port, stack.prefect_port, stack.gateway.port} <= ports, listening
 
     def name(pid: int) -> str:
         return Path(f"/proc/{pid}/comm").read_text().strip()

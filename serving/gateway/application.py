@@ -47,12 +47,12 @@ async def lifespan(app: FastAPI, settings: Settings | None = None):
         # A gateway (re)started under traffic relays nothing until it knows the replicas:
         # it waits for them before it takes requests, or relays to the last known ones.
         try:
-            await asyncio.wait_for(gw.fleet_known.wait(), gw.settings.gateway_fleet_wait_s)
+            await asyncio.wait_for(gw.fleet_known.wait(), gw.settings.gateway.fleet_wait_s)
         except TimeoutError:
             log.warning(
                 "the fleet's replicas were not known within %.0f s: relaying to the "
                 "last known ones until they are",
-                gw.settings.gateway_fleet_wait_s,
+                gw.settings.gateway.fleet_wait_s,
             )
     yield
     for task in tasks:
@@ -62,7 +62,7 @@ async def lifespan(app: FastAPI, settings: Settings | None = None):
             from serving.directory import directory
 
             await asyncio.wait_for(directory().gateway_down.remote(gw.settings.gateway_url), 5.0)
-        except Exception as exc:  # noqa: BLE001 - it drops out after gateway_seen_within_s
+        except Exception as exc:  # noqa: BLE001 - it drops out after gateway.seen_within_s
             log.warning("could not tell the fleet this gateway stops (%s)", exc)
     await app.state.gw.client.close()
 

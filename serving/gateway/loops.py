@@ -76,7 +76,7 @@ async def follow_fleet(gw: GatewayState) -> None:
                     ):
                         log.warning("deployed %s: a live version without servers", app)
                     reconciled = True
-                await asyncio.sleep(gw.settings.gateway_endpoint_refresh_s)
+                await asyncio.sleep(gw.settings.gateway.endpoint_refresh_s)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - Ray restarting: serve what is known

@@ -104,7 +104,7 @@ class _RelayResponse(StreamingResponse):
     the in-flight slots back, count the request) runs however the relay ends: also when the
     client leaves before the first chunk, where the generator never starts and so would run
     no `finally` of its own, and when the client stalled a write past
-    gateway_send_timeout_s and was dropped (serving/gateway_http.py marks its scope)."""
+    gateway.send_timeout_s and was dropped (serving/gateway_http.py marks its scope)."""
 
     def __init__(self, *args, on_close, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -131,7 +131,7 @@ class _ClientGone(Exception):
 
 
 # The requests counter's status of a relay dropped because its client took nothing of the
-# answer for gateway_send_timeout_s. Not an error of the version (a canary is judged on
+# answer for gateway.send_timeout_s. Not an error of the version (a canary is judged on
 # those): any client can stall its own reads.
 CLIENT_STALLED = "client_stalled"
 

@@ -73,7 +73,7 @@ def restore_routes(settings: Settings, saved: dict[str, Route]) -> RestoredRoute
     from llmship.store import ArtifactStore
     from llmship.versions import choose_live
 
-    if not (settings.s3_access_key and settings.s3_secret_key):
+    if not (settings.s3.access_key and settings.s3.secret_key):
         return RestoredRoutes(routes=saved)
     try:
         store = ArtifactStore(settings)

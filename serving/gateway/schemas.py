@@ -38,7 +38,7 @@ class RelayedRequest(BaseModel):
 
     def choices(self) -> int:
         """How many completions the engine computes for it (prompts x n): the slots it takes
-        of the in-flight limit, and what gateway_max_choices_per_request bounds."""
+        of the in-flight limit, and what gateway.max_choices_per_request bounds."""
         return 1
 
 

@@ -29,11 +29,11 @@ class GatewayState:
         folder = gateway_state_dir(settings)
         self.routes_file = folder / "routes.json"
         self.endpoints_file = folder / "endpoints.json"
-        self.admin_token = settings.gateway_admin_token
-        self.max_in_flight = settings.gateway_max_in_flight
-        self.max_choices = settings.gateway_max_choices_per_request
-        self.max_request_bytes = settings.gateway_max_request_bytes
-        self.body_timeout_s = settings.gateway_body_timeout_s
+        self.admin_token = settings.gateway.admin_token
+        self.max_in_flight = settings.gateway.max_in_flight
+        self.max_choices = settings.gateway.max_choices_per_request
+        self.max_request_bytes = settings.gateway.max_request_bytes
+        self.body_timeout_s = settings.gateway.body_timeout_s
         self.in_flight = 0  # slots taken (one per completion); one event loop: plain counters
         self.upstream_in_flight: dict[str, int] = {}  # engine URL -> requests relayed now
         restored = restore_routes(settings, read_saved_routes(self.routes_file))
@@ -49,8 +49,8 @@ class GatewayState:
         self.metrics = GatewayMetrics(RELAYED, lambda: self.in_flight)
         self.sd_file = settings.prometheus_sd_file
         self.scrape_targets: list[ScrapeTargetGroup] | None = None  # as last written
-        self.health_interval_s = settings.gateway_health_interval_s
-        self.down_after = settings.gateway_down_after
+        self.health_interval_s = settings.gateway.health_interval_s
+        self.down_after = settings.gateway.down_after
         self.down: dict[str, str] = {}  # model -> its live version, declared down
         self.fleet_known = asyncio.Event()  # set once the replicas were read from Ray
         # To the engines: aiohttp, whose C parser relays a token for a fraction of httpx's
@@ -66,11 +66,11 @@ class GatewayState:
         )
         self.shadower = Shadower(
             self.metrics.registry,
-            queue_size=settings.gateway_shadow_queue,
-            concurrency=settings.gateway_shadow_concurrency,
-            timeout_s=settings.gateway_shadow_timeout_s,
-            max_bytes=settings.gateway_shadow_max_bytes,
-            kept_pairs=settings.gateway_shadow_kept_pairs,
+            queue_size=settings.gateway.shadow_queue,
+            concurrency=settings.gateway.shadow_concurrency,
+            timeout_s=settings.gateway.shadow_timeout_s,
+            max_bytes=settings.gateway.shadow_max_bytes,
+            kept_pairs=settings.gateway.shadow_kept_pairs,
             send=self.send_copy,
             shadow_of=lambda model: (route := self.routes.get(model)) and route.shadow,
         )
@@ -144,4 +144,4 @@ def gateway_of(request: Request) -> GatewayState:
 
 def gateway_state_dir(settings: Settings):
     """This gateway's saved routes and replicas: one folder per port, as several can run."""
-    return settings.state_dir / "gateway" / str(settings.gateway_port)
+    return settings.state_dir / "gateway" / str(settings.gateway.port)

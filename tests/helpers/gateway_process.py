@@ -38,7 +38,7 @@ def gateway_process(
     }
     output = log.open("ab") if log else subprocess.DEVNULL
     proc = subprocess.Popen(
-        gateway_argv(Path(sys.executable), Settings(gateway_port=port)),
+        gateway_argv(Path(sys.executable), Settings(gateway={"port": port})),
         cwd=REPO,
         env=env,
         stdout=output,

@@ -14,7 +14,8 @@ import argparse
 import logging
 import sys
 
-from llmship.settings import RolloutConfig, ServingConfig, get_settings
+from llmship.pipeline_config import RolloutConfig, ServingConfig
+from llmship.settings import get_settings
 from llmship.store import ArtifactStore
 
 
