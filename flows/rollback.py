@@ -15,6 +15,8 @@ so the people's form shows none of the automation's parameters.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prefect import flow, get_run_logger
 
 from llmship.errors import BadAlias, PermanentError
@@ -97,29 +99,40 @@ def restore_target(model: str, down_version: str, log) -> PublishedVersion:
 
 
 def move_traffic_back(
-    model: str, live: str | None, target: PublishedVersion, reason: str, allow_ungated: bool
-) -> RolloutResult:
-    override = allow_ungated and not target.gate_passed
-    get_run_logger().info(
-        "rolling %s back from %s to %s%s: %s",
-        model,
-        live,
-        target.version,
-        " (no passing gate record: overridden)" if override else "",
-        reason,
-    )
-    record_markdown(
-        model,
-        "rollback",
-        (
-            f"# Rollback of {model} to {target.version}\n\n"
-            f"| | |\n|---|---|\n| from | {live or '-'} |\n| to | {target.version} |\n"
-            f"| reason | {reason} |\n| gate | {'passed' if target.gate_passed else 'NOT PASSED'}"
-            f"{' (allow_ungated override)' if override else ''} |\n"
-        ),
-        f"rollback to {target.version}",
-    )
+    model: str,
+    target: PublishedVersion,
+    reason: str,
+    allow_ungated: bool,
+    still_wanted: Callable[[str | None], bool] = lambda live: True,
+) -> RolloutResult | None:
+    """Roll model back to target, once the model's serving slot is this run's. still_wanted
+    is asked then, with the live version of that moment: a run may wait long for the slot
+    while other runs move the traffic."""
     with serving_slot(model):
+        live = ArtifactStore(get_settings()).read_alias(model, "live")
+        if not still_wanted(live):
+            return None
+        override = allow_ungated and not target.gate_passed
+        get_run_logger().info(
+            "rolling %s back from %s to %s%s: %s",
+            model,
+            live,
+            target.version,
+            " (no passing gate record: overridden)" if override else "",
+            reason,
+        )
+        record_markdown(
+            model,
+            "rollback",
+            (
+                f"# Rollback of {model} to {target.version}\n\n"
+                f"| | |\n|---|---|\n| from | {live or '-'} |\n| to | {target.version} |\n"
+                f"| reason | {reason} |\n| gate | "
+                f"{'passed' if target.gate_passed else 'NOT PASSED'}"
+                f"{' (allow_ungated override)' if override else ''} |\n"
+            ),
+            f"rollback to {target.version}",
+        )
         return rollout_task(
             target, RolloutConfig(), allow_ungated=allow_ungated, reason=f"rollback: {reason}"
         )
@@ -143,9 +156,8 @@ def rollback(
         allow_ungated: Serve the version even if it never passed the accuracy gate. An
             override, recorded as such.
     """
-    live = ArtifactStore(get_settings()).read_alias(model, "live")
     target = rollback_target(model, target_version)
-    return move_traffic_back(model, live, target, reason, allow_ungated)
+    return move_traffic_back(model, target, reason, allow_ungated)
 
 
 @flow(name="restore", log_prints=True, persist_result=True)
@@ -157,11 +169,17 @@ def restore(model: str, down_version: str, reason: str) -> RolloutResult | None:
         down_version: The version the gateway declared down.
         reason: What the gateway saw.
     """
-    live = ArtifactStore(get_settings()).read_alias(model, "live")
-    if live != down_version:
-        get_run_logger().info(
-            "%s's live version is %s, not %s: nothing to roll back", model, live, down_version
-        )
+
+    def down_version_is_live(live: str | None) -> bool:
+        # Asked again once the serving slot is the run's: meanwhile another run (a rollout, a
+        # rollback) may have moved the traffic, and rolling that back would undo its work.
+        if live != down_version:
+            get_run_logger().info(
+                "%s's live version is %s, not %s: nothing to roll back", model, live, down_version
+            )
+        return live == down_version
+
+    if not down_version_is_live(ArtifactStore(get_settings()).read_alias(model, "live")):
         return None
     target = restore_target(model, down_version, get_run_logger())
-    return move_traffic_back(model, live, target, reason, allow_ungated=False)
+    return move_traffic_back(model, target, reason, False, still_wanted=down_version_is_live)

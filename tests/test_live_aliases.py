@@ -284,6 +284,51 @@ def test_a_restore_goes_to_a_gated_published_version_a_warm_one_first(state, sta
         store.move_alias(MODEL, "previous", "gone00000000", reason="test")
 
 
+def test_a_restore_that_waited_for_the_serving_slot_undoes_no_later_move(
+    state, stack, store, prefect_client
+):
+    """The automation starts a restore the moment the gateway declares the live version down;
+    the restore then waits for the model's serving slot while another run holds it, and that
+    run may move the traffic. Before, the restore checked that the version that went down was
+    live before that wait, not after: once the slot was its, it rolled back what the other
+    run had just done (seen in the suite: a live version moved under a later test)."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.concurrency.sync import concurrency
+
+    live = state.aliases["live"]["version"]
+    later = state.twin(live, "movedmeanwh1", gate_passed=True)
+    # Another run's rollout holds the slot.
+    with concurrency(f"llmship-serving-{MODEL}", occupy=1, strict=True, lease_duration=60):
+        restore = run_deployment(
+            f"restore/{MODEL}",
+            timeout=0,
+            parameters={"down_version": live, "reason": "test: the live version went down"},
+        )
+        only_its = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[restore.id]))
+        wait_for(
+            "the restore waiting for the serving slot",
+            lambda: any(
+                "serving slot" in log.message
+                for log in prefect_client.read_logs(log_filter=only_its)
+            ),
+            timeout=120,
+            every=1.0,
+        )
+        # ... and moves the traffic to a version of its own before it lets go.
+        store.move_alias(MODEL, "live", later, reason="test: another run's rollout")
+    done = wait_for(
+        "the restore finished",
+        lambda: r if (r := prefect_client.read_flow_run(restore.id)).state.is_final() else None,
+        timeout=120,
+        every=1.0,
+    )
+    assert done.state.is_completed(), done.state.message
+    assert done.state.result() is None  # nothing rolled back
+    assert store.read_alias(MODEL, "live") == later
+    said = [log.message for log in prefect_client.read_logs(log_filter=only_its)]
+    assert any(f"live version is {later}, not {live}: nothing to roll back" in m for m in said)
+
+
 # ------------------------------------------------------------------ item 12
 
 
