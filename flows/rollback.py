@@ -100,17 +100,17 @@ def restore_target(model: str, down_version: str, log) -> PublishedVersion:
 
 def move_traffic_back(
     model: str,
-    target: PublishedVersion,
+    choose: Callable[[str | None], PublishedVersion | None],
     reason: str,
     allow_ungated: bool,
-    still_wanted: Callable[[str | None], bool] = lambda live: True,
 ) -> RolloutResult | None:
-    """Roll model back to target, once the model's serving slot is this run's. still_wanted
-    is asked then, with the live version of that moment: a run may wait long for the slot
-    while other runs move the traffic."""
+    """Roll model back to the version choose(live) names (None: nothing to do), asked once
+    the model's serving slot is this run's, with the live version of that moment: a run may
+    wait long for the slot while other runs move the traffic."""
     with serving_slot(model):
         live = ArtifactStore(get_settings()).read_alias(model, "live")
-        if not still_wanted(live):
+        target = choose(live)
+        if target is None:
             return None
         override = allow_ungated and not target.gate_passed
         get_run_logger().info(
@@ -156,8 +156,8 @@ def rollback(
         allow_ungated: Serve the version even if it never passed the accuracy gate. An
             override, recorded as such.
     """
-    target = rollback_target(model, target_version)
-    return move_traffic_back(model, target, reason, allow_ungated)
+    target = rollback_target(model, target_version)  # refused before any wait, if it must be
+    return move_traffic_back(model, lambda live: target, reason, allow_ungated)
 
 
 @flow(name="restore", log_prints=True, persist_result=True)
@@ -170,16 +170,16 @@ def restore(model: str, down_version: str, reason: str) -> RolloutResult | None:
         reason: What the gateway saw.
     """
 
-    def down_version_is_live(live: str | None) -> bool:
-        # Asked again once the serving slot is the run's: meanwhile another run (a rollout, a
+    def target_while_down_version_is_live(live: str | None) -> PublishedVersion | None:
+        # Asked once the serving slot is the run's: meanwhile another run (a rollout, a
         # rollback) may have moved the traffic, and rolling that back would undo its work.
         if live != down_version:
             get_run_logger().info(
                 "%s's live version is %s, not %s: nothing to roll back", model, live, down_version
             )
-        return live == down_version
+            return None
+        return restore_target(model, down_version, get_run_logger())
 
-    if not down_version_is_live(ArtifactStore(get_settings()).read_alias(model, "live")):
-        return None
-    target = restore_target(model, down_version, get_run_logger())
-    return move_traffic_back(model, target, reason, False, still_wanted=down_version_is_live)
+    if target_while_down_version_is_live(ArtifactStore(get_settings()).read_alias(model, "live")):
+        return move_traffic_back(model, target_while_down_version_is_live, reason, False)
+    return None  # moved on already: no wait for the slot

@@ -296,6 +296,7 @@ def test_a_restore_that_waited_for_the_serving_slot_undoes_no_later_move(
     from prefect.concurrency.sync import concurrency
 
     live = state.aliases["live"]["version"]
+    state.twin(live, "restorable01", gate_passed=True, older_by_s=3600)  # what it would take
     later = state.twin(live, "movedmeanwh1", gate_passed=True)
     # Another run's rollout holds the slot.
     with concurrency(f"llmship-serving-{MODEL}", occupy=1, strict=True, lease_duration=60):
