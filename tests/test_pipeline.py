@@ -356,6 +356,13 @@ def test_a_killed_worker_loses_nothing_and_a_rerun_resumes_through_a_prefect_res
     assert list_versions(store, "outlier-llama") == []
     assert prefect_client.read_flow_run(killed.id).state.is_running()
 
+    # Dead, not dying: a worker not yet reaped looked alive, and no new one was started.
+    wait_for(
+        "the killed worker gone",
+        lambda: processes.find(stack, "prefect-worker") is None,
+        timeout=30,
+        every=0.2,
+    )
     local_stack.start_worker(stack, local_stack.child_env(stack))
     rerun = run({"config": config}, timeout=0)
     wait_for(
