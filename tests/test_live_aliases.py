@@ -326,8 +326,16 @@ def test_a_restore_that_waited_for_the_serving_slot_undoes_no_later_move(
     assert done.state.is_completed(), done.state.message
     assert done.state.result() is None  # nothing rolled back
     assert store.read_alias(MODEL, "live") == later
-    said = [log.message for log in prefect_client.read_logs(log_filter=only_its)]
-    assert any(f"live version is {later}, not {live}: nothing to roll back" in m for m in said)
+    # Its log says why (the server may store the run's last lines after its final state).
+    wait_for(
+        "the restore's reason in its log",
+        lambda: any(
+            f"live version is {later}, not {live}: nothing to roll back" in log.message
+            for log in prefect_client.read_logs(log_filter=only_its)
+        ),
+        timeout=30,
+        every=1.0,
+    )
 
 
 # ------------------------------------------------------------------ item 12
