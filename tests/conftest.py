@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
@@ -19,6 +20,16 @@ STATE = Path(tempfile.mkdtemp(prefix="llmship-test-state-"))
 DATA = STATE / "calibration_data"
 shutil.copytree(REPO / "calibration_data", DATA)
 
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The alert receiver's port (alert_receiver): this session's own, since `make test` runs two
+# sessions at once and the second could not bind a fixed one while the first held it.
+ALERT_PORT = free_port()
 TEST_ENV = {
     "LLMSHIP_STATE_DIR": str(STATE),
     "LLMSHIP_PREFECT_PORT": "14200",
@@ -26,7 +37,7 @@ TEST_ENV = {
     "LLMSHIP_GATEWAY_PORT": "18000",
     "LLMSHIP_RAY_PORT": "16379",  # the Ray head takes up to 299 more (llmship/ray_cluster.py)
     "LLMSHIP_CALIBRATION_DATA_DIR": str(DATA),
-    "LLMSHIP_ALERT_WEBHOOK_URL": "http://127.0.0.1:18900/alerts",
+    "LLMSHIP_ALERT_WEBHOOK_URL": f"http://127.0.0.1:{ALERT_PORT}/alerts",
     "PREFECT_API_URL": "http://127.0.0.1:14200/api",
     "PREFECT_HOME": str(STATE / "prefect"),
     "PREFECT_LOCAL_STORAGE_PATH": str(STATE / "prefect" / "results"),
@@ -126,7 +137,7 @@ def alert_receiver():
         def log_message(self, *args):
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 18900), Receiver)
+    server = ThreadingHTTPServer(("127.0.0.1", ALERT_PORT), Receiver)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield received
     server.shutdown()

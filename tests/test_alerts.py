@@ -3,6 +3,7 @@ webhook otherwise, nothing when neither is set. The delivery itself is tested on
 (test_pipeline.py::test_gate_failure_publishes_nothing), and once per event under concurrent
 load below (issue 26)."""
 
+import os
 import time
 import uuid
 
@@ -185,9 +186,9 @@ def test_one_alert_per_event_while_the_server_is_busy_writing(alert_receiver, tm
 
     from tests.helpers.control_plane import concurrent_load, prefect_only_stack, wait_for
 
-    with prefect_only_stack(
-        tmp_path / "state", 14310, alert_webhook_url="http://127.0.0.1:18900/alerts"
-    ) as settings:
+    # The session's receiver (tests/conftest.py: alert_receiver).
+    receiver_url = os.environ["LLMSHIP_ALERT_WEBHOOK_URL"]
+    with prefect_only_stack(tmp_path / "state", 14310, alert_webhook_url=receiver_url) as settings:
         from llmship.alerts import ensure_automations
 
         ensure_automations(settings)
