@@ -4,11 +4,12 @@ existing cluster (LLMSHIP_RAY_ADDRESS: KubeRay's, or `ray start` on GPU hosts, d
 Every port the local head opens is fixed from settings.ray.port, so two stacks on one host
 (`make demo` and `make test`) never collide and nothing takes a random port:
 
-    ray.port      GCS                      +5  runtime-env agent
-    +1            dashboard (loopback)     +6  metrics export (off, below)
-    +2            Ray Client server        +7  object manager
-    +3            dashboard agent (HTTP)   +8  node manager
-    +4            dashboard agent (gRPC)   +100 .. +299  worker processes
+    ray.port      GCS                      +6  metrics export (off, below)
+    +1            dashboard (loopback)     +7  object manager
+    +2            Ray Client server        +8  node manager
+    +3            dashboard agent (HTTP)   +9  dashboard's own exporter (below)
+    +4            dashboard agent (gRPC)   +10 autoscaler monitor's exporter (below)
+    +5            runtime-env agent        +100 .. +299  worker processes
 
 Token authentication is on (llmship/credentials.py: RAY_AUTH_MODE=token and the token's file):
 a process without the token cannot join the cluster, submit work or read its state.
@@ -19,9 +20,10 @@ Ray's metrics off for the whole cluster (METRICS_OFF; a node that joins reads th
 system config from the GCS, ray/_private/node.py), so each raylet starts its agent with
 --disable-metrics-collection and nothing listens there. llmship scrapes the gateway and the
 engines (docs/grafana/prometheus.yml), never Ray, and Serve's autoscaling takes the replicas'
-stats by actor calls, not from these metrics. Two small exporters Ray starts regardless, on
-ports of its own (the dashboard's, 44227, and the autoscaler monitor's, 44217), count API
-requests and nodes: no build is named there (tests/test_host_security.py asks every port).
+stats by actor calls, not from these metrics. Two small exporters Ray starts regardless (the
+dashboard's and the autoscaler monitor's) count API requests and nodes: no build is named there
+(tests/test_host_security.py asks every port). Ray puts them on 44227 and 44217 unless told
+(exporter_ports): a second head on the host found them taken.
 """
 
 from __future__ import annotations
@@ -92,6 +94,15 @@ def _node_ports(port: int) -> list[str]:
         "--max-worker-port",
         str(port + high),
     ]
+
+
+def exporter_ports(settings: Settings) -> dict[str, str]:
+    """The environment that puts the head's two fixed-port exporters on the stack's ports (Ray
+    reads these variables in ray/dashboard/consts.py and ray/autoscaler/_private/constants.py)."""
+    return {
+        "DASHBOARD_METRIC_PORT": str(settings.ray.port + 9),
+        "AUTOSCALER_METRIC_PORT": str(settings.ray.port + 10),
+    }
 
 
 def head_argv(ray_bin: Path, settings: Settings) -> list[str]:

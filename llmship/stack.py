@@ -253,7 +253,7 @@ def start_ray(settings: Settings, env: dict[str, str]) -> None:
     folder.mkdir(mode=0o700, exist_ok=True)
     os.chmod(folder, 0o700)
     # Replicas run in the head's environment: they read versions from the store, nothing more.
-    env = {**env, "LLMSHIP_S3_IDENTITY": "reader"}
+    env = {**env, "LLMSHIP_S3_IDENTITY": "reader", **ray_cluster.exporter_ports(settings)}
     rec = processes.start(
         settings,
         "ray-head",
@@ -306,7 +306,7 @@ def start_gateway(settings: Settings, env: dict[str, str]) -> None:
         return
     _require_free(settings, "the gateway", settings.gateway.port)
     # The gateway only reads the store (the live aliases): it signs as the reader.
-    env = {**env, "LLMSHIP_S3_IDENTITY": "reader"}
+    env = {**env, "LLMSHIP_S3_IDENTITY": "reader", **ray_cluster.exporter_ports(settings)}
     rec = processes.start(
         settings,
         "gateway",
