@@ -192,6 +192,37 @@ class StageSettings(_Block):
     calibration_data_dir: Path = Field(
         REPO_ROOT / "calibration_data", description="domain datasets, one folder each"
     )
+    # LLMSHIP_HOURLY_USD='{"H100": 2.99, "cpu": 0.20}': what one GPU of a type costs per hour
+    # (a part of the GPU's name, as nvidia-smi gives it), and "cpu" for a CPU host. The
+    # performance report prices each build's output tokens with it; unset, it shows no cost.
+    hourly_usd: dict[str, float] = Field(
+        default_factory=dict,
+        description="hourly price of one GPU by type (part of its name), 'cpu' for a CPU host",
+    )
+
+    @field_validator("hourly_usd", mode="before")
+    @classmethod
+    def _prices_from_json(cls, value: Any) -> Any:
+        # A block's field comes from its flat variable as text (_FlatEnvSource).
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(
+                    f'LLMSHIP_HOURLY_USD is not JSON ({exc.msg}): set it like {{"H100": 2.99}}'
+                ) from None
+        return value
+
+    @field_validator("hourly_usd")
+    @classmethod
+    def _prices_are_positive(cls, prices: dict[str, float]) -> dict[str, float]:
+        bad = {k: v for k, v in prices.items() if not (v > 0 and k.strip())}
+        if bad:
+            raise ValueError(
+                f"LLMSHIP_HOURLY_USD: every price must be a positive number of dollars per "
+                f'hour under a non-empty GPU type, e.g. {{"H100": 2.99}}; got {bad}'
+            )
+        return prices
 
 
 def _blocks(settings_cls: type[BaseModel]) -> dict[str, type[_Block]]:

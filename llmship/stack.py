@@ -8,6 +8,7 @@ not the stack's: they are Ray Serve applications, and go with the Ray cluster.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -44,8 +45,13 @@ def child_env(settings: Settings) -> dict[str, str]:
         "LLMSHIP_PREFECT_API_AUTH_STRING",
         "LLMSHIP_PREFECT_DATABASE_URL",
     }
+    # A mapping (LLMSHIP_HOURLY_USD) travels as the JSON it is read from.
     env.update(
-        {name: str(value) for name, value in settings.as_env().items() if name not in secret}
+        {
+            name: json.dumps(value) if isinstance(value, dict) else str(value)
+            for name, value in settings.as_env().items()
+            if name not in secret
+        }
     )
     env.update(
         {

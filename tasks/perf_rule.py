@@ -6,6 +6,10 @@ Per load, output tokens/s, and time to first token and inter-token latency at p5
     candidate TTFT (ITL) <= baseline TTFT (ITL) * (1 + max_ttft_regression (max_itl_regression))
 
 A limit left unset is measured and reported, not judged (the CPU demo).
+
+With a price for the hardware (LLMSHIP_HOURLY_USD), each load also gets the dollars per
+million output tokens of each build at that load: what a server costs per hour over the
+tokens it put out in that hour, never judged.
 """
 
 from __future__ import annotations
@@ -18,6 +22,50 @@ from llmship.pipeline_config import PerfConfig
 # No engine streams one sequence at 10,000 tokens/s: a gap shorter than this is inside a burst
 # of tokens that arrived together, not a measure of the engine.
 LATENCY_RESOLUTION_MS = 0.1
+COST_METRIC = "$ per 1M output tokens"
+
+
+class ServerPrice(BaseModel):
+    """What one server of the builds costs per hour, and where that figure came from."""
+
+    hardware: str  # "cpu", or the GPU's name
+    # A server's GPUs: its tensor parallel size, or its share of one GPU (servers sharing a GPU
+    # each pay their share, serving/engines.py: gpus_per_server); 0 on a CPU host.
+    gpus: float
+    price_key: str | None  # the LLMSHIP_HOURLY_USD entry that priced it; None: none did
+    usd_per_hour: float | None  # one server's: the GPU's price times its GPUs
+
+    def describe(self) -> str:
+        if self.usd_per_hour is None:
+            return (
+                f"no price for `{self.hardware}` in LLMSHIP_HOURLY_USD, so no cost per token "
+                f"(e.g. LLMSHIP_HOURLY_USD='{{\"{'cpu' if not self.gpus else 'H100'}\": 2.5}}')"
+            )
+        units = f"{self.gpus:g} x {self.hardware}" if self.gpus else "the CPU host"
+        return (
+            f"priced at ${self.usd_per_hour:g} per server-hour ({units}, "
+            f"LLMSHIP_HOURLY_USD[{self.price_key!r}])"
+        )
+
+
+def server_price(hardware: str, gpus: float, prices: dict[str, float]) -> ServerPrice:
+    """The hour of a server with gpus of this hardware, from the per-GPU (or per-CPU-host)
+    prices: the longest key that is part of the hardware's name wins ("H100 NVL" over "H100")."""
+    name = hardware.lower()
+    keys = sorted((k for k in prices if k.lower() in name), key=len, reverse=True)
+    if not keys:
+        return ServerPrice(hardware=hardware, gpus=gpus, price_key=None, usd_per_hour=None)
+    return ServerPrice(
+        hardware=hardware,
+        gpus=gpus,
+        price_key=keys[0],
+        usd_per_hour=prices[keys[0]] * (gpus or 1),
+    )
+
+
+def usd_per_million_tokens(usd_per_hour: float, tokens_per_s: float) -> float | None:
+    """None when the server put out no tokens: no price per token can be had."""
+    return usd_per_hour / (tokens_per_s * 3600) * 1e6 if tokens_per_s > 0 else None
 
 
 class PerfVerdict(BaseModel):
@@ -40,6 +88,7 @@ class PerfReport(BaseModel):
     verdicts: list[PerfVerdict]
     client: dict[str, str]  # versions of the benchmark client's packages
     device: str
+    price: ServerPrice | None = None  # None in reports made before prices were kept
 
     @property
     def failing(self) -> list[PerfVerdict]:
@@ -80,9 +129,13 @@ def loads(config: PerfConfig) -> list[Load]:
 
 
 def judge(
-    baseline: list[LoadFigures], candidate: list[LoadFigures], config: PerfConfig
+    baseline: list[LoadFigures],
+    candidate: list[LoadFigures],
+    config: PerfConfig,
+    price: ServerPrice | None = None,
 ) -> list[PerfVerdict]:
-    """Every figure of every load, side by side, with its limit where the policy sets one."""
+    """Every figure of every load, side by side, with its limit where the policy sets one; the
+    cost per token of each build where the hardware has a price (never judged)."""
     verdicts = []
     for base, cand in zip(baseline, candidate, strict=True):
         name = base.load.name
@@ -102,6 +155,13 @@ def judge(
             figure_verdict(name, metric, b, c, limit, higher_is_better)
             for metric, b, c, limit, higher_is_better in figures(base, cand, config)
         ]
+        if price is not None and price.usd_per_hour is not None:
+            b, c = (
+                usd_per_million_tokens(price.usd_per_hour, f.output_tokens_per_s)
+                for f in (base, cand)
+            )
+            if b is not None and c is not None:
+                verdicts.append(figure_verdict(name, COST_METRIC, b, c, None, False))
     return verdicts
 
 
@@ -163,7 +223,9 @@ def render_markdown(model: str, report: PerfReport) -> str:
         f"{p.input_len} random tokens in, {p.output_len} out (EOS ignored), seed {p.seed}; "
         f"production load {p.num_prompts} requests at {p.concurrency} at once"
         + (f", then {p.single_stream_prompts} one at a time" if p.single_stream_prompts else "")
-        + f"; device `{report.device}`.",
+        + f"; device `{report.device}`"
+        + (f"; {report.price.describe()}" if report.price else "")
+        + ".",
         "",
         "| load | figure | baseline | candidate | candidate / baseline | limit | verdict |",
         "|---|---|---:|---:|---:|---|---|",
@@ -171,9 +233,10 @@ def render_markdown(model: str, report: PerfReport) -> str:
     for v in report.verdicts:
         mark = "-" if v.passed is None else ("pass" if v.passed else "**FAIL**")
         ratio = "-" if v.ratio is None else f"{v.ratio:.3f}"
+        figure = "{:.4g}" if v.metric == COST_METRIC else "{:.2f}"
         lines.append(
-            f"| {v.load} | {v.metric} | {v.baseline:.2f} | {v.candidate:.2f} "
-            f"| {ratio} | {v.limit} | {mark} |"
+            f"| {v.load} | {v.metric} | {figure.format(v.baseline)} | "
+            f"{figure.format(v.candidate)} | {ratio} | {v.limit} | {mark} |"
         )
     lines += [
         "",

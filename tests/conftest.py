@@ -61,6 +61,8 @@ def session_environment(part: str) -> dict[str, str]:
         "LLMSHIP_RAY_PORT": str(ports["ray"]),
         "LLMSHIP_CALIBRATION_DATA_DIR": str(DATA),
         "LLMSHIP_ALERT_WEBHOOK_URL": f"http://127.0.0.1:{ALERT_PORT}/alerts",
+        # The performance report prices the demo's tokens at this (tests/test_pipeline.py).
+        "LLMSHIP_HOURLY_USD": '{"cpu": 0.20}',
         "PREFECT_API_URL": f"http://127.0.0.1:{ports['prefect']}/api",
         "PREFECT_HOME": str(STATE / "prefect"),
         "PREFECT_LOCAL_STORAGE_PATH": str(STATE / "prefect" / "results"),

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from jobs.benchmark import Load, LoadFigures, LoadRequest, client_argv
 from llmship.pipeline_config import PerfConfig, PipelineConfig
 from llmship.settings import get_settings
-from tasks.perf_rule import PerfReport, judge, loads, render_markdown
+from tasks.perf_rule import PerfReport, judge, loads, render_markdown, server_price
 
 
 def figures(
@@ -173,6 +173,66 @@ def test_the_report_shows_each_figure_and_a_bar_per_build():
     bars = [line for line in text.splitlines() if "tok/s" in line and "#" in line]
     # On one scale: the faster build's bar is the full width, the other's 1000/1500 of it.
     assert (len(bars[0].split()[2]), len(bars[1].split()[1])) == (round(40 * 1000 / 1500), 40)
+
+
+def test_each_build_s_tokens_are_priced_by_the_hour_of_its_server():
+    """$2.99 an hour for each of 2 H100s, at 1000 and 1500 output tokens/s: $1.661 and
+    $1.107 per million tokens. Never judged; the longest matching price key wins."""
+    prices = {"H100": 2.99, "H100 NVL": 3.50, "cpu": 0.2}
+    price = server_price("NVIDIA H100 80GB HBM3", 2, prices)
+    assert (price.price_key, price.usd_per_hour) == ("H100", 5.98)
+    assert server_price("NVIDIA H100 NVL", 1, prices).price_key == "H100 NVL"
+    assert server_price("cpu", 0, prices).usd_per_hour == 0.2
+    # A server at 0.5 of a GPU (two share it) pays half its hour.
+    assert server_price("NVIDIA H200", 0.5, {"H200": 4.0}).usd_per_hour == 2.0
+
+    policy = PerfConfig(single_stream_prompts=0)
+    [production] = loads(policy)
+    base, cand = [figures(production, 1000)], [figures(production, 1500)]
+    cost = by_metric(judge(base, cand, policy, price))[("production", "$ per 1M output tokens")]
+    assert (round(cost.baseline, 3), round(cost.candidate, 3)) == (1.661, 1.107)
+    assert cost.passed is None and cost.limit == "-"
+    report = PerfReport(
+        passed=True,
+        policy=policy,
+        candidate="stages/build/c",
+        candidate_version="abc",
+        baseline="stages/build/b",
+        figures={"baseline": base, "candidate": cand},
+        verdicts=judge(base, cand, policy, price),
+        client={"vllm": "0.25.1"},
+        device="cuda",
+        price=price,
+    )
+    text = render_markdown("llama3-70b", report)
+    assert "| production | $ per 1M output tokens | 1.661 | 1.107 | 0.667 | - | - |" in text
+    assert "priced at $5.98 per server-hour (2 x NVIDIA H100 80GB HBM3" in text
+
+
+def test_without_a_price_the_report_says_how_to_set_one_and_shows_no_cost():
+    price = server_price("cpu", 0, {"H100": 2.99})
+    assert price.usd_per_hour is None
+    policy = PerfConfig(single_stream_prompts=0)
+    [production] = loads(policy)
+    verdicts = judge([figures(production, 1000)], [figures(production, 500)], policy, price)
+    assert not [v for v in verdicts if v.metric.startswith("$")]
+    assert "no price for `cpu` in LLMSHIP_HOURLY_USD" in price.describe()
+
+
+@pytest.mark.parametrize("prices", ['{"H100": -1}', '{"": 2}', '{"H100": "cheap"}', "[1, 2]"])
+def test_a_price_that_is_not_dollars_per_hour_is_refused_with_an_example(monkeypatch, prices):
+    from llmship.settings import Settings
+
+    monkeypatch.setenv("LLMSHIP_HOURLY_USD", prices)
+    with pytest.raises(ValidationError, match="hourly_usd|HOURLY_USD"):
+        Settings()
+
+
+def test_a_price_set_in_the_environment_reaches_the_stages(monkeypatch):
+    from llmship.settings import Settings
+
+    monkeypatch.setenv("LLMSHIP_HOURLY_USD", '{"H100": 2.99, "cpu": 0.2}')
+    assert Settings().stages.hourly_usd == {"H100": 2.99, "cpu": 0.2}
 
 
 def test_the_client_options_are_vllm_bench_serves_own():

@@ -185,6 +185,13 @@ def test_published_version_is_complete_in_s3(first_run, store):
     readable = store.client.get_object(Bucket=store.bucket, Key=f"{prefix}/perf-report.md")
     text = readable["Body"].read().decode()
     assert "# Performance gate MEASURED, not judged" in text and "PASSED" not in text
+    # Priced at the suite's $0.20 per hour of the CPU host (LLMSHIP_HOURLY_USD, conftest): each
+    # build's dollars per million output tokens at each load, from its own tokens/s.
+    cost = verdicts[("production", "$ per 1M output tokens")]
+    for role in ("baseline", "candidate"):
+        assert cost[role] == pytest.approx(0.20 / (throughput[role] * 3600) * 1e6)
+    assert cost["passed"] is None and perf["price"]["price_key"] == "cpu"
+    assert "priced at $0.2 per server-hour (the CPU host" in text
 
 
 def test_every_stage_leaves_a_keyed_artifact(first_run, prefect_client):
