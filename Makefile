@@ -114,22 +114,17 @@ lint: setup
 	$(ORCH)/ruff check .
 	$(ORCH)/ruff format --check .
 
-# Three pytest processes at once (tests/conftest.py: --part): the stack's tests, split by file
-# between two stacks of their own (ports apart), and the rest (no stack, or servers of their
-# own: the two-host tests' namespaces). The stack's tests spend much of their time waiting on
-# servers (a Crashed marking, a replica's start, Serve's autoscaling); the others use those
-# cores. The reports follow one another; the status is the first failure's.
+# Two pytest processes at once: the tests on the session's stack, and the rest (no stack, or
+# servers of their own: the two-host tests' namespaces). The stack's tests spend much of their
+# time waiting on servers; the rest uses those cores. The rest's report follows the first's.
 test: lint
-	@logs=$$(mktemp -d); \
-	$(ORCH)/python -m pytest tests --part second-stack --durations=10 >"$$logs/second" 2>&1 & second=$$!; \
-	$(ORCH)/python -m pytest tests --part rest --durations=10 >"$$logs/rest" 2>&1 & rest=$$!; \
-	first_rc=0; $(ORCH)/python -m pytest tests --part first-stack --durations=10 || first_rc=$$?; \
-	second_rc=0; wait $$second || second_rc=$$?; \
+	@rest_log=$$(mktemp); \
+	$(ORCH)/python -m pytest tests --part rest --durations=10 >"$$rest_log" 2>&1 & rest=$$!; \
+	main_rc=0; $(ORCH)/python -m pytest tests --part shared-stack --durations=15 || main_rc=$$?; \
 	rest_rc=0; wait $$rest || rest_rc=$$?; \
-	echo "======== the second stack's tests, run beside ========"; cat "$$logs/second"; \
-	echo "======== the tests that need no stack, run beside ========"; cat "$$logs/rest"; \
-	rm -rf "$$logs"; \
-	exit $$(( first_rc != 0 ? first_rc : second_rc != 0 ? second_rc : rest_rc ))
+	echo "======== the rest of the suite, run beside the stack's tests ========"; \
+	cat "$$rest_log"; rm -f "$$rest_log"; \
+	exit $$(( main_rc != 0 ? main_rc : rest_rc ))
 
 # Everything that needs no stack (no SeaweedFS, Prefect server, Ray or model server).
 test-unit: lint

@@ -1,8 +1,8 @@
 """Test fixtures. The suite starts its own real stack (SeaweedFS, Prefect server, worker, Ray,
 gateway) on ports and state of its own, so a running `make demo` is never disturbed.
 
-The environment is set here (pytest_configure), before anything reads settings: the worker and
-every flow run inherit it.
+The environment is set here, before anything reads settings: the worker and every flow run
+inherit it.
 """
 
 from __future__ import annotations
@@ -27,65 +27,41 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# `make test` runs three sessions at once (--part): two on stacks of their own, and the tests
-# that need none. A stack's every port follows from these four (SeaweedFS takes the 9 after
-# its S3 port; the Ray head up to 299 after its GCS port, llmship/ray_cluster.py), so two
-# stacks and a running `make demo` (4200, 8333, 8000, 6379) never meet.
-STACK_PORTS = {
-    "first-stack": {"prefect": 14200, "s3": 18333, "gateway": 18000, "ray": 16379},
-    "second-stack": {"prefect": 14300, "s3": 18433, "gateway": 18100, "ray": 16700},
-}
-# The stack's test files the second stack takes: about half the stack's time, and files that
-# build on nothing another file leaves (each starts from the session's first run). A new file
-# on the stack goes to the first.
-ON_THE_SECOND_STACK = {
-    "test_live_aliases.py",
-    "test_serving_lifecycle.py",
-    "test_serving_runs_stopped.py",
-}
-# The alert receiver's port (alert_receiver): this session's own, since another session could
-# hold any fixed one.
+# The alert receiver's port (alert_receiver): this session's own, since `make test` runs two
+# sessions at once and the second could not bind a fixed one while the first held it.
 ALERT_PORT = free_port()
+TEST_ENV = {
+    "LLMSHIP_STATE_DIR": str(STATE),
+    "LLMSHIP_PREFECT_PORT": "14200",
+    "LLMSHIP_S3_PORT": "18333",  # SeaweedFS also takes the next 9 ports
+    "LLMSHIP_GATEWAY_PORT": "18000",
+    "LLMSHIP_RAY_PORT": "16379",  # the Ray head takes up to 299 more (llmship/ray_cluster.py)
+    "LLMSHIP_CALIBRATION_DATA_DIR": str(DATA),
+    "LLMSHIP_ALERT_WEBHOOK_URL": f"http://127.0.0.1:{ALERT_PORT}/alerts",
+    # The performance report prices the demo's tokens at this (tests/test_pipeline.py).
+    "LLMSHIP_HOURLY_USD": '{"cpu": 0.20}',
+    "PREFECT_API_URL": "http://127.0.0.1:14200/api",
+    "PREFECT_HOME": str(STATE / "prefect"),
+    "PREFECT_LOCAL_STORAGE_PATH": str(STATE / "prefect" / "results"),
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # Prefect's scheduler looks for schedules to fill every 5 s here (60 s by default), so a
+    # test's schedule due in half a minute gets its run from the real scheduler service.
+    "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
+    "HF_HUB_OFFLINE": "1",
+    "HF_HUB_CACHE": str(STATE / "hf-cache"),
+    "HF_DATASETS_CACHE": str(STATE / "datasets-cache"),
+    "DO_NOT_TRACK": "1",
+}
+os.environ.update(TEST_ENV)
+# The stack's secrets, and the Prefect profile in PREFECT_HOME that carries the API's auth
+# string, exist before anything imports Prefect, which reads its profile once, at import.
+from llmship.credentials import ensure_credentials, ray_env  # noqa: E402
+from llmship.settings import Settings  # noqa: E402
+from tests.helpers.engines import engine_pids, wait_until_empty  # noqa: E402
 
-
-def session_environment(part: str) -> dict[str, str]:
-    """What the session's stack, its worker and every flow run read: set before anything reads
-    settings or imports Prefect (which reads its profile once, at import) or Ray (its token
-    settings, at import)."""
-    ports = STACK_PORTS.get(part, STACK_PORTS["first-stack"])
-    return {
-        "LLMSHIP_STATE_DIR": str(STATE),
-        "LLMSHIP_PREFECT_PORT": str(ports["prefect"]),
-        "LLMSHIP_S3_PORT": str(ports["s3"]),
-        "LLMSHIP_GATEWAY_PORT": str(ports["gateway"]),
-        "LLMSHIP_RAY_PORT": str(ports["ray"]),
-        "LLMSHIP_CALIBRATION_DATA_DIR": str(DATA),
-        "LLMSHIP_ALERT_WEBHOOK_URL": f"http://127.0.0.1:{ALERT_PORT}/alerts",
-        # The performance report prices the demo's tokens at this (tests/test_pipeline.py).
-        "LLMSHIP_HOURLY_USD": '{"cpu": 0.20}',
-        "PREFECT_API_URL": f"http://127.0.0.1:{ports['prefect']}/api",
-        "PREFECT_HOME": str(STATE / "prefect"),
-        "PREFECT_LOCAL_STORAGE_PATH": str(STATE / "prefect" / "results"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        # Prefect's scheduler looks for schedules to fill every 5 s here (60 s by default), so
-        # a test's schedule due in half a minute gets its run from the real scheduler service.
-        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
-        "HF_HUB_OFFLINE": "1",
-        "HF_HUB_CACHE": str(STATE / "hf-cache"),
-        "HF_DATASETS_CACHE": str(STATE / "datasets-cache"),
-        "DO_NOT_TRACK": "1",
-    }
-
-
-def pytest_configure(config):
-    """Before collection imports any test module: the session's environment, the stack's
-    secrets and the Prefect profile in PREFECT_HOME that carries the API's auth string."""
-    os.environ.update(session_environment(config.getoption("part")))
-    from llmship.credentials import ensure_credentials, ray_env
-    from llmship.settings import Settings
-
-    ensure_credentials(Settings())
-    os.environ.update(ray_env(Settings()))
+ensure_credentials(Settings())
+# Ray reads its token settings when it is imported: before any test imports it.
+os.environ.update(ray_env(Settings()))
 
 
 @pytest.fixture(scope="session")
@@ -101,7 +77,6 @@ def stack(settings):
     at the end."""
     from llmship import stack as local_stack
     from llmship.settings import get_settings
-    from tests.helpers.engines import engine_pids, wait_until_empty
 
     local_stack.up(settings)
     # Credentials exist only once the stack is up: read settings again.
@@ -202,12 +177,11 @@ def pytest_addoption(parser):
     )
     parser.addoption(
         "--part",
-        choices=["all", "first-stack", "second-stack", "rest"],
+        choices=["all", "shared-stack", "rest"],
         default="all",
-        help="first-stack, second-stack: the tests on a stack (the `stack` fixture), split by "
-        "file (ON_THE_SECOND_STACK), each session on a stack and ports of its own; rest: the "
-        "others, which start servers of their own or none. `make test` runs the three at once: "
-        "the stack's tests wait on servers much of their time. all: every test, one stack",
+        help="shared-stack: the tests on the session's stack (the `stack` fixture); rest: the "
+        "others, which start servers of their own or none. `make test` runs the two at once "
+        "in two processes: the rest keeps the cores busy while the stack's tests wait",
     )
 
 
@@ -215,13 +189,8 @@ def pytest_collection_modifyitems(config, items):
     part = config.getoption("part")
     if part == "all":
         return
-
-    def part_of(item) -> str:
-        if "stack" not in item.fixturenames:
-            return "rest"
-        return "second-stack" if item.path.name in ON_THE_SECOND_STACK else "first-stack"
-
-    keep = [i for i in items if part_of(i) == part]
+    on_stack = {item for item in items if "stack" in item.fixturenames}
+    keep = [i for i in items if (i in on_stack) == (part == "shared-stack")]
     config.hook.pytest_deselected(items=[i for i in items if i not in keep])
     items[:] = keep
 
