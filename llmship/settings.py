@@ -14,10 +14,11 @@ import json
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic.fields import FieldInfo
+from pydantic.types import PositiveFloat, StringConstraints
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -195,34 +196,10 @@ class StageSettings(_Block):
     # LLMSHIP_HOURLY_USD='{"H100": 2.99, "cpu": 0.20}': what one GPU of a type costs per hour
     # (a part of the GPU's name, as nvidia-smi gives it), and "cpu" for a CPU host. The
     # performance report prices each build's output tokens with it; unset, it shows no cost.
-    hourly_usd: dict[str, float] = Field(
+    hourly_usd: dict[Annotated[str, StringConstraints(min_length=1)], PositiveFloat] = Field(
         default_factory=dict,
         description="hourly price of one GPU by type (part of its name), 'cpu' for a CPU host",
     )
-
-    @field_validator("hourly_usd", mode="before")
-    @classmethod
-    def _prices_from_json(cls, value: Any) -> Any:
-        # A block's field comes from its flat variable as text (_FlatEnvSource).
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as exc:
-                raise ValueError(
-                    f'LLMSHIP_HOURLY_USD is not JSON ({exc.msg}): set it like {{"H100": 2.99}}'
-                ) from None
-        return value
-
-    @field_validator("hourly_usd")
-    @classmethod
-    def _prices_are_positive(cls, prices: dict[str, float]) -> dict[str, float]:
-        bad = {k: v for k, v in prices.items() if not (v > 0 and k.strip())}
-        if bad:
-            raise ValueError(
-                f"LLMSHIP_HOURLY_USD: every price must be a positive number of dollars per "
-                f'hour under a non-empty GPU type, e.g. {{"H100": 2.99}}; got {bad}'
-            )
-        return prices
 
 
 def _blocks(settings_cls: type[BaseModel]) -> dict[str, type[_Block]]:
@@ -246,9 +223,10 @@ class _FlatEnvSource(EnvSettingsSource):
     def __call__(self) -> dict[str, Any]:
         data = super().__call__()
         for name, block in _blocks(self.settings_cls).items():
+            # A mapping (LLMSHIP_HOURLY_USD) is read from the JSON it is written in.
             found = {
-                field: self.env_vars[env]
-                for field in block.model_fields
+                field: self.prepare_field_value(field, info, self.env_vars[env], False)
+                for field, info in block.model_fields.items()
                 if (env := self._apply_case_sensitive(block.env_name(field))) in self.env_vars
             }
             if found:
