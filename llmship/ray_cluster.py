@@ -16,7 +16,7 @@ a process without the token cannot join the cluster, submit work or read its sta
 
 Ray's Prometheus exporter (the dashboard agent's, on the metrics export port) takes no token and
 named every Serve application in its labels, every served and evaluated build: the head turns
-Ray's metrics off for the whole cluster (SYSTEM_CONFIG; a node that joins reads the cluster's
+Ray's metrics off for the whole cluster (METRICS_OFF; a node that joins reads the cluster's
 system config from the GCS, ray/_private/node.py), so each raylet starts its agent with
 --disable-metrics-collection and nothing listens there. llmship scrapes the gateway and the
 engines (docs/grafana/prometheus.yml), never Ray, and Serve's autoscaling takes the replicas'
@@ -48,14 +48,10 @@ class ClusterError(StackError):
 # Named actors and Serve applications of llmship live here (serving/fleet.py).
 NAMESPACE = "llmship"
 WORKER_PORTS = (100, 299)  # offsets from ray.port
-# Ray's system config (`ray start --head --system-config`, the cluster's):
-# - with metrics collection off the raylet starts its dashboard agent with
-#   --disable-metrics-collection, so no exporter listens on the metrics export port;
-# - Ray renices every worker process to 15 (worker_niceness, ray-project/ray#24928) so its own
-#   daemons come first. llmship's workers are the model servers (a replica's engine inherits its
-#   actor's niceness): at 15 a CPU engine got the cores only when nothing else on the host
-#   wanted them, a calibration or a flow run beside it. They run at the host's normal priority.
-SYSTEM_CONFIG = {"enable_metrics_collection": False, "worker_niceness": 0}
+# Ray's system config (`ray start --head --system-config`, the cluster's): with metrics
+# collection off the raylet starts its dashboard agent with --disable-metrics-collection, so
+# no exporter listens on the metrics export port.
+METRICS_OFF = {"enable_metrics_collection": False}
 
 
 def address(settings: Settings) -> str:
@@ -128,7 +124,7 @@ def head_argv(ray_bin: Path, settings: Settings) -> list[str]:
         "--temp-dir",
         str(temp_dir(settings)),
         "--system-config",
-        json.dumps(SYSTEM_CONFIG),
+        json.dumps(METRICS_OFF),
         "--port",
         str(settings.ray.port),
         "--dashboard-port",

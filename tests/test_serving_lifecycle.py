@@ -392,32 +392,6 @@ def test_a_prompt_past_the_context_is_an_openai_400(versions, stack):
     assert {"message", "type"} <= set(err)
 
 
-def test_the_live_engine_runs_at_the_host_s_normal_priority(versions, stack, store):
-    """Ray renices its worker processes to 15 and a replica's engine inherits its actor's
-    niceness: at 15 a CPU engine got the cores only when nothing else on the host wanted them
-    (a flow run calibrating the next version beside it). Every process of the live version's
-    engine, API server and engine core, runs at the host's normal priority."""
-    live = store.read_alias("tiny-llama", "live")
-    groups = engine_pids(digest_of(store, live))
-    assert groups, f"no engine of the live version {live} runs on this host"
-    members = [
-        int(proc.name)
-        for proc in Path("/proc").iterdir()
-        if proc.name.isdigit() and _group_of(proc) in groups
-    ]
-    assert len(members) >= 2, members  # the API server and its engine core
-    assert {pid: os.getpriority(os.PRIO_PROCESS, pid) for pid in members} == dict.fromkeys(
-        members, 0
-    )
-
-
-def _group_of(proc: Path) -> int | None:
-    try:
-        return os.getpgid(int(proc.name))
-    except ProcessLookupError:
-        return None
-
-
 def test_a_live_version_that_cannot_stay_up_is_replaced_by_the_previous_version(
     versions, stack, store, prefect_client, alert_receiver
 ):
