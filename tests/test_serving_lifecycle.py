@@ -639,9 +639,20 @@ def test_an_autoscaled_version_scales_out_and_back_and_a_killed_replica_leaves_n
         every=1.0,
     )
     fleet.acquire(stack, spec, ServingConfig())  # a fixed replica again, for what follows
-    assert len(replica_ids(stack, live)) == 1 and answers(stack, live)
+    assert len(replica_ids(stack, live)) == 1
+    # Serve may keep the replacement and stop the other: a request the gateway sent to the
+    # stopping one in the moment before its next look at the fleet fails (seen once in the
+    # suite, 2026-12-07; issue 29's note). What follows needs the one replica answering.
+    scaled_to_one = time.time()
+    wait_for(
+        "the one replica left answering",
+        lambda: answers(stack, live),
+        timeout=60,
+        retry_on=(httpx.HTTPError,),
+    )
     print(
         f"autoscaling: 2 replicas {scaled_out:.0f} s after the load began, 1 again "
         f"{scaled_in:.0f} s after; the killed replica's engine gone {gone:.1f} s after its "
-        f"worker, replaced {time.time() - killed:.0f} s after"
+        f"worker, replaced {scaled_to_one - killed:.0f} s after; one replica answering "
+        f"{time.time() - scaled_to_one:.1f} s after the scale-in"
     )
