@@ -106,10 +106,10 @@ class GatewaySettings(_Block):
     # nginx's default is 4 x 8 KiB, Node's 16 KiB.
     max_header_bytes: int = Field(64 * 1024, ge=4096)
     # Ray restarts a replica that fails its health check. A live version with no healthy
-    # replica at all, for down_after checks health_interval_s apart, is declared down, once:
-    # the event llmship.serving.down, which the automation llmship-restore-<model> answers by
-    # rolling back to the previous version (llmship/alerts.py). 3 x 5 s: a replica Ray is
-    # restarting does not start a rollback.
+    # replica at all, for down_after checks health_interval_s apart on top of the time its
+    # replicas took to start, is declared down, once: the event llmship.serving.down, which
+    # the automation llmship-restore-<model> answers by rolling back to the previous version
+    # (llmship/alerts.py). A replica Ray is replacing does not start a rollback.
     health_interval_s: float = Field(5.0, gt=0)
     down_after: int = Field(3, ge=1)
     # Shadow traffic (serving/shadow.py), during a rollout whose policy asks for it: copies

@@ -180,6 +180,68 @@ def test_a_live_version_left_without_replicas_is_declared_down_once(monkeypatch,
     get_settings.cache_clear()
 
 
+def test_a_replica_ray_is_replacing_is_waited_for_and_a_crash_loop_is_not(
+    monkeypatch, tmp_path, caplog
+):
+    """A live version whose one replica Ray is replacing has none for as long as a replica
+    takes to start (minutes for a 70B engine): that is not a version that cannot stay up, and
+    no rollback is asked for. One whose replica comes for a moment between crashes is, once
+    its outages add up to that start and the checks the watcher allows (a moment up does not
+    start the count again)."""
+    import time
+
+    from llmship.processes import write_json
+    from llmship.serving_messages import Endpoint
+    from llmship.settings import get_settings
+
+    server, url = fake_model_server("m-v1")
+    monkeypatch.setenv("LLMSHIP_STATE_DIR", str(tmp_path))
+    monkeypatch.setenv("LLMSHIP_GATEWAY_HEALTH_INTERVAL_S", "0.1")
+    monkeypatch.setenv("LLMSHIP_GATEWAY_DOWN_AFTER", "3")
+    write_json(saved_state(tmp_path) / "routes.json", {"wm": {"version": "v1"}})
+    get_settings.cache_clear()
+    from serving.gateway import app
+
+    def declared() -> int:
+        return len([r for r in caplog.records if "declared down" in r.getMessage()])
+
+    with caplog.at_level("ERROR", logger="llmship.gateway"), TestClient(app) as c:
+        gw = c.app.state.gw
+        # Its replica took 1 s to start: 3 checks + 1 s (10 checks) before a rollback.
+        gw.note_starts(
+            {
+                "wm--v1": [
+                    Endpoint(
+                        url=url,
+                        replica="r1",
+                        node_ip="127.0.0.1",
+                        node_id="n",
+                        fetch_s=0.4,
+                        engine_start_s=0.6,
+                    )
+                ]
+            }
+        )
+        replicas(c, {"wm--v1": [url]})
+        time.sleep(0.5)
+        replicas(c, {})  # Ray replaces it: fewer than 13 checks (sleeps only run long)
+        time.sleep(0.9)
+        assert declared() == 0, caplog.text
+        replicas(c, {"wm--v1": [url]})
+        time.sleep(0.6)  # up for 3 checks and more: the outage is over
+        for _ in range(20):  # a crash loop: up for a check or two, then 5 down
+            replicas(c, {})
+            time.sleep(0.5)
+            if declared():
+                break
+            replicas(c, {"wm--v1": [url]})
+            time.sleep(0.15)
+        assert declared() == 1, caplog.text
+        assert "wm's live version v1" in caplog.text
+    server.shutdown()
+    get_settings.cache_clear()
+
+
 def test_ready_when_nothing_is_routed(client):
     assert client.get("/ready").json() == {"status": "ready", "models": {}}
 

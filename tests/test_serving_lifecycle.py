@@ -428,8 +428,9 @@ def test_a_live_version_that_cannot_stay_up_is_replaced_by_the_previous_version(
             timeout=30,
         )
         assert a in httpx.get(f"{stack.gateway_url}/ready", timeout=10).json()["error"]["message"]
-        # Declared down after 3 missed checks; the automation rolls back to B, with no one
-        # at the keyboard. B's server was stopped when its canary died: it starts again.
+        # Declared down after A's replica start (as the gateway saw it) and 3 missed checks
+        # more; the automation rolls back to B, with no one at the keyboard. B's server was
+        # stopped when its canary died: it starts again.
         wait_for(
             "B live again",
             lambda: store.read_alias("tiny-llama", "live") == b,

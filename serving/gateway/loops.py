@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 
 from llmship import events, ray_cluster
 from llmship.serving_messages import GatewayReport, Route, Snapshot
-from serving.directory import directory
+from serving.directory import app_name, directory
 from serving.gateway.state import GatewayState
 from serving.observability import EngineEndpoint, engine_scrape_targets
 
@@ -60,6 +61,7 @@ async def follow_fleet(gw: GatewayState) -> None:
                 gw.set_endpoints(
                     {app: [e.url for e in reps] for app, reps in snap.endpoints.items()}
                 )
+                gw.note_starts(snap.endpoints)
                 gw.set_scrape_targets(
                     engine_scrape_targets(
                         {
@@ -90,13 +92,17 @@ async def follow_fleet(gw: GatewayState) -> None:
 
 
 async def watch_live_versions(gw: GatewayState) -> None:
-    """Declare a live version down after gw.down_after checks in a row with no replica, and
-    up again after as many with one. Ray replaces failing replicas; this is for a version that
-    cannot stay up at all. Canaries are not watched here: their rollout judges them.
+    """Declare a live version down once it has had no replica for gw.down_after checks more
+    than Ray takes to replace one (the longest start of its replicas this gateway has seen:
+    seconds for the tiny model, minutes for a 70B engine's load), and up again after
+    gw.down_after checks in a row with one. Ray replaces failing replicas; this is for a
+    version that cannot stay up at all. Canaries are not watched here: their rollout judges
+    them.
 
-    Up again takes as long as down: in a crash loop a replica registers for a moment between
-    crashes, and the version was declared down (an event, a rollback asked for) once per
-    moment."""
+    In a crash loop a replica registers for a moment between crashes: only a replica that
+    stays up for gw.down_after checks starts the count again, and up again takes as long as
+    down (else the version was declared down, an event and a rollback asked for, once per
+    moment)."""
     misses: dict[tuple[str, str], int] = {}
     ups: dict[tuple[str, str], int] = {}
     while True:
@@ -106,11 +112,11 @@ async def watch_live_versions(gw: GatewayState) -> None:
             up = bool(gw.replicas_of(model, route.version))
             gw.metrics.upstream_up.labels(model, route.version).set(1 if up else 0)
             if up:
-                misses.pop(key, None)
-                if gw.down.get(model) == route.version:
-                    ups[key] = ups.get(key, 0) + 1
-                    if ups[key] >= gw.down_after:
-                        del gw.down[model], ups[key]
+                ups[key] = ups.get(key, 0) + 1
+                if ups[key] >= gw.down_after:
+                    misses.pop(key, None)
+                    if gw.down.get(model) == route.version:
+                        del gw.down[model]
                         log.warning(
                             "%s %s has had a replica for %d checks: up again",
                             model,
@@ -122,7 +128,8 @@ async def watch_live_versions(gw: GatewayState) -> None:
             if gw.down.get(model) == route.version:
                 continue  # declared already
             misses[key] = misses.get(key, 0) + 1
-            if misses[key] == gw.down_after:
+            replacing = gw.start_s.get(app_name(model, route.version), 0.0)
+            if misses[key] >= gw.down_after + math.ceil(replacing / gw.health_interval_s):
                 declare_down(gw, model, route, misses[key])
 
 

@@ -12,6 +12,7 @@ import aiohttp
 from fastapi import Request
 
 from llmship.processes import write_json
+from llmship.serving_messages import Endpoint
 from llmship.settings import Settings
 from serving.directory import app_name
 from serving.gateway.metrics import GatewayMetrics
@@ -52,6 +53,9 @@ class GatewayState:
         self.health_interval_s = settings.gateway.health_interval_s
         self.down_after = settings.gateway.down_after
         self.down: dict[str, str] = {}  # model -> its live version, declared down
+        # Application -> the longest a replica of it took to start (fetch and engine), as seen:
+        # how long Ray takes to replace one, which the watcher waits out before a rollback.
+        self.start_s: dict[str, float] = {}
         self.fleet_known = asyncio.Event()  # set once the replicas were read from Ray
         # To the engines: aiohttp, whose C parser relays a token for a fraction of httpx's
         # CPU (bench/gateway_relay.py). An idle connection is dropped before the engine's
@@ -111,6 +115,13 @@ class GatewayState:
 
     def save(self) -> None:
         write_json(self.routes_file, {m: r.model_dump() for m, r in self.routes.items()})
+
+    def note_starts(self, endpoints: dict[str, list[Endpoint]]) -> None:
+        for app, replicas in endpoints.items():
+            for e in replicas:
+                took = (e.fetch_s or 0.0) + (e.engine_start_s or 0.0)
+                if took > self.start_s.get(app, 0.0):
+                    self.start_s[app] = took
 
     def set_scrape_targets(self, groups: list[ScrapeTargetGroup]) -> None:
         """The engines' scrape targets, written for Prometheus when they change."""
