@@ -36,7 +36,7 @@ from llmship.manifest import Manifest, hash_dir  # noqa: E402
 from llmship.pipeline_config import ServingConfig  # noqa: E402
 from llmship.settings import get_settings  # noqa: E402
 from llmship.store import ArtifactStore  # noqa: E402
-from llmship.versions import VersionDetails, read_version  # noqa: E402
+from llmship.versions import VersionDetails, read_version, sign_version  # noqa: E402
 from tests.helpers.load import SteadyLoad  # noqa: E402
 from tests.helpers.procs import cmdline, descendants  # noqa: E402
 
@@ -81,6 +81,7 @@ def publish_demo(store: ArtifactStore, model: str, version: str) -> None:
             ).model_dump(mode="json"),
         ),
     )
+    sign_version(store, model, version)  # with the stack's key, as a publish signs
 
 
 def main() -> None:

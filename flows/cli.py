@@ -23,7 +23,14 @@ import httpx
 
 from llmship import stack
 from llmship.credentials import prefect_client_settings
-from llmship.errors import BadAlias, LlmshipError, RollbackFailed, StackError
+from llmship.errors import (
+    BadAlias,
+    LlmshipError,
+    RollbackFailed,
+    SignatureRefused,
+    StackError,
+    UnpublishedVersion,
+)
 from llmship.settings import get_settings
 from llmship.store import ArtifactStore
 
@@ -180,7 +187,7 @@ def cmd_scale(args) -> None:
 
 
 def cmd_versions(args) -> None:
-    from llmship.versions import scan_versions
+    from llmship.versions import read_signed_version, scan_versions
 
     settings = running_stack_settings()
     store = ArtifactStore(settings)
@@ -197,9 +204,13 @@ def cmd_versions(args) -> None:
         return
     print(
         f"{'version':14s} {'created (UTC)':20s} {'scheme':12s} {'gate':6s} {'perf':6s} "
-        f"{'tok/s x':>8s} {'MB':>8s}  alias"
+        f"{'tok/s x':>8s} {'MB':>8s}  {'signed':8s} alias"
     )
     for v in scan.versions:
+        try:
+            signed = read_signed_version(store, args.model, v.version).signed_by[:8]
+        except SignatureRefused:  # `llmship verify` says why
+            signed = "NO"
         alias = next((n for n, named in aliases.items() if named == v.version), "")
         perf = {None: "-", True: "pass", False: "FAIL"}[v.perf_passed]
         # The candidate's output tokens/s over the baseline's, at the production load.
@@ -207,13 +218,37 @@ def cmd_versions(args) -> None:
         print(
             f"{v.version:14s} {v.created_at[:19]:20s} {v.scheme:12s} "
             f"{'pass' if v.gate_passed else 'FAIL':6s} {perf:6s} "
-            f"{ratio:>8s} {v.bytes / 1e6:8.1f}  {alias}"
+            f"{ratio:>8s} {v.bytes / 1e6:8.1f}  {signed:8s} {alias}"
         )
     # One bad manifest is named, not a reason to list nothing (nor to fail the command).
     for version, problem in sorted(scan.unreadable.items()):
         print(f"{version:14s} UNREADABLE: {problem}")
     for note in notes:
         print(note)
+
+
+def cmd_verify(args) -> None:
+    """Exit 0 only when every version checked holds: signed by a trusted key, every object
+    as signed, its gates passed."""
+    from llmship.versions import list_versions, verify_stored
+
+    store = ArtifactStore(running_stack_settings())
+    versions = (
+        [args.version] if args.version else [v.version for v in list_versions(store, args.model)]
+    )
+    if not versions:
+        raise UnpublishedVersion(f"{args.model} has no published versions to verify")
+    failed = []
+    for version in versions:
+        print(f"{args.model} {version}")
+        checks = verify_stored(store, args.model, version)
+        for check in checks:
+            print(f"  {check.what:17s} {'ok  ' if check.ok else 'FAIL'} {check.detail}")
+        if not all(c.ok for c in checks):
+            failed.append(version)
+    if failed:
+        raise SignatureRefused(f"{args.model}: {', '.join(failed)} did not verify (above)")
+    print(f"verified: {', '.join(versions)}")
 
 
 def cmd_rollback(args) -> None:
@@ -341,6 +376,12 @@ def main(argv: list[str] | None = None) -> int:
     versions = sub.add_parser("versions", help="published versions of a model")
     versions.add_argument("model")
     versions.set_defaults(fn=cmd_versions)
+    verify = sub.add_parser(
+        "verify", help="check a version's signature, every stored file and its gates' verdicts"
+    )
+    verify.add_argument("model")
+    verify.add_argument("version", nargs="?", default=None, help="default: every version")
+    verify.set_defaults(fn=cmd_verify)
     rollback = sub.add_parser("rollback", help="move a model's traffic to an earlier version")
     rollback.add_argument("model")
     rollback.add_argument(

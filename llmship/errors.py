@@ -68,6 +68,11 @@ class BadVersionManifest(IntegrityError):
     names the version and what is wrong. Publish it again from its build."""
 
 
+class SignatureRefused(IntegrityError):
+    """A version is unsigned, or its signature is not from a trusted key, or its files or
+    manifest are not what was signed: llmship did not build and gate what is there."""
+
+
 class StageFailed(LlmshipError):
     """A stage subprocess failed for a reason it did not classify; its log tail is attached."""
 

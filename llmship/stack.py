@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from llmship import forms, processes, ray_cluster, seaweedfs
+from llmship import forms, processes, ray_cluster, seaweedfs, signing
 from llmship.alerts import ensure_automations
 from llmship.credentials import ensure_credentials, prefect_client_settings, ray_env
 from llmship.errors import StackError
@@ -336,6 +336,7 @@ def mirror_demo_model(settings: Settings) -> str:
 def up(settings: Settings, *, deployments: bool = True, say=print) -> None:
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     creds = ensure_credentials(settings)
+    signing.ensure_signing_key(settings)
     settings = settings.updated(
         s3={
             "access_key": settings.s3.access_key or creds["s3_access_key"],

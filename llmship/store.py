@@ -18,6 +18,7 @@ and writes them in order).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from datetime import UTC, datetime
@@ -128,13 +129,13 @@ class ArtifactStore:
                 raise
             self.client.create_bucket(Bucket=bucket)
 
-    def get_json(self, key: str, bucket: str | None = None) -> tuple[Any, str] | None:
-        """(object, ETag), or None where the key does not exist."""
+    def get_bytes(self, key: str, bucket: str | None = None) -> tuple[bytes, str] | None:
+        """(content, ETag), or None where the key does not exist."""
         # botocore retries a failed request, not a body cut off after its headers: read again.
         for attempt in range(1, BODY_READ_ATTEMPTS + 1):
             try:
                 obj = self.client.get_object(Bucket=bucket or self.bucket, Key=key)
-                return json.loads(obj["Body"].read()), obj["ETag"]
+                return obj["Body"].read(), obj["ETag"]
             except ClientError as err:
                 if _code(err) in ("NoSuchKey", "404") or _status(err) == 404:
                     return None
@@ -142,6 +143,20 @@ class ArtifactStore:
             except S3_RETRYABLE_DOWNLOAD_ERRORS:
                 if attempt == BODY_READ_ATTEMPTS:
                     raise
+
+    def sha256_of(self, key: str) -> str:
+        """The sha256 of a stored object, read whole again (in chunks: any size)."""
+        h = hashlib.sha256()
+        for chunk in self.client.get_object(Bucket=self.bucket, Key=key)["Body"].iter_chunks(
+            8 * 1024 * 1024
+        ):
+            h.update(chunk)
+        return h.hexdigest()
+
+    def get_json(self, key: str, bucket: str | None = None) -> tuple[Any, str] | None:
+        """(object, ETag), or None where the key does not exist."""
+        found = self.get_bytes(key, bucket)
+        return (json.loads(found[0]), found[1]) if found else None
 
     def put_json(
         self, key: str, obj: Any, *, if_none_match: bool = False, if_match: str | None = None
@@ -194,11 +209,16 @@ class ArtifactStore:
     # ------------------------------------------------------------------ directories
 
     def read_manifest(self, prefix: str) -> Manifest | None:
-        found = self.get_json(f"{prefix}/{MANIFEST}")
+        found = self.read_manifest_bytes(prefix)
+        return found[0] if found else None
+
+    def read_manifest_bytes(self, prefix: str) -> tuple[Manifest, bytes] | None:
+        """The manifest, and the bytes it was read from (what a version's signature covers)."""
+        found = self.get_bytes(f"{prefix}/{MANIFEST}")
         if not found:
             return None
         try:
-            return Manifest.model_validate(found[0])
+            return Manifest.model_validate(json.loads(found[0])), found[0]
         except ValidationError as err:
             raise IntegrityError(
                 f"s3://{self.bucket}/{prefix}/{MANIFEST} is not a manifest llmship can trust "
@@ -257,9 +277,10 @@ class ArtifactStore:
             )
         return existing
 
-    def download_dir(self, prefix: str, dest: Path) -> Manifest:
-        """Fetch a complete directory and check every file against its manifest."""
-        manifest = self.read_manifest(prefix)
+    def download_dir(self, prefix: str, dest: Path, manifest: Manifest | None = None) -> Manifest:
+        """Fetch a complete directory and check every file against its manifest (the one
+        given, as its signature was checked, else the stored one)."""
+        manifest = manifest or self.read_manifest(prefix)
         if manifest is None:
             raise SourceNotFound(
                 f"s3://{self.bucket}/{prefix} has no {MANIFEST}: it does not exist, or was never "

@@ -10,8 +10,17 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError, model_validator
 
+from llmship import signing
 from llmship.contracts import BuildInputs, CalibrateInputs, ServeSpec
-from llmship.errors import BadAlias, BadVersionManifest, IntegrityError, UngatedVersion, UnsafeKey
+from llmship.errors import (
+    BadAlias,
+    BadVersionManifest,
+    IntegrityError,
+    SignatureRefused,
+    UngatedVersion,
+    UnpublishedVersion,
+    UnsafeKey,
+)
 from llmship.manifest import Manifest
 from llmship.store import MANIFEST, Alias, ArtifactStore, key_part, version_prefix
 
@@ -66,6 +75,8 @@ class PublishedVersion(BaseModel):
     serve: ServeSpec
     created_at: str
     throughput_ratio: float | None = None
+    # The trusted key whose signature it carries, where that was checked (read_signed_version).
+    signed_by: str | None = None
 
     @classmethod
     def from_manifest(cls, model: str, manifest: Manifest) -> PublishedVersion:
@@ -102,6 +113,68 @@ def read_version(store: ArtifactStore, model: str, version: str) -> PublishedVer
     """The version, if it is published (its manifest exists)."""
     manifest = store.read_manifest(version_prefix(model, version))
     return PublishedVersion.from_manifest(model, manifest) if manifest else None
+
+
+def read_signed_version(store: ArtifactStore, model: str, version: str) -> PublishedVersion | None:
+    """The version, if it is published, signed by a trusted key, and its manifest and files
+    are the ones signed (llmship/signing.py); SignatureRefused says what failed."""
+    found = store.read_manifest_bytes(version_prefix(model, version))
+    if found is None:
+        return None
+    manifest, raw = found
+    published = PublishedVersion.from_manifest(model, manifest)
+    verified = check_signature(store, model, version, manifest, raw)
+    return published.model_copy(update={"signed_by": verified.key_id})
+
+
+def check_signature(
+    store: ArtifactStore, model: str, version: str, manifest: Manifest, raw: bytes
+) -> signing.Verified:
+    prefix = version_prefix(model, version)
+    what = f"{model} version {version}"
+    bundle = store.get_bytes(f"{prefix}/{signing.SIGNATURE}")
+    if bundle is None:
+        raise SignatureRefused(
+            f"{what} is not signed (no {prefix}/{signing.SIGNATURE}): llmship's pipeline signs "
+            "every version it publishes, so this one was written by someone else. Publish it "
+            f"from its build (a build-and-serve run), or pick a signed one (`llmship versions "
+            f"{model}`)"
+        )
+    verified = signing.verify(bundle[0], signing.trusted_keys(store.settings), what)
+    signing.check_manifest(verified, raw, manifest.files, what)
+    return verified
+
+
+def version_objects(store: ArtifactStore, prefix: str, manifest: Manifest, raw: bytes):
+    """Every object of a published version but its signature, name -> sha256: the files'
+    from the manifest (the publish checked them), the manifest's and the reports' read."""
+    objects = {f"files/{f.path}": f.sha256 for f in manifest.files}
+    objects[MANIFEST] = signing.sha256_hex(raw)
+    for key in store.list_keys(f"{prefix}/"):
+        name = key.removeprefix(f"{prefix}/")
+        if not name.startswith("files/") and name not in (MANIFEST, signing.SIGNATURE):
+            objects[name] = signing.sha256_hex(store.get_bytes(key)[0])
+    return objects
+
+
+def sign_version(store: ArtifactStore, model: str, version: str) -> str:
+    """Sign a published version with the pipeline's key (settings.signing_key_file), unless a
+    trusted key signed it as it is already: a publish run again signs nothing twice. Returns
+    the key id that signs it."""
+    prefix = version_prefix(model, version)
+    found = store.read_manifest_bytes(prefix)
+    if found is None:
+        raise UnpublishedVersion(f"{model} {version} has no manifest under {prefix}: not signed")
+    manifest, raw = found
+    try:
+        return check_signature(store, model, version, manifest, raw).key_id
+    except SignatureRefused:
+        pass
+    key_file = store.settings.signing_key_file
+    key_id = signing.key_id(signing.public_key_of(key_file))
+    bundle = signing.sign(key_file, version_objects(store, prefix, manifest, raw), model)
+    store.put_text(f"{prefix}/{signing.SIGNATURE}", bundle.decode(), "application/json")
+    return key_id
 
 
 class VersionScan(BaseModel):
@@ -177,7 +250,7 @@ def choose_live(store: ArtifactStore, model: str, alias: Alias) -> LiveChoice:
     candidates += [(v, False) for v in earlier if v and v != alias.version]
     for version, override in dict.fromkeys(candidates):
         try:
-            check_servable(read_version(store, model, version), model, version, override)
+            check_servable(read_signed_version(store, model, version), model, version, override)
         except (UngatedVersion, IntegrityError, UnsafeKey) as exc:
             choice.refused[version] = str(exc)
             continue
@@ -205,3 +278,61 @@ def calibration_of_version(
     if manifest is None:
         return None
     return calibration_of_build(store, VersionInputs.model_validate(manifest.inputs).build)
+
+
+class Check(BaseModel):
+    """One finding of `llmship verify`."""
+
+    what: str
+    ok: bool
+    detail: str
+
+
+def verify_stored(store: ArtifactStore, model: str, version: str) -> list[Check]:
+    """What `llmship verify` finds of a version in the store: its signature against the
+    trusted keys, its manifest against the signed bytes, every stored object read again and
+    hashed against the signed digest (and nothing else under the version), its gates'
+    verdicts."""
+    prefix = version_prefix(key_part(model, "model"), key_part(version, "version"))
+    found = store.read_manifest_bytes(prefix)
+    if found is None:
+        return [Check(what="published", ok=False, detail=f"no {prefix}/{MANIFEST}")]
+    manifest, raw = found
+    try:
+        verified = check_signature(store, model, version, manifest, raw)
+    except SignatureRefused as exc:
+        return [Check(what="signature", ok=False, detail=str(exc))]
+    key_file = signing.trusted_keys(store.settings)[verified.key_id]
+    checks = [
+        Check(what="signature", ok=True, detail=f"key {verified.key_id[:16]} ({key_file})"),
+        Check(what="manifest", ok=True, detail="the signed bytes, listing the signed files"),
+    ]
+    stored = set(store.list_keys(f"{prefix}/")) - {f"{prefix}/{signing.SIGNATURE}"}
+    signed = {f"{prefix}/{name}": digest for name, digest in verified.objects.items()}
+    changed = [
+        key
+        for key, digest in sorted(signed.items())
+        if key not in stored
+        or (not key.endswith(f"/{MANIFEST}") and store.sha256_of(key) != digest)
+    ]
+    unsigned = sorted(stored - set(signed))
+    problems = [f"missing or changed since signed: {', '.join(changed)}"] if changed else []
+    problems += [f"not signed: {', '.join(unsigned)}"] if unsigned else []
+    mb = manifest.total_bytes / 1e6
+    checks.append(
+        Check(
+            what="objects",
+            ok=not problems,
+            detail="; ".join(problems) or f"{len(signed)} read again, each as signed ({mb:.1f} MB)",
+        )
+    )
+    details = VersionDetails.model_validate(manifest.details)
+    scores = ", ".join(
+        f"{task} {v['candidate']:.3f} (baseline {v['baseline']:.3f})"
+        for task, v in details.gate.items()
+    )
+    gate = "passed" if details.gate_passed else "FAILED"
+    checks.append(Check(what="gate", ok=details.gate_passed, detail=f"{gate} {scores}".strip()))
+    perf = {None: "off or not judged", True: "passed", False: "FAILED"}[details.perf_passed]
+    checks.append(Check(what="performance gate", ok=details.perf_passed is not False, detail=perf))
+    return checks

@@ -270,7 +270,7 @@ def reconcile(
     the models in ungated_override, whose alias records an operator's override. Returns the
     applications deployed; does not wait for them."""
     from llmship.store import ArtifactStore
-    from llmship.versions import check_servable, read_version
+    from llmship.versions import check_servable, read_signed_version
 
     _connect(settings)
     apps = {s.app for s in running(settings)}
@@ -281,7 +281,10 @@ def reconcile(
             continue
         try:
             published = check_servable(
-                read_version(store, model, version), model, version, model in ungated_override
+                read_signed_version(store, model, version),
+                model,
+                version,
+                model in ungated_override,
             )
         except (UngatedVersion, IntegrityError) as exc:
             log.error("%s's live version %s is not deployed: %s", model, version, exc)

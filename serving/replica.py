@@ -74,18 +74,26 @@ def server_env(settings: Settings, target: Target = Target.VLLM) -> dict[str, st
     return env
 
 
-def fetch_to_node(settings: Settings, prefix: str) -> Path:
-    """The stored directory at prefix on this node: node_cache/<content digest>, fetched
-    once per node (replicas of a node wait for each other's fetch) and checked against the
-    manifest, every file's sha256."""
-    from llmship.store import ArtifactStore
+def fetch_to_node(settings: Settings, spec: ReplicaSpec) -> Path:
+    """The stored directory the spec serves on this node: node_cache/<content digest>,
+    fetched once per node (replicas of a node wait for each other's fetch) and checked
+    against the manifest, every file's sha256. A published version's manifest is first
+    checked against its signature, at every start (a key no longer trusted refuses it even
+    from the cache): SignatureRefused. (A gate's server serves the pipeline's own build
+    before it is published, and signed.)"""
+    from llmship.store import ArtifactStore, version_prefix
+    from llmship.versions import check_signature
 
     store = ArtifactStore(settings)
-    manifest = store.read_manifest(prefix)
-    if manifest is None:
+    prefix = spec.prefix
+    found = store.read_manifest_bytes(prefix)
+    if found is None:
         raise ServingError(
             f"s3://{settings.s3.artifacts_bucket}/{prefix} has no manifest: nothing to serve"
         )
+    manifest, raw = found
+    if prefix == version_prefix(spec.model, spec.version):
+        check_signature(store, spec.model, spec.version, manifest, raw)
     cache = settings.node_cache
     cache.mkdir(parents=True, exist_ok=True)
     dest = cache / manifest.digest
@@ -94,7 +102,7 @@ def fetch_to_node(settings: Settings, prefix: str) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (done.exists() and dest.is_dir()):
             started = time.monotonic()
-            store.download_dir(prefix, dest)
+            store.download_dir(prefix, dest, manifest)
             done.write_text(prefix)
             log.info(
                 "fetched %s (%d files, %.1f MB) in %.1f s",
@@ -219,7 +227,7 @@ class ModelReplica:
         node_ip = ray.util.get_node_ip_address()
         settings = get_settings().model_copy(update={"host": node_ip})
         started = time.monotonic()
-        model_dir = fetch_to_node(settings, self.spec.prefix)
+        model_dir = fetch_to_node(settings, self.spec)
         fetched = time.monotonic()
         logs = settings.state_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,7 @@ from llmship.pipeline_config import RolloutConfig, ServingConfig
 from llmship.serving_messages import Route
 from llmship.settings import Settings, get_settings
 from llmship.store import ArtifactStore
-from llmship.versions import PublishedVersion, check_servable, read_version
+from llmship.versions import PublishedVersion, check_servable, read_signed_version
 from serving import fleet
 from serving.gateway_admin import route_of, route_traffic
 from tasks.canary import run_canary
@@ -237,7 +237,7 @@ def rollout(
     store = ArtifactStore(settings)
     started = time.monotonic()
     stored = check_gated(
-        read_version(store, version.model, version.version), version, allow_ungated
+        read_signed_version(store, version.model, version.version), version, allow_ungated
     )
     before = traffic_before(settings, store, version.version, version.model)
     result = RolloutResult(

@@ -138,7 +138,7 @@ def test_seaweedfs_killed_during_publish_leaves_no_version_or_a_complete_one(
     from llmship.errors import SourceNotFound
     from llmship.pipeline_config import Scheme
     from llmship.store import version_prefix
-    from llmship.versions import list_versions
+    from llmship.versions import list_versions, read_signed_version
     from tasks.publish import publish
 
     # A build of 300 files: publishing copies them one by one, which leaves time to kill
@@ -202,5 +202,7 @@ def test_seaweedfs_killed_during_publish_leaves_no_version_or_a_complete_one(
     # Publishing again (the task's retry, or a rerun) completes the version, whole.
     published = publish(model, build, passing_report(build))
     assert (published.version, published.files) == (version, 300)
+    # Signed, by the stack's key, and what it signed is what the store holds.
+    assert read_signed_version(store, model, version).signed_by == published.signed_by
     assert [v.version for v in list_versions(store, model)] == [version]
     assert store.download_dir(prefix, tmp_path / "fetched").digest == build.digest

@@ -44,7 +44,7 @@ def test_every_llmship_subcommand_works_from_another_directory(first_run, stack,
         return out.stdout + out.stderr
 
     usage = llmship("--help")
-    for sub in ("up", "down", "status", "scale", "versions", "rollback", "plan"):
+    for sub in ("up", "down", "status", "scale", "versions", "verify", "rollback", "plan"):
         assert sub in usage
     assert "stack is up" in llmship("up")  # idempotent: what runs is kept
     status = llmship("status")
@@ -52,6 +52,9 @@ def test_every_llmship_subcommand_works_from_another_directory(first_run, stack,
     assert stack.gateway_url in status
     versions = llmship("versions", "tiny-llama")
     assert any(line.startswith(live) and line.endswith("live") for line in versions.splitlines())
+    # The demo's versions are signed, and every object of the live one reads back as signed.
+    verified = llmship("verify", "tiny-llama", live)
+    assert f"verified: {live}" in verified and "FAIL" not in verified, verified
     assert "plan for build-and-serve/tiny-llama" in llmship("plan", "build-and-serve/tiny-llama")
     # The 70B on this CPU worker: refused at once, for the GPUs, before the hub is asked.
     refused = llmship("plan", "build-and-serve/llama3-70b", expect=2)

@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from llmship.versions import sign_version
 from tests.helpers.prefect_api import events_named, run_deployment
 from tests.helpers.waiting import wait_for
 
@@ -107,6 +108,8 @@ class StoreState:
             )
             self.added.append(key)
         self.put(f"versions/{MODEL}/{version}/manifest.json", manifest)
+        sign_version(store, MODEL, version)  # as a publish signs
+        self.added.append(f"versions/{MODEL}/{version}/signature.sig")
         self.versions.append(version)
         self.offer()
         return version

@@ -101,7 +101,7 @@ class Cluster:
 
     def start_worker(self) -> None:
         """A Ray worker node on the worker host: the cluster's token, the store's read-only
-        key and its address, a node cache of its own."""
+        key and its address, the trusted public keys, a node cache of its own."""
         from llmship import ray_cluster
 
         creds = json.loads(self.settings.credentials_file.read_text())
@@ -117,6 +117,9 @@ class Cluster:
             LLMSHIP_S3_ENDPOINT_URL=self.settings.s3_url,
             LLMSHIP_S3_ACCESS_KEY=creds["s3_read_access_key"],
             LLMSHIP_S3_SECRET_KEY=creds["s3_read_secret_key"],
+            # The public keys its replicas trust: a file that the team's config management
+            # puts on every host (here the head's folder: the namespaces share one disk).
+            LLMSHIP_SIGNING_TRUSTED_KEYS_DIR=str(self.settings.trusted_keys_dir),
         )
         argv = ray_cluster.worker_argv(
             BIN / "ray",
@@ -198,7 +201,7 @@ class Cluster:
         shutil.copytree(REPO / "demo" / "tiny-llama", folder)
         (folder / "llmship-note.txt").write_text(note)
         from llmship.contracts import ServeSpec
-        from llmship.versions import VersionDetails
+        from llmship.versions import VersionDetails, sign_version
 
         manifest = Manifest(
             kind="version",
@@ -212,7 +215,9 @@ class Cluster:
                 serve=ServeSpec(engine_args=ENGINE_ARGS),
             ).model_dump(mode="json"),
         )
-        ArtifactStore(self.settings).upload_dir(folder, f"versions/{MODEL}/{version}", manifest)
+        store = ArtifactStore(self.settings)
+        store.upload_dir(folder, f"versions/{MODEL}/{version}", manifest)
+        sign_version(store, MODEL, version)  # with the head's key, as a publish there signs
 
     def engine_requests(self, url: str) -> float:
         """Completions the engine at url has finished (its own Prometheus counter)."""

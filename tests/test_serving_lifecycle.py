@@ -30,7 +30,7 @@ from prefect.client.schemas.objects import StateType
 from prefect.client.schemas.sorting import ArtifactSort
 from prefect.flow_runs import resume_flow_run
 
-from llmship.versions import list_versions, read_version
+from llmship.versions import list_versions, read_version, sign_version
 from tests.helpers.engines import (
     engine_pids,
     kill_engines,
@@ -343,6 +343,9 @@ def test_an_ungated_version_needs_the_override_and_one_that_cannot_start_changes
             Key=f"versions/tiny-llama/{ungated}/files/{f['path']}",
         )
     store.put_json(f"versions/tiny-llama/{ungated}/manifest.json", manifest)
+    # Signed with the pipeline's key: the gate's record and the engine's start are what this
+    # test is about (tests/test_signed_versions.py: what an unsigned version meets).
+    sign_version(store, "tiny-llama", ungated)
     # Published by another writer: the rollback form lists it once refreshed (`llmship up`
     # or the next publish does that; `llmship rollback` does it itself).
     offer_published_versions(stack, "tiny-llama")

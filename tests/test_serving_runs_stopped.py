@@ -5,8 +5,9 @@ its engine to listen on every interface. Each leaves the live version serving, t
 serving slot free and no server of the target behind (issue 27).
 
 The target is a copy of the live version under another name, published with the writer's
-keys as another writer could (its files are the live version's, so a replica finds them in
-its node's cache and the engine's ~35 s start is the only wait). After test_serving_lifecycle
+keys and signed with the pipeline's key (its files are the live version's, so a replica finds
+them in its node's cache and the engine's ~35 s start is the only wait; what an unsigned
+version meets is tests/test_signed_versions.py's). After test_serving_lifecycle
 in file order: these tests change no alias.
 """
 
@@ -33,7 +34,10 @@ SLOT = f"llmship-serving-{MODEL}"
 
 def publish_copy(store, source: str, version: str, change=None) -> str:
     """source published again as version (server-side copies of its files, then the
-    manifest), its manifest changed by change(manifest) first."""
+    manifest), its manifest changed by change(manifest) first, and signed as a publish
+    signs."""
+    from llmship.versions import sign_version
+
     manifest = store.get_json(f"versions/{MODEL}/{source}/manifest.json")[0]
     manifest["key"] = version
     if change:
@@ -46,6 +50,7 @@ def publish_copy(store, source: str, version: str, change=None) -> str:
             Key=f"versions/{MODEL}/{version}/files/{f['path']}",
         )
     store.put_json(f"versions/{MODEL}/{version}/manifest.json", manifest)
+    sign_version(store, MODEL, version)
     return version
 
 
@@ -118,8 +123,9 @@ def assert_live_kept(stack, store, a: str) -> None:
 
 
 def test_a_manifest_engine_argument_llmship_did_not_choose_is_refused(live, stack, store):
-    """Engine arguments come from the version's manifest, which anyone with the writer's
-    keys can write: `--host 0.0.0.0` would put the engine on every interface."""
+    """Engine arguments come from the version's manifest: `--host 0.0.0.0` would put the
+    engine on every interface. The signature stops a manifest written with the writer's keys
+    alone; this stops one signed with a stolen or misused signing key too."""
     refused = run_deployment(
         f"rollback/{MODEL}",
         timeout=300,

@@ -25,7 +25,7 @@ import pytest
 from llmship.errors import CanaryFailed
 from llmship.pipeline_config import QualityPolicy, RolloutConfig
 from llmship.store import version_prefix
-from llmship.versions import read_version
+from llmship.versions import read_version, sign_version
 from serving.shadow import Shadow, is_sampled, sha256
 from tests.helpers.prefect_api import events_named
 from tests.helpers.waiting import wait_for
@@ -51,6 +51,7 @@ def publish_copy(store, source: str, version: str, change=None):
         store.upload_dir(
             files, version_prefix(MODEL, version), manifest.model_copy(update={"key": version})
         )
+    sign_version(store, MODEL, version)  # as a publish signs
     return read_version(store, MODEL, version)
 
 
