@@ -1,11 +1,13 @@
 """Published versions and their lineage: the one module that reads them back from the store.
 
 versions/<model>/<version>/manifest.json   inputs: VersionInputs, details: VersionDetails
+versions/<model>/<version>/signature.sig   the pipeline's signature of it all (llmship/signing.py)
 version -> build (BuildInputs) -> calibrated checkpoint (CalibrateInputs) -> data digest
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from pydantic import BaseModel, ValidationError, model_validator
@@ -168,12 +170,17 @@ def sign_version(store: ArtifactStore, model: str, version: str) -> str:
     manifest, raw = found
     try:
         return check_signature(store, model, version, manifest, raw).key_id
-    except SignatureRefused:
-        pass
+    except SignatureRefused as exc:
+        if store.get_bytes(f"{prefix}/{signing.SIGNATURE}") is not None:
+            # A version's objects are written once (a production bucket enforces it).
+            raise SignatureRefused(
+                f"{exc}. Its signature is not replaced: delete {prefix}/{signing.SIGNATURE} "
+                "with the admin's keys to sign it again"
+            ) from None
     key_file = store.settings.signing_key_file
     key_id = signing.key_id(signing.public_key_of(key_file))
     bundle = signing.sign(key_file, version_objects(store, prefix, manifest, raw), model)
-    store.put_text(f"{prefix}/{signing.SIGNATURE}", bundle.decode(), "application/json")
+    store.put_json(f"{prefix}/{signing.SIGNATURE}", json.loads(bundle), if_none_match=True)
     return key_id
 
 

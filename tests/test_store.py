@@ -204,8 +204,8 @@ def test_no_secret_reaches_a_log_an_artifact_a_command_line_or_an_object(
     first_run, stack, store, prefect_client
 ):
     """After a build-and-serve run and whatever else the suite ran on this stack (this module
-    runs last): the S3 keys and the
-    gateway's admin token appear in no log file, no flow-run log, no Prefect artifact, no
+    runs last): the S3 keys, the
+    gateway's admin token and the versions' signing key appear in no log file, no flow-run log, no Prefect artifact, no
     process's command line and no text object in the artifacts bucket."""
     import json
     from pathlib import Path
@@ -219,6 +219,9 @@ def test_no_secret_reaches_a_log_an_artifact_a_command_line_or_an_object(
         if k.endswith(("_secret_key", "_token", "_auth_string")) or "jwt" in k
     }
     assert len(secrets) >= 8, sorted(secrets)
+    # The versions' signing key: a line of its PEM body is enough to find it anywhere.
+    pem_lines = stack.signing_key_file.read_text().splitlines()[1:-1]
+    secrets["signing key"] = max(pem_lines, key=len)
     assert all(len(v) >= 16 for v in secrets.values())
     places: dict[str, str] = {}
     for path in (stack.state_dir / "logs").rglob("*"):
