@@ -204,9 +204,9 @@ def test_no_secret_reaches_a_log_an_artifact_a_command_line_or_an_object(
     first_run, stack, store, prefect_client
 ):
     """After a build-and-serve run and whatever else the suite ran on this stack (this module
-    runs last): the S3 keys, the
-    gateway's admin token and the versions' signing key appear in no log file, no flow-run log, no Prefect artifact, no
-    process's command line and no text object in the artifacts bucket."""
+    runs last): the S3 keys, the gateway's admin token and the versions' signing key appear
+    in no log file, no flow-run log, no Prefect artifact, no process's command line and no
+    text object in the artifacts bucket."""
     import json
     from pathlib import Path
 
