@@ -216,6 +216,8 @@ def test_every_stage_leaves_a_keyed_artifact(first_run, prefect_client):
 
 def test_rerun_reuses_every_stage(first_run, prefect_client, store):
     live_before = store.read_alias("tiny-llama", "live")
+    signature = f"versions/tiny-llama/{live_before}/signature.sig"
+    signed_at = store.client.head_object(Bucket=store.bucket, Key=signature)["ETag"]
     second = run()
     assert second.state.is_completed(), second.state.message
     states = task_states(prefect_client, second)
@@ -226,6 +228,8 @@ def test_rerun_reuses_every_stage(first_run, prefect_client, store):
     result = second.state.result()
     assert result.changed is False and result.version == live_before
     assert len(list_versions(store, "tiny-llama")) == 1
+    # Signed once: the rerun signed nothing again.
+    assert store.client.head_object(Bucket=store.bucket, Key=signature)["ETag"] == signed_at
 
 
 def test_a_candidate_slower_than_its_performance_policy_is_not_published(
