@@ -19,11 +19,11 @@ from collections.abc import Callable
 
 from prefect import flow, get_run_logger
 
-from llmship.errors import BadAlias, PermanentError, SignatureRefused
+from llmship.errors import BadAlias, PermanentError
 from llmship.pipeline_config import RolloutConfig
 from llmship.settings import get_settings
 from llmship.store import ArtifactStore
-from llmship.versions import PublishedVersion, read_signed_version, read_version, scan_versions
+from llmship.versions import PublishedVersion, read_version, scan_versions, signature_problem
 from serving import fleet
 from tasks.common import record_markdown, serving_slot
 from tasks.rollout import RolloutResult, rollout_task
@@ -89,24 +89,16 @@ def restore_target(model: str, down_version: str, log) -> PublishedVersion:
         )
     candidates.sort(key=lambda v: v.created_at, reverse=True)  # newest first, then:
     candidates.sort(key=lambda v: (v.version not in warm, v.version != previous))
-    chosen = next((v for v in candidates if signed(store, v, log)), None)
-    if chosen is None:
-        raise PermanentError(
-            f"{model} has no signed, published version other than {down_version} with a passing "
-            f"gate to restore to: roll one out, or `llmship rollback {model} --to VERSION "
-            "--allow-ungated`"
-        )
-    return chosen
-
-
-def signed(store: ArtifactStore, version: PublishedVersion, log) -> bool:
-    """Whether the rollout would take it: a restore does not pick a version it refuses."""
-    try:
-        read_signed_version(store, version.model, version.version)
-    except SignatureRefused as exc:
-        log.warning("not restoring to %s: %s", version.version, exc)
-        return False
-    return True
+    for candidate in candidates:
+        # Not a version the rollout would refuse.
+        if (problem := signature_problem(store, candidate)) is None:
+            return candidate
+        log.warning("not restoring to %s: %s", candidate.version, problem)
+    raise PermanentError(
+        f"{model} has no signed, published version other than {down_version} with a passing "
+        f"gate to restore to: roll one out, or `llmship rollback {model} --to VERSION "
+        "--allow-ungated`"
+    )
 
 
 def move_traffic_back(

@@ -17,7 +17,7 @@ from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 from llmship.credentials import prefect_client_settings
 from llmship.settings import Settings
 from llmship.store import ArtifactStore
-from llmship.versions import PublishedVersion, list_versions
+from llmship.versions import PublishedVersion, list_versions, signature_problem
 
 ROLLBACK_FLOW = "rollback"
 TARGET_FIELD = "target_version"
@@ -26,16 +26,22 @@ LISTED_IN_DESCRIPTION = 10
 
 
 def target_version_field(
-    field: dict, versions: list[PublishedVersion], live: str | None, previous: str | None
+    field: dict,
+    versions: list[PublishedVersion],
+    live: str | None,
+    previous: str | None,
+    unsigned: frozenset[str] = frozenset(),
 ) -> dict:
     """The target_version schema with the versions as choices (newest first); empty stays
-    allowed, meaning the previous version."""
+    allowed, meaning the previous version. A version in unsigned is said to be refused."""
     newest_first = sorted(versions, key=lambda v: v.created_at, reverse=True)
     base = field.get("description", "").split("\n\nPublished versions")[0]
     lines = []
     for v in newest_first[:LISTED_IN_DESCRIPTION]:
         alias = {live: " (live)", previous: " (previous)"}.get(v.version, "")
         gate = "gate passed" if v.gate_passed else "gate NOT passed: needs allow_ungated"
+        if v.version in unsigned:
+            gate = "NOT signed by a trusted key: refused (`llmship verify`)"
         lines.append(f"- `{v.version}` {v.created_at[:16].replace('T', ' ')} UTC, {gate}{alias}")
     choices = [{"type": "string", "enum": [v.version for v in newest_first]}] if versions else []
     return {
@@ -60,11 +66,13 @@ def offer_published_versions(settings: Settings, model: str | None = None) -> li
             of = deployment.parameters.get("model")
             if not of or model not in (None, of) or TARGET_FIELD not in properties:
                 continue
+            versions = list_versions(store, of)
             properties[TARGET_FIELD] = target_version_field(
                 properties[TARGET_FIELD],
-                list_versions(store, of),
+                versions,
                 store.read_alias(of, "live"),
                 store.read_alias(of, "previous"),
+                frozenset(v.version for v in versions if signature_problem(store, v)),
             )
             schema["properties"] = properties
             client.update_deployment(

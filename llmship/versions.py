@@ -129,6 +129,15 @@ def read_signed_version(store: ArtifactStore, model: str, version: str) -> Publi
     return published.model_copy(update={"signed_by": verified.key_id})
 
 
+def signature_problem(store: ArtifactStore, version: PublishedVersion) -> str | None:
+    """Why the rollout would refuse version for its signature; None when it would take it."""
+    try:
+        read_signed_version(store, version.model, version.version)
+    except SignatureRefused as exc:
+        return str(exc)
+    return None
+
+
 def check_signature(
     store: ArtifactStore, model: str, version: str, manifest: Manifest, raw: bytes
 ) -> signing.Verified:

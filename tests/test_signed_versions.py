@@ -9,6 +9,7 @@ alias."""
 from __future__ import annotations
 
 import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -30,6 +31,7 @@ def copy_version(store, source: str, version: str, note: str | None = None) -> s
     cache folder, its own)."""
     manifest = store.get_json(f"versions/{MODEL}/{source}/manifest.json")[0]
     manifest["key"] = version
+    manifest["created_at"] = datetime.now(UTC).isoformat()  # the newest: first in the form
     for f in manifest["files"]:
         store.client.copy_object(
             Bucket=store.bucket,
@@ -78,8 +80,19 @@ def live_answers(stack, store, live: str) -> None:
     assert resp.status_code == 200 and resp.headers["x-llmship-version"] == live, resp.text
 
 
-def refused_rollback(version: str) -> str:
-    """A rollback to version through its Prefect deployment, which must fail: its message."""
+def refused_rollback(stack, version: str) -> str:
+    """A rollback to version through its Prefect deployment, which must fail: its message.
+    The form offers it (as it does every published version), saying it will be refused."""
+    from prefect.client.orchestration import get_client
+
+    from llmship.forms import offer_published_versions
+
+    offer_published_versions(stack, MODEL)
+    with get_client(sync_client=True) as client:
+        form = client.read_deployment_by_name(f"rollback/{MODEL}").parameter_openapi_schema
+    description = form["properties"]["target_version"]["description"]
+    [line] = [line for line in description.splitlines() if f"`{version}`" in line]
+    assert "NOT signed by a trusted key: refused" in line, description
     run = run_deployment(
         f"rollback/{MODEL}",
         timeout=300,
@@ -115,7 +128,7 @@ def test_a_version_published_with_the_writers_keys_alone_is_refused(
     verify = llmship_verify(forged, cwd=tmp_path)
     assert verify.returncode == 2, verify.stdout + verify.stderr
     assert f"{MODEL} version {forged} is not signed" in verify.stdout
-    message = refused_rollback(forged)
+    message = refused_rollback(stack, forged)
     assert f"{forged} is not signed" in message, message
     live_answers(stack, store, live)
     assert "is not signed" in replica_refusal(stack, forged)
@@ -158,6 +171,6 @@ def test_a_version_signed_by_a_key_no_longer_trusted_is_refused(first_run, stack
     signing.trusted_keys(stack)[new_id].unlink()
     verify = llmship_verify(version, cwd=tmp_path)
     assert verify.returncode == 2 and "not trusted" in verify.stdout, verify.stdout
-    message = refused_rollback(version)
+    message = refused_rollback(stack, version)
     assert f"signed by key {new_id[:16]}" in message and "not trusted" in message, message
     live_answers(stack, store, live)
