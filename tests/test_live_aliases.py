@@ -91,9 +91,12 @@ class StoreState:
         else:
             self.store.put_json(key, body)
 
-    def twin(self, of: str, version: str, *, gate_passed: bool, older_by_s: float = 0) -> str:
+    def twin(
+        self, of: str, version: str, *, gate_passed: bool, older_by_s: float = 0, signed=True
+    ) -> str:
         """A published copy of version `of` under another id (server-side copies of its files,
-        then its manifest), with the gate verdict asked for."""
+        then its manifest), with the gate verdict asked for, signed as a publish signs (or
+        not: as anyone with the writer's keys can publish)."""
         store = self.store
         manifest = store.get_json(f"versions/{MODEL}/{of}/manifest.json")[0]
         manifest["key"] = version
@@ -108,8 +111,9 @@ class StoreState:
             )
             self.added.append(key)
         self.put(f"versions/{MODEL}/{version}/manifest.json", manifest)
-        sign_version(store, MODEL, version)  # as a publish signs
-        self.added.append(f"versions/{MODEL}/{version}/signature.sig")
+        if signed:
+            sign_version(store, MODEL, version)
+            self.added.append(f"versions/{MODEL}/{version}/signature.sig")
         self.versions.append(version)
         self.offer()
         return version
@@ -184,6 +188,26 @@ def test_a_malformed_live_alias_is_skipped_and_reported_and_the_gateway_starts(s
 
 
 # ------------------------------------------------------------------ item 5
+
+
+def test_a_restarted_gateway_refuses_a_live_version_no_trusted_key_signed(state, stack, store):
+    """Issue 31: the live alias moved, with the writer's keys, to a version they published
+    themselves (consistent files and manifest, no signature). A restarted gateway neither
+    serves nor deploys it: the version before it serves, and /ready says why."""
+    from serving import fleet
+
+    live = state.aliases["live"]["version"]
+    unsigned = state.twin(live, "unsignedlive", gate_passed=True, signed=False)
+    state.put(
+        store.alias_key(MODEL, "live"),
+        {"model": MODEL, "alias": "live", "version": unsigned, "previous": live, "reason": "hand"},
+    )
+    restart_gateway(stack)
+    resp = complete(stack)
+    assert resp.status_code == 200 and resp.headers["x-llmship-version"] == live, resp.text
+    problem = httpx.get(f"{stack.gateway_url}/ready", timeout=10).json()["alias_problems"][MODEL]
+    assert f"live version {unsigned} refused" in problem and "is not signed" in problem, problem
+    assert fleet.find(stack, MODEL, unsigned) is None
 
 
 def test_a_restarted_gateway_serves_an_ungated_live_version_only_by_an_override(
