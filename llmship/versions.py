@@ -156,7 +156,9 @@ def check_signature(
     return verified
 
 
-def version_objects(store: ArtifactStore, prefix: str, manifest: Manifest, raw: bytes):
+def version_objects(
+    store: ArtifactStore, prefix: str, manifest: Manifest, raw: bytes
+) -> dict[str, str]:
     """Every object of a published version but its signature, name -> sha256: the files'
     from the manifest (the publish checked them), the manifest's and the reports' read."""
     objects = {f"files/{f.path}": f.sha256 for f in manifest.files}
