@@ -133,6 +133,22 @@ def test_ready_is_503_while_a_routed_version_has_no_replica(monkeypatch, tmp_pat
     get_settings.cache_clear()
 
 
+def watched_gateway(monkeypatch, tmp_path):
+    """The gateway app with the live version wm v1 routed and no replica, its watcher
+    checking every 0.1 s and declaring down after 3 misses."""
+    from llmship.processes import write_json
+    from llmship.settings import get_settings
+
+    monkeypatch.setenv("LLMSHIP_STATE_DIR", str(tmp_path))
+    monkeypatch.setenv("LLMSHIP_GATEWAY_HEALTH_INTERVAL_S", "0.1")
+    monkeypatch.setenv("LLMSHIP_GATEWAY_DOWN_AFTER", "3")
+    write_json(saved_state(tmp_path) / "routes.json", {"wm": {"version": "v1"}})
+    get_settings.cache_clear()
+    from serving.gateway import app
+
+    return app
+
+
 def test_a_live_version_left_without_replicas_is_declared_down_once(monkeypatch, tmp_path, caplog):
     """The watcher: after LLMSHIP_GATEWAY_DOWN_AFTER checks in a row with no replica the
     live version is declared down (the log says so and asks for the rollback, which the
@@ -141,16 +157,10 @@ def test_a_live_version_left_without_replicas_is_declared_down_once(monkeypatch,
     more; one that stays, and it is up again."""
     import time
 
-    from llmship.processes import write_json
     from llmship.settings import get_settings
 
     server, url = fake_model_server("m-v1")
-    monkeypatch.setenv("LLMSHIP_STATE_DIR", str(tmp_path))
-    monkeypatch.setenv("LLMSHIP_GATEWAY_HEALTH_INTERVAL_S", "0.1")
-    monkeypatch.setenv("LLMSHIP_GATEWAY_DOWN_AFTER", "3")
-    write_json(saved_state(tmp_path) / "routes.json", {"wm": {"version": "v1"}})
-    get_settings.cache_clear()
-    from serving.gateway import app
+    app = watched_gateway(monkeypatch, tmp_path)
 
     with caplog.at_level("ERROR", logger="llmship.gateway"), TestClient(app) as c:
         deadline = time.monotonic() + 10
@@ -190,17 +200,11 @@ def test_a_replica_ray_is_replacing_is_waited_for_and_a_crash_loop_is_not(
     start the count again)."""
     import time
 
-    from llmship.processes import write_json
     from llmship.serving_messages import Endpoint
     from llmship.settings import get_settings
 
     server, url = fake_model_server("m-v1")
-    monkeypatch.setenv("LLMSHIP_STATE_DIR", str(tmp_path))
-    monkeypatch.setenv("LLMSHIP_GATEWAY_HEALTH_INTERVAL_S", "0.1")
-    monkeypatch.setenv("LLMSHIP_GATEWAY_DOWN_AFTER", "3")
-    write_json(saved_state(tmp_path) / "routes.json", {"wm": {"version": "v1"}})
-    get_settings.cache_clear()
-    from serving.gateway import app
+    app = watched_gateway(monkeypatch, tmp_path)
 
     def declared() -> int:
         return len([r for r in caplog.records if "declared down" in r.getMessage()])
