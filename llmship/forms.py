@@ -67,12 +67,16 @@ def offer_published_versions(settings: Settings, model: str | None = None) -> li
             if not of or model not in (None, of) or TARGET_FIELD not in properties:
                 continue
             versions = list_versions(store, of)
+            # Checked for the versions the description lists only: two reads each.
+            listed = sorted(versions, key=lambda v: v.created_at, reverse=True)[
+                :LISTED_IN_DESCRIPTION
+            ]
             properties[TARGET_FIELD] = target_version_field(
                 properties[TARGET_FIELD],
                 versions,
                 store.read_alias(of, "live"),
                 store.read_alias(of, "previous"),
-                frozenset(v.version for v in versions if signature_problem(store, v)),
+                frozenset(v.version for v in listed if signature_problem(store, v)),
             )
             schema["properties"] = properties
             client.update_deployment(
