@@ -5,7 +5,7 @@ beside the flows, since it reaches every layer below (the stack, the fleet, the 
     llmship down               stop everything `up` and the rollouts started
     llmship status             what runs where: model -> version -> replicas -> node
     llmship scale MODEL N      run N replicas of MODEL's live version (no new version)
-    llmship versions MODEL     published versions, their gate verdicts, which is live
+    llmship versions MODEL     published versions, the recipe that won, gate verdicts, live
     llmship rollback MODEL [--to VERSION] [--reason TEXT] [--allow-ungated]
                                run the rollback/MODEL deployment and wait for it
     llmship plan FLOW/DEPLOYMENT [--gpus N --gpu-memory-gib G --compute-capability X.Y]
@@ -203,7 +203,7 @@ def cmd_versions(args) -> None:
         print(f"{args.model} has no published versions")
         return
     print(
-        f"{'version':14s} {'created (UTC)':20s} {'scheme':12s} {'gate':6s} {'perf':6s} "
+        f"{'version':14s} {'created (UTC)':20s} {'recipe':26s} {'gate':6s} {'perf':6s} "
         f"{'tok/s x':>8s} {'MB':>8s}  {'signed':8s} alias"
     )
     for v in scan.versions:
@@ -216,7 +216,7 @@ def cmd_versions(args) -> None:
         # The candidate's output tokens/s over the baseline's, at the production load.
         ratio = "-" if v.throughput_ratio is None else f"{v.throughput_ratio:.2f}"
         print(
-            f"{v.version:14s} {v.created_at[:19]:20s} {v.scheme:12s} "
+            f"{v.version:14s} {v.created_at[:19]:20s} {(v.recipe or v.scheme)[:26]:26s} "
             f"{'pass' if v.gate_passed else 'FAIL':6s} {perf:6s} "
             f"{ratio:>8s} {v.bytes / 1e6:8.1f}  {signed:8s} {alias}"
         )

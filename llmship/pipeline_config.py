@@ -69,6 +69,21 @@ class CalibrationConfig(BaseModel, extra="forbid"):
         "the server then keeps its KV cache in FP8",
     )
 
+    def describe(self) -> str:
+        """The recipe in a few words: what the candidates table names it by."""
+        if self.scheme is Scheme.UNQUANTIZED:
+            return "UNQUANTIZED"
+        words = [self.scheme.value]
+        if self.scheme is Scheme.W8A8:
+            words.append(
+                f"SmoothQuant {self.smoothing_strength:g}"
+                if self.smoothing_strength
+                else "no SmoothQuant"
+            )
+        if self.kv_cache_fp8:
+            words.append("FP8 KV cache")
+        return ", ".join(words)
+
 
 class EvalBackend(str, Enum):
     """How the gate runs the models it compares."""
@@ -159,6 +174,13 @@ class PerfConfig(BaseModel, extra="forbid"):
         None, ge=0, description="the same for the inter-token latency"
     )
     seed: int = Field(0, description="the random prompts' seed: both builds get the same ones")
+    throughput_tie: float = Field(
+        0.02,
+        ge=0,
+        lt=1,
+        description="recipe search: candidates within this fraction of the fastest one's output "
+        "tokens/s are tied, and the smaller memory footprint (weights + KV cache) wins",
+    )
 
 
 class TrtllmConfig(BaseModel, extra="forbid"):
@@ -349,6 +371,12 @@ class PipelineConfig(BaseModel, extra="forbid"):
     source: str = Field(..., description="hf://org/name@revision, s3://bucket/prefix, or a path")
     target: Target = Target.VLLM
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    search: list[CalibrationConfig] = Field(
+        default_factory=list,
+        description="more recipes to build and gate beside calibration: of those that pass "
+        "both gates, the one with the most output tokens/s at perf.concurrency is published "
+        "(README, 'Recipe search')",
+    )
     gate: GateConfig = Field(default_factory=GateConfig)
     serving: ServingConfig = Field(default_factory=ServingConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
@@ -368,18 +396,33 @@ class PipelineConfig(BaseModel, extra="forbid"):
             )
         return self
 
+    @property
+    def recipes(self) -> list[CalibrationConfig]:
+        """Every recipe the run builds and gates: calibration first, then the search's."""
+        return [self.calibration, *self.search]
+
+    def for_recipe(self, recipe: CalibrationConfig) -> PipelineConfig:
+        """This deployment with one recipe: what the plan checks, recipe by recipe."""
+        return self.model_copy(update={"calibration": recipe, "search": []})
+
     @model_validator(mode="after")
     def _target_can_serve_the_scheme(self) -> PipelineConfig:
-        scheme = self.calibration.scheme
-        if self.target is Target.TRTLLM and scheme not in (Scheme.FP8, Scheme.UNQUANTIZED):
+        for recipe in self.recipes:
+            scheme = recipe.scheme
+            if self.target is Target.TRTLLM and scheme not in (Scheme.FP8, Scheme.UNQUANTIZED):
+                raise ValueError(
+                    f"target trtllm takes calibration.scheme FP8 (ModelOpt) or UNQUANTIZED, "
+                    f"not {scheme.value}; for {scheme.value} use target vllm"
+                )
+            if recipe.kv_cache_fp8 and scheme is Scheme.UNQUANTIZED:
+                raise ValueError(
+                    "calibration.kv_cache_fp8 needs a calibrated scheme (FP8, ...): "
+                    "an UNQUANTIZED build has no calibration to take KV scales from"
+                )
+        seen = [r.model_dump_json() for r in self.recipes]
+        if len(set(seen)) != len(seen):
             raise ValueError(
-                f"target trtllm takes calibration.scheme FP8 (ModelOpt) or UNQUANTIZED, not "
-                f"{scheme.value}; for {scheme.value} use target vllm"
-            )
-        if self.calibration.kv_cache_fp8 and scheme is Scheme.UNQUANTIZED:
-            raise ValueError(
-                "calibration.kv_cache_fp8 needs a calibrated scheme (FP8, ...): "
-                "an UNQUANTIZED build has no calibration to take KV scales from"
+                "search lists a recipe twice (or repeats calibration): each recipe once"
             )
         if self.target is Target.VLLM and self.serving.trtllm.backend is TrtllmBackend.TENSORRT:
             raise ValueError(

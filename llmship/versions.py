@@ -32,6 +32,7 @@ class VersionInputs(BaseModel):
     build_digest: str
     gate_report: str
     perf_report: str | None = None
+    candidates_report: str | None = None  # the recipe search that picked it
 
 
 class VersionDetails(BaseModel):
@@ -40,6 +41,10 @@ class VersionDetails(BaseModel):
     gate_passed: bool
     perf_passed: bool | None = None  # None: no performance limit judged it (off, or none set)
     scheme: str
+    recipe: str | None = None  # the recipe that won its search (CalibrationConfig.describe)
+    # The domain data its search's calibrated recipes saw, dataset file -> sha256: what
+    # recalibrate compares (an UNQUANTIZED winner was calibrated on nothing itself).
+    calibration_data: dict[str, str] = {}
     precision: str | None = None
     serve: ServeSpec
     gate: dict[str, dict[str, float]] = {}  # task -> baseline, candidate, threshold
@@ -76,6 +81,7 @@ class PublishedVersion(BaseModel):
     scheme: str
     serve: ServeSpec
     created_at: str
+    recipe: str | None = None
     throughput_ratio: float | None = None
     # The trusted key whose signature it carries, where that was checked (read_signed_version).
     signed_by: str | None = None
@@ -107,6 +113,7 @@ class PublishedVersion(BaseModel):
             scheme=details.scheme,
             serve=details.serve,
             created_at=manifest.created_at,
+            recipe=details.recipe,
             throughput_ratio=details.throughput_ratio,
         )
 

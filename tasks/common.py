@@ -219,16 +219,23 @@ def produce(inputs: StageInputs, output: type[Output], make: Callable[[Path], Ma
 
 
 def store_report(
-    stage: str, key: str, report: R, markdown: str, manifest: Manifest
+    stage: str,
+    key: str,
+    report: R,
+    markdown: str,
+    manifest: Manifest,
+    extra: dict[str, str] | None = None,
 ) -> tuple[str, R | None]:
     """Keep a gate's report in the store under stages/<stage>/<key>/, failing ones too: they
     are what people read. Returns (prefix, the report stored there before, if the same inputs
-    were judged before: a failed gate run again after its alert)."""
+    were judged before: a failed gate run again after its alert). extra: more files, by name."""
     store = ArtifactStore(get_settings())
     prefix = f"stages/{stage}/{key}"
     out = fresh_dir(store.local_path(prefix))
     (out / f"{stage}-report.json").write_text(report.model_dump_json(indent=2))
     (out / f"{stage}-report.md").write_text(markdown)
+    for name, text in (extra or {}).items():
+        (out / name).write_text(text)
     try:
         store.store_output(out, prefix, manifest.model_copy(update={"kind": stage, "key": key}))
     except VersionConflict:

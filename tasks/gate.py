@@ -3,9 +3,10 @@
 Each build is scored by the evaluate job (jobs/evaluate.py, in the quantize environment),
 through the server the fleet runs for it; the rule and the report are tasks/gate_rule.py.
 Each evaluation is cached on its own: the baseline, a BF16 build of the pinned snapshot, is
-evaluated once however many candidates are gated against it. A failing gate raises GateFailed:
-the flow run fails, nothing is published, and the event `llmship.gate.failed` is what the
-alert automation listens for.
+evaluated once however many candidates are gated against it. A failing candidate's verdict
+carries its refusal: when no candidate of the run passes (tasks/choose.py), GateFailed fails the
+flow run, nothing is published, and the event `llmship.gate.failed` is what the alert
+automation listens for.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from tasks.common import (
     stage_logger,
 )
 from tasks.gate_rule import GateReport, judge, render_markdown, resolve_tasks, rule_of
-from tasks.gating import Judged, Refusal, judge_both, keep_report
+from tasks.gating import Judged, Refusal, Verdict, judge_both, keep_report
 from tasks.servers import keeps_for_rollout, server_spec, take_server
 
 TOOLS = ("lm-eval", "transformers", "compressed-tensors", "torch")
@@ -269,15 +270,15 @@ def gate(
     config: GateConfig,
     model: str,
     evaluate_one: Callable[[Build, Side, TaskSet], Evaluation],
-) -> GateReport:
+) -> Verdict[GateReport]:
     """Evaluate both builds (evaluate_one: each cached on its own) and apply the rule; the
-    report stored and recorded; GateFailed when the candidate fails it."""
+    report stored and recorded, with the refusal a failing candidate gets."""
     tasks = resolve_tasks(config)  # a policy naming unknown tasks fails here, before any work
     # A malformed item fails here, naming file and line; so does one that calibration saw.
     calibration_file = calibration_file_of(candidate)
     if calibration_file is not None:
         check_disjoint(calibration_file, Path(tasks.eval_file))
-    report, _ = judge_both(
+    return judge_both(
         candidate,
         baseline,
         lambda build, side: evaluate_one(build, side, tasks),
@@ -296,7 +297,6 @@ def gate(
         ),
         partial(same_verdict, model),
     )
-    return report
 
 
 # ------------------------------------------------------------------ the Prefect tasks
@@ -325,14 +325,17 @@ def evaluate_task(
     name="gate",
     persist_result=True,
     cache_key_fn=cache_key(
-        lambda p: gate_key(p["candidate"], p["baseline"], p["config"], resolve_tasks(p["config"]))
+        lambda p: (
+            "verdict-"
+            + gate_key(p["candidate"], p["baseline"], p["config"], resolve_tasks(p["config"]))
+        )
     ),
 )
 def gate_task(
     candidate: Build, baseline: Build, config: GateConfig, model: str, perf_follows: bool = False
-) -> GateReport:
+) -> Verdict[GateReport]:
     """perf_follows: keep the baseline's server up for the performance gate."""
-    report = gate(
+    verdict = gate(
         candidate,
         baseline,
         config,
@@ -341,9 +344,12 @@ def gate_task(
             build, side, tasks, config, model, keep_for_perf=perf_follows and side is Side.BASELINE
         ),
     )
+    report = verdict.report
     get_run_logger().info(
-        "gate passed (%s): %s",
+        "gate %s for %s (%s): %s",
+        "passed" if report.passed else "FAILED",
+        candidate.version,
         report.rule,
         ", ".join(f"{t.task} {t.candidate:.3f} vs {t.baseline:.3f}" for t in report.tasks),
     )
-    return report
+    return verdict

@@ -1,9 +1,12 @@
 """What the accuracy gate (tasks/gate.py) and the performance gate (tasks/perf.py) share: both
 builds' figures, each from a cached task of its own, then the report kept in the store (failing
-ones too), shown in the Prefect UI, and a failing candidate refused.
+ones too) and shown in the Prefect UI.
 
     baseline's figures -> candidate's figures -> judge (the gate's pure function) -> store
-    -> markdown and table artifacts -> refused? (servers stop, the event, the error)
+    -> markdown and table artifacts -> the verdict, with what refusing the candidate announces
+
+A gate refuses nothing itself: the choice among the candidates (tasks/choose.py) does, when no
+candidate passes both gates, so one failing recipe of a search stops nothing.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ from llmship.errors import LlmshipError
 from llmship.manifest import Manifest
 from llmship.settings import get_settings
 from tasks.common import artifact_key, record_markdown, store_report
-from tasks.servers import refuse_candidate
 
 Figures = TypeVar("Figures")
 Report = TypeVar("Report", bound=BaseModel)
@@ -51,6 +53,15 @@ class Judged(BaseModel, Generic[Report]):
     refusal: Refusal | None  # None: the candidate passed
 
 
+class Verdict(BaseModel, Generic[Report]):
+    """A gate's outcome for one candidate: its report, where it is stored, and what refusing
+    the candidate announces (None: it passed)."""
+
+    report: Report
+    stored: str  # stages/<stage>/<key>
+    refusal: Refusal | None
+
+
 # on_earlier(prefix, report, the report stored there before): the same inputs judged before.
 OnEarlier = Callable[[str, Report, Report], None]
 
@@ -72,13 +83,12 @@ def judge_both(
     figures_of: Callable[[Build, Side], Figures],
     judge: Callable[[Figures, Figures], Judged[Report]],
     on_earlier: OnEarlier,
-) -> tuple[Report, str]:
+) -> Verdict[Report]:
     """Both builds' figures (figures_of: the gate's cached task), judge(baseline's,
-    candidate's), the report kept and recorded; a failing candidate refused (raises).
-    Returns the report and where it is stored."""
+    candidate's), the report kept and recorded."""
     # Each build's figures commit as they end, not with the gate's task: inside the gate's
-    # transaction they would be rolled back with a failing gate, and the rerun after its
-    # alert would evaluate or measure both builds again (two model loads, minutes for 70B).
+    # transaction they would be rolled back with a gate that fails for another reason, and
+    # the rerun would evaluate or measure both builds again (two model loads, minutes for 70B).
     with transaction(commit_mode=CommitMode.EAGER):
         base = figures_of(baseline, Side.BASELINE)
         cand = figures_of(candidate, Side.CANDIDATE)
@@ -92,15 +102,13 @@ def judge_both(
         description=judged.table_title,
         table=judged.table,
     )
-    if refusal := judged.refusal:
-        refuse_candidate(
-            judged.model,
-            candidate,
-            baseline,
-            refusal.event,
-            {"report": stored, **refusal.payload},
-            refusal.error(
-                f"{refusal.message} (report: s3://{get_settings().s3.artifacts_bucket}/{stored}/)"
-            ),
+    refusal = judged.refusal
+    if refusal is not None:
+        refusal = refusal.model_copy(
+            update={
+                "payload": {"report": stored, **refusal.payload},
+                "message": f"{refusal.message} (report: "
+                f"s3://{get_settings().s3.artifacts_bucket}/{stored}/)",
+            }
         )
-    return judged.report, stored
+    return Verdict(report=judged.report, stored=stored, refusal=refusal)

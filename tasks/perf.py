@@ -10,8 +10,9 @@ first token and inter-token latency at p50 and p99:
     candidate tokens/s >= baseline tokens/s * min_throughput_ratio
     candidate TTFT (ITL) <= baseline TTFT (ITL) * (1 + max_ttft_regression (max_itl_regression))
 
-A limit left unset is measured and reported, not judged (the CPU demo). A candidate that
-fails publishes nothing and emits `llmship.perf.failed`, which the alert automation sends on.
+A limit left unset is measured and reported, not judged (the CPU demo). A failing candidate's
+verdict carries its refusal: when no candidate of the run passes (tasks/choose.py), nothing is
+published and `llmship.perf.failed` goes out, which the alert automation sends on.
 
 Each build's figures are cached like its evaluation (`measure`, per build, load, engine and
 client versions and device): the baseline is measured once however many candidates are
@@ -43,7 +44,7 @@ from tasks.common import (
     retry_unless_permanent,
     stage_logger,
 )
-from tasks.gating import Judged, Refusal, judge_both
+from tasks.gating import Judged, Refusal, Verdict, judge_both
 from tasks.perf_rule import (
     PerfReport,
     ServerPrice,
@@ -227,11 +228,12 @@ def perf(
     config: PerfConfig,
     model: str,
     measure_one: Callable[[Build, Side], list[LoadFigures]],
-) -> PerfReport:
+) -> Verdict[PerfReport]:
     """Measure both builds under the same load (measure_one: each cached on its own) and
-    judge the candidate; the report stored and recorded; PerfGateFailed when it fails."""
+    judge the candidate; the report stored and recorded, with the refusal a failing
+    candidate gets."""
     settings = get_settings()
-    report, _ = judge_both(
+    return judge_both(
         candidate,
         baseline,
         measure_one,
@@ -250,7 +252,6 @@ def perf(
         ),
         measured_before,
     )
-    return report
 
 
 # ------------------------------------------------------------------ the Prefect tasks
@@ -271,29 +272,36 @@ def measure_task(build: Build, side: Side, config: PerfConfig, model: str) -> li
 @task(
     name="perf",
     persist_result=True,
-    cache_key_fn=cache_key(lambda p: perf_key(p["candidate"], p["baseline"], p["config"])),
+    cache_key_fn=cache_key(
+        lambda p: "verdict-" + perf_key(p["candidate"], p["baseline"], p["config"])
+    ),
 )
 def perf_task(
     candidate: Build, baseline: Build, config: PerfConfig, model: str
-) -> PerfReport | None:
+) -> Verdict[PerfReport] | None:
     """None when the deployment turns the gate off."""
     log = get_run_logger()
     if not config.enabled:
         log.info("performance gate off (perf.enabled: false): nothing measured")
         return None
-    report = perf(
+    verdict = perf(
         candidate,
         baseline,
         config,
         model,
         lambda build, side: measure_task(build, side, config, model),
     )
+    report = verdict.report
     production = next(v for v in report.verdicts if v.metric == "output tokens/s")
     log.info(
-        "performance gate %s: %.1f output tokens/s against the baseline's %.1f at %d streams",
-        "passed" if report.judged else "measured, not judged (no limit set)",
+        "performance gate %s for %s: %.1f output tokens/s against the baseline's %.1f at %d "
+        "streams",
+        ("passed" if report.passed else "FAILED")
+        if report.judged
+        else "measured, not judged (no limit set)",
+        candidate.version,
         production.candidate,
         production.baseline,
         config.concurrency,
     )
-    return report
+    return verdict

@@ -333,12 +333,20 @@ def plan(
 
 
 def preflight(config: PipelineConfig) -> Plan:
+    """The plan of the deployment's first recipe, each other recipe of its search checked
+    against this machine as well (the services once)."""
     settings = get_settings()
-    plan_ = plan(config, settings)
-    if plan_.refusals:
+    plan_ = plan(config.for_recipe(config.calibration), settings)
+    refusals = list(plan_.refusals)
+    for recipe in config.search:
+        for refusal in plan(config.for_recipe(recipe), settings, check_services=False).refusals:
+            named = refusal.model_copy(update={"name": f"{refusal.name} ({recipe.describe()})"})
+            if named.detail not in {r.detail for r in refusals}:
+                refusals.append(named)
+    if refusals:
         raise PreflightFailed(
             f"{config.name} cannot run on this worker; nothing was downloaded:\n"
-            + "\n".join(f"- {c.name}: {c.detail}" for c in plan_.refusals)
+            + "\n".join(f"- {c.name}: {c.detail}" for c in refusals)
         )
     return plan_
 

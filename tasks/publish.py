@@ -3,6 +3,7 @@
     versions/<model>/<version>/files/...        server-side copies of the build's files
     versions/<model>/<version>/gate-report.json  the gate's numbers, and gate-report.md to read
     versions/<model>/<version>/perf-report.json  the performance gate's, and perf-report.md
+    versions/<model>/<version>/candidates.json   the recipe search that picked it (.md, .svg)
     versions/<model>/<version>/manifest.json    with If-None-Match: "*"
     versions/<model>/<version>/signature.sig    last: every object above, signed
 
@@ -26,6 +27,9 @@ from llmship.manifest import Manifest
 from llmship.settings import get_settings
 from llmship.store import ArtifactStore, version_prefix
 from llmship.versions import PublishedVersion, VersionDetails, VersionInputs, sign_version
+from tasks.choose import Choice
+from tasks.choose_rule import CandidatesReport, svg_chart
+from tasks.choose_rule import render_markdown as render_candidates
 from tasks.common import (
     RETRIES,
     RETRY_DELAYS,
@@ -39,7 +43,11 @@ from tasks.perf_rule import render_markdown as render_perf
 
 
 def publish(
-    model: str, build: Build, report: GateReport, perf: PerfReport | None = None
+    model: str,
+    build: Build,
+    report: GateReport,
+    perf: PerfReport | None = None,
+    candidates: CandidatesReport | None = None,
 ) -> PublishedVersion:
     if not report.passed:
         raise GateFailed(f"refusing to publish {build.prefix}: its gate report did not pass")
@@ -49,7 +57,9 @@ def publish(
         )
     store = ArtifactStore(get_settings())
     prefix = version_prefix(model, build.version)
-    manifest = store.read_manifest(prefix) or write_version(store, model, build, report, perf)
+    manifest = store.read_manifest(prefix) or write_version(
+        store, model, build, report, perf, candidates
+    )
     if (
         manifest.digest != build.digest
         or VersionDetails.model_validate(manifest.details).serve != build.details.serve
@@ -68,7 +78,12 @@ def publish(
 
 
 def write_version(
-    store: ArtifactStore, model: str, build: Build, report: GateReport, perf: PerfReport | None
+    store: ArtifactStore,
+    model: str,
+    build: Build,
+    report: GateReport,
+    perf: PerfReport | None,
+    candidates: CandidatesReport | None,
 ) -> Manifest:
     """The version's files (server-side copies of the build's), its reports, then its
     manifest: once that exists, the version does."""
@@ -89,11 +104,16 @@ def write_version(
     if perf is not None:
         store.put_json(f"{prefix}/perf-report.json", perf.model_dump(mode="json"))
         store.put_text(f"{prefix}/perf-report.md", render_perf(model, perf))
+    if candidates is not None:
+        store.put_json(f"{prefix}/candidates.json", candidates.model_dump(mode="json"))
+        store.put_text(f"{prefix}/candidates.md", render_candidates(candidates))
+        store.put_text(f"{prefix}/candidates.svg", svg_chart(candidates), "image/svg+xml")
     inputs = VersionInputs(
         build=build.prefix,
         build_digest=build.digest,
         gate_report=f"{prefix}/gate-report.json",
         perf_report=f"{prefix}/perf-report.json" if perf else None,
+        candidates_report=f"{prefix}/candidates.json" if candidates else None,
     )
     details = VersionDetails(
         model=model,
@@ -102,6 +122,8 @@ def write_version(
         # None where no limit judged it: "measured" is not "passed".
         perf_passed=perf.passed if perf and perf.judged else None,
         scheme=build.details.scheme.value,
+        recipe=candidates.winner_recipe if candidates else None,
+        calibration_data=candidates.calibration_data if candidates else {},
         precision=build.details.precision,
         serve=build.details.serve,
         gate={
@@ -138,12 +160,20 @@ def write_version(
     retry_delay_seconds=RETRY_DELAYS,
     retry_condition_fn=retry_unless_permanent,
     persist_result=True,
-    cache_key_fn=cache_key(lambda p: f"publish-signed-{p['model']}-{p['build'].version}"),
+    cache_key_fn=cache_key(
+        lambda p: f"publish-signed-{p['model']}-{p['choice'].winner.build.version}"
+    ),
 )
-def publish_task(
-    model: str, build: Build, report: GateReport, perf: PerfReport | None = None
-) -> PublishedVersion:
-    published = publish(model, build, report, perf)
+def publish_task(model: str, choice: Choice) -> PublishedVersion:
+    """The recipe search's winner, with the comparison that picked it."""
+    winner = choice.winner
+    published = publish(
+        model,
+        winner.build,
+        winner.gate.report,
+        winner.perf.report if winner.perf else None,
+        choice.candidates,
+    )
     get_run_logger().info(
         "published %s version %s: s3://%s/%s",
         model,
@@ -164,6 +194,7 @@ def publish_task(
         {
             "version": published.version,
             "scheme": published.scheme,
+            "recipe": choice.candidates.winner_recipe,
             "gate": "passed",
             "performance gate": {None: "off or not judged", True: "passed"}[published.perf_passed],
             "signed by key": (published.signed_by or "")[:16],

@@ -8,11 +8,10 @@ baseline's is kept only for the performance gate, then stopped.
 
 from __future__ import annotations
 
-from typing import Any, NoReturn
+from typing import Any
 
 from llmship import events
 from llmship.contracts import Build, Side
-from llmship.errors import LlmshipError
 from llmship.pipeline_config import ServingConfig
 from llmship.settings import Settings, get_settings
 from serving import fleet
@@ -57,17 +56,12 @@ def release_kept(settings: Settings, model: str, candidate: Build, baseline: Bui
             fleet.release(settings, kept)
 
 
-def refuse_candidate(
-    model: str,
-    candidate: Build,
-    baseline: Build,
-    event: str,
-    payload: dict[str, Any],
-    error: LlmshipError,
-) -> NoReturn:
-    """A gate refused the candidate: the servers kept for the next stages stop (no rollout
-    will take them), the event the alert automation listens for goes out (llmship/alerts.py),
-    and the flow run fails with the error."""
+def announce_refusal(
+    model: str, candidate: Build, baseline: Build, event: str, payload: dict[str, Any]
+) -> None:
+    """A gate refused the candidate and no other candidate of the run passed: the servers kept
+    for the next stages stop (no rollout will take them), and the event the alert automation
+    listens for goes out (llmship/alerts.py)."""
     release_kept(get_settings(), model, candidate, baseline)
     events.emit(
         event,
@@ -79,4 +73,3 @@ def refuse_candidate(
             **payload,
         },
     )
-    raise error

@@ -151,9 +151,12 @@ def test_llama3_70b_is_pinned_fp8_tensor_parallel_on_the_gpu_pool():
             "max_replicas 2 is below min_replicas 3",
         ),
         (
-            {"target": "trtllm", "serving": {"autoscaling": {"max_replicas": 2}}},
+            {"target": "trtllm", "search": [], "serving": {"autoscaling": {"max_replicas": 2}}},
             "trtllm-serve does not report",
         ),
+        # A recipe of the search is held to the same rules as calibration.
+        ({"target": "trtllm"}, "not FP8_DYNAMIC; for FP8_DYNAMIC use target vllm"),
+        ({"search": [{"scheme": "W4A16"}, {"scheme": "W4A16"}]}, "each recipe once"),
     ],
 )
 def test_impossible_combinations_are_refused_before_a_run(change, message):

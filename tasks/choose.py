@@ -1,0 +1,167 @@
+"""Stage 4c, choose: the recipe search's pick among the candidates (README, 'Recipe search').
+
+Each recipe of the deployment (calibration, then search) was built and gated against the one
+BF16 baseline, its speed measured only if it passed the accuracy gate (trial). The policy and
+the comparison are tasks/choose_rule.py; this module keeps the comparison where people look
+(the `<model>-candidates` table and markdown artifacts, stages/candidates/<key>/ in the store,
+and, through the publish, beside the version), stops the losers' kept servers, and refuses the
+run as a single failing gate does when no candidate passes: each candidate's alert, the first
+one's error, nothing published.
+"""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from pydantic import BaseModel
+
+from llmship.contracts import Build
+from llmship.domain_data import dataset_dir, file_digest
+from llmship.manifest import Manifest, digest_of
+from llmship.pipeline_config import CalibrationConfig, PerfConfig, PipelineConfig, Scheme
+from llmship.settings import get_settings
+from llmship.store import ArtifactStore
+from tasks.choose_rule import (
+    CandidatesReport,
+    Trial,
+    compare,
+    render_markdown,
+    svg_chart,
+    table_rows,
+)
+from tasks.common import artifact_key, record_markdown, store_report
+from tasks.gate import gate_task
+from tasks.perf import perf_task
+from tasks.plan import ModelShape
+from tasks.servers import announce_refusal, release_kept
+
+
+class Choice(BaseModel):
+    """The candidate to publish, and the comparison that picked it."""
+
+    winner: Trial
+    candidates: CandidatesReport
+    stored: str  # stages/candidates/<key>
+
+
+def trial(
+    recipe: CalibrationConfig, candidate: Build, baseline: Build, config: PipelineConfig
+) -> Trial:
+    """The accuracy gate; the performance gate only for a candidate that passes it."""
+    gate = gate_task(
+        candidate, baseline, config.gate, config.name, perf_follows=config.perf.enabled
+    )
+    perf = perf_task(candidate, baseline, config.perf, config.name) if gate.report.passed else None
+    return Trial(recipe=recipe, build=candidate, gate=gate, perf=perf)
+
+
+def kv_bytes_per_token(store: ArtifactStore, baseline: Build) -> dict[bool, float] | None:
+    """The KV cache's bytes per token, 16-bit (False) and FP8 (True), from the model's shape;
+    None where the build holds no Llama config.json (an engine build)."""
+    found = store.get_json(f"{baseline.prefix}/files/config.json")
+    try:
+        shape = ModelShape.from_config(found[0]) if found else None
+    except Exception:  # noqa: BLE001 - a shape it cannot read: the footprint is the weights
+        return None
+    return {fp8: shape.kv_gib_per_token(fp8) * 1024**3 for fp8 in (False, True)} if shape else None
+
+
+def calibration_data(recipes: list[CalibrationConfig]) -> dict[str, str]:
+    """The data the calibrated recipes were calibrated on: what recalibrate compares."""
+    files = {
+        f"{r.dataset}/calibration.jsonl": dataset_dir(r.dataset) / "calibration.jsonl"
+        for r in recipes
+        if r.scheme is not Scheme.UNQUANTIZED
+    }
+    return {name: file_digest(path) for name, path in files.items()}
+
+
+def refuse_all(model: str, trials: list[Trial], baseline: Build) -> None:
+    """No candidate passed: every candidate's alert goes out, and the run fails with the first
+    one's error (a deployment of one recipe fails exactly as its gate failed)."""
+    for t in trials:
+        announce_refusal(model, t.build, baseline, t.refusal.event, t.refusal.payload)
+    first = trials[0].refusal
+    if len(trials) == 1:
+        raise first.error(first.message)
+    raise first.error(
+        f"no candidate of {model} passed both gates; nothing was published: "
+        + "; ".join(f"[{t.recipe.describe()}] {t.refusal.message}" for t in trials)
+    )
+
+
+def choose(
+    model: str,
+    trials: list[Trial],
+    baseline: Build,
+    config: PerfConfig,
+    max_model_len: int,
+) -> Choice:
+    """The comparison, kept and shown; the losers' kept servers stopped; the winner, or the
+    run refused when there is none."""
+    store = ArtifactStore(get_settings())
+    report = compare(
+        model, trials, baseline, config, max_model_len, kv_bytes_per_token(store, baseline)
+    )
+    report.calibration_data = calibration_data([t.recipe for t in trials])
+    key = digest_of(
+        {
+            "stage": "candidates",
+            "trials": [[t.gate.stored, t.perf.stored if t.perf else None] for t in trials],
+            "policy": report.policy,
+        }
+    )[:24]
+    markdown = render_markdown(report)
+    stored, _ = store_report(
+        "candidates",
+        key,
+        report,
+        markdown,
+        Manifest(kind="candidates", key=key, details={"model": model, "winner": report.winner}),
+        extra={"candidates.svg": svg_chart(report)},
+    )
+    record_markdown(
+        model, "candidates-chart", markdown + f"\n\nStored: `{stored}`", "recipe search"
+    )
+    create_table_artifact(
+        key=artifact_key(model, "candidates"),
+        description=f"recipe search: {report.winner_recipe or 'no candidate passed'}",
+        table=table_rows(report),
+    )
+    if report.winner is None:
+        refuse_all(model, trials, baseline)
+    winner = next(t for t in trials if t.build.version == report.winner)
+    for t in trials:
+        if t.build.version != winner.build.version:
+            release_kept(get_settings(), model, t.build, baseline)
+    return Choice(winner=winner, candidates=report, stored=stored)
+
+
+@task(
+    name="choose",
+    persist_result=True,
+    cache_key_fn=lambda context, p: digest_of(
+        {
+            "stage": "choose",
+            "trials": [[t.gate.stored, t.perf.stored if t.perf else None] for t in p["trials"]],
+            "policy": p["config"].model_dump(mode="json"),
+            "max_model_len": p["max_model_len"],
+        }
+    )[:24],
+)
+def choose_task(
+    model: str,
+    trials: list[Trial],
+    baseline: Build,
+    config: PerfConfig,
+    max_model_len: int,
+) -> Choice:
+    choice = choose(model, trials, baseline, config, max_model_len)
+    get_run_logger().info(
+        "of %d recipe(s), %s (%s) is published: %s",
+        len(trials),
+        choice.candidates.winner_recipe,
+        choice.winner.build.version,
+        "; ".join(f"{r.recipe}: {r.verdict} ({r.why})" for r in choice.candidates.rows[:-1]),
+    )
+    return choice
