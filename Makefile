@@ -107,6 +107,8 @@ demo: up
 	@echo
 	$(ORCH)/llmship versions tiny-llama
 	@echo
+	$(ORCH)/llmship candidates tiny-llama
+	@echo
 	$(ORCH)/llmship status
 
 # ruff's configuration is in pyproject.toml.

@@ -6,6 +6,8 @@ beside the flows, since it reaches every layer below (the stack, the fleet, the 
     llmship status             what runs where: model -> version -> replicas -> node
     llmship scale MODEL N      run N replicas of MODEL's live version (no new version)
     llmship versions MODEL     published versions, the recipe that won, gate verdicts, live
+    llmship candidates MODEL [VERSION]
+                               the recipe search that picked the version (default: live)
     llmship rollback MODEL [--to VERSION] [--reason TEXT] [--allow-ungated]
                                run the rollback/MODEL deployment and wait for it
     llmship plan FLOW/DEPLOYMENT [--gpus N --gpu-memory-gib G --compute-capability X.Y]
@@ -32,7 +34,7 @@ from llmship.errors import (
     UnpublishedVersion,
 )
 from llmship.settings import get_settings
-from llmship.store import ArtifactStore
+from llmship.store import ArtifactStore, key_part, version_prefix
 
 
 def cmd_up(args) -> None:
@@ -227,6 +229,24 @@ def cmd_versions(args) -> None:
         print(note)
 
 
+def cmd_candidates(args) -> None:
+    """The comparison stored beside the version: every recipe's figures, verdict and why."""
+    store = ArtifactStore(running_stack_settings())
+    version = args.version or store.read_alias(args.model, "live")
+    if version is None:
+        raise UnpublishedVersion(
+            f"{args.model} has no live version: name one (`llmship versions {args.model}`)"
+        )
+    prefix = version_prefix(key_part(args.model, "model"), key_part(version, "version"))
+    found = store.get_bytes(f"{prefix}/candidates.md")
+    if found is None:
+        raise UnpublishedVersion(
+            f"{args.model} {version} has no recipe search beside it (published before "
+            "searches, or by hand): `llmship versions` lists the versions"
+        )
+    print(found[0].decode())
+
+
 def cmd_verify(args) -> None:
     """Exit 0 only when every version checked holds: signed by a trusted key, every object
     as signed, its gates passed."""
@@ -376,6 +396,12 @@ def main(argv: list[str] | None = None) -> int:
     versions = sub.add_parser("versions", help="published versions of a model")
     versions.add_argument("model")
     versions.set_defaults(fn=cmd_versions)
+    candidates = sub.add_parser(
+        "candidates", help="the recipe search that picked a version: the table and the chart"
+    )
+    candidates.add_argument("model")
+    candidates.add_argument("version", nargs="?", default=None, help="default: the live one")
+    candidates.set_defaults(fn=cmd_candidates)
     verify = sub.add_parser(
         "verify", help="check a version's signature, every stored file and its gates' verdicts"
     )

@@ -44,7 +44,8 @@ def test_every_llmship_subcommand_works_from_another_directory(first_run, stack,
         return out.stdout + out.stderr
 
     usage = llmship("--help")
-    for sub in ("up", "down", "status", "scale", "versions", "verify", "rollback", "plan"):
+    subcommands = ("up", "down", "status", "scale", "versions", "candidates", "verify", "rollback")
+    for sub in (*subcommands, "plan"):
         assert sub in usage
     assert "stack is up" in llmship("up")  # idempotent: what runs is kept
     status = llmship("status")
@@ -52,6 +53,11 @@ def test_every_llmship_subcommand_works_from_another_directory(first_run, stack,
     assert stack.gateway_url in status
     versions = llmship("versions", "tiny-llama")
     assert any(line.startswith(live) and line.endswith("live") for line in versions.splitlines())
+    # The recipe search that picked the live version: each recipe's line, and the chart.
+    search = llmship("candidates", "tiny-llama")
+    assert "# Recipe search: tiny-llama" in search and "| W8A8, no SmoothQuant |" in search
+    assert "* " in search and "B baseline (BF16)" in search
+    assert "no live version" in llmship("candidates", "no-such-model", expect=2)
     # The demo's versions are signed, and every object of the live one reads back as signed.
     verified = llmship("verify", "tiny-llama", live)
     assert f"verified: {live}" in verified and "FAIL" not in verified, verified
