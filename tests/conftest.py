@@ -110,11 +110,15 @@ def prefect_client(stack):
 
 @pytest.fixture(scope="session")
 def first_run(stack):
-    """The demo deployment's first run: the tiny model calibrated, gated, published and live.
+    """The demo deployment's first run (its search cut to two recipes: suite_config): the
+    tiny model calibrated, gated, published and live.
     The stack tests build on it (and on each other, in file order)."""
-    from tests.helpers.prefect_api import run_deployment
+    from prefect.client.orchestration import get_client
 
-    flow_run = run_deployment("build-and-serve/tiny-llama", timeout=1200)
+    from tests.helpers.prefect_api import DEMO, run_deployment, suite_config
+
+    config = suite_config(get_client(sync_client=True))
+    flow_run = run_deployment(DEMO, parameters={"config": config}, timeout=1200)
     assert flow_run.state.is_completed(), flow_run.state.message
     return flow_run
 

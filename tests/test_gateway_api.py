@@ -334,7 +334,7 @@ def test_a_canary_takes_its_share_and_a_dead_one_costs_clients_nothing(client):
     assert resp.status_code == 200, resp.text
     assert client.get("/v1/models").json()["data"][0]["canary"] == {"version": "v2", "percent": 30}
     served = [
-        client.post("/v1/completions", json={"model": "m", "prompt": "x"}) for _ in range(200)
+        client.post("/v1/completions", json={"model": "m", "prompt": "x"}) for _ in range(400)
     ]
     assert all(r.status_code == 200 for r in served)
     by_version = [r.headers["x-llmship-version"] for r in served]
@@ -343,7 +343,9 @@ def test_a_canary_takes_its_share_and_a_dead_one_costs_clients_nothing(client):
         for r, v in zip(served, by_version, strict=True)
     )
     share = by_version.count("v2") / len(served)
-    assert 0.18 < share < 0.42, share  # 30 %, give or take four standard deviations
+    # 30 %, give or take 4.4 standard deviations of 400 draws (0.023 each): a band of 0.18 to
+    # 0.42 over 200 draws was 3.7 of them, and a fresh-clone run once drew 0.425.
+    assert 0.2 < share < 0.4, share
 
     new.shutdown()
     new.server_close()  # the canary's server dies: its port refuses connections

@@ -55,7 +55,7 @@ def test_every_llmship_subcommand_works_from_another_directory(first_run, stack,
     assert any(line.startswith(live) and line.endswith("live") for line in versions.splitlines())
     # The recipe search that picked the live version: each recipe's line, and the chart.
     search = llmship("candidates", "tiny-llama")
-    assert "# Recipe search: tiny-llama" in search and "| W8A8, no SmoothQuant |" in search
+    assert "# Recipe search: tiny-llama" in search and "| UNQUANTIZED |" in search
     assert "* " in search and "B baseline (BF16)" in search
     assert "no live version" in llmship("candidates", "no-such-model", expect=2)
     # The demo's versions are signed, and every object of the live one reads back as signed.

@@ -137,6 +137,21 @@ def test_llama3_70b_is_pinned_fp8_tensor_parallel_on_the_gpu_pool():
     assert config_of("recalibrate", "llama3-70b").rollout.require_approval
 
 
+def test_the_deployments_search_the_recipes_their_engines_serve():
+    """The demo searches what vLLM's CPU build serves; the 70B what the GPUs do (issue 30)."""
+
+    def recipes(flow: str, name: str) -> list[str]:
+        return [r.describe() for r in config_of(flow, name).recipes]
+
+    cpu = ["W8A8, SmoothQuant 0.8", "W8A8, no SmoothQuant", "UNQUANTIZED"]
+    assert recipes("build-and-serve", "tiny-llama") == recipes("recalibrate", "tiny-llama") == cpu
+    gpu = ["FP8", "FP8, FP8 KV cache", "FP8_DYNAMIC", "W4A16"]
+    assert recipes("build-and-serve", "llama3-70b") == recipes("recalibrate", "llama3-70b") == gpu
+    # TensorRT-LLM takes ModelOpt's FP8 alone; the GPU host's first run builds one recipe.
+    assert recipes("build-and-serve", "llama3-70b-trtllm") == ["FP8, FP8 KV cache"]
+    assert recipes("build-and-serve", "tiny-llama-fp8") == ["FP8, FP8 KV cache"]
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

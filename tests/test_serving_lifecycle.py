@@ -217,13 +217,19 @@ def test_recalibration_waits_for_approval_then_canaries_without_a_failed_request
     listing = subprocess.run(
         [str(BIN / "llmship"), "versions", "tiny-llama"], capture_output=True, text=True, check=True
     ).stdout
-    rows = {line.split()[0]: line for line in listing.splitlines()[1:]}
+    header, *lines = listing.splitlines()
+    rows = {line.split()[0]: line for line in lines}
     assert rows[b].rstrip().endswith("live") and rows[a].rstrip().endswith("previous")
-    # The accuracy gate's verdict, and the candidate's tokens/s over the baseline's: measured,
-    # not judged, on CPU (the demo's policy sets no limit), so no perf verdict ("-").
-    assert listing.splitlines()[0].split()[4:8] == ["gate", "perf", "tok/s", "x"]
-    for row in (rows[a], rows[b]):
-        assert row.split()[3:5] == ["pass", "-"] and float(row.split()[5]) > 0, row
+    # The recipe that won each version's search (B's, the recalibration's one recipe); the
+    # accuracy gate's verdict, and the candidate's tokens/s over the baseline's: measured, not
+    # judged, on CPU (the demo's policy sets no limit), so no perf verdict ("-").
+    recipe, gate = header.index("recipe"), header.index("gate")
+    assert header[gate:].split()[:4] == ["gate", "perf", "tok/s", "x"]
+    first_search = store.get_json(f"versions/tiny-llama/{a}/candidates.json")[0]
+    for row, won in ((rows[a], first_search["winner_recipe"]), (rows[b], "W8A8, SmoothQuant 0.8")):
+        assert row[recipe:gate].strip() == won, row
+        verdicts = row[gate:].split()
+        assert verdicts[:2] == ["pass", "-"] and float(verdicts[2]) > 0, row
 
 
 def test_rollback_through_prefect_deployment_run_takes_the_warm_version(

@@ -29,3 +29,19 @@ def run_deployment(name, **kwargs):
 
     kwargs.setdefault("poll_interval", 1)
     return prefect_run_deployment(name, **kwargs)
+
+
+DEMO = "build-and-serve/tiny-llama"
+
+
+def suite_config(prefect_client) -> dict:
+    """The demo deployment's config as the suite runs it: its search cut to the recipe that
+    costs nothing (UNQUANTIZED, the baseline's own build) beside calibration. The demo's other
+    W8A8 recipe is one more calibration, vLLM server, evaluation and measurement: some 9
+    minutes of the suite on 2 shared cores (`make demo` runs all three; docs/BENCHMARKS.md)."""
+    import json
+
+    deployment = prefect_client.read_deployment_by_name(DEMO)
+    config = json.loads(json.dumps(deployment.parameters["config"]))
+    config["search"] = [{"scheme": "UNQUANTIZED"}]
+    return config
