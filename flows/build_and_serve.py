@@ -21,7 +21,7 @@ from llmship.contracts import Side
 from llmship.pipeline_config import PipelineConfig
 from tasks.build import build_task
 from tasks.calibrate import calibrate_task, unquantized
-from tasks.choose import choose_task, trial
+from tasks.choose import choose_task, try_recipes
 from tasks.common import build_slot, serving_slot
 from tasks.download import download_task
 from tasks.preflight import preflight_task
@@ -51,10 +51,7 @@ def build_and_serve(config: PipelineConfig) -> RolloutResult | None:
             for recipe in config.recipes
         ]
     with serving_slot(config.name):  # one run at a time evaluates or serves a model
-        trials = [
-            trial(recipe, candidate, baseline, config)
-            for recipe, candidate in zip(config.recipes, candidates, strict=True)
-        ]
+        trials = try_recipes(config.recipes, candidates, baseline, config)
         choice = choose_task(
             config.name, trials, baseline, config.perf, config.serving.max_model_len
         )

@@ -15,7 +15,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel
 
-from llmship.contracts import Build
+from llmship.contracts import Build, Side
 from llmship.domain_data import dataset_dir, file_digest
 from llmship.manifest import Manifest, digest_of
 from llmship.pipeline_config import CalibrationConfig, PerfConfig, PipelineConfig, Scheme
@@ -33,7 +33,7 @@ from tasks.common import artifact_key, record_markdown, store_report
 from tasks.gate import gate_task
 from tasks.perf import perf_task
 from tasks.plan import ModelShape
-from tasks.servers import announce_refusal, release_kept
+from tasks.servers import announce_refusal, release_kept, release_server
 
 
 class Choice(BaseModel):
@@ -53,6 +53,42 @@ def trial(
     )
     perf = perf_task(candidate, baseline, config.perf, config.name) if gate.report.passed else None
     return Trial(recipe=recipe, build=candidate, gate=gate, perf=perf)
+
+
+def try_recipes(
+    recipes: list[CalibrationConfig],
+    candidates: list[Build],
+    baseline: Build,
+    config: PipelineConfig,
+) -> list[Trial]:
+    """Each recipe's trial, one after another. Of a search's candidates, only the fastest that
+    passed so far keeps its server for the rollout: a host holds the gates' two servers, as for
+    one recipe, not one per recipe (on GPUs, a server per recipe would not fit). The rollout
+    starts the winner's server again where the tie rule picked another."""
+    settings = get_settings()
+    trials: list[Trial] = []
+    kept: Trial | None = None
+    for recipe, candidate in zip(recipes, candidates, strict=True):
+        t = trial(recipe, candidate, baseline, config)
+        trials.append(t)
+        if len(recipes) == 1:
+            break
+        if t.refusal is None and (kept is None or tokens_per_s(t) > tokens_per_s(kept)):
+            kept, loser = t, kept
+        else:
+            loser = t
+        if loser is not None and loser.build.version != kept_version(kept):
+            release_server(settings, config.name, loser.build, Side.CANDIDATE)
+    return trials
+
+
+def tokens_per_s(t: Trial) -> float:
+    """The candidate's output tokens/s at the production load; 0 where not measured."""
+    return t.perf.report.figures["candidate"][0].output_tokens_per_s if t.perf else 0.0
+
+
+def kept_version(kept: Trial | None) -> str | None:
+    return kept.build.version if kept else None
 
 
 def kv_bytes_per_token(store: ArtifactStore, baseline: Build) -> dict[bool, float] | None:

@@ -47,13 +47,18 @@ def take_server(settings: Settings, spec: ReplicaSpec) -> tuple[fleet.Server, bo
     return server, started, before is not None and before.warm_until is not None
 
 
+def release_server(settings: Settings, model: str, build: Build, side: Side) -> None:
+    """The server kept for the build's side stops, unless traffic reaches it."""
+    spec = server_spec(build, model, side)
+    kept = fleet.find(settings, model, spec.version, spec.app)
+    if kept and serves_traffic(settings, model, kept.version) is False:
+        fleet.release(settings, kept)
+
+
 def release_kept(settings: Settings, model: str, candidate: Build, baseline: Build) -> None:
     """A failed gate: the servers kept for the next stages stop, unless traffic reaches one."""
     for build, side in ((candidate, Side.CANDIDATE), (baseline, Side.BASELINE)):
-        spec = server_spec(build, model, side)
-        kept = fleet.find(settings, model, spec.version, spec.app)
-        if kept and serves_traffic(settings, model, kept.version) is False:
-            fleet.release(settings, kept)
+        release_server(settings, model, build, side)
 
 
 def announce_refusal(

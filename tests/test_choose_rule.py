@@ -219,3 +219,31 @@ def test_recipes_are_named_as_the_table_shows_them():
         "FP8, FP8 KV cache"
     )
     assert CalibrationConfig(scheme=Scheme.UNQUANTIZED).describe() == "UNQUANTIZED"
+
+
+def test_a_search_keeps_one_candidate_server_at_a_time_the_fastest_so_far(monkeypatch):
+    """One server per recipe would not fit a GPU host: each trial's loser so far stops."""
+    from llmship.pipeline_config import PipelineConfig
+    from tasks import choose
+
+    trials = {
+        t.build.version: t
+        for t in (
+            trial("first", 1.0, 100.0, POLICY),
+            trial("faster", 1.0, 150.0, POLICY),
+            trial("wrong", 1.0, 900.0, POLICY, a=0.1, b=0.1),
+            trial("slower", 1.0, 120.0, POLICY),
+        )
+    }
+    stopped = []
+    monkeypatch.setattr(choose, "trial", lambda recipe, build, base, config: trials[build.version])
+    monkeypatch.setattr(
+        choose, "release_server", lambda settings, model, build, side: stopped.append(build.key)
+    )
+    config = PipelineConfig(name="m", source="/m")
+    builds = [t.build for t in trials.values()]
+    result = choose.try_recipes([t.recipe for t in trials.values()], builds, BASELINE, config)
+    assert [t.build.key for t in result] == ["first", "faster", "wrong", "slower"]
+    # "faster" keeps its server for the rollout; each other one stops when it is passed by or
+    # as its trial ends behind.
+    assert stopped == ["first", "wrong", "slower"]
