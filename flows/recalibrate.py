@@ -13,8 +13,8 @@ from prefect import flow, get_run_logger
 from flows.build_and_serve import build_and_serve
 from llmship.pipeline_config import PipelineConfig
 from llmship.settings import get_settings
-from llmship.store import ArtifactStore
-from llmship.versions import VersionDetails, calibration_of_version, read_version
+from llmship.store import ArtifactStore, version_prefix
+from llmship.versions import VersionDetails, VersionInputs, calibration_of_build
 from tasks.choose import calibration_data
 from tasks.rollout import RolloutResult
 
@@ -24,15 +24,13 @@ def live_calibration_data(model: str) -> dict[str, str]:
     recorded, or (a version published before searches) version -> build -> calibrate."""
     store = ArtifactStore(get_settings())
     live = store.read_alias(model, "live")
-    version = read_version(store, model, live) if live else None
-    if version is None:
+    manifest = store.read_manifest(version_prefix(model, live)) if live else None
+    if manifest is None:
         return {}
-    recorded = VersionDetails.model_validate(
-        store.read_manifest(version.prefix).details
-    ).calibration_data
+    recorded = VersionDetails.model_validate(manifest.details).calibration_data
     if recorded:
         return recorded
-    calibration = calibration_of_version(store, model, live)
+    calibration = calibration_of_build(store, VersionInputs.model_validate(manifest.inputs).build)
     if calibration is None:
         return {}
     return {calibration.calibration_data: calibration.calibration_data_sha256}

@@ -296,15 +296,6 @@ def calibration_of_build(store: ArtifactStore, build_prefix: str) -> CalibrateIn
     return CalibrateInputs.model_validate(checkpoint.inputs)
 
 
-def calibration_of_version(
-    store: ArtifactStore, model: str, version: str
-) -> CalibrateInputs | None:
-    manifest = store.read_manifest(version_prefix(model, version))
-    if manifest is None:
-        return None
-    return calibration_of_build(store, VersionInputs.model_validate(manifest.inputs).build)
-
-
 class Check(BaseModel):
     """One finding of `llmship verify`."""
 

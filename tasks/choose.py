@@ -29,7 +29,7 @@ from tasks.choose_rule import (
     svg_chart,
     table_rows,
 )
-from tasks.common import artifact_key, record_markdown, store_report
+from tasks.common import artifact_key, cache_key, record_markdown, store_report
 from tasks.gate import gate_task
 from tasks.perf import perf_task
 from tasks.plan import ModelShape
@@ -77,7 +77,7 @@ def try_recipes(
             kept, loser = t, kept
         else:
             loser = t
-        if loser is not None and loser.build.version != kept_version(kept):
+        if loser is not None and (kept is None or loser.build.version != kept.build.version):
             release_server(settings, config.name, loser.build, Side.CANDIDATE)
     return trials
 
@@ -85,10 +85,6 @@ def try_recipes(
 def tokens_per_s(t: Trial) -> float:
     """The candidate's output tokens/s at the production load; 0 where not measured."""
     return t.perf.report.figures["candidate"][0].output_tokens_per_s if t.perf else 0.0
-
-
-def kept_version(kept: Trial | None) -> str | None:
-    return kept.build.version if kept else None
 
 
 def kv_bytes_per_token(store: ArtifactStore, baseline: Build) -> dict[bool, float] | None:
@@ -126,6 +122,19 @@ def refuse_all(model: str, trials: list[Trial], baseline: Build) -> None:
     )
 
 
+def candidates_key(trials: list[Trial], config: PerfConfig, max_model_len: int) -> str:
+    """One comparison per (the candidates' stored verdicts, the policy): the choice's cache
+    key, and where its comparison is stored."""
+    return digest_of(
+        {
+            "stage": "candidates",
+            "trials": [[t.gate.stored, t.perf.stored if t.perf else None] for t in trials],
+            "policy": config.model_dump(mode="json"),
+            "max_model_len": max_model_len,
+        }
+    )[:24]
+
+
 def choose(
     model: str,
     trials: list[Trial],
@@ -140,13 +149,7 @@ def choose(
         model, trials, baseline, config, max_model_len, kv_bytes_per_token(store, baseline)
     )
     report.calibration_data = calibration_data([t.recipe for t in trials])
-    key = digest_of(
-        {
-            "stage": "candidates",
-            "trials": [[t.gate.stored, t.perf.stored if t.perf else None] for t in trials],
-            "policy": report.policy,
-        }
-    )[:24]
+    key = candidates_key(trials, config, max_model_len)
     markdown = render_markdown(report)
     stored, _ = store_report(
         "candidates",
@@ -176,14 +179,9 @@ def choose(
 @task(
     name="choose",
     persist_result=True,
-    cache_key_fn=lambda context, p: digest_of(
-        {
-            "stage": "choose",
-            "trials": [[t.gate.stored, t.perf.stored if t.perf else None] for t in p["trials"]],
-            "policy": p["config"].model_dump(mode="json"),
-            "max_model_len": p["max_model_len"],
-        }
-    )[:24],
+    cache_key_fn=cache_key(
+        lambda p: "choose-" + candidates_key(p["trials"], p["config"], p["max_model_len"])
+    ),
 )
 def choose_task(
     model: str,

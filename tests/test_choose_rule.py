@@ -4,7 +4,6 @@ end to end (the demo deployment's)."""
 
 import pytest
 
-from jobs.evaluate import Evaluation, TaskScore, TaskSet
 from llmship.contracts import Build, BuildDetails, ServeSpec
 from llmship.pipeline_config import CalibrationConfig, GateConfig, PerfConfig, Scheme
 from tasks import gate, perf
@@ -18,14 +17,12 @@ from tasks.choose_rule import (
     table_rows,
     text_chart,
 )
-from tasks.gate_rule import DOMAIN_METRIC
 from tasks.gating import Verdict
 from tasks.perf_rule import ServerPrice, loads
+from tests.test_gate_rule import TASKS
+from tests.test_gate_rule import scores as evaluation
 from tests.test_perf_gate import figures
 
-TASKS = TaskSet(
-    dataset="d", eval_file="-", eval_data_sha256="0" * 64, domain=["a", "b"], standard=[]
-)
 BASELINE_SCORES = {"a": 0.95, "b": 0.90}
 PRICE = ServerPrice(hardware="cpu", gpus=0, price_key="cpu", usd_per_hour=0.2)
 
@@ -51,25 +48,14 @@ def build(name: str, gib: float, scheme: Scheme = Scheme.W8A8) -> Build:
 BASELINE = build("base", 2.0, Scheme.UNQUANTIZED)
 
 
-def evaluation(**by_kind: float) -> Evaluation:
-    return Evaluation(
-        backend="vllm",
-        seconds=1.0,
-        scores={
-            TASKS.domain_task(kind): TaskScore(metrics={DOMAIN_METRIC: value}, n=100)
-            for kind, value in by_kind.items()
-        },
-    )
-
-
-def gated(candidate: Build, **scores: float) -> Verdict:
+def gated(candidate: Build, **candidate_scores: float) -> Verdict:
     report = gate.gate_report(
         candidate,
         BASELINE,
         GateConfig(rtol=0.05),
         TASKS,
         evaluation(**BASELINE_SCORES),
-        evaluation(**scores),
+        evaluation(**candidate_scores),
         harness={},
     )
     judged = gate.judged("k", "m", report)
