@@ -3,7 +3,8 @@
 
     preflight -> download -> build the BF16 baseline
               -> calibrate and build each recipe (calibration, then search)
-              -> gate each candidate (perf, for those that pass) -> choose -> publish
+              -> try each candidate: gate, perf if it passed (as many at once as the plan
+                 says the GPUs hold) -> choose -> publish
               -> [approval, when config.rollout asks for it] -> rollout
 
 Every stage's output is content-addressed: a rerun with the same inputs finds each stage's
@@ -51,7 +52,8 @@ def build_and_serve(config: PipelineConfig) -> RolloutResult | None:
             for recipe in config.recipes
         ]
     with serving_slot(config.name):  # one run at a time evaluates or serves a model
-        trials = try_recipes(config.recipes, candidates, baseline, config)
+        # plan.trials_at_once at a time: as many as the GPUs hold, one on CPUs or a shared GPU.
+        trials = try_recipes(config.recipes, candidates, baseline, config, plan.trials_at_once)
         choice = choose_task(
             config.name, trials, baseline, config.perf, config.serving.max_model_len
         )

@@ -11,7 +11,7 @@ one's error, nothing published.
 
 from __future__ import annotations
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger, task, unmapped
 from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel
 
@@ -55,30 +55,49 @@ def trial(
     return Trial(recipe=recipe, build=candidate, gate=gate, perf=perf)
 
 
+@task(name="trial")
+def trial_task(
+    recipe: CalibrationConfig, candidate: Build, baseline: Build, config: PipelineConfig
+) -> Trial:
+    """Not cached itself: its gates are, each on its own."""
+    return trial(recipe, candidate, baseline, config)
+
+
+def keep_fastest(kept: Trial | None, ended: list[Trial]) -> tuple[Trial | None, list[Trial]]:
+    """Of the fastest candidate that passed so far and the trials just ended: the one whose
+    server stays up for the rollout (the earlier on a tie), and the rest, whose servers stop."""
+    seen = ([kept] if kept else []) + ended
+    fastest = max((t for t in seen if t.refusal is None), key=tokens_per_s, default=None)
+    return fastest, [t for t in seen if t is not fastest]
+
+
 def try_recipes(
     recipes: list[CalibrationConfig],
     candidates: list[Build],
     baseline: Build,
     config: PipelineConfig,
+    at_once: int = 1,
 ) -> list[Trial]:
-    """Each recipe's trial, one after another. Of a search's candidates, only the fastest that
-    passed so far keeps its server for the rollout: a host holds the gates' two servers, as for
-    one recipe, not one per recipe (on GPUs, a server per recipe would not fit). The rollout
-    starts the winner's server again where the tie rule picked another."""
+    """Each recipe's trial, at_once at a time (the plan's count: Prefect maps a wave's trials
+    onto threads, each candidate's server on GPUs of its own). Of a search's candidates, only
+    the fastest that passed so far keeps its server for the rollout: a host holds the plan's
+    servers, not one per recipe. The rollout starts the winner's server again where the tie
+    rule picked another."""
     settings = get_settings()
     trials: list[Trial] = []
     kept: Trial | None = None
-    for recipe, candidate in zip(recipes, candidates, strict=True):
-        t = trial(recipe, candidate, baseline, config)
-        trials.append(t)
+    for start in range(0, len(recipes), at_once):
+        wave = slice(start, start + at_once)
+        ended = trial_task.map(
+            recipes[wave], candidates[wave], unmapped(baseline), unmapped(config)
+        ).result()
+        trials += ended
         if len(recipes) == 1:
             break
-        if t.refusal is None and (kept is None or tokens_per_s(t) > tokens_per_s(kept)):
-            kept, loser = t, kept
-        else:
-            loser = t
-        if loser is not None and (kept is None or loser.build.version != kept.build.version):
-            release_server(settings, config.name, loser.build, Side.CANDIDATE)
+        kept, losers = keep_fastest(kept, ended)
+        for loser in losers:
+            if kept is None or loser.build.version != kept.build.version:
+                release_server(settings, config.name, loser.build, Side.CANDIDATE)
     return trials
 
 

@@ -11,6 +11,7 @@ candidate passes both gates, so one failing recipe of a search stops nothing.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -26,6 +27,11 @@ from tasks.common import artifact_key, record_markdown, store_report
 
 Figures = TypeVar("Figures")
 Report = TypeVar("Report", bound=BaseModel)
+
+# Candidates tried at once (tasks/choose.py, try_recipes) take turns at the baseline: the
+# first evaluates (measures) it, the others find its figures cached instead of making them
+# again beside it.
+BASELINE_TURN = threading.Lock()
 
 
 class Refusal(BaseModel):
@@ -90,7 +96,8 @@ def judge_both(
     # transaction they would be rolled back with a gate that fails for another reason, and
     # the rerun would evaluate or measure both builds again (two model loads, minutes for 70B).
     with transaction(commit_mode=CommitMode.EAGER):
-        base = figures_of(baseline, Side.BASELINE)
+        with BASELINE_TURN:
+            base = figures_of(baseline, Side.BASELINE)
         cand = figures_of(candidate, Side.CANDIDATE)
     judged = judge(base, cand)
     stored = keep_report(judged, on_earlier)

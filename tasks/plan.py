@@ -52,9 +52,8 @@ class PlanAssumptions(BaseModel):
     # 256 x 512 (docs/gpu/h200-8b-serve.json): most of it does not grow with the samples.
     calibration_fixed_seconds_per_b: float = 9.8
     calibration_sample_seconds_per_b: float = 1.9
-    # Per GPU, beside weights and KV cache: activations, CUDA graphs, NCCL buffers (assumed).
-    # (Measured, 8B on one H200 at TP 1: 1.4 GiB, CUDA graphs 0.9-1.0 GiB of it; TP 4 adds
-    # NCCL's buffers.)
+    # Per GPU, beside weights and KV cache: activations, CUDA graphs, NCCL buffers (assumed;
+    # measured at 8B, TP 1 on an H200: 1.4 GiB, 0.9-1.0 of it CUDA graphs; TP 4 adds NCCL's).
     serving_overhead_gib: float = 4.0
     gpu_memory_utilization: float = VLLM_GPU_MEMORY_UTILIZATION  # vLLM's default share
     download_gbit_s: float = Field(2.0, description="hub to worker (assumed)")
@@ -137,6 +136,7 @@ class Plan(BaseModel):
     # What the run builds and serves with: the deployment's serving, with each server's share
     # of a GPU where the servers share GPUs (fitted_serving).
     serving: ServingConfig
+    trials_at_once: int = 1  # of a search's candidates (plan_gpus.trials_at_once)
 
     @property
     def refusals(self) -> list[Check]:

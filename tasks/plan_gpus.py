@@ -83,3 +83,40 @@ def fitted_serving(
         return s
     share = default_share(servers_per_gpu(config, gpus), utilization)
     return s.model_copy(update={"gpu_memory_utilization": share})
+
+
+def free_servers(config: PipelineConfig, gpus: list[Gpu], live: bool) -> int:
+    """Servers of tensor_parallel_size GPUs each on the GPUs the live version leaves (as
+    whole_gpus_needed counts them)."""
+    tp = config.serving.tensor_parallel_size
+    return max(0, len(gpus) - (tp if live else 0)) // tp
+
+
+def trials_at_once(config: PipelineConfig, gpus: list[Gpu], device: str, live: bool) -> int:
+    """How many of a search's candidates are tried (gated, then measured) at once. Where each
+    server has GPUs of its own: as many as the GPUs the live version leaves hold servers, less
+    one for the server kept (the baseline's in the first wave, the fastest candidate's so far
+    after it). One at a time where servers share a device, CPUs or a GPU: a candidate's speed
+    would be measured under another's load."""
+    if device != "cuda" or not gpus or shares_gpus(config, gpus, device):
+        return 1
+    return max(1, min(len(config.recipes), free_servers(config, gpus, live) - 1))
+
+
+def trials_detail(config: PipelineConfig, gpus: list[Gpu], device: str, live: bool) -> str:
+    """The plan's line on the search: how many recipes, how many at once, and why."""
+    n = len(config.recipes)
+    if n == 1:
+        return "one recipe (no search)"
+    if device != "cuda" or not gpus or shares_gpus(config, gpus, device):
+        shared = "GPUs" if device == "cuda" and gpus else "CPUs"
+        return f"{n} recipes, one at a time: servers share the {shared} (speed measured alone)"
+    at_once = trials_at_once(config, gpus, device, live)
+    tp = config.serving.tensor_parallel_size
+    return (
+        f"{n} recipes, {'one at a time' if at_once == 1 else f'{at_once} at once'}: "
+        f"{len(gpus)} GPUs"
+        + (f", less the live version's {tp}," if live else "")
+        + f" hold {free_servers(config, gpus, live)} servers at tensor parallel {tp}, one of "
+        "them kept (the baseline's, then the fastest candidate's so far)"
+    )

@@ -43,6 +43,7 @@ from tasks.plan import (
     fitted_serving,
     render,
 )
+from tasks.plan_gpus import trials_at_once, trials_detail
 
 
 def read_model_config(source: str, settings: Settings, *, offline: bool = False) -> dict:
@@ -287,10 +288,10 @@ def plan(
     free_disk_gib: float | None = None,
     check_services: bool = True,
 ) -> Plan:
-    """Every check, with the estimates; raises SourceNotFound when the model's config.json
-    cannot be read (nothing else can be estimated without it)."""
-    from llmship.store import ArtifactStore
-
+    """Every check, with the estimates, of the deployment's first recipe; each other recipe
+    of its search checked against this machine as well (the services once), and how many of
+    them are tried at once. Raises SourceNotFound when the model's config.json cannot be read
+    (nothing else can be estimated without it)."""
     gpus = detect_gpus() if gpus is None else gpus
     no_gpus = check_gpu_presence(config, gpus, settings.device)
     if no_gpus is not None:
@@ -300,12 +301,40 @@ def plan(
             f"- {no_gpus.name}: {no_gpus.detail}\n"
             "(`llmship plan DEPLOYMENT --gpus N` plans for a GPU host from here)"
         )
-    shape = ModelShape.from_config(
-        read_model_config(config.source, settings, offline=not check_services)
-    )
     if free_disk_gib is None:
         settings.state_dir.mkdir(parents=True, exist_ok=True)
         free_disk_gib = shutil.disk_usage(settings.state_dir).free / GIB
+    first, live = plan_recipe(
+        config.for_recipe(config.calibration), settings, gpus, free_disk_gib, check_services
+    )
+    for recipe in config.search:
+        other, _ = plan_recipe(config.for_recipe(recipe), settings, gpus, free_disk_gib, False)
+        for refusal in other.refusals:
+            named = refusal.model_copy(update={"name": f"{refusal.name} ({recipe.describe()})"})
+            if named.detail not in {c.detail for c in first.refusals}:
+                first.checks.append(named)
+    first.checks.append(
+        Check(
+            name="recipe search", ok=True, detail=trials_detail(config, gpus, settings.device, live)
+        )
+    )
+    first.trials_at_once = trials_at_once(config, gpus, settings.device, live)
+    return first
+
+
+def plan_recipe(
+    config: PipelineConfig,
+    settings: Settings,
+    gpus: list[Gpu],
+    free_disk_gib: float,
+    check_services: bool,
+) -> tuple[Plan, bool]:
+    """The plan of a deployment of one recipe, and whether a version of it is live."""
+    from llmship.store import ArtifactStore
+
+    shape = ModelShape.from_config(
+        read_model_config(config.source, settings, offline=not check_services)
+    )
     live = False
     checks: list[Check] = []
     if check_services:
@@ -319,7 +348,7 @@ def plan(
         check_resources(config, shape, gpus, settings.device, free_disk_gib, live, settings)
         + checks
     )
-    return Plan(
+    plan_ = Plan(
         model=config.name,
         source=config.source,
         billions=round(shape.billions, 2),
@@ -327,26 +356,19 @@ def plan(
         checks=checks,
         serving=fitted_serving(config, gpus, settings.device),
     )
+    return plan_, live
 
 
 # ------------------------------------------------------------------ the Prefect task
 
 
 def preflight(config: PipelineConfig) -> Plan:
-    """The plan of the deployment's first recipe, each other recipe of its search checked
-    against this machine as well (the services once)."""
-    settings = get_settings()
-    plan_ = plan(config.for_recipe(config.calibration), settings)
-    refusals = list(plan_.refusals)
-    for recipe in config.search:
-        for refusal in plan(config.for_recipe(recipe), settings, check_services=False).refusals:
-            named = refusal.model_copy(update={"name": f"{refusal.name} ({recipe.describe()})"})
-            if named.detail not in {r.detail for r in refusals}:
-                refusals.append(named)
-    if refusals:
+    """The plan, or the refusal of a deployment this machine cannot run."""
+    plan_ = plan(config, get_settings())
+    if plan_.refusals:
         raise PreflightFailed(
             f"{config.name} cannot run on this worker; nothing was downloaded:\n"
-            + "\n".join(f"- {c.name}: {c.detail}" for c in refusals)
+            + "\n".join(f"- {c.name}: {c.detail}" for c in plan_.refusals)
         )
     return plan_
 

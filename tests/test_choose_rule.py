@@ -207,29 +207,80 @@ def test_recipes_are_named_as_the_table_shows_them():
     assert CalibrationConfig(scheme=Scheme.UNQUANTIZED).describe() == "UNQUANTIZED"
 
 
-def test_a_search_keeps_one_candidate_server_at_a_time_the_fastest_so_far(monkeypatch):
-    """One server per recipe would not fit a GPU host: each trial's loser so far stops."""
+SEARCH = {
+    t.build.key: t
+    for t in (
+        trial("first", 1.0, 100.0, POLICY),
+        trial("faster", 1.0, 150.0, POLICY),
+        trial("wrong", 1.0, 900.0, POLICY, a=0.1, b=0.1),
+        trial("slower", 1.0, 120.0, POLICY),
+    )
+}
+
+
+@pytest.mark.parametrize(
+    ("at_once", "stopped"),
+    [(1, [["first"], ["wrong"], ["slower"]]), (2, [["first"], ["wrong", "slower"]])],
+)
+def test_a_search_keeps_one_candidate_server_the_fastest_so_far(at_once, stopped):
+    """A server per recipe would not fit a GPU host: after each wave of trials, only the
+    fastest candidate that passed so far keeps its server (for the rollout)."""
+    from tasks.choose import keep_fastest
+
+    trials, kept, stops = list(SEARCH.values()), None, []
+    for start in range(0, len(trials), at_once):
+        kept, losers = keep_fastest(kept, trials[start : start + at_once])
+        stops.append([t.build.key for t in losers])
+    assert kept.build.key == "faster"
+    assert [s for s in stops if s] == stopped
+    assert keep_fastest(None, [SEARCH["wrong"]]) == (None, [SEARCH["wrong"]])
+
+
+def test_candidates_are_tried_as_many_at_once_as_the_plan_says(monkeypatch):
+    """Through Prefect (a temporary server): the plan's count of trials run side by side as
+    mapped task runs, wave after wave, the results in the deployment's order. The trials
+    themselves are stand-ins that take a second: on this CPU machine the plan says one at a
+    time, so no stack run tries two real candidates at once."""
+    import threading
+    import time
+
+    from prefect import flow
+    from prefect.testing.utilities import prefect_test_harness
+
     from llmship.pipeline_config import PipelineConfig
     from tasks import choose
 
-    trials = {
-        t.build.version: t
-        for t in (
-            trial("first", 1.0, 100.0, POLICY),
-            trial("faster", 1.0, 150.0, POLICY),
-            trial("wrong", 1.0, 900.0, POLICY, a=0.1, b=0.1),
-            trial("slower", 1.0, 120.0, POLICY),
-        )
-    }
-    stopped = []
-    monkeypatch.setattr(choose, "trial", lambda recipe, build, base, config: trials[build.version])
+    spans: dict[str, tuple[float, float]] = {}
+    stopped: list[str] = []
+    lock = threading.Lock()
+
+    def timed_trial(recipe, build, baseline, config):
+        started = time.monotonic()
+        time.sleep(1.0)
+        with lock:
+            spans[build.key] = (started, time.monotonic())
+        return SEARCH[build.key]
+
+    monkeypatch.setattr(choose, "trial", timed_trial)
     monkeypatch.setattr(
         choose, "release_server", lambda settings, model, build, side: stopped.append(build.key)
     )
     config = PipelineConfig(name="m", source="/m")
-    builds = [t.build for t in trials.values()]
-    result = choose.try_recipes([t.recipe for t in trials.values()], builds, BASELINE, config)
-    assert [t.build.key for t in result] == ["first", "faster", "wrong", "slower"]
-    # "faster" keeps its server for the rollout; each other one stops when it is passed by or
-    # as its trial ends behind.
+    trials = list(SEARCH.values())
+
+    @flow
+    def search(at_once: int) -> list[str]:
+        found = choose.try_recipes(
+            [t.recipe for t in trials], [t.build for t in trials], BASELINE, config, at_once
+        )
+        return [t.build.key for t in found]
+
+    with prefect_test_harness():
+        assert search(2) == ["first", "faster", "wrong", "slower"]
+
+    def overlap(a: str, b: str) -> bool:
+        return spans[a][0] < spans[b][1] and spans[b][0] < spans[a][1]
+
+    assert overlap("first", "faster") and overlap("wrong", "slower")
+    assert not overlap("faster", "wrong")  # the second wave after the first
     assert stopped == ["first", "wrong", "slower"]

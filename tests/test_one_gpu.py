@@ -206,3 +206,44 @@ def test_a_missing_module_is_not_retried():
     assert retry_unless_permanent(None, None, failed(GateFailed("gate"))) is False
     assert retry_unless_permanent(None, None, failed(ConnectionResetError("s3"))) is True
     assert retry_unless_permanent(None, None, Completed()) is True
+
+
+def test_a_search_tries_as_many_candidates_at_once_as_the_gpus_hold():
+    """One server kept (the baseline's, then the fastest candidate's so far), the rest of the
+    GPUs the live version leaves for candidates side by side; one at a time where servers
+    share a device, whose load would skew each other's speed."""
+    from tasks.plan_gpus import trials_at_once, trials_detail
+
+    seventy_b = deployment_config("build-and-serve/llama3-70b")  # 4 recipes, tensor parallel 4
+    eight_b = llama3_8b_on()  # the same 4 recipes at tensor parallel 1
+    assert len(seventy_b.recipes) == 4
+    at_once = {
+        (name, gpus, live): trials_at_once(config, one_h100(gpus), "cuda", live)
+        for name, config in (("70b", seventy_b), ("8b", eight_b))
+        for gpus in (1, 8, 16)
+        for live in (False, True)
+    }
+    assert at_once == {
+        ("70b", 1, False): 1,  # refused by the GPU count check anyway
+        ("70b", 1, True): 1,
+        ("70b", 8, False): 1,  # two servers: the baseline's, and one candidate's
+        ("70b", 8, True): 1,
+        ("70b", 16, False): 3,
+        ("70b", 16, True): 2,
+        ("8b", 1, False): 1,  # servers share the GPU
+        ("8b", 1, True): 1,
+        ("8b", 8, False): 4,  # no more than the recipes
+        ("8b", 8, True): 4,
+        ("8b", 16, False): 4,
+        ("8b", 16, True): 4,
+    }
+    assert trials_at_once(eight_b, [], "cpu", False) == 1
+    assert trials_detail(seventy_b, one_h100(16), "cuda", True) == (
+        "4 recipes, 2 at once: 16 GPUs, less the live version's 4, hold 3 servers at tensor "
+        "parallel 4, one of them kept (the baseline's, then the fastest candidate's so far)"
+    )
+    assert trials_detail(eight_b, one_h100(1), "cuda", False) == (
+        "4 recipes, one at a time: servers share the GPUs (speed measured alone)"
+    )
+    one = seventy_b.for_recipe(seventy_b.calibration)
+    assert trials_detail(one, one_h100(16), "cuda", False) == "one recipe (no search)"

@@ -560,6 +560,7 @@ def test_plan_prints_stages_and_passes_on_the_planned_cluster(hub_cache):
         assert re.search(rf"^{stage} ", out.stdout, re.M), out.stdout
     assert "70.5 B parameters" in out.stdout and "FAIL" not in out.stdout
     assert re.search(r"calibrate .* 138\.0 GiB", out.stdout)
+    assert "ok   recipe search: 4 recipes, one at a time: 8 GPUs hold 2 servers" in out.stdout
 
 
 def test_plan_refuses_with_every_reason_and_exit_status_2(hub_cache):
