@@ -97,12 +97,7 @@ def cmd_status(args) -> None:
         )
         for e in server.endpoints:
             gpus = f", GPUs {','.join(e.gpus)}" if e.gpus else ""
-            started = (
-                f"  started in {e.fetch_s + e.engine_start_s:.0f} s (fetch {e.fetch_s:.1f}, "
-                f"engine {e.engine_start_s:.1f})"
-                if e.fetch_s is not None and e.engine_start_s is not None
-                else ""
-            )
+            started = f"  cold start {e.cold_start()}" if e.cold_start() else ""
             print(
                 f"    replica {e.replica}  node {e.node_ip}  engine {e.url}{gpus}{started}  "
                 f"log {e.log}"

@@ -132,6 +132,18 @@ class KeptPairs(BaseModel):
 # ------------------------------------------------------------------ the fleet's directory
 
 
+class EnginePhases(BaseModel):
+    """What the engine's own log says its start spent, seconds (serving/cold_start.py); None
+    where the engine does not say (TensorRT-LLM, or a phase it skipped: compile and graphs
+    under enforce_eager)."""
+
+    load_s: float | None = None  # the weights read into device memory
+    compile_s: float | None = None  # torch.compile (vLLM), inside init
+    graphs_s: float | None = None  # CUDA graph capture, inside init
+    init_s: float | None = None  # profile, KV cache, warmup: vLLM's "init engine"
+    compile_cache_hit: bool = False  # vLLM loaded its compiled graphs from its cache
+
+
 class Endpoint(BaseModel):
     """One replica's engine, as the gateway reaches it."""
 
@@ -145,6 +157,23 @@ class Endpoint(BaseModel):
     # replica before it on the node fetched it), then the engine started to healthy.
     fetch_s: float | None = None
     engine_start_s: float | None = None
+    phases: EnginePhases | None = None  # what engine_start_s spent, by the engine's log
+
+    def cold_start(self) -> str:
+        """`31.0 s: fetch 1.2, load 4.0, compile 10.1, graphs 3.2, other 12.5`; "" unknown."""
+        if self.fetch_s is None or self.engine_start_s is None:
+            return ""
+        p = self.phases or EnginePhases()
+        named = {"fetch": self.fetch_s, "load": p.load_s, "compile": p.compile_s}
+        named |= {"graphs": p.graphs_s, "init": p.init_s}
+        # compile and graphs are part of vLLM's init: "init" is the rest of it.
+        if p.init_s is not None:
+            named["init"] = max(0.0, p.init_s - (p.compile_s or 0.0) - (p.graphs_s or 0.0))
+        known = sum(v for k, v in named.items() if v is not None and k != "fetch")
+        named["other"] = max(0.0, self.engine_start_s - known)
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in named.items() if v is not None)
+        hit = " (compile cache hit)" if p.compile_cache_hit else ""
+        return f"{self.fetch_s + self.engine_start_s:.1f} s: {parts}{hit}"
 
 
 class Snapshot(BaseModel):

@@ -242,13 +242,8 @@ class ModelReplica:
         )
         wait_healthy(settings, self.spec, self.engine, self.url, self.log_path)
         healthy = time.monotonic()
-        log.info(
-            "%s healthy: fetch %.1f s, engine start %.1f s",
-            self.spec.app,
-            fetched - started,
-            healthy - fetched,
-        )
         from llmship.serving_messages import Endpoint
+        from serving.cold_start import engine_phases
         from serving.directory import directory
 
         self.endpoint = Endpoint(
@@ -260,7 +255,9 @@ class ModelReplica:
             log=str(self.log_path),
             fetch_s=round(fetched - started, 3),
             engine_start_s=round(healthy - fetched, 3),
+            phases=engine_phases(self.log_path.read_text(errors="replace")),
         )
+        log.info("%s healthy: cold start %s", self.spec.app, self.endpoint.cold_start())
         self.directory = directory()
         self.actor = ray.get_runtime_context().current_actor
         ray.get(self.register())

@@ -59,6 +59,9 @@ class RolloutResult(BaseModel):
     switch_seconds: float = 0.0
     previous_warm_until: str | None = None
     smoke_output: str = ""
+    # Each replica's cold start by phase (Endpoint.cold_start; a warm server's: when the gate
+    # started it).
+    cold_starts: list[str] = []
     seconds: float
 
 
@@ -272,6 +275,7 @@ def rollout(
                 settings, version.model, version.version, previous, cfg
             ),
             "smoke_output": smoke,
+            "cold_starts": [e.cold_start() for e in server.endpoints],
         }
     )
     return finished(result, server, started, log)
@@ -380,6 +384,7 @@ def record_rollout(version: PublishedVersion, result: RolloutResult) -> None:
             "changed": result.changed,
             "server": result.upstream
             + ("" if result.started_server or not result.changed else " (was warm)"),
+            "replicas' cold start": "; ".join(result.cold_starts) or "-",
             "canary steps": steps,
             "switch seconds": result.switch_seconds,
             "previous kept warm until": result.previous_warm_until or "-",

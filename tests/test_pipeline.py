@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter
+from prefect.client.schemas.sorting import ArtifactSort
 
 from llmship.versions import VersionDetails, list_versions
 from tasks.gate_rule import RULE, wilson_lower
@@ -95,6 +96,19 @@ def test_build_and_serve_serves_the_version_its_search_picked(
     rollout = first_run.state.result()
     assert rollout.started_server is (versions[0].scheme == "UNQUANTIZED")
     assert replica.url in rollout.upstream
+    # Its cold start, phase by phase from its engine's log, in the rollout's result and artifact
+    # (issue 32).
+    assert rollout.cold_starts == [replica.cold_start()] and replica.phases.init_s is not None
+    assert re.fullmatch(
+        r"[\d.]+ s: fetch [\d.]+, load [\d.]+, init [\d.]+, other [\d.]+", rollout.cold_starts[0]
+    )
+    [artifact] = prefect_client.read_artifacts(
+        artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["tiny-llama-rollout"])),
+        sort=ArtifactSort.CREATED_DESC,
+        limit=1,
+    )
+    rows = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+    assert {"field": "replicas' cold start", "value": rollout.cold_starts[0]} in rows
 
     # The served model answers held-out questions it never saw in training or calibration.
     items = held_out("clause_type", 6)
