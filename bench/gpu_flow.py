@@ -253,6 +253,7 @@ def cold_starts(server) -> list[dict]:
             "gpus": e.gpus,
             "fetch_s": e.fetch_s,
             "engine_start_s": e.engine_start_s,
+            "cold_start": e.cold_start(),  # by phase, as llmship status prints it
             "engine_log": log_figures(Path(e.log)),
         }
         for e in server.endpoints
