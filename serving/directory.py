@@ -95,16 +95,19 @@ class Directory:
         now = time.time()
         return sorted(url for url, seen in self.gateways.items() if now - seen <= seen_within_s)
 
-    async def snapshot(self, report: GatewayReport | None = None) -> Snapshot:
-        """Where every replica's engine listens; a gateway asking reports what it routes (and
-        so that it is up)."""
+    async def snapshot(self, report: GatewayReport | dict | None = None) -> dict:
+        """Where every replica's engine listens (a Snapshot, as JSON: across processes the
+        messages travel as JSON, so a gateway or a flow of another llmship version still reads
+        them; Ray's pickles of a model whose fields changed do not); a gateway asking reports
+        what it routes (and so that it is up)."""
         if report is not None:
+            report = GatewayReport.model_validate(report)
             self.gateways[report.url] = time.time()
             self.reports[report.url] = report
         return Snapshot(
             endpoints={app: list(reps.values()) for app, reps in self.endpoints.items() if reps},
             warm_until=dict(self.warm_until),
-        )
+        ).model_dump(mode="json")
 
     async def set_warm_until(self, app: str, deadline: float | None) -> None:
         if deadline is None:

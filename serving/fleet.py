@@ -135,7 +135,8 @@ def running(settings: Settings, model: str | None = None) -> list[Server]:
     _connect(settings)
     import ray
 
-    return _servers(_statuses(), ray.get(directory().snapshot.remote()), model)
+    snap = Snapshot.model_validate(ray.get(directory().snapshot.remote()))
+    return _servers(_statuses(), snap, model)
 
 
 def find(settings: Settings, model: str, version: str, app: str | None = None) -> Server | None:

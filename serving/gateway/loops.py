@@ -57,7 +57,9 @@ async def follow_fleet(gw: GatewayState) -> None:
 
             actor = await asyncio.to_thread(directory)
             while True:
-                snap: Snapshot = await actor.snapshot.remote(report_of(gw))
+                snap = Snapshot.model_validate(
+                    await actor.snapshot.remote(report_of(gw).model_dump(mode="json"))
+                )
                 gw.set_endpoints(
                     {app: [e.url for e in reps] for app, reps in snap.endpoints.items()}
                 )
