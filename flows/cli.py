@@ -97,7 +97,7 @@ def cmd_status(args) -> None:
         )
         for e in server.endpoints:
             gpus = f", GPUs {','.join(e.gpus)}" if e.gpus else ""
-            started = f"  cold start {e.cold_start()}" if e.cold_start() else ""
+            started = f"  cold start {took}" if (took := e.cold_start()) else ""
             print(
                 f"    replica {e.replica}  node {e.node_ip}  engine {e.url}{gpus}{started}  "
                 f"log {e.log}"

@@ -164,13 +164,13 @@ class Endpoint(BaseModel):
         if self.fetch_s is None or self.engine_start_s is None:
             return ""
         p = self.phases or EnginePhases()
-        named = {"fetch": self.fetch_s, "load": p.load_s, "compile": p.compile_s}
-        named |= {"graphs": p.graphs_s, "init": p.init_s}
         # compile and graphs are part of vLLM's init: "init" is the rest of it.
+        init = None
         if p.init_s is not None:
-            named["init"] = max(0.0, p.init_s - (p.compile_s or 0.0) - (p.graphs_s or 0.0))
-        known = sum(v for k, v in named.items() if v is not None and k != "fetch")
-        named["other"] = max(0.0, self.engine_start_s - known)
+            init = max(0.0, p.init_s - (p.compile_s or 0.0) - (p.graphs_s or 0.0))
+        engine = {"load": p.load_s, "compile": p.compile_s, "graphs": p.graphs_s, "init": init}
+        other = max(0.0, self.engine_start_s - sum(v for v in engine.values() if v is not None))
+        named = {"fetch": self.fetch_s, **engine, "other": other}
         parts = ", ".join(f"{k} {v:.1f}" for k, v in named.items() if v is not None)
         hit = " (compile cache hit)" if p.compile_cache_hit else ""
         return f"{self.fetch_s + self.engine_start_s:.1f} s: {parts}{hit}"

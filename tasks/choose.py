@@ -33,7 +33,7 @@ from tasks.common import artifact_key, cache_key, record_markdown, store_report
 from tasks.gate import gate_task
 from tasks.perf import perf_task
 from tasks.plan import ModelShape
-from tasks.servers import announce_refusal, release_kept, release_server
+from tasks.servers import announce_refusal, release_server
 
 
 class Choice(BaseModel):
@@ -163,7 +163,8 @@ def choose(
 ) -> Choice:
     """The comparison, kept and shown; the losers' kept servers stopped; the winner, or the
     run refused when there is none."""
-    store = ArtifactStore(get_settings())
+    settings = get_settings()
+    store = ArtifactStore(settings)
     report = compare(
         model, trials, baseline, config, max_model_len, kv_bytes_per_token(store, baseline)
     )
@@ -189,9 +190,11 @@ def choose(
     if report.winner is None:
         refuse_all(model, trials, baseline)
     winner = next(t for t in trials if t.build.version == report.winner)
-    for t in trials:
-        if t.build.version != winner.build.version:
-            release_kept(get_settings(), model, t.build, baseline)
+    losers = [t for t in trials if t.build.version != winner.build.version]
+    for t in losers:
+        release_server(settings, model, t.build, Side.CANDIDATE)
+    if losers:
+        release_server(settings, model, baseline, Side.BASELINE)
     return Choice(winner=winner, candidates=report, stored=stored)
 
 

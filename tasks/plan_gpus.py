@@ -92,13 +92,18 @@ def free_servers(config: PipelineConfig, gpus: list[Gpu], live: bool) -> int:
     return max(0, len(gpus) - (tp if live else 0)) // tp
 
 
+def shares_a_device(config: PipelineConfig, gpus: list[Gpu], device: str) -> bool:
+    """The run's servers share CPUs, or GPUs (shares_gpus): one's load slows another's."""
+    return device != "cuda" or not gpus or shares_gpus(config, gpus, device)
+
+
 def trials_at_once(config: PipelineConfig, gpus: list[Gpu], device: str, live: bool) -> int:
     """How many of a search's candidates are tried (gated, then measured) at once. Where each
     server has GPUs of its own: as many as the GPUs the live version leaves hold servers, less
     one for the server kept (the baseline's in the first wave, the fastest candidate's so far
     after it). One at a time where servers share a device, CPUs or a GPU: a candidate's speed
     would be measured under another's load."""
-    if device != "cuda" or not gpus or shares_gpus(config, gpus, device):
+    if shares_a_device(config, gpus, device):
         return 1
     return max(1, min(len(config.recipes), free_servers(config, gpus, live) - 1))
 
@@ -108,7 +113,7 @@ def trials_detail(config: PipelineConfig, gpus: list[Gpu], device: str, live: bo
     n = len(config.recipes)
     if n == 1:
         return "one recipe (no search)"
-    if device != "cuda" or not gpus or shares_gpus(config, gpus, device):
+    if shares_a_device(config, gpus, device):
         shared = "GPUs" if device == "cuda" and gpus else "CPUs"
         return f"{n} recipes, one at a time: servers share the {shared} (speed measured alone)"
     at_once = trials_at_once(config, gpus, device, live)
