@@ -158,6 +158,9 @@ def measure(req: LoadRequest) -> LoadFigures:
 
 class Measurement(BaseModel):
     figures: list[LoadFigures]  # one per load, in the request's order
+    # The measured server's cold start, seconds (its slowest replica's fetch and engine start
+    # to healthy): set by the performance gate's task, which knows the server, not the client.
+    cold_start_s: float | None = None
 
 
 def measure_all(req: MeasureRequest) -> Measurement:

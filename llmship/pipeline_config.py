@@ -174,6 +174,13 @@ class PerfConfig(BaseModel, extra="forbid"):
         None, ge=0, description="the same for the inter-token latency"
     )
     seed: int = Field(0, description="the random prompts' seed: both builds get the same ones")
+    max_cold_start_s: float | None = Field(
+        None,
+        gt=0,
+        description="the candidate's server may take at most this many seconds from its "
+        "replica's start to healthy (the version fetched to the node, then the engine "
+        "started); unset: measured and reported, not judged",
+    )
     throughput_tie: float = Field(
         0.02,
         ge=0,

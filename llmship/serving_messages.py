@@ -159,9 +159,16 @@ class Endpoint(BaseModel):
     engine_start_s: float | None = None
     phases: EnginePhases | None = None  # what engine_start_s spent, by the engine's log
 
+    @property
+    def cold_start_s(self) -> float | None:
+        """The replica's start to healthy, seconds; None where not recorded."""
+        if self.fetch_s is None or self.engine_start_s is None:
+            return None
+        return self.fetch_s + self.engine_start_s
+
     def cold_start(self) -> str:
         """`31.0 s: fetch 1.2, load 4.0, compile 10.1, graphs 3.2, other 12.5`; "" unknown."""
-        if self.fetch_s is None or self.engine_start_s is None:
+        if self.cold_start_s is None:
             return ""
         p = self.phases or EnginePhases()
         # compile and graphs are part of vLLM's init: "init" is the rest of it.
@@ -173,7 +180,7 @@ class Endpoint(BaseModel):
         named = {"fetch": self.fetch_s, **engine, "other": other}
         parts = ", ".join(f"{k} {v:.1f}" for k, v in named.items() if v is not None)
         hit = " (compile cache hit)" if p.compile_cache_hit else ""
-        return f"{self.fetch_s + self.engine_start_s:.1f} s: {parts}{hit}"
+        return f"{self.cold_start_s:.1f} s: {parts}{hit}"
 
 
 class Snapshot(BaseModel):

@@ -57,6 +57,7 @@ class CandidateRow(BaseModel):
     itl_p50_ms: float | None = None
     itl_p99_ms: float | None = None
     usd_per_million_tokens: float | None = None  # None: not measured, or no price set
+    cold_start_s: float | None = None  # its server's, when measured
     weights_bytes: int
     kv_cache_bytes: int | None = None  # None: the model's shape is unknown
     verdict: str = ""  # winner, passed, failed accuracy, failed performance, baseline
@@ -115,6 +116,7 @@ def figures_row(
             "itl_p50_ms": production.itl_p50_ms,
             "itl_p99_ms": production.itl_p99_ms,
             "usd_per_million_tokens": getattr(cost, role) if cost else None,
+            "cold_start_s": perf.cold_start_s.get(role),
         }
     )
 
@@ -231,6 +233,7 @@ def table_rows(report: CandidatesReport) -> list[dict]:
             "TTFT p50/p99 ms": f"{fmt(r.ttft_p50_ms)} / {fmt(r.ttft_p99_ms)}",
             "ITL p50/p99 ms": f"{fmt(r.itl_p50_ms, 2)} / {fmt(r.itl_p99_ms, 2)}",
             "$ per 1M output tokens": fmt(r.usd_per_million_tokens, 2),
+            "cold start s": fmt(r.cold_start_s),
             "weights GiB": round(r.weights_bytes / GIB, 3),
             "KV cache GiB": "-" if r.kv_cache_bytes is None else round(r.kv_cache_bytes / GIB, 3),
             "why": r.why,

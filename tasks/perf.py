@@ -48,6 +48,7 @@ from tasks.gating import Judged, Refusal, Verdict, judge_both
 from tasks.perf_rule import (
     PerfReport,
     ServerPrice,
+    cold_start_verdict,
     judge,
     loads,
     render_markdown,
@@ -66,6 +67,7 @@ def measurement_key(build: Build, config: PerfConfig) -> str:
     return digest_of(
         {
             "stage": "measure",
+            "measures": "loads, cold start",  # what a cached measurement holds
             "build": build.digest,
             "loads": [load.model_dump() for load in loads(config)],
             "engine": tool_versions(engine.python(settings), engine.tools),
@@ -104,10 +106,10 @@ def price_of_a_server(build: Build) -> ServerPrice:
 # ------------------------------------------------------------------ one build's figures
 
 
-def measure(build: Build, side: Side, config: PerfConfig, model: str) -> list[LoadFigures]:
-    """Every load against the build's server, as the gates serve it. The server the accuracy
-    gate kept is reused, and kept as it was for the candidate (for the rollout); the
-    baseline's is stopped."""
+def measure(build: Build, side: Side, config: PerfConfig, model: str) -> Measurement:
+    """Every load against the build's server, as the gates serve it, and the server's cold
+    start. The server the accuracy gate kept is reused, and kept as it was for the candidate
+    (for the rollout); the baseline's is stopped."""
     settings = get_settings()
     log = stage_logger()
     spec = server_spec(build, model, side)
@@ -115,7 +117,7 @@ def measure(build: Build, side: Side, config: PerfConfig, model: str) -> list[Lo
     server, started, was_kept = take_server(settings, spec)
     try:
         model_dir = ArtifactStore(settings).materialize(build.prefix)
-        return run_stage(
+        measured = run_stage(
             settings,
             settings.stages.serve_python,
             "jobs.benchmark",
@@ -127,7 +129,9 @@ def measure(build: Build, side: Side, config: PerfConfig, model: str) -> list[Lo
             ),
             Measurement,
             log,
-        ).figures
+        )
+        starts = [e.cold_start_s for e in server.endpoints if e.cold_start_s is not None]
+        return measured.model_copy(update={"cold_start_s": max(starts, default=None)})
     finally:
         # acquire cancelled any warm period: the one the accuracy gate set is put back.
         if started or was_kept:
@@ -148,9 +152,15 @@ def perf_report(
     client: dict[str, str],
     device: str,
     price: ServerPrice | None = None,
+    cold_start_s: dict[str, float | None] | None = None,
 ) -> PerfReport:
-    """The limits (tasks/perf_rule.py) applied to both builds' figures, priced by price."""
+    """The limits (tasks/perf_rule.py) applied to both builds' figures, priced by price, and
+    to their servers' cold starts (role -> seconds)."""
+    starts = cold_start_s or {}
     verdicts = judge(figures["baseline"], figures["candidate"], config, price)
+    start = cold_start_verdict(starts.get("baseline"), starts.get("candidate"), config)
+    if start is not None:
+        verdicts.append(start)
     return PerfReport(
         passed=all(v.passed is not False for v in verdicts),
         policy=config,
@@ -162,6 +172,7 @@ def perf_report(
         client=client,
         device=device,
         price=price,
+        cold_start_s=starts,
     )
 
 
@@ -227,7 +238,7 @@ def perf(
     baseline: Build,
     config: PerfConfig,
     model: str,
-    measure_one: Callable[[Build, Side], list[LoadFigures]],
+    measure_one: Callable[[Build, Side], Measurement],
 ) -> Verdict[PerfReport]:
     """Measure both builds under the same load (measure_one: each cached on its own) and
     judge the candidate; the report stored and recorded, with the refusal a failing
@@ -244,10 +255,14 @@ def perf(
                 candidate,
                 baseline,
                 config,
-                {Side.BASELINE.value: base, Side.CANDIDATE.value: cand},
+                {Side.BASELINE.value: base.figures, Side.CANDIDATE.value: cand.figures},
                 client=tool_versions(settings.stages.serve_python, CLIENT_TOOLS),
                 device=settings.device,
                 price=price_of_a_server(candidate),
+                cold_start_s={
+                    Side.BASELINE.value: base.cold_start_s,
+                    Side.CANDIDATE.value: cand.cold_start_s,
+                },
             ),
         ),
         measured_before,
@@ -265,7 +280,7 @@ def perf(
     persist_result=True,
     cache_key_fn=cache_key(lambda p: measurement_key(p["build"], p["config"])),
 )
-def measure_task(build: Build, side: Side, config: PerfConfig, model: str) -> list[LoadFigures]:
+def measure_task(build: Build, side: Side, config: PerfConfig, model: str) -> Measurement:
     return measure(build, side, config, model)
 
 

@@ -23,6 +23,7 @@ from llmship.pipeline_config import PerfConfig
 # of tokens that arrived together, not a measure of the engine.
 LATENCY_RESOLUTION_MS = 0.1
 COST_METRIC = "$ per 1M output tokens"
+COLD_START_METRIC = "cold start (s)"
 
 
 class ServerPrice(BaseModel):
@@ -89,6 +90,8 @@ class PerfReport(BaseModel):
     client: dict[str, str]  # versions of the benchmark client's packages
     device: str
     price: ServerPrice | None = None  # None in reports made before prices were kept
+    # Each server's cold start when measured, role -> seconds (None: not recorded).
+    cold_start_s: dict[str, float | None] = {}
 
     @property
     def failing(self) -> list[PerfVerdict]:
@@ -163,6 +166,25 @@ def judge(
             if b is not None and c is not None:
                 verdicts.append(figure_verdict(name, COST_METRIC, b, c, None, False))
     return verdicts
+
+
+def cold_start_verdict(
+    baseline_s: float | None, candidate_s: float | None, config: PerfConfig
+) -> PerfVerdict | None:
+    """The candidate's server's cold start against the policy's ceiling in seconds (the
+    baseline's beside it); None where either server's was not recorded."""
+    if not baseline_s or not candidate_s:
+        return None
+    limit = config.max_cold_start_s
+    return PerfVerdict(
+        load="start",
+        metric=COLD_START_METRIC,
+        baseline=baseline_s,
+        candidate=candidate_s,
+        ratio=candidate_s / baseline_s,
+        limit="-" if limit is None else f"<= {limit:g} s",
+        passed=None if limit is None else candidate_s <= limit,
+    )
 
 
 def figures(

@@ -62,7 +62,9 @@ def gated(candidate: Build, **candidate_scores: float) -> Verdict:
     return Verdict(report=report, stored=f"stages/gate/{candidate.key}", refusal=judged.refusal)
 
 
-def measured(candidate: Build, tok_s: float, policy: PerfConfig, base_tok_s=100.0) -> Verdict:
+def measured(
+    candidate: Build, tok_s: float, policy: PerfConfig, base_tok_s=100.0, cold_start_s=None
+) -> Verdict:
     production, single = loads(policy)
     report = perf.perf_report(
         candidate,
@@ -75,6 +77,7 @@ def measured(candidate: Build, tok_s: float, policy: PerfConfig, base_tok_s=100.
         client={},
         device="cpu",
         price=PRICE,
+        cold_start_s=cold_start_s,
     )
     judged = perf.judged("k", "m", report)
     return Verdict(report=report, stored=f"stages/perf/{candidate.key}", refusal=judged.refusal)
@@ -205,6 +208,57 @@ def test_recipes_are_named_as_the_table_shows_them():
         "FP8, FP8 KV cache"
     )
     assert CalibrationConfig(scheme=Scheme.UNQUANTIZED).describe() == "UNQUANTIZED"
+
+
+def test_a_server_slower_to_start_than_the_policy_allows_fails_the_performance_gate():
+    """Cold start (issue 32): the candidate's server, its replica's start to healthy, against
+    the deployment's ceiling in seconds; measured and shown without one; a slow starter loses
+    the search like a slow candidate, and the alert names the figure."""
+    from llmship.alerts import PERF_BODY
+    from tasks.perf_rule import COLD_START_METRIC
+
+    fast = build("fast", 1.0)
+    starts = {"baseline": 40.0, "candidate": 90.0}
+    unjudged = measured(fast, 150.0, POLICY, cold_start_s=starts)
+    [row] = [v for v in unjudged.report.verdicts if v.metric == COLD_START_METRIC]
+    assert (row.load, row.baseline, row.candidate, row.ratio) == ("start", 40.0, 90.0, 2.25)
+    assert row.passed is None and row.limit == "-" and unjudged.refusal is None
+    assert unjudged.report.cold_start_s == starts
+
+    ceiling = POLICY.model_copy(update={"max_cold_start_s": 60.0})
+    slow = measured(fast, 150.0, ceiling, cold_start_s=starts)
+    assert not slow.report.passed and [v.metric for v in slow.report.failing] == [COLD_START_METRIC]
+    assert "start cold start (s): 90.00 against the baseline's 40.00 (2.25x, limit <= 60 s)" in (
+        slow.refusal.message
+    )
+    from jinja2 import Template
+
+    body = Template(PERF_BODY).render(event={"payload": slow.refusal.payload | {"model": "m"}})
+    assert "start cold start (s): candidate 90.00, baseline 40.00 (2.25x, limit <= 60 s)" in body
+    assert measured(fast, 150.0, ceiling, cold_start_s={**starts, "candidate": 59.0}).report.passed
+
+    accurate = gated(fast, **BASELINE_SCORES)
+    quick = build("quick", 1.0)
+    report = search(
+        [
+            Trial(recipe=CalibrationConfig(), build=fast, gate=accurate, perf=slow),
+            Trial(
+                recipe=CalibrationConfig(smoothing_strength=0.5),
+                build=quick,
+                gate=gated(quick, **BASELINE_SCORES),
+                perf=measured(quick, 120.0, ceiling, cold_start_s={**starts, "candidate": 30.0}),
+            ),
+        ],
+        ceiling,
+    )
+    assert report.winner == quick.version
+    assert by_version(report)[fast.version].verdict == "failed performance"
+    assert "cold start (s) 2.25x (limit <= 60 s)" in by_version(report)[fast.version].why
+    assert [r["cold start s"] for r in table_rows(report)] == ["90.0", "30.0", "40.0"]
+    # Without a record of either server's start (an engine build's older report): no row.
+    assert not any(
+        v.metric == COLD_START_METRIC for v in measured(fast, 150.0, ceiling).report.verdicts
+    )
 
 
 SEARCH = {

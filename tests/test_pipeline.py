@@ -218,6 +218,14 @@ def test_published_version_is_complete_in_s3(first_run, store):
         assert cost[role] == pytest.approx(0.20 / (throughput[role] * 3600) * 1e6)
     assert cost["passed"] is None and perf["price"]["price_key"] == "cpu"
     assert "priced at $0.2 per server-hour (the CPU host" in text
+    # Each measured server's cold start, its replica's start to healthy (issue 32): shown, not
+    # judged (the demo sets no max_cold_start_s).
+    start = verdicts[("start", "cold start (s)")]
+    assert start["passed"] is None and start["limit"] == "-"
+    for role in ("baseline", "candidate"):
+        assert 0 < start[role] == perf["cold_start_s"][role] < 600
+    assert "| start | cold start (s) |" in text
+    assert details.perf["start cold start (s)"]["candidate"] == start["candidate"]  # the record
 
 
 def test_the_search_publishes_the_fastest_recipe_that_keeps_the_accuracy(
