@@ -144,6 +144,29 @@ class EnginePhases(BaseModel):
     compile_cache_hit: bool = False  # vLLM loaded its compiled graphs from its cache
 
 
+class CompileCacheUse(BaseModel):
+    """What one replica's start did with its key's compile cache (serving/compile_cache.py)."""
+
+    key: str
+    restored_files: int = 0  # in the node's folder before the engine started (S3 or the node)
+    added_files: int = 0  # what the engine compiled that the cache lacked
+    saved: bool = False
+    note: str = ""  # why a saved cache was not restored, or not saved
+
+    def describe(self) -> str:
+        """`hit: 24 files restored, nothing compiled`; "" where the engine compiled nothing."""
+        if self.restored_files and not self.added_files:
+            said = f"hit: {self.restored_files} files restored, nothing compiled"
+        elif self.restored_files:
+            said = f"partial: {self.restored_files} files restored, {self.added_files} compiled"
+        elif self.added_files:
+            said = f"miss: {self.added_files} files compiled"
+        else:
+            said = ""
+        said += ", saved" if self.saved else ""
+        return f"{said} ({self.note})".lstrip() if self.note else said
+
+
 class Endpoint(BaseModel):
     """One replica's engine, as the gateway reaches it."""
 
@@ -158,6 +181,7 @@ class Endpoint(BaseModel):
     fetch_s: float | None = None
     engine_start_s: float | None = None
     phases: EnginePhases | None = None  # what engine_start_s spent, by the engine's log
+    compile_cache: CompileCacheUse | None = None  # None where compile caches are off
 
     @property
     def cold_start_s(self) -> float | None:
@@ -180,7 +204,9 @@ class Endpoint(BaseModel):
         named = {"fetch": self.fetch_s, **engine, "other": other}
         parts = ", ".join(f"{k} {v:.1f}" for k, v in named.items() if v is not None)
         hit = " (compile cache hit)" if p.compile_cache_hit else ""
-        return f"{self.cold_start_s:.1f} s: {parts}{hit}"
+        kept = self.compile_cache.describe() if self.compile_cache else ""
+        kept = f"; compile cache {kept}" if kept else ""
+        return f"{self.cold_start_s:.1f} s: {parts}{hit}{kept}"
 
 
 class Snapshot(BaseModel):

@@ -135,6 +135,11 @@ class RaySettings(_Block):
     # Where a node keeps the versions its replicas serve, one folder per manifest digest: no
     # disk is shared between nodes. Default: <state>/node-cache (Settings.node_cache).
     node_cache_dir: Path | None = None
+    # Each replica keeps what its engine compiled (torch.compile, Inductor, Triton,
+    # FlashInfer's JIT) beside its version in S3, once per version, engine version, device
+    # type and tensor parallel size, and the next replica of the key restores it before its
+    # engine starts (serving/compile_cache.py).
+    compile_caches: bool = True
 
 
 class StageSettings(_Block):

@@ -36,7 +36,7 @@ from llmship.contracts import ServeSpec
 from llmship.errors import ServerExited, ServingError
 from llmship.pipeline_config import Target
 from llmship.settings import Settings, get_settings, stage_env
-from serving import engines
+from serving import compile_cache, engines
 from serving.autoscale import read_engine_load
 
 log = logging.getLogger("llmship.replica")
@@ -134,11 +134,17 @@ def free_port(host: str) -> int:
 
 
 def start_engine(
-    settings: Settings, spec: ReplicaSpec, model_dir: Path, log_path: Path, link_dir: Path
+    settings: Settings,
+    spec: ReplicaSpec,
+    model_dir: Path,
+    log_path: Path,
+    link_dir: Path,
+    cache_env: dict[str, str] | None = None,
 ) -> tuple[subprocess.Popen, str]:
     """The engine's own OpenAI server for spec, on settings.host at a free port, under
     serving/engine_guard.py: (process, url). What a replica runs on its node, and what
-    bench/gpu_serve.py runs on a GPU host without Ray."""
+    bench/gpu_serve.py runs on a GPU host without Ray. cache_env: where the engine keeps what
+    it compiles (serving/compile_cache.py)."""
     port = free_port(settings.host)
     load_path = model_dir
     serve = spec.serve
@@ -160,7 +166,7 @@ def start_engine(
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env=server_env(settings, serve.target),
+            env=server_env(settings, serve.target) | (cache_env or {}),
             start_new_session=True,
         )
     return engine, f"http://{settings.host}:{port}"
@@ -228,6 +234,10 @@ class ModelReplica:
         settings = get_settings().model_copy(update={"host": node_ip})
         started = time.monotonic()
         model_dir = fetch_to_node(settings, self.spec)
+        gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+        compiled = compile_cache.for_replica(
+            settings, self.spec.model, self.spec.version, self.spec.serve, gpu_ids
+        )
         fetched = time.monotonic()
         logs = settings.state_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
@@ -239,6 +249,7 @@ class ModelReplica:
             model_dir,
             self.log_path,
             settings.node_cache / "links" / self.replica_id,
+            compiled.env if compiled else None,
         )
         wait_healthy(settings, self.spec, self.engine, self.url, self.log_path)
         healthy = time.monotonic()
@@ -251,11 +262,12 @@ class ModelReplica:
             replica=self.replica_id,
             node_ip=node_ip,
             node_id=ray.get_runtime_context().get_node_id(),
-            gpus=[str(g) for g in ray.get_gpu_ids()],
+            gpus=gpu_ids,
             log=str(self.log_path),
             fetch_s=round(fetched - started, 3),
             engine_start_s=round(healthy - fetched, 3),
             phases=engine_phases(self.log_path.read_text(errors="replace")),
+            compile_cache=compiled.keep(self.replica_id) if compiled else None,
         )
         log.info("%s healthy: cold start %s", self.spec.app, self.endpoint.cold_start())
         self.directory = directory()
