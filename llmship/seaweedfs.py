@@ -29,6 +29,7 @@ from pathlib import Path
 
 from llmship.processes import write_private
 from llmship.settings import S3_IDENTITY_KEY_PREFIX, Settings
+from llmship.store import COMPILE_CACHES_PREFIX
 
 # identity -> its SeaweedFS actions (its keys' names: settings.S3_IDENTITY_KEY_PREFIX)
 IDENTITIES: dict[str, list[str]] = {
@@ -46,6 +47,18 @@ IDENTITIES: dict[str, list[str]] = {
 # no bucket's configuration; policy, ACL, encryption, public access, ownership, request payment
 # and the bucket itself want actions (PutBucketPolicy, WriteAcp, Admin, DeleteBucket) it never
 # had. tests/test_host_security.py tries every one.
+
+
+def identity_actions(settings: Settings) -> dict[str, list[str]]:
+    """IDENTITIES, and the one write the reader has: a replica keeps what its engine compiled
+    beside its version (serving/compile_cache.py), under the compile caches' prefix only."""
+    caches = f"Write:{settings.s3.artifacts_bucket}/{COMPILE_CACHES_PREFIX}/*"
+    return {
+        name: [*actions, caches] if name == "reader" else actions
+        for name, actions in IDENTITIES.items()
+    }
+
+
 # key in the credentials file -> the security.toml table that takes it
 JWT_KEYS = {
     "seaweedfs_jwt_write": "jwt.signing",
@@ -171,7 +184,7 @@ def write_config(settings: Settings, creds: dict[str, str]) -> Path:
                         ],
                         "actions": actions,
                     }
-                    for name, actions in IDENTITIES.items()
+                    for name, actions in identity_actions(settings).items()
                 ]
             }
         ),

@@ -70,6 +70,15 @@ def version_prefix(model: str, version: str) -> str:
     return f"versions/{key_part(model, 'model')}/{key_part(version, 'version')}"
 
 
+# Where replicas keep what their engines compiled, per version (serving/compile_cache.py): the
+# one prefix the serving identity may write (llmship/seaweedfs.py).
+COMPILE_CACHES_PREFIX = "compile-caches"
+
+
+def compile_cache_prefix(model: str, version: str) -> str:
+    return f"{COMPILE_CACHES_PREFIX}/{key_part(model, 'model')}/{key_part(version, 'version')}"
+
+
 def shadow_prefix(model: str, version: str) -> str:
     """Where a rollout keeps what it scored of a version's shadow traffic, per step."""
     return f"shadow/{key_part(model, 'model')}/{key_part(version, 'version')}"

@@ -37,10 +37,9 @@ from pydantic import BaseModel
 
 from llmship.contracts import ServeSpec
 from llmship.errors import VersionConflict
-from llmship.manifest import key_part
 from llmship.serving_messages import CompileCacheUse
 from llmship.settings import Settings
-from llmship.store import ArtifactStore
+from llmship.store import ArtifactStore, compile_cache_prefix
 from llmship.subprocess_stage import tool_versions
 from serving import engines
 
@@ -70,8 +69,7 @@ class CacheKey(BaseModel):
 
     @property
     def prefix(self) -> str:
-        model, version = key_part(self.model, "model"), key_part(self.version, "version")
-        return f"compile-caches/{model}/{version}/{self.name}"
+        return f"{compile_cache_prefix(self.model, self.version)}/{self.name}"
 
 
 class CacheRecord(BaseModel):

@@ -8,6 +8,7 @@ kernels); two node caches stand in for two nodes. The store is the stack's Seawe
 
 from __future__ import annotations
 
+import json
 import tarfile
 import uuid
 from pathlib import Path
@@ -16,6 +17,7 @@ import httpx
 import pytest
 
 from llmship.contracts import ServeSpec
+from llmship.stack import as_identity
 from serving import compile_cache
 from serving.cold_start import engine_phases
 from serving.replica import ReplicaSpec, start_engine, wait_healthy
@@ -29,7 +31,10 @@ SERVE = ServeSpec(engine_args=["--dtype", "bfloat16", "--max-model-len", "512"])
 
 
 def on_node(settings, node: Path):
-    return settings.updated(ray={"node_cache_dir": node})
+    """A replica's settings on a node: its own node cache, and the serving identity (S3's
+    reader, whose one write is the compile caches' prefix), as a replica under Ray has."""
+    creds = json.loads(settings.credentials_file.read_text())
+    return as_identity(settings, creds, "reader").updated(ray={"node_cache_dir": node})
 
 
 def start_replica(settings, spec: ReplicaSpec, work: Path, name: str):

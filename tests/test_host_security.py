@@ -164,7 +164,7 @@ def test_the_store_s_secrets_and_sockets_are_its_owner_s_only(stack, weed):
         assert stat.S_IMODE(os.stat(path).st_mode) & 0o077 == 0, (path, oct(os.stat(path).st_mode))
 
 
-def test_the_serving_identity_reads_and_never_writes(stack, store, creds):
+def test_the_serving_identity_reads_and_writes_only_compile_caches(stack, store, creds):
     reader = ArtifactStore(as_identity(stack, creds, "reader"))
     store.put_json("versions/security-test/v1/manifest.json", {"published": True})
     assert reader.get_json("versions/security-test/v1/manifest.json")[0] == {"published": True}
@@ -191,12 +191,18 @@ def test_the_serving_identity_reads_and_never_writes(stack, store, creds):
             Bucket=reader.bucket, Key="versions/security-test/v1/files/x"
         ),
         "make a bucket": lambda: reader.client.create_bucket(Bucket="reader-made-this"),
+        "write beside the compile caches": lambda: reader.put_json("compile-caches-x/k", {}),
     }
     for what, attempt in attempts.items():
         with pytest.raises(ClientError, match="AccessDenied"):
             attempt()
             pytest.fail(f"the reader could {what}")
     assert store.get_json("versions/security-test/v1/manifest.json")[0] == {"published": True}
+    # Its one write: a replica keeps what its engine compiled (serving/compile_cache.py).
+    reader.put_json(
+        "compile-caches/security-test/v1/key/record.json", {"ok": 1}, if_none_match=True
+    )
+    assert store.get_json("compile-caches/security-test/v1/key/record.json")[0] == {"ok": 1}
     # The pipeline's writer cannot make buckets either: only `llmship up` (admin) does.
     with pytest.raises(ClientError, match="AccessDenied"):
         store.client.create_bucket(Bucket="writer-made-this")

@@ -99,6 +99,11 @@ def test_build_and_serve_serves_the_version_its_search_picked(
     # Its cold start, phase by phase from its engine's log, in the rollout's result and artifact
     # (issue 32).
     assert rollout.cold_starts == [replica.cold_start()] and replica.phases.init_s is not None
+    # Its compile cache's key was made and looked for (the demo runs --enforce-eager: nothing
+    # compiled, nothing saved; tests/test_compile_cache.py has an engine that compiles).
+    cache = replica.compile_cache
+    assert re.fullmatch(r"vllm-torch\S+-vllm\S+-cpu-\w+-tp1", cache.key), cache
+    assert (cache.added_files, cache.saved, cache.note) == (0, False, ""), cache
     assert re.fullmatch(
         r"[\d.]+ s: fetch [\d.]+, load [\d.]+, init [\d.]+, other [\d.]+", rollout.cold_starts[0]
     )
