@@ -4,8 +4,9 @@ A vLLM server's cold start is mostly compilation: torch.compile's graphs, Induct
 Triton's, FlashInfer's JIT modules (docs/GPU.md: 240 s for an 8B server's first start on an
 H200, 56-72 s with warm caches). The engine keeps all of them in directories that the
 replica points at one node folder per key (engine_cache_env). The key is what a compiled
-artifact depends on: the version, the engine's and torch's versions, the device type and the
-tensor parallel size. The first replica that compiles for a key saves the folder to
+artifact depends on: the version, the engine's and torch's versions, the device type, the
+tensor parallel size and the engine's arguments. The first replica that compiles for a key
+saves the folder to
 s3://<artifacts>/compile-caches/<model>/<version>/<key>/; the next replica of the key, on any
 node, restores it before its engine starts.
 
@@ -60,11 +61,15 @@ class CacheKey(BaseModel):
     engine_versions: dict[str, str]  # the engine's packages, as the serve environment has them
     device: str  # "nvidia-h200", "cpu-x86_64"
     tensor_parallel: int
+    # The engine's arguments (the build's): the context length, the KV cache's dtype, the
+    # batch size and eager or not change what is compiled.
+    engine_args: list[str] = []
 
     @property
     def name(self) -> str:
         versions = "-".join(f"{p}{v}" for p, v in sorted(self.engine_versions.items()))
-        raw = f"{self.engine}-{versions}-{self.device}-tp{self.tensor_parallel}"
+        args = hashlib.sha256("\0".join(self.engine_args).encode()).hexdigest()[:8]
+        raw = f"{self.engine}-{versions}-{self.device}-tp{self.tensor_parallel}-args{args}"
         return re.sub(r"[^A-Za-z0-9._-]+", "_", raw)
 
     @property
@@ -252,6 +257,7 @@ def for_replica(
         engine_versions=tool_versions(engines.python_for(settings, serve.target), engine.tools),
         device=device_type(settings, gpu_ids),
         tensor_parallel=engines.tensor_parallel_size(serve.engine_args),
+        engine_args=serve.engine_args,
     )
     cache = ReplicaCompileCache(settings, key)
     cache.restore()

@@ -102,7 +102,7 @@ def test_build_and_serve_serves_the_version_its_search_picked(
     # Its compile cache's key was made and looked for (the demo runs --enforce-eager: nothing
     # compiled, nothing saved; tests/test_compile_cache.py has an engine that compiles).
     cache = replica.compile_cache
-    assert re.fullmatch(r"vllm-torch\S+-vllm\S+-cpu-\w+-tp1", cache.key), cache
+    assert re.fullmatch(r"vllm-torch\S+-vllm\S+-cpu-\w+-tp1-args[0-9a-f]{8}", cache.key), cache
     assert (cache.added_files, cache.saved, cache.note) == (0, False, ""), cache
     assert re.fullmatch(
         r"[\d.]+ s: fetch [\d.]+, load [\d.]+, init [\d.]+, other [\d.]+", rollout.cold_starts[0]
