@@ -28,6 +28,7 @@ import hashlib
 import logging
 import platform
 import re
+import shutil
 import tarfile
 import tempfile
 import time
@@ -40,7 +41,7 @@ from llmship.contracts import ServeSpec
 from llmship.errors import VersionConflict
 from llmship.serving_messages import CompileCacheUse
 from llmship.settings import Settings
-from llmship.store import ArtifactStore, compile_cache_prefix
+from llmship.store import COMPILE_CACHES_PREFIX, ArtifactStore, compile_cache_prefix
 from llmship.subprocess_stage import tool_versions
 from serving import engines
 
@@ -66,11 +67,15 @@ class CacheKey(BaseModel):
     engine_args: list[str] = []
 
     @property
-    def name(self) -> str:
+    def engine_part(self) -> str:
+        """What every key of one engine build on one device type shares."""
         versions = "-".join(f"{p}{v}" for p, v in sorted(self.engine_versions.items()))
+        return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{self.engine}-{versions}-{self.device}")
+
+    @property
+    def name(self) -> str:
         args = hashlib.sha256("\0".join(self.engine_args).encode()).hexdigest()[:8]
-        raw = f"{self.engine}-{versions}-{self.device}-tp{self.tensor_parallel}-args{args}"
-        return re.sub(r"[^A-Za-z0-9._-]+", "_", raw)
+        return f"{self.engine_part}-tp{self.tensor_parallel}-args{args}"
 
     @property
     def prefix(self) -> str:
@@ -121,12 +126,14 @@ def files_in(folder: Path) -> set[str]:
 
 
 def node_folder(settings: Settings, key: CacheKey) -> Path:
-    return settings.node_cache / "compile" / key.name
+    """The key's folder on this node: <node cache>/compile/<model>/<version>/<key name>."""
+    return settings.node_cache / "compile" / key.prefix.removeprefix(f"{COMPILE_CACHES_PREFIX}/")
 
 
 def restore(store: ArtifactStore, key: CacheKey, folder: Path) -> tuple[int, str]:
-    """The key's saved cache into folder, unless the node has it already: (files in the
-    folder, why a saved one was not restored, or "")."""
+    """The key's saved cache into folder, unless the node has it already; with none saved,
+    the folder starts as a copy of the node's last used one of the same engine and device
+    (seed_from_node). (files in the folder, what happened beside a restore, or "")."""
     folder.mkdir(parents=True, exist_ok=True)
     with open(f"{folder}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # replicas of a node restore once, one at a time
@@ -135,7 +142,8 @@ def restore(store: ArtifactStore, key: CacheKey, folder: Path) -> tuple[int, str
             return len(present), ""
         found = store.get_json(f"{key.prefix}/{RECORD}")
         if found is None:
-            return 0, ""
+            seeded = seed_from_node(key, folder)
+            return len(files_in(folder)), seeded
         record = CacheRecord.model_validate(found[0])
         if record.key != key:
             return 0, f"ignored the saved cache: made for {record.key.name}, not {key.name}"
@@ -153,6 +161,25 @@ def restore(store: ArtifactStore, key: CacheKey, folder: Path) -> tuple[int, str
             with tarfile.open(archive) as tar:
                 tar.extractall(folder, filter="data")
         return len(files_in(folder)), ""
+
+
+def seed_from_node(key: CacheKey, folder: Path) -> str:
+    """Copy into folder the node's most recently used compile folder of the same engine build
+    and device: a new version of a model compiles mostly what the last one did (the engines
+    find their own entries by their own hashes and leave the others unused), as the host-wide
+    caches the engines keep by default would have let it. Copied, not linked: a JIT build may
+    rewrite its output in place. "" where there is none, else what it started from."""
+    root = folder.parents[2]  # <node cache>/compile
+    others = [
+        p
+        for p in root.glob(f"*/*/{key.engine_part}-*")
+        if p.is_dir() and p != folder and files_in(p)
+    ]
+    if not others:
+        return ""
+    last = max(others, key=lambda p: Path(f"{p}.lock").stat().st_mtime)
+    shutil.copytree(last, folder, dirs_exist_ok=True)
+    return f"started from this node's {last.relative_to(root)}"
 
 
 def save(store: ArtifactStore, key: CacheKey, folder: Path, made_by: str) -> tuple[bool, str]:
@@ -226,9 +253,12 @@ class ReplicaCompileCache:
         )
 
     def keep(self, made_by: str) -> CompileCacheUse:
-        added = files_in(self.folder) - self.restored
+        """Save the folder where S3 has no cache for the key yet: what this engine compiled,
+        or what it found on the node (a folder seeded, or left by a replica before)."""
+        present = files_in(self.folder)
+        added = present - self.restored
         saved = False
-        if added:
+        if present:
             try:
                 saved, why_not = save(self.store, self.key, self.folder, made_by)
             except Exception as exc:  # noqa: BLE001 - the next replica compiles too

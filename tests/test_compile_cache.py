@@ -82,7 +82,18 @@ def test_a_second_replica_starts_from_what_the_first_compiled(stack, store, tmp_
     second, second_init = start_replica(on_node(stack, tmp_path / "node-b"), spec, tmp_path, "b")
     assert second.restored_files == first.added_files and second.added_files == 0, second
     assert not second.saved and second.describe().startswith("hit: ")
-    print(f"engine init: {first_init} s compiling, {second_init} s from the restored cache")
+
+    # A new version on the first node: nothing saved for it yet, so its folder starts from
+    # the node's last one of the same engine (a new version compiles what the last did); the
+    # engine compiles nothing, and the folder is saved as the new version's cache.
+    newer = spec.model_copy(update={"version": f"{version}-2"})
+    third, third_init = start_replica(on_node(stack, tmp_path / "node-a"), newer, tmp_path, "c")
+    assert third.restored_files == first.added_files and third.added_files == 0, third
+    assert third.saved and third.note == f"started from this node's cc-model/{version}/{first.key}"
+    print(
+        f"engine init: {first_init} s compiling, {second_init} s from the restored cache, "
+        f"{third_init} s from the node's last folder"
+    )
 
 
 def test_a_cache_that_does_not_match_its_key_is_ignored(stack, store, tmp_path):
