@@ -70,13 +70,9 @@ def version_prefix(model: str, version: str) -> str:
     return f"versions/{key_part(model, 'model')}/{key_part(version, 'version')}"
 
 
-# Where replicas keep what their engines compiled, per version (serving/compile_cache.py): the
-# one prefix the serving identity may write (llmship/seaweedfs.py).
+# Where replicas keep what their engines compiled (serving/compile_cache.py): the one prefix
+# the serving identity may write (llmship/seaweedfs.py).
 COMPILE_CACHES_PREFIX = "compile-caches"
-
-
-def compile_cache_prefix(model: str, version: str) -> str:
-    return f"{COMPILE_CACHES_PREFIX}/{key_part(model, 'model')}/{key_part(version, 'version')}"
 
 
 def shadow_prefix(model: str, version: str) -> str:

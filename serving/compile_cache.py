@@ -39,9 +39,10 @@ from pydantic import BaseModel
 
 from llmship.contracts import ServeSpec
 from llmship.errors import VersionConflict
+from llmship.manifest import key_part
 from llmship.serving_messages import CompileCacheUse
 from llmship.settings import Settings
-from llmship.store import COMPILE_CACHES_PREFIX, ArtifactStore, compile_cache_prefix
+from llmship.store import COMPILE_CACHES_PREFIX, ArtifactStore
 from llmship.subprocess_stage import tool_versions
 from serving import engines
 
@@ -79,7 +80,8 @@ class CacheKey(BaseModel):
 
     @property
     def prefix(self) -> str:
-        return f"{compile_cache_prefix(self.model, self.version)}/{self.name}"
+        model, version = key_part(self.model, "model"), key_part(self.version, "version")
+        return f"{COMPILE_CACHES_PREFIX}/{model}/{version}/{self.name}"
 
 
 class CacheRecord(BaseModel):
