@@ -39,7 +39,7 @@ from pydantic import BaseModel
 
 from llmship.contracts import ServeSpec
 from llmship.errors import VersionConflict
-from llmship.manifest import key_part
+from llmship.manifest import key_part, sha256_file
 from llmship.serving_messages import CompileCacheUse
 from llmship.settings import Settings
 from llmship.store import COMPILE_CACHES_PREFIX, ArtifactStore
@@ -132,23 +132,21 @@ def node_folder(settings: Settings, key: CacheKey) -> Path:
     return settings.node_cache / "compile" / key.prefix.removeprefix(f"{COMPILE_CACHES_PREFIX}/")
 
 
-def restore(store: ArtifactStore, key: CacheKey, folder: Path) -> tuple[int, str]:
+def restore(store: ArtifactStore, key: CacheKey, folder: Path) -> str:
     """The key's saved cache into folder, unless the node has it already; with none saved,
     the folder starts as a copy of the node's last used one of the same engine and device
-    (seed_from_node). (files in the folder, what happened beside a restore, or "")."""
+    (seed_from_node). What happened beside a restore, or "" (files_in says what is there)."""
     folder.mkdir(parents=True, exist_ok=True)
     with open(f"{folder}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # replicas of a node restore once, one at a time
-        present = files_in(folder)
-        if present:
-            return len(present), ""
+        if files_in(folder):
+            return ""
         found = store.get_json(f"{key.prefix}/{RECORD}")
         if found is None:
-            seeded = seed_from_node(key, folder)
-            return len(files_in(folder)), seeded
+            return seed_from_node(key, folder)
         record = CacheRecord.model_validate(found[0])
         if record.key != key:
-            return 0, f"ignored the saved cache: made for {record.key.name}, not {key.name}"
+            return f"ignored the saved cache: made for {record.key.name}, not {key.name}"
         with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
             archive = Path(tmp) / "cache.tar"
             store.client.download_file(
@@ -156,13 +154,13 @@ def restore(store: ArtifactStore, key: CacheKey, folder: Path) -> tuple[int, str
             )
             digest = sha256_file(archive)
             if digest != record.sha256:
-                return 0, (
+                return (
                     f"ignored the saved cache: its archive's sha256 {digest[:12]} is not its "
                     f"record's {record.sha256[:12]}"
                 )
             with tarfile.open(archive) as tar:
                 tar.extractall(folder, filter="data")
-        return len(files_in(folder)), ""
+        return ""
 
 
 def seed_from_node(key: CacheKey, folder: Path) -> str:
@@ -215,14 +213,6 @@ def save(store: ArtifactStore, key: CacheKey, folder: Path, made_by: str) -> tup
     return True, ""
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(8 * 1024 * 1024):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class ReplicaCompileCache:
     """One replica's part: restore before its engine starts, save once it is healthy. A cache
     is a shortcut, never a condition: S3 failing here costs the engine its compile, not the
@@ -242,14 +232,14 @@ class ReplicaCompileCache:
     def restore(self) -> None:
         started = time.monotonic()
         try:
-            count, self.note = restore(self.store, self.key, self.folder)
+            self.note = restore(self.store, self.key, self.folder)
         except Exception as exc:  # noqa: BLE001 - the engine compiles instead
-            count, self.note = 0, f"could not restore: {type(exc).__name__}: {exc}"
+            self.note = f"could not restore: {type(exc).__name__}: {exc}"
         self.restored = files_in(self.folder)
         log.info(
             "compile cache %s: %d files ready in %.1f s%s",
             self.key.name,
-            count,
+            len(self.restored),
             time.monotonic() - started,
             f" ({self.note})" if self.note else "",
         )

@@ -114,13 +114,14 @@ def test_a_cache_that_does_not_match_its_key_is_ignored(stack, store, tmp_path):
     assert compile_cache.save(store, other_engine, made, "replica-x") == (True, "")
 
     # Another engine version's cache is under another key: nothing to restore.
-    assert compile_cache.restore(store, ours, tmp_path / "n1") == (0, "")
+    assert compile_cache.restore(store, ours, tmp_path / "n1") == ""
+    assert compile_cache.files_in(tmp_path / "n1") == set()
 
     # Its record copied under this key: ignored, and said why.
     copied = store.get_json(f"{other_engine.prefix}/record.json")[0]
     store.put_json(f"{ours.prefix}/record.json", copied)
-    count, note = compile_cache.restore(store, ours, tmp_path / "n2")
-    assert count == 0 and note.startswith(f"ignored the saved cache: made for {other_engine.name},")
+    note = compile_cache.restore(store, ours, tmp_path / "n2")
+    assert note.startswith(f"ignored the saved cache: made for {other_engine.name},")
     assert "vllm0.33" in other_engine.name
     assert compile_cache.files_in(tmp_path / "n2") == set()
 
@@ -133,8 +134,8 @@ def test_a_cache_that_does_not_match_its_key_is_ignored(stack, store, tmp_path):
     with tarfile.open(swapped, "w") as tar:
         tar.add(tmp_path / "evil.so", arcname="inductor/ab/kernel.so")
     store.client.upload_file(str(swapped), store.bucket, record["archive"])
-    count, note = compile_cache.restore(store, third, tmp_path / "n3")
-    assert count == 0 and "sha256" in note and compile_cache.files_in(tmp_path / "n3") == set()
+    note = compile_cache.restore(store, third, tmp_path / "n3")
+    assert "sha256" in note and compile_cache.files_in(tmp_path / "n3") == set()
 
     # The one saved first stays: a second save of a key changes nothing.
     assert compile_cache.save(store, other_engine, made, "replica-z") == (False, "")
