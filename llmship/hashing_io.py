@@ -1,7 +1,8 @@
 """Each byte of a file read once in a transfer: the file hashed as boto3's transfer manager reads
-it for an upload (HashingReader), and as it writes it on a download (HashingWriter), both
-given as streams so that s3transfer reads and writes them in order; the sha256 and size are
-checked against the manifest's entry before the file is used."""
+it for an upload (HashingReader; a safetensors file's tensors too, each alone), and as it
+writes it on a download (HashingWriter), both given as streams so that s3transfer reads and
+writes them in order; the sha256 and size are checked against the manifest's entry before the
+file is used."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from s3transfer.subscribers import BaseSubscriber
 
 from llmship.errors import IntegrityError
 from llmship.manifest import FileEntry
+from llmship.tensor_hashes import TensorHashes
 
 
 class HashingReader:
@@ -21,12 +23,15 @@ class HashingReader:
     def __init__(self, path: Path) -> None:
         self.path, self.size, self._sha = path, 0, hashlib.sha256()
         self._file = None  # opened on the first read: hundreds of files wait in the queue
+        self._tensors = TensorHashes() if path.suffix == ".safetensors" else None
 
     def read(self, amount: int = -1) -> bytes:
         if self._file is None:
             self._file = self.path.open("rb")
         data = self._file.read(amount)
         self._sha.update(data)
+        if self._tensors is not None:
+            self._tensors.update(data)
         self.size += len(data)
         return data
 
@@ -38,7 +43,10 @@ class HashingReader:
             self._file.close()
 
     def entry(self, relative: str) -> FileEntry:
-        return FileEntry(path=relative, size=self.size, sha256=self._sha.hexdigest())
+        tensors = self._tensors.result() if self._tensors is not None else None
+        return FileEntry(
+            path=relative, size=self.size, sha256=self._sha.hexdigest(), tensors=tensors
+        )
 
 
 class HashingWriter(BaseSubscriber):

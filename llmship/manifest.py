@@ -58,10 +58,22 @@ def inside_path(path: str, what: str = "file path") -> str:
     return path
 
 
+class TensorDigest(BaseModel):
+    """One tensor of a safetensors file, as its header names it, and the sha256 of its bytes."""
+
+    dtype: str  # safetensors' name for it: "BF16", "F8_E4M3", ...
+    shape: list[int]
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
 class FileEntry(BaseModel):
     path: str  # relative, with forward slashes
     size: int = Field(ge=0)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    # A safetensors file's tensors, each hashed as the upload read the file
+    # (llmship/tensor_hashes.py): what a replica that streams the weights checks
+    # (serving/weight_stream.py). None for other files, and in manifests made before.
+    tensors: dict[str, TensorDigest] | None = None
 
     @field_validator("path")
     @classmethod

@@ -182,6 +182,8 @@ class Endpoint(BaseModel):
     engine_start_s: float | None = None
     phases: EnginePhases | None = None  # what engine_start_s spent, by the engine's log
     compile_cache: CompileCacheUse | None = None  # None where compile caches are off
+    # "streamed from S3", "node cache", or "fetched to the node (why not streamed)"
+    weights: str = ""
 
     @property
     def cold_start_s(self) -> float | None:
@@ -206,7 +208,8 @@ class Endpoint(BaseModel):
         hit = " (compile cache hit)" if p.compile_cache_hit else ""
         kept = self.compile_cache.describe() if self.compile_cache else ""
         kept = f"; compile cache {kept}" if kept else ""
-        return f"{self.cold_start_s:.1f} s: {parts}{hit}{kept}"
+        weights = f"; weights {self.weights}" if self.weights else ""
+        return f"{self.cold_start_s:.1f} s: {parts}{hit}{kept}{weights}"
 
 
 class Snapshot(BaseModel):

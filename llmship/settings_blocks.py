@@ -140,6 +140,11 @@ class RaySettings(_Block):
     # type and tensor parallel size, and the next replica of the key restores it before its
     # engine starts (serving/compile_cache.py).
     compile_caches: bool = True
+    # A replica's engine streams its version's weights from S3, each tensor checked against
+    # the signed manifest as it arrives (serving/weight_stream.py), where the version's
+    # manifest has the tensors' digests and the engine is vLLM; off, or elsewhere, the
+    # replica fetches the version to its node's disk first.
+    stream_weights: bool = True
 
 
 class StageSettings(_Block):

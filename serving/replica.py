@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -33,10 +34,10 @@ import httpx
 from pydantic import BaseModel
 
 from llmship.contracts import ServeSpec
-from llmship.errors import ServerExited, ServingError
+from llmship.errors import IntegrityError, ServerExited, ServingError
 from llmship.pipeline_config import Target
 from llmship.settings import Settings, get_settings, stage_env
-from serving import compile_cache, engines
+from serving import compile_cache, engines, weight_stream
 from serving.autoscale import read_engine_load
 
 log = logging.getLogger("llmship.replica")
@@ -64,7 +65,8 @@ def server_env(settings: Settings, target: Target = Target.VLLM) -> dict[str, st
     # and the gateway cannot send a follow-up to the replica that holds one: off, whatever
     # the host's environment says (serving/gateway/schemas.py: ResponsesRequest).
     env["VLLM_ENABLE_RESPONSES_API_STORE"] = "0"
-    # The engine reads nothing from S3 and joins no Ray cluster: none of the stack's secrets.
+    # The engine joins no Ray cluster and has none of the stack's secrets; one that streams
+    # its weights from S3 is given the replica's read-only identity (weights_for).
     for name in list(env):
         if name.startswith(("RAY_AUTH", "AWS_")) or name in (
             "LLMSHIP_S3_ACCESS_KEY",
@@ -74,31 +76,34 @@ def server_env(settings: Settings, target: Target = Target.VLLM) -> dict[str, st
     return env
 
 
-def fetch_to_node(settings: Settings, spec: ReplicaSpec) -> Path:
-    """The stored directory the spec serves on this node: node_cache/<content digest>,
-    fetched once per node (replicas of a node wait for each other's fetch) and checked
-    against the manifest, every file's sha256. A published version's manifest is first
-    checked against its signature, at every start (a key no longer trusted refuses it even
-    from the cache): SignatureRefused. (A gate's server serves the pipeline's own build
-    before it is published, and signed.)"""
+def checked_manifest(settings: Settings, spec: ReplicaSpec):
+    """(store, manifest) of what spec serves. A published version's manifest is first checked
+    against its signature, at every start (a key no longer trusted refuses it even from the
+    cache): SignatureRefused. (A gate's server serves the pipeline's own build before it is
+    published, and signed.)"""
     from llmship.store import ArtifactStore, version_prefix
     from llmship.versions import check_signature
 
     store = ArtifactStore(settings)
-    prefix = spec.prefix
-    found = store.read_manifest_bytes(prefix)
+    found = store.read_manifest_bytes(spec.prefix)
     if found is None:
         raise ServingError(
-            f"s3://{settings.s3.artifacts_bucket}/{prefix} has no manifest: nothing to serve"
+            f"s3://{settings.s3.artifacts_bucket}/{spec.prefix} has no manifest: nothing to serve"
         )
     manifest, raw = found
-    if prefix == version_prefix(spec.model, spec.version):
+    if spec.prefix == version_prefix(spec.model, spec.version):
         check_signature(store, spec.model, spec.version, manifest, raw)
+    return store, manifest
+
+
+def node_copy(settings: Settings, store, prefix: str, manifest, name: str = "") -> Path:
+    """node_cache/<content digest><name>: the manifest's files, fetched once per node
+    (replicas of a node wait for each other's fetch), each checked against its sha256."""
     cache = settings.node_cache
     cache.mkdir(parents=True, exist_ok=True)
-    dest = cache / manifest.digest
-    done = cache / f"{manifest.digest}.complete"
-    with open(cache / f"{manifest.digest}.lock", "w") as lock:
+    dest = cache / f"{manifest.digest}{name}"
+    done = cache / f"{dest.name}.complete"
+    with open(cache / f"{dest.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (done.exists() and dest.is_dir()):
             started = time.monotonic()
@@ -112,6 +117,64 @@ def fetch_to_node(settings: Settings, spec: ReplicaSpec) -> Path:
                 time.monotonic() - started,
             )
     return dest
+
+
+def fetch_to_node(settings: Settings, spec: ReplicaSpec) -> Path:
+    """The stored directory the spec serves, whole on this node (node_copy), its signature
+    checked first (checked_manifest)."""
+    store, manifest = checked_manifest(settings, spec)
+    return node_copy(settings, store, spec.prefix, manifest)
+
+
+class Weights(BaseModel):
+    """How the engine gets a version's weights: from the node's disk, or streamed from S3."""
+
+    model_dir: Path  # what the engine is started on (config and tokenizer at least)
+    how: str  # "streamed from S3", "node cache", "fetched to the node (why not streamed)"
+    args: list[str] = []  # the engine's arguments that load them
+    env: dict[str, str] = {}
+
+
+def weights_for(settings: Settings, spec: ReplicaSpec) -> Weights:
+    """Streamed from S3 where the version can be (serving/weight_stream.py) and no whole copy
+    is on the node already; fetched to the node's cache otherwise."""
+    store, manifest = checked_manifest(settings, spec)
+    whole = settings.node_cache / f"{manifest.digest}.complete"
+    why_not = weight_stream.why_not_streamed(manifest)
+    if not settings.ray.stream_weights:
+        why_not = "streaming is off (LLMSHIP_RAY_STREAM_WEIGHTS)"
+    elif spec.serve.target != Target.VLLM:
+        why_not = f"{spec.serve.target.value} reads its weights from disk"
+    if whole.exists() or why_not:
+        how = "node cache" if whole.exists() else f"fetched to the node ({why_not})"
+        return Weights(model_dir=node_copy(settings, store, spec.prefix, manifest), how=how)
+    small = manifest.model_copy(update={"files": [f for f in manifest.files if f.tensors is None]})
+    folder = node_copy(settings, store, spec.prefix, small, ".stream")
+    plan = weight_stream.plan_for(
+        manifest,
+        store.bucket,
+        spec.prefix,
+        settings.s3_url,
+        settings.s3.region,
+        f"{spec.model} {spec.version}",
+    )
+    plan_path = folder.with_name(f"{folder.name}.{weight_stream.PLAN_FILE}")
+    # Replicas of the node write the same plan: each whole, never half of one.
+    partial = plan_path.with_name(f"{plan_path.name}.{os.getpid()}")
+    partial.write_text(plan.model_dump_json())
+    partial.replace(plan_path)
+    site = weight_stream.plugin_site(settings.node_cache / "engine-plugins")
+    env = {
+        # The replica's read-only identity: the engine reads the weights itself.
+        "AWS_ACCESS_KEY_ID": settings.s3.access_key or "",
+        "AWS_SECRET_ACCESS_KEY": settings.s3.secret_key or "",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": "0",
+        "PYTHONPATH": os.pathsep.join([str(site), stage_env(settings)["PYTHONPATH"]]),
+    }
+    return Weights(
+        model_dir=folder, how="streamed from S3", args=weight_stream.loader_args(plan_path), env=env
+    )
 
 
 def trtllm_model_path(
@@ -139,12 +202,15 @@ def start_engine(
     model_dir: Path,
     log_path: Path,
     link_dir: Path,
-    cache_env: dict[str, str] | None = None,
+    engine_env: dict[str, str] | None = None,
+    loader_args: list[str] | None = None,
 ) -> tuple[subprocess.Popen, str]:
     """The engine's own OpenAI server for spec, on settings.host at a free port, under
     serving/engine_guard.py: (process, url). What a replica runs on its node, and what
-    bench/gpu_serve.py runs on a GPU host without Ray. cache_env: where the engine keeps what
-    it compiles (serving/compile_cache.py)."""
+    bench/gpu_serve.py runs on a GPU host without Ray. engine_env: where the engine keeps what
+    it compiles (serving/compile_cache.py), how it reads streamed weights (Weights.env);
+    loader_args: the arguments that load streamed weights (Weights.args), llmship's own, not
+    the build's (which server_command checks)."""
     port = free_port(settings.host)
     load_path = model_dir
     serve = spec.serve
@@ -159,14 +225,14 @@ def start_engine(
         serve.engine_args,
         tokenizer_dir=model_dir if serve.serve_subdir else None,
         source=f"{spec.model} {spec.version}",
-    )
+    ) + list(loader_args or [])
     with log_path.open("ab") as out:
         engine = subprocess.Popen(
             [sys.executable, "-m", "serving.engine_guard", *command],
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env=server_env(settings, serve.target) | (cache_env or {}),
+            env=server_env(settings, serve.target) | (engine_env or {}),
             start_new_session=True,
         )
     return engine, f"http://{settings.host}:{port}"
@@ -180,6 +246,9 @@ def wait_healthy(
     deadline = time.monotonic() + settings.server_start_timeout_s
     while not engines.answers_health(url, timeout_s=5.0):
         if engine.poll() is not None:
+            refused = refusal_in(log_path)
+            if refused:
+                raise IntegrityError(refused)
             raise ServerExited(
                 f"the {spec.serve.target.value} engine for {spec.app} exited "
                 f"({engine.returncode}) while starting at {url}; last lines of "
@@ -194,6 +263,15 @@ def wait_healthy(
                 f"{log_path}:\n{log_tail(log_path, 12)}"
             )
         time.sleep(0.5)
+
+
+def refusal_in(log_path: Path) -> str | None:
+    """The engine's own words where it refused streamed weights (serving/weight_stream.py)."""
+    marker = weight_stream.WeightsRefused.marker
+    for line in reversed(log_tail(log_path, 200).splitlines()):
+        if marker in line:
+            return line.split(marker, 1)[1].strip()
+    return None
 
 
 def log_tail(path: Path, lines: int = 30) -> str:
@@ -233,7 +311,7 @@ class ModelReplica:
         node_ip = ray.util.get_node_ip_address()
         settings = get_settings().model_copy(update={"host": node_ip})
         started = time.monotonic()
-        model_dir = fetch_to_node(settings, self.spec)
+        weights = weights_for(settings, self.spec)
         gpu_ids = [str(g) for g in ray.get_gpu_ids()]
         compiled = compile_cache.for_replica(
             settings, self.spec.model, self.spec.version, self.spec.serve, gpu_ids
@@ -246,10 +324,11 @@ class ModelReplica:
         self.engine, self.url = start_engine(
             settings,
             self.spec,
-            model_dir,
+            weights.model_dir,
             self.log_path,
             settings.node_cache / "links" / self.replica_id,
-            compiled.env if compiled else None,
+            weights.env | (compiled.env if compiled else {}),
+            weights.args,
         )
         wait_healthy(settings, self.spec, self.engine, self.url, self.log_path)
         healthy = time.monotonic()
@@ -268,6 +347,7 @@ class ModelReplica:
             engine_start_s=round(healthy - fetched, 3),
             phases=engine_phases(self.log_path.read_text(errors="replace")),
             compile_cache=compiled.keep(self.replica_id) if compiled else None,
+            weights=weights.how,
         )
         log.info("%s healthy: cold start %s", self.spec.app, self.endpoint.cold_start())
         self.directory = directory()
