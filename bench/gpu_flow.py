@@ -6,7 +6,7 @@ On the GPU host, after carrying the orchestrator, serve and quantize groups
 
     T=/tmp; PYTHONPATH=$T/site-orch python3 bench/gpu_flow.py --work $T/gf --out $OUT/flow.json \\
         --orch-path $T/site-orch --quant-path $T/site-quant \\
-        --serve-path $T/site-serve:$T/stubs-serve
+        --serve-path $T/site-serve:$T/site-stream:$T/stubs-serve
 
 Steps, each recorded in --out as it ends (a run cut short keeps what it measured):
 

@@ -10,7 +10,7 @@ W=$T/gf
 if [ "$1" = start ]; then
   rm -rf "$W" && mkdir -p "$W"
   PYTHONPATH=$T/site-orch setsid nohup python3 bench/gpu_flow.py --work "$W" --out "$W/flow.json" \
-    --orch-path $T/site-orch --quant-path $T/site-quant --serve-path $T/site-serve:$T/stubs-serve \
+    --orch-path $T/site-orch --quant-path $T/site-quant --serve-path $T/site-serve:$T/site-stream:$T/stubs-serve \
     ${GPU_FLOW_ARGS:-} >"$W/bench.log" 2>&1 </dev/null &
 fi
 end=$((SECONDS + ${2:-540}))

@@ -57,14 +57,18 @@ log = logging.getLogger("gpu_serve")
 
 def wrapper(work: Path, name: str, python: str, paths: str) -> Path:
     """A Python of one environment, as a path: what Settings.stages.quantize_python
-    and serve_python name. Its PYTHONPATH is that environment's alone (the two sites pin different
-    compressed-tensors)."""
+    and serve_python name. Its PYTHONPATH is that environment's sites, then what its caller
+    gives it: a stage's is the checkout alone (llmship.settings.stage_env: the two sites pin
+    different compressed-tensors), a streaming engine's adds llmship's vLLM plugin
+    (serving/weight_stream.py: plugin_site; seen on the H100: without it vLLM 0.25.1 had no
+    such load format and the gate's server did not start)."""
     bin_dir = work / "bin"
     bin_dir.mkdir(parents=True, exist_ok=True)
     path = bin_dir / f"{name}-python"
     entries = ":".join(filter(None, [str(REPO), paths, str(work / "standins")]))
     path.write_text(
-        f'#!/bin/sh\nexport PYTHONPATH="{entries}"\nexec {shutil.which(python) or python} "$@"\n'
+        f'#!/bin/sh\nexport PYTHONPATH="{entries}${{PYTHONPATH:+:$PYTHONPATH}}"\n'
+        f'exec {shutil.which(python) or python} "$@"\n'
     )
     path.chmod(0o755)
     return path

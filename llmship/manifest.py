@@ -59,11 +59,13 @@ def inside_path(path: str, what: str = "file path") -> str:
 
 
 class TensorDigest(BaseModel):
-    """One tensor of a safetensors file, as its header names it, and the sha256 of its bytes."""
+    """One tensor of a safetensors file, as its header names it, and the BLAKE3 of its bytes:
+    a cryptographic hash four times sha256's speed on one core (docs/BENCHMARKS.md), which a
+    replica computes for every tensor it streams (serving/weight_stream.py)."""
 
     dtype: str  # safetensors' name for it: "BF16", "F8_E4M3", ...
     shape: list[int]
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    blake3: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
 class FileEntry(BaseModel):

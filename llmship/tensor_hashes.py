@@ -1,4 +1,4 @@
-"""The sha256 of each tensor of a safetensors file, taken from the file's bytes in order as the
+"""The BLAKE3 of each tensor of a safetensors file, taken from the file's bytes in order as the
 upload reads them (llmship/hashing_io.py: HashingReader), so that publishing reads no weight
 twice. A replica that streams a version's weights from S3 (serving/weight_stream.py) checks
 each tensor it receives against these, without a second read of the file: the file's own
@@ -12,9 +12,10 @@ digests: it is still uploaded, hashed and served, only not streamed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
+
+import blake3
 
 from llmship.manifest import TensorDigest
 
@@ -26,7 +27,7 @@ class _Tensor:
     def __init__(self, name: str, dtype: str, shape: list[int], begin: int, end: int) -> None:
         self.name, self.dtype, self.shape = name, dtype, shape
         self.begin, self.end = begin, end
-        self.sha = hashlib.sha256()
+        self.hash = blake3.blake3()
 
 
 def parse_header(header: bytes) -> list[_Tensor] | None:
@@ -107,7 +108,7 @@ class TensorHashes:
             t = tensors[i]
             low, high = max(t.begin, start), min(t.end, stop)
             if high > low:
-                t.sha.update(view[low - start : high - start])
+                t.hash.update(view[low - start : high - start])
             if t.end > stop:
                 break
             i += 1
@@ -122,6 +123,6 @@ class TensorHashes:
         if any(t.end > data_length for t in self._tensors):
             return None
         return {
-            t.name: TensorDigest(dtype=t.dtype, shape=t.shape, sha256=t.sha.hexdigest())
+            t.name: TensorDigest(dtype=t.dtype, shape=t.shape, blake3=t.hash.hexdigest())
             for t in self._tensors
         }

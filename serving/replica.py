@@ -266,11 +266,20 @@ def wait_healthy(
 
 
 def refusal_in(log_path: Path) -> str | None:
-    """The engine's own words where it refused streamed weights (serving/weight_stream.py)."""
+    """Why the engine refused to load streamed weights (serving/weight_stream.py), from its
+    log: a tensor that is not the manifest's, or llmship's plugin not loaded."""
     marker = weight_stream.WeightsRefused.marker
     for line in reversed(log_tail(log_path, 200).splitlines()):
         if marker in line:
             return line.split(marker, 1)[1].strip()
+        if f"`{weight_stream.LOAD_FORMAT}` is not supported" in line:
+            return (
+                "the engine did not load llmship's vLLM plugin (serving/vllm_plugin.py), "
+                "which streams the weights: its Python dropped the PYTHONPATH the replica "
+                "gave it (a wrapper script that sets its own?). Keep the given PYTHONPATH "
+                "after the environment's own, or set LLMSHIP_RAY_STREAM_WEIGHTS=false to "
+                "fetch versions to the node instead"
+            )
     return None
 
 

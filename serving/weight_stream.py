@@ -6,7 +6,7 @@ the load format that serving/vllm_plugin.py registers: vLLM reads the weights st
 S3 with the Run:ai Model Streamer, as the replica's read-only identity, and every tensor is
 checked before the model gets it. The check needs no second read: the version's manifest
 (whose signature the replica checked) records each safetensors tensor's dtype, shape and
-sha256, taken as the publish read the file (llmship/tensor_hashes.py), and the streamer
+BLAKE3, taken as the publish read the file (llmship/tensor_hashes.py), and the streamer
 hands over each tensor's bytes as stored. A tensor that differs, one the manifest does not
 list, and one it lists that never came all refuse the start (WeightsRefused): the engine
 exits, the replica fails, Ray tries again, the version's other replicas serve on.
@@ -17,7 +17,6 @@ the engine trusts nothing it reads from S3 but the tensors' bytes, and checks th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -152,20 +151,21 @@ def plugin_site(folder: Path) -> Path:
 # ------------------------------------------------------------------ in the engine
 
 
-def tensor_sha256(tensor: Any) -> str:
-    """The sha256 of a torch tensor's bytes as stored (hashlib lets go of the GIL)."""
+def tensor_blake3(tensor: Any) -> str:
+    """The BLAKE3 of a torch tensor's bytes as stored (blake3 lets go of the GIL)."""
+    import blake3
     import torch
 
-    return hashlib.sha256(tensor.reshape(-1).view(torch.uint8).numpy()).hexdigest()
+    return blake3.blake3(tensor.reshape(-1).view(torch.uint8).numpy()).hexdigest()
 
 
 def verified(
     tensors: Iterable[tuple[str, Any]],
     plan: StreamPlan,
-    digest: Callable[[Any], str] = tensor_sha256,
+    digest: Callable[[Any], str] = tensor_blake3,
     say: Callable[..., None] = log.info,
 ) -> Iterator[tuple[str, Any]]:
-    """tensors, each given on only once its dtype, shape and sha256 are the manifest's.
+    """tensors, each given on only once its dtype, shape and BLAKE3 are the manifest's.
 
     Hashing runs in threads while the streamer reads on: up to HASH_WINDOW_BYTES of tensors
     wait for their digest, so checking costs the load little more than the slowest of
@@ -230,10 +230,10 @@ def _checked(
     plan: StreamPlan, expected: dict[str, TensorDigest], name: str, tensor: Any, hashed: Future
 ) -> tuple[str, Any]:
     got = hashed.result()
-    if got != expected[name].sha256:
+    if got != expected[name].blake3:
         raise WeightsRefused(
-            f"{plan.what}: tensor {name} has sha256 {got[:16]}..., the manifest says "
-            f"{expected[name].sha256[:16]}...; the stored weights were changed or corrupted "
+            f"{plan.what}: tensor {name} has BLAKE3 {got[:16]}..., the manifest says "
+            f"{expected[name].blake3[:16]}...; the stored weights were changed or corrupted "
             "and the engine did not start. Publish the version again from its build"
         )
     return name, tensor
