@@ -104,8 +104,15 @@ def test_build_and_serve_serves_the_version_its_search_picked(
     cache = replica.compile_cache
     assert re.fullmatch(r"vllm-torch\S+-vllm\S+-cpu-\w+-tp1-args[0-9a-f]{8}", cache.key), cache
     assert (cache.added_files, cache.saved, cache.note) == (0, False, ""), cache
+    # Its weights were streamed from S3 into the engine, each tensor checked against the
+    # manifest (serving/weight_stream.py): its log says how many.
+    assert replica.weights == "streamed from S3", replica.weights
+    assert re.search(
+        r"llmship: \d+ tensors .* checked against the manifest", Path(replica.log).read_text()
+    )
     assert re.fullmatch(
-        r"[\d.]+ s: fetch [\d.]+, load [\d.]+, init [\d.]+, other [\d.]+", rollout.cold_starts[0]
+        r"[\d.]+ s: fetch [\d.]+, load [\d.]+, init [\d.]+, other [\d.]+; weights streamed from S3",
+        rollout.cold_starts[0],
     )
     [artifact] = prefect_client.read_artifacts(
         artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["tiny-llama-rollout"])),

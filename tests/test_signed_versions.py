@@ -8,6 +8,7 @@ alias."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
@@ -152,6 +153,28 @@ def test_a_signed_version_with_one_byte_changed_is_refused_where_it_is_loaded(
     # The manifest and its signature are intact: the replica's download finds the file.
     refusal = replica_refusal(stack, version)
     assert "config.json has sha256" in refusal and "the manifest says" in refusal, refusal
+    live_answers(stack, store, live)
+
+
+def test_a_streamed_version_with_one_byte_of_its_weights_changed_is_refused(
+    first_run, stack, store
+):
+    """The replica streams the weights into the engine (serving/weight_stream.py): the file is
+    never whole on the node to hash, and each tensor is checked against the signed manifest
+    as it arrives. One flipped bit in one tensor stops the engine's start, naming it."""
+    live = store.read_alias(MODEL, "live")
+    version = copy_version(store, live, "tampered0002", note="tampered0002")
+    sign_version(store, MODEL, version)
+    manifest = store.read_manifest(f"versions/{MODEL}/{version}")
+    [weights] = [f for f in manifest.files if f.path.endswith(".safetensors")]
+    assert weights.tensors, "the publish recorded no tensor digests"
+    key = f"versions/{MODEL}/{version}/files/{weights.path}"
+    data = bytearray(store.client.get_object(Bucket=store.bucket, Key=key)["Body"].read())
+    data[len(data) - 100] ^= 1  # in the last tensor's bytes, past the header
+    store.client.put_object(Bucket=store.bucket, Key=key, Body=bytes(data))
+    refusal = replica_refusal(stack, version)
+    assert "has BLAKE3" in refusal and "the manifest says" in refusal, refusal
+    assert re.search(r"tensor \S+ has BLAKE3", refusal), refusal
     live_answers(stack, store, live)
 
 
