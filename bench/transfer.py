@@ -17,9 +17,12 @@ Needs the stack's S3 (`make up`, or LLMSHIP_* pointing at another store).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
+import struct
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +32,69 @@ from boto3.s3.transfer import create_transfer_manager
 from llmship.manifest import Manifest
 from llmship.settings import get_settings
 from llmship.store import ArtifactStore
+from serving import weight_stream
+
+REPO = Path(__file__).resolve().parents[1]
+TENSOR_MIB = 32
+STREAM = r"""
+import json, os, sys, time
+from pathlib import Path
+from runai_model_streamer import SafetensorsStreamer
+from runai_model_streamer_s3.credentials.credentials import S3Credentials
+from serving.weight_stream import StreamPlan, verified
+
+plan = StreamPlan.model_validate_json(Path(sys.argv[1]).read_text())
+creds = S3Credentials(
+    access_key_id=os.environ["AWS_ACCESS_KEY_ID"],
+    secret_access_key=os.environ["AWS_SECRET_ACCESS_KEY"],
+    region_name=plan.region,
+    endpoint=plan.endpoint,
+)
+for check in sys.argv[2:]:
+    started, total = time.perf_counter(), 0
+    with SafetensorsStreamer() as streamer:
+        streamer.stream_files([f.uri for f in plan.files], s3_credentials=creds, device="cpu")
+        tensors = streamer.get_tensors()
+        for _, t in verified(tensors, plan) if check == "check" else tensors:
+            total += t.numel() * t.element_size()
+    print(json.dumps({"check": check, "s": time.perf_counter() - started, "bytes": total}))
+"""
+
+
+def write_safetensors(path: Path, mib: int) -> None:
+    """mib MiB of random BF16 tensors of TENSOR_MIB each, in the safetensors format."""
+    count = max(1, mib // TENSOR_MIB)
+    size = mib * 1024 * 1024 // count
+    header = {
+        f"t{i}": {"dtype": "BF16", "shape": [size // 2], "data_offsets": [i * size, (i + 1) * size]}
+        for i in range(count)
+    }
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with path.open("wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for _ in range(count):
+            f.write(os.urandom(size))
+
+
+def stream(settings, plan_path: Path, *checks: str) -> list[float]:
+    """Seconds the serve environment's streamer takes to read the plan's files, per check."""
+    env = {
+        "PATH": os.environ["PATH"],
+        "PYTHONPATH": str(REPO),
+        "AWS_ACCESS_KEY_ID": settings.s3.access_key,
+        "AWS_SECRET_ACCESS_KEY": settings.s3.secret_key,
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": "0",
+    }
+    out = subprocess.run(
+        [str(settings.stages.serve_python), "-c", STREAM, str(plan_path), *checks],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return [json.loads(line)["s"] for line in out.stdout.splitlines() if line.startswith("{")]
 
 
 def all_at_once(client, config, transfers: list[tuple]) -> None:
@@ -63,9 +129,7 @@ def main() -> None:
     src = work / "src"
     src.mkdir()
     for i in range(args.files):
-        with (src / f"model-{i:05d}.safetensors").open("wb") as f:
-            for _ in range(args.mib):
-                f.write(os.urandom(1024 * 1024))
+        write_safetensors(src / f"model-{i:05d}.safetensors", args.mib)
     total_mib = args.files * args.mib
     names = sorted(p.name for p in src.iterdir())
     print(
@@ -75,7 +139,15 @@ def main() -> None:
         f"{tuned.max_concurrency} threads"
     )
     rows: dict[str, list[float]] = {
-        k: [] for k in ("boto3 upload", "llmship upload", "boto3 fetch", "llmship fetch")
+        k: []
+        for k in (
+            "boto3 upload",
+            "llmship upload",
+            "boto3 fetch",
+            "llmship fetch",
+            "llmship stream",
+            "llmship stream + check",
+        )
     }
     try:
         for r in range(args.rounds):
@@ -90,14 +162,19 @@ def main() -> None:
                     "boto3 upload",
                 )
             )
+            manifest = Manifest(kind="bench", key=f"transfer-{r}")
             rows["llmship upload"].append(
-                timed(
-                    lambda: store.upload_dir(
-                        src, ours, Manifest(kind="bench", key=f"transfer-{r}")
-                    ),
-                    "llmship upload",
-                )
+                timed(lambda: store.upload_dir(src, ours, manifest), "llmship upload")
             )
+            plan = weight_stream.plan_for(
+                store.read_manifest(ours),
+                bucket,
+                ours,
+                store.settings.s3_url,
+                store.settings.s3.region,
+                "bench",
+            )
+            (work / "plan.json").write_text(plan.model_dump_json())
             dest_raw, dest_ours = work / f"raw-{r}", work / f"ours-{r}"
             dest_raw.mkdir()
             rows["boto3 fetch"].append(
@@ -118,22 +195,32 @@ def main() -> None:
             )
             shutil.rmtree(dest_raw)
             shutil.rmtree(dest_ours)
+            plain, checked = stream(store.settings, work / "plan.json", "none", "check")
+            rows["llmship stream"].append(plain)
+            rows["llmship stream + check"].append(checked)
+
     finally:
         for key in store.list_keys("bench/transfer/"):
             client.delete_object(Bucket=bucket, Key=key)
         shutil.rmtree(work, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in rows.items()}
     for k, v in med.items():
+        # The streams run in the serve environment's process: their CPU is not this one's.
+        cpu = f"this process's CPU {statistics.median(CPU[k]):.2f} s" if k in CPU else ""
         print(
-            f"{k:15s} {v:6.2f} s  {total_mib / v:7.0f} MiB/s  (rounds: "
-            f"{', '.join(f'{x:.2f}' for x in rows[k])}); this process's CPU "
-            f"{statistics.median(CPU[k]):.2f} s"
+            f"{k:22s} {v:6.2f} s  {total_mib / v:7.0f} MiB/s  (rounds: "
+            f"{', '.join(f'{x:.2f}' for x in rows[k])}); {cpu}"
         )
     for what in ("upload", "fetch"):
         print(
             f"{what}: llmship / boto3 throughput = "
             f"{med[f'boto3 {what}'] / med[f'llmship {what}']:.2f}"
             " (target >= 0.90)"
+        )
+    for what in ("stream", "stream + check"):
+        print(
+            f"{what} (into memory) against boto3's fetch (to disk): "
+            f"{med['boto3 fetch'] / med[f'llmship {what}']:.2f}"
         )
 
 

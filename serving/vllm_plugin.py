@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 from serving.weight_stream import LOAD_FORMAT, StreamPlan, verified
@@ -23,6 +24,8 @@ def register() -> None:
 
         def __init__(self, load_config) -> None:
             super().__init__(load_config)
+            # vLLM's handlers are on its "vllm" logger: these lines land in the engine's log.
+            self.log = logging.getLogger("vllm.llmship")
             extra = load_config.model_loader_extra_config or {}
             self.plan = StreamPlan.model_validate(
                 json.loads(Path(extra["plan"]).read_text(encoding="utf-8"))
@@ -32,7 +35,11 @@ def register() -> None:
             pass  # nothing to fetch: the weights are read from S3 as they load
 
         def load_weights(self, model, model_config) -> None:
+            started = time.perf_counter()
             model.load_weights(self.tensors())
+            # vLLM's own loaders' line: a replica's cold start reads its load phase from it
+            # (serving/cold_start.py).
+            self.log.info("Loading weights took %.2f seconds", time.perf_counter() - started)
 
         def tensors(self):
             from runai_model_streamer import SafetensorsStreamer
@@ -50,8 +57,6 @@ def register() -> None:
                 streamer.stream_files(
                     [f.uri for f in self.plan.files], s3_credentials=credentials, device="cpu"
                 )
-                # vLLM's handlers are on its "vllm" logger: the line lands in the engine's log.
-                say = logging.getLogger("vllm.llmship").info
-                yield from verified(streamer.get_tensors(), self.plan, say=say)
+                yield from verified(streamer.get_tensors(), self.plan, say=self.log.info)
 
     register_model_loader(LOAD_FORMAT)(VerifiedStreamLoader)
