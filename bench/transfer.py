@@ -62,11 +62,16 @@ for check in sys.argv[2:]:
 
 
 def write_safetensors(path: Path, mib: int) -> None:
-    """mib MiB of random BF16 tensors of TENSOR_MIB each, in the safetensors format."""
+    """mib MiB of random BF16 tensors of TENSOR_MIB each, in the safetensors format (named
+    after the file: a model's shards never share a tensor)."""
     count = max(1, mib // TENSOR_MIB)
     size = mib * 1024 * 1024 // count
     header = {
-        f"t{i}": {"dtype": "BF16", "shape": [size // 2], "data_offsets": [i * size, (i + 1) * size]}
+        f"{path.stem}.t{i}": {
+            "dtype": "BF16",
+            "shape": [size // 2],
+            "data_offsets": [i * size, (i + 1) * size],
+        }
         for i in range(count)
     }
     text = json.dumps(header).encode()
@@ -92,8 +97,9 @@ def stream(settings, plan_path: Path, *checks: str) -> list[float]:
         env=env,
         capture_output=True,
         text=True,
-        check=True,
     )
+    if out.returncode != 0:
+        raise SystemExit(f"the stream failed ({out.returncode}): {out.stderr[-3000:]}")
     return [json.loads(line)["s"] for line in out.stdout.splitlines() if line.startswith("{")]
 
 
