@@ -1,14 +1,14 @@
 """One model server of a served version: a Ray Serve replica that runs the engine's own
 OpenAI server (vLLM, or trtllm-serve) on its node.
 
-The replica fetches what it serves from S3 onto its own node (no disk is shared between
-nodes), into a node-local cache keyed by the content's digest and checked file by file against
-the manifest, or only the small files where its engine streams the weights from S3 itself,
-each tensor checked (serving/weight_stream.py); starts the engine with the command line of
-serving/engines.py, under serving/engine_guard.py so that the engine dies with the replica;
-and registers the engine's address with the fleet's directory (serving/fleet.py), where the
-gateway finds it. Ray places the replica (GPUs = tensor_parallel_size, given to it as CUDA_VISIBLE_DEVICES), checks its
-health through check_health, and replaces it when it fails.
+The replica fetches what it serves from S3 onto its own node (no disk is shared between nodes),
+into a node-local cache keyed by the content's digest and checked file by file against the
+manifest, or only the small files where its engine streams the weights from S3 itself, each
+tensor checked (serving/weight_stream.py); starts the engine with the command line of
+serving/engines.py, under serving/engine_guard.py so that the engine dies with the replica; and
+registers the engine's address with the fleet's directory (serving/fleet.py), where the gateway
+finds it. Ray places the replica (GPUs = tensor_parallel_size, given to it as
+CUDA_VISIBLE_DEVICES), checks its health through check_health, and replaces it when it fails.
 
 Requests do not pass through Ray: the gateway relays them to the engine's address directly,
 one hop, so Ray costs the data path nothing (docs/BENCHMARKS.md). Ray's part is the control
