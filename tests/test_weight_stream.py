@@ -93,7 +93,7 @@ def test_the_upload_reader_records_a_safetensors_file_s_tensors(tmp_path):
     assert entries["config.json"].tensors is None
 
 
-def test_a_version_without_tensor_digests_is_fetched_and_says_why():
+def test_a_version_without_tensor_digests_is_not_streamed_and_says_why():
     files = [FileEntry(path="model.safetensors", size=1, sha256="0" * 64)]
     reason = weight_stream.why_not_streamed(Manifest(kind="version", key="v", files=files))
     assert "publish the version again to stream it" in reason
