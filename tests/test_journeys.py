@@ -253,5 +253,6 @@ def test_the_curl_the_readme_and_llmship_status_suggest_gets_the_right_answer(
     assert answer(status.split("try:\n", 1)[1].strip()) == "$312,500"
     # Each replica says how long it took to start, and where the time went by its engine's log
     # (issues 28, 32; no compile or graphs on the CPU engine, which runs eager).
-    phases = r"fetch [\d.]+, load [\d.]+, init [\d.]+, other [\d.]+"
+    # Its weights were streamed from S3 into the engine, each tensor checked (issue 32).
+    phases = r"fetch [\d.]+, load [\d.]+, init [\d.]+, other [\d.]+; weights streamed from S3"
     assert re.search(rf"replica \S+ .* cold start [\d.]+ s: {phases}  log", status), status
