@@ -97,12 +97,13 @@ def checked_manifest(settings: Settings, spec: ReplicaSpec):
     return store, manifest
 
 
-def node_copy(settings: Settings, store, prefix: str, manifest, name: str = "") -> Path:
-    """node_cache/<content digest><name>: the manifest's files, fetched once per node
-    (replicas of a node wait for each other's fetch), each checked against its sha256."""
+def node_copy(settings: Settings, store, prefix: str, manifest, name: str | None = None) -> Path:
+    """node_cache/<name>: the manifest's files, fetched once per node (replicas of a node wait
+    for each other's fetch), each checked against its sha256. name: the content's digest,
+    unless given."""
     cache = settings.node_cache
     cache.mkdir(parents=True, exist_ok=True)
-    dest = cache / f"{manifest.digest}{name}"
+    dest = cache / (name or manifest.digest)
     done = cache / f"{dest.name}.complete"
     with open(cache / f"{dest.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -150,7 +151,8 @@ def weights_for(settings: Settings, spec: ReplicaSpec) -> Weights:
         how = "node cache" if whole.exists() else f"fetched to the node ({why_not})"
         return Weights(model_dir=node_copy(settings, store, spec.prefix, manifest), how=how)
     small = manifest.model_copy(update={"files": [f for f in manifest.files if f.tensors is None]})
-    folder = node_copy(settings, store, spec.prefix, small, ".stream")
+    # Named by the version's whole content, as a whole copy is: what runs it is found by it.
+    folder = node_copy(settings, store, spec.prefix, small, f"{manifest.digest}.stream")
     plan = weight_stream.plan_for(
         manifest,
         store.bucket,

@@ -1,6 +1,7 @@
 """The model servers' engine processes on this host, found the way an operator would: by the
 version's content digest in their command line (each engine serves its node's copy of the
-version, <node cache>/<digest>)."""
+version, <node cache>/<digest>, or its small files, <digest>.stream, where it streams the
+weights)."""
 
 from __future__ import annotations
 
